@@ -1,0 +1,41 @@
+"""LXMERT model package: config, encoder, heads, losses, checkpoint I/O and tokenizer.
+
+Reproduces airsplay/lxmert `src/lxrt/modeling.py` (model), `src/lxrt/entry.py` (text input) and the pretraining
+losses of `LXRTPretraining`; see each module's docstring. Imports only torch, numpy, safetensors and tokenizers.
+"""
+
+from lxm.model.config import LxmertConfig, lxmert_base, lxmert_small, lxmert_tiny, preset
+from lxm.model.losses import (
+    LOSS_NAMES,
+    PretrainLabels,
+    PretrainLossConfig,
+    feat_regression_loss,
+    masked_lm_loss,
+    match_loss,
+    pretraining_losses,
+    pretraining_step_losses,
+    qa_loss,
+    weighted_box_ce,
+)
+from lxm.model.modeling import LxmertForPreTraining, LxmertModel, LxmertOutput
+from lxm.model.tokenizer import Encoding, LxmertTokenizer, TokenizerError
+from lxm.model.weights import (
+    CheckpointError,
+    LoadReport,
+    convert_checkpoint,
+    load_pretrained,
+    load_pretrained_with_report,
+    save_hf,
+    save_lxm,
+    save_original,
+)
+
+__all__ = [
+    "LxmertConfig", "lxmert_base", "lxmert_small", "lxmert_tiny", "preset",
+    "LxmertForPreTraining", "LxmertModel", "LxmertOutput",
+    "LOSS_NAMES", "PretrainLabels", "PretrainLossConfig", "pretraining_losses", "pretraining_step_losses",
+    "masked_lm_loss", "match_loss", "weighted_box_ce", "feat_regression_loss", "qa_loss",
+    "LxmertTokenizer", "Encoding", "TokenizerError",
+    "CheckpointError", "LoadReport", "load_pretrained", "load_pretrained_with_report", "convert_checkpoint",
+    "save_lxm", "save_hf", "save_original",
+]

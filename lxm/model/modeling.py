@@ -1,0 +1,418 @@
+"""The LXMERT encoder and its pretraining model.
+
+Reproduces `src/lxrt/modeling.py` of airsplay/lxmert @ 0db1182 (`BertEmbeddings` L264-292, `BertAttention` L295-347,
+`BertLayer` L418-429, `LXRTXLayer` L439-488, `VisualFeatEncoder` L491-517, `LXRTEncoder` L546-566, `BertPooler`
+L569-581, `LXRTModel` L845-886, `LXRTPretraining` L889-989); paper §2 (model) and §3.1 (pretraining heads).
+
+Module and parameter names are those of the Hugging Face port (`lxmert.` where the original has `bert.`), so a
+transformers checkpoint loads with the identity map and an original `*_LXRT.pth` with a prefix rename (see
+`lxm.model.weights`). Numerics follow the original: post-LN, exact (erf) GELU, LayerNorm eps 1e-12, `padding_idx=0`
+on all three text embeddings, visual input `(LN(W_f f) + LN(W_b b)) / 2`, one cross-attention module shared by both
+directions, tanh pooler on [CLS] after the last cross layer.
+
+Two things differ in *how* it is computed, not in what: attention runs through
+`torch.nn.functional.scaled_dot_product_attention`, and the shared cross-attention projects the language and vision
+streams in one matrix product (same weights, so the same values up to float rounding).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lxm.model.config import LxmertConfig
+from lxm.model.heads import (
+    AnswerHead,
+    Nlvr2PairHead,
+    PreTrainingHeads,
+    VisualObjHead,
+)
+
+_logger = logging.getLogger(__name__)
+
+
+def _key_padding_mask(mask: Tensor | None) -> Tensor | None:
+    """[B, S] 1/0 mask -> [B, 1, 1, S] boolean "may attend" mask for SDPA (None stays None).
+
+    A boolean mask equals the original's additive -10000 in fp32 (exp underflows to 0 either way) and stays valid
+    under bf16/fp16 autocast, where an additive float mask would have to match the query dtype.
+    """
+    if mask is None:
+        return None
+    return mask[:, None, None, :].to(torch.bool)
+
+
+class LxmertEmbeddings(nn.Module):
+    """word + position + token-type embeddings -> LayerNorm -> dropout (original `BertEmbeddings`).
+
+    All three tables use `padding_idx=0`, as the original: row 0 of the position and token-type tables (the [CLS]
+    position and the only type LXMERT feeds) therefore never receive a gradient. Kept for parity.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int, type_vocab_size: int,
+                 dropout: float, eps: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size, padding_idx=0)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        seq_len = input_ids.shape[1]
+        if seq_len > self.position_embeddings.num_embeddings:
+            raise ValueError(
+                f"input_ids has {seq_len} tokens but the model has only "
+                f"{self.position_embeddings.num_embeddings} position embeddings"
+            )
+        positions = torch.arange(seq_len, device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        emb = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + \
+            self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(emb))
+
+
+class LxmertAttention(nn.Module):
+    """Multi-head attention; queries from `hidden`, keys/values from `context` (original `BertAttention`)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.dropout_p = dropout
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q [B,Sq,H], k/v [B,Sk,H] (already projected), mask [B,1,1,Sk] bool -> context [B,Sq,H]."""
+        out = F.scaled_dot_product_attention(
+            self._heads(q), self._heads(k), self._heads(v), attn_mask=mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        b, _, s, _ = out.shape
+        return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+
+    def forward(self, hidden: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.attend(self.query(hidden), self.key(context), self.value(context), mask)
+
+
+class LxmertAttentionOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual) (original `BertAttOutput`, post-LN)."""
+
+    def __init__(self, hidden_size: int, dropout: float, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class LxmertSelfAttentionLayer(nn.Module):
+    """Self-attention sublayer (original `BertSelfattLayer`; keys `self.*`, `output.*`)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, attn_dropout: float, eps: float):
+        super().__init__()
+        self.self = LxmertAttention(hidden_size, num_heads, attn_dropout)
+        self.output = LxmertAttentionOutput(hidden_size, dropout, eps)
+
+    def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        return self.output(self.self(hidden, hidden, mask), hidden)
+
+
+class LxmertCrossAttentionLayer(nn.Module):
+    """The cross-attention sublayer (original `BertCrossattLayer`; keys `att.*`, `output.*`).
+
+    LXMERT has ONE of these per cross layer and uses it in both directions (README: `lang_attention` was deleted and
+    the misnamed `visual_attention` serves both). `both_ways` exploits the sharing: the two streams go through the
+    query/key/value and output projections as one stacked sequence, halving the number of matrix products.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, attn_dropout: float, eps: float):
+        super().__init__()
+        self.att = LxmertAttention(hidden_size, num_heads, attn_dropout)
+        self.output = LxmertAttentionOutput(hidden_size, dropout, eps)
+
+    def forward(self, hidden: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        return self.output(self.att(hidden, context, context_mask), hidden)
+
+    def both_ways(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None
+                  ) -> tuple[Tensor, Tensor]:
+        """lang [B,T,H] attends to visn [B,N,H] and visn to lang, from the same inputs -> (lang', visn')."""
+        t = lang.shape[1]
+        both = torch.cat([lang, visn], dim=1)
+        q, k, v = self.att.query(both), self.att.key(both), self.att.value(both)
+        lang_ctx = self.att.attend(q[:, :t], k[:, t:], v[:, t:], visn_mask)
+        visn_ctx = self.att.attend(q[:, t:], k[:, :t], v[:, :t], lang_mask)
+        out = self.output(torch.cat([lang_ctx, visn_ctx], dim=1), both)
+        return out[:, :t], out[:, t:]
+
+
+class LxmertIntermediate(nn.Module):
+    """dense -> exact GELU (original `BertIntermediate`)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, intermediate_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        # F.gelu's default is the erf form the original hand-writes; bit-exact with transformers' port.
+        return F.gelu(self.dense(hidden))
+
+
+class LxmertFeedForwardOutput(nn.Module):
+    """FFN output: dense -> dropout -> LayerNorm(x + residual) (original `BertOutput`)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(intermediate_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class LxmertLayer(nn.Module):
+    """Self-attention + FFN (original `BertLayer`), used for language and object-relationship layers."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float, attn_dropout: float,
+                 eps: float):
+        super().__init__()
+        self.attention = LxmertSelfAttentionLayer(hidden_size, num_heads, dropout, attn_dropout, eps)
+        self.intermediate = LxmertIntermediate(hidden_size, intermediate_size)
+        self.output = LxmertFeedForwardOutput(hidden_size, intermediate_size, dropout, eps)
+
+    def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        hidden = self.attention(hidden, mask)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class LxmertXLayer(nn.Module):
+    """Cross-modality layer (original `LXRTXLayer`): shared cross-attention, then per-stream self-attention and FFN."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float, attn_dropout: float,
+                 eps: float):
+        super().__init__()
+        self.visual_attention = LxmertCrossAttentionLayer(hidden_size, num_heads, dropout, attn_dropout, eps)
+        self.lang_self_att = LxmertSelfAttentionLayer(hidden_size, num_heads, dropout, attn_dropout, eps)
+        self.visn_self_att = LxmertSelfAttentionLayer(hidden_size, num_heads, dropout, attn_dropout, eps)
+        self.lang_inter = LxmertIntermediate(hidden_size, intermediate_size)
+        self.lang_output = LxmertFeedForwardOutput(hidden_size, intermediate_size, dropout, eps)
+        self.visn_inter = LxmertIntermediate(hidden_size, intermediate_size)
+        self.visn_output = LxmertFeedForwardOutput(hidden_size, intermediate_size, dropout, eps)
+
+    def forward(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
+        lang, visn = self.visual_attention.both_ways(lang, lang_mask, visn, visn_mask)
+        lang = self.lang_self_att(lang, lang_mask)
+        visn = self.visn_self_att(visn, visn_mask)
+        lang = self.lang_output(self.lang_inter(lang), lang)
+        visn = self.visn_output(self.visn_inter(visn), visn)
+        return lang, visn
+
+
+class LxmertVisualFeatureEncoder(nn.Module):
+    """`(LN(W_f f) + LN(W_b b)) / 2` -> dropout (original `VisualFeatEncoder`); boxes are normalised x1,y1,x2,y2."""
+
+    def __init__(self, feat_dim: int, pos_dim: int, hidden_size: int, dropout: float, eps: float):
+        super().__init__()
+        self.visn_fc = nn.Linear(feat_dim, hidden_size)
+        self.visn_layer_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.box_fc = nn.Linear(pos_dim, hidden_size)
+        self.box_layer_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, feats: Tensor, boxes: Tensor) -> Tensor:
+        x = self.visn_layer_norm(self.visn_fc(feats))
+        y = self.box_layer_norm(self.box_fc(boxes))
+        return self.dropout((x + y) / 2)
+
+
+class LxmertEncoder(nn.Module):
+    """Visual encoder, then l language layers, r object layers, x cross layers (original `LXRTEncoder`).
+
+    Attribute order fixes the state_dict order: visn_fc, layer, x_layers, r_layers (as the original and HF).
+    """
+
+    def __init__(self, cfg: LxmertConfig):
+        super().__init__()
+        args = (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_dropout_prob,
+                cfg.attention_probs_dropout_prob, cfg.layer_norm_eps)
+        self.visn_fc = LxmertVisualFeatureEncoder(cfg.visual_feat_dim, cfg.visual_pos_dim, cfg.hidden_size,
+                                                  cfg.hidden_dropout_prob, cfg.layer_norm_eps)
+        # `layer` (not `l_layers`) so that BERT-base weights load by name, as in the original.
+        self.layer = nn.ModuleList([LxmertLayer(*args) for _ in range(cfg.l_layers)])
+        self.x_layers = nn.ModuleList([LxmertXLayer(*args) for _ in range(cfg.x_layers)])
+        self.r_layers = nn.ModuleList([LxmertLayer(*args) for _ in range(cfg.r_layers)])
+
+    def forward(self, lang: Tensor, lang_mask: Tensor | None, feats: Tensor, boxes: Tensor,
+                visn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        visn = self.visn_fc(feats, boxes)
+        for layer in self.layer:
+            lang = layer(lang, lang_mask)
+        for layer in self.r_layers:
+            visn = layer(visn, visn_mask)
+        for layer in self.x_layers:
+            lang, visn = layer(lang, lang_mask, visn, visn_mask)
+        return lang, visn
+
+
+class LxmertPooler(nn.Module):
+    """tanh(dense(h[:, 0])): the [CLS] state after the last cross layer, LXMERT's "cross-modality output"."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, lang: Tensor) -> Tensor:
+        return torch.tanh(self.dense(lang[:, 0]))
+
+
+class LxmertModel(nn.Module):
+    """The backbone (original `LXRTModel`): embeddings, encoder, pooler. Keys live under `lxmert.` in checkpoints."""
+
+    def __init__(self, cfg: LxmertConfig):
+        super().__init__()
+        self.embeddings = LxmertEmbeddings(cfg.vocab_size, cfg.hidden_size, cfg.max_position_embeddings,
+                                           cfg.type_vocab_size, cfg.hidden_dropout_prob, cfg.layer_norm_eps)
+        self.encoder = LxmertEncoder(cfg)
+        self.pooler = LxmertPooler(cfg.hidden_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
+                visual_feats: Tensor, visual_boxes: Tensor, visual_attention_mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (language_output [B,T,H], vision_output [B,N,H], pooled_output [B,H])."""
+        lang = self.embeddings(input_ids, token_type_ids)
+        lang_mask = _key_padding_mask(attention_mask)
+        visn_mask = _key_padding_mask(visual_attention_mask)
+        lang, visn = self.encoder(lang, lang_mask, visual_feats, visual_boxes, visn_mask)
+        return lang, visn, self.pooler(lang)
+
+
+@dataclass
+class LxmertOutput:
+    """What `LxmertForPreTraining.forward` returns. A head that the model lacks gives None.
+
+    Shapes: B batch, T tokens, N boxes, H hidden, V vocab. When `mlm_positions` / `feat_positions` are passed to
+    forward, `mlm_logits` is packed to [M, V] (M = number of True positions, row-major) and `feat_pred` to [K, F].
+    """
+
+    language_output: Tensor  # [B, T, H]
+    vision_output: Tensor  # [B, N, H]
+    pooled_output: Tensor  # [B, H]
+    mlm_logits: Tensor | None = None  # [B, T, V] or packed [M, V]
+    match_logits: Tensor | None = None  # [B, 2]; index 1 = image and text match
+    obj_logits: Tensor | None = None  # [B, N, num_object_labels]
+    attr_logits: Tensor | None = None  # [B, N, num_attr_labels]
+    feat_pred: Tensor | None = None  # [B, N, visual_feat_dim] or packed [K, visual_feat_dim]
+    answer_logits: Tensor | None = None  # [B, num_qa_labels]
+    pair_logits: Tensor | None = None  # [B/2, 2] NLVR2 logits when the pair head exists (rows 2i, 2i+1 = one pair)
+
+
+class LxmertForPreTraining(nn.Module):
+    """Backbone plus the heads its config switches on (original `LXRTPretraining`; HF `LxmertForPreTraining`).
+
+    `cls.predictions.decoder.weight` IS `lxmert.embeddings.word_embeddings.weight` (tied, as the original).
+    """
+
+    def __init__(self, cfg: LxmertConfig, *, init_weights: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.lxmert = LxmertModel(cfg)
+        h, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.cls = PreTrainingHeads(h, cfg.vocab_size, eps, mlm=cfg.task_mask_lm, matched=cfg.task_matched)
+        if cfg.task_mask_lm:
+            self.cls.predictions.decoder.weight = self.lxmert.embeddings.word_embeddings.weight
+        self.obj_predict_head = None
+        if cfg.task_obj_predict:
+            sizes = {}
+            if cfg.visual_obj_loss:
+                sizes["obj"] = cfg.num_object_labels
+            if cfg.visual_attr_loss:
+                sizes["attr"] = cfg.num_attr_labels
+            if cfg.visual_feat_loss:
+                sizes["feat"] = cfg.visual_feat_dim
+            self.obj_predict_head = VisualObjHead(h, sizes, eps)
+        self.answer_head = AnswerHead(h, cfg.num_qa_labels, eps) if cfg.task_qa else None
+        self.nlvr2_head = Nlvr2PairHead(h, eps) if cfg.task_nlvr2 else None
+        if init_weights:
+            self.apply(self._init_module)
+
+    def _init_module(self, module: nn.Module) -> None:
+        """init_bert_weights (original L688-699): N(0, 0.02) weights, zero biases, LayerNorm (1, 0).
+
+        Padding rows are not re-zeroed, as the original. The bare MLM output bias starts at 0.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def tie_weights(self) -> None:
+        """Re-point the MLM decoder at the word embeddings (needed after assigning new parameters)."""
+        if self.cls.predictions is not None:
+            self.cls.predictions.decoder.weight = self.lxmert.embeddings.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        visual_feats: Tensor | None = None,
+        visual_boxes: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        *,
+        mlm_positions: Tensor | None = None,
+        feat_positions: Tensor | None = None,
+    ) -> LxmertOutput:
+        """Encode a batch of (sentence, image) pairs and apply every head.
+
+        Args:
+            input_ids: [B, T] WordPiece ids, `[CLS] ... [SEP]` then 0-padding.
+            attention_mask: [B, T] 1 for real tokens, 0 for padding (None = all real).
+            token_type_ids: [B, T] (None = all 0, what LXMERT always feeds).
+            visual_feats: [B, N, visual_feat_dim] region features.
+            visual_boxes: [B, N, 4] boxes as (x1/w, y1/h, x2/w, y2/h).
+            visual_attention_mask: [B, N] 1/0 (None = all boxes valid, as LXMERT's fixed 36 boxes).
+            mlm_positions: [B, T] bool; if given, MLM logits are computed only there (packed [M, V]).
+                The MLM decoder (30522-way) is the largest matrix product of the step, so a training loss that
+                only needs the ~15 % masked tokens asks for just those; the loss value is unchanged.
+            feat_positions: [B, N] bool; if given, the feature regression is computed only there (packed [K, F]).
+        """
+        if visual_feats is None or visual_boxes is None:
+            raise ValueError("LxmertForPreTraining.forward needs visual_feats [B, N, F] and visual_boxes [B, N, 4]")
+        lang, visn, pooled = self.lxmert(input_ids, attention_mask, token_type_ids, visual_feats, visual_boxes,
+                                         visual_attention_mask)
+        out = LxmertOutput(language_output=lang, vision_output=visn, pooled_output=pooled)
+        if self.cls.predictions is not None:
+            out.mlm_logits = self.cls.predictions(lang if mlm_positions is None else lang[mlm_positions])
+        if self.cls.seq_relationship is not None:
+            out.match_logits = self.cls.seq_relationship(pooled)
+        if self.obj_predict_head is not None:
+            preds = self.obj_predict_head(visn, feat_positions=feat_positions)
+            out.obj_logits, out.attr_logits, out.feat_pred = preds.get("obj"), preds.get("attr"), preds.get("feat")
+        if self.answer_head is not None:
+            out.answer_logits = self.answer_head(pooled)
+        if self.nlvr2_head is not None and pooled.shape[0] % 2 == 0:
+            out.pair_logits = self.nlvr2_head(pooled)
+        return out
+
+    def num_parameters(self) -> int:
+        """Unique parameters (the tied decoder counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,78 @@
+"""Shared fixtures: paths to ../shared, a seeded tiny transformers LXMERT (the oracle) and matching inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BERT_VOCAB = SHARED / "vocab" / "bert-base-uncased-vocab.txt"
+HF_KEYS = SHARED / "reference" / "hf_lxmert_keys.txt"
+
+
+def tiny_hf_kwargs(**overrides):
+    """transformers LxmertConfig kwargs equal to lxm's `lxmert_tiny()` preset."""
+    kw = dict(vocab_size=1200, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
+              l_layers=2, x_layers=2, r_layers=1, visual_feat_dim=16, num_object_labels=10, num_attr_labels=6,
+              num_qa_labels=7)
+    kw.update(overrides)
+    return kw
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter (biases and LayerNorms included) distinct random values, so parity tests are sensitive."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * scale
+            p.copy_(1.0 + noise if name.endswith("LayerNorm.weight") or "layer_norm.weight" in name else noise)
+    return model
+
+
+def make_inputs(cfg, batch: int = 4, seq: int = 12, boxes: int = 5, seed: int = 1, pad=(0, 2, 4, 6)):
+    """Realistic inputs: [CLS] ... [SEP] + padding, features in [0, 2), normalised boxes, and pretraining labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for i in range(batch):
+        n_pad = pad[i % len(pad)]
+        length = seq - n_pad
+        ids[i, 0], ids[i, length - 1] = 2, 3
+        ids[i, length:] = 0
+        mask[i, length:] = 0
+    feats = torch.rand(batch, boxes, cfg.visual_feat_dim, generator=g) * 2
+    xy = torch.rand(batch, boxes, 2, generator=g) * 0.7
+    wh = torch.rand(batch, boxes, 2, generator=g) * 0.3
+    visual_boxes = torch.cat([xy, xy + wh], dim=-1)
+    mlm = torch.full((batch, seq), -1, dtype=torch.long)
+    pick = (torch.rand(batch, seq, generator=g) < 0.3) & mask.bool()
+    pick[:, 0] = False
+    pick[0, 1] = True  # at least one masked token
+    mlm[pick] = ids[pick]
+    feat_mask = (torch.rand(batch, boxes, generator=g) < 0.3).float()
+    feat_mask[0, 0] = 1.0
+    labels = dict(
+        mlm_labels=mlm,
+        matched=torch.randint(0, 2, (batch,), generator=g),
+        obj_labels=torch.randint(0, cfg.num_object_labels, (batch, boxes), generator=g),
+        obj_conf=torch.rand(batch, boxes, generator=g),
+        attr_labels=torch.randint(0, cfg.num_attr_labels, (batch, boxes), generator=g),
+        attr_conf=torch.rand(batch, boxes, generator=g),
+        feat_target=feats.clone(),
+        feat_mask=feat_mask,
+        answers=torch.randint(0, cfg.num_qa_labels, (batch,), generator=g),
+    )
+    labels["answers"][labels["matched"] == 0] = -1
+    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), visual_feats=feats,
+                  visual_boxes=visual_boxes)
+    return inputs, labels
+
+
+@pytest.fixture(scope="session")
+def bert_vocab() -> Path:
+    if not BERT_VOCAB.exists():
+        pytest.fail(f"shared fixture missing: {BERT_VOCAB}")
+    return BERT_VOCAB
