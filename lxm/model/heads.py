@@ -43,7 +43,13 @@ class LMPredictionHead(nn.Module):
         self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(self.transform(hidden), self.decoder.weight, self.bias)
+        h = self.transform(hidden)
+        if h.dim() == 2:
+            # (W @ h^T)^T instead of h @ W^T: the weight gradient then comes out as a fresh contiguous tensor, into
+            # which autograd adds the tied embedding's gradient in place (h @ W^T yields a transposed view, which
+            # forces an out-of-place [V, H] add).
+            return torch.addmm(self.bias[:, None], self.decoder.weight, h.t()).t()
+        return F.linear(h, self.decoder.weight, self.bias)
 
 
 class PreTrainingHeads(nn.Module):

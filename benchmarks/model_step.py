@@ -1,0 +1,213 @@
+"""One full LXMERT pretraining step (forward + backward, all five losses), lxm vs transformers, side by side.
+
+Both models get the identical config, weights and inputs (15 % word masking, 15 % box masking, matched/QA labels,
+train mode so dropout runs). Timings alternate between the two implementations in one process so that machine noise
+hits both alike; the figure quoted is the median. Peak memory is measured per implementation in a fresh child
+process (peak RSS during the steps minus RSS before the first step).
+
+    python benchmarks/model_step.py                 # small and base, fp32 and bf16 autocast, 2 threads
+    python benchmarks/model_step.py --configs small --iters 5
+
+The LAST line is `speedup_small=<x.xx> speedup_base=<y.yy>` (transformers time / lxm time, fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lxm.model import LxmertConfig, LxmertForPreTraining, PretrainLabels, lxmert_base, lxmert_small  # noqa: E402
+from lxm.model.losses import pretraining_step_losses  # noqa: E402
+from lxm.model.weights import load_into  # noqa: E402
+
+BATCH = {"small": 8, "base": 4}
+PRESET = {"small": lxmert_small, "base": lxmert_base}
+SEQ, BOXES = 20, 36
+
+
+def hf_config(cfg: LxmertConfig):
+    import transformers
+
+    return transformers.LxmertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size, l_layers=cfg.l_layers, x_layers=cfg.x_layers, r_layers=cfg.r_layers,
+        visual_feat_dim=cfg.visual_feat_dim, num_object_labels=cfg.num_object_labels,
+        num_attr_labels=cfg.num_attr_labels, num_qa_labels=cfg.num_qa_labels,
+        visual_loss_normalizer=1 / 0.15,  # the original constant, so both compute the same loss
+    )
+
+
+def build(name: str, which: str):
+    """Return (model, step_fn) for `which` in {"lxm", "hf"}; both share seed-0 transformers weights."""
+    import transformers
+
+    cfg = PRESET[name]()
+    torch.manual_seed(0)
+    hf = transformers.LxmertForPreTraining(hf_config(cfg)).train()
+    inputs, labels = make_batch(cfg, BATCH[name])
+    if which == "hf":
+        hf_labels = {
+            "labels": labels.mlm_labels.masked_fill(labels.mlm_labels == -1, -100),
+            "obj_labels": {"obj": (labels.obj_labels, labels.obj_conf), "attr": (labels.attr_labels, labels.attr_conf),
+                           "feat": (labels.feat_target, labels.feat_mask)},
+            "matched_label": labels.matched,
+            "ans": labels.answers.masked_fill(labels.answers == -1, -100),
+        }
+
+        def hf_step():
+            out = hf(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     token_type_ids=inputs["token_type_ids"], visual_feats=inputs["visual_feats"],
+                     visual_pos=inputs["visual_boxes"], **hf_labels)
+            out.loss.backward()
+            return out.loss.detach()
+
+        return hf, hf_step
+    model = LxmertForPreTraining(cfg).train()
+    load_into(model, hf.state_dict(), source="transformers (in memory)", fmt="hf")
+    del hf
+
+    def lxm_step():
+        losses, _ = pretraining_step_losses(model, labels, **inputs)
+        loss = sum(losses.values())
+        loss.backward()
+        return loss.detach()
+
+    return model, lxm_step
+
+
+def make_batch(cfg: LxmertConfig, batch: int, seed: int = 0):
+    """Sentence lengths 8..20 padded to 20, 36 boxes, masking and labels as LXMERT pretraining draws them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, cfg.vocab_size, (batch, SEQ), generator=g)
+    mask = torch.zeros(batch, SEQ, dtype=torch.long)
+    for i in range(batch):
+        n = int(torch.randint(8, SEQ + 1, (1,), generator=g))
+        ids[i, 0], ids[i, n - 1], ids[i, n:] = 101, 102, 0
+        mask[i, :n] = 1
+    inner = mask.bool().clone()
+    inner[:, 0] = False
+    inner &= ids != 102
+    pick = (torch.rand(batch, SEQ, generator=g) < 0.15) & inner
+    pick[0, 1] = True
+    mlm = torch.where(pick, ids, torch.full_like(ids, -1))
+    feats = torch.rand(batch, BOXES, cfg.visual_feat_dim, generator=g) * 2
+    xy = torch.rand(batch, BOXES, 2, generator=g) * 0.7
+    boxes = torch.cat([xy, xy + torch.rand(batch, BOXES, 2, generator=g) * 0.3], -1)
+    feat_mask = (torch.rand(batch, BOXES, generator=g) < 0.15).float()
+    matched = torch.randint(0, 2, (batch,), generator=g)
+    answers = torch.randint(0, cfg.num_qa_labels, (batch,), generator=g).masked_fill(matched == 0, -1)
+    labels = PretrainLabels(
+        mlm_labels=mlm, matched=matched,
+        obj_labels=torch.randint(0, cfg.num_object_labels, (batch, BOXES), generator=g),
+        obj_conf=torch.rand(batch, BOXES, generator=g),
+        attr_labels=torch.randint(0, cfg.num_attr_labels, (batch, BOXES), generator=g),
+        attr_conf=torch.rand(batch, BOXES, generator=g),
+        feat_target=feats.clone(), feat_mask=feat_mask, answers=answers,
+    )
+    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), visual_feats=feats,
+                  visual_boxes=boxes)
+    return inputs, labels
+
+
+def timed(model, step, autocast: bool) -> float:
+    model.zero_grad(set_to_none=True)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with ctx:
+        loss = step()
+    dt = time.perf_counter() - t0
+    if not torch.isfinite(loss):
+        raise RuntimeError("non-finite loss")
+    return dt * 1000
+
+
+def compare(name: str, iters: int, warmup: int, autocast: bool) -> tuple[float, float]:
+    torch.manual_seed(0)
+    hf, hf_step = build(name, "hf")
+    lx, lx_step = build(name, "lxm")
+    for _ in range(warmup):
+        timed(hf, hf_step, autocast)
+        timed(lx, lx_step, autocast)
+    t_hf, t_lx = [], []
+    for _ in range(iters):
+        t_hf.append(timed(hf, hf_step, autocast))
+        t_lx.append(timed(lx, lx_step, autocast))
+    return statistics.median(t_hf), statistics.median(t_lx)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(name: str, which: str, threads: int) -> None:
+    """Child process: peak RSS growth over 3 steps (after warm-up allocation is excluded only by the baseline)."""
+    torch.set_num_threads(threads)
+    model, step = build(name, which)
+    base = rss_mb()
+    for _ in range(3):
+        timed(model, step, autocast=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"params_mb": base, "step_peak_mb": peak - base}))
+
+
+def peak_memory(name: str, which: str, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", f"{name}:{which}", "--threads", str(threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="small,base")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        name, which = args.worker.split(":")
+        worker(name, which, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    import platform
+
+    import transformers
+
+    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
+          f"{platform.processor() or platform.machine()}, median of {args.iters} alternating steps")
+    speedups = {}
+    for name in args.configs.split(","):
+        for autocast in (False, True) if not args.no_bf16 else (False,):
+            t_hf, t_lx = compare(name, args.iters, args.warmup, autocast)
+            tag = "bf16-autocast" if autocast else "fp32"
+            print(f"{name:5s} batch {BATCH[name]} {tag:13s}: transformers {t_hf:8.1f} ms  lxm {t_lx:8.1f} ms  "
+                  f"speedup {t_hf / t_lx:.2f}x", flush=True)
+            if not autocast:
+                speedups[name] = t_hf / t_lx
+        if not args.no_memory:
+            for which in ("hf", "lxm"):
+                mem = peak_memory(name, which, args.threads)
+                print(f"{name:5s} peak step memory {which:3s}: {mem['step_peak_mb']:7.0f} MB above "
+                      f"{mem['params_mb']:.0f} MB resident after build", flush=True)
+    print(" ".join(f"speedup_{k}={v:.2f}" for k, v in speedups.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Strict checkpoint loading: every gap is an error naming the keys; unsafe files are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import randomize_
+from lxm.cli import app
+from lxm.model import (
+    CheckpointError,
+    LxmertForPreTraining,
+    load_pretrained,
+    load_pretrained_with_report,
+    lxmert_tiny,
+    save_lxm,
+    save_original,
+)
+
+
+@pytest.fixture()
+def original_ckpt(tmp_path):
+    """An airsplay-style *_LXRT.pth of a random tiny model (written by lxm's own writer)."""
+    torch.manual_seed(0)
+    model = randomize_(LxmertForPreTraining(lxmert_tiny()), 11)
+    path = save_original(model, tmp_path / "Epoch01_LXRT.pth")
+    return path, model
+
+
+def _sd(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_loaded_tensors_equal_the_checkpoint(original_ckpt):
+    path, model = original_ckpt
+    loaded, report = load_pretrained_with_report(path, config=lxmert_tiny(), verbose=False)
+    assert report.ok and report.format == "original"
+    assert len(report.loaded) == len(model.state_dict()) - 1  # the tied decoder is verified, not copied twice
+    assert report.tied == ["cls.predictions.decoder.weight"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_report_is_printed(original_ckpt, capsys):
+    load_pretrained(original_ckpt[0], config=lxmert_tiny())
+    err = capsys.readouterr().err
+    assert "loaded" in err and "format: original" in err
+
+
+def test_missing_backbone_key_fails_naming_it(original_ckpt, tmp_path):
+    sd = _sd(original_ckpt[0])
+    del sd["module.bert.encoder.x_layers.1.visn_self_att.output.dense.bias"]
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=r"MISSING.*lxmert\.encoder\.x_layers\.1\.visn_self_att\.output\.dense\.bias"):
+        load_pretrained(tmp_path / "m.pth", config=lxmert_tiny(), verbose=False)
+
+
+def test_extra_key_fails_naming_it(original_ckpt, tmp_path):
+    sd = _sd(original_ckpt[0])
+    sd["module.bert.encoder.lang_attention.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match=r"UNEXPECTED.*lxmert\.encoder\.lang_attention\.weight"):
+        load_pretrained(tmp_path / "x.pth", config=lxmert_tiny(), verbose=False)
+
+
+def test_mis_shaped_key_fails_naming_it_and_both_shapes(original_ckpt, tmp_path):
+    sd = _sd(original_ckpt[0])
+    sd["module.bert.pooler.dense.weight"] = torch.zeros(32, 31)
+    torch.save(sd, tmp_path / "s.pth")
+    with pytest.raises(CheckpointError, match=r"lxmert\.pooler\.dense\.weight checkpoint \(32, 31\) vs model \(32, 32\)"):
+        load_pretrained(tmp_path / "s.pth", config=lxmert_tiny(), verbose=False)
+
+
+def test_wrong_config_fails_instead_of_partial_load(original_ckpt):
+    with pytest.raises(CheckpointError, match="MISSING"):
+        load_pretrained(original_ckpt[0], config=lxmert_tiny(l_layers=3), verbose=False)
+
+
+def test_untied_decoder_is_refused(original_ckpt, tmp_path):
+    sd = _sd(original_ckpt[0])
+    sd["module.cls.predictions.decoder.weight"] = sd["module.cls.predictions.decoder.weight"] + 1
+    torch.save(sd, tmp_path / "u.pth")
+    with pytest.raises(CheckpointError, match="ties the MLM decoder"):
+        load_pretrained(tmp_path / "u.pth", config=lxmert_tiny(), verbose=False)
+
+
+def test_new_heads_only_on_request(original_ckpt):
+    cfg = lxmert_tiny(task_nlvr2=True)
+    with pytest.raises(CheckpointError, match=r"MISSING.*nlvr2_head"):
+        load_pretrained(original_ckpt[0], config=cfg, verbose=False)
+    model, report = load_pretrained_with_report(original_ckpt[0], config=cfg, init_missing_heads=True, verbose=False)
+    assert report.initialised and all(k.startswith("nlvr2_head.") for k in report.initialised)
+    assert "initialised fresh" in report.summary()
+
+
+def test_extra_heads_dropped_only_on_request(original_ckpt):
+    cfg = lxmert_tiny(task_qa=False)
+    with pytest.raises(CheckpointError, match=r"UNEXPECTED.*answer_head"):
+        load_pretrained(original_ckpt[0], config=cfg, verbose=False)
+    _, report = load_pretrained_with_report(original_ckpt[0], config=cfg, ignore_extra_heads=True, verbose=False)
+    assert sorted(report.ignored)[0].startswith("answer_head.")
+
+
+def test_missing_backbone_key_fails_even_with_head_leniency(original_ckpt, tmp_path):
+    sd = _sd(original_ckpt[0])
+    del sd["module.bert.embeddings.LayerNorm.weight"]
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=r"lxmert\.embeddings\.LayerNorm\.weight"):
+        load_pretrained(tmp_path / "m.pth", config=lxmert_tiny(), init_missing_heads=True, ignore_extra_heads=True,
+                        verbose=False)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_that_would_execute_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"module.bert.embeddings.word_embeddings.weight": torch.zeros(2, 2), "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_pretrained(path, verbose=False)
+
+
+def test_plain_pickle_files_are_refused(tmp_path):
+    path = tmp_path / "weights.pkl"
+    path.write_bytes(pickle.dumps({"model": {}}))
+    with pytest.raises(CheckpointError, match="unsupported checkpoint file type '.pkl'"):
+        load_pretrained(path, verbose=False)
+
+
+def test_non_lxmert_checkpoint_is_named(tmp_path):
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")
+    with pytest.raises(CheckpointError, match="not an LXMERT checkpoint"):
+        load_pretrained(tmp_path / "resnet.pth", verbose=False)
+
+
+def test_missing_path_and_bad_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_pretrained(tmp_path / "nope_LXRT.pth", verbose=False)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="expected config.json and model.safetensors.*notes.txt"):
+        load_pretrained(tmp_path / "d", verbose=False)
+
+
+def test_hub_id_offline_says_how_to_proceed(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at call time, unlike the env var
+    with pytest.raises(CheckpointError, match="pass its local path"):
+        load_pretrained("unc-nlp/lxmert-base-uncased", verbose=False)
+
+
+def test_lxm_format_keeps_its_config(tmp_path):
+    cfg = lxmert_tiny(num_qa_labels=3, task_nlvr2=True)
+    model = LxmertForPreTraining(cfg)
+    save_lxm(model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["format"] == "lxm" and meta["model"]["num_qa_labels"] == 3
+    assert not any(p.name.startswith(".") for p in (tmp_path / "ck").iterdir())  # no temp files left behind
+    assert load_pretrained(tmp_path / "ck", verbose=False).config == cfg
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")
+    result = CliRunner().invoke(app, ["convert-checkpoint", str(tmp_path / "resnet.pth"), str(tmp_path / "o"),
+                                      "--to", "lxm"])
+    assert result.exit_code == 1
+    assert "not an LXMERT checkpoint" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_hf_export_of_nlvr2_head_before_writing(tmp_path):
+    save_lxm(LxmertForPreTraining(lxmert_tiny(task_nlvr2=True)), tmp_path / "n")
+    result = CliRunner().invoke(app, ["convert-checkpoint", str(tmp_path / "n"), str(tmp_path / "h"), "--to", "hf"])
+    assert result.exit_code == 1 and "NLVR2" in result.output
+    assert not (tmp_path / "h").exists()
