@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -146,23 +146,25 @@ def compare(name: str, iters: int, warmup: int, autocast: bool) -> tuple[float, 
     return statistics.median(t_hf), statistics.median(t_lx)
 
 
-def rss_mb() -> float:
+def proc_status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    return float("nan")
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def worker(name: str, which: str, threads: int) -> None:
-    """Child process: peak RSS growth over 3 steps (after warm-up allocation is excluded only by the baseline)."""
+    """Child process: peak RSS during 3 steps minus RSS before them (the build's own peak is reset away)."""
     torch.set_num_threads(threads)
     model, step = build(name, which)
-    base = rss_mb()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak-RSS counter (VmHWM) so that building both models does not count
+    base = proc_status_mb("VmRSS")
     for _ in range(3):
         timed(model, step, autocast=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"params_mb": base, "step_peak_mb": peak - base}))
+    print(json.dumps({"params_mb": base, "step_peak_mb": proc_status_mb("VmHWM") - base}))
 
 
 def peak_memory(name: str, which: str, threads: int) -> dict:
