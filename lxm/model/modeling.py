@@ -107,12 +107,15 @@ class LxmertAttention(nn.Module):
         return self.attend(self.query(hidden), self.key(context), self.value(context), mask)
 
 
-class LxmertAttentionOutput(nn.Module):
-    """dense -> dropout -> LayerNorm(x + residual) (original `BertAttOutput`, post-LN)."""
+class LxmertResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual), post-LN.
 
-    def __init__(self, hidden_size: int, dropout: float, eps: float):
+    The original's `BertAttOutput` (in = hidden) and `BertOutput` (in = intermediate, the FFN's second half).
+    """
+
+    def __init__(self, in_features: int, hidden_size: int, dropout: float, eps: float):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = nn.Linear(in_features, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
@@ -126,7 +129,7 @@ class LxmertSelfAttentionLayer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, attn_dropout: float, eps: float):
         super().__init__()
         self.self = LxmertAttention(hidden_size, num_heads, attn_dropout)
-        self.output = LxmertAttentionOutput(hidden_size, dropout, eps)
+        self.output = LxmertResidualOutput(hidden_size, hidden_size, dropout, eps)
 
     def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
         return self.output(self.self(hidden, hidden, mask), hidden)
@@ -143,7 +146,7 @@ class LxmertCrossAttentionLayer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, attn_dropout: float, eps: float):
         super().__init__()
         self.att = LxmertAttention(hidden_size, num_heads, attn_dropout)
-        self.output = LxmertAttentionOutput(hidden_size, dropout, eps)
+        self.output = LxmertResidualOutput(hidden_size, hidden_size, dropout, eps)
 
     def forward(self, hidden: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         return self.output(self.att(hidden, context, context_mask), hidden)
@@ -172,19 +175,6 @@ class LxmertIntermediate(nn.Module):
         return F.gelu(self.dense(hidden))
 
 
-class LxmertFeedForwardOutput(nn.Module):
-    """FFN output: dense -> dropout -> LayerNorm(x + residual) (original `BertOutput`)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float, eps: float):
-        super().__init__()
-        self.dense = nn.Linear(intermediate_size, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
-
-
 class LxmertLayer(nn.Module):
     """Self-attention + FFN (original `BertLayer`), used for language and object-relationship layers."""
 
@@ -193,7 +183,7 @@ class LxmertLayer(nn.Module):
         super().__init__()
         self.attention = LxmertSelfAttentionLayer(hidden_size, num_heads, dropout, attn_dropout, eps)
         self.intermediate = LxmertIntermediate(hidden_size, intermediate_size)
-        self.output = LxmertFeedForwardOutput(hidden_size, intermediate_size, dropout, eps)
+        self.output = LxmertResidualOutput(intermediate_size, hidden_size, dropout, eps)
 
     def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
         hidden = self.attention(hidden, mask)
@@ -210,9 +200,9 @@ class LxmertXLayer(nn.Module):
         self.lang_self_att = LxmertSelfAttentionLayer(hidden_size, num_heads, dropout, attn_dropout, eps)
         self.visn_self_att = LxmertSelfAttentionLayer(hidden_size, num_heads, dropout, attn_dropout, eps)
         self.lang_inter = LxmertIntermediate(hidden_size, intermediate_size)
-        self.lang_output = LxmertFeedForwardOutput(hidden_size, intermediate_size, dropout, eps)
+        self.lang_output = LxmertResidualOutput(intermediate_size, hidden_size, dropout, eps)
         self.visn_inter = LxmertIntermediate(hidden_size, intermediate_size)
-        self.visn_output = LxmertFeedForwardOutput(hidden_size, intermediate_size, dropout, eps)
+        self.visn_output = LxmertResidualOutput(intermediate_size, hidden_size, dropout, eps)
 
     def forward(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None
                 ) -> tuple[Tensor, Tensor]:

@@ -482,26 +482,26 @@ def _atomic_dir_write(out_dir: Path, files: dict[str, bytes | dict[str, Tensor]]
         os.replace(tmp, final)
 
 
-def save_lxm(model: LxmertForPreTraining, out_dir: str | os.PathLike) -> Path:
-    """Write an lxm checkpoint directory: config.json + model.safetensors (tied decoder stored once)."""
-    from lxm import __version__
-
+def _save_dir(model: LxmertForPreTraining, out_dir: str | os.PathLike, config_json: dict) -> Path:
+    """config.json + model.safetensors (lxm names = transformers names; the tied decoder stored once)."""
     out = Path(out_dir)
-    meta = {"format": LXM_FORMAT_TAG, "lxm_version": __version__, "model": model.config.to_dict()}
     _atomic_dir_write(out, {"model.safetensors": _lxm_state_dict(model),
-                            "config.json": (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()},
+                            "config.json": (json.dumps(config_json, indent=2, sort_keys=True) + "\n").encode()},
                       metadata={"format": "pt"})
     return out
+
+
+def save_lxm(model: LxmertForPreTraining, out_dir: str | os.PathLike) -> Path:
+    """Write an lxm checkpoint directory, keeping the full `LxmertConfig`."""
+    from lxm import __version__
+
+    return _save_dir(model, out_dir, {"format": LXM_FORMAT_TAG, "lxm_version": __version__,
+                                      "model": model.config.to_dict()})
 
 
 def save_hf(model: LxmertForPreTraining, out_dir: str | os.PathLike) -> Path:
     """Write a transformers-loadable directory (`LxmertForPreTraining.from_pretrained(out_dir)` works)."""
-    cfg = hf_config_dict(model.config)
-    out = Path(out_dir)
-    _atomic_dir_write(out, {"model.safetensors": _lxm_state_dict(model),
-                            "config.json": (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()},
-                      metadata={"format": "pt"})
-    return out
+    return _save_dir(model, out_dir, hf_config_dict(model.config))
 
 
 def save_original(model: LxmertForPreTraining, path: str | os.PathLike) -> Path:
