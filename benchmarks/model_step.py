@@ -1,12 +1,13 @@
 """One full LXMERT pretraining step (forward + backward, all five losses), lxm vs transformers, side by side.
 
 Both models get the identical config, weights and inputs (15 % word masking, 15 % box masking, matched/QA labels,
-train mode so dropout runs). Timings alternate between the two implementations in one process so that machine noise
-hits both alike; the figure quoted is the median. Peak memory is measured per implementation in a fresh child
-process (peak RSS during the steps minus RSS before the first step).
+train mode so dropout runs). Each measurement runs in a fresh child process (so one implementation's allocator
+history cannot slow the other), and the children alternate transformers, lxm, transformers, lxm, ... so that machine
+drift hits both alike; the figures are medians over all timed steps. Peak memory: peak RSS during the steps minus
+RSS before them, per child.
 
     python benchmarks/model_step.py                 # small and base, fp32 and bf16 autocast, 2 threads
-    python benchmarks/model_step.py --configs small --iters 5
+    python benchmarks/model_step.py --configs small --rounds 1 --no-bf16
 
 The LAST line is `speedup_small=<x.xx> speedup_base=<y.yy>` (transformers time / lxm time, fp32).
 """
@@ -17,6 +18,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -132,20 +134,6 @@ def timed(model, step, autocast: bool) -> float:
     return dt * 1000
 
 
-def compare(name: str, iters: int, warmup: int, autocast: bool) -> tuple[float, float]:
-    torch.manual_seed(0)
-    hf, hf_step = build(name, "hf")
-    lx, lx_step = build(name, "lxm")
-    for _ in range(warmup):
-        timed(hf, hf_step, autocast)
-        timed(lx, lx_step, autocast)
-    t_hf, t_lx = [], []
-    for _ in range(iters):
-        t_hf.append(timed(hf, hf_step, autocast))
-        t_lx.append(timed(lx, lx_step, autocast))
-    return statistics.median(t_hf), statistics.median(t_lx)
-
-
 def proc_status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -154,60 +142,68 @@ def proc_status_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def worker(name: str, which: str, threads: int) -> None:
-    """Child process: peak RSS during 3 steps minus RSS before them (the build's own peak is reset away)."""
+def worker(name: str, which: str, threads: int, iters: int, warmup: int, autocast: bool) -> None:
+    """Child process: step times, and peak RSS during the steps minus RSS before them."""
     torch.set_num_threads(threads)
     model, step = build(name, which)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak-RSS counter (VmHWM) so that building both models does not count
+        f.write("5")  # resets the peak-RSS counter (VmHWM) so that building the models does not count
     base = proc_status_mb("VmRSS")
-    for _ in range(3):
-        timed(model, step, autocast=False)
-    print(json.dumps({"params_mb": base, "step_peak_mb": proc_status_mb("VmHWM") - base}))
+    for _ in range(warmup):
+        timed(model, step, autocast)
+    times = [timed(model, step, autocast) for _ in range(iters)]
+    print(json.dumps({"times_ms": times, "resident_mb": base, "step_peak_mb": proc_status_mb("VmHWM") - base}))
 
 
-def peak_memory(name: str, which: str, threads: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", f"{name}:{which}", "--threads", str(threads)],
-                         capture_output=True, text=True, check=True)
+def run_child(name: str, which: str, args, autocast: bool) -> dict:
+    cmd = [sys.executable, __file__, "--worker", f"{name}:{which}", "--threads", str(args.threads),
+           "--iters", str(args.iters), "--warmup", str(args.warmup)] + (["--bf16-child"] if autocast else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="small,base")
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating (transformers, lxm) child-process pairs")
+    ap.add_argument("--iters", type=int, default=8, help="timed steps per child")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--bf16-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         name, which = args.worker.split(":")
-        worker(name, which, args.threads)
+        worker(name, which, args.threads, args.iters, args.warmup, args.bf16_child)
         return
-    torch.set_num_threads(args.threads)
     import platform
 
     import transformers
 
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
-          f"{platform.processor() or platform.machine()}, median of {args.iters} alternating steps")
+          f"{platform.machine()}, {os.cpu_count()} cpus; {args.rounds} rounds of one child process per "
+          f"implementation ({args.warmup} warm-up + {args.iters} timed steps each); medians over all timed steps")
     speedups = {}
     for name in args.configs.split(","):
         for autocast in (False, True) if not args.no_bf16 else (False,):
-            t_hf, t_lx = compare(name, args.iters, args.warmup, autocast)
+            times: dict[str, list[float]] = {"hf": [], "lxm": []}
+            peak: dict[str, list[float]] = {"hf": [], "lxm": []}
+            for _ in range(args.rounds):
+                for which in ("hf", "lxm"):
+                    res = run_child(name, which, args, autocast)
+                    times[which] += res["times_ms"]
+                    peak[which].append(res["step_peak_mb"])
+            t_hf, t_lx = statistics.median(times["hf"]), statistics.median(times["lxm"])
             tag = "bf16-autocast" if autocast else "fp32"
             print(f"{name:5s} batch {BATCH[name]} {tag:13s}: transformers {t_hf:8.1f} ms  lxm {t_lx:8.1f} ms  "
-                  f"speedup {t_hf / t_lx:.2f}x", flush=True)
+                  f"speedup {t_hf / t_lx:.2f}x   peak step memory transformers {statistics.median(peak['hf']):6.0f} MB"
+                  f"  lxm {statistics.median(peak['lxm']):6.0f} MB", flush=True)
             if not autocast:
                 speedups[name] = t_hf / t_lx
-        if not args.no_memory:
-            for which in ("hf", "lxm"):
-                mem = peak_memory(name, which, args.threads)
-                print(f"{name:5s} peak step memory {which:3s}: {mem['step_peak_mb']:7.0f} MB above "
-                      f"{mem['params_mb']:.0f} MB resident after build", flush=True)
     print(" ".join(f"speedup_{k}={v:.2f}" for k, v in speedups.items()))
 
 

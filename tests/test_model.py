@@ -97,6 +97,22 @@ def test_padded_text_gives_finite_outputs_and_padding_does_not_leak():
     torch.testing.assert_close(out2.pooled_output, out.pooled_output)
 
 
+def test_packed_text_equals_padded_text_at_every_real_position():
+    torch.manual_seed(0)
+    cfg = lxmert_tiny()
+    model = randomize_(LxmertForPreTraining(cfg), 12).eval()
+    inputs, _ = make_inputs(cfg, pad=(0, 3, 7, 10))
+    with torch.no_grad():
+        dense = model(**inputs)
+        packed = model(**inputs, pack_text=True)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(packed.language_output[real], dense.language_output[real], atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(packed.language_output[~real]) == 0
+    for name in ("vision_output", "pooled_output", "match_logits", "obj_logits", "attr_logits", "feat_pred",
+                 "answer_logits"):
+        torch.testing.assert_close(getattr(packed, name), getattr(dense, name), atol=1e-6, rtol=1e-6)
+
+
 def test_visual_attention_mask_hides_masked_boxes():
     torch.manual_seed(0)
     cfg = lxmert_tiny()

@@ -173,13 +173,14 @@ def pretraining_losses(out: "LxmertOutput", labels: PretrainLabels, cfg: Pretrai
 def pretraining_step_losses(model: "LxmertForPreTraining", labels: PretrainLabels,
                             cfg: PretrainLossConfig | None = None, **inputs: Tensor
                             ) -> tuple[dict[str, Tensor], "LxmertOutput"]:
-    """Forward a batch and return (named losses, output), computing MLM and feature logits only where needed.
+    """Forward a batch and return (named losses, output), computing only what the losses read.
 
-    `inputs` are the keyword arguments of `LxmertForPreTraining.forward` (input_ids, attention_mask,
+    MLM logits only at masked tokens, feature predictions only at masked boxes, and no work on padded text positions
+    (`pack_text`). `inputs` are the keyword arguments of `LxmertForPreTraining.forward` (input_ids, attention_mask,
     token_type_ids, visual_feats, visual_boxes, ...). The losses equal those of a dense forward.
     """
     cfg = cfg or PretrainLossConfig()
     mlm_positions = labels.mlm_labels != cfg.ignore_index if labels.mlm_labels is not None else None
     feat_positions = labels.feat_mask != 0 if labels.feat_mask is not None and labels.feat_target is not None else None
-    out = model(**inputs, mlm_positions=mlm_positions, feat_positions=feat_positions)
+    out = model(**inputs, mlm_positions=mlm_positions, feat_positions=feat_positions, pack_text=True)
     return pretraining_losses(out, labels, cfg), out

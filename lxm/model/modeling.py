@@ -46,6 +46,37 @@ def _key_padding_mask(mask: Tensor | None) -> Tensor | None:
     return mask[:, None, None, :].to(torch.bool)
 
 
+class TextLayout:
+    """Where the language stream's rows live inside the encoder.
+
+    The language stream is carried as a [rows, H] matrix: either all B*T positions (dense, `index` None: the
+    conversions are free views) or only the real tokens (packed). Packing is exact: a real token never attends to
+    padding (its keys are masked out), so the padded rows of the original only cost matrix products whose results
+    no loss reads. LXMERT pads every sentence to 20 tokens while captions and questions average ~14, so skipping
+    the padding removes about a third of the language-side work in training. Attention unpacks to [B, T, H].
+    """
+
+    def __init__(self, batch: int, seq: int, index: Tensor | None = None):
+        self.batch, self.seq, self.index = batch, seq, index
+
+    @classmethod
+    def build(cls, attention_mask: Tensor | None, batch: int, seq: int, pack: bool) -> "TextLayout":
+        if not pack or attention_mask is None:
+            return cls(batch, seq)
+        return cls(batch, seq, attention_mask.reshape(-1).nonzero().squeeze(1))
+
+    def rows(self, x: Tensor) -> Tensor:
+        """[B, T, H] -> [rows, H]."""
+        flat = x.reshape(self.batch * self.seq, x.shape[-1])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def padded(self, rows: Tensor) -> Tensor:
+        """[rows, H] -> [B, T, H]; packed layouts put zeros at padded positions."""
+        if self.index is not None:
+            rows = rows.new_zeros(self.batch * self.seq, rows.shape[-1]).index_copy(0, self.index, rows)
+        return rows.view(self.batch, self.seq, rows.shape[-1])
+
+
 class LxmertEmbeddings(nn.Module):
     """word + position + token-type embeddings -> LayerNorm -> dropout (original `BertEmbeddings`).
 
@@ -94,14 +125,24 @@ class LxmertAttention(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """q [B,Sq,H], k/v [B,Sk,H] (already projected), mask [B,1,1,Sk] bool -> context [B,Sq,H]."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, q_layout: TextLayout | None = None,
+               kv_layout: TextLayout | None = None) -> Tensor:
+        """Attention over projected q [B,Sq,H] and k/v [B,Sk,H]; mask [B,1,1,Sk] bool -> context like q.
+
+        A tensor given with a layout is in [rows, H] form and is laid out as [B, S, H] for the attention; the
+        context comes back in q's form.
+        """
+        if q_layout is not None:
+            q = q_layout.padded(q)
+        if kv_layout is not None:
+            k, v = kv_layout.padded(k), kv_layout.padded(v)
         out = F.scaled_dot_product_attention(
             self._heads(q), self._heads(k), self._heads(v), attn_mask=mask,
             dropout_p=self.dropout_p if self.training else 0.0,
         )
         b, _, s, _ = out.shape
-        return out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return out if q_layout is None else q_layout.rows(out)
 
     def forward(self, hidden: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.attend(self.query(hidden), self.key(context), self.value(context), mask)
@@ -131,8 +172,12 @@ class LxmertSelfAttentionLayer(nn.Module):
         self.self = LxmertAttention(hidden_size, num_heads, attn_dropout)
         self.output = LxmertResidualOutput(hidden_size, hidden_size, dropout, eps)
 
-    def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
-        return self.output(self.self(hidden, hidden, mask), hidden)
+    def forward(self, hidden: Tensor, mask: Tensor | None, layout: TextLayout | None = None) -> Tensor:
+        """hidden [B, S, H], or [rows, H] with its layout."""
+        att = self.self
+        ctx = att.attend(att.query(hidden), att.key(hidden), att.value(hidden), mask, q_layout=layout,
+                         kv_layout=layout)
+        return self.output(ctx, hidden)
 
 
 class LxmertCrossAttentionLayer(nn.Module):
@@ -151,16 +196,16 @@ class LxmertCrossAttentionLayer(nn.Module):
     def forward(self, hidden: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         return self.output(self.att(hidden, context, context_mask), hidden)
 
-    def both_ways(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None
-                  ) -> tuple[Tensor, Tensor]:
-        """lang [B,T,H] attends to visn [B,N,H] and visn to lang, from the same inputs -> (lang', visn')."""
-        t = lang.shape[1]
-        both = torch.cat([lang, visn], dim=1)
+    def both_ways(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None,
+                  layout: TextLayout) -> tuple[Tensor, Tensor]:
+        """lang rows [R, H] attend to visn [B,N,H] and visn to lang, from the same inputs -> (lang', visn')."""
+        r, shape = lang.shape[0], visn.shape
+        both = torch.cat([lang, visn.reshape(-1, shape[-1])], dim=0)
         q, k, v = self.att.query(both), self.att.key(both), self.att.value(both)
-        lang_ctx = self.att.attend(q[:, :t], k[:, t:], v[:, t:], visn_mask)
-        visn_ctx = self.att.attend(q[:, t:], k[:, :t], v[:, :t], lang_mask)
-        out = self.output(torch.cat([lang_ctx, visn_ctx], dim=1), both)
-        return out[:, :t], out[:, t:]
+        lang_ctx = self.att.attend(q[:r], k[r:].view(shape), v[r:].view(shape), visn_mask, q_layout=layout)
+        visn_ctx = self.att.attend(q[r:].view(shape), k[:r], v[:r], lang_mask, kv_layout=layout)
+        out = self.output(torch.cat([lang_ctx, visn_ctx.reshape(-1, shape[-1])], dim=0), both)
+        return out[:r], out[r:].view(shape)
 
 
 class LxmertIntermediate(nn.Module):
@@ -185,8 +230,8 @@ class LxmertLayer(nn.Module):
         self.intermediate = LxmertIntermediate(hidden_size, intermediate_size)
         self.output = LxmertResidualOutput(intermediate_size, hidden_size, dropout, eps)
 
-    def forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
-        hidden = self.attention(hidden, mask)
+    def forward(self, hidden: Tensor, mask: Tensor | None, layout: TextLayout | None = None) -> Tensor:
+        hidden = self.attention(hidden, mask, layout)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -204,10 +249,11 @@ class LxmertXLayer(nn.Module):
         self.visn_inter = LxmertIntermediate(hidden_size, intermediate_size)
         self.visn_output = LxmertResidualOutput(intermediate_size, hidden_size, dropout, eps)
 
-    def forward(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None
-                ) -> tuple[Tensor, Tensor]:
-        lang, visn = self.visual_attention.both_ways(lang, lang_mask, visn, visn_mask)
-        lang = self.lang_self_att(lang, lang_mask)
+    def forward(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None,
+                layout: TextLayout) -> tuple[Tensor, Tensor]:
+        """lang rows [R, H] (see TextLayout), visn [B, N, H]."""
+        lang, visn = self.visual_attention.both_ways(lang, lang_mask, visn, visn_mask, layout)
+        lang = self.lang_self_att(lang, lang_mask, layout)
         visn = self.visn_self_att(visn, visn_mask)
         lang = self.lang_output(self.lang_inter(lang), lang)
         visn = self.visn_output(self.visn_inter(visn), visn)
@@ -249,15 +295,17 @@ class LxmertEncoder(nn.Module):
         self.r_layers = nn.ModuleList([LxmertLayer(*args) for _ in range(cfg.r_layers)])
 
     def forward(self, lang: Tensor, lang_mask: Tensor | None, feats: Tensor, boxes: Tensor,
-                visn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+                visn_mask: Tensor | None, layout: TextLayout) -> tuple[Tensor, Tensor]:
+        """lang [B, T, H] embeddings -> (lang [B, T, H], visn [B, N, H])."""
         visn = self.visn_fc(feats, boxes)
+        lang = layout.rows(lang)
         for layer in self.layer:
-            lang = layer(lang, lang_mask)
+            lang = layer(lang, lang_mask, layout)
         for layer in self.r_layers:
             visn = layer(visn, visn_mask)
         for layer in self.x_layers:
-            lang, visn = layer(lang, lang_mask, visn, visn_mask)
-        return lang, visn
+            lang, visn = layer(lang, lang_mask, visn, visn_mask, layout)
+        return layout.padded(lang), visn
 
 
 class LxmertPooler(nn.Module):
@@ -282,13 +330,18 @@ class LxmertModel(nn.Module):
         self.pooler = LxmertPooler(cfg.hidden_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
-                visual_feats: Tensor, visual_boxes: Tensor, visual_attention_mask: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (language_output [B,T,H], vision_output [B,N,H], pooled_output [B,H])."""
+                visual_feats: Tensor, visual_boxes: Tensor, visual_attention_mask: Tensor | None = None,
+                *, pack_text: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (language_output [B,T,H], vision_output [B,N,H], pooled_output [B,H]).
+
+        `pack_text` skips padded text positions inside the encoder (see TextLayout); language_output is then 0 at
+        padded positions, every other value is unchanged.
+        """
         lang = self.embeddings(input_ids, token_type_ids)
+        layout = TextLayout.build(attention_mask, lang.shape[0], lang.shape[1], pack_text)
         lang_mask = _key_padding_mask(attention_mask)
         visn_mask = _key_padding_mask(visual_attention_mask)
-        lang, visn = self.encoder(lang, lang_mask, visual_feats, visual_boxes, visn_mask)
+        lang, visn = self.encoder(lang, lang_mask, visual_feats, visual_boxes, visn_mask, layout)
         return lang, visn, self.pooler(lang)
 
 
@@ -371,6 +424,7 @@ class LxmertForPreTraining(nn.Module):
         *,
         mlm_positions: Tensor | None = None,
         feat_positions: Tensor | None = None,
+        pack_text: bool = False,
     ) -> LxmertOutput:
         """Encode a batch of (sentence, image) pairs and apply every head.
 
@@ -385,11 +439,13 @@ class LxmertForPreTraining(nn.Module):
                 The MLM decoder (30522-way) is the largest matrix product of the step, so a training loss that
                 only needs the ~15 % masked tokens asks for just those; the loss value is unchanged.
             feat_positions: [B, N] bool; if given, the feature regression is computed only there (packed [K, F]).
+            pack_text: skip padded text positions inside the encoder (exact for every real position; the padded
+                positions of language_output and dense mlm_logits are then meaningless). Training uses it.
         """
         if visual_feats is None or visual_boxes is None:
             raise ValueError("LxmertForPreTraining.forward needs visual_feats [B, N, F] and visual_boxes [B, N, 4]")
         lang, visn, pooled = self.lxmert(input_ids, attention_mask, token_type_ids, visual_feats, visual_boxes,
-                                         visual_attention_mask)
+                                         visual_attention_mask, pack_text=pack_text)
         out = LxmertOutput(language_output=lang, vision_output=visn, pooled_output=pooled)
         if self.cls.predictions is not None:
             out.mlm_logits = self.cls.predictions(lang if mlm_positions is None else lang[mlm_positions])
