@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)  # messages name paths; never wrap them mid-path
 
 
 class TargetFormat(str, Enum):
@@ -56,9 +56,168 @@ def convert_checkpoint_cmd(
     try:
         report = convert_checkpoint(src, dst, to.value)
     except CheckpointError as exc:
-        _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(code=1) from None
+        _fail(exc)
     _err.print(f"wrote {to.value} checkpoint to {dst} ({len(report.loaded)} tensors)", highlight=False)
+
+
+convert_app = typer.Typer(help="Import region features from other formats into an lxm feature store.",
+                          no_args_is_help=True)
+export_app = typer.Typer(help="Write an lxm feature store out in other formats.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+app.add_typer(export_app, name="export")
+
+
+class FeatureDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+def _progress(unit: str = "bytes"):
+    """A progress bar on stderr: byte counts and speed for files, item counts otherwise."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    amount = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
+    return Progress(TextColumn("{task.description}"), BarColumn(), *amount, TimeRemainingColumn(), console=_err)
+
+
+def _fail(exc: Exception) -> None:
+    _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+    raise typer.Exit(code=1)
+
+
+@convert_app.command("tsv")
+def convert_tsv_cmd(
+    src: Path = typer.Argument(..., exists=True, dir_okay=False, help="LXMERT feature TSV (e.g. train2014_obj36.tsv)."),
+    dst: Path = typer.Argument(..., help="Feature store directory to create or resume."),
+    dtype: FeatureDtype = typer.Option(FeatureDtype.float16, help="Stored feature precision; float32 keeps the TSV "
+                                       "values exactly (lxm export tsv then reproduces the file byte for byte)."),
+    rows_per_shard: int = typer.Option(1024, min=1, help="Images per Arrow shard."),
+) -> None:
+    """Import an original 10-column base64 TSV into a memory-mapped feature store, streaming (constant memory).
+
+    Re-running the same command after a crash skips the images already stored. Rows keep the TSV's order.
+
+    Example: lxm convert tsv data/mscoco_imgfeat/train2014_obj36.tsv features/train2014
+    """
+    from lxm.extract.records import RecordError
+    from lxm.extract.store import FeatureStoreWriter, StoreError
+    from lxm.extract.tsv import read_tsv
+
+    try:
+        first = next(read_tsv(src, limit=1), None)
+        if first is None:
+            raise RecordError(f"{src}: no rows")
+        meta = {"source": "tsv", "tsv": str(src.resolve()), "engine": "caffe (imported)"}
+        writer = FeatureStoreWriter(dst, num_boxes=first.num_boxes, feature_dim=first.features.shape[1],
+                                    dtype=dtype.value, rows_per_shard=rows_per_shard, metadata=meta)
+        skipped = 0
+        with writer, _progress() as bar:
+            task = bar.add_task(f"convert {src.name}", total=src.stat().st_size)
+            for rec in read_tsv(src, on_bytes=lambda n: bar.update(task, completed=n)):
+                if rec.img_id in writer:
+                    skipped += 1
+                    continue
+                writer.add(rec)
+        manifest = writer.root / "manifest.json"
+    except (RecordError, StoreError, OSError) as exc:
+        _fail(exc)
+    _err.print(f"stored {writer.written} images in {dst} ({skipped} already present); manifest: {manifest}",
+               highlight=False)
+
+
+@export_app.command("tsv")
+def export_tsv_cmd(
+    src: Path = typer.Argument(..., help="Feature store directory."),
+    dst: Path = typer.Argument(..., help="TSV file to write (written to a temporary name, renamed when complete)."),
+    first_ids: Path | None = typer.Option(None, "--first-ids", exists=True, dir_okay=False,
+                                          help="JSON list of img_ids (or LXMERT's mscoco_minival.json records) to "
+                                               "write first, in that order; LXMERT reads minival as the first 5000 "
+                                               "rows of val2014_obj36.tsv."),
+) -> None:
+    """Write a feature store as LXMERT's 10-column base64 TSV (for the original code).
+
+    Example: lxm export tsv features/val2014 val2014_obj36.tsv --first-ids mscoco_minival.json
+    """
+    from lxm.extract.store import FeatureStore, StoreError
+    from lxm.extract.tsv import write_tsv
+
+    try:
+        store = FeatureStore(src)
+        order = store.ids()
+        if first_ids is not None:
+            head = _read_id_list(first_ids)
+            missing = [i for i in head if i not in store]
+            if missing:
+                raise StoreError(f"{first_ids}: {len(missing)} of {len(head)} ids are not in {src} "
+                                 f"(first: {', '.join(missing[:3])})")
+            head_set = set(head)
+            order = head + [i for i in order if i not in head_set]
+        with _progress("images") as bar:
+            task = bar.add_task(f"export {dst.name}", total=len(order))
+
+            def records():
+                for img_id in order:
+                    yield store.get(img_id)
+                    bar.advance(task)
+
+            count = write_tsv(records(), dst)
+    except (StoreError, OSError, ValueError) as exc:
+        _fail(exc)
+    _err.print(f"wrote {count} rows to {dst}", highlight=False)
+
+
+def _read_id_list(path: Path) -> list[str]:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of img_ids or of records with 'img_id'")
+    out = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict) and isinstance(item.get("img_id"), str):
+            out.append(item["img_id"])
+        else:
+            raise ValueError(f"{path}: record {i}: field 'img_id' missing")
+    return list(dict.fromkeys(out))
+
+
+@app.command("inspect")
+def inspect_cmd(src: Path = typer.Argument(..., help="Feature store directory.")) -> None:
+    """Print a feature store's counts, dtype, shards and extractor metadata.
+
+    Example: lxm inspect features/train2014
+    """
+    import json
+
+    from lxm.extract.store import FeatureStore, StoreError
+
+    try:
+        store = FeatureStore(src)
+    except StoreError as exc:
+        _fail(exc)
+    m = store.manifest
+    size = sum((src / s["file"]).stat().st_size for s in m["shards"])
+    typer.echo(f"{src}: {m['num_images']} images x {m['num_boxes']} boxes x {m['feature_dim']} features "
+               f"({m['dtype']}), {len(m['shards'])} shards, {size / 2**20:.1f} MiB")
+    typer.echo(f"lxm version {m['lxm_version']}, updated {m['updated']}")
+    typer.echo("extractor: " + json.dumps(m.get("extractor", {}), sort_keys=True))
+    if len(store):
+        rec = store.at(0)
+        typer.echo(f"first image: {rec.img_id} ({rec.img_w}x{rec.img_h}), objects {rec.objects_id[:5].tolist()}..., "
+                   f"features mean {float(rec.features.astype('float32').mean()):.4f}")
 
 
 def main() -> None:
