@@ -5,22 +5,34 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import click
 import typer
 from typer.testing import CliRunner
 
 from lxm.cli import app
 
 
+def _leaf_commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _leaf_commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,)
+
+
 def test_help_lists_only_working_commands():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    commands = typer.main.get_command(app).commands
+    root = typer.main.get_command(app)
     # Stages land one issue at a time; a command is registered only once it works (no placeholders).
-    assert set(commands) == {"convert-checkpoint"}
-    for name in commands:
+    assert set(root.commands) == {"convert-checkpoint", "convert", "export", "inspect"}
+    leaves = set(_leaf_commands(root))
+    assert leaves == {("convert-checkpoint",), ("convert", "tsv"), ("export", "tsv"), ("inspect",)}
+    for name in root.commands:
         assert name in result.output
-        sub = CliRunner().invoke(app, [name, "--help"])
-        assert sub.exit_code == 0 and "Example" in sub.output
+    for path in leaves:
+        sub = CliRunner().invoke(app, [*path, "--help"])
+        assert sub.exit_code == 0 and "Example" in sub.output, path
 
 
 def test_convert_checkpoint_help_explains_formats():
