@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import click
 import typer
 from typer.testing import CliRunner
 
@@ -14,7 +13,7 @@ from lxm.cli import app
 
 def _leaf_commands(group, prefix=()):
     for name, cmd in group.commands.items():
-        if isinstance(cmd, click.Group):
+        if hasattr(cmd, "commands"):  # a command group (typer has its own group class)
             yield from _leaf_commands(cmd, prefix + (name,))
         else:
             yield prefix + (name,)
