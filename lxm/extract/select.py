@@ -1,0 +1,187 @@
+"""Choosing the fixed number of regions per image from the detector's proposals.
+
+Mode "lxmert" reproduces the Caffe `generate_tsv` / `get_detections_from_im` logic that made LXMERT's released
+`*_obj36.tsv` files (airsplay/lxmert `data/mscoco_imgfeat/extract_coco_image.py`; detector spec §2.1):
+per-class NMS at 0.3 over the UNREGRESSED proposals for each of the 1600 object classes, a proposal's score is its
+best class probability among the classes whose NMS it survives, keep scores >= 0.2, then exactly `num_boxes` by
+score (padding with lower-scored proposals when fewer pass). The 1600 NMS runs are done at once: one IoU matrix,
+then a greedy sweep over score ranks for all classes together (no Python loop over classes).
+
+NMS follows py-faster-rcnn's `cpu_nms`: inclusive-pixel areas (+1), float32 arithmetic, suppress when IoU >= thr.
+Ties in score are broken by lower proposal index (numpy's quicksort order in the original is unspecified for exact
+ties, which only occur for duplicate or zero-probability proposals).
+
+Mode "maxnms" reproduces airsplay/py-bottom-up-attention `demo/detectron2_mscoco_proposal_maxnms.py` (spec §2.2):
+class-agnostic NMS over each proposal's regressed max-class box at 0.3, 0.4, ... 0.9 until enough survive, with
+the stale-variable bug fixed and a guaranteed `num_boxes` rows (filled from the remaining proposals by score).
+
+Probabilities use Caffe's layout: column 0 is background / "no attribute".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+LXMERT_NMS = 0.3  # cfg.TEST.NMS of faster_rcnn_end2end_resnet.yml, not overridden by the extraction script
+LXMERT_CONF = 0.2  # conf_thresh in get_detections_from_im
+LXMERT_BOXES = 36  # MIN_BOXES = MAX_BOXES = 36: the "36-box" features
+MAXNMS_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class Selection:
+    """The chosen regions of one image, in output order. K = number of chosen regions."""
+
+    indices: Tensor  # [K] long: proposal indices (rows of the detector's per-proposal outputs)
+    boxes: Tensor  # [K, 4] float: x1, y1, x2, y2 (proposals for "lxmert", regressed boxes for "maxnms")
+    objects_id: Tensor  # [K] long: argmax over the object classes, background excluded (0-based)
+    objects_conf: Tensor  # [K] float: that class's probability in the softmax incl. background
+    attrs_id: Tensor  # [K] long: argmax over attributes, "no attribute" excluded (0-based)
+    attrs_conf: Tensor  # [K] float
+    score: Tensor  # [K] float: the score the selection ranked by (max_conf for "lxmert")
+
+
+def caffe_iou(boxes: Tensor) -> Tensor:
+    """[R, 4] -> [R, R] IoU with inclusive-pixel areas, in float32 exactly as cpu_nms computes it."""
+    b = boxes.float()
+    x1, y1, x2, y2 = b.unbind(1)
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    w = (torch.minimum(x2[:, None], x2[None, :]) - torch.maximum(x1[:, None], x1[None, :]) + 1).clamp(min=0)
+    h = (torch.minimum(y2[:, None], y2[None, :]) - torch.maximum(y1[:, None], y1[None, :]) + 1).clamp(min=0)
+    inter = w * h
+    return inter / (areas[:, None] + areas[None, :] - inter)
+
+
+def per_class_nms_max_conf(boxes: Tensor, scores: Tensor, thresh: float = LXMERT_NMS) -> Tensor:
+    """For each proposal, its best score among the classes whose greedy NMS keeps it (0 if none).
+
+    Args:
+        boxes: [R, 4] proposals.
+        scores: [R, C] class probabilities (background column already removed).
+    Returns:
+        [R] max_conf.
+    """
+    r, c = scores.shape
+    if r == 0:
+        return scores.new_zeros(0)
+    overlap = caffe_iou(boxes) >= thresh  # [R, R]: i suppresses j
+    overlap.fill_diagonal_(False)
+    ranked = torch.sort(scores.t(), dim=1, descending=True, stable=True)
+    order = ranked.indices  # [C, R]: the proposal at each rank of each class
+    suppressed = torch.zeros(c, r, dtype=torch.bool, device=scores.device)
+    kept = torch.zeros(c, r, dtype=torch.bool, device=scores.device)
+    cls = torch.arange(c, device=scores.device)
+    # Ranks whose score is 0 in every class keep nothing that could raise max_conf, and (sorted last) suppress only
+    # zero-score proposals: stop there.
+    ranks = int((ranked.values > 0).sum(1).max())
+    for k in range(ranks):
+        idx = order[:, k]  # [C] the proposal at rank k in each class
+        alive = ~suppressed[cls, idx]
+        kept[cls, idx] |= alive
+        suppressed |= alive[:, None] & overlap[idx]
+    return (scores.t() * kept).max(dim=0).values
+
+
+def _labels(cls_prob: Tensor, attr_prob: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    obj_conf, obj_id = cls_prob[keep, 1:].max(dim=1)
+    attr_conf, attr_id = attr_prob[keep, 1:].max(dim=1)
+    return obj_id, obj_conf, attr_id, attr_conf
+
+
+def _top_by_score(score: Tensor, k: int) -> Tensor:
+    return torch.sort(score, descending=True, stable=True).indices[:k]
+
+
+def select_lxmert(boxes: Tensor, cls_prob: Tensor, attr_prob: Tensor, *, num_boxes: int = LXMERT_BOXES,
+                  nms_thresh: float = LXMERT_NMS, conf_thresh: float = LXMERT_CONF) -> Selection:
+    """LXMERT's 36-box selection (spec §2.1), vectorised over classes.
+
+    Args:
+        boxes: [R, 4] unregressed proposals in original-image pixels.
+        cls_prob: [R, 1 + num_classes] softmax, background in column 0.
+        attr_prob: [R, 1 + num_attrs] softmax, "no attribute" in column 0.
+    """
+    max_conf = per_class_nms_max_conf(boxes, cls_prob[:, 1:], nms_thresh)
+    keep = torch.nonzero(max_conf >= conf_thresh).squeeze(1)
+    if keep.numel() != num_boxes:  # too few or too many: the top num_boxes by max_conf, in score order
+        keep = _top_by_score(max_conf, num_boxes)
+    obj_id, obj_conf, attr_id, attr_conf = _labels(cls_prob, attr_prob, keep)
+    return Selection(keep, boxes[keep], obj_id, obj_conf, attr_id, attr_conf, max_conf[keep])
+
+
+def select_maxnms(boxes: Tensor, pred_boxes: Tensor, cls_prob: Tensor, attr_prob: Tensor, *,
+                  num_boxes: int = LXMERT_BOXES, thresholds=MAXNMS_THRESHOLDS) -> Selection:
+    """airsplay's "maxnms" selection (spec §2.2), always `num_boxes` rows when there are that many proposals.
+
+    Args:
+        boxes: [R, 4] proposals (unused for ranking; kept for symmetry and the fill order).
+        pred_boxes: [R, num_classes, 4] class-specific regressed boxes, clipped to the image.
+        cls_prob / attr_prob: as in `select_lxmert`.
+    """
+    from torchvision.ops import nms
+
+    probs = cls_prob[:, 1:]
+    max_scores, max_classes = probs.max(dim=1)
+    max_boxes = pred_boxes[torch.arange(pred_boxes.shape[0], device=pred_boxes.device), max_classes]
+    keep = torch.zeros(0, dtype=torch.long, device=boxes.device)
+    for t in thresholds:
+        keep = nms(max_boxes.float(), max_scores.float(), t)  # score-descending
+        if keep.numel() >= num_boxes:
+            break
+    keep = keep[:num_boxes]
+    if keep.numel() < num_boxes:  # fill from the remaining proposals by score instead of returning fewer rows
+        taken = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+        taken[keep] = True
+        rest = _top_by_score(max_scores.masked_fill(taken, -1.0), num_boxes - keep.numel())
+        keep = torch.cat([keep, rest[~taken[rest]]])
+    obj_id, obj_conf, attr_id, attr_conf = _labels(cls_prob, attr_prob, keep)
+    return Selection(keep, max_boxes[keep], obj_id, obj_conf, attr_id, attr_conf, max_scores[keep])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference: the original per-class loop, written out plainly (used by tests and the benchmark).
+
+
+def caffe_nms_reference(boxes: np.ndarray, scores: np.ndarray, thresh: float) -> list[int]:
+    """py-faster-rcnn `py_cpu_nms` semantics (+1 areas, suppress IoU >= thresh), stable order for ties."""
+    boxes = boxes.astype(np.float32)
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x2 - x1 + np.float32(1)) * (y2 - y1 + np.float32(1))
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size > 0:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + np.float32(1))
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + np.float32(1))
+        inter = w * h
+        ovr = inter / (areas[i] + areas[rest] - inter)
+        order = rest[ovr < thresh]
+    return keep
+
+
+def select_lxmert_reference(boxes: np.ndarray, cls_prob: np.ndarray, attr_prob: np.ndarray, *,
+                            num_boxes: int = LXMERT_BOXES, nms_thresh: float = LXMERT_NMS,
+                            conf_thresh: float = LXMERT_CONF) -> dict[str, np.ndarray]:
+    """`get_detections_from_im` as written in the extraction script: one NMS call per class."""
+    max_conf = np.zeros(boxes.shape[0], dtype=np.float32)
+    for c in range(1, cls_prob.shape[1]):
+        scores = cls_prob[:, c]
+        keep = np.array(caffe_nms_reference(boxes, scores, nms_thresh), dtype=np.int64)
+        max_conf[keep] = np.where(scores[keep] > max_conf[keep], scores[keep], max_conf[keep])
+    keep_boxes = np.where(max_conf >= conf_thresh)[0]
+    if len(keep_boxes) != num_boxes:
+        keep_boxes = np.argsort(-max_conf, kind="stable")[:num_boxes]
+    return {
+        "indices": keep_boxes,
+        "objects_id": np.argmax(cls_prob[keep_boxes][:, 1:], axis=1),
+        "objects_conf": np.max(cls_prob[keep_boxes][:, 1:], axis=1),
+        "attrs_id": np.argmax(attr_prob[keep_boxes][:, 1:], axis=1),
+        "attrs_conf": np.max(attr_prob[keep_boxes][:, 1:], axis=1),
+        "max_conf": max_conf,
+    }
