@@ -194,6 +194,75 @@ def _read_id_list(path: Path) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+class DetectorPreset(str, Enum):
+    vg_r101 = "vg-r101"
+    tiny = "tiny"
+
+
+class SelectMode(str, Enum):
+    lxmert = "lxmert"
+    maxnms = "maxnms"
+
+
+@app.command("extract")
+def extract_cmd(
+    images: Path = typer.Option(..., "--images", exists=True, file_okay=False,
+                                help="Folder of images (jpg/png/...); img_id = file name without suffix."),
+    out: Path = typer.Option(..., "--out", help="Feature store directory (created, or resumed if it exists)."),
+    weights: str = typer.Option(..., "--weights", help="faster_rcnn_from_caffe_attr.pkl or pytorch_model.bin path, "
+                                                       "an http(s) URL, a Hub id (unc-nlp/frcnn-vg-finetuned), or "
+                                                       "'random' (seeded random weights: meaningless features)."),
+    mode: SelectMode = typer.Option(SelectMode.lxmert, help="lxmert: the released TSVs' rule (per-class NMS 0.3 on "
+                                                            "proposals, score >= 0.2, exactly N); maxnms: airsplay's "
+                                                            "detectron2 demo rule."),
+    boxes: int = typer.Option(36, "--boxes", min=1, help="Boxes per image."),
+    device: str = typer.Option("cpu", help="cpu or cuda (fails if CUDA is absent)."),
+    dtype: FeatureDtype = typer.Option(FeatureDtype.float16, help="Stored feature precision."),
+    batch_size: int = typer.Option(4, min=1, help="Images per step; equal-size images share a backbone pass."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (faster on GPUs; features drift slightly)."),
+    detector: DetectorPreset = typer.Option(DetectorPreset.vg_r101, help="Network: the BUTD ResNet-101 detector, or "
+                                                                         "'tiny' for smoke tests."),
+    shard: str = typer.Option(None, "--shard", help="i/n: process the i-th of n disjoint parts of the sorted image "
+                                                    "list (default: torchrun's RANK/WORLD_SIZE, else 0/1)."),
+    seed: int = typer.Option(0, help="Seed for --weights random."),
+    rows_per_shard: int = typer.Option(1024, min=1, help="Images per Arrow shard (a crash loses at most one shard)."),
+) -> None:
+    """Extract 36-box Visual Genome Faster R-CNN region features from a folder of images into a feature store.
+
+    Re-running the same command skips images already stored; images that cannot be used are listed in
+    failures.jsonl with the reason. The exit code is non-zero only if nothing could be extracted.
+
+    Example: lxm extract --images coco/train2014 --out features/train2014 --weights faster_rcnn_from_caffe_attr.pkl
+    """
+    from lxm.extract.pipeline import ExtractConfig, extract, shard_from_env
+    from lxm.extract.weights import WeightsError
+
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            _fail(ValueError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}"))
+    else:
+        i, n = shard_from_env()
+    if weights == "random":
+        _err.print("[yellow]warning:[/yellow] --weights random: the detector is randomly initialised; the features, "
+                   "boxes and labels are meaningless (recorded in the store's manifest)", highlight=False)
+    cfg = ExtractConfig(images=str(images), out=str(out), weights=weights, detector=detector.value, mode=mode.value,
+                        num_boxes=boxes, device=device, dtype=dtype.value, batch_size=batch_size, bf16=bf16,
+                        seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard)
+    try:
+        with _progress("images") as bar:
+            task = bar.add_task(f"extract {images.name}", total=None)
+            summary = extract(cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (WeightsError, ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    _err.print(f"extracted {summary['extracted']} images, {summary['already_done']} already done, "
+               f"{summary['failed']} failed (see {summary['failures_file']}); store holds {summary['store_images']} "
+               f"images; {summary['seconds']} s", highlight=False)
+    if summary["extracted"] + summary["already_done"] == 0 and summary["images"] > 0:
+        raise typer.Exit(code=1)
+
+
 @app.command("inspect")
 def inspect_cmd(src: Path = typer.Argument(..., help="Feature store directory.")) -> None:
     """Print a feature store's counts, dtype, shards and extractor metadata.

@@ -1,0 +1,331 @@
+"""The Visual Genome Faster R-CNN (bottom-up attention) in plain torch + torchvision.ops: the "torch" engine.
+
+Reproduces the network of peteanderson80/bottom-up-attention `models/vg/ResNet-101/faster_rcnn_end2end_final/
+test.prototxt` as converted to detectron2 names by airsplay/py-bottom-up-attention (`faster_rcnn_from_caffe_attr.pkl`);
+detector spec §1: Caffe-style ResNet-101 C4 (stride in the 1x1 conv, frozen BN, 3x3/2 max-pool with pad 0 and ceil
+mode), RPN with a 512-wide head and 12 anchors (6000 -> NMS 0.7 -> 300 proposals at test), ROIPool 14x14 on res4,
+res5 with stride 1 / dilation 2, mean-pooled 2048-d features, 1601-way classifier and the attribute head
+(class embedding 256 + feature -> 512 -> 401). Module names equal the detectron2 parameter names, so the converted
+weights load with the identity map (`lxm.extract.weights`).
+
+Class and attribute outputs follow detectron2's layout (background / "no attribute" LAST); `DetectorOutput`
+converts them to Caffe's layout (first), which `lxm.extract.select` uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import RoIPool, batched_nms
+
+
+@dataclass
+class DetectorConfig:
+    """Sizes and test-time settings of the detector."""
+
+    blocks: tuple[int, int, int, int] = (3, 4, 23, 3)  # bottleneck blocks in res2..res5 (ResNet-101)
+    stem_channels: int = 64  # conv1 width
+    res2_channels: int = 256  # res2 output; doubles per stage (res4 = 1024 feeds RPN and ROI pooling, res5 = 2048)
+    bottleneck_channels: int = 64  # res2 bottleneck width; doubles per stage
+    rpn_hidden: int = 512  # RPN 3x3 conv width (Caffe rpn_conv/3x3)
+    anchor_sizes: tuple[int, ...] = (64, 128, 256, 512)  # = Caffe scales (4, 8, 16, 32) x base 16
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    stride: int = 16  # res4 stride
+    num_classes: int = 1600  # object classes (+1 background)
+    num_attrs: int = 400  # attributes (+1 "no attribute")
+    attr_embed: int = 256  # class-embedding width of the attribute head
+    attr_hidden: int = 512  # fc_attr width
+    pooler_resolution: int = 14  # ROIPool output (res5 keeps it at 14x14: stride 1, dilation 2)
+    pixel_mean_bgr: tuple[float, float, float] = (102.9801, 115.9465, 122.7717)  # Caffe's, subtracted before resize
+    min_size: int = 600  # shorter side after resizing (one scale, no test-time augmentation)
+    max_size: int = 1000  # cap on the longer side
+    pre_nms_topk: int = 6000  # RPN proposals kept before NMS
+    rpn_nms: float = 0.7
+    post_nms_topk: int = 300  # proposals per image after RPN NMS
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)  # detectron2 default (ROI head)
+    roi_chunk: int = 256  # ROIs per res5 pass: bounds memory (300 ROIs x 14 x 14 x 2048 fp32 = 0.5 GB)
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.anchor_sizes) * len(self.anchor_ratios)
+
+
+def vg_r101(**overrides) -> DetectorConfig:
+    """The BUTD 36-box detector as LXMERT ran it."""
+    return DetectorConfig(**overrides)
+
+
+def detector_tiny(**overrides) -> DetectorConfig:
+    """Every module of the real detector at toy widths (tests, smoke runs): one block per stage, 1/16 widths."""
+    values = dict(blocks=(1, 1, 1, 1), stem_channels=8, res2_channels=16, bottleneck_channels=4, rpn_hidden=16,
+                  num_classes=20, num_attrs=8, attr_embed=8, attr_hidden=16, min_size=96, max_size=160,
+                  pre_nms_topk=300, post_nms_topk=40)
+    values.update(overrides)
+    return DetectorConfig(**values)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Caffe BatchNorm(use_global_stats) + Scale folded into a fixed affine (detectron2's FrozenBatchNorm2d)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels) - eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None].to(x.dtype) + shift[None, :, None, None].to(x.dtype)
+
+
+class Conv2d(nn.Conv2d):
+    """Bias-free conv followed by its frozen BN, named `<conv>.weight` / `<conv>.norm.*` as in detectron2."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1):
+        super().__init__(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=False)
+        self.norm = FrozenBatchNorm2d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(super().forward(x))
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 (carries the stride: Caffe/MSRA style) -> 3x3 (dilation) -> 1x1, identity or projection shortcut."""
+
+    def __init__(self, cin: int, cout: int, bottleneck: int, stride: int, dilation: int = 1):
+        super().__init__()
+        self.shortcut = Conv2d(cin, cout, 1, stride=stride) if cin != cout or stride != 1 else None
+        self.conv1 = Conv2d(cin, bottleneck, 1, stride=stride)
+        self.conv2 = Conv2d(bottleneck, bottleneck, 3, padding=dilation, dilation=dilation)
+        self.conv3 = Conv2d(bottleneck, cout, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
+        out = self.conv3(out)
+        return F.relu_(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+def _stage(n: int, cin: int, cout: int, bottleneck: int, stride: int, dilation: int = 1) -> nn.Sequential:
+    blocks = [BottleneckBlock(cin if i == 0 else cout, cout, bottleneck, stride if i == 0 else 1, dilation)
+              for i in range(n)]
+    return nn.Sequential(*blocks)
+
+
+class BasicStem(nn.Module):
+    """conv1 7x7/2 + BN + ReLU, then Caffe's max-pool: 3x3/2, no padding, output size rounded UP (ceil_mode)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = Conv2d(3, channels, 7, stride=2, padding=3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(F.relu_(self.conv1(x)), kernel_size=3, stride=2, padding=0, ceil_mode=True)
+
+
+class Backbone(nn.Module):
+    """stem + res2..res4 (C4): returns the stride-16 res4 map."""
+
+    def __init__(self, cfg: DetectorConfig):
+        super().__init__()
+        c, b = cfg.res2_channels, cfg.bottleneck_channels
+        self.stem = BasicStem(cfg.stem_channels)
+        self.res2 = _stage(cfg.blocks[0], cfg.stem_channels, c, b, stride=1)
+        self.res3 = _stage(cfg.blocks[1], c, c * 2, b * 2, stride=2)
+        self.res4 = _stage(cfg.blocks[2], c * 2, c * 4, b * 4, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.res4(self.res3(self.res2(self.stem(x))))
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU, then per-anchor objectness logit and box deltas (detectron2 StandardRPNHead names)."""
+
+    def __init__(self, cin: int, hidden: int, anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, hidden, 3, padding=1)
+        self.objectness_logits = nn.Conv2d(hidden, anchors, 1)
+        self.anchor_deltas = nn.Conv2d(hidden, anchors * 4, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = F.relu(self.conv(x))
+        return self.objectness_logits(h), self.anchor_deltas(h)
+
+
+class ProposalGenerator(nn.Module):
+    def __init__(self, cfg: DetectorConfig, cin: int):
+        super().__init__()
+        self.rpn_head = RPNHead(cin, cfg.rpn_hidden, cfg.num_anchors)
+        cell = []
+        for size in cfg.anchor_sizes:  # size-major, as detectron2's DefaultAnchorGenerator
+            for ratio in cfg.anchor_ratios:
+                w = math.sqrt(size * size / ratio)
+                h = ratio * w
+                cell.append([-w / 2, -h / 2, w / 2, h / 2])
+        self.register_buffer("cell_anchors", torch.tensor(cell), persistent=False)
+
+
+def decode_boxes(deltas: Tensor, boxes: Tensor, weights: tuple[float, float, float, float]) -> Tensor:
+    """detectron2 Box2BoxTransform.apply_deltas (continuous coordinates, dw/dh clamped at log(1000/16))."""
+    boxes = boxes.to(deltas.dtype)
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    ctr_x, ctr_y = boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = weights
+    dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
+    clamp = math.log(1000.0 / 16)
+    dw, dh = (deltas[:, 2::4] / ww).clamp(max=clamp), (deltas[:, 3::4] / wh).clamp(max=clamp)
+    px, py = dx * widths[:, None] + ctr_x[:, None], dy * heights[:, None] + ctr_y[:, None]
+    pw, ph = torch.exp(dw) * widths[:, None], torch.exp(dh) * heights[:, None]
+    out = torch.stack([px - 0.5 * pw, py - 0.5 * ph, px + 0.5 * pw, py + 0.5 * ph], dim=2)
+    return out.reshape(deltas.shape)
+
+
+def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
+    x = boxes[..., 0::2].clamp(0, width)
+    y = boxes[..., 1::2].clamp(0, height)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+class BoxPredictor(nn.Module):
+    """Classifier, class-specific box regression and the attribute head (detectron2 fork names)."""
+
+    def __init__(self, cfg: DetectorConfig, cin: int):
+        super().__init__()
+        k = cfg.num_classes
+        self.cls_score = nn.Linear(cin, k + 1)
+        self.bbox_pred = nn.Linear(cin, k * 4)
+        self.cls_embedding = nn.Embedding(k + 1, cfg.attr_embed)
+        self.fc_attr = nn.Linear(cin + cfg.attr_embed, cfg.attr_hidden)
+        self.attr_score = nn.Linear(cfg.attr_hidden, cfg.num_attrs + 1)
+
+    def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cls_logits = self.cls_score(pooled)
+        # The attribute head conditions on the predicted class, background included (Caffe: ArgMax over 1601).
+        emb = self.cls_embedding(cls_logits.argmax(dim=1))
+        attr_logits = self.attr_score(F.relu(self.fc_attr(torch.cat([pooled, emb], dim=1))))
+        return cls_logits, self.bbox_pred(pooled), attr_logits
+
+
+class ROIHeads(nn.Module):
+    def __init__(self, cfg: DetectorConfig):
+        super().__init__()
+        c4, c5 = cfg.res2_channels * 4, cfg.res2_channels * 8
+        self.pooler = RoIPool(cfg.pooler_resolution, spatial_scale=1.0 / cfg.stride)
+        # stride 1 and dilation 2 everywhere: the 14x14 pooled grid stays 14x14 (Caffe res5a: dilation 2, pad 2)
+        self.res5 = _stage(cfg.blocks[3], c4, c5, cfg.bottleneck_channels * 8, stride=1, dilation=2)
+        self.box_predictor = BoxPredictor(cfg, c5)
+
+
+@dataclass
+class DetectorOutput:
+    """Per-image detector outputs at the proposals. R proposals (<= post_nms_topk). Caffe layouts."""
+
+    proposals: Tensor  # [R, 4] unregressed RPN boxes in ORIGINAL-image pixels
+    features: Tensor  # [R, 2048] mean-pooled res5 features
+    cls_prob: Tensor  # [R, 1 + num_classes] softmax, background FIRST
+    attr_prob: Tensor  # [R, 1 + num_attrs] softmax, "no attribute" FIRST
+    pred_boxes: Tensor  # [R, num_classes, 4] class-specific regressed boxes, original pixels, clipped
+    scale: float  # resize factor applied to the image
+    image_size: tuple[int, int] = field(default=(0, 0))  # (height, width) of the original image
+
+
+class GeneralizedRCNN(nn.Module):
+    """backbone -> proposal_generator -> roi_heads, with detectron2's top-level names."""
+
+    def __init__(self, cfg: DetectorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.proposal_generator = ProposalGenerator(cfg, cfg.res2_channels * 4)
+        self.roi_heads = ROIHeads(cfg)
+
+    def init_random(self, seed: int = 0) -> None:
+        """Seeded random weights (tests and demos): N(0, 0.01) convs/linears, mild random frozen-BN statistics."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, t in self.state_dict().items():
+                if name.endswith("norm.weight"):
+                    t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=g))
+                elif name.endswith("norm.running_var"):
+                    t.copy_(1.0 + 0.1 * torch.rand(t.shape, generator=g))
+                elif name.endswith(("norm.bias", "norm.running_mean")):
+                    t.copy_(0.1 * torch.randn(t.shape, generator=g))
+                elif name.endswith("bias"):
+                    t.zero_()
+                elif name.startswith(("proposal_generator.rpn_head.anchor_deltas", "roi_heads.box_predictor.bbox_pred")):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.001)  # near-identity boxes, as detectron2's init
+                elif name.startswith(("proposal_generator.rpn_head.objectness", "roi_heads.box_predictor.cls_score")):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.01)
+                else:
+                    fan_in = max(t[0].numel(), 1)
+                    t.copy_(torch.randn(t.shape, generator=g) * math.sqrt(2.0 / fan_in))
+
+    def proposals(self, feat: Tensor, image_sizes: list[tuple[int, int]]) -> list[Tensor]:
+        """RPN for a batch of res4 maps [B, C, h, w] of images with the given (resized) sizes -> boxes per image."""
+        cfg = self.cfg
+        logits, deltas = self.proposal_generator.rpn_head(feat)
+        b, a, h, w = logits.shape
+        ys = torch.arange(h, device=feat.device, dtype=torch.float32) * cfg.stride
+        xs = torch.arange(w, device=feat.device, dtype=torch.float32) * cfg.stride
+        sy, sx = torch.meshgrid(ys, xs, indexing="ij")
+        shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4)
+        anchors = (shifts + self.proposal_generator.cell_anchors.to(feat.device)[None]).reshape(-1, 4)
+        logits = logits.permute(0, 2, 3, 1).reshape(b, -1)  # location-major, anchor-minor, as the anchors
+        deltas = deltas.reshape(b, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)
+        out = []
+        for i, (ih, iw) in enumerate(image_sizes):
+            k = min(cfg.pre_nms_topk, logits.shape[1])
+            scores, idx = logits[i].float().topk(k)
+            boxes = decode_boxes(deltas[i, idx].float(), anchors[idx], (1.0, 1.0, 1.0, 1.0))
+            boxes = clip_boxes(boxes, ih, iw)
+            ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, scores = boxes[ok], scores[ok]
+            keep = batched_nms(boxes, scores, torch.zeros_like(scores, dtype=torch.long), cfg.rpn_nms)
+            out.append(boxes[keep[: cfg.post_nms_topk]])
+        return out
+
+    def box_head(self, feat: Tensor, boxes: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ROIPool + res5 + predictors for all images' proposals at once, in chunks of `roi_chunk` ROIs."""
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        pooled, cls, deltas, attrs = [], [], [], []
+        for start in range(0, rois.shape[0], self.cfg.roi_chunk):
+            x = self.roi_heads.pooler(feat, rois[start:start + self.cfg.roi_chunk].to(feat.dtype))
+            p = self.roi_heads.res5(x).mean(dim=(2, 3))
+            c, d, a = self.roi_heads.box_predictor(p)
+            pooled.append(p), cls.append(c), deltas.append(d), attrs.append(a)
+        return torch.cat(pooled), torch.cat(cls), torch.cat(deltas), torch.cat(attrs)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]], scales: list[float],
+                original_sizes: list[tuple[int, int]]) -> list[DetectorOutput]:
+        """images [B, 3, H, W] (mean-subtracted BGR, same padded size) -> one DetectorOutput per image."""
+        feat = self.backbone(images)
+        props = self.proposals(feat, image_sizes)
+        pooled, cls_logits, deltas, attr_logits = self.box_head(feat, props)
+        outs, start = [], 0
+        for i, p in enumerate(props):
+            n = p.shape[0]
+            sl = slice(start, start + n)
+            start += n
+            cls_prob = F.softmax(cls_logits[sl].float(), dim=1)
+            attr_prob = F.softmax(attr_logits[sl].float(), dim=1)
+            pred = decode_boxes(deltas[sl].float(), p, self.cfg.bbox_reg_weights).reshape(n, -1, 4)
+            s = scales[i]
+            oh, ow = original_sizes[i]
+            outs.append(DetectorOutput(
+                # resized size is round(size * s), so p / s can pass the original border by a rounding hair
+                proposals=clip_boxes(p / s, oh, ow),
+                features=pooled[sl].float(),
+                cls_prob=torch.cat([cls_prob[:, -1:], cls_prob[:, :-1]], dim=1),  # background last -> first
+                attr_prob=torch.cat([attr_prob[:, -1:], attr_prob[:, :-1]], dim=1),
+                pred_boxes=clip_boxes(pred / s, oh, ow),
+                scale=s, image_size=(oh, ow),
+            ))
+        return outs

@@ -1,0 +1,191 @@
+"""`lxm extract`: a folder of images -> a feature store, crash-safe, resumable, shardable.
+
+Per image: decode and preprocess as Caffe did (`lxm.extract.images`), run the detector (`lxm.extract.detector`,
+the "torch" engine), choose the boxes (`lxm.extract.select`, mode "lxmert" by default), and append an
+`ImageFeatures` record to the store (`lxm.extract.store`). Images with the same preprocessed size share one backbone
+pass (no padding, so batched results equal single-image results); the ROI head runs over all their proposals at once
+in chunks. A bad image never stops the run: it is written to failures.jsonl with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lxm.extract.detector import DetectorConfig, GeneralizedRCNN, detector_tiny, vg_r101
+from lxm.extract.images import ImageError, caffe_blob, list_images, load_bgr
+from lxm.extract.records import ImageFeatures
+from lxm.extract.select import select_lxmert, select_maxnms
+from lxm.extract.store import FeatureStoreWriter
+from lxm.extract.weights import RANDOM, load_detector_weights
+
+_logger = logging.getLogger(__name__)
+
+DETECTORS = {"vg-r101": vg_r101, "tiny": detector_tiny}
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `lxm extract` needs; written to the store's manifest."""
+
+    images: str  # folder of images; img_id = file name without suffix
+    out: str  # feature store directory
+    weights: str  # .pkl / .pth / .bin path, URL, Hub id, or "random"
+    detector: str = "vg-r101"  # network preset: "vg-r101" (BUTD) or "tiny" (tests)
+    mode: str = "lxmert"  # box selection: "lxmert" (released TSVs) or "maxnms" (airsplay detectron2 demo)
+    num_boxes: int = 36  # boxes per image
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "float16"  # stored feature precision
+    batch_size: int = 4  # images decoded and run together
+    bf16: bool = False  # bfloat16 autocast for the network (changes features slightly; off by default)
+    seed: int = 0  # random-weights seed
+    shard: int = 0  # this worker's index ...
+    num_shards: int = 1  # ... of this many (images split disjointly: sorted list [shard::num_shards])
+    rows_per_shard: int = 1024  # images per Arrow shard file
+    min_size: int | None = None  # override the detector preset's scale rule (short side) ...
+    max_size: int | None = None  # ... and long-side cap
+
+    def detector_config(self) -> DetectorConfig:
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}; one of {', '.join(DETECTORS)}")
+        cfg = DETECTORS[self.detector]()
+        if self.min_size is not None:
+            cfg.min_size = self.min_size
+        if self.max_size is not None:
+            cfg.max_size = self.max_size
+        return cfg
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeatures:
+    return ImageFeatures(
+        img_id=img_id, img_h=size[0], img_w=size[1],
+        objects_id=sel.objects_id.cpu().numpy().astype(np.int64),
+        objects_conf=sel.objects_conf.cpu().numpy().astype(np.float32),
+        attrs_id=sel.attrs_id.cpu().numpy().astype(np.int64),
+        attrs_conf=sel.attrs_conf.cpu().numpy().astype(np.float32),
+        boxes=sel.boxes.cpu().numpy().astype(np.float32),
+        features=out.features[sel.indices].cpu().numpy().astype(dtype),
+    )
+
+
+def build_detector(cfg: ExtractConfig) -> tuple[GeneralizedRCNN, dict]:
+    det_cfg = cfg.detector_config()
+    model = GeneralizedRCNN(det_cfg).eval()
+    report = load_detector_weights(model, cfg.weights, seed=cfg.seed)
+    return model.to(_device(cfg.device)), {"weights": report.source, "weights_sha256": report.sha256,
+                                           "random_weights": cfg.weights == RANDOM, "detector": asdict(det_cfg)}
+
+
+def detect(model: GeneralizedRCNN, blobs: list[tuple[np.ndarray, float, tuple[int, int]]], device: torch.device,
+           bf16: bool = False):
+    """Run the detector on preprocessed images; equal-size images share a backbone pass. Returns outputs in order."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (blob, _, _) in enumerate(blobs):
+        groups[blob.shape[1:]].append(i)
+    outs: list = [None] * len(blobs)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for (h, w), members in groups.items():
+        images = torch.from_numpy(np.stack([blobs[i][0] for i in members])).to(device)
+        with ctx:
+            res = model(images, [(h, w)] * len(members), [blobs[i][1] for i in members],
+                        [blobs[i][2] for i in members])
+        for i, r in zip(members, res):
+            outs[i] = r
+    return outs
+
+
+def extract(cfg: ExtractConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Extract features for this worker's share of `cfg.images` into `cfg.out`; returns a summary."""
+    if not (0 <= cfg.shard < cfg.num_shards):
+        raise ValueError(f"shard {cfg.shard} is outside 0..{cfg.num_shards - 1}")
+    if cfg.mode not in ("lxmert", "maxnms"):
+        raise ValueError(f"unknown selection mode {cfg.mode!r}; 'lxmert' or 'maxnms'")
+    paths = list_images(cfg.images)[cfg.shard::cfg.num_shards]
+    device = _device(cfg.device)
+    model, meta = build_detector(cfg)
+    det = model.cfg
+    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    metadata = {
+        "engine": "torch", "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": cfg.device, "bf16": cfg.bf16,
+        "scale_rule": f"short side {det.min_size}, long side <= {det.max_size} (Caffe, cv2 float resize)",
+        "nms": "per-class 0.3, Caffe cpu_nms (+1, >=)" if cfg.mode == "lxmert" else "class-agnostic maxnms",
+        "images": str(Path(cfg.images).resolve()), **meta,
+    }
+    single = cfg.num_shards == 1
+    prefix = "part" if single else f"part-r{cfg.shard:03d}of{cfg.num_shards:03d}"
+    feat_dim = det.res2_channels * 8
+    writer = FeatureStoreWriter(cfg.out, num_boxes=cfg.num_boxes, feature_dim=feat_dim, dtype=cfg.dtype,
+                                prefix=prefix, rows_per_shard=cfg.rows_per_shard, metadata=metadata)
+    failures_path = Path(cfg.out) / ("failures.jsonl" if single else f"failures-r{cfg.shard:03d}.jsonl")
+    todo = [p for p in paths if p.stem not in writer]
+    seen_ids: dict[str, Path] = {}
+    summary = {"images": len(paths), "already_done": len(paths) - len(todo), "extracted": 0, "failed": 0}
+    t0 = time.perf_counter()
+    with failures_path.open("a") as failures:
+        def fail(path: Path, reason: str) -> None:
+            failures.write(json.dumps({"image": str(path), "img_id": path.stem, "reason": reason}) + "\n")
+            failures.flush()
+            summary["failed"] += 1
+
+        for start in range(0, len(todo), cfg.batch_size):
+            batch, blobs = [], []
+            for path in todo[start:start + cfg.batch_size]:
+                if path.stem in seen_ids:
+                    fail(path, f"duplicate img_id {path.stem!r} (also {seen_ids[path.stem].name})")
+                    continue
+                seen_ids[path.stem] = path
+                try:
+                    img = load_bgr(path)
+                    blob, scale = caffe_blob(img, det.pixel_mean_bgr, det.min_size, det.max_size)
+                except (ImageError, cv2_error()) as exc:
+                    fail(path, str(exc))
+                    continue
+                batch.append(path)
+                blobs.append((blob, scale, img.shape[:2]))
+            if blobs:
+                outs = detect(model, blobs, device, cfg.bf16)
+                for path, out in zip(batch, outs):
+                    if out.proposals.shape[0] < cfg.num_boxes:
+                        fail(path, f"only {out.proposals.shape[0]} proposals, fewer than {cfg.num_boxes} boxes")
+                        continue
+                    if cfg.mode == "lxmert":
+                        sel = select_lxmert(out.proposals, out.cls_prob, out.attr_prob, num_boxes=cfg.num_boxes)
+                    else:
+                        sel = select_maxnms(out.proposals, out.pred_boxes, out.cls_prob, out.attr_prob,
+                                            num_boxes=cfg.num_boxes)
+                    writer.add(_record(path.stem, out, sel, out.image_size, np_dtype))
+                    summary["extracted"] += 1
+            if on_progress is not None:
+                on_progress(min(start + cfg.batch_size, len(todo)), len(todo))
+    manifest = writer.close(finalize=summary["extracted"] + summary["already_done"] > 0)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["store_images"] = manifest["num_images"] if manifest else 0
+    summary["failures_file"] = str(failures_path)
+    return summary
+
+
+def cv2_error():
+    import cv2
+
+    return cv2.error
+
+
+def shard_from_env() -> tuple[int, int]:
+    """torchrun's RANK / WORLD_SIZE as (shard, num_shards); (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

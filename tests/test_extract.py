@@ -1,0 +1,233 @@
+"""`lxm extract` with the torch engine on a tiny random-weight detector: store contents, batching, bad images,
+crash safety, sharding, weight loading and the Caffe preprocessing conventions."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import SHARED
+from lxm.cli import app
+from lxm.extract.detector import GeneralizedRCNN, detector_tiny
+from lxm.extract.images import caffe_blob, caffe_scale
+from lxm.extract.store import FeatureStore
+from lxm.extract.weights import WeightsError, download, load_detector_weights, save_pickle_weights, sha256_file
+
+IMAGES = SHARED / "fixtures" / "butd-coco-sample" / "images"
+TINY = ["--weights", "random", "--detector", "tiny", "--boxes", "10"]
+
+
+def _extract(*args):
+    return CliRunner().invoke(app, ["extract", *[str(a) for a in args]])
+
+
+def test_extracts_every_fixture_image_into_a_valid_store(tmp_path):
+    result = _extract("--images", IMAGES, "--out", tmp_path / "s", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "randomly initialised" in result.output
+    store = FeatureStore(tmp_path / "s")
+    assert sorted(store.ids()) == sorted(p.stem for p in IMAGES.glob("*.jpg"))
+    assert store.manifest["extractor"]["random_weights"] is True
+    assert store.manifest["extractor"]["mode"] == "lxmert" and store.num_boxes == 10
+    for img_id in store.ids():
+        rec = store.get(img_id)
+        h, w = cv2.imread(str(IMAGES / f"{img_id}.jpg")).shape[:2]
+        assert (rec.img_h, rec.img_w) == (h, w)
+        assert rec.normalized_boxes().max() <= 1.0 and np.isfinite(rec.features.astype(np.float32)).all()
+        assert len({tuple(b) for b in rec.boxes.tolist()}) == 10  # distinct proposals
+
+
+def test_batched_equals_single_image_results(tmp_path):
+    for bs in (1, 4):
+        assert _extract("--images", IMAGES, "--out", tmp_path / f"b{bs}", "--batch-size", bs, "--dtype", "float32",
+                        *TINY).exit_code == 0
+    one, four = FeatureStore(tmp_path / "b1"), FeatureStore(tmp_path / "b4")
+    for img_id in one.ids():
+        a, b = one.get(img_id), four.get(img_id)
+        np.testing.assert_array_equal(a.objects_id, b.objects_id)
+        np.testing.assert_allclose(a.boxes, b.boxes, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-4)
+
+
+def _bad_images(folder):
+    folder.mkdir()
+    src = cv2.imread(str(next(IMAGES.glob("*.jpg"))))
+    (folder / "zero.jpg").write_bytes(b"")
+    data = (IMAGES / next(IMAGES.glob("*.jpg")).name).read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "text.png").write_text("not an image")
+    cv2.imwrite(str(folder / "gray.png"), cv2.cvtColor(src, cv2.COLOR_BGR2GRAY))
+    Image.fromarray(src[:, :, ::-1]).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(src[:, :, ::-1]).convert("RGBA").save(folder / "rgba.png")
+    cv2.imwrite(str(folder / "deep16.png"), src.astype(np.uint16) * 257)
+    cv2.imwrite(str(folder / "tiny1x1.png"), src[:1, :1])
+    cv2.imwrite(str(folder / "large.jpg"), cv2.resize(src, (4000, 3000)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise on display
+    Image.fromarray(np.full((100, 200, 3), 128, np.uint8)).save(folder / "exif.jpg", exif=exif)
+
+
+def test_bad_images_never_stop_the_run(tmp_path):
+    _bad_images(tmp_path / "imgs")
+    result = _extract("--images", tmp_path / "imgs", "--out", tmp_path / "s", *TINY)
+    assert result.exit_code == 0, result.output
+    failures = [line for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    failed = {__import__("json").loads(line)["img_id"]: __import__("json").loads(line)["reason"] for line in failures}
+    assert "zero" in failed and "empty file" in failed["zero"]
+    assert "text" in failed and "not a decodable image" in failed["text"]
+    store = FeatureStore(tmp_path / "s")
+    for ok in ("gray", "cmyk", "rgba", "deep16", "tiny1x1", "large", "exif"):
+        assert ok in store, (ok, failed.get(ok))
+    assert ("truncated" in store) != ("truncated" in failed)  # decoded partially or recorded, never fatal
+    exif = store.get("exif")
+    assert (exif.img_h, exif.img_w) == (200, 100)  # EXIF orientation applied, as cv2.imread does
+    assert f"{len(failed)} failed" in result.output
+
+
+def test_nothing_extracted_gives_a_nonzero_exit(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"")
+    result = _extract("--images", tmp_path / "imgs", "--out", tmp_path / "s", *TINY)
+    assert result.exit_code == 1
+
+
+def test_shards_split_the_images_disjointly(tmp_path):
+    for part in ("0/2", "1/2"):
+        assert _extract("--images", IMAGES, "--out", tmp_path / "s", "--shard", part, *TINY).exit_code == 0
+    store = FeatureStore(tmp_path / "s")
+    assert sorted(store.ids()) == sorted(p.stem for p in IMAGES.glob("*.jpg"))
+    files = sorted(s["file"] for s in store.manifest["shards"])
+    assert files == ["part-r000of002-00000.arrow", "part-r001of002-00000.arrow"]
+
+
+def test_sigkill_mid_extraction_then_rerun_stores_each_image_exactly_once(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    sources = sorted(IMAGES.glob("*.jpg"))
+    for i in range(40):
+        shutil.copy(sources[i % len(sources)], imgs / f"img{i:03d}.jpg")
+    cmd = [sys.executable, "-m", "lxm.cli", "extract", "--images", str(imgs), "--out", str(tmp_path / "s"),
+           "--rows-per-shard", "2", "--batch-size", "2", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "s").glob("part-*.arrow"))) < 2:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(list((tmp_path / "s").glob("part-*.arrow"))) < 20
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ids = FeatureStore(tmp_path / "s").ids()
+    assert len(ids) == 40 and len(set(ids)) == 40
+
+
+def test_channel_order_is_bgr_and_mean_is_caffes():
+    red = np.zeros((40, 60, 3), np.uint8)
+    red[..., 2] = 255  # BGR: red is the last channel, as cv2 decodes it
+    blob, scale = caffe_blob(red, (102.9801, 115.9465, 122.7717), 600, 1000)
+    assert scale == 15.0 and blob.shape == (3, 600, 900)
+    np.testing.assert_allclose(blob[:, 300, 450], [-102.9801, -115.9465, 255 - 122.7717], rtol=1e-5)
+
+
+def test_caffe_scale_rule():
+    assert caffe_scale(480, 640, 600, 1000) == 1.25
+    assert caffe_scale(100, 2000, 600, 1000) == 0.5  # 600/100 would make the long side 12000
+
+
+def test_pickle_weights_round_trip_and_strict_checks(tmp_path):
+    src = GeneralizedRCNN(detector_tiny())
+    src.init_random(3)
+    save_pickle_weights(src, tmp_path / "w.pkl")
+    dst = GeneralizedRCNN(detector_tiny())
+    report = load_detector_weights(dst, str(tmp_path / "w.pkl"))
+    assert report.sha256 == sha256_file(tmp_path / "w.pkl") and report.loaded == len(src.state_dict())
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+    sd = {k: v.numpy() for k, v in src.state_dict().items()}
+    sd["roi_heads.box_predictor.cls_score.weight"] = np.zeros((5, 5), np.float32)
+    sd["backbone.res9.weight"] = np.zeros(1, np.float32)
+    del sd["backbone.stem.conv1.weight"]
+    (tmp_path / "bad.pkl").write_bytes(pickle.dumps({"model": sd}))
+    with pytest.raises(WeightsError) as err:
+        load_detector_weights(GeneralizedRCNN(detector_tiny()), str(tmp_path / "bad.pkl"))
+    msg = str(err.value)
+    assert "missing (1): backbone.stem.conv1.weight" in msg and "unexpected (1): backbone.res9.weight" in msg
+    assert "roi_heads.box_predictor.cls_score.weight file (5, 5)" in msg
+
+
+def test_hf_style_torch_file_with_bn_counters_loads(tmp_path):
+    src = GeneralizedRCNN(detector_tiny())
+    src.init_random(4)
+    sd = dict(src.state_dict())
+    sd["backbone.stem.conv1.norm.num_batches_tracked"] = torch.tensor(0)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    report = load_detector_weights(GeneralizedRCNN(detector_tiny()), str(tmp_path / "pytorch_model.bin"))
+    assert report.ignored == ["backbone.stem.conv1.norm.num_batches_tracked"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"model": {"x": _Exploit()}}))
+    with pytest.raises(WeightsError, match="refusing to unpickle posix.system"):
+        load_detector_weights(GeneralizedRCNN(detector_tiny()), str(tmp_path / "evil.pkl"))
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with HTTP Range support (what weight servers offer), for the resume test."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = self.translate_path(self.path)
+        data = open(path, "rb").read()
+        start = 0
+        if "Range" in self.headers:
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+
+def test_download_resumes_and_checks_sha256(tmp_path):
+    served = tmp_path / "srv"
+    served.mkdir()
+    payload = os.urandom(300_000)
+    (served / "w.pkl").write_bytes(payload)
+    handler = lambda *a, **k: _RangeHandler(*a, directory=str(served), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/w.pkl"
+        dest = tmp_path / "cache" / "w.pkl"
+        dest.parent.mkdir()
+        (dest.parent / "w.pkl.part").write_bytes(payload[:100_000])  # an interrupted earlier download
+        import hashlib
+
+        digest = hashlib.sha256(payload).hexdigest()
+        assert download(url, dest, digest, progress=False).read_bytes() == payload
+        with pytest.raises(WeightsError, match="sha256 mismatch"):
+            download(url, tmp_path / "cache" / "other.pkl", "0" * 64, progress=False)
+        assert not (tmp_path / "cache" / "other.pkl").exists()
+    finally:
+        server.shutdown()
