@@ -24,9 +24,9 @@ def test_help_lists_only_working_commands():
     assert result.exit_code == 0
     root = typer.main.get_command(app)
     # Stages land one issue at a time; a command is registered only once it works (no placeholders).
-    assert set(root.commands) == {"convert-checkpoint", "convert", "export", "inspect"}
+    assert set(root.commands) == {"convert-checkpoint", "convert", "export", "extract", "inspect"}
     leaves = set(_leaf_commands(root))
-    assert leaves == {("convert-checkpoint",), ("convert", "tsv"), ("export", "tsv"), ("inspect",)}
+    assert leaves == {("convert-checkpoint",), ("convert", "tsv"), ("export", "tsv"), ("extract",), ("inspect",)}
     for name in root.commands:
         assert name in result.output
     for path in leaves:

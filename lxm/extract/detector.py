@@ -251,7 +251,10 @@ class GeneralizedRCNN(nn.Module):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, t in self.state_dict().items():
-                if name.endswith("norm.weight"):
+                if name.endswith("conv3.norm.weight"):
+                    # small residual branches keep 33 random blocks from blowing the activations up
+                    t.copy_(0.1 + 0.01 * torch.randn(t.shape, generator=g))
+                elif name.endswith("norm.weight"):
                     t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=g))
                 elif name.endswith("norm.running_var"):
                     t.copy_(1.0 + 0.1 * torch.rand(t.shape, generator=g))
@@ -294,6 +297,11 @@ class GeneralizedRCNN(nn.Module):
     def box_head(self, feat: Tensor, boxes: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """ROIPool + res5 + predictors for all images' proposals at once, in chunks of `roi_chunk` ROIs."""
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        if rois.shape[0] == 0:
+            p5 = self.roi_heads.res5[-1].conv3.out_channels
+            pred = self.roi_heads.box_predictor
+            return (feat.new_zeros(0, p5), feat.new_zeros(0, pred.cls_score.out_features),
+                    feat.new_zeros(0, pred.bbox_pred.out_features), feat.new_zeros(0, pred.attr_score.out_features))
         pooled, cls, deltas, attrs = [], [], [], []
         for start in range(0, rois.shape[0], self.cfg.roi_chunk):
             x = self.roi_heads.pooler(feat, rois[start:start + self.cfg.roi_chunk].to(feat.dtype))
