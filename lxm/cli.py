@@ -174,6 +174,99 @@ def export_tsv_cmd(
     _err.print(f"wrote {count} rows to {dst}", highlight=False)
 
 
+@convert_app.command("h5")
+def convert_h5_cmd(
+    src: Path = typer.Argument(..., exists=True, dir_okay=False, help="HDF5 file in lxm's layout (lxm export h5)."),
+    dst: Path = typer.Argument(..., help="Feature store directory to create or resume."),
+    dtype: FeatureDtype = typer.Option(None, help="Stored precision (default: the file's)."),
+) -> None:
+    """Import an HDF5 feature file (layout: see `lxm.extract.h5`) into a feature store.
+
+    Example: lxm convert h5 features.h5 features/train2014
+    """
+    from lxm.extract.h5 import h5_info, read_h5
+    from lxm.extract.records import RecordError
+    from lxm.extract.store import FeatureStoreWriter, StoreError
+
+    try:
+        count, n, d, file_dtype = h5_info(src)
+        writer = FeatureStoreWriter(dst, num_boxes=n, feature_dim=d, dtype=(dtype.value if dtype else file_dtype),
+                                    metadata={"source": "h5", "h5": str(src.resolve())})
+        with writer, _progress("images") as bar:
+            task = bar.add_task(f"convert {src.name}", total=count)
+            for rec in read_h5(src):
+                if rec.img_id not in writer:
+                    writer.add(rec)
+                bar.advance(task)
+    except (RecordError, StoreError, OSError, KeyError) as exc:
+        _fail(exc)
+    _err.print(f"stored {writer.written} images in {dst}", highlight=False)
+
+
+@export_app.command("h5")
+def export_h5_cmd(
+    src: Path = typer.Argument(..., help="Feature store directory."),
+    dst: Path = typer.Argument(..., help="HDF5 file to write (renamed into place when complete)."),
+) -> None:
+    """Write a feature store as one HDF5 file (layout documented in `lxm.extract.h5`), in index order.
+
+    Example: lxm export h5 features/val2014 val2014_obj36.h5
+    """
+    from lxm.extract.h5 import write_h5
+    from lxm.extract.store import FeatureStore, StoreError
+
+    try:
+        store = FeatureStore(src)
+        with _progress("images") as bar:
+            task = bar.add_task(f"export {dst.name}", total=len(store))
+
+            def records():
+                for rec in store:
+                    yield rec
+                    bar.advance(task)
+
+            count = write_h5(records(), dst, count=len(store), num_boxes=store.num_boxes,
+                             feature_dim=store.feature_dim, dtype=store.dtype)
+    except (StoreError, OSError, ValueError) as exc:
+        _fail(exc)
+    _err.print(f"wrote {count} images to {dst}", highlight=False)
+
+
+@app.command("show")
+def show_cmd(
+    src: Path = typer.Argument(..., help="Feature store directory."),
+    img_id: str = typer.Argument(..., help="Image id (file stem) to draw."),
+    image: Path = typer.Option(..., "--image", exists=True, dir_okay=False, help="The image the features came from."),
+    out: Path = typer.Option(..., "--out", help="PNG to write."),
+    vocab: Path = typer.Option(None, "--vocab", exists=True, file_okay=False,
+                               help="Folder with objects_vocab.txt and attributes_vocab.txt (BUTD 1600/400 names); "
+                                    "without it labels are ids."),
+    top: int = typer.Option(None, "--top", min=1, help="Draw only the N most confident boxes."),
+) -> None:
+    """Draw an image's stored boxes with attribute + object names and confidences.
+
+    Example: lxm show features/train2014 COCO_train2014_000000132417 --image coco/COCO_train2014_000000132417.jpg --out boxes.png --vocab vg_vocab/
+    """
+    import cv2
+
+    from lxm.extract.images import ImageError, load_bgr
+    from lxm.extract.show import draw, load_vocab
+    from lxm.extract.store import FeatureStore, StoreError
+
+    try:
+        rec = FeatureStore(src).get(img_id)
+        objects = attributes = None
+        if vocab is not None:
+            objects, attributes = load_vocab(vocab / "objects_vocab.txt"), load_vocab(vocab / "attributes_vocab.txt")
+        picture = draw(load_bgr(image), rec, objects, attributes, top)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out), picture):
+            raise OSError(f"{out}: could not write the image")
+    except (StoreError, KeyError, ImageError, ValueError, OSError) as exc:
+        _fail(exc)
+    _err.print(f"wrote {out}", highlight=False)
+
+
 def _read_id_list(path: Path) -> list[str]:
     import json
 

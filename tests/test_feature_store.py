@@ -214,3 +214,35 @@ def test_write_tsv_is_atomic(tmp_path, sample_rows):
     with pytest.raises(RuntimeError):
         write_tsv(broken(), tmp_path / "o.tsv")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hdf5_export_and_import_round_trip(tmp_path, sample_rows):
+    _cli("convert", "tsv", SAMPLE, tmp_path / "s", "--dtype", "float32")
+    assert _cli("export", "h5", tmp_path / "s", tmp_path / "f.h5").exit_code == 0
+    import h5py
+
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert f["features"].shape == (10, 36, 2048) and f.attrs["format"] == "lxm-features-h5"
+    assert _cli("convert", "h5", tmp_path / "f.h5", tmp_path / "s2").exit_code == 0
+    assert _cli("export", "tsv", tmp_path / "s2", tmp_path / "back.tsv").exit_code == 0
+    assert (tmp_path / "back.tsv").read_bytes() == SAMPLE.read_bytes()
+
+
+def test_show_draws_the_boxes_with_vocabulary_names(tmp_path, sample_rows):
+    import cv2
+
+    _cli("convert", "tsv", SAMPLE, tmp_path / "s")
+    rec = sample_rows[0]
+    image = SHARED / "fixtures" / "butd-coco-sample" / "images" / f"{rec.img_id}.jpg"
+    result = _cli("show", tmp_path / "s", rec.img_id, "--image", image, "--out", tmp_path / "b.png",
+                  "--vocab", SHARED / "fixtures" / "butd-coco-sample" / "vocab", "--top", 5)
+    assert result.exit_code == 0, result.output
+    drawn, orig = cv2.imread(str(tmp_path / "b.png")), cv2.imread(str(image))
+    assert drawn.shape == orig.shape
+    assert np.abs(drawn.astype(int) - orig.astype(int)).sum(axis=2).astype(bool).mean() > 0.005
+    from lxm.extract.show import load_vocab
+
+    names = load_vocab(SHARED / "fixtures" / "butd-coco-sample" / "vocab" / "objects_vocab.txt")
+    assert len(names) == 1600 and "," not in "".join(names)
+    wrong = _cli("show", tmp_path / "s", "COCO_nope", "--image", image, "--out", tmp_path / "c.png")
+    assert wrong.exit_code == 1 and "COCO_nope" in wrong.output
