@@ -88,6 +88,13 @@ def _progress(unit: str = "bytes"):
     return Progress(TextColumn("{task.description}"), BarColumn(), *amount, TimeRemainingColumn(), console=_err)
 
 
+def _advancing(items, bar, task):
+    """Yield `items`, advancing a progress task after each."""
+    for item in items:
+        yield item
+        bar.advance(task)
+
+
 def _fail(exc: Exception) -> None:
     _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code=1)
@@ -162,13 +169,7 @@ def export_tsv_cmd(
             order = head + [i for i in order if i not in head_set]
         with _progress("images") as bar:
             task = bar.add_task(f"export {dst.name}", total=len(order))
-
-            def records():
-                for img_id in order:
-                    yield store.get(img_id)
-                    bar.advance(task)
-
-            count = write_tsv(records(), dst)
+            count = write_tsv(_advancing((store.get(i) for i in order), bar, task), dst)
     except (StoreError, OSError, ValueError) as exc:
         _fail(exc)
     _err.print(f"wrote {count} rows to {dst}", highlight=False)
@@ -194,10 +195,9 @@ def convert_h5_cmd(
                                     metadata={"source": "h5", "h5": str(src.resolve())})
         with writer, _progress("images") as bar:
             task = bar.add_task(f"convert {src.name}", total=count)
-            for rec in read_h5(src):
+            for rec in _advancing(read_h5(src), bar, task):
                 if rec.img_id not in writer:
                     writer.add(rec)
-                bar.advance(task)
     except (RecordError, StoreError, OSError, KeyError) as exc:
         _fail(exc)
     _err.print(f"stored {writer.written} images in {dst}", highlight=False)
@@ -219,13 +219,7 @@ def export_h5_cmd(
         store = FeatureStore(src)
         with _progress("images") as bar:
             task = bar.add_task(f"export {dst.name}", total=len(store))
-
-            def records():
-                for rec in store:
-                    yield rec
-                    bar.advance(task)
-
-            count = write_h5(records(), dst, count=len(store), num_boxes=store.num_boxes,
+            count = write_h5(_advancing(store, bar, task), dst, count=len(store), num_boxes=store.num_boxes,
                              feature_dim=store.feature_dim, dtype=store.dtype)
     except (StoreError, OSError, ValueError) as exc:
         _fail(exc)
