@@ -286,6 +286,11 @@ class DetectorPreset(str, Enum):
     tiny = "tiny"
 
 
+class Engine(str, Enum):
+    torch = "torch"
+    detectron2 = "detectron2"
+
+
 class SelectMode(str, Enum):
     lxmert = "lxmert"
     maxnms = "maxnms"
@@ -299,6 +304,8 @@ def extract_cmd(
     weights: str = typer.Option(..., "--weights", help="faster_rcnn_from_caffe_attr.pkl or pytorch_model.bin path, "
                                                        "an http(s) URL, a Hub id (unc-nlp/frcnn-vg-finetuned), or "
                                                        "'random' (seeded random weights: meaningless features)."),
+    engine: Engine = typer.Option(Engine.torch, help="torch: plain torch + torchvision (default); detectron2: the "
+                                                     "same network in detectron2 (must be installed from source)."),
     mode: SelectMode = typer.Option(SelectMode.lxmert, help="lxmert: the released TSVs' rule (per-class NMS 0.3 on "
                                                             "proposals, score >= 0.2, exactly N); maxnms: airsplay's "
                                                             "detectron2 demo rule."),
@@ -334,14 +341,15 @@ def extract_cmd(
     if weights == "random":
         _err.print("[yellow]warning:[/yellow] --weights random: the detector is randomly initialised; the features, "
                    "boxes and labels are meaningless (recorded in the store's manifest)", highlight=False)
-    cfg = ExtractConfig(images=str(images), out=str(out), weights=weights, detector=detector.value, mode=mode.value,
+    cfg = ExtractConfig(images=str(images), out=str(out), weights=weights, engine=engine.value,
+                        detector=detector.value, mode=mode.value,
                         num_boxes=boxes, device=device, dtype=dtype.value, batch_size=batch_size, bf16=bf16,
                         seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard)
     try:
         with _progress("images") as bar:
             task = bar.add_task(f"extract {images.name}", total=None)
             summary = extract(cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
-    except (WeightsError, ValueError, RuntimeError, OSError) as exc:
+    except (WeightsError, ValueError, RuntimeError, OSError, ImportError) as exc:
         _fail(exc)
     _err.print(f"extracted {summary['extracted']} images, {summary['already_done']} already done, "
                f"{summary['failed']} failed (see {summary['failures_file']}); store holds {summary['store_images']} "

@@ -41,6 +41,7 @@ class ExtractConfig:
     images: str  # folder of images; img_id = file name without suffix
     out: str  # feature store directory
     weights: str  # .pkl / .pth / .bin path, URL, Hub id, or "random"
+    engine: str = "torch"  # "torch" (plain torch + torchvision.ops) or "detectron2" (needs detectron2 installed)
     detector: str = "vg-r101"  # network preset: "vg-r101" (BUTD) or "tiny" (tests)
     mode: str = "lxmert"  # box selection: "lxmert" (released TSVs) or "maxnms" (airsplay detectron2 demo)
     num_boxes: int = 36  # boxes per image
@@ -84,15 +85,24 @@ def _record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeature
     )
 
 
-def build_detector(cfg: ExtractConfig) -> tuple[GeneralizedRCNN, dict]:
+def build_detector(cfg: ExtractConfig) -> tuple[torch.nn.Module, dict]:
+    """The network of `cfg.engine` with its weights; both engines load through the same checked loader."""
     det_cfg = cfg.detector_config()
     model = GeneralizedRCNN(det_cfg).eval()
     report = load_detector_weights(model, cfg.weights, seed=cfg.seed)
+    if cfg.engine == "detectron2":
+        from lxm.extract.engine_d2 import Detectron2Detector  # the only detectron2 import site
+
+        d2 = Detectron2Detector(det_cfg, cfg.device)
+        d2.load_from(model)
+        model = d2
+    elif cfg.engine != "torch":
+        raise ValueError(f"unknown engine {cfg.engine!r}; 'torch' or 'detectron2'")
     return model.to(_device(cfg.device)), {"weights": report.source, "weights_sha256": report.sha256,
                                            "random_weights": cfg.weights == RANDOM, "detector": asdict(det_cfg)}
 
 
-def detect(model: GeneralizedRCNN, blobs: list[tuple[np.ndarray, float, tuple[int, int]]], device: torch.device,
+def detect(model: torch.nn.Module, blobs: list[tuple[np.ndarray, float, tuple[int, int]]], device: torch.device,
            bf16: bool = False):
     """Run the detector on preprocessed images; equal-size images share a backbone pass. Returns outputs in order."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -122,7 +132,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int], None] | None =
     det = model.cfg
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     metadata = {
-        "engine": "torch", "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": cfg.device, "bf16": cfg.bf16,
+        "engine": cfg.engine, "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": cfg.device, "bf16": cfg.bf16,
         "scale_rule": f"short side {det.min_size}, long side <= {det.max_size} (Caffe, cv2 float resize)",
         "nms": "per-class 0.3, Caffe cpu_nms (+1, >=)" if cfg.mode == "lxmert" else "class-agnostic maxnms",
         "images": str(Path(cfg.images).resolve()), **meta,
