@@ -231,3 +231,23 @@ def test_download_resumes_and_checks_sha256(tmp_path):
         assert not (tmp_path / "cache" / "other.pkl").exists()
     finally:
         server.shutdown()
+
+
+def test_hub_id_offline_says_how_to_proceed(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match="pass its path with --weights"):
+        load_detector_weights(GeneralizedRCNN(detector_tiny()), "unc-nlp/frcnn-vg-finetuned")
+
+
+def test_weights_report_is_printed_and_recorded(tmp_path):
+    src = GeneralizedRCNN(detector_tiny())
+    src.init_random(5)
+    save_pickle_weights(src, tmp_path / "w.pkl")
+    result = _extract("--images", IMAGES, "--out", tmp_path / "s", "--weights", tmp_path / "w.pkl", "--detector",
+                      "tiny", "--boxes", "10")
+    assert result.exit_code == 0, result.output
+    assert "detector: loaded" in result.output
+    meta = FeatureStore(tmp_path / "s").manifest["extractor"]
+    assert meta["weights_sha256"] == sha256_file(tmp_path / "w.pkl") and meta["random_weights"] is False

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -90,6 +91,8 @@ def build_detector(cfg: ExtractConfig) -> tuple[torch.nn.Module, dict]:
     det_cfg = cfg.detector_config()
     model = GeneralizedRCNN(det_cfg).eval()
     report = load_detector_weights(model, cfg.weights, seed=cfg.seed)
+    _logger.info(report.summary())
+    print(report.summary(), file=sys.stderr)
     if cfg.engine == "detectron2":
         from lxm.extract.engine_d2 import Detectron2Detector  # the only detectron2 import site
 
