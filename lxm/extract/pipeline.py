@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -166,7 +167,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int], None] | None =
                 try:
                     img = load_bgr(path)
                     blob, scale = caffe_blob(img, det.pixel_mean_bgr, det.min_size, det.max_size)
-                except (ImageError, cv2_error()) as exc:
+                except (ImageError, cv2.error) as exc:
                     fail(path, str(exc))
                     continue
                 batch.append(path)
@@ -191,12 +192,6 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int], None] | None =
     summary["store_images"] = manifest["num_images"] if manifest else 0
     summary["failures_file"] = str(failures_path)
     return summary
-
-
-def cv2_error():
-    import cv2
-
-    return cv2.error
 
 
 def shard_from_env() -> tuple[int, int]:
