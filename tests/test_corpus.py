@@ -1,0 +1,228 @@
+"""Corpus builder on small, format-exact raw files (records modelled on ../shared/reference/datasets.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from lxm.cli import app
+from lxm.corpus.answers import (
+    convert_ans,
+    normalize_vqa_answer,
+    process_punctuation,
+    soft_score,
+    vqa_soft_labels,
+    vqa_vocabulary,
+)
+
+
+def _ann(qid, image_id, mc, answers, qtype="what is", atype="other"):
+    return {"question_type": qtype, "multiple_choice_answer": mc, "image_id": image_id, "answer_type": atype,
+            "question_id": qid, "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                            for i, a in enumerate(answers)]}
+
+
+def write_raw(root):
+    (root / "coco").mkdir(parents=True)
+    (root / "coco" / "captions_train2014.json").write_text(json.dumps({
+        "info": {}, "licenses": [], "images": [{"id": 458752, "file_name": "COCO_train2014_000000458752.jpg"},
+                                               {"id": 262146, "file_name": "COCO_train2014_000000262146.jpg"}],
+        "annotations": [{"image_id": 458752, "id": 101, "caption": "A baseball player winds up to pitch behind a net."},
+                        {"image_id": 458752, "id": 102, "caption": "A pitcher in an orange shirt throws a ball "},
+                        {"image_id": 262146, "id": 103, "caption": "Two dogs lying on a couch next to a window."},
+                        {"image_id": 262146, "id": 103, "caption": "duplicate caption id"}]}))
+    (root / "coco" / "captions_val2014.json").write_text(json.dumps({
+        "images": [{"id": 393225}, {"id": 500000}],
+        "annotations": [{"image_id": 393225, "id": 201, "caption": "A bowl of soup."},
+                        {"image_id": 500000, "id": 202, "caption": "A cat on a mat."},
+                        {"image_id": 999, "id": 203, "caption": "An image nobody listed."}]}))
+    (root / "vg").mkdir()
+    (root / "vg" / "image_data.json").write_text(json.dumps([
+        {"image_id": 2379215, "coco_id": 458752, "width": 640, "height": 480},
+        {"image_id": 2400001, "coco_id": None, "width": 800, "height": 600},
+        {"image_id": 2401002, "coco_id": 393225, "width": 500, "height": 375}]))
+    (root / "vg" / "region_descriptions.json").write_text(json.dumps([
+        {"id": 2379215, "regions": [{"region_id": 5001, "image_id": 2379215, "phrase": "man in orange shirt"},
+                                    {"region_id": 5002, "image_id": 2379215, "phrase": "green net in front "}]},
+        {"id": 2400001, "regions": [{"region_id": 5003, "image_id": 2400001, "phrase": "a red bus on the street"}]}]))
+    (root / "vg" / "question_answers.json").write_text(json.dumps([
+        {"id": 2379215, "qas": [{"question": "What color is the shirt?", "answer": "Orange.", "qa_id": 900001}]},
+        {"id": 2400001, "qas": [{"question": "Where is the bus?", "answer": "On the street.", "qa_id": 900002},
+                                {"question": "How many buses are there?", "answer": "One.", "qa_id": 900003}]}]))
+    (root / "vqa").mkdir()
+    qs = {"train2014": [{"image_id": 458752, "question": "What is the man throwing?", "question_id": 458752000},
+                        {"image_id": 458752, "question": "Is the man wearing a hat?", "question_id": 458752001},
+                        {"image_id": 262146, "question": "How many dogs are there?", "question_id": 262146000}],
+          "val2014": [{"image_id": 393225, "question": "What is in the bowl?", "question_id": 393225000},
+                      {"image_id": 500000, "question": "Is this a cat?", "question_id": 500000000}],
+          "test2015": [{"image_id": 1, "question": "What?", "question_id": 1000}],
+          "test-dev2015": [{"image_id": 1, "question": "What?", "question_id": 1000}]}
+    for split, questions in qs.items():
+        (root / "vqa" / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"questions": questions}))
+    anns = {"train2014": [
+        _ann(458752000, 458752, "ball", ["ball", "ball", "baseball", "ball", "ball", "baseball", "ball", "a ball",
+                                          "pitch", "ball"]),
+        _ann(458752001, 458752, "no", ["no"] * 6 + ["yes"] + ["no"] * 3, "is the", "yes/no"),
+        _ann(262146000, 262146, "2", ["2", "2", "two", "2", "3", "2", "2", "2", "2", "2"], "how many", "number")],
+        "val2014": [_ann(393225000, 393225, "soup", ["soup"] * 10), _ann(500000000, 500000, "yes", ["yes"] * 10)]}
+    for split, a in anns.items():
+        (root / "vqa" / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"annotations": a}))
+    (root / "gqa").mkdir()
+    (root / "gqa" / "train_balanced_questions.json").write_text(json.dumps({
+        "07333408": {"imageId": "2379215", "question": "What color is the shirt?", "answer": "orange",
+                     "isBalanced": True, "types": {"structural": "query"}},
+        "07333409": {"imageId": "2379215", "question": "Is the shirt orange?", "answer": "yes", "isBalanced": True,
+                     "types": {"structural": "verify"}}}))
+    (root / "gqa" / "val_balanced_questions.json").write_text(json.dumps({
+        "1": {"imageId": "2400001", "question": "What vehicle is this?", "answer": "bus", "isBalanced": True}}))
+    (root / "gqa" / "testdev_balanced_questions.json").write_text(json.dumps({
+        "201": {"imageId": "n161313", "question": "Is the sky cloudy?", "answer": "yes", "isBalanced": True}}))
+    (root / "nlvr2").mkdir()
+    line = {"validation": {"54": "True"}, "sentence": "Each image contains exactly two dogs.", "left_url": "u",
+            "writer": "77", "label": "True", "right_url": "v", "synset": "dog", "query": "two dogs12",
+            "identifier": "dev-1203-0-0", "extra_validations": {}}
+    (root / "nlvr2" / "dev.json").write_text(json.dumps(line) + "\n" +
+                                             json.dumps({**line, "identifier": "dev-1203-2-0", "label": "False"}) + "\n")
+    (root / "nlvr2" / "train.json").write_text(json.dumps({**line, "identifier": "train-10171-0-0"}) + "\n")
+    (root / "nlvr2" / "test1.json").write_text(json.dumps({**line, "identifier": "test1-5-1-1"}) + "\n")
+    (root / "minival.json").write_text(json.dumps([{"img_id": "COCO_val2014_000000500000", "sentf": {}}]))
+
+
+def _build(root, *extra):
+    args = ["build-corpus", "--out", str(root / "out"), "--coco", str(root / "coco"), "--vg", str(root / "vg"),
+            "--vqa", str(root / "vqa"), "--gqa", str(root / "gqa"), "--nlvr2", str(root / "nlvr2"),
+            "--minival-ids", str(root / "minival.json"), "--vqa-min-questions", "1", *extra]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture()
+def built(tmp_path):
+    write_raw(tmp_path)
+    result = _build(tmp_path, "--export-lxmert-json")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "out", result
+
+
+def test_stats_follow_table1_and_the_lxmert_splits(built):
+    out, result = built
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sources"] == {"mscoco": {"images": 4, "sentences": 5}, "vg": {"images": 2, "sentences": 3},
+                                "vqa": {"images": 4, "sentences": 5}, "gqa": {"images": 2, "sentences": 3},
+                                "vgqa": {"images": 2, "sentences": 3}}
+    parts = stats["image_splits"]
+    assert parts["coco_and_vg"]["images"] == 2  # 458752 (VG 2379215) and 393225 (VG 2401002)
+    assert parts["coco_minus_vg"]["images"] == 2 and parts["vg_minus_coco"]["images"] == 1
+    assert parts["all"]["sentences"]["all"] == 19 and parts["vg_minus_coco"]["sentences"]["vgqa"] == 2
+    assert stats["lxmert_splits"]["minival"] == {"images": 1, "sentences": 2}
+    assert stats["lxmert_splits"]["vgnococo"] == {"images": 1, "sentences": 4}
+    assert "MS COCO ∩ VG" in result.output and "duplicate_ids 1" in result.output
+
+
+def test_rows_ids_and_labels(built):
+    out, _ = built
+    rows = pq.read_table(out / "corpus.parquet").to_pylist()
+    by_uid = {r["uid"]: r for r in rows}
+    ball = by_uid["COCO_train2014_000000458752_vqa_000"]
+    # soft scores on RAW strings inside the vocabulary (here: the multiple-choice answers): "baseball", "a ball" and
+    # "pitch" are not vocabulary entries, so only "ball" (6 of 10 annotators) remains
+    assert dict(ball["labels"]) == {"ball": 1.0}
+    two = by_uid["COCO_train2014_000000262146_vqa_000"]
+    assert dict(two["labels"]) == {"2": 1.0}  # the raw "two" is not merged into "2" (compute_softscore.py)
+    assert by_uid["COCO_train2014_000000458752_vg_001"]["text"] == "green net in front"
+    assert dict(by_uid["COCO_train2014_000000458752_gqa_000"]["labels"]) == {"orange": 1.0}  # VG id -> COCO image
+    assert dict(by_uid["2400001_vgqa_001"]["labels"]) == {"1": 1.0}  # convert_ans("One.")
+    assert by_uid["2400001_vgqa_000"]["split"] == "vgnococo"
+    assert by_uid["COCO_val2014_000000500000_vqa_000"]["split"] == "minival"
+    assert by_uid["COCO_val2014_000000393225_mscoco_000"]["split"] == "nominival"
+
+
+def test_finetuning_sets_and_vocabularies(built):
+    out, _ = built
+    ft = out / "finetune"
+    assert {p.stem for p in ft.iterdir()} == {"vqa_train", "vqa_nominival", "vqa_minival", "vqa_test", "vqa_testdev",
+                                               "gqa_train", "gqa_valid", "gqa_testdev", "nlvr2_train", "nlvr2_dev",
+                                               "nlvr2_test1"}
+    minival = pq.read_table(ft / "vqa_minival.parquet").to_pylist()
+    assert [r["question_id"] for r in minival] == [500000000]
+    dev = pq.read_table(ft / "nlvr2_dev.parquet").to_pylist()
+    assert dev[1] == {"identifier": "dev-1203-2-0", "img0": "dev-1203-2-img0", "img1": "dev-1203-2-img1", "label": 0,
+                      "sent": "Each image contains exactly two dogs.", "uid": "nlvr2_dev_1"}
+    testdev = pq.read_table(ft / "gqa_testdev.parquet").to_pylist()
+    assert testdev[0]["img_id"] == "n161313" and dict(testdev[0]["label"]) == {"yes": 1.0}
+    assert json.loads((out / "vocab" / "vqa_answers.json").read_text()) == ["ball", "no", "2", "soup", "yes"]
+    assert json.loads((out / "vocab" / "gqa_answers.json").read_text()) == ["orange", "yes", "bus"]
+    qa = json.loads((out / "vocab" / "qa_answers.json").read_text())
+    assert {"ans": "orange", "dsets": ["gqa", "visual7w"]} in qa and [r["ans"] for r in qa] == sorted(r["ans"] for r in qa)
+
+
+def test_lxmert_json_export_matches_the_original_layout(built):
+    out, _ = built
+    train = json.loads((out / "lxmert" / "mscoco_train.json").read_text())
+    rec = next(r for r in train if r["img_id"] == "COCO_train2014_000000458752")
+    assert set(rec["sentf"]) == {"mscoco", "vg", "vqa", "gqa", "visual7w"}
+    assert len(rec["labelf"]["vqa"]) == len(rec["sentf"]["vqa"]) == 2
+    assert rec["labelf"]["visual7w"] == [{"orange": 1.0}]
+    assert [r["img_id"] for r in json.loads((out / "lxmert" / "vgnococo.json").read_text())] == ["2400001"]
+
+
+def test_missing_field_names_file_record_and_field_and_writes_nothing(tmp_path):
+    write_raw(tmp_path)
+    path = tmp_path / "vg" / "question_answers.json"
+    data = json.loads(path.read_text())
+    del data[1]["qas"][1]["answer"]
+    path.write_text(json.dumps(data))
+    result = _build(tmp_path)
+    assert result.exit_code == 1
+    assert "question_answers.json: record 1.qas[1]: field 'answer' missing" in result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
+
+
+def test_malformed_json_and_missing_files_are_named(tmp_path):
+    write_raw(tmp_path)
+    (tmp_path / "gqa" / "val_balanced_questions.json").write_text("{not json")
+    assert "val_balanced_questions.json: not valid JSON" in _build(tmp_path).output
+    (tmp_path / "gqa" / "val_balanced_questions.json").unlink()
+    assert "expected file val_balanced_questions.json" in _build(tmp_path).output
+
+
+def test_existing_output_is_kept_unless_overwrite(built, tmp_path):
+    out, _ = built
+    result = _build(tmp_path)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert _build(tmp_path, "--overwrite").exit_code == 0
+
+
+def test_features_filter_reports_drops_per_source(tmp_path):
+    import numpy as np
+
+    from lxm.extract.records import ImageFeatures
+    from lxm.extract.store import FeatureStoreWriter
+
+    write_raw(tmp_path)
+    with FeatureStoreWriter(tmp_path / "feats", num_boxes=1, feature_dim=2) as w:
+        w.add(ImageFeatures("2400001", 10, 10, np.zeros(1, np.int64), np.zeros(1, np.float32),
+                            np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros((1, 4), np.float32),
+                            np.zeros((1, 2), np.float32)))
+    result = _build(tmp_path, "--features", str(tmp_path / "feats"))
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "out" / "corpus.parquet").to_pylist()
+    assert {r["img_id"] for r in rows} == {"2400001"} and len(rows) == 4
+    assert "dropped (no features): gqa 2, mscoco 5, vg 2, vgqa 1, vqa 5" in result.output
+
+
+def test_vqa_normalisation_rules():
+    assert process_punctuation("1,000") == "1000"
+    assert normalize_vqa_answer("red/white") == "red white"
+    assert normalize_vqa_answer("red / white") == "red white"
+    assert normalize_vqa_answer("3.") == "3" and normalize_vqa_answer("2.5") == "2.5"
+    assert normalize_vqa_answer("Two dogs") == "2 dogs" and normalize_vqa_answer("none") == "0"
+    assert normalize_vqa_answer("The  Man") == "man" and normalize_vqa_answer("dont") == "don't"
+    assert process_punctuation("." * 40) == "." * 8  # the evaluator removes at most 32 periods
+    assert [soft_score(k) for k in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
+    assert vqa_soft_labels(["a", "a", "b", "c"], {"a", "b"}) == {"a": 0.6, "b": 0.3}
+    assert vqa_vocabulary([(1, "Yes"), (2, "yes"), (3, "no")], min_questions=2) == ["yes"]
+    assert convert_ans("A man.") == "man" and convert_ans("Grey") == "gray" and convert_ans("") == ""
+    assert convert_ans("The Eiffel tower.") == "eiffel tower"
