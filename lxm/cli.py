@@ -417,7 +417,7 @@ def build_corpus_cmd(
         _err.print("dropped (no features): " + ", ".join(f"{k} {v}" for k, v in
                                                           sorted(result["dropped_without_features"].items())),
                    highlight=False)
-    _err.print(f"wrote {len(result['records'])} sentences and {len(result['finetune_counts'])} finetuning sets "
+    _err.print(f"wrote {len(result['rows'])} sentences and {len(result['finetune_counts'])} finetuning sets "
                f"to {out}", highlight=False)
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lxm.corpus.answers import convert_ans, qa_answer_table, vqa_soft_labels, vqa_vocabulary
+from lxm.corpus.jsonstream import iter_json_list, iter_json_object
 
 _logger = logging.getLogger(__name__)
 
@@ -110,25 +112,97 @@ def coco_img_id(split: str, image_id: int) -> str:
 # --------------------------------------------------------------------------------------------------- the builder
 
 
-@dataclass
-class _Row:
-    img_id: str
-    source: str
-    text: str
-    labels: dict[str, float]
+CORPUS_SCHEMA = pa.schema([("uid", pa.string()), ("img_id", pa.string()), ("source", pa.string()),
+                           ("split", pa.string()), ("text", pa.string()), ("labels", LABELS_TYPE)])
+VQA_SCHEMA = pa.schema([("question_id", pa.int64()), ("img_id", pa.string()), ("sent", pa.string()),
+                        ("label", LABELS_TYPE), ("answer_type", pa.string()), ("question_type", pa.string())])
+GQA_SCHEMA = pa.schema([("question_id", pa.string()), ("img_id", pa.string()), ("sent", pa.string()),
+                        ("label", LABELS_TYPE)])
+NLVR2_SCHEMA = pa.schema([("identifier", pa.string()), ("img0", pa.string()), ("img1", pa.string()),
+                          ("label", pa.int8()), ("sent", pa.string()), ("uid", pa.string())])
+
+
+class _Columns:
+    """Rows kept column-wise and moved into Arrow record batches every `chunk` rows.
+
+    Nine million per-row Python objects would not fit the memory budget; Arrow holds strings contiguously.
+    """
+
+    def __init__(self, schema: pa.Schema, chunk: int = 1 << 16):
+        self.schema, self.chunk = schema, chunk
+        self.cols: dict[str, list] = {f.name: [] for f in schema}
+        self.batches: list[pa.RecordBatch] = []
+        self.n = 0
+
+    def add(self, **values: Any) -> None:
+        for name, col in self.cols.items():
+            col.append(values[name])
+        self.n += 1
+        if self.n % self.chunk == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not next(iter(self.cols.values())):
+            return
+        arrays = []
+        for f in self.schema:
+            col = self.cols[f.name]
+            if pa.types.is_map(f.type):
+                col = [list(v.items()) if v else [] for v in col]
+            arrays.append(pa.array(col, type=f.type))
+        self.batches.append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        self.cols = {f.name: [] for f in self.schema}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def table(self) -> pa.Table:
+        self._flush()
+        return pa.Table.from_batches(self.batches, schema=self.schema)
+
+
 
 
 class CorpusBuilder:
     def __init__(self, inputs: CorpusInputs):
         self.inp = inputs
-        self.rows: list[_Row] = []
+        self.rows = _Columns(CORPUS_SCHEMA)
+        self.minival_ids = self.minival()
+        self.feature_ids: set[str] | None = None
+        if inputs.features:
+            from lxm.extract.store import FeatureStore
+
+            self.feature_ids = set()
+            for root in inputs.features:
+                self.feature_ids.update(FeatureStore(root).ids())
+        self.dropped: Counter = Counter()  # sentences without features, per source
+        self.uid_counter: dict[tuple[str, str], int] = defaultdict(int)
+        self.per_image: dict[str, Counter] = defaultdict(Counter)  # img_id -> sentences per source
         self.coco_split: dict[int, str] = {}  # COCO image id -> train2014 / val2014
         self.vg_to_coco: dict[int, int] = {}  # VG image id -> COCO id (only linked images)
         self.vg_images: set[int] = set()
         self.report: dict[str, Counter] = defaultdict(Counter)  # per source: duplicates, unknown images, dropped ...
-        self.finetune: dict[str, list[dict]] = {}
+        self.finetune: dict[str, _Columns] = {}
         self.vocabs: dict[str, Any] = {}
         self.qa_counts: dict[str, Counter] = {"vqa": Counter(), "gqa": Counter(), "vgqa": Counter()}
+
+    def add(self, img_id: str, source: str, text: str, labels: dict[str, float] | None = None) -> None:
+        """One pretraining sentence: uid and split are assigned here, stats counted, featureless images dropped."""
+        if self.feature_ids is not None and img_id not in self.feature_ids:
+            self.dropped[source] += 1
+            return
+        img_id = sys.intern(img_id)
+        idx = self.uid_counter[(img_id, source)]
+        self.uid_counter[(img_id, source)] = idx + 1
+        self.per_image[img_id][source] += 1
+        self.rows.add(uid=f"{img_id}_{source}_{idx:03d}", img_id=img_id, source=source,
+                      split=self.split_of(img_id), text=text, labels=labels)
+
+    def ft(self, name: str) -> _Columns:
+        if name not in self.finetune:
+            kind = name.split("_")[0]
+            self.finetune[name] = _Columns({"vqa": VQA_SCHEMA, "gqa": GQA_SCHEMA, "nlvr2": NLVR2_SCHEMA}[kind])
+        return self.finetune[name]
 
     # ---- sources
     def read_coco(self) -> None:
@@ -152,35 +226,34 @@ class CorpusBuilder:
                 if self.coco_split.get(image_id) != split:
                     self.report["mscoco"]["unknown_images"] += 1
                     continue
-                self.rows.append(_Row(coco_img_id(split, image_id), "mscoco", caption.strip(), {}))
+                self.add(coco_img_id(split, image_id), "mscoco", caption.strip())
 
     def read_vqa(self) -> None:
         folder = self.inp.vqa
         if folder is None:
             return
-        per_split: dict[str, tuple[list[dict], dict[int, dict]]] = {}
+        files = {split: (_find(folder, f"v2_OpenEnded_mscoco_{split}_questions.json"),
+                         _find(folder, f"v2_mscoco_{split}_annotations.json")) for split in ("train2014", "val2014")}
+        # Pass 1: the vocabulary needs the multiple-choice answers of train AND val. Each file is parsed, reduced to
+        # (qid, answer) pairs and released, so that one split's full annotations are in memory at a time.
         mc: list[tuple[int, str]] = []
-        for split in ("train2014", "val2014"):
-            qpath = _find(folder, f"v2_OpenEnded_mscoco_{split}_questions.json")
-            apath = _find(folder, f"v2_mscoco_{split}_annotations.json")
-            questions = _list(_load_json(qpath), "questions", qpath)
-            anns: dict[int, dict] = {}
+        for split, (_, apath) in files.items():
             for i, ann in enumerate(_list(_load_json(apath), "annotations", apath)):
-                qid = _get(ann, "question_id", apath, i, int)
-                for j, a in enumerate(_get(ann, "answers", apath, i, list)):
-                    _get(a, "answer", apath, f"{i}.answers[{j}]", str)
-                mc.append((qid, _get(ann, "multiple_choice_answer", apath, i, str)))
-                anns[qid] = ann
-            per_split[split] = (questions, anns)
-            for i, q in enumerate(questions):
-                self.coco_split.setdefault(_get(q, "image_id", qpath, i, int), split)
+                mc.append((_get(ann, "question_id", apath, i, int), _get(ann, "multiple_choice_answer", apath, i, str)))
         vocab = vqa_vocabulary(mc, self.inp.vqa_min_questions)
+        del mc
         self.vocabs["vqa"] = vocab
         vocab_set = set(vocab)
         seen: set[int] = set()
-        for split, (questions, anns) in per_split.items():
-            qpath = _find(folder, f"v2_OpenEnded_mscoco_{split}_questions.json")
-            rows = []
+        for split, (qpath, apath) in files.items():  # pass 2: labels, one split at a time
+            anns: dict[int, dict] = {}
+            for i, ann in enumerate(_list(_load_json(apath), "annotations", apath)):
+                for j, a in enumerate(_get(ann, "answers", apath, i, list)):
+                    _get(a, "answer", apath, f"{i}.answers[{j}]", str)
+                anns[ann["question_id"]] = ann
+            questions = _list(_load_json(qpath), "questions", qpath)
+            for i, q in enumerate(questions):
+                self.coco_split.setdefault(_get(q, "image_id", qpath, i, int), split)
             for i, q in enumerate(questions):
                 qid = _get(q, "question_id", qpath, i, int)
                 image_id = _get(q, "image_id", qpath, i, int)
@@ -193,30 +266,32 @@ class CorpusBuilder:
                 if ann is None:
                     self.report["vqa"]["questions_without_annotation"] += 1
                     continue
-                raw = [a["answer"] for a in ann["answers"]]
-                labels = vqa_soft_labels(raw, vocab_set)
+                labels = vqa_soft_labels([a["answer"] for a in ann["answers"]], vocab_set)
                 img_id = coco_img_id(split, image_id)
-                self.rows.append(_Row(img_id, "vqa", text, labels))
+                self.add(img_id, "vqa", text, labels)
                 self.qa_counts["vqa"].update(convert_ans(a) for a in labels)
-                rows.append({"question_id": qid, "img_id": img_id, "sent": text, "label": labels,
-                             "answer_type": ann.get("answer_type", ""), "question_type": ann.get("question_type", "")})
-            self.finetune[f"vqa_{split}"] = rows
+                # LXMERT's VQA splits: train, and val2014 divided by image into minival / nominival
+                name = "train" if split == "train2014" else "minival" if img_id in self.minival_ids else "nominival"
+                self.ft(f"vqa_{name}").add(question_id=qid, img_id=img_id, sent=text, label=labels,
+                                           answer_type=ann.get("answer_type", ""),
+                                           question_type=ann.get("question_type", ""))
+            del anns, questions
         for split, name in (("test2015", "test"), ("test-dev2015", "testdev")):
             qpath = _find(folder, f"v2_OpenEnded_mscoco_{split}_questions.json", required=False)
             if qpath is None:
                 continue
-            self.finetune[f"vqa_{name}"] = [
-                {"question_id": _get(q, "question_id", qpath, i, int),
-                 "img_id": coco_img_id("test2015", _get(q, "image_id", qpath, i, int)),
-                 "sent": _get(q, "question", qpath, i, str), "label": {}, "answer_type": "", "question_type": ""}
-                for i, q in enumerate(_list(_load_json(qpath), "questions", qpath))]
+            rows = self.ft(f"vqa_{name}")
+            for i, q in enumerate(_list(_load_json(qpath), "questions", qpath)):
+                rows.add(question_id=_get(q, "question_id", qpath, i, int),
+                         img_id=coco_img_id("test2015", _get(q, "image_id", qpath, i, int)),
+                         sent=_get(q, "question", qpath, i, str), label=None, answer_type="", question_type="")
 
     def read_vg(self) -> None:
         folder = self.inp.vg
         if folder is None:
             return
         path = _find(folder, "image_data.json")
-        for i, img in enumerate(_list(_load_json(path), None, path)):
+        for i, img in enumerate(iter_json_list(path)):
             key = "image_id" if isinstance(img, dict) and "image_id" in img else "id"  # v1.0 used `id`
             vg_id = _get(img, key, path, i, int)
             if vg_id in self.vg_images:
@@ -226,22 +301,22 @@ class CorpusBuilder:
             if coco is not None:
                 self.vg_to_coco[vg_id] = int(coco)
         path = _find(folder, "region_descriptions.json")
-        for i, entry in enumerate(_list(_load_json(path), None, path)):
+        for i, entry in enumerate(iter_json_list(path)):
             vg_id = _get(entry, "id", path, i, int)
             img_id = self.vg_img_id(vg_id, "vg")
             for j, region in enumerate(_get(entry, "regions", path, i, list)):
                 phrase = _get(region, "phrase", path, f"{i}.regions[{j}]", str)
                 if img_id is not None:
-                    self.rows.append(_Row(img_id, "vg", phrase.strip(), {}))
+                    self.add(img_id, "vg", phrase.strip())
         path = _find(folder, "question_answers.json")
-        for i, entry in enumerate(_list(_load_json(path), None, path)):
+        for i, entry in enumerate(iter_json_list(path)):
             vg_id = _get(entry, "id", path, i, int)
             img_id = self.vg_img_id(vg_id, "vgqa")
             for j, qa in enumerate(_get(entry, "qas", path, i, list)):
                 q = _get(qa, "question", path, f"{i}.qas[{j}]", str)
                 a = convert_ans(_get(qa, "answer", path, f"{i}.qas[{j}]", str))
                 if img_id is not None:
-                    self.rows.append(_Row(img_id, "vgqa", q, {a: 1.0}))
+                    self.add(img_id, "vgqa", q, {a: 1.0})
                     self.qa_counts["vgqa"][a] += 1
 
     def vg_img_id(self, vg_id: int, source: str) -> str | None:
@@ -262,41 +337,32 @@ class CorpusBuilder:
         folder = self.inp.gqa
         if folder is None:
             return
-        answers: list[str] = []
+        answers: dict[str, None] = {}  # the GQA vocabulary: every balanced train/val answer, first-seen order
         for name, split in (("train", "train"), ("val", "valid")):
             path = _find(folder, f"{name}_balanced_questions.json")
-            data = _load_json(path)
-            if not isinstance(data, dict):
-                raise CorpusError(f"{path}: expected a JSON object keyed by question id")
-            rows = []
-            for qid, q in data.items():
+            rows = self.ft(f"gqa_{split}")
+            for qid, q in iter_json_object(path):
                 image = _get(q, "imageId", path, qid, str)
                 text = _get(q, "question", path, qid, str)
                 answer = _get(q, "answer", path, qid, str)
-                answers.append(answer)
+                answers.setdefault(answer)
                 img_id = self.vg_img_id(int(image), "gqa") if image.isdigit() else image
                 if img_id is None:
                     continue
-                self.rows.append(_Row(img_id, "gqa", text, {answer: 1.0}))
+                self.add(img_id, "gqa", text, {answer: 1.0})
                 self.qa_counts["gqa"][convert_ans(answer)] += 1
-                rows.append({"question_id": qid, "img_id": img_id, "sent": text, "label": {answer: 1.0}})
-            self.finetune[f"gqa_{split}"] = rows
-        self.vocabs["gqa"] = list(dict.fromkeys(answers))
+                rows.add(question_id=qid, img_id=img_id, sent=text, label={answer: 1.0})
+        self.vocabs["gqa"] = list(answers)
         vocab = set(self.vocabs["gqa"])
         for name, split in (("testdev_balanced_questions.json", "testdev"), ("submission_all_questions.json", "submit")):
             path = _find(folder, name, required=False)
             if path is None:
                 continue
-            data = _load_json(path)
-            if not isinstance(data, dict):
-                raise CorpusError(f"{path}: expected a JSON object keyed by question id")
-            rows = []
-            for qid, q in data.items():
+            rows = self.ft(f"gqa_{split}")
+            for qid, q in iter_json_object(path):
                 answer = q.get("answer") if isinstance(q, dict) else None
-                rows.append({"question_id": qid, "img_id": _get(q, "imageId", path, qid, str),
-                             "sent": _get(q, "question", path, qid, str),
-                             "label": {answer: 1.0} if answer in vocab else {}})
-            self.finetune[f"gqa_{split}"] = rows
+                rows.add(question_id=qid, img_id=_get(q, "imageId", path, qid, str),
+                         sent=_get(q, "question", path, qid, str), label={answer: 1.0} if answer in vocab else None)
 
     def read_nlvr2(self) -> None:
         folder = self.inp.nlvr2
@@ -306,7 +372,7 @@ class CorpusBuilder:
             path = _find(folder, f"{split}.json", required=split != "test2")
             if path is None:
                 continue
-            rows = []
+            rows = self.ft(f"nlvr2_{split}")
             with path.open() as f:
                 for lineno, line in enumerate(f, start=1):
                     if not line.strip():
@@ -318,11 +384,9 @@ class CorpusBuilder:
                     ident = _get(rec, "identifier", path, lineno, str)
                     stem = "-".join(ident.split("-")[:-1])
                     label = rec.get("label")
-                    rows.append({"identifier": ident, "img0": f"{stem}-img0", "img1": f"{stem}-img1",
-                                 "label": 1 if label == "True" else 0 if label == "False" else -1,
-                                 "sent": _get(rec, "sentence", path, lineno, str),
-                                 "uid": f"nlvr2_{split}_{len(rows)}"})
-            self.finetune[f"nlvr2_{split}"] = rows
+                    rows.add(identifier=ident, img0=f"{stem}-img0", img1=f"{stem}-img1",
+                             label=1 if label == "True" else 0 if label == "False" else -1,
+                             sent=_get(rec, "sentence", path, lineno, str), uid=f"nlvr2_{split}_{len(rows)}")
 
     # ---- assembly
     def minival(self) -> set[str]:
@@ -334,11 +398,11 @@ class CorpusBuilder:
             ids.append(item if isinstance(item, str) else _get(item, "img_id", self.inp.minival_ids, i, str))
         return set(ids)
 
-    def split_of(self, img_id: str, minival: set[str]) -> str:
+    def split_of(self, img_id: str) -> str:
         if img_id.startswith("COCO_train2014_"):
             return "train"
         if img_id.startswith("COCO_val2014_"):
-            return "minival" if img_id in minival else "nominival"
+            return "minival" if img_id in self.minival_ids else "nominival"
         return "vgnococo"
 
     def build(self) -> dict[str, Any]:
@@ -347,21 +411,6 @@ class CorpusBuilder:
         self.read_vg()
         self.read_gqa()
         self.read_nlvr2()
-        minival = self.minival()
-        dropped: Counter = Counter()
-        if self.inp.features:
-            from lxm.extract.store import FeatureStore
-
-            have: set[str] = set()
-            for root in self.inp.features:
-                have.update(FeatureStore(root).ids())
-            kept = []
-            for row in self.rows:
-                if row.img_id in have:
-                    kept.append(row)
-                else:
-                    dropped[row.source] += 1
-            self.rows = kept
         if self.inp.qa_table is not None:
             table = _load_json(self.inp.qa_table)
             for i, rec in enumerate(_list(table, None, self.inp.qa_table)):
@@ -369,87 +418,59 @@ class CorpusBuilder:
         else:
             table = qa_answer_table(self.qa_counts, self.inp.qa_table_size)
         self.vocabs["qa"] = table
-        counters: dict[tuple[str, str], int] = defaultdict(int)
-        records = []
-        for row in self.rows:
-            idx = counters[(row.img_id, row.source)]
-            counters[(row.img_id, row.source)] += 1
-            records.append({"uid": f"{row.img_id}_{row.source}_{idx:03d}", "img_id": row.img_id,
-                            "source": row.source, "split": self.split_of(row.img_id, minival), "text": row.text,
-                            "labels": row.labels})
-        for name in ("vqa_val2014",):  # VQA val questions split into nominival / minival by image
-            if name in self.finetune:
-                val = self.finetune.pop(name)
-                self.finetune["vqa_nominival"] = [r for r in val if r["img_id"] not in minival]
-                self.finetune["vqa_minival"] = [r for r in val if r["img_id"] in minival]
-        if "vqa_train2014" in self.finetune:
-            self.finetune["vqa_train"] = self.finetune.pop("vqa_train2014")
-        return {"records": records, "stats": self.stats(records),
-                "report": {k: dict(v) for k, v in self.report.items()}, "dropped_without_features": dict(dropped)}
+        return {"rows": self.rows, "stats": self.stats(),
+                "report": {k: dict(v) for k, v in self.report.items()}, "dropped_without_features": dict(self.dropped)}
 
-    def stats(self, records: list[dict]) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
+        """stats.json from the per-image sentence counts (an image counts only where it has a sentence)."""
         linked_coco = {coco_img_id(self.coco_split[c], c) for c in self.vg_to_coco.values() if c in self.coco_split}
-        by_source: dict[str, set[str]] = defaultdict(set)
-        sent_source: Counter = Counter()
-        image_split: dict[str, set[str]] = defaultdict(set)
-        split_sent: dict[str, Counter] = defaultdict(Counter)
-        lx_images: dict[str, set[str]] = defaultdict(set)
-        lx_sent: Counter = Counter()
-        for r in records:
-            img, src = r["img_id"], r["source"]
-            by_source[src].add(img)
-            sent_source[src] += 1
+        src_images: Counter = Counter()
+        src_sent: Counter = Counter()
+        part_images: Counter = Counter()
+        part_sent: dict[str, Counter] = defaultdict(Counter)
+        split_images: Counter = Counter()
+        split_sent: Counter = Counter()
+        for img, counts in self.per_image.items():
             if img.startswith("COCO_"):
                 part = "coco_and_vg" if img in linked_coco else "coco_minus_vg"
             else:
                 part = "vg_minus_coco"
+            total = sum(counts.values())
+            for src, n in counts.items():
+                src_images[src] += 1
+                src_sent[src] += n
             for p in (part, "all"):
-                image_split[p].add(img)
-                split_sent[p][src] += 1
-                split_sent[p]["all"] += 1
-            lx_images[r["split"]].add(img)
-            lx_sent[r["split"]] += 1
+                part_images[p] += 1
+                part_sent[p].update(counts)
+                part_sent[p]["all"] += total
+            split = self.split_of(img)
+            split_images[split] += 1
+            split_sent[split] += total
         return {
-            "sources": {s: {"images": len(by_source[s]), "sentences": sent_source[s]} for s in SOURCES},
-            "image_splits": {p: {"images": len(image_split[p]),
-                                 "sentences": {s: split_sent[p][s] for s in (*SOURCES, "all")}}
+            "sources": {s: {"images": src_images[s], "sentences": src_sent[s]} for s in SOURCES},
+            "image_splits": {p: {"images": part_images[p], "sentences": {s: part_sent[p][s] for s in (*SOURCES, "all")}}
                              for p in IMAGE_SPLITS},
-            "lxmert_splits": {s: {"images": len(lx_images[s]), "sentences": lx_sent[s]} for s in LXMERT_SPLITS},
+            "lxmert_splits": {s: {"images": split_images[s], "sentences": split_sent[s]} for s in LXMERT_SPLITS},
         }
 
 
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def _write_parquet(rows: list[dict], path: Path, schema: pa.Schema) -> None:
-    table = pa.Table.from_pylist([{**r, **({"labels": list(r["labels"].items())} if "labels" in r else {}),
-                                   **({"label": list(r["label"].items())} if isinstance(r.get("label"), dict) else {})}
-                                  for r in rows], schema=schema)
-    pq.write_table(table, path)
-
-
-CORPUS_SCHEMA = pa.schema([("uid", pa.string()), ("img_id", pa.string()), ("source", pa.string()),
-                           ("split", pa.string()), ("text", pa.string()), ("labels", LABELS_TYPE)])
-VQA_SCHEMA = pa.schema([("question_id", pa.int64()), ("img_id", pa.string()), ("sent", pa.string()),
-                        ("label", LABELS_TYPE), ("answer_type", pa.string()), ("question_type", pa.string())])
-GQA_SCHEMA = pa.schema([("question_id", pa.string()), ("img_id", pa.string()), ("sent", pa.string()),
-                        ("label", LABELS_TYPE)])
-NLVR2_SCHEMA = pa.schema([("identifier", pa.string()), ("img0", pa.string()), ("img1", pa.string()),
-                          ("label", pa.int8()), ("sent", pa.string()), ("uid", pa.string())])
-
-
-def _lxmert_json(records: list[dict]) -> dict[str, list[dict]]:
+def _lxmert_json(rows: _Columns) -> dict[str, list[dict]]:
     """The original per-image files: {img_id, sentf: {source: [...]}, labelf: {qa source: [...]}} per split."""
     names = {"mscoco": "mscoco", "vg": "vg", "vqa": "vqa", "gqa": "gqa", "vgqa": "visual7w"}
     images: dict[str, dict[str, Any]] = {}
     split_of: dict[str, str] = {}
-    for r in records:
-        rec = images.setdefault(r["img_id"], {"img_id": r["img_id"], "sentf": {}, "labelf": {}})
-        split_of[r["img_id"]] = r["split"]
-        src = names[r["source"]]
-        rec["sentf"].setdefault(src, []).append(r["text"])
-        if r["source"] in ("vqa", "gqa", "vgqa"):
-            rec["labelf"].setdefault(src, []).append(r["labels"])
+    for batch in rows.table().to_batches():
+        c = batch.to_pydict()
+        for img, source, split, text, labels in zip(c["img_id"], c["source"], c["split"], c["text"], c["labels"]):
+            rec = images.setdefault(img, {"img_id": img, "sentf": {}, "labelf": {}})
+            split_of[img] = split
+            src = names[source]
+            rec["sentf"].setdefault(src, []).append(text)
+            if source in ("vqa", "gqa", "vgqa"):
+                rec["labelf"].setdefault(src, []).append(dict(labels or []))
     files = {"train": "mscoco_train", "nominival": "mscoco_nominival", "minival": "mscoco_minival",
              "vgnococo": "vgnococo"}
     out: dict[str, list[dict]] = {name: [] for name in files.values()}
@@ -477,10 +498,9 @@ def build_corpus(inputs: CorpusInputs) -> dict[str, Any]:
     try:
         (tmp / "finetune").mkdir(parents=True)
         (tmp / "vocab").mkdir()
-        _write_parquet(result["records"], tmp / "corpus.parquet", CORPUS_SCHEMA)
+        pq.write_table(result["rows"].table(), tmp / "corpus.parquet")
         for name, rows in sorted(builder.finetune.items()):
-            schema = VQA_SCHEMA if name.startswith("vqa") else GQA_SCHEMA if name.startswith("gqa") else NLVR2_SCHEMA
-            _write_parquet(rows, tmp / "finetune" / f"{name}.parquet", schema)
+            pq.write_table(rows.table(), tmp / "finetune" / f"{name}.parquet")
         vocab_files = {"vqa": "vqa_answers.json", "gqa": "gqa_answers.json", "qa": "qa_answers.json"}
         for key, fname in vocab_files.items():
             if key in builder.vocabs:
@@ -491,7 +511,7 @@ def build_corpus(inputs: CorpusInputs) -> dict[str, Any]:
                                                     indent=2) + "\n")
         if inputs.export_lxmert_json:
             (tmp / "lxmert").mkdir()
-            for name, recs in _lxmert_json(result["records"]).items():
+            for name, recs in _lxmert_json(result["rows"]).items():
                 (tmp / "lxmert" / f"{name}.json").write_text(json.dumps(recs))
         if out.exists():
             shutil.rmtree(out)

@@ -1,0 +1,111 @@
+"""Streaming readers for the huge top-level JSON containers of VG and GQA.
+
+`region_descriptions.json` (a list, ~0.7 GB) and `train_balanced_questions.json` (an object keyed by question id,
+~1.3 GB) become several GB of Python objects with `json.load`. These readers decode one element at a time with
+`json.JSONDecoder.raw_decode` over a sliding text buffer, so memory stays at one element plus the buffer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 22  # 4 MiB of text per read
+_WS = " \t\n\r"
+
+
+class JSONStreamError(ValueError):
+    pass
+
+
+class _Reader:
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = path.open("r", encoding="utf-8")
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+        self.decoder = json.JSONDecoder()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        data = self.f.read(_CHUNK)
+        if not data:
+            self.eof = True
+            return False
+        self.buf = self.buf[self.pos:] + data
+        self.pos = 0
+        return True
+
+    def peek(self) -> str:
+        """Next non-whitespace character ('' at the end of the file), not consumed."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in _WS:
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self._more():
+                return ""
+
+    def expect(self, chars: str) -> str:
+        c = self.peek()
+        if not c or c not in chars:
+            raise JSONStreamError(f"{self.path}: not valid JSON (expected one of {chars!r} at offset ~{self.pos}, "
+                                  f"found {c!r})")
+        self.pos += 1
+        return c
+
+    def value(self) -> Any:
+        self.peek()
+        while True:
+            try:
+                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                if self._more():
+                    continue
+                raise JSONStreamError(f"{self.path}: not valid JSON ({exc.msg})") from None
+            # A value that reaches the very end of the buffer may be cut (e.g. a number); read on to be sure.
+            if end == len(self.buf) and not self.eof and self._more():
+                continue
+            self.pos = end
+            return obj
+
+
+def iter_json_list(path: str | Path) -> Iterator[Any]:
+    """Elements of a file holding one JSON list."""
+    r = _Reader(Path(path))
+    try:
+        r.expect("[")
+        if r.peek() == "]":
+            return
+        while True:
+            yield r.value()
+            if r.expect(",]") == "]":
+                return
+    finally:
+        r.close()
+
+
+def iter_json_object(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(key, value) pairs of a file holding one JSON object."""
+    r = _Reader(Path(path))
+    try:
+        r.expect("{")
+        if r.peek() == "}":
+            return
+        while True:
+            key = r.value()
+            if not isinstance(key, str):
+                raise JSONStreamError(f"{path}: not valid JSON (object key is not a string)")
+            r.expect(":")
+            yield key, r.value()
+            if r.expect(",}") == "}":
+                return
+    finally:
+        r.close()
