@@ -226,3 +226,23 @@ def test_vqa_normalisation_rules():
     assert vqa_vocabulary([(1, "Yes"), (2, "yes"), (3, "no")], min_questions=2) == ["yes"]
     assert convert_ans("A man.") == "man" and convert_ans("Grey") == "gray" and convert_ans("") == ""
     assert convert_ans("The Eiffel tower.") == "eiffel tower"
+
+
+def test_streaming_json_readers_across_buffer_boundaries(tmp_path, monkeypatch):
+    import lxm.corpus.jsonstream as js
+
+    monkeypatch.setattr(js, "_CHUNK", 7)  # force values to straddle many reads
+    items = [{"id": i, "qas": [{"q": "x" * i, "a": [1.5, -2e3, None, True]}]} for i in range(30)] + [123456789]
+    (tmp_path / "l.json").write_text(" \n" + json.dumps(items, indent=1) + "\n")
+    assert list(js.iter_json_list(tmp_path / "l.json")) == items
+    obj = {f"{i:08d}": {"imageId": str(i), "answer": "yes" * i} for i in range(25)}
+    (tmp_path / "o.json").write_text(json.dumps(obj))
+    assert dict(js.iter_json_object(tmp_path / "o.json")) == obj
+    (tmp_path / "e.json").write_text("[ ]")
+    assert list(js.iter_json_list(tmp_path / "e.json")) == []
+    (tmp_path / "bad.json").write_text('[{"a": 1}, {"b": ]')
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        list(js.iter_json_list(tmp_path / "bad.json"))
+    (tmp_path / "cut.json").write_text('[{"a": 1}, {"b": 2}')
+    with pytest.raises(ValueError, match="cut.json: not valid JSON"):
+        list(js.iter_json_list(tmp_path / "cut.json"))
