@@ -111,6 +111,10 @@ class LxmertTokenizer:
         mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64).reshape(len(encs), self.max_length)
         return Encoding(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids))
 
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
+        """WordPieces -> ids ([UNK] for pieces not in the vocabulary)."""
+        return [self._raw.token_to_id(t) if self._raw.token_to_id(t) is not None else self.unk_id for t in tokens]
+
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
