@@ -1,0 +1,121 @@
+"""Optimisers and learning-rate schedules of LXMERT training.
+
+`BertAdam` reproduces `src/lxrt/optimization.py` of airsplay/lxmert (from pytorch-pretrained-bert; lxmert.md §2.5):
+Adam moments with beta (0.9, 0.999) and eps 1e-6 added to sqrt(v), NO bias correction, decoupled weight decay 0.01
+added to the update for ALL parameters (biases and LayerNorm included), and the schedule applied inside the step:
+`warmup_linear(step / t_total)` with the step read BEFORE its increment (the first update uses lr 0). The original's
+internal gradient clipping is commented out there; clipping happens outside (1.0 pretraining, 5.0 finetuning).
+
+`warmup_linear_lambda` gives the same schedule for a standard optimizer (AdamW) through `LambdaLR`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+
+def warmup_linear(progress: float, warmup: float) -> float:
+    """lr multiplier at `progress` = step / t_total: linear warm-up to 1 over `warmup`, then linear decay to 0."""
+    if progress < warmup:
+        return progress / warmup
+    return max((progress - 1.0) / (warmup - 1.0), 0.0)
+
+
+class BertAdam(Optimizer):
+    """Adam as LXMERT trained with it (no bias correction, weight decay on every parameter, built-in schedule).
+
+    Args:
+        params: parameters or groups.
+        lr: peak learning rate (pretraining 1e-4; VQA/NLVR2 5e-5, GQA 1e-5).
+        warmup: fraction of `t_total` spent warming up (pretraining 0.05, finetuning 0.1).
+        t_total: total number of optimizer steps; -1 disables the schedule (constant lr).
+        b1, b2, e: Adam constants (0.9, 0.999, 1e-6).
+        weight_decay: 0.01, applied to all parameters.
+    """
+
+    def __init__(self, params, lr: float, warmup: float = -1, t_total: int = -1, b1: float = 0.9,
+                 b2: float = 0.999, e: float = 1e-6, weight_decay: float = 0.01):
+        if lr < 0:
+            raise ValueError(f"BertAdam: lr must be >= 0, got {lr}")
+        if t_total != -1 and not 0.0 < warmup < 1.0:
+            raise ValueError(f"BertAdam: warmup must be in (0, 1) when t_total is set, got {warmup}")
+        for name, v in (("b1", b1), ("b2", b2)):
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"BertAdam: {name} must be in [0, 1), got {v}")
+        super().__init__(params, dict(lr=lr, warmup=warmup, t_total=t_total, b1=b1, b2=b2, e=e,
+                                      weight_decay=weight_decay))
+
+    def current_lr(self) -> list[float]:
+        """The learning rate each group's next update will use (for logging)."""
+        out = []
+        for group in self.param_groups:
+            step = next((self.state[p]["step"] for p in group["params"] if p in self.state), 0)
+            out.append(self._scheduled(group, step))
+        return out
+
+    @staticmethod
+    def _scheduled(group: dict, step: int) -> float:
+        if group["t_total"] == -1:
+            return group["lr"]
+        return group["lr"] * warmup_linear(step / group["t_total"], group["warmup"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("BertAdam does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["next_m"] = torch.zeros_like(p)
+                    state["next_v"] = torch.zeros_like(p)
+                m, v = state["next_m"], state["next_v"]
+                m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
+                v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
+                update = m / (v.sqrt() + group["e"])
+                if group["weight_decay"] > 0.0:
+                    update.add_(p, alpha=group["weight_decay"])
+                p.add_(update, alpha=-self._scheduled(group, state["step"]))
+                state["step"] += 1
+        return loss
+
+
+def warmup_linear_lambda(t_total: int, warmup: float):
+    """LambdaLR multiplier for the same schedule (step counted from 0 before the update, as BertAdam)."""
+    if t_total <= 0:
+        raise ValueError(f"t_total must be positive, got {t_total}")
+
+    def factor(step: int) -> float:
+        return warmup_linear(step / t_total, warmup)
+
+    return factor
+
+
+def make_optimizer(model: torch.nn.Module, kind: str, lr: float, t_total: int, warmup: float,
+                   weight_decay: float = 0.01):
+    """("bert", BertAdam with its built-in schedule) or ("adamw", AdamW + LambdaLR; no decay on biases/LayerNorm).
+
+    Returns (optimizer, scheduler-or-None).
+    """
+    if kind == "bert":
+        return BertAdam(model.parameters(), lr=lr, warmup=warmup, t_total=t_total, weight_decay=weight_decay), None
+    if kind == "adamw":
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-6)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_lambda(t_total, warmup))
+    raise ValueError(f"unknown optimizer {kind!r}; 'bert' or 'adamw'")
+
+
+__all__ = ["BertAdam", "warmup_linear", "warmup_linear_lambda", "make_optimizer"]

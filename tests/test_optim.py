@@ -1,0 +1,69 @@
+"""BertAdam reproduces the original optimizer's arithmetic; the schedule is LXMERT's warmup_linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lxm.train.optim import BertAdam, make_optimizer, warmup_linear
+
+
+def _reference_steps(p0, grads, lr, warmup, t_total, wd=0.01, b1=0.9, b2=0.999, e=1e-6):
+    """The pytorch-pretrained-bert BertAdam update, written out with plain tensor arithmetic."""
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for step, g in enumerate(grads):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        update = m / (v.sqrt() + e) + wd * p
+        x = step / t_total
+        mult = x / warmup if x < warmup else max((x - 1.0) / (warmup - 1.0), 0.0)
+        p = p - lr * mult * update
+    return p
+
+
+def test_bertadam_matches_the_original_update_rule():
+    torch.manual_seed(0)
+    p0 = torch.randn(5, 3)
+    grads = [torch.randn(5, 3) for _ in range(12)]
+    param = torch.nn.Parameter(p0.clone())
+    opt = BertAdam([param], lr=1e-2, warmup=0.25, t_total=12)
+    for g in grads:
+        param.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(param.data, _reference_steps(p0, grads, 1e-2, 0.25, 12), rtol=1e-6, atol=1e-7)
+
+
+def test_first_update_uses_lr_zero_and_decay_applies_to_biases():
+    bias = torch.nn.Parameter(torch.ones(3))
+    opt = BertAdam([bias], lr=0.1, warmup=0.1, t_total=10)
+    bias.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(bias.data, torch.ones(3))  # progress 0 -> multiplier 0
+    assert opt.current_lr()[0] == pytest.approx(0.1)  # step 1 of 10 = end of warm-up
+    bias.grad = torch.zeros(3)
+    before = bias.data.clone()
+    opt.step()
+    assert (bias.data < before).all()  # weight decay moves even a zero-gradient bias
+
+
+def test_warmup_linear_shape():
+    assert warmup_linear(0.0, 0.05) == 0.0
+    assert warmup_linear(0.025, 0.05) == pytest.approx(0.5)
+    assert warmup_linear(0.05, 0.05) == pytest.approx(1.0)
+    assert warmup_linear(0.525, 0.05) == pytest.approx(0.5)
+    assert warmup_linear(1.0, 0.05) == 0.0 and warmup_linear(1.2, 0.05) == 0.0
+
+
+def test_adamw_option_has_the_same_schedule_and_spares_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt, sched = make_optimizer(model, "adamw", lr=1.0, t_total=20, warmup=0.1)
+    no_decay = opt.param_groups[1]
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # linear bias + LayerNorm weight/bias
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 17 / 18])
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer(model, "sgd", 1.0, 10, 0.1)
