@@ -6,6 +6,7 @@ as they land.
 
 from __future__ import annotations
 
+import json
 import logging
 from enum import Enum
 from pathlib import Path
@@ -419,6 +420,52 @@ def build_corpus_cmd(
                    highlight=False)
     _err.print(f"wrote {len(result['rows'])} sentences and {len(result['finetune_counts'])} finetuning sets "
                f"to {out}", highlight=False)
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, log.jsonl, checkpoints/."),
+    config: str = typer.Option("base", "--config", help="Preset (base = the original recipe, tiny = smoke test) or a "
+                                                       "YAML file of PretrainConfig keys."),
+    corpus: Path = typer.Option(None, "--corpus", help="Corpus directory from lxm build-corpus (overrides config)."),
+    features: list[Path] = typer.Option(None, "--features", help="Feature store directories (override config)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set lr=5e-5 --set epochs=12."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+) -> None:
+    """Pretrain LXMERT (MLM, matching, object/attribute/feature prediction, QA) as the original recipe by default.
+
+    Writes OUT/config.yaml (resolved) first, a jsonl log of every loss term, checkpoints every N steps and each epoch
+    (atomically; --resume continues exactly), and best.pt by minival loss. Multi-process:
+    torchrun --nproc_per_node 4 -m lxm.cli pretrain ... (DDP; gloo on CPU, nccl on GPU).
+
+    Example: lxm pretrain --corpus corpus/ --features features/train2014 --features features/val2014 --features features/vg --out runs/lxmert
+    """
+    from lxm.train.config import load_config
+    from lxm.train.pretrain import Pretrainer
+
+    overrides = list(set_ or [])
+    if corpus is not None:
+        overrides.append(f"corpus={corpus}")
+    if features:
+        overrides.append("features=" + json.dumps([str(f) for f in features]))
+    try:
+        cfg = load_config(config, overrides)
+        trainer = Pretrainer(cfg, out, resume=resume, log=lambda m: _err.print(m, highlight=False))
+        with _progress("steps") as bar:
+            task = bar.add_task("pretrain", total=trainer.total_steps, completed=trainer.step)
+            original = trainer._log
+
+            def log_and_advance(record):
+                original(record)
+                if "loss" in record:
+                    bar.update(task, completed=record["step"],
+                               description=f"pretrain loss {record['loss']:.3f}")
+
+            trainer._log = log_and_advance
+            result = trainer.run()
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    _err.print(f"done: step {result['step']}, epoch {result['epoch']}; logs and checkpoints in {out}", highlight=False)
 
 
 @app.command("inspect")

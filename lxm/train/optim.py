@@ -19,7 +19,7 @@ def warmup_linear(progress: float, warmup: float) -> float:
     """lr multiplier at `progress` = step / t_total: linear warm-up to 1 over `warmup`, then linear decay to 0."""
     if progress < warmup:
         return progress / warmup
-    return max((progress - 1.0) / (warmup - 1.0), 0.0)
+    return max((progress - 1.0) / (warmup - 1.0), 0.0) + 0.0  # + 0.0: no "-0.0" at the end
 
 
 class BertAdam(Optimizer):

@@ -1,0 +1,126 @@
+"""Run configuration for `lxm pretrain`: one dataclass, YAML files plus `key=value` overrides, unknown keys rejected.
+
+Defaults reproduce `run/lxmert_pretrain.bash` of airsplay/lxmert (lxmert.md §2.1, §2.5): batch 256, lr 1e-4, BertAdam,
+warmup 5 %, 20 epochs, clip 1.0, seed 9595, masks 0.15 / 0.15, train on train + nominival + vgnococo, validate on
+minival, all five objectives with QA from the first epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class PretrainConfig:
+    # --- data
+    corpus: str = ""  # directory written by `lxm build-corpus`
+    features: list[str] = field(default_factory=list)  # feature store directories
+    vocab: str = "bert-base-uncased"  # WordPiece vocabulary (file, directory or Hub id)
+    answers: str = ""  # answer table JSON (default: <corpus>/vocab/qa_answers.json)
+    train_splits: list[str] = field(default_factory=lambda: ["train", "nominival", "vgnococo"])
+    valid_split: str = "minival"  # "" disables validation
+    sources: list[str] = field(default_factory=lambda: ["mscoco", "vg", "vqa", "gqa", "vgqa"])
+    max_length: int = 20  # tokens incl. [CLS]/[SEP]
+    word_mask_rate: float = 0.15
+    obj_mask_rate: float = 0.15
+    num_workers: int = 2  # DataLoader workers per process
+    # --- model
+    model: str = "base"  # preset (base, small, tiny) or a checkpoint for load_pretrained
+    dropout: float = -1.0  # hidden and attention dropout; -1 keeps the model's (0.1)
+    # --- objectives (lxm.model.losses.PretrainLossConfig)
+    qa_start_epoch: int = 0  # code: QA from the first epoch; paper: 10 (QA only in the last 10 of 20 epochs)
+    obj_attr_boxes: str = "all"  # "all" (code) or "masked" (paper)
+    obj_attr_confidence: bool = True  # weight obj/attr CE by detector confidence (code)
+    feat_loss: str = "smoothl1"  # "smoothl1" (code) or "l2" (paper)
+    # --- optimisation
+    batch_size: int = 256  # global batch (all processes, all accumulation micro-steps)
+    micro_batch_size: int = 0  # per process per micro-step; 0 = batch_size / world size (no accumulation)
+    epochs: int = 20
+    max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); for smoke runs
+    optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
+    lr: float = 1e-4
+    warmup: float = 0.05
+    weight_decay: float = 0.01
+    clip_grad_norm: float = 1.0
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    seed: int = 9595
+    # --- bookkeeping
+    log_every: int = 10  # steps between log lines
+    checkpoint_every: int = 1000  # steps between checkpoints (and one at each epoch end)
+    keep_last: int = 3  # step checkpoints kept (plus best.pt and the epoch ones)
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+    def validate(self) -> None:
+        if not self.corpus:
+            raise ValueError("config: 'corpus' is required (a directory written by lxm build-corpus)")
+        if not self.features:
+            raise ValueError("config: 'features' needs at least one feature store directory")
+        choices = {"obj_attr_boxes": ("all", "masked"), "feat_loss": ("smoothl1", "l2"),
+                   "optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "epochs", "log_every", "checkpoint_every", "keep_last", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config: '{name}' must be positive, got {getattr(self, name)}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _coerce(name: str, hint: Any, text: str) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if origin is list:
+            value = yaml.safe_load(text)
+            return value if isinstance(value, list) else [x for x in text.split(",") if x]
+        return text
+    except ValueError:
+        raise ValueError(f"--set {name}={text}: expected {getattr(hint, '__name__', hint)}") from None
+
+
+def load_config(preset_or_path: str | None, overrides: list[str] = ()) -> PretrainConfig:
+    """A preset name ("base", "tiny") or a YAML file, then `key=value` overrides; unknown keys are errors."""
+    values: dict[str, Any] = {}
+    if preset_or_path == "tiny":
+        values = dict(model="tiny", batch_size=8, epochs=1, log_every=1, checkpoint_every=20, num_workers=0,
+                      lr=1e-3, warmup=0.1)
+    elif preset_or_path not in (None, "", "base"):
+        path = Path(preset_or_path)
+        if not path.is_file():
+            raise ValueError(f"--config {preset_or_path}: neither a preset (base, tiny) nor a YAML file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        values = loaded
+    hints = typing.get_type_hints(PretrainConfig)
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item}: expected key=value")
+        key, text = item.split("=", 1)
+        if key not in known:
+            raise ValueError(f"--set {key}: unknown config key")
+        values[key] = _coerce(key, hints[key], text)
+    cfg = PretrainConfig(**values)
+    cfg.validate()
+    return cfg
