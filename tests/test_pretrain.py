@@ -63,6 +63,7 @@ def test_pretrain_writes_config_logs_and_checkpoints(data, tmp_path):
     assert any("valid" in r for r in _log(tmp_path / "run"))
     ckpts = {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
     assert {"epoch-00.pt", "epoch-01.pt", "best.pt", "step-8.pt", "step-6.pt"} <= ckpts
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_unknown_config_key_is_an_error(data, tmp_path):

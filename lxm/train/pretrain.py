@@ -182,9 +182,29 @@ class Pretrainer:
         return losses
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.dist.is_main:
-            with (self.out / "log.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.dist.is_main:
+            return
+        with (self.out / "log.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    writer.add_scalar(f"train/{key}", value, record["step"])
+            for key, value in record.get("valid", {}).items():
+                writer.add_scalar(f"valid/{key}", value, record["step"])
+            writer.flush()
+
+    def _tensorboard(self):
+        """A SummaryWriter into OUT/tensorboard when the tensorboard package is installed (else jsonl only)."""
+        if not hasattr(self, "_tb"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._tb = None
+        return self._tb
 
     def validate(self) -> dict[str, float]:
         if self.valid_set is None:
