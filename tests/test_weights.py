@@ -181,3 +181,27 @@ def test_cli_refuses_hf_export_of_nlvr2_head_before_writing(tmp_path):
     result = CliRunner().invoke(app, ["convert-checkpoint", str(tmp_path / "n"), str(tmp_path / "h"), "--to", "hf"])
     assert result.exit_code == 1 and "NLVR2" in result.output
     assert not (tmp_path / "h").exists()
+
+
+def test_bert_initialisation_fills_the_bert_parts(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=1200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    bert = transformers.BertForPreTraining(cfg)
+    randomize_(bert, 5)
+    bert.save_pretrained(tmp_path / "bert")
+    from lxm.model.weights import init_from_bert
+
+    model = LxmertForPreTraining(lxmert_tiny())
+    visn_before = model.lxmert.encoder.visn_fc.visn_fc.weight.clone()
+    report = init_from_bert(model, tmp_path / "bert", verbose=False)
+    sd = bert.state_dict()
+    assert torch.equal(model.lxmert.encoder.layer[1].output.dense.weight, sd["bert.encoder.layer.1.output.dense.weight"])
+    assert torch.equal(model.lxmert.embeddings.word_embeddings.weight, sd["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(model.cls.seq_relationship.weight, sd["cls.seq_relationship.weight"])
+    assert torch.equal(model.lxmert.encoder.visn_fc.visn_fc.weight, visn_before)  # not a BERT part: untouched
+    assert any(k.startswith("lxmert.encoder.x_layers.") for k in report.initialised)
+    small = LxmertForPreTraining(lxmert_tiny(l_layers=1))
+    with pytest.raises(CheckpointError, match="lxmert.encoder.layer.1"):
+        init_from_bert(small, tmp_path / "bert", verbose=False)

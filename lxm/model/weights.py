@@ -430,6 +430,67 @@ def load_pretrained(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# BERT initialisation
+
+
+def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike, *, verbose: bool = True) -> LoadReport:
+    """Copy a BERT checkpoint into the parts of LXMERT that BERT has (the original's `from_pretrained("bert-base-
+    uncased")` before `--fromScratch`): embeddings, the language layers, pooler, MLM head and the matching head
+    (BERT's next-sentence classifier). Every BERT tensor must find its place with the right shape; object-relationship
+    and cross layers, the visual encoder and the visual/QA heads keep their fresh init (listed in the report).
+
+    Args:
+        source: a transformers BERT directory (config.json + model.safetensors / pytorch_model.bin), such a file, or
+            a Hub id such as bert-base-uncased.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = [p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists()]
+        if not files:
+            raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
+        path = files[0]
+    elif not path.exists():
+        path = _download_hub(str(source)) / "model.safetensors"
+        if not path.exists():
+            path = path.with_name("pytorch_model.bin")
+    sd = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path)
+    renamed: dict[str, Tensor] = {}
+    ignored = []
+    for key, value in sd.items():
+        if key.startswith("bert."):
+            key = key[len("bert."):]
+        # the 2018 bert-base-uncased weights name LayerNorm parameters gamma/beta
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if key == "cls.predictions.decoder.bias":  # an alias of cls.predictions.bias in some versions
+            ignored.append(key)
+            continue
+        if key.startswith(("embeddings.", "encoder.layer.", "pooler.")):
+            renamed["lxmert." + key] = value
+        elif key.startswith(("cls.predictions.", "cls.seq_relationship.")):
+            renamed[key] = value
+        else:
+            ignored.append(key)  # e.g. position_ids buffers of some transformers versions
+    target = model.state_dict()
+    report = LoadReport(source=str(path), format="bert")
+    bad = [k for k in renamed if k not in target and k != TIED_KEY]
+    shapes = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in renamed.items()
+              if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    if bad or shapes:
+        report.unexpected, report.mismatched = bad, shapes
+        raise CheckpointError(f"{path}: BERT weights do not fit this LXMERT\n{report.summary()}")
+    with torch.no_grad():
+        for key, value in renamed.items():
+            if key != TIED_KEY:
+                target[key].copy_(value)
+                report.loaded.append(key)
+    report.initialised = [k for k in target if k not in renamed and k != TIED_KEY]
+    report.ignored = ignored
+    if verbose:
+        print(report.summary(), file=sys.stderr)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Writing
 
 

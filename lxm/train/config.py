@@ -33,6 +33,7 @@ class PretrainConfig:
     # --- model
     model: str = "base"  # preset (base, small, tiny) or a checkpoint for load_pretrained
     dropout: float = -1.0  # hidden and attention dropout; -1 keeps the model's (0.1)
+    init_bert: str = ""  # BERT checkpoint (HF bert-base-uncased dir/file) for BERT-style init; "" = from scratch
     # --- objectives (lxm.model.losses.PretrainLossConfig)
     qa_start_epoch: int = 0  # code: QA from the first epoch; paper: 10 (QA only in the last 10 of 20 epochs)
     obj_attr_boxes: str = "all"  # "all" (code) or "masked" (paper)

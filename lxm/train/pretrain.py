@@ -116,7 +116,13 @@ class Pretrainer:
             except ValueError:
                 self.log(f"no {cfg.valid_split} sentences with features: validation skipped")
         feat_dim = self.train_set.stores[0].feature_dim
-        self.model = build_model(cfg, self.train_set.tokenizer.vocab_size, feat_dim, len(answers)).to(self.device)
+        self.answers = answers
+        self.model = build_model(cfg, self.train_set.tokenizer.vocab_size, feat_dim, len(answers))
+        if cfg.init_bert and not resume:
+            from lxm.model.weights import init_from_bert
+
+            init_from_bert(self.model, cfg.init_bert, verbose=self.dist.is_main)
+        self.model = self.model.to(self.device)
         self.ddp = self.model
         if self.dist.world_size > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -213,18 +219,30 @@ class Pretrainer:
         loader = DataLoader(self.valid_set, batch_size=self.micro, collate_fn=collate,
                             num_workers=self.cfg.num_workers, generator=torch.Generator().manual_seed(self.cfg.seed))
         sums: dict[str, float] = {}
+        hits: dict[str, list[int]] = {}  # per QA source: [correct, labelled]
         n = 0
         with torch.no_grad():
             for batch in loader:
+                batch = batch.to(self.device)
                 with autocast(self.cfg.precision, self.device.type):
-                    losses = self._loss_fn(self.model, batch)
+                    losses, out = pretraining_step_losses(self.model, batch.labels, self.loss_cfg,
+                                                          **batch.model_inputs())
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(batch.uids)
                 n += len(batch.uids)
+                if out.answer_logits is not None:
+                    pred = out.answer_logits.argmax(-1).tolist()
+                    for src, p, a in zip(batch.sources, pred, batch.labels.answers.tolist()):
+                        if a >= 0:
+                            h = hits.setdefault(src, [0, 0])
+                            h[0] += int(p == a)
+                            h[1] += 1
         self.model.train()
-        out = {k: v / n for k, v in sums.items()}
-        out["loss"] = sum(out.values())
-        return out
+        result = {k: v / n for k, v in sums.items()}
+        result["loss"] = sum(result.values())
+        for src, (ok, total) in sorted(hits.items()):
+            result[f"qa_acc_{src}"] = ok / total  # the original printed QA accuracy per dataset each epoch
+        return result
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
