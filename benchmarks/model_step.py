@@ -78,7 +78,6 @@ def build(name: str, which: str):
         return hf, hf_step
     model = LxmertForPreTraining(cfg).train()
     load_into(model, hf.state_dict(), source="transformers (in memory)", fmt="hf")
-    del hf
 
     def lxm_step():
         losses, _ = pretraining_step_losses(model, labels, **inputs)

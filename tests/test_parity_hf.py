@@ -19,7 +19,6 @@ from lxm.model import (
     lxmert_tiny,
     load_pretrained,
     pretraining_losses,
-    save_hf,
     save_lxm,
 )
 

@@ -354,7 +354,8 @@ class CorpusBuilder:
                 rows.add(question_id=qid, img_id=img_id, sent=text, label={answer: 1.0})
         self.vocabs["gqa"] = list(answers)
         vocab = set(self.vocabs["gqa"])
-        for name, split in (("testdev_balanced_questions.json", "testdev"), ("submission_all_questions.json", "submit")):
+        extra = (("testdev_balanced_questions.json", "testdev"), ("submission_all_questions.json", "submit"))
+        for name, split in extra:
             path = _find(folder, name, required=False)
             if path is None:
                 continue

@@ -262,7 +262,8 @@ class GeneralizedRCNN(nn.Module):
                     t.copy_(0.1 * torch.randn(t.shape, generator=g))
                 elif name.endswith("bias"):
                     t.zero_()
-                elif name.startswith(("proposal_generator.rpn_head.anchor_deltas", "roi_heads.box_predictor.bbox_pred")):
+                elif name.startswith(("proposal_generator.rpn_head.anchor_deltas",
+                                      "roi_heads.box_predictor.bbox_pred")):
                     t.copy_(torch.randn(t.shape, generator=g) * 0.001)  # near-identity boxes, as detectron2's init
                 elif name.startswith(("proposal_generator.rpn_head.objectness", "roi_heads.box_predictor.cls_score")):
                     t.copy_(torch.randn(t.shape, generator=g) * 0.01)

@@ -76,7 +76,8 @@ class LxmertConfig:
                 f"num_attention_heads ({self.num_attention_heads})"
             )
         if self.task_qa and (not isinstance(self.num_qa_labels, int) or self.num_qa_labels <= 0):
-            raise ValueError(f"LxmertConfig.num_qa_labels must be positive when task_qa is on, got {self.num_qa_labels!r}")
+            raise ValueError(
+                f"LxmertConfig.num_qa_labels must be positive when task_qa is on, got {self.num_qa_labels!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -121,8 +122,8 @@ def lxmert_base(**overrides: Any) -> LxmertConfig:
 
 def lxmert_small(**overrides: Any) -> LxmertConfig:
     """A 256-wide model (4 heads, FFN 1024, l/x/r = 3/2/2) with the real vocab and heads; used by the benchmarks."""
-    values: dict[str, Any] = dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, l_layers=3, x_layers=2,
-                                  r_layers=2)
+    values: dict[str, Any] = dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, l_layers=3,
+                                  x_layers=2, r_layers=2)
     values.update(overrides)
     return LxmertConfig(**values)
 

@@ -39,7 +39,8 @@ class PretrainLossConfig:
 
     def __post_init__(self) -> None:
         if self.obj_attr_boxes not in ("all", "masked"):
-            raise ValueError(f"PretrainLossConfig.obj_attr_boxes must be 'all' or 'masked', got {self.obj_attr_boxes!r}")
+            raise ValueError(
+                f"PretrainLossConfig.obj_attr_boxes must be 'all' or 'masked', got {self.obj_attr_boxes!r}")
         if self.feat_loss not in ("smoothl1", "l2"):
             raise ValueError(f"PretrainLossConfig.feat_loss must be 'smoothl1' or 'l2', got {self.feat_loss!r}")
 

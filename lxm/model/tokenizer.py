@@ -87,7 +87,8 @@ class LxmertTokenizer:
         if missing:
             raise TokenizerError(f"{self.vocab_path}: vocabulary lacks special token(s) {', '.join(missing)}")
         if vocab_map["[PAD]"] != 0:
-            raise TokenizerError(f"{self.vocab_path}: [PAD] must have id 0 (LXMERT pads with 0), has {vocab_map['[PAD]']}")
+            raise TokenizerError(
+                f"{self.vocab_path}: [PAD] must have id 0 (LXMERT pads with 0), has {vocab_map['[PAD]']}")
         self.max_length = max_length
         self._tok.enable_truncation(max_length=max_length)  # counts [CLS]/[SEP]: at most max_length-2 pieces
         self._tok.enable_padding(length=max_length, pad_id=0, pad_token="[PAD]")

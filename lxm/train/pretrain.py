@@ -165,7 +165,8 @@ class Pretrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.position, self.best = state["step"], state["epoch"], state["position"], state["best"]
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.position, self.best = state["position"], state["best"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
