@@ -468,6 +468,96 @@ def pretrain_cmd(
     _err.print(f"done: step {result['step']}, epoch {result['epoch']}; logs and checkpoints in {out}", highlight=False)
 
 
+evaluate_app = typer.Typer(help="Score predictions with the official VQA / GQA / NLVR2 metrics (JSON to stdout).",
+                           no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+
+
+def _json_file(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+@evaluate_app.command("vqa")
+def evaluate_vqa_cmd(
+    questions: Path = typer.Option(..., "--questions", exists=True, dir_okay=False,
+                                   help="v2_OpenEnded_mscoco_*_questions.json (the evaluated questions)."),
+    annotations: Path = typer.Option(..., "--annotations", exists=True, dir_okay=False,
+                                     help="v2_mscoco_*_annotations.json."),
+    predictions: Path = typer.Option(..., "--predictions", exists=True, dir_okay=False,
+                                     help='Results: [{"question_id": int, "answer": str}, ...].'),
+) -> None:
+    """Official VQA accuracy (overall, per answer type, per question type; 0-100).
+
+    Example: lxm evaluate vqa --questions v2_OpenEnded_mscoco_val2014_questions.json --annotations v2_mscoco_val2014_annotations.json --predictions minival_predict.json
+    """
+    from lxm.train.metrics import vqa_accuracy
+
+    try:
+        qids = {q["question_id"] for q in _json_file(questions)["questions"]}
+        anns = [a for a in _json_file(annotations)["annotations"] if a["question_id"] in qids]
+        preds = {int(r["question_id"]): r["answer"] for r in _json_file(predictions)}
+        result = vqa_accuracy(anns, preds)
+    except (ValueError, KeyError, TypeError) as exc:
+        _fail(ValueError(f"{exc}") if not isinstance(exc, ValueError) else exc)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@evaluate_app.command("gqa")
+def evaluate_gqa_cmd(
+    questions: Path = typer.Option(..., "--questions", exists=True, dir_okay=False,
+                                   help="GQA questions with answers, e.g. testdev_balanced_questions.json."),
+    predictions: Path = typer.Option(..., "--predictions", exists=True, dir_okay=False,
+                                     help='[{"questionId": str, "prediction": str}, ...].'),
+) -> None:
+    """GQA accuracy over balanced questions (exact match), with binary and open splits (0-100).
+
+    Example: lxm evaluate gqa --questions testdev_balanced_questions.json --predictions testdev_predict.json
+    """
+    from lxm.train.metrics import gqa_accuracy
+
+    try:
+        preds = {str(r["questionId"]): r["prediction"] for r in _json_file(predictions)}
+        result = gqa_accuracy(_json_file(questions), preds)
+    except (ValueError, KeyError, TypeError) as exc:
+        _fail(ValueError(f"{exc}") if not isinstance(exc, ValueError) else exc)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@evaluate_app.command("nlvr2")
+def evaluate_nlvr2_cmd(
+    annotations: Path = typer.Option(..., "--annotations", exists=True, dir_okay=False,
+                                     help="NLVR2 dev.json / test1.json (JSON lines)."),
+    predictions: Path = typer.Option(..., "--predictions", exists=True, dir_okay=False,
+                                     help="CSV lines identifier,True|False (no header)."),
+) -> None:
+    """NLVR2 accuracy and consistency (0-100), as the official metrics.py.
+
+    Example: lxm evaluate nlvr2 --annotations dev.json --predictions dev_predict.csv
+    """
+    from lxm.train.metrics import nlvr2_metrics
+
+    try:
+        labels = {}
+        for n, line in enumerate(annotations.read_text().splitlines(), start=1):
+            if line.strip():
+                rec = json.loads(line)
+                labels[rec["identifier"]] = rec["label"]
+        preds = {}
+        for n, line in enumerate(predictions.read_text().splitlines(), start=1):
+            if line.strip():
+                ident, _, value = line.partition(",")
+                if not value:
+                    raise ValueError(f"{predictions}: line {n}: expected identifier,True|False")
+                preds[ident.strip()] = value.strip()
+        result = nlvr2_metrics(labels, preds)
+    except (ValueError, KeyError) as exc:
+        _fail(ValueError(f"{exc}") if not isinstance(exc, ValueError) else exc)
+    typer.echo(json.dumps(result, indent=2))
+
+
 @app.command("inspect")
 def inspect_cmd(src: Path = typer.Argument(..., help="Feature store directory.")) -> None:
     """Print a feature store's counts, dtype, shards and extractor metadata.
