@@ -97,7 +97,9 @@ def _advancing(items, bar, task):
 
 
 def _fail(exc: Exception) -> None:
-    _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+    # a KeyError's text is just the quoted key: say what it is
+    text = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+    _err.print(f"[red]error:[/red] {escape(text)}", highlight=False)
     raise typer.Exit(code=1)
 
 
@@ -450,18 +452,16 @@ def pretrain_cmd(
         overrides.append("features=" + json.dumps([str(f) for f in features]))
     try:
         cfg = load_config(config, overrides)
-        trainer = Pretrainer(cfg, out, resume=resume, log=lambda m: _err.print(m, highlight=False))
         with _progress("steps") as bar:
-            task = bar.add_task("pretrain", total=trainer.total_steps, completed=trainer.step)
-            original = trainer._log
+            task = bar.add_task("pretrain", total=None)
 
-            def log_and_advance(record):
-                original(record)
+            def advance(record):
                 if "loss" in record:
-                    bar.update(task, completed=record["step"],
-                               description=f"pretrain loss {record['loss']:.3f}")
+                    bar.update(task, completed=record["step"], description=f"pretrain loss {record['loss']:.3f}")
 
-            trainer._log = log_and_advance
+            trainer = Pretrainer(cfg, out, resume=resume, log=lambda m: _err.print(m, highlight=False),
+                                 on_record=advance)
+            bar.update(task, total=trainer.total_steps, completed=trainer.step)
             result = trainer.run()
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(exc)
@@ -501,7 +501,7 @@ def evaluate_vqa_cmd(
         preds = {int(r["question_id"]): r["answer"] for r in _json_file(predictions)}
         result = vqa_accuracy(anns, preds)
     except (ValueError, KeyError, TypeError) as exc:
-        _fail(ValueError(f"{exc}") if not isinstance(exc, ValueError) else exc)
+        _fail(exc)
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -522,7 +522,7 @@ def evaluate_gqa_cmd(
         preds = {str(r["questionId"]): r["prediction"] for r in _json_file(predictions)}
         result = gqa_accuracy(_json_file(questions), preds)
     except (ValueError, KeyError, TypeError) as exc:
-        _fail(ValueError(f"{exc}") if not isinstance(exc, ValueError) else exc)
+        _fail(exc)
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -541,7 +541,7 @@ def evaluate_nlvr2_cmd(
 
     try:
         labels = {}
-        for n, line in enumerate(annotations.read_text().splitlines(), start=1):
+        for line in annotations.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
                 labels[rec["identifier"]] = rec["label"]
@@ -554,7 +554,7 @@ def evaluate_nlvr2_cmd(
                 preds[ident.strip()] = value.strip()
         result = nlvr2_metrics(labels, preds)
     except (ValueError, KeyError) as exc:
-        _fail(ValueError(f"{exc}") if not isinstance(exc, ValueError) else exc)
+        _fail(exc)
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -143,6 +143,7 @@ class PretrainDataset(Dataset):
             raise ValueError(f"{path}: no sentence of splits {sorted(keep_splits)} / sources {sorted(keep_sources)} "
                              f"has features in {[str(f) for f in features]}")
         self.store_of = [where[i] for i in self.img_ids]
+        self.several_images = len(set(self.img_ids)) > 1  # else no negative exists (a one-image toy corpus)
         self.tokenizer = LxmertTokenizer(vocab, max_length=max_length)
         self.word_mask_rate, self.obj_mask_rate = word_mask_rate, obj_mask_rate
         self.max_length, self.seed, self.epoch = max_length, seed, 0
@@ -175,13 +176,11 @@ class PretrainDataset(Dataset):
     def __getitem__(self, index: int) -> PretrainExample:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         text, matched = self.texts[index], 1
-        if rng.random() < 0.5:  # matching negative: a sentence of another image
+        if rng.random() < 0.5 and self.several_images:  # matching negative: a sentence of another image
             while True:
                 other = int(rng.integers(len(self)))
                 if self.img_ids[other] != self.img_ids[index]:
                     text, matched = self.texts[other], 0
-                    break
-                if len(set(self.img_ids)) == 1:
                     break
         ids, mlm, length = self._mask_words(text, rng)
         attention = np.zeros(self.max_length, dtype=np.int64)

@@ -95,8 +95,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 class Pretrainer:
-    def __init__(self, cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = False, log=print):
-        self.cfg, self.out, self.log = cfg, Path(out), log
+    def __init__(self, cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = False, log=print,
+                 on_record=None):
+        """`log` receives messages; `on_record` every log record (after it is written), e.g. for a progress bar."""
+        self.cfg, self.out, self.log, self.on_record = cfg, Path(out), log, on_record
         self.dist = init_distributed("cuda" if cfg.device == "cuda" else "cpu")
         self.device = _device(cfg, self.dist)
         torch.manual_seed(cfg.seed + self.dist.rank)
@@ -116,7 +118,6 @@ class Pretrainer:
             except ValueError:
                 self.log(f"no {cfg.valid_split} sentences with features: validation skipped")
         feat_dim = self.train_set.stores[0].feature_dim
-        self.answers = answers
         self.model = build_model(cfg, self.train_set.tokenizer.vocab_size, feat_dim, len(answers))
         if cfg.init_bert and not resume:
             from lxm.model.weights import init_from_bert
@@ -201,6 +202,8 @@ class Pretrainer:
             for key, value in record.get("valid", {}).items():
                 writer.add_scalar(f"valid/{key}", value, record["step"])
             writer.flush()
+        if self.on_record is not None:
+            self.on_record(record)
 
     def _tensorboard(self):
         """A SummaryWriter into OUT/tensorboard when the tensorboard package is installed (else jsonl only)."""
