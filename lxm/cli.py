@@ -468,6 +468,99 @@ def pretrain_cmd(
     _err.print(f"done: step {result['step']}, epoch {result['epoch']}; logs and checkpoints in {out}", highlight=False)
 
 
+@app.command("finetune")
+def finetune_cmd(
+    task: str = typer.Argument(..., help="vqa, gqa or nlvr2."),
+    out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, log.jsonl, metrics.jsonl, best/, "
+                                                "predictions/, last.pt."),
+    init: str = typer.Option(None, "--init", help="Pretrained weights: an lxm pretraining run directory, an "
+                                                  "original *_LXRT.pth, a transformers LXMERT directory or Hub id."),
+    config: str = typer.Option("paper", "--config", help="Preset (paper = the original recipe of the task, tiny = "
+                                                         "smoke test) or a YAML file of FinetuneConfig keys."),
+    corpus: Path = typer.Option(None, "--corpus", help="Corpus directory from lxm build-corpus (overrides config)."),
+    features: list[Path] = typer.Option(None, "--features", help="Feature store directories (override config)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set lr=1e-5 --set epochs=4."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last finished epoch."),
+) -> None:
+    """Finetune LXMERT on VQA, GQA or NLVR2 with the original recipes (batch 32, lr 5e-5 / 1e-5 / 5e-5, 4 epochs,
+    warm-up 10 %, clip 5.0).
+
+    VQA trains on train+nominival and validates on minival; GQA train+valid / testdev; NLVR2 train / dev. The
+    answer head starts from the pretraining QA head by answer string (coverage printed). Each epoch appends the
+    validation score to OUT/metrics.jsonl; the best epoch is kept in OUT/best/ with its predictions in
+    OUT/predictions/ (official formats). Multi-process: torchrun --nproc_per_node 4 -m lxm.cli finetune ...
+
+    Example: lxm finetune vqa --init runs/lxmert --corpus corpus/ --features features/train2014 --features features/val2014 --out runs/vqa
+    """
+    from lxm.train.config import load_finetune_config
+    from lxm.train.finetune import Finetuner
+
+    overrides = list(set_ or [])
+    if init:
+        overrides.append(f"init={init}")
+    if corpus is not None:
+        overrides.append(f"corpus={corpus}")
+    if features:
+        overrides.append("features=" + json.dumps([str(f) for f in features]))
+    try:
+        cfg = load_finetune_config(task, config, overrides)
+        with _progress("steps") as bar:
+            bar_task = bar.add_task(f"finetune {task}", total=None)
+
+            def advance(record):
+                if "loss" in record:
+                    bar.update(bar_task, completed=record["step"],
+                               description=f"{task} epoch {record['epoch']} loss {record['loss']:.3f}")
+                elif "valid" in record and record["valid"]:
+                    _err.print(f"epoch {record['epoch']}: {cfg.valid_split} "
+                               + ", ".join(f"{k} {v}" for k, v in record["valid"].items()), highlight=False)
+
+            trainer = Finetuner(cfg, out, resume=resume, log=lambda m: _err.print(m, highlight=False),
+                                on_record=advance)
+            bar.update(bar_task, total=trainer.steps_per_epoch * cfg.epochs, completed=trainer.step)
+            result = trainer.run()
+    except (ValueError, RuntimeError, OSError, KeyError) as exc:
+        _fail(exc)
+    _err.print(f"done: {result['epochs']} epochs; best {cfg.valid_split} accuracy {result['best']} (epoch "
+               f"{result['best_epoch']}); model in {out / 'best'}", highlight=False)
+
+
+@app.command("predict")
+def predict_cmd(
+    task: str = typer.Argument(..., help="vqa, gqa or nlvr2 (must match the run)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A finetuning run directory (lxm finetune --out)."),
+    split: str = typer.Option(..., "--split", help="Table of the corpus to predict: vqa test/minival/testdev, "
+                                                   "gqa testdev/submit, nlvr2 dev/test1/test2."),
+    out: Path = typer.Option(..., "--out", help="Submission file to write (JSON for VQA/GQA, CSV for NLVR2)."),
+    corpus: Path = typer.Option(None, "--corpus", help="Corpus directory (default: the run's)."),
+    features: list[Path] = typer.Option(None, "--features", help="Feature stores (default: the run's)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Evaluation batch size (default: the run's)."),
+) -> None:
+    """Write the official submission file of a split with the run's best model.
+
+    VQA [{"question_id", "answer"}], GQA [{"questionId", "prediction"}], NLVR2 CSV identifier,True|False. When the
+    split has labels, the local score is printed too (use lxm evaluate for the official one).
+
+    Example: lxm predict vqa --checkpoint runs/vqa --split test --features features/test2015 --out test_predict.json
+    """
+    import yaml
+
+    from lxm.train.finetune import predict_run
+
+    try:
+        cfg_path = checkpoint / "config.yaml"
+        run_task = (yaml.safe_load(cfg_path.read_text()) or {}).get("task") if cfg_path.exists() else None
+        if run_task is not None and run_task != task:
+            raise ValueError(f"{checkpoint} is a {run_task} run, not {task}")
+        path, scores = predict_run(checkpoint, split, out, corpus=str(corpus) if corpus else None,
+                                   features=[str(f) for f in features] if features else None, batch_size=batch_size,
+                                   log=lambda m: _err.print(m, highlight=False))
+    except (ValueError, RuntimeError, OSError, KeyError) as exc:
+        _fail(exc)
+    _err.print(f"wrote {path}" + (f" (local {split} " + ", ".join(f"{k} {v}" for k, v in scores.items()) + ")"
+                                  if scores else ""), highlight=False)
+
+
 evaluate_app = typer.Typer(help="Score predictions with the official VQA / GQA / NLVR2 metrics (JSON to stdout).",
                            no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")

@@ -17,7 +17,7 @@ def tiny_hf_kwargs(**overrides):
     """transformers LxmertConfig kwargs equal to lxm's `lxmert_tiny()` preset."""
     kw = dict(vocab_size=1200, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
               l_layers=2, x_layers=2, r_layers=1, visual_feat_dim=16, num_object_labels=10, num_attr_labels=6,
-              num_qa_labels=7)
+              num_qa_labels=7, initializer_range=0.1)
     kw.update(overrides)
     return kw
 
@@ -76,3 +76,14 @@ def bert_vocab() -> Path:
     if not BERT_VOCAB.exists():
         pytest.fail(f"shared fixture missing: {BERT_VOCAB}")
     return BERT_VOCAB
+
+
+@pytest.fixture(scope="session")
+def pretrained_world(tmp_path_factory):
+    """(world root, run dir): the synthetic pretraining world and a tiny model pretrained on it by `lxm pretrain`
+    (~90 s); shared by the pretraining and finetuning learning tests."""
+    from synthetic import make_pretraining_world, pretrain
+
+    root = tmp_path_factory.mktemp("world")
+    make_pretraining_world(root)
+    return root, pretrain(root)

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -64,6 +65,13 @@ def test_pretrain_writes_config_logs_and_checkpoints(data, tmp_path):
     ckpts = {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
     assert {"epoch-00.pt", "epoch-01.pt", "best.pt", "step-8.pt", "step-6.pt"} <= ckpts
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    # the final weights as an lxm model directory, and a step checkpoint, both load with their own config
+    from lxm.model import load_pretrained
+
+    final = load_pretrained(tmp_path / "run" / "model", verbose=False)
+    from_step = load_pretrained(tmp_path / "run" / "checkpoints" / "step-8.pt", verbose=False)
+    assert final.config == from_step.config and final.config.hidden_size == 32
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), from_step.state_dict().values()))
 
 
 def test_unknown_config_key_is_an_error(data, tmp_path):

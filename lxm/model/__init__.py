@@ -12,9 +12,11 @@ from lxm.model.losses import (
     feat_regression_loss,
     masked_lm_loss,
     match_loss,
+    pair_loss,
     pretraining_losses,
     pretraining_step_losses,
     qa_loss,
+    soft_answer_loss,
     weighted_box_ce,
 )
 from lxm.model.modeling import LxmertForPreTraining, LxmertModel, LxmertOutput
@@ -35,6 +37,7 @@ __all__ = [
     "LxmertForPreTraining", "LxmertModel", "LxmertOutput",
     "LOSS_NAMES", "PretrainLabels", "PretrainLossConfig", "pretraining_losses", "pretraining_step_losses",
     "masked_lm_loss", "match_loss", "weighted_box_ce", "feat_regression_loss", "qa_loss",
+    "soft_answer_loss", "pair_loss",
     "LxmertTokenizer", "Encoding", "TokenizerError",
     "CheckpointError", "LoadReport", "load_pretrained", "load_pretrained_with_report", "convert_checkpoint",
     "save_lxm", "save_hf", "save_original",

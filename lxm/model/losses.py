@@ -129,6 +129,17 @@ def qa_loss(logits: Tensor, answers: Tensor, ignore_index: int = -1) -> Tensor:
     return masked_lm_loss(logits, answers, ignore_index)
 
 
+def soft_answer_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """VQA / GQA finetuning (airsplay src/tasks/vqa.py L106-108): `BCEWithLogitsLoss()` (mean over B x A) times
+    the number of answers A. logits [B, A]; target [B, A] soft scores in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float()) * logits.shape[-1]
+
+
+def pair_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """NLVR2 finetuning (src/tasks/nlvr2.py): 2-way CE on the pair head, mean over pairs. logits [P, 2], labels [P]."""
+    return F.cross_entropy(logits.float(), labels.reshape(-1))
+
+
 def pretraining_losses(out: "LxmertOutput", labels: PretrainLabels, cfg: PretrainLossConfig | None = None
                        ) -> dict[str, Tensor]:
     """Named losses of one pretraining batch, from a model output and its labels.

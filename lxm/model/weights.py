@@ -121,7 +121,8 @@ class RawCheckpoint:
     hf_config: dict | None = None  # from a transformers config.json
 
 
-def _torch_load(path: Path) -> dict[str, Tensor]:
+def _torch_load(path: Path) -> tuple[dict[str, Tensor], dict | None]:
+    """(state_dict, the lxm model config when the file is an lxm training checkpoint, else None)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -132,9 +133,13 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
-    if isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
+    model_config = None
+    if isinstance(obj, dict):  # a training checkpoint wrapping the state_dict (lxm: with its model config)
         for inner in ("model", "state_dict", "model_state_dict"):
-            if isinstance(obj.get(inner), dict):
+            if isinstance(obj.get(inner), dict) and obj[inner] and all(isinstance(v, Tensor)
+                                                                       for v in obj[inner].values()):
+                if isinstance(obj.get("model_config"), dict):
+                    model_config = obj["model_config"]
                 obj = obj[inner]
                 break
     if not isinstance(obj, dict) or not obj:
@@ -142,7 +147,7 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {_abbrev([str(k) for k in bad])}")
-    return obj
+    return obj, model_config
 
 
 def _safetensors_load(path: Path) -> dict[str, Tensor]:
@@ -187,7 +192,7 @@ def _read_dir(path: Path) -> RawCheckpoint:
         meta = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
-    sd = _safetensors_load(weights[0]) if weights[0].suffix == ".safetensors" else _torch_load(weights[0])
+    sd = _safetensors_load(weights[0]) if weights[0].suffix == ".safetensors" else _torch_load(weights[0])[0]
     if meta.get("format") == LXM_FORMAT_TAG:
         try:
             config = LxmertConfig.from_dict(meta["model"], source=str(cfg_path))
@@ -234,7 +239,13 @@ def read_checkpoint(source: str | os.PathLike) -> RawCheckpoint:
                     raw.hf_config = meta
             return raw
         if suffix in TORCH_SUFFIXES:
-            sd = _torch_load(path)
+            sd, model_config = _torch_load(path)
+            if model_config is not None:  # an lxm training checkpoint: {"model": ..., "model_config": ...}
+                try:
+                    config = LxmertConfig.from_dict(model_config, source=f"{path} ['model_config']")
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise CheckpointError(f"{path}: invalid 'model_config' ({exc})") from None
+                return RawCheckpoint(sd, "lxm", str(path), config=config)
             return RawCheckpoint(sd, detect_format(list(sd), str(path)), str(path))
         raise CheckpointError(
             f"{path}: unsupported checkpoint file type '{suffix}'. lxm reads {', '.join(TORCH_SUFFIXES)} "
@@ -453,7 +464,7 @@ def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike, *, ve
         path = _download_hub(str(source)) / "model.safetensors"
         if not path.exists():
             path = path.with_name("pytorch_model.bin")
-    sd = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path)
+    sd = _safetensors_load(path) if path.suffix == ".safetensors" else _torch_load(path)[0]
     renamed: dict[str, Tensor] = {}
     ignored = []
     for key, value in sd.items():

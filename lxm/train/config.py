@@ -54,7 +54,7 @@ class PretrainConfig:
     # --- bookkeeping
     log_every: int = 10  # steps between log lines
     checkpoint_every: int = 1000  # steps between checkpoints (and one at each epoch end)
-    keep_last: int = 3  # step checkpoints kept (plus best.pt and the epoch ones)
+    keep_last: int = 3  # step checkpoints kept, and epoch checkpoints kept (plus best.pt, a copy of the best epoch)
     device: str = "auto"  # "auto", "cpu", "cuda"
 
     def validate(self) -> None:
@@ -96,6 +96,34 @@ def _coerce(name: str, hint: Any, text: str) -> Any:
         raise ValueError(f"--set {name}={text}: expected {getattr(hint, '__name__', hint)}") from None
 
 
+def _apply(cls, values: dict[str, Any], overrides: list[str], where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown config key(s): {', '.join(unknown)}")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item}: expected key=value")
+        key, text = item.split("=", 1)
+        if key not in known:
+            raise ValueError(f"--set {key}: unknown config key (known: {', '.join(sorted(known))})")
+        values[key] = _coerce(key, hints[key], text)
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+
+def _read_yaml(path_text: str, presets: str) -> dict[str, Any]:
+    path = Path(path_text)
+    if not path.is_file():
+        raise ValueError(f"--config {path_text}: neither a preset ({presets}) nor a YAML file")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys")
+    return loaded
+
+
 def load_config(preset_or_path: str | None, overrides: list[str] = ()) -> PretrainConfig:
     """A preset name ("base", "tiny") or a YAML file, then `key=value` overrides; unknown keys are errors."""
     values: dict[str, Any] = {}
@@ -103,25 +131,87 @@ def load_config(preset_or_path: str | None, overrides: list[str] = ()) -> Pretra
         values = dict(model="tiny", batch_size=8, epochs=1, log_every=1, checkpoint_every=20, num_workers=0,
                       lr=1e-3, warmup=0.1)
     elif preset_or_path not in (None, "", "base"):
-        path = Path(preset_or_path)
-        if not path.is_file():
-            raise ValueError(f"--config {preset_or_path}: neither a preset (base, tiny) nor a YAML file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-        values = loaded
-    hints = typing.get_type_hints(PretrainConfig)
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set {item}: expected key=value")
-        key, text = item.split("=", 1)
-        if key not in known:
-            raise ValueError(f"--set {key}: unknown config key")
-        values[key] = _coerce(key, hints[key], text)
-    cfg = PretrainConfig(**values)
-    cfg.validate()
-    return cfg
+        values = _read_yaml(preset_or_path, "base, tiny")
+    return _apply(PretrainConfig, values, list(overrides), str(preset_or_path or "base"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finetuning
+
+
+FINETUNE_TASKS = ("vqa", "gqa", "nlvr2")
+
+
+@dataclass
+class FinetuneConfig:
+    """One `lxm finetune` run (lxmert.md §5; airsplay src/tasks/{vqa,gqa,nlvr2}.py and run/*_finetune.bash)."""
+
+    task: str = "vqa"  # vqa, gqa or nlvr2
+    corpus: str = ""  # directory written by `lxm build-corpus` (finetune/*.parquet, vocab/*_answers.json)
+    features: list[str] = field(default_factory=list)  # feature store directories (all splits' images)
+    vocab: str = "bert-base-uncased"  # WordPiece vocabulary (file, directory or Hub id)
+    init: str = ""  # pretrained weights: an lxm pretraining run, *_LXRT.pth, a transformers dir or Hub id
+    from_scratch: bool = False  # no pretrained weights (the paper's Table 3 baseline); needs model=<preset>
+    model: str = "base"  # preset used only with from_scratch
+    init_answers: str = ""  # answer table of the init's 9500-way QA head (default: <corpus>/vocab/qa_answers.json)
+    train_splits: list[str] = field(default_factory=list)  # default per task: vqa train,nominival; gqa train,valid;
+    valid_split: str = ""  # nlvr2 train. Validation: vqa minival, gqa testdev, nlvr2 dev ("none" disables)
+    max_length: int = 20  # tokens incl. [CLS]/[SEP]
+    num_workers: int = 2  # DataLoader workers
+    dropout: float = -1.0  # hidden and attention dropout; -1 keeps the checkpoint's (0.1)
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    epochs: int = 4
+    optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
+    lr: float = 0.0  # 0 = the task's recipe: vqa 5e-5, gqa 1e-5, nlvr2 5e-5
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    clip_grad_norm: float = 5.0
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    seed: int = 9595
+    log_every: int = 10  # steps between log lines
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+    def __post_init__(self) -> None:
+        defaults = {"vqa": (["train", "nominival"], "minival", 5e-5), "gqa": (["train", "valid"], "testdev", 1e-5),
+                    "nlvr2": (["train"], "dev", 5e-5)}
+        if self.task not in defaults:
+            raise ValueError(f"config: 'task' must be one of {FINETUNE_TASKS}, got {self.task!r}")
+        splits, valid, lr = defaults[self.task]
+        self.train_splits = list(self.train_splits) or splits
+        self.valid_split = self.valid_split or valid
+        self.lr = self.lr or lr
+
+    def validate(self) -> None:
+        if not self.corpus:
+            raise ValueError("config: 'corpus' is required (a directory written by lxm build-corpus)")
+        if not self.features:
+            raise ValueError("config: 'features' needs at least one feature store directory")
+        if not self.init and not self.from_scratch:
+            raise ValueError("config: 'init' is required (pretrained weights); set from_scratch=true to train "
+                             "without them")
+        if self.init and self.from_scratch:
+            raise ValueError("config: 'init' and from_scratch=true exclude each other")
+        choices = {"optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "eval_batch_size", "epochs", "log_every", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config: '{name}' must be positive, got {getattr(self, name)}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def load_finetune_config(task: str, preset_or_path: str | None, overrides: list[str] = ()) -> FinetuneConfig:
+    """The task's recipe ("paper", the default), "tiny" (smoke runs) or a YAML file, then `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if preset_or_path == "tiny":
+        values = dict(model="tiny", batch_size=8, eval_batch_size=16, epochs=1, log_every=1, num_workers=0, lr=1e-3)
+    elif preset_or_path not in (None, "", "paper"):
+        values = _read_yaml(preset_or_path, "paper, tiny")
+    if values.get("task", task) != task:
+        raise ValueError(f"--config {preset_or_path}: task {values['task']!r} but finetuning {task!r}")
+    values["task"] = task
+    return _apply(FinetuneConfig, values, list(overrides), str(preset_or_path or "paper"))

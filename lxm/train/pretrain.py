@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lxm.model import LxmertForPreTraining, PretrainLossConfig, load_pretrained, preset, pretraining_step_losses
+from lxm.model import (LxmertForPreTraining, PretrainLossConfig, load_pretrained, preset, pretraining_step_losses,
+                       save_lxm)
 from lxm.train.config import PretrainConfig
 from lxm.train.data import PretrainDataset, collate
 from lxm.train.loop import DistInfo, autocast, init_distributed, train_step
@@ -154,7 +155,7 @@ class Pretrainer:
                 "epoch": self.epoch, "position": self.position, "best": self.best,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "config": json.loads(json.dumps(self.cfg.__dict__))}
+                "config": json.loads(json.dumps(self.cfg.__dict__)), "model_config": self.model.config.to_dict()}
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.out)
@@ -177,9 +178,10 @@ class Pretrainer:
         if not self.dist.is_main:
             return
         _save(self.out / CKPT_DIR / name, self._state())
-        steps = sorted((self.out / CKPT_DIR).glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-        for old in steps[: -self.cfg.keep_last]:
-            old.unlink()
+        for kind in ("step", "epoch"):  # keep the last K of each (best.pt is a separate copy)
+            found = sorted((self.out / CKPT_DIR).glob(f"{kind}-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+            for old in found[: -self.cfg.keep_last]:
+                old.unlink()
 
     # ---- loop
     def _loss_fn(self, model, batch) -> dict[str, torch.Tensor]:
@@ -304,4 +306,6 @@ class Pretrainer:
                     shutil.copyfile(self.out / CKPT_DIR / f"epoch-{self.epoch - 1:02d}.pt",
                                     self.out / CKPT_DIR / "best.pt")
         self._checkpoint(f"step-{self.step}.pt")
+        if self.dist.is_main:  # the final weights as an lxm model directory: what `lxm finetune --init RUN` reads
+            save_lxm(self.model, self.out / "model")
         return {"step": self.step, "epoch": self.epoch, "last": last}
