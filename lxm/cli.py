@@ -561,6 +561,25 @@ def predict_cmd(
                                   if scores else ""), highlight=False)
 
 
+@app.command("plot")
+def plot_cmd(
+    run: Path = typer.Argument(..., help="A pretraining or finetuning run directory (reads its log.jsonl)."),
+    out: Path = typer.Option(None, "--out", help="Directory for the PNG files (default RUN/plots)."),
+) -> None:
+    """Plot a run's training losses (every named term, log scale) and validation values per epoch as PNG files.
+
+    Example: lxm plot runs/lxmert
+    """
+    from lxm.train.plot import plot_run
+
+    try:
+        written = plot_run(run, out)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    for path in written:
+        _err.print(f"wrote {path}", highlight=False)
+
+
 evaluate_app = typer.Typer(help="Score predictions with the official VQA / GQA / NLVR2 metrics (JSON to stdout).",
                            no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")

@@ -194,3 +194,11 @@ def test_gqa_run_and_resume(world, tmp_path):
     assert [m["epoch"] for m in metrics] == [0, 1]
     preds = json.loads((run / "predictions" / "testdev_predict.json").read_text())
     assert set(preds[0]) == {"questionId", "prediction"} and preds[0]["questionId"].startswith("g")
+
+    result = CliRunner().invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    for name in ("losses.png", "validation.png"):
+        with Image.open(run / "plots" / name) as im:
+            assert im.size[0] > 500 and len(im.convert("L").getcolors(1 << 16) or range(11)) > 10  # a drawn figure, not blank

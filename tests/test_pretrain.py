@@ -71,6 +71,10 @@ def test_pretrain_writes_config_logs_and_checkpoints(data, tmp_path):
     final = load_pretrained(tmp_path / "run" / "model", verbose=False)
     from_step = load_pretrained(tmp_path / "run" / "checkpoints" / "step-8.pt", verbose=False)
     assert final.config == from_step.config and final.config.hidden_size == 32
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "plots" / "losses.png").stat().st_size > 10_000
+    assert (tmp_path / "plots" / "validation.png").stat().st_size > 10_000
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), from_step.state_dict().values()))
 
 
