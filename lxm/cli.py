@@ -580,6 +580,36 @@ def plot_cmd(
         _err.print(f"wrote {path}", highlight=False)
 
 
+@app.command("quickstart")
+def quickstart_cmd(
+    out: Path = typer.Option(Path("lxm-quickstart"), "--out", help="Directory for the world, runs and report.md."),
+    weights: str = typer.Option("random", "--weights", help="Detector weights for lxm extract; 'random' (default) "
+                                                           "= seeded random init: meaningless features."),
+    vocab: str = typer.Option("", "--vocab", help="WordPiece vocabulary (default: trained on the world's text)."),
+    pretrain_epochs: int = typer.Option(20, "--pretrain-epochs", min=1, help="Pretraining epochs."),
+    finetune_epochs: int = typer.Option(4, "--finetune-epochs", min=1, help="Finetuning epochs per task."),
+) -> None:
+    """Run the whole chain on a small synthetic world, offline: render images of coloured shapes with COCO / VQA /
+    NLVR2 annotation files, then extract, build-corpus, pretrain, finetune vqa and nlvr2, predict, evaluate, show and
+    plot, and write OUT/report.md (commands, times, metrics, pictures). A few minutes on a laptop CPU.
+
+    Example: lxm quickstart --out /tmp/lxm-quickstart
+    """
+    from lxm.quickstart import QuickstartConfig, QuickstartError, run_quickstart
+
+    cfg = QuickstartConfig(weights=weights, vocab=vocab, pretrain_epochs=pretrain_epochs,
+                           finetune_epochs=finetune_epochs)
+    if weights == "random":
+        _err.print("quickstart: the detector gets seeded RANDOM weights (no download); the features are meaningless "
+                   "and the metrics only show that the chain runs. Pass --weights for real features.",
+                   highlight=False)
+    try:
+        result = run_quickstart(out, cfg, log=lambda m: _err.print(m, highlight=False, markup=False))
+    except (QuickstartError, ValueError, OSError) as exc:
+        _fail(exc)
+    _err.print(f"report: {result.out / 'report.md'}", highlight=False)
+
+
 evaluate_app = typer.Typer(help="Score predictions with the official VQA / GQA / NLVR2 metrics (JSON to stdout).",
                            no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")

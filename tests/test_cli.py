@@ -25,11 +25,11 @@ def test_help_lists_only_working_commands():
     root = typer.main.get_command(app)
     # Stages land one issue at a time; a command is registered only once it works (no placeholders).
     assert set(root.commands) == {"convert-checkpoint", "convert", "export", "extract", "inspect", "show",
-                                  "build-corpus", "pretrain", "finetune", "predict", "plot", "evaluate"}
+                                  "build-corpus", "pretrain", "finetune", "predict", "plot", "quickstart", "evaluate"}
     leaves = set(_leaf_commands(root))
     assert leaves == {("convert-checkpoint",), ("convert", "tsv"), ("convert", "h5"), ("export", "tsv"), ("export", "h5"),
                       ("extract",), ("inspect",), ("show",), ("build-corpus",), ("pretrain",), ("finetune",),
-                      ("predict",), ("plot",),
+                      ("predict",), ("plot",), ("quickstart",),
                       ("evaluate", "vqa"), ("evaluate", "gqa"), ("evaluate", "nlvr2")}
     for name in root.commands:
         assert name in result.output

@@ -71,14 +71,33 @@ def _answers(cfg: PretrainConfig) -> list[str]:
     return [r["ans"] if isinstance(r, dict) else r for r in table]
 
 
-def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers: int) -> LxmertForPreTraining:
+def detector_label_counts(stores) -> tuple[int, int] | None:
+    """(object classes, attribute classes) of the detector that wrote the stores, from their manifests; None for
+    stores without that record (converted TSVs: the BUTD detector's 1600 / 400)."""
+    counts = set()
+    for store in stores:
+        det = (store.manifest.get("extractor") or {}).get("detector") or {}
+        if "num_classes" in det and "num_attrs" in det:
+            counts.add((int(det["num_classes"]), int(det["num_attrs"])))
+    if len(counts) > 1:
+        raise ValueError(f"feature stores come from detectors with different label sets: {sorted(counts)}")
+    return counts.pop() if counts else None
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers: int,
+                label_counts: tuple[int, int] | None = None) -> LxmertForPreTraining:
     if Path(cfg.model).exists() or "/" in cfg.model:
         model = load_pretrained(cfg.model)
         if model.config.num_qa_labels != num_answers:
             raise ValueError(f"{cfg.model}: answer head has {model.config.num_qa_labels} answers, the answer table "
                              f"{num_answers}")
+        if label_counts and label_counts != (model.config.num_object_labels, model.config.num_attr_labels):
+            raise ValueError(f"{cfg.model}: object/attribute heads of {model.config.num_object_labels}/"
+                             f"{model.config.num_attr_labels} classes, the features' detector has {label_counts}")
         return model
-    model_cfg = preset(cfg.model).replace(vocab_size=vocab_size, visual_feat_dim=feat_dim, num_qa_labels=num_answers)
+    labels = {} if label_counts is None else dict(num_object_labels=label_counts[0], num_attr_labels=label_counts[1])
+    model_cfg = preset(cfg.model).replace(vocab_size=vocab_size, visual_feat_dim=feat_dim, num_qa_labels=num_answers,
+                                          **labels)
     if cfg.dropout >= 0:
         model_cfg = model_cfg.replace(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     return LxmertForPreTraining(model_cfg)
@@ -119,7 +138,8 @@ class Pretrainer:
             except ValueError:
                 self.log(f"no {cfg.valid_split} sentences with features: validation skipped")
         feat_dim = self.train_set.stores[0].feature_dim
-        self.model = build_model(cfg, self.train_set.tokenizer.vocab_size, feat_dim, len(answers))
+        self.model = build_model(cfg, self.train_set.tokenizer.vocab_size, feat_dim, len(answers),
+                                 detector_label_counts(self.train_set.stores))
         if cfg.init_bert and not resume:
             from lxm.model.weights import init_from_bert
 
