@@ -1,7 +1,7 @@
 """The `lxm` command line: a thin layer over the library's typed functions.
 
-Only commands that work are registered; later stages (extract, build-corpus, pretrain, finetune, evaluate) are added
-as they land.
+Stages in pipeline order: extract (or convert tsv) -> build-corpus -> pretrain -> finetune -> predict -> evaluate;
+quickstart runs them all on a synthetic world. Heavy imports happen inside each command, so `lxm --help` is instant.
 """
 
 from __future__ import annotations
@@ -424,6 +424,19 @@ def build_corpus_cmd(
                f"to {out}", highlight=False)
 
 
+def _overrides(set_: list[str] | None, *, init: str | None = None, corpus: Path | None = None,
+               features: list[Path] | None = None) -> list[str]:
+    """--set items, then the dedicated options as the same key=value overrides (they win over the config file)."""
+    out = list(set_ or [])
+    if init:
+        out.append(f"init={init}")
+    if corpus is not None:
+        out.append(f"corpus={corpus}")
+    if features:
+        out.append("features=" + json.dumps([str(f) for f in features]))
+    return out
+
+
 @app.command("pretrain")
 def pretrain_cmd(
     out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, log.jsonl, checkpoints/."),
@@ -445,13 +458,8 @@ def pretrain_cmd(
     from lxm.train.config import load_config
     from lxm.train.pretrain import Pretrainer
 
-    overrides = list(set_ or [])
-    if corpus is not None:
-        overrides.append(f"corpus={corpus}")
-    if features:
-        overrides.append("features=" + json.dumps([str(f) for f in features]))
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, _overrides(set_, corpus=corpus, features=features))
         with _progress("steps") as bar:
             task = bar.add_task("pretrain", total=None)
 
@@ -495,15 +503,8 @@ def finetune_cmd(
     from lxm.train.config import load_finetune_config
     from lxm.train.finetune import Finetuner
 
-    overrides = list(set_ or [])
-    if init:
-        overrides.append(f"init={init}")
-    if corpus is not None:
-        overrides.append(f"corpus={corpus}")
-    if features:
-        overrides.append("features=" + json.dumps([str(f) for f in features]))
     try:
-        cfg = load_finetune_config(task, config, overrides)
+        cfg = load_finetune_config(task, config, _overrides(set_, init=init, corpus=corpus, features=features))
         with _progress("steps") as bar:
             bar_task = bar.add_task(f"finetune {task}", total=None)
 

@@ -7,7 +7,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 
 import pytest
 from packaging.requirements import Requirement
@@ -15,6 +14,7 @@ from packaging.requirements import Requirement
 from conftest import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 
 def _run_lines() -> list[str]:

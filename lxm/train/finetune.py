@@ -34,10 +34,10 @@ from lxm.model import (LxmertConfig, LxmertForPreTraining, load_pretrained_with_
 from lxm.model.weights import load_into, read_checkpoint
 from lxm.train.config import FinetuneConfig
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
-from lxm.train.loop import autocast, init_distributed, train_step
+from lxm.train.loop import append_jsonl, autocast, restore_state, start_run, train_step, training_state
 from lxm.train.metrics import nlvr2_metrics
 from lxm.train.optim import make_optimizer
-from lxm.train.pretrain import MicroBatches, _device, _save
+from lxm.train.pretrain import MicroBatches, _save
 
 BEST_DIR = "best"  # lxm model directory of the best epoch (what `lxm predict` loads)
 LAST = "last.pt"  # model + optimizer + epoch + RNG: what --resume reads
@@ -241,12 +241,7 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, out: str | os.PathLike, *, resume: bool = False, log=print,
                  on_record=None):
         self.cfg, self.out, self.log, self.on_record = cfg, Path(out), log, on_record
-        self.dist = init_distributed("cuda" if cfg.device == "cuda" else "cpu")
-        self.device = _device(cfg, self.dist)
-        torch.manual_seed(cfg.seed + self.dist.rank)
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())
+        self.dist, self.device = start_run(cfg, self.out)
         self.answers = task_answers(cfg)
         if self.dist.is_main and self.answers:
             (self.out / "answers.json").write_text(json.dumps(self.answers) + "\n")
@@ -282,28 +277,17 @@ class Finetuner:
             self._resume()
 
     def _state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "model_config": self.model.config.to_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None, "epoch": self.epoch,
-                "step": self.step, "best": self.best, "best_epoch": self.best_epoch,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        return training_state(self.model, self.optimizer, self.scheduler, epoch=self.epoch, step=self.step,
+                              best=self.best, best_epoch=self.best_epoch)
 
     def _resume(self) -> None:
         path = self.out / LAST
         if not path.exists():
             self.log(f"{self.out}: nothing to resume from; starting fresh")
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler and state["scheduler"]:
-            self.scheduler.load_state_dict(state["scheduler"])
+        state = restore_state(path, self.model, self.optimizer, self.scheduler)
         self.epoch, self.step, self.best, self.best_epoch = (state["epoch"], state["step"], state["best"],
                                                               state["best_epoch"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.log(f"resumed from {path}: {self.epoch} epoch(s) done, best {self.best} (epoch {self.best_epoch})")
 
     def _loss_fn(self, model, batch) -> dict[str, torch.Tensor]:
@@ -316,8 +300,7 @@ class Finetuner:
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        with (self.out / "log.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.out / "log.jsonl", record)
         if self.on_record is not None:
             self.on_record(record)
 
@@ -358,8 +341,7 @@ class Finetuner:
             self.epoch += 1
             if self.dist.is_main:
                 record = {"epoch": self.epoch - 1, "step": self.step, "valid_split": cfg.valid_split, **metrics}
-                with (self.out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_jsonl(self.out / "metrics.jsonl", record)
                 self._log({"step": self.step, "epoch": self.epoch - 1, "valid": metrics})
                 improved = metrics.get("accuracy", -1.0) > self.best or self.best_epoch < 0
                 if improved:

@@ -8,9 +8,12 @@ scheduler step. nanoGPT / open_clip style: explicit, no trainer framework (style
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,3 +78,56 @@ def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.
     totals["loss"] = sum(v for k, v in totals.items())
     totals["grad_norm"] = grad_norm
     return totals
+
+
+# ---------------------------------------------------------------------------------------------------- run plumbing
+
+
+def pick_device(device: str, dist: DistInfo) -> torch.device:
+    """"auto" -> this rank's GPU when CUDA is available, else CPU; "cuda" without CUDA is an error."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("config device=cuda but CUDA is not available")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def start_run(cfg, out: Path, *dirs: str) -> tuple[DistInfo, torch.device]:
+    """Join torchrun's group, pick the device, seed per rank and (rank 0) write OUT/config.yaml — the resolved
+    config — before anything else runs. `cfg` has `device`, `seed` and `to_yaml()`."""
+    dist = init_distributed("cuda" if cfg.device == "cuda" else "cpu")
+    device = pick_device(cfg.device, dist)
+    torch.manual_seed(cfg.seed + dist.rank)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in dirs:
+            (out / name).mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    return dist, device
+
+
+def training_state(model: nn.Module, optimizer, scheduler, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint needs to continue exactly: weights (+ model config), optimizer, schedule, RNG states."""
+    config = getattr(model, "config", None)
+    return {"model": model.state_dict(), "model_config": config.to_dict() if config is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], **extra}
+
+
+def restore_state(path: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+    """Load a `training_state` file into model / optimizer / scheduler and the RNGs; returns the whole state."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"]:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")

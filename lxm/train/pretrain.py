@@ -24,7 +24,8 @@ from lxm.model import (LxmertForPreTraining, PretrainLossConfig, load_pretrained
                        save_lxm)
 from lxm.train.config import PretrainConfig
 from lxm.train.data import PretrainDataset, collate
-from lxm.train.loop import DistInfo, autocast, init_distributed, train_step
+from lxm.train.loop import (DistInfo, append_jsonl, autocast, restore_state, start_run, train_step,
+                            training_state)
 from lxm.train.optim import make_optimizer
 
 CKPT_DIR = "checkpoints"
@@ -55,14 +56,6 @@ class MicroBatches(Sampler):
     @property
     def per_step(self) -> int:
         return -(-(self.batch // self.dist.world_size) // self.micro)
-
-
-def _device(cfg: PretrainConfig, dist: DistInfo) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("config device=cuda but CUDA is not available")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
 
 
 def _answers(cfg: PretrainConfig) -> list[str]:
@@ -119,12 +112,7 @@ class Pretrainer:
                  on_record=None):
         """`log` receives messages; `on_record` every log record (after it is written), e.g. for a progress bar."""
         self.cfg, self.out, self.log, self.on_record = cfg, Path(out), log, on_record
-        self.dist = init_distributed("cuda" if cfg.device == "cuda" else "cpu")
-        self.device = _device(cfg, self.dist)
-        torch.manual_seed(cfg.seed + self.dist.rank)
-        if self.dist.is_main:
-            (self.out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())  # the resolved config, before anything runs
+        self.dist, self.device = start_run(cfg, self.out, CKPT_DIR)
         answers = _answers(cfg)
         common = dict(word_mask_rate=cfg.word_mask_rate, obj_mask_rate=cfg.obj_mask_rate, max_length=cfg.max_length,
                       sources=cfg.sources)
@@ -170,28 +158,18 @@ class Pretrainer:
 
     # ---- checkpoints
     def _state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None, "step": self.step,
-                "epoch": self.epoch, "position": self.position, "best": self.best,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "config": json.loads(json.dumps(self.cfg.__dict__)), "model_config": self.model.config.to_dict()}
+        return training_state(self.model, self.optimizer, self.scheduler, step=self.step, epoch=self.epoch,
+                              position=self.position, best=self.best,
+                              config=json.loads(json.dumps(self.cfg.__dict__)))
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.out)
         if path is None:
             self.log(f"{self.out}: no checkpoint to resume from; starting fresh")
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler and state["scheduler"]:
-            self.scheduler.load_state_dict(state["scheduler"])
+        state = restore_state(path, self.model, self.optimizer, self.scheduler)
         self.step, self.epoch = state["step"], state["epoch"]
         self.position, self.best = state["position"], state["best"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
 
     def _checkpoint(self, name: str) -> None:
@@ -214,8 +192,7 @@ class Pretrainer:
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        with (self.out / "log.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.out / "log.jsonl", record)
         writer = self._tensorboard()
         if writer is not None and "step" in record:
             for key, value in record.items():
