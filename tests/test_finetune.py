@@ -202,3 +202,32 @@ def test_gqa_run_and_resume(world, tmp_path):
     for name in ("losses.png", "validation.png"):
         with Image.open(run / "plots" / name) as im:
             assert im.size[0] > 500 and len(im.convert("L").getcolors(1 << 16) or range(11)) > 10  # a drawn figure, not blank
+
+
+def test_two_process_ddp_finetuning_matches_one_process(world, tmp_path):
+    import subprocess
+    import sys
+
+    def args(out):
+        return ["finetune", "nlvr2", "--set", "from_scratch=true", "--config", "tiny", "--corpus",
+                str(world / "ft_corpus"), "--features", str(world / "ft_feats"), "--out", str(out),
+                "--set", f"vocab={BERT_VOCAB}", "--set", "batch_size=32", "--set", "dropout=0", "--set", "epochs=1",
+                "--set", "log_every=1"]
+
+    one = subprocess.run([sys.executable, "-m", "lxm.cli", *args(tmp_path / "one")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29541", "-m", "lxm.cli", *args(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]  # 160 pairs // 32
+    for step in a:  # same global batches, each process half of each, gradients averaged by DDP
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["best"] == pytest.approx(
+        json.loads((tmp_path / "one" / "summary.json").read_text())["best"], abs=2.0)

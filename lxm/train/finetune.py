@@ -34,7 +34,8 @@ from lxm.model import (LxmertConfig, LxmertForPreTraining, load_pretrained_with_
 from lxm.model.weights import load_into, read_checkpoint
 from lxm.train.config import FinetuneConfig
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
-from lxm.train.loop import append_jsonl, autocast, restore_state, start_run, train_step, training_state
+from lxm.train.loop import (append_jsonl, autocast, mean_across_ranks, restore_state, start_run, train_step,
+                            training_state)
 from lxm.train.metrics import nlvr2_metrics
 from lxm.train.optim import make_optimizer
 from lxm.train.pretrain import MicroBatches, _save
@@ -293,9 +294,12 @@ class Finetuner:
     def _loss_fn(self, model, batch) -> dict[str, torch.Tensor]:
         batch = batch.to(self.device, non_blocking=True)
         out = model(**batch.model_inputs())
+        # The vision branch of the last cross layer feeds no task head (heads read the pooled [CLS]); a zero term
+        # keeps it in the graph so that DDP's gradient reduction sees every parameter (the loss is unchanged).
+        unused = out.vision_output.sum() * 0.0
         if self.cfg.task == "nlvr2":
-            return {"nlvr2": pair_loss(out.pair_logits, batch.target)}
-        return {self.cfg.task: soft_answer_loss(out.answer_logits, batch.target)}
+            return {"nlvr2": pair_loss(out.pair_logits, batch.target) + unused}
+        return {self.cfg.task: soft_answer_loss(out.answer_logits, batch.target) + unused}
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -325,6 +329,7 @@ class Finetuner:
                 last = train_step(self.ddp, [batch], self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision,
                                   device_type=self.device.type)
+                last = mean_across_ranks(last, self.dist)
                 if not np.isfinite(last["loss"]):
                     self._log({"step": self.step, "error": "non-finite loss", "ids": [str(i) for i in batch.ids]})
                     raise FloatingPointError(f"non-finite loss at step {self.step}; batch ids logged in "

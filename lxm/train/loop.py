@@ -128,6 +128,16 @@ def restore_state(path: Path, model: nn.Module, optimizer, scheduler) -> dict[st
     return state
 
 
+def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """The global batch's logged values: the mean over processes of each one's share (a no-op for one process)."""
+    if info.world_size == 1:
+        return values
+    names = sorted(values)
+    vals = torch.tensor([values[k] for k in names], dtype=torch.float64)
+    dist.all_reduce(vals)
+    return {k: float(v) / info.world_size for k, v in zip(names, vals)}
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")

@@ -24,8 +24,8 @@ from lxm.model import (LxmertForPreTraining, PretrainLossConfig, load_pretrained
                        save_lxm)
 from lxm.train.config import PretrainConfig
 from lxm.train.data import PretrainDataset, collate
-from lxm.train.loop import (DistInfo, append_jsonl, autocast, restore_state, start_run, train_step,
-                            training_state)
+from lxm.train.loop import (DistInfo, append_jsonl, autocast, mean_across_ranks, restore_state, start_run,
+                            train_step, training_state)
 from lxm.train.optim import make_optimizer
 
 CKPT_DIR = "checkpoints"
@@ -270,11 +270,7 @@ class Pretrainer:
                                   device_type=self.device.type)
                 uids = [u for b in group for u in b.uids]
                 group = []
-                if self.dist.world_size > 1:  # log the global batch's losses, not this process's share
-                    names = sorted(last)
-                    vals = torch.tensor([last[k] for k in names], dtype=torch.float64)
-                    torch.distributed.all_reduce(vals)
-                    last = {k: float(v) / self.dist.world_size for k, v in zip(names, vals)}
+                last = mean_across_ranks(last, self.dist)  # the global batch's losses, not this process's share
                 if not np.isfinite(last["loss"]):
                     self._log({"step": self.step, "error": "non-finite loss", "losses": last, "uids": uids})
                     raise FloatingPointError(f"non-finite loss at step {self.step}; batch uids logged in "
