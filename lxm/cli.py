@@ -465,7 +465,8 @@ def pretrain_cmd(
 
             def advance(record):
                 if "loss" in record:
-                    bar.update(task, completed=record["step"], description=f"pretrain loss {record['loss']:.3f}")
+                    bar.update(task, completed=record["step"], description=f"pretrain loss {record['loss']:.3f} "
+                               f"{record.get('samples_per_s', 0):.0f} samples/s")
 
             trainer = Pretrainer(cfg, out, resume=resume, log=lambda m: _err.print(m, highlight=False),
                                  on_record=advance)
@@ -511,7 +512,8 @@ def finetune_cmd(
             def advance(record):
                 if "loss" in record:
                     bar.update(bar_task, completed=record["step"],
-                               description=f"{task} epoch {record['epoch']} loss {record['loss']:.3f}")
+                               description=f"{task} epoch {record['epoch']} loss {record['loss']:.3f} "
+                                           f"{record.get('samples_per_s', 0):.0f} samples/s")
                 elif "valid" in record and record["valid"]:
                     _err.print(f"epoch {record['epoch']}: {cfg.valid_split} "
                                + ", ".join(f"{k} {v}" for k, v in record["valid"].items()), highlight=False)

@@ -79,7 +79,8 @@ def write_raw(root):
     (root / "gqa" / "val_balanced_questions.json").write_text(json.dumps({
         "1": {"imageId": "2400001", "question": "What vehicle is this?", "answer": "bus", "isBalanced": True}}))
     (root / "gqa" / "testdev_balanced_questions.json").write_text(json.dumps({
-        "201": {"imageId": "n161313", "question": "Is the sky cloudy?", "answer": "yes", "isBalanced": True}}))
+        "201": {"imageId": "n161313", "question": "Is the sky cloudy?", "answer": "yes", "isBalanced": True},
+        "202": {"imageId": "n161313", "question": "What color is the sky?", "answer": "teal", "isBalanced": True}}))
     (root / "nlvr2").mkdir()
     line = {"validation": {"54": "True"}, "sentence": "Each image contains exactly two dogs.", "left_url": "u",
             "writer": "77", "label": "True", "right_url": "v", "synset": "dog", "query": "two dogs12",
@@ -152,6 +153,8 @@ def test_finetuning_sets_and_vocabularies(built):
                       "sent": "Each image contains exactly two dogs.", "uid": "nlvr2_dev_1"}
     testdev = pq.read_table(ft / "gqa_testdev.parquet").to_pylist()
     assert testdev[0]["img_id"] == "n161313" and dict(testdev[0]["label"]) == {"yes": 1.0}
+    # an answer outside the GQA table is kept (the original scores it wrong instead of dropping the question)
+    assert testdev[1]["question_id"] == "202" and dict(testdev[1]["label"]) == {"teal": 1.0}
     assert json.loads((out / "vocab" / "vqa_answers.json").read_text()) == ["ball", "no", "2", "soup", "yes"]
     assert json.loads((out / "vocab" / "gqa_answers.json").read_text()) == ["orange", "yes", "bus"]
     qa = json.loads((out / "vocab" / "qa_answers.json").read_text())
