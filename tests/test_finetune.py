@@ -192,6 +192,11 @@ def test_gqa_run_and_resume(world, tmp_path):
     assert "resumed from" in result.output
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1]
+    # no validation split: every epoch replaces best/ (the last one is kept)
+    result = CliRunner().invoke(app, [*args[:args.index("--out") + 1], str(tmp_path / "noval"), *args[args.index(
+        "--out") + 2:], "--set", "epochs=2", "--set", "valid_split=none"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "noval" / "summary.json").read_text())["best_epoch"] == 1
     preds = json.loads((run / "predictions" / "testdev_predict.json").read_text())
     assert set(preds[0]) == {"questionId", "prediction"} and preds[0]["questionId"].startswith("g")
 

@@ -348,7 +348,8 @@ class Finetuner:
                 record = {"epoch": self.epoch - 1, "step": self.step, "valid_split": cfg.valid_split, **metrics}
                 append_jsonl(self.out / "metrics.jsonl", record)
                 self._log({"step": self.step, "epoch": self.epoch - 1, "valid": metrics})
-                improved = metrics.get("accuracy", -1.0) > self.best or self.best_epoch < 0
+                # without a labelled validation split the last epoch is kept as best/
+                improved = "accuracy" not in metrics or metrics["accuracy"] > self.best or self.best_epoch < 0
                 if improved:
                     self.best, self.best_epoch = metrics.get("accuracy", -1.0), self.epoch - 1
                     save_lxm(self.model, self.out / BEST_DIR)
