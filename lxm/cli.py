@@ -546,16 +546,10 @@ def predict_cmd(
 
     Example: lxm predict vqa --checkpoint runs/vqa --split test --features features/test2015 --out test_predict.json
     """
-    import yaml
-
     from lxm.train.finetune import predict_run
 
     try:
-        cfg_path = checkpoint / "config.yaml"
-        run_task = (yaml.safe_load(cfg_path.read_text()) or {}).get("task") if cfg_path.exists() else None
-        if run_task is not None and run_task != task:
-            raise ValueError(f"{checkpoint} is a {run_task} run, not {task}")
-        path, scores = predict_run(checkpoint, split, out, corpus=str(corpus) if corpus else None,
+        path, scores = predict_run(checkpoint, task, split, out, corpus=str(corpus) if corpus else None,
                                    features=[str(f) for f in features] if features else None, batch_size=batch_size,
                                    log=lambda m: _err.print(m, highlight=False))
     except (ValueError, RuntimeError, OSError, KeyError) as exc:

@@ -172,7 +172,7 @@ def _invoke(stage: Stage, log) -> str:
     """Run one `lxm` command in this process; its stdout is returned, a non-zero exit raises."""
     from typer.main import get_command
 
-    from lxm.cli import app
+    from lxm.cli import app  # the CLI is this module's client too: imported late to avoid a cycle
 
     log(f"$ {' '.join(shlex.quote(a) for a in ['lxm', *stage.command])}")
     buf = io.StringIO()
@@ -190,6 +190,8 @@ def _invoke(stage: Stage, log) -> str:
 
 
 def run_quickstart(out: str | os.PathLike, cfg: QuickstartConfig | None = None, log=print) -> QuickstartResult:
+    from lxm.train.plot import read_log
+
     cfg = cfg or QuickstartConfig()
     root = Path(out).resolve()
     if root.exists() and any(root.iterdir()):
@@ -242,8 +244,7 @@ def run_quickstart(out: str | os.PathLike, cfg: QuickstartConfig | None = None, 
         result.stages.append(stage)
         if stage.name.startswith("evaluate"):
             result.metrics[stage.name.split()[1]] = json.loads(output)
-    pre_valid = [json.loads(line) for line in (root / "runs" / "pretrain" / "log.jsonl").read_text().splitlines()
-                 if '"valid"' in line]
+    _, pre_valid = read_log(root / "runs" / "pretrain")
     result.metrics["pretrain_minival"] = pre_valid[-1]["valid"] if pre_valid else {}
     for task in ("vqa", "nlvr2"):
         result.metrics[f"{task}_best"] = json.loads((root / "runs" / task / "summary.json").read_text())

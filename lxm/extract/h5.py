@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from lxm.atomic import atomic_path
 from lxm.extract.records import ImageFeatures, RecordError
 
 H5_FORMAT = "lxm-features-h5"
@@ -32,10 +33,8 @@ def write_h5(records: Iterable[ImageFeatures], path: str | os.PathLike, *, count
              feature_dim: int, dtype: str) -> int:
     """Write `count` records; the file appears under its name only when complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n, d = num_boxes, feature_dim
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"format": H5_FORMAT, "version": 1, "num_boxes": n, "feature_dim": d})
             ds = {
@@ -61,10 +60,6 @@ def write_h5(records: Iterable[ImageFeatures], path: str | os.PathLike, *, count
                 written += 1
             if written != count:
                 raise RecordError(f"{path}: {written} records written, {count} declared")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return written
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from lxm import atomic
 from lxm.extract.records import ImageFeatures, RecordError
 
 _logger = logging.getLogger(__name__)
@@ -65,12 +66,6 @@ def _fixed(values: np.ndarray, *sizes: int) -> pa.Array:
     for size in reversed(sizes):
         arr = pa.FixedSizeListArray.from_arrays(arr, size)
     return arr
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _open_stream(path: Path) -> pa.Table:
@@ -172,14 +167,10 @@ class FeatureStoreWriter:
         if not self._buffer:
             return
         name = f"{self.prefix}-{self._seq:05d}.arrow"
-        final = self.root / name
-        tmp = self.root / f".{name}.tmp-{os.getpid()}"
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
-            for start in range(0, len(self._buffer), self.batch_rows):
-                writer.write_batch(self._batch(self._buffer[start:start + self.batch_rows]))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)  # the shard appears only complete
+        with atomic.atomic_path(self.root / name, fsync=True) as tmp:  # the shard appears only complete
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
+                for start in range(0, len(self._buffer), self.batch_rows):
+                    writer.write_batch(self._batch(self._buffer[start:start + self.batch_rows]))
         self.written += len(self._buffer)
         self._buffer = []
         self._seq += 1
@@ -233,7 +224,7 @@ def finalize_store(root: str | os.PathLike, metadata: dict[str, Any] | None = No
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, index.schema) as writer:
         writer.write_table(index)
-    _atomic_write_bytes(root / INDEX, sink.getvalue().to_pybytes())
+    atomic.write_bytes(root / INDEX, sink.getvalue().to_pybytes())
     old = {}
     if (root / MANIFEST).exists():
         old = json.loads((root / MANIFEST).read_text())
@@ -245,7 +236,7 @@ def finalize_store(root: str | os.PathLike, metadata: dict[str, Any] | None = No
         "shards": entries, "extractor": metadata if metadata else old.get("extractor", {}),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic.write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 
@@ -372,3 +363,21 @@ class FeatureStore:
     def __iter__(self) -> Iterator[ImageFeatures]:
         for i in range(len(self)):
             yield self.at(i)
+
+
+def store_index(stores: list[FeatureStore]) -> dict[str, int]:
+    """img_id -> position of the first store that holds it (several stores serve one dataset)."""
+    where: dict[str, int] = {}
+    for k, store in enumerate(stores):
+        for img_id in store.ids():
+            where.setdefault(img_id, k)
+    return where
+
+
+def read_normalized(store: FeatureStore, img_id: str) -> tuple[ImageFeatures, np.ndarray]:
+    """(record, boxes as LXMERT feeds them); a box outside its image is an error naming the store and image."""
+    rec = store.get(img_id)
+    try:
+        return rec, rec.normalized_boxes()
+    except RecordError as exc:
+        raise RecordError(f"{store.root}: {exc}") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lxm.atomic import atomic_path
 from lxm.extract.records import FIELDS, ImageFeatures, RecordError
 
 LINE_END = b"\r\n"
@@ -110,16 +111,10 @@ def format_row(rec: ImageFeatures) -> bytes:
 def write_tsv(records: Iterable[ImageFeatures], path: str | os.PathLike) -> int:
     """Write records as an LXMERT TSV (CRLF lines); written to a temporary name and renamed when complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    try:
+    with atomic_path(path) as tmp:
         with tmp.open("wb") as f:
             for rec in records:
                 f.write(format_row(rec) + LINE_END)
                 count += 1
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return count

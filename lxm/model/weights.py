@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lxm.atomic import atomic_path
 from lxm.model.config import LxmertConfig
 from lxm.model.modeling import LxmertForPreTraining
 
@@ -543,15 +544,12 @@ def _atomic_dir_write(out_dir: Path, files: dict[str, bytes | dict[str, Tensor]]
     """Write files into `out_dir` via temporary names + rename, so a crash never leaves a half-written checkpoint."""
     from safetensors.torch import save_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
-        final = out_dir / name
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-        if isinstance(content, bytes):
-            tmp.write_bytes(content)
-        else:
-            save_file(content, str(tmp), metadata=metadata)
-        os.replace(tmp, final)
+        with atomic_path(out_dir / name) as tmp:
+            if isinstance(content, bytes):
+                tmp.write_bytes(content)
+            else:
+                save_file(content, str(tmp), metadata=metadata)
 
 
 def _save_dir(model: LxmertForPreTraining, out_dir: str | os.PathLike, config_json: dict) -> Path:
@@ -587,12 +585,9 @@ def save_original(model: LxmertForPreTraining, path: str | os.PathLike) -> Path:
     for key, value in model.state_dict().items():
         name = "module.bert." + key[len("lxmert."):] if key.startswith("lxmert.") else "module." + key
         sd[name] = value.detach().clone()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(sd, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(sd, tmp)
+    return Path(path)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, verbose: bool = True

@@ -27,8 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lxm.corpus.answers import convert_ans
-from lxm.extract.records import RecordError
-from lxm.extract.store import FeatureStore
+from lxm.extract.store import FeatureStore, read_normalized, store_index
 from lxm.model.losses import PretrainLabels
 from lxm.model.tokenizer import LxmertTokenizer
 
@@ -118,10 +117,7 @@ class PretrainDataset(Dataset):
         path = path / "corpus.parquet" if path.is_dir() else path
         table = pq.read_table(path, columns=["uid", "img_id", "source", "split", "text", "labels"])
         self.stores = [FeatureStore(f) for f in features]
-        where: dict[str, int] = {}
-        for k, store in enumerate(self.stores):
-            for img_id in store.ids():
-                where.setdefault(img_id, k)
+        where = store_index(self.stores)
         keep_splits, keep_sources = set(splits), set(sources)
         cols = {c: table.column(c).to_pylist() for c in ("uid", "img_id", "source", "split", "text")}
         raw_labels = table.column("labels").to_pylist()
@@ -165,13 +161,7 @@ class PretrainDataset(Dataset):
         return len(self.uids)
 
     def _features(self, i: int):
-        store = self.stores[self.store_of[i]]
-        rec = store.get(self.img_ids[i])
-        try:
-            boxes = rec.normalized_boxes()
-        except RecordError as exc:
-            raise RecordError(f"{store.root}: {exc}") from None
-        return rec, boxes
+        return read_normalized(self.stores[self.store_of[i]], self.img_ids[i])
 
     def __getitem__(self, index: int) -> PretrainExample:
         rng = np.random.default_rng([self.seed, self.epoch, index])

@@ -28,17 +28,18 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from lxm import atomic
 from lxm.corpus.answers import convert_ans
-from lxm.model import (LxmertConfig, LxmertForPreTraining, load_pretrained_with_report, pair_loss, preset, save_lxm,
-                       soft_answer_loss)
-from lxm.model.weights import load_into, read_checkpoint
+from lxm.model import (LxmertConfig, LxmertForPreTraining, load_pretrained, load_pretrained_with_report, pair_loss,
+                       preset, save_lxm, soft_answer_loss)
+from lxm.model.weights import load_into
 from lxm.train.config import FinetuneConfig
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.loop import (append_jsonl, autocast, mean_across_ranks, restore_state, start_run, train_step,
                             training_state)
 from lxm.train.metrics import nlvr2_metrics
 from lxm.train.optim import make_optimizer
-from lxm.train.pretrain import MicroBatches, _save
+from lxm.train.pretrain import MicroBatches, save_state
 
 BEST_DIR = "best"  # lxm model directory of the best epoch (what `lxm predict` loads)
 LAST = "last.pt"  # model + optimizer + epoch + RNG: what --resume reads
@@ -93,11 +94,16 @@ def resolve_init(source: str) -> str:
     return source
 
 
-def _pretraining_answers(cfg: FinetuneConfig, init_path: str, rows: int) -> tuple[list[str], str]:
-    """The answer strings of the init's QA head rows: init_answers, the run's own table, or the corpus's."""
-    candidates = []
+def _pretraining_answers(cfg: FinetuneConfig, init_path: str, rows: int) -> tuple[list[str], str] | None:
+    """(answer strings of the init's QA head rows, their file): init_answers (must fit), else the first table of
+    `rows` answers among the init run's own and the corpus's; None when none fits."""
     if cfg.init_answers:
-        candidates.append(Path(cfg.init_answers))
+        table = read_answer_table(cfg.init_answers)
+        if len(table) != rows:
+            raise ValueError(f"init_answers {cfg.init_answers}: {len(table)} answers, but the QA head of {init_path} "
+                             f"has {rows} rows")
+        return table, cfg.init_answers
+    candidates = []
     run = Path(init_path).parent if Path(init_path).name in ("model", BEST_DIR) else Path(init_path).parent.parent
     if (run / "config.yaml").exists():
         run_cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
@@ -109,13 +115,9 @@ def _pretraining_answers(cfg: FinetuneConfig, init_path: str, rows: int) -> tupl
     for path in candidates:
         if path.exists():
             table = read_answer_table(path)
-            if len(table) != rows and path == candidates[0] and cfg.init_answers:
-                raise ValueError(f"init_answers {path}: {len(table)} answers, but the QA head of {init_path} has "
-                                 f"{rows} rows")
             if len(table) == rows:
                 return table, str(path)
-    raise ValueError(f"{init_path}: its QA head has {rows} rows but no answer table of that size was found "
-                     f"(tried {', '.join(map(str, candidates))}); pass --set init_answers=PATH (LXMERT's all_ans.json)")
+    return None
 
 
 def build_task_model(cfg: FinetuneConfig, answers: list[str], vocab_size: int, feat_dim: int, log=print
@@ -157,13 +159,15 @@ def _answer_head_surgery(cfg: FinetuneConfig, init: str, pre: LxmertForPreTraini
     head = {k: v for k, v in pre.state_dict().items() if k.startswith("answer_head.")}
     rows = pre.config.num_qa_labels
     w, b = head.pop("answer_head.logit_fc.3.weight"), head.pop("answer_head.logit_fc.3.bias")
-    if rows == len(answers) and not cfg.init_answers:
-        try:
-            _pretraining_answers(cfg, init, rows)
-        except ValueError:  # no pretraining table of this size: a head finetuned on this very task
-            log(f"answer head: copied as is ({rows} answers: a finetuned {cfg.task} head)")
-            return {**head, "answer_head.logit_fc.3.weight": w, "answer_head.logit_fc.3.bias": b}
-    table, where = _pretraining_answers(cfg, init, rows)
+    found = _pretraining_answers(cfg, init, rows)
+    if found is None and rows == len(answers):  # no pretraining table of this size: a head finetuned on this task
+        log(f"answer head: copied as is ({rows} answers: a finetuned {cfg.task} head)")
+        return {**head, "answer_head.logit_fc.3.weight": w, "answer_head.logit_fc.3.bias": b}
+    if found is None:
+        raise ValueError(f"{init}: its QA head has {rows} rows but no answer table of that size was found (the "
+                         f"init run's, {Path(cfg.corpus) / 'vocab' / 'qa_answers.json'}); pass --set "
+                         f"init_answers=PATH (LXMERT's all_ans.json)")
+    table, where = found
     index = {a: i for i, a in enumerate(table)}
     new_w, new_b = torch.zeros(len(answers), w.shape[1], dtype=w.dtype), torch.zeros(len(answers), dtype=b.dtype)
     missing = []
@@ -219,8 +223,6 @@ def score(dataset: FinetuneDataset, predictions: dict, answers: list[str]) -> di
 def write_predictions(task: str, predictions: dict, path: str | os.PathLike) -> Path:
     """The official submission formats: VQA [{"question_id", "answer"}], GQA [{"questionId", "prediction"}],
     NLVR2 CSV lines `identifier,True|False`. Written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if task == "vqa":
         text = json.dumps([{"question_id": int(q), "answer": a} for q, a in predictions.items()])
     elif task == "gqa":
@@ -229,10 +231,8 @@ def write_predictions(task: str, predictions: dict, path: str | os.PathLike) -> 
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(predictions.items())
         text = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    atomic.write_text(path, text)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -356,7 +356,7 @@ class Finetuner:
                     if preds:
                         write_predictions(cfg.task, preds, self.out / "predictions" / _prediction_name(
                             cfg.task, cfg.valid_split))
-                _save(self.out / LAST, self._state())  # after best/: a crash never loses the best model
+                save_state(self.out / LAST, self._state())  # after best/: a crash never loses the best model
         summary = {"task": cfg.task, "epochs": self.epoch, "steps": self.step, "best_epoch": self.best_epoch,
                    "best": self.best, "valid_split": cfg.valid_split}
         if self.dist.is_main:
@@ -371,7 +371,7 @@ def _prediction_name(task: str, split: str) -> str:
 # ---------------------------------------------------------------------------------------------------- lxm predict
 
 
-def predict_run(run: str | os.PathLike, split: str, out: str | os.PathLike, *, corpus: str | None = None,
+def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.PathLike, *, corpus: str | None = None,
                 features: list[str] | None = None, batch_size: int | None = None, device: str = "auto",
                 log=print) -> tuple[Path, dict]:
     """Load RUN/best (and RUN/config.yaml for corpus, features, vocab, answers), predict `split`, write `out`.
@@ -382,13 +382,13 @@ def predict_run(run: str | os.PathLike, split: str, out: str | os.PathLike, *, c
         raise FileNotFoundError(f"{run}: not an lxm finetuning run (no config.yaml)")
     raw = yaml.safe_load((run / "config.yaml").read_text()) or {}
     cfg = FinetuneConfig(**{k: v for k, v in raw.items() if k in FinetuneConfig.__dataclass_fields__})
+    if cfg.task != task:
+        raise ValueError(f"{run} is a {cfg.task} run, not {task}")
     model_dir = run / BEST_DIR
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{run}: no {BEST_DIR}/ model yet (the run has not finished an epoch)")
     answers = read_answer_table(run / "answers.json") if cfg.task != "nlvr2" else []
-    raw_ckpt = read_checkpoint(model_dir)
-    model = LxmertForPreTraining(raw_ckpt.config)
-    load_into(model, raw_ckpt.state_dict, source=str(model_dir), fmt="lxm")
+    model = load_pretrained(model_dir, verbose=False)
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model.to(dev)
     data = FinetuneDataset(cfg.task, corpus or cfg.corpus, [split], features or cfg.features, cfg.vocab, answers,

@@ -21,8 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from lxm.extract.records import RecordError
-from lxm.extract.store import FeatureStore
+from lxm.extract.store import FeatureStore, read_normalized, store_index
 from lxm.model.tokenizer import LxmertTokenizer
 
 
@@ -63,15 +62,6 @@ def table_path(corpus: str | os.PathLike, task: str, split: str) -> Path:
         raise FinetuneDataError(f"{path}: no such table (this corpus has {', '.join(have) or 'no ' + task + ' tables'}"
                                 f"; build it with lxm build-corpus --{task} ...)")
     return path
-
-
-def store_index(stores: list[FeatureStore]) -> dict[str, int]:
-    """img_id -> position of the first store that holds it."""
-    where: dict[str, int] = {}
-    for k, store in enumerate(stores):
-        for img_id in store.ids():
-            where.setdefault(img_id, k)
-    return where
 
 
 class FinetuneDataset(Dataset):
@@ -133,12 +123,8 @@ class FinetuneDataset(Dataset):
         return len(self.ids)
 
     def _image(self, img_id: str) -> tuple[np.ndarray, np.ndarray]:
-        store = self.stores[self.store_of[img_id]]
-        rec = store.get(img_id)
-        try:
-            return rec.features.astype(np.float32), rec.normalized_boxes()
-        except RecordError as exc:
-            raise RecordError(f"{store.root}: {exc}") from None
+        rec, boxes = read_normalized(self.stores[self.store_of[img_id]], img_id)
+        return rec.features.astype(np.float32), boxes
 
     def __getitem__(self, index: int) -> dict:
         enc = self.tokenizer.encode(self.texts[index])

@@ -23,13 +23,14 @@ def read_log(run: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     if not path.exists():
         raise PlotError(f"{path}: no such file (is {run} an lxm pretrain / finetune run directory?)")
     train, valid = [], []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            if n == len(path.read_text().splitlines()):  # a crash can cut the last line; the rest is fine
+            if n == len(lines):  # a crash can cut the last line; the rest is fine
                 break
             raise PlotError(f"{path}: line {n}: not valid JSON ({exc})") from None
         if "valid" in rec:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from lxm.atomic import atomic_path
 from lxm.model import (LxmertForPreTraining, PretrainLossConfig, load_pretrained, preset, pretraining_step_losses,
                        save_lxm)
 from lxm.train.config import PretrainConfig
@@ -96,10 +97,10 @@ def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers
     return LxmertForPreTraining(model_cfg)
 
 
-def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a checkpoint is either complete or absent
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save, atomically: a checkpoint is either complete or absent."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -175,7 +176,7 @@ class Pretrainer:
     def _checkpoint(self, name: str) -> None:
         if not self.dist.is_main:
             return
-        _save(self.out / CKPT_DIR / name, self._state())
+        save_state(self.out / CKPT_DIR / name, self._state())
         for kind in ("step", "epoch"):  # keep the last K of each (best.pt is a separate copy)
             found = sorted((self.out / CKPT_DIR).glob(f"{kind}-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
             for old in found[: -self.cfg.keep_last]:
