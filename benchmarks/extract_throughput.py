@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-IMAGES = ROOT.parent / "shared" / "fixtures" / "butd-coco-sample" / "images"
+IMAGES = Path(os.environ.get("LXM_SHARED") or ROOT.parent / "shared") / "fixtures" / "butd-coco-sample" / "images"
 
 
 def child(batch: int, device: str, bf16: bool, threads: int) -> None:

@@ -10,6 +10,7 @@ BertAdam) of the tiny and small models, fp32, 2 threads. The loader should be at
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-VOCAB = ROOT.parent / "shared" / "vocab" / "bert-base-uncased-vocab.txt"
+VOCAB = Path(os.environ.get("LXM_SHARED") or ROOT.parent / "shared") / "vocab" / "bert-base-uncased-vocab.txt"
 
 from lxm.extract.records import ImageFeatures  # noqa: E402
 from lxm.extract.store import FeatureStoreWriter  # noqa: E402

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout (as CI lays it out), or wherever LXM_SHARED points
+SHARED = Path(os.environ.get("LXM_SHARED") or REPO.parent / "shared")
 BERT_VOCAB = SHARED / "vocab" / "bert-base-uncased-vocab.txt"
 HF_KEYS = SHARED / "reference" / "hf_lxmert_keys.txt"
+
+
+def pytest_configure(config):
+    if not (SHARED / "vocab").is_dir() or not (SHARED / "fixtures").is_dir():
+        pytest.exit(f"the shared test fixtures are not at {SHARED}: the tests read ../shared beside the checkout "
+                    f"(fixtures/, vocab/, reference/); set LXM_SHARED=/path/to/shared to use another place", returncode=4)
 
 
 def tiny_hf_kwargs(**overrides):
