@@ -2,7 +2,10 @@
 
 The loop is the extraction script's algorithm written plainly (1600 calls of py-faster-rcnn's numpy NMS);
 both must return identical indices, labels and confidences. Inputs: 300 random proposals on a 640x480 image, class
-logits N(0, 3) with one boosted class per proposal (peaked softmaxes, as a trained detector gives).
+logits N(0, 3) with one boosted class per proposal (peaked softmaxes, as a trained detector gives), and four
+"twins": proposals a few pixels off another that ROIPool snaps to the same cells, so they have bit-identical
+probabilities and every class has tied scores (a real detector's output has such pairs; their order is the
+original's, see lxm.extract.select).
 
     python benchmarks/box_selection.py            # median of 5 runs each, 2 threads
 """
@@ -32,6 +35,9 @@ def make_inputs(seed: int, proposals: int = 300, classes: int = 1600, attrs: int
     logits[np.arange(proposals), rng.integers(1, classes + 1, proposals)] += rng.uniform(5, 14, proposals)
     cls_prob = torch.softmax(torch.from_numpy(logits), 1).numpy()
     attr_prob = torch.softmax(torch.from_numpy(rng.normal(0, 3, (proposals, attrs + 1)).astype(np.float32)), 1).numpy()
+    for twin, of in rng.choice(proposals, (4, 2), replace=False):
+        boxes[twin] = np.clip(boxes[of] + rng.uniform(-4, 4, 4), 0, [639, 479, 639, 479]).astype(np.float32)
+        cls_prob[twin], attr_prob[twin] = cls_prob[of], attr_prob[of]
     return boxes, cls_prob, attr_prob
 
 

@@ -10,10 +10,13 @@ import json
 import logging
 from enum import Enum
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from lxm.errors import ConfigError, LxmError
 
 app = typer.Typer(
     name="lxm",
@@ -52,11 +55,11 @@ def convert_checkpoint_cmd(
 
     Example: lxm convert-checkpoint snap/pretrained/model_LXRT.pth ckpt/lxmert-base --to lxm
     """
-    from lxm.model.weights import CheckpointError, convert_checkpoint
+    from lxm.model.weights import convert_checkpoint
 
     try:
         report = convert_checkpoint(src, dst, to.value)
-    except CheckpointError as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     _err.print(f"wrote {to.value} checkpoint to {dst} ({len(report.loaded)} tensors)", highlight=False)
 
@@ -96,9 +99,20 @@ def _advancing(items, bar, task):
         bar.advance(task)
 
 
-def _fail(exc: Exception) -> None:
-    # a KeyError's text is just the quoted key: say what it is
-    text = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+USER_ERRORS = (LxmError, OSError)  # what the commands report in one line; everything else is a bug
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    """Bad input (an LxmError, or an OSError, which names its file) -> one line on stderr and exit code 1.
+
+    Anything else is a bug and is re-raised with its traceback: a KeyError from a bug must not read as bad input.
+    """
+    if not isinstance(exc, USER_ERRORS):
+        raise exc
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"  # the file first, as every LxmError message
+    else:
+        text = str(exc)
     _err.print(f"[red]error:[/red] {escape(text)}", highlight=False)
     raise typer.Exit(code=1)
 
@@ -113,34 +127,27 @@ def convert_tsv_cmd(
 ) -> None:
     """Import an original 10-column base64 TSV into a memory-mapped feature store, streaming (constant memory).
 
-    Re-running the same command after a crash skips the images already stored. Rows keep the TSV's order.
+    Re-running the same command after a crash skips the images already stored (without decoding them). Lines that
+    cannot be used are listed in DST/failures.jsonl with file:line and the field; the other rows convert. The exit
+    code is non-zero only if no line can be converted. Rows keep the TSV's order.
 
     Example: lxm convert tsv data/mscoco_imgfeat/train2014_obj36.tsv features/train2014
     """
-    from lxm.extract.records import RecordError
-    from lxm.extract.store import FeatureStoreWriter, StoreError
-    from lxm.extract.tsv import read_tsv
+    from lxm.extract.tsv import convert_tsv
 
     try:
-        first = next(read_tsv(src, limit=1), None)
-        if first is None:
-            raise RecordError(f"{src}: no rows")
-        meta = {"source": "tsv", "tsv": str(src.resolve()), "engine": "caffe (imported)"}
-        writer = FeatureStoreWriter(dst, num_boxes=first.num_boxes, feature_dim=first.features.shape[1],
-                                    dtype=dtype.value, rows_per_shard=rows_per_shard, metadata=meta)
-        skipped = 0
-        with writer, _progress() as bar:
+        with _progress() as bar:
             task = bar.add_task(f"convert {src.name}", total=src.stat().st_size)
-            for rec in read_tsv(src, on_bytes=lambda n: bar.update(task, completed=n)):
-                if rec.img_id in writer:
-                    skipped += 1
-                    continue
-                writer.add(rec)
-        manifest = writer.root / "manifest.json"
-    except (RecordError, StoreError, OSError) as exc:
+            summary = convert_tsv(src, dst, dtype=dtype.value, rows_per_shard=rows_per_shard,
+                                  on_bytes=lambda n: bar.update(task, completed=n))
+    except USER_ERRORS as exc:
         _fail(exc)
-    _err.print(f"stored {writer.written} images in {dst} ({skipped} already present); manifest: {manifest}",
-               highlight=False)
+    _err.print(f"stored {summary['stored']} images in {dst} ({summary['already_present']} already present); "
+               f"manifest: {summary['manifest']}", highlight=False)
+    if summary["failed"]:
+        lines = "1 line" if summary["failed"] == 1 else f"{summary['failed']} lines"
+        _err.print(f"[yellow]warning:[/yellow] {lines} could not be converted; see {escape(summary['failures_file'])}",
+                   highlight=False)
 
 
 @export_app.command("tsv")
@@ -173,7 +180,7 @@ def export_tsv_cmd(
         with _progress("images") as bar:
             task = bar.add_task(f"export {dst.name}", total=len(order))
             count = write_tsv(_advancing((store.get(i) for i in order), bar, task), dst)
-    except (StoreError, OSError, ValueError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     _err.print(f"wrote {count} rows to {dst}", highlight=False)
 
@@ -189,8 +196,7 @@ def convert_h5_cmd(
     Example: lxm convert h5 features.h5 features/train2014
     """
     from lxm.extract.h5 import h5_info, read_h5
-    from lxm.extract.records import RecordError
-    from lxm.extract.store import FeatureStoreWriter, StoreError
+    from lxm.extract.store import FeatureStoreWriter
 
     try:
         count, n, d, file_dtype = h5_info(src)
@@ -201,7 +207,7 @@ def convert_h5_cmd(
             for rec in _advancing(read_h5(src), bar, task):
                 if rec.img_id not in writer:
                     writer.add(rec)
-    except (RecordError, StoreError, OSError, KeyError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     _err.print(f"stored {writer.written} images in {dst}", highlight=False)
 
@@ -216,7 +222,7 @@ def export_h5_cmd(
     Example: lxm export h5 features/val2014 val2014_obj36.h5
     """
     from lxm.extract.h5 import write_h5
-    from lxm.extract.store import FeatureStore, StoreError
+    from lxm.extract.store import FeatureStore
 
     try:
         store = FeatureStore(src)
@@ -224,7 +230,7 @@ def export_h5_cmd(
             task = bar.add_task(f"export {dst.name}", total=len(store))
             count = write_h5(_advancing(store, bar, task), dst, count=len(store), num_boxes=store.num_boxes,
                              feature_dim=store.feature_dim, dtype=store.dtype)
-    except (StoreError, OSError, ValueError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     _err.print(f"wrote {count} images to {dst}", highlight=False)
 
@@ -246,9 +252,9 @@ def show_cmd(
     """
     import cv2
 
-    from lxm.extract.images import ImageError, load_bgr
+    from lxm.extract.images import load_bgr
     from lxm.extract.show import draw, load_vocab
-    from lxm.extract.store import FeatureStore, StoreError
+    from lxm.extract.store import FeatureStore
 
     try:
         rec = FeatureStore(src).get(img_id)
@@ -259,7 +265,7 @@ def show_cmd(
         out.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(out), picture):
             raise OSError(f"{out}: could not write the image")
-    except (StoreError, KeyError, ImageError, ValueError, OSError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     _err.print(f"wrote {out}", highlight=False)
 
@@ -270,9 +276,9 @@ def _read_id_list(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of img_ids or of records with 'img_id'")
+        raise ConfigError(f"{path}: expected a JSON list of img_ids or of records with 'img_id'")
     out = []
     for i, item in enumerate(data):
         if isinstance(item, str):
@@ -280,7 +286,7 @@ def _read_id_list(path: Path) -> list[str]:
         elif isinstance(item, dict) and isinstance(item.get("img_id"), str):
             out.append(item["img_id"])
         else:
-            raise ValueError(f"{path}: record {i}: field 'img_id' missing")
+            raise ConfigError(f"{path}: record {i}: field 'img_id' missing")
     return list(dict.fromkeys(out))
 
 
@@ -326,39 +332,56 @@ def extract_cmd(
 ) -> None:
     """Extract 36-box Visual Genome Faster R-CNN region features from a folder of images into a feature store.
 
-    Re-running the same command skips images already stored; images that cannot be used are listed in
-    failures.jsonl with the reason. The exit code is non-zero only if nothing could be extracted.
+    Images are found in the folder and its subfolders. Re-running the same command skips images already stored;
+    images that cannot be used are listed in failures.jsonl with the reason (one record per image). Several runs
+    may write one --out at once (e.g. one per GPU, with or without --shard): they split the work. The exit code is
+    non-zero if the folder holds no image, or none of them could be used.
 
     Example: lxm extract --images coco/train2014 --out features/train2014 --weights faster_rcnn_from_caffe_attr.pkl
     """
+    from lxm.extract.images import ImageError
     from lxm.extract.pipeline import ExtractConfig, extract, shard_from_env
-    from lxm.extract.weights import WeightsError
 
     if shard:
         try:
             i, n = (int(x) for x in shard.split("/"))
         except ValueError:
-            _fail(ValueError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}"))
+            _fail(ConfigError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}"))
     else:
         i, n = shard_from_env()
-    if weights == "random":
-        _err.print("[yellow]warning:[/yellow] --weights random: the detector is randomly initialised; the features, "
-                   "boxes and labels are meaningless (recorded in the store's manifest)", highlight=False)
+    # --weights random is announced once, by the weights loader's logged warning (it also lands in the manifest)
     cfg = ExtractConfig(images=str(images), out=str(out), weights=weights, engine=engine.value,
                         detector=detector.value, mode=mode.value,
                         num_boxes=boxes, device=device, dtype=dtype.value, batch_size=batch_size, bf16=bf16,
                         seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard)
     try:
         with _progress("images") as bar:
-            task = bar.add_task(f"extract {images.name}", total=None)
-            summary = extract(cfg, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
-    except (WeightsError, ValueError, RuntimeError, OSError, ImportError) as exc:
+            tasks: list = []  # the bar appears with its total, once the images are listed (not before an error)
+
+            def progress(done: int, total: int, per_s: float) -> None:
+                if not tasks:
+                    tasks.append(bar.add_task("", total=total))
+                bar.update(tasks[0], completed=done, total=total, description=f"extract {images.name} {per_s:.1f} img/s")
+
+            summary = extract(cfg, on_progress=progress, on_weights=lambda line: _err.print(line, highlight=False))
+    except USER_ERRORS as exc:
         _fail(exc)
-    _err.print(f"extracted {summary['extracted']} images, {summary['already_done']} already done, "
-               f"{summary['failed']} failed (see {summary['failures_file']}); store holds {summary['store_images']} "
-               f"images; {summary['seconds']} s", highlight=False)
-    if summary["extracted"] + summary["already_done"] == 0 and summary["images"] > 0:
-        raise typer.Exit(code=1)
+    s = summary
+    if s["images"] == 0:
+        _err.print(f"shard {i}/{n} holds none of the {s['folder_images']} images in {images}: nothing to do",
+                   highlight=False)
+        return
+    if s["already_done"] == s["images"]:
+        _err.print(f"all {s['images']} images are already in the store ({s['store_images']} images in {out})",
+                   highlight=False)
+        return
+    others = f", {s['left_to_others']} left to another run writing this store" if s["left_to_others"] else ""
+    _err.print(f"extracted {s['extracted']} images, {s['already_done']} already done, {s['failed']} failed (see "
+               f"{s['failures_file']}){others}; store holds {s['store_images']} images; {s['seconds']} s",
+               highlight=False)
+    if s["extracted"] + s["already_done"] + s["left_to_others"] == 0:
+        _fail(ImageError(f"{images}: none of its {s['images']} images could be used; the reasons are in "
+                         f"{s['failures_file']}"))
 
 
 @app.command("build-corpus")
@@ -374,7 +397,8 @@ def build_corpus_cmd(
                              help="Folder with {train,val,testdev}_balanced_questions.json "
                                   "(+ submission_all_questions.json)."),
     nlvr2: Path = typer.Option(None, "--nlvr2", exists=True, file_okay=False,
-                               help="Folder with train.json, dev.json, test1.json (+ test2.json), JSON lines."),
+                               help="Folder with NLVR2's train.json, dev.json, test1.json (+ test2.json), JSON "
+                                    "lines; or a clone of lil-lab/nlvr (reads nlvr2/data/, never NLVR1's nlvr/)."),
     minival_ids: Path = typer.Option(None, "--minival-ids", exists=True, dir_okay=False,
                                      help="LXMERT's mscoco_minival.json or a JSON list of img_ids (the 5K minival)."),
     features: list[Path] = typer.Option(None, "--features", help="Feature store(s): keep only sentences whose image "
@@ -398,7 +422,7 @@ def build_corpus_cmd(
     """
     from rich.table import Table
 
-    from lxm.corpus.build import SOURCES, CorpusError, CorpusInputs, build_corpus, table1
+    from lxm.corpus.build import SOURCES, CorpusInputs, build_corpus, table1
 
     inputs = CorpusInputs(out=out, coco=coco, vg=vg, vqa=vqa, gqa=gqa, nlvr2=nlvr2, minival_ids=minival_ids,
                           features=list(features or []), qa_table=qa_table, vqa_min_questions=vqa_min_questions,
@@ -406,7 +430,7 @@ def build_corpus_cmd(
     try:
         with _err.status("reading the annotation files ..."):
             result = build_corpus(inputs)
-    except (CorpusError, OSError, ValueError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     table = Table(title="Pretraining data (paper Table 1 layout)")
     for col in ("image split", "images", *SOURCES, "all"):
@@ -472,7 +496,7 @@ def pretrain_cmd(
                                  on_record=advance)
             bar.update(task, total=trainer.total_steps, completed=trainer.step)
             result = trainer.run()
-    except (ValueError, RuntimeError, OSError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     _err.print(f"done: step {result['step']}, epoch {result['epoch']}; logs and checkpoints in {out}", highlight=False)
 
@@ -522,7 +546,7 @@ def finetune_cmd(
                                 on_record=advance)
             bar.update(bar_task, total=trainer.steps_per_epoch * cfg.epochs, completed=trainer.step)
             result = trainer.run()
-    except (ValueError, RuntimeError, OSError, KeyError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     _err.print(f"done: {result['epochs']} epochs; best {cfg.valid_split} accuracy {result['best']} (epoch "
                f"{result['best_epoch']}); model in {out / 'best'}", highlight=False)
@@ -538,24 +562,36 @@ def predict_cmd(
     corpus: Path = typer.Option(None, "--corpus", help="Corpus directory (default: the run's)."),
     features: list[Path] = typer.Option(None, "--features", help="Feature stores (default: the run's)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Evaluation batch size (default: the run's)."),
+    questions: Path = typer.Option(None, "--questions", exists=True, dir_okay=False,
+                                   help="GQA only: the split's questions with answers (e.g. "
+                                        "testdev_balanced_questions.json); prints lxm evaluate gqa's table."),
+    choices: Path = typer.Option(None, "--choices", exists=True, dir_okay=False,
+                                 help="GQA only, with --questions: choices file for validity / plausibility."),
 ) -> None:
     """Write the official submission file of a split with the run's best model.
 
     VQA [{"question_id", "answer"}], GQA [{"questionId", "prediction"}], NLVR2 CSV identifier,True|False. When the
-    split has labels, the local score is printed too (use lxm evaluate for the official one).
+    split has labels, the local score is printed too (use lxm evaluate for the official one). GQA with --questions
+    also prints every eval.py number of the written file as JSON, exactly as lxm evaluate gqa.
 
     Example: lxm predict vqa --checkpoint runs/vqa --split test --features features/test2015 --out test_predict.json
     """
     from lxm.train.finetune import predict_run
 
+    if (questions or choices) and task != "gqa":
+        _fail(ConfigError(f"--questions / --choices score GQA predictions; this is {task}"))
+    if choices and not questions:
+        _fail(ConfigError("--choices needs --questions"))
     try:
         path, scores = predict_run(checkpoint, task, split, out, corpus=str(corpus) if corpus else None,
                                    features=[str(f) for f in features] if features else None, batch_size=batch_size,
                                    log=lambda m: _err.print(m, highlight=False))
-    except (ValueError, RuntimeError, OSError, KeyError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     _err.print(f"wrote {path}" + (f" (local {split} " + ", ".join(f"{k} {v}" for k, v in scores.items()) + ")"
                                   if scores else ""), highlight=False)
+    if questions:  # the file just written, scored as lxm evaluate gqa would
+        typer.echo(json.dumps(_gqa_scores(questions, path, choices), indent=2))
 
 
 @app.command("plot")
@@ -571,7 +607,7 @@ def plot_cmd(
 
     try:
         written = plot_run(run, out)
-    except (ValueError, OSError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     for path in written:
         _err.print(f"wrote {path}", highlight=False)
@@ -583,18 +619,21 @@ def quickstart_cmd(
     weights: str = typer.Option("random", "--weights", help="Detector weights for lxm extract; 'random' (default) "
                                                            "= seeded random init: meaningless features."),
     vocab: str = typer.Option("", "--vocab", help="WordPiece vocabulary (default: trained on the world's text)."),
-    pretrain_epochs: int = typer.Option(20, "--pretrain-epochs", min=1, help="Pretraining epochs."),
+    pretrain_steps: int = typer.Option(200, "--pretrain-steps", min=1, help="Pretraining optimizer steps at most "
+                                                                             "(the whole epochs that fit)."),
     finetune_epochs: int = typer.Option(4, "--finetune-epochs", min=1, help="Finetuning epochs per task."),
+    detector_vocab: str = typer.Option("", "--detector-vocab", help="Folder with the detector's objects_vocab.txt "
+                                                                    "and attributes_vocab.txt: names in boxes.png."),
 ) -> None:
     """Run the whole chain on a small synthetic world, offline: render images of coloured shapes with COCO / VQA /
     NLVR2 annotation files, then extract, build-corpus, pretrain, finetune vqa and nlvr2, predict, evaluate, show and
-    plot, and write OUT/report.md (commands, times, metrics, pictures). A few minutes on a laptop CPU.
+    plot, and write OUT/report.md (commands, work, times, metrics, pictures). About 25 s on 2 idle CPU cores.
 
     Example: lxm quickstart --out /tmp/lxm-quickstart
     """
-    from lxm.quickstart import QuickstartConfig, QuickstartError, run_quickstart
+    from lxm.quickstart import QuickstartConfig, run_quickstart
 
-    cfg = QuickstartConfig(weights=weights, vocab=vocab, pretrain_epochs=pretrain_epochs,
+    cfg = QuickstartConfig(weights=weights, vocab=vocab, pretrain_steps=pretrain_steps, detector_vocab=detector_vocab,
                            finetune_epochs=finetune_epochs)
     if weights == "random":
         _err.print("quickstart: the detector gets seeded RANDOM weights (no download); the features are meaningless "
@@ -602,7 +641,7 @@ def quickstart_cmd(
                    highlight=False)
     try:
         result = run_quickstart(out, cfg, log=lambda m: _err.print(m, highlight=False, markup=False))
-    except (QuickstartError, ValueError, OSError) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     _err.print(f"report: {result.out / 'report.md'}", highlight=False)
 
@@ -616,7 +655,7 @@ def _json_file(path: Path):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
 
 
 @evaluate_app.command("vqa")
@@ -644,56 +683,70 @@ def evaluate_vqa_cmd(
     typer.echo(json.dumps(result, indent=2))
 
 
+def _scored(compute, **paths: Path | None):
+    """Run a metric; a bad input becomes one line naming its file (the metric says which input, `exc.source`)."""
+    from lxm.train.metrics import MetricsInputError
+
+    try:
+        return compute()
+    except MetricsInputError as exc:
+        path = paths.get(exc.source)
+        _fail(MetricsInputError(exc.source, f"{path}: {exc}") if path else exc)
+    except USER_ERRORS as exc:
+        _fail(exc)
+
+
+def _gqa_scores(questions: Path, predictions: Path, choices: Path | None) -> dict:
+    from lxm.train.metrics import gqa_metrics, gqa_predictions
+
+    return _scored(lambda: gqa_metrics(_json_file(questions), gqa_predictions(_json_file(predictions)),
+                                       _json_file(choices) if choices else None),
+                   questions=questions, predictions=predictions, choices=choices)
+
+
 @evaluate_app.command("gqa")
 def evaluate_gqa_cmd(
     questions: Path = typer.Option(..., "--questions", exists=True, dir_okay=False,
                                    help="GQA questions with answers, e.g. testdev_balanced_questions.json."),
     predictions: Path = typer.Option(..., "--predictions", exists=True, dir_okay=False,
                                      help='[{"questionId": str, "prediction": str}, ...].'),
+    choices: Path = typer.Option(None, "--choices", exists=True, dir_okay=False,
+                                 help="GQA choices file (valid / plausible answers per question, e.g. "
+                                      "val_choices.json): adds validity and plausibility."),
 ) -> None:
-    """GQA accuracy over balanced questions (exact match), with binary and open splits (0-100).
+    """Every number of GQA's eval.py, unrounded, in percent: accuracy, binary, open, consistency, validity and
+    plausibility (with --choices), distribution (chi-square / 100, lower is better) and (accuracy, questions) per
+    structural type, semantic type, steps and words.
+
+    Balanced questions are scored; entailed ids absent from --questions are skipped (counted in entailed_absent),
+    predictions for other ids are ignored (counted in ignored_predictions).
 
     Example: lxm evaluate gqa --questions testdev_balanced_questions.json --predictions testdev_predict.json
     """
-    from lxm.train.metrics import gqa_accuracy
-
-    try:
-        preds = {str(r["questionId"]): r["prediction"] for r in _json_file(predictions)}
-        result = gqa_accuracy(_json_file(questions), preds)
-    except (ValueError, KeyError, TypeError) as exc:
-        _fail(exc)
-    typer.echo(json.dumps(result, indent=2))
+    typer.echo(json.dumps(_gqa_scores(questions, predictions, choices), indent=2))
 
 
 @evaluate_app.command("nlvr2")
 def evaluate_nlvr2_cmd(
     annotations: Path = typer.Option(..., "--annotations", exists=True, dir_okay=False,
-                                     help="NLVR2 dev.json / test1.json (JSON lines)."),
+                                     help="NLVR2 dev.json / test1.json / balanced_dev.json ... (JSON lines): the "
+                                          "examples scored."),
     predictions: Path = typer.Option(..., "--predictions", exists=True, dir_okay=False,
-                                     help="CSV lines identifier,True|False (no header)."),
+                                     help="CSV lines identifier,True|False[,...] (an identifier,prediction header "
+                                          "is skipped)."),
 ) -> None:
-    """NLVR2 accuracy and consistency (0-100), as the official metrics.py.
+    """NLVR2 accuracy and consistency (0-100), as the official metrics.py, over the examples of --annotations.
+
+    Predictions for other identifiers are ignored and counted (ignored_predictions), so full dev predictions score
+    the balanced / unbalanced subsets.
 
     Example: lxm evaluate nlvr2 --annotations dev.json --predictions dev_predict.csv
     """
-    from lxm.train.metrics import nlvr2_metrics
+    from lxm.train.metrics import nlvr2_labels, nlvr2_metrics, nlvr2_predictions
 
-    try:
-        labels = {}
-        for line in annotations.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                labels[rec["identifier"]] = rec["label"]
-        preds = {}
-        for n, line in enumerate(predictions.read_text().splitlines(), start=1):
-            if line.strip():
-                ident, _, value = line.partition(",")
-                if not value:
-                    raise ValueError(f"{predictions}: line {n}: expected identifier,True|False")
-                preds[ident.strip()] = value.strip()
-        result = nlvr2_metrics(labels, preds)
-    except (ValueError, KeyError) as exc:
-        _fail(exc)
+    result = _scored(lambda: nlvr2_metrics(nlvr2_labels(annotations.read_text()),
+                                           nlvr2_predictions(predictions.read_text())),
+                     annotations=annotations, predictions=predictions)
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -705,20 +758,21 @@ def inspect_cmd(src: Path = typer.Argument(..., help="Feature store directory.")
     """
     import json
 
-    from lxm.extract.store import FeatureStore, StoreError
+    from lxm.extract.store import FeatureStore
 
     try:
         store = FeatureStore(src)
-    except StoreError as exc:
+        store.verify()  # a truncated index or shard is reported here, naming the file
+        m = store.manifest
+        size = sum((src / s["file"]).stat().st_size for s in m["shards"])
+        rec = store.at(0) if len(store) else None
+    except USER_ERRORS as exc:
         _fail(exc)
-    m = store.manifest
-    size = sum((src / s["file"]).stat().st_size for s in m["shards"])
     typer.echo(f"{src}: {m['num_images']} images x {m['num_boxes']} boxes x {m['feature_dim']} features "
                f"({m['dtype']}), {len(m['shards'])} shards, {size / 2**20:.1f} MiB")
-    typer.echo(f"lxm version {m['lxm_version']}, updated {m['updated']}")
+    typer.echo(f"lxm version {m.get('lxm_version', '?')}, updated {m.get('updated', '?')}")
     typer.echo("extractor: " + json.dumps(m.get("extractor", {}), sort_keys=True))
-    if len(store):
-        rec = store.at(0)
+    if rec is not None:
         typer.echo(f"first image: {rec.img_id} ({rec.img_w}x{rec.img_h}), objects {rec.objects_id[:5].tolist()}..., "
                    f"features mean {float(rec.features.astype('float32').mean()):.4f}")
 

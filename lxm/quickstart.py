@@ -1,10 +1,10 @@
-"""`lxm quickstart`: the whole chain on a small synthetic world, offline, in minutes on a CPU.
+"""`lxm quickstart`: the whole chain on a small synthetic world, offline, in about 25 s on 2 idle CPU cores.
 
 It renders images of coloured shapes (Pillow), writes raw annotation files in the real COCO captions / VQA v2 /
 NLVR2 formats describing them (datasets.md), then runs the real commands in order — extract, build-corpus, pretrain,
-finetune vqa and nlvr2, predict, evaluate, show, plot — and writes report.md with the commands, their times, the
-metrics and the pictures. Nothing is downloaded: the detector has seeded random weights unless --weights is given,
-and the WordPiece vocabulary is trained on the world's own text unless --vocab is given.
+finetune vqa and nlvr2, predict, evaluate, show, plot — and writes report.md with the commands, their work and
+times, the metrics and the pictures. Nothing is downloaded: the detector has seeded random weights unless --weights is
+given, and the WordPiece vocabulary is trained on the world's own text unless --vocab is given.
 """
 
 from __future__ import annotations
@@ -20,27 +20,38 @@ from pathlib import Path
 
 import numpy as np
 
+from lxm.errors import LxmError
+
 SHAPES = ["circle", "square", "triangle"]
 COLORS = ["red", "green", "blue", "yellow"]
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+PRETRAIN_BATCH, FINETUNE_BATCH = 16, 8
 
 
-class QuickstartError(RuntimeError):
+class QuickstartError(LxmError, RuntimeError):
     """A stage of the quickstart failed; the message names the command."""
 
 
 @dataclass
 class QuickstartConfig:
-    """Sizes of the synthetic world and of the runs (defaults: ~2-4 minutes on 2 CPU cores)."""
+    """Sizes of the synthetic world and of the runs. The defaults cost 184 images to extract and 291 optimizer
+    steps (187 of pretraining, 84 + 20 of finetuning): about 25 s on 2 idle CPU cores."""
 
     train_images: int = 48  # COCO-style train2014 images (captions + VQA questions)
     val_images: int = 16  # val2014 images; the first half is minival, the rest nominival
     nlvr2_pairs: int = 40  # NLVR2 train pairs (dev and test1 get a quarter each)
     image_size: int = 128  # pixels (square)
-    pretrain_epochs: int = 20
-    finetune_epochs: int = 4
+    # Pretraining is bounded by steps, not epochs, so its cost does not grow with the world: as many whole epochs as
+    # fit (each one validated, the lr schedule run to its end), or the first steps of one if one epoch is longer.
+    pretrain_steps: int = 200
+    finetune_epochs: int = 4  # epochs of the world's own, known size (vqa 21 and nlvr2 5 steps each by default)
     weights: str = "random"  # detector weights; "random" = seeded random init (meaningless features)
     vocab: str = ""  # WordPiece vocabulary; "" = train a small one on the world's text
+    detector_vocab: str = ""  # folder with the detector's objects_vocab.txt / attributes_vocab.txt: names in boxes.png
+    # torch intra-op threads while the quickstart runs (restored after). The tiny models gain nothing from more, and
+    # on a busy machine extra threads wait on each other: at load 6 on 2 cores the default run took 339 s with 2
+    # threads (pretraining alone 224 s) and 38 s with 1, with the same results.
+    threads: int = 1
     seed: int = 0
 
 
@@ -49,6 +60,7 @@ class Stage:
     name: str
     command: list[str]
     seconds: float = 0.0
+    work: str = ""  # what the stage did, in machine-independent terms (images, optimizer steps)
     output: str = ""
 
 
@@ -56,6 +68,7 @@ class Stage:
 class QuickstartResult:
     out: Path
     stages: list[Stage] = field(default_factory=list)
+    load: tuple[float, float] | None = None  # 1-minute load average at the start and at the end
     metrics: dict = field(default_factory=dict)
 
 
@@ -189,40 +202,86 @@ def _invoke(stage: Stage, log) -> str:
     return stage.output
 
 
-def run_quickstart(out: str | os.PathLike, cfg: QuickstartConfig | None = None, log=print) -> QuickstartResult:
+def pretrain_schedule(max_steps: int, sentences: int, batch: int) -> tuple[int, int]:
+    """(epochs, max_steps) for `lxm pretrain`: the whole epochs of `sentences // batch` steps that fit in max_steps,
+    so each is validated and the lr schedule (sized by epochs) ends at zero; one cut epoch if even one is longer."""
+    per_epoch = max(1, sentences // batch)
+    return max(1, max_steps // per_epoch), max_steps
+
+
+def _pretrain_sentences(corpus: Path) -> int:
+    """Sentences `lxm pretrain` trains on: those of its default splits (every quickstart image has features)."""
+    import pyarrow.parquet as pq
+
+    from lxm.train.config import PretrainConfig
+
+    keep = set(PretrainConfig().train_splits)
+    return sum(s in keep for s in pq.read_table(corpus / "corpus.parquet", columns=["split"]).column(0).to_pylist())
+
+
+def _steps(run: Path) -> int:
     from lxm.train.plot import read_log
+
+    train, _ = read_log(run)
+    return train[-1]["step"] if train else 0
+
+
+def run_quickstart(out: str | os.PathLike, cfg: QuickstartConfig | None = None, log=print) -> QuickstartResult:
+    import torch
 
     cfg = cfg or QuickstartConfig()
     root = Path(out).resolve()
     if root.exists() and any(root.iterdir()):
         raise QuickstartError(f"{root} exists and is not empty; pass a new --out (runs are never overwritten)")
+    for name in ("objects_vocab.txt", "attributes_vocab.txt") if cfg.detector_vocab else ():
+        if not (Path(cfg.detector_vocab) / name).is_file():  # checked before minutes of work, not at the show stage
+            raise QuickstartError(f"--detector-vocab {cfg.detector_vocab}: no {name} there")
     root.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(root, cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(root: Path, cfg: QuickstartConfig, log) -> QuickstartResult:
+    from lxm.train.plot import read_log
+
     result = QuickstartResult(root)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     counts = make_world(root, cfg)
     log(f"world: {counts} in {root} ({time.perf_counter() - t0:.1f} s)")
     vocab = cfg.vocab or str(train_vocab(root))
     random_weights = cfg.weights == "random"
     detector = ["--detector", "tiny"] if random_weights else []
-    f = lambda *p: str(root.joinpath(*p))  # noqa: E731
-    feats = [f("features", s) for s in ("train2014", "val2014", "nlvr2")]
+    f = lambda *p: str(root.joinpath(*p))
+    splits = ("train2014", "val2014", "nlvr2")
+    feats = [f("features", s) for s in splits]
+    images = {s: len(list((root / "images" / s).iterdir())) for s in splits}
     stages = [Stage(f"extract {s}", ["extract", "--images", f("images", s), "--out", f("features", s),
-                                     "--weights", cfg.weights, *detector, "--seed", str(cfg.seed)])
-              for s in ("train2014", "val2014", "nlvr2")]
+                                     "--weights", cfg.weights, *detector, "--seed", str(cfg.seed)],
+                    work=f"{images[s]} images") for s in splits]
     stages.append(Stage("build-corpus", ["build-corpus", "--out", f("corpus"), "--coco", f("raw", "coco"),
                                          "--vqa", f("raw", "vqa"), "--nlvr2", f("raw", "nlvr2"),
                                          "--minival-ids", f("raw", "minival.json"), "--vqa-min-questions", "1",
                                          "--overwrite", *[x for p in feats for x in ("--features", p)]]))
+    for stage in stages:
+        _invoke(stage, log)
+        result.stages.append(stage)
     common = [x for p in feats for x in ("--features", p)] + ["--corpus", f("corpus"), "--set", f"vocab={vocab}"]
-    stages.append(Stage("pretrain", ["pretrain", "--config", "tiny", "--out", f("runs", "pretrain"), *common,
-                                     "--set", f"epochs={cfg.pretrain_epochs}", "--set", "batch_size=16",
-                                     "--set", "checkpoint_every=100000", "--set", "keep_last=1",
-                                     "--set", "log_every=5"]))
+    epochs, max_steps = pretrain_schedule(cfg.pretrain_steps, _pretrain_sentences(root / "corpus"), PRETRAIN_BATCH)
+    stages = [Stage("pretrain", ["pretrain", "--config", "tiny", "--out", f("runs", "pretrain"), *common,
+                                 "--set", f"epochs={epochs}", "--set", f"max_steps={max_steps}",
+                                 "--set", f"batch_size={PRETRAIN_BATCH}", "--set", "checkpoint_every=100000",
+                                 "--set", "keep_last=1", "--set", "log_every=5"])]
     for task in ("vqa", "nlvr2"):
         stages.append(Stage(f"finetune {task}", ["finetune", task, "--init", f("runs", "pretrain"), "--config", "tiny",
                                                  "--out", f("runs", task), *common,
-                                                 "--set", f"epochs={cfg.finetune_epochs}", "--set", "batch_size=8",
-                                                 "--set", "lr=3e-4"]))
+                                                 "--set", f"epochs={cfg.finetune_epochs}",
+                                                 "--set", f"batch_size={FINETUNE_BATCH}", "--set", "lr=3e-4"]))
+    show_vocab = ["--vocab", cfg.detector_vocab] if cfg.detector_vocab else []
     stages += [
         Stage("predict vqa", ["predict", "vqa", "--checkpoint", f("runs", "vqa"), "--split", "minival",
                               "--out", f("predictions", "vqa_minival_predict.json")]),
@@ -235,19 +294,24 @@ def run_quickstart(out: str | os.PathLike, cfg: QuickstartConfig | None = None, 
                                  "--predictions", f("predictions", "nlvr2_dev_predict.csv")]),
         Stage("show", ["show", f("features", "val2014"), "COCO_val2014_000000001001", "--image",
                        f("images", "val2014", "COCO_val2014_000000001001.jpg"), "--out", f("pictures", "boxes.png"),
-                       "--top", "5"]),
+                       "--top", "5", *show_vocab]),
     ]
     stages += [Stage(f"plot {r}", ["plot", f("runs", r), "--out", f("pictures", r)]) for r in ("pretrain", "vqa",
                                                                                              "nlvr2")]
     for stage in stages:
         output = _invoke(stage, log)
         result.stages.append(stage)
+        if stage.name in ("pretrain", "finetune vqa", "finetune nlvr2"):
+            batch = PRETRAIN_BATCH if stage.name == "pretrain" else FINETUNE_BATCH
+            stage.work = f"{_steps(root / 'runs' / stage.name.split()[-1])} steps of {batch}"
         if stage.name.startswith("evaluate"):
             result.metrics[stage.name.split()[1]] = json.loads(output)
     _, pre_valid = read_log(root / "runs" / "pretrain")
     result.metrics["pretrain_minival"] = pre_valid[-1]["valid"] if pre_valid else {}
     for task in ("vqa", "nlvr2"):
         result.metrics[f"{task}_best"] = json.loads((root / "runs" / task / "summary.json").read_text())
+    if load0 is not None:
+        result.load = (load0, os.getloadavg()[0])
     write_report(result, cfg, counts, vocab, random_weights)
     return result
 
@@ -257,13 +321,13 @@ def write_report(result: QuickstartResult, cfg: QuickstartConfig, counts: dict, 
     m = result.metrics
     lines = ["# lxm quickstart report", ""]
     if random_weights:
-        lines += ["**The region features come from a detector with seeded random weights** (`--weights random`, the "
-                  "tiny detector): they carry little of what the images show, so the numbers below prove that the "
-                  "chain runs end to end, not what LXMERT reaches. Pass `--weights` with the BUTD detector "
-                  "weights for real features.", ""]
-    lines += [f"World: {counts['train2014']} train2014 + {counts['val2014']} val2014 images of coloured shapes "
-              f"(captions and VQA questions), NLVR2 pairs train {counts['nlvr2_train']} / dev {counts['nlvr2_dev']} / "
-              f"test1 {counts['nlvr2_test1']}. Vocabulary: `{vocab}`.", "",
+        lines += [("**The region features come from a detector with seeded random weights** (`--weights random`, the "
+                   "tiny detector): they carry little of what the images show, so the numbers below prove that the "
+                   "chain runs end to end, not what LXMERT reaches. Pass `--weights` with the BUTD detector "
+                   "weights for real features."), ""]
+    lines += [(f"World: {counts['train2014']} train2014 + {counts['val2014']} val2014 images of coloured shapes "
+               f"(captions and VQA questions), NLVR2 pairs train {counts['nlvr2_train']} / dev {counts['nlvr2_dev']} "
+               f"/ test1 {counts['nlvr2_test1']}. Vocabulary: `{vocab}`."), "",
               "## Metrics", "",
               "| what | value |", "|---|---|"]
     vqa, nlvr2 = m.get("vqa", {}), m.get("nlvr2", {})
@@ -277,13 +341,22 @@ def write_report(result: QuickstartResult, cfg: QuickstartConfig, counts: dict, 
         best = m.get(f"{task}_best", {})
         lines.append(f"| {task} finetuning: best local validation accuracy (epoch) | {best.get('best')} "
                      f"({best.get('best_epoch')}) |")
-    lines += ["", "## Commands", "", "| stage | seconds | command |", "|---|---|---|"]
+    lines += ["", "## Commands", "", "| stage | work | seconds | command |", "|---|---|---|---|"]
     for stage in result.stages:
         cmd = " ".join(shlex.quote(a) for a in ["lxm", *stage.command]).replace(str(result.out) + "/", "")
-        lines.append(f"| {stage.name} | {stage.seconds:.1f} | `{cmd}` |")
+        lines.append(f"| {stage.name} | {stage.work} | {stage.seconds:.1f} | `{cmd}` |")
     total = sum(s.seconds for s in result.stages)
-    lines += ["", f"Total {total:.0f} s (paths relative to `{result.out}`).", "", "## Pictures", "",
-              "Boxes and labels of one image (`lxm show`):", "", "![boxes](pictures/boxes.png)", ""]
+    images = sum(int(s.work.split()[0]) for s in result.stages if s.work.endswith(" images"))
+    steps = sum(int(s.work.split()[0]) for s in result.stages if " steps of " in s.work)
+    load = ""
+    if result.load:  # seconds mean little on a busy machine; the load says how busy it was
+        load = f" 1-minute load average {result.load[0]:.1f} at the start, {result.load[1]:.1f} at the end."
+    names = ("names from `--detector-vocab`" if cfg.detector_vocab else
+             "class and attribute ids: the detector's vocabulary was not given")
+    lines += ["", (f"Total {total:.0f} s for {images} images and {steps} optimizer steps, on {os.cpu_count()} CPU "
+                   f"cores with {cfg.threads} torch thread(s).{load} Paths are relative to `{result.out}`."), "",
+              "## Pictures", "", f"Boxes and labels of one image (`lxm show`, upscaled; {names}):", "",
+              "![boxes](pictures/boxes.png)", ""]
     for run in ("pretrain", "vqa", "nlvr2"):
         for name in ("losses", "validation"):
             if (result.out / "pictures" / run / f"{name}.png").exists():

@@ -249,3 +249,113 @@ def test_streaming_json_readers_across_buffer_boundaries(tmp_path, monkeypatch):
     (tmp_path / "cut.json").write_text('[{"a": 1}, {"b": 2}')
     with pytest.raises(ValueError, match="cut.json: not valid JSON"):
         list(js.iter_json_list(tmp_path / "cut.json"))
+
+
+# ---- NLVR2 from a clone of lil-lab/nlvr: NLVR1 under nlvr/, NLVR2 under nlvr2/data/ (same file names in both)
+
+def _nlvr1_line(identifier, label="true"):
+    # NLVR1 (synthetic images): lower-case labels, `set-sentence` identifiers, structured_rep instead of urls
+    return {"sentence": "There is a tower with four blocks.", "label": label, "identifier": identifier,
+            "directory": "2", "evals": {"r1": label, "r6": label, "r0": label},
+            "structured_rep": [[{"y_loc": 80, "type": "square", "color": "Yellow", "x_loc": 40, "size": 20}], [], []]}
+
+
+def _nlvr2_line(identifier, label="True", sentence="Each image contains exactly two dogs.", **extra):
+    rec = {"validation": {"61": label}, "sentence": sentence, "left_url": "https://example.org/a1.jpg",
+           "writer": "61", "label": label, "right_url": "https://example.org/b7.jpg", "synset": "dog",
+           "query": "two dogs on grass12", "identifier": identifier, **extra}
+    if not identifier.startswith("train"):
+        rec["extra_validations"] = {"154": label, "139": label, "149": label, "62": label}
+    return rec
+
+
+def _jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_nlvr_clone(root):
+    """The lil-lab/nlvr layout: README.md, nlvr/{train,dev,test,hidden}/*.json, nlvr2/data/*.json + subsets."""
+    root.mkdir(parents=True)
+    (root / "README.md").write_text("# Cornell NLVR and NLVR2\n")
+    for split, n in (("train", 3), ("dev", 2), ("test", 2), ("hidden", 1)):
+        _jsonl(root / "nlvr" / split / f"{split}.json", [_nlvr1_line(f"{1572 + i}-{i % 3}") for i in range(n)])
+    data = root / "nlvr2" / "data"
+    nlvr2 = {
+        "train": [_nlvr2_line("train-10171-0-0", directory="42"),
+                  _nlvr2_line("train-10171-1-0", "False", directory="42")],
+        "dev": [_nlvr2_line("dev-850-0-0", "False"), _nlvr2_line("dev-850-2-0"),
+                _nlvr2_line("dev-850-2-1", sentence="The left image shows a dog on a red blanket.")],
+        "test1": [_nlvr2_line("test1-0-1-0", "False"), _nlvr2_line("test1-0-0-0")],
+        "test2": [_nlvr2_line("test2-189-0-0"), _nlvr2_line("test2-189-1-0", "False")],
+    }
+    for split, recs in nlvr2.items():
+        _jsonl(data / f"{split}.json", recs)
+    for subset in ("balanced", "unbalanced"):  # filter_data.py's subsets of dev / test1: not separate splits
+        _jsonl(data / subset / f"{subset}_dev.json", nlvr2["dev"][:1])
+        _jsonl(data / subset / f"{subset}_test1.json", nlvr2["test1"][:1])
+    (root / "nlvr2" / "util" / "hashes").mkdir(parents=True)
+    (root / "nlvr2" / "util" / "hashes" / "dev_hashes.json").write_text(json.dumps({"dev-850-0-img0.png": "ffe0"}))
+    return nlvr2
+
+
+def _build_nlvr2(tmp_path, folder):
+    return CliRunner().invoke(app, ["build-corpus", "--out", str(tmp_path / "out"), "--nlvr2", str(folder)])
+
+
+def test_nlvr2_reads_only_nlvr2_from_a_clone_of_the_nlvr_repository(tmp_path):
+    lines = write_nlvr_clone(tmp_path / "nlvr")
+    result = _build_nlvr2(tmp_path, tmp_path / "nlvr")
+    assert result.exit_code == 0, result.output
+    ft = tmp_path / "out" / "finetune"
+    assert {p.stem for p in ft.iterdir()} == {"nlvr2_train", "nlvr2_dev", "nlvr2_test1", "nlvr2_test2"}
+    for split, recs in lines.items():
+        rows = pq.read_table(ft / f"nlvr2_{split}.parquet").to_pylist()
+        assert [r["identifier"] for r in rows] == [r["identifier"] for r in recs]
+        assert [r["label"] for r in rows] == [int(r["label"] == "True") for r in recs]
+    dev = pq.read_table(ft / "nlvr2_dev.parquet").to_pylist()
+    assert dev[2] == {"identifier": "dev-850-2-1", "img0": "dev-850-2-img0", "img1": "dev-850-2-img1", "label": 1,
+                      "sent": "The left image shows a dog on a red blanket.", "uid": "nlvr2_dev_2"}
+    # the nlvr2/ folder itself and its data/ folder are read the same way
+    for folder in (tmp_path / "nlvr" / "nlvr2", tmp_path / "nlvr" / "nlvr2" / "data"):
+        assert CliRunner().invoke(app, ["build-corpus", "--out", str(tmp_path / "o2"), "--nlvr2", str(folder),
+                                        "--overwrite"]).exit_code == 0
+        assert pq.read_table(tmp_path / "o2" / "finetune" / "nlvr2_dev.parquet").num_rows == 3
+
+
+def test_nlvr2_folder_without_nlvr2_files_is_named(tmp_path):
+    write_nlvr_clone(tmp_path / "nlvr")
+    result = _build_nlvr2(tmp_path, tmp_path / "nlvr" / "nlvr")  # NLVR1's folder: dev/dev.json, train/train.json
+    assert result.exit_code == 1
+    assert "no NLVR2 dev.json" in result.output and "nlvr2/data" in result.output
+
+
+@pytest.mark.parametrize("split, line, message", [
+    ("dev", _nlvr1_line("1572-0", "false"), "field 'identifier'"),  # an NLVR1 line
+    ("dev", _nlvr2_line("dev-850-3-0", "true"), "field 'label'"),
+    ("train", {k: v for k, v in _nlvr2_line("train-1-0-0").items() if k != "label"}, "field 'label' missing"),
+    ("test1", _nlvr2_line("test1-0-2-0", None), "field 'label'"),
+    ("dev", _nlvr2_line("dev-850-3", "True"), "field 'identifier'"),
+    ("dev", _nlvr2_line("dev-850-x-0", "True"), "field 'identifier'"),
+    ("dev", {k: v for k, v in _nlvr2_line("dev-850-3-0").items() if k != "sentence"}, "field 'sentence' missing"),
+])
+def test_nlvr2_lines_with_bad_label_or_identifier_name_file_line_and_field(tmp_path, split, line, message):
+    write_nlvr_clone(tmp_path / "nlvr")
+    path = tmp_path / "nlvr" / "nlvr2" / "data" / f"{split}.json"
+    with path.open("a") as f:
+        f.write("\n" + json.dumps(line) + "\n")  # a blank line does not count as a record but keeps its number
+    lineno = len(path.read_text().splitlines())
+    result = _build_nlvr2(tmp_path, tmp_path / "nlvr")
+    assert result.exit_code == 1
+    assert f"{split}.json:{lineno}: {message}" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_nlvr2_hidden_test_lines_may_be_unlabelled(tmp_path):
+    lines = write_nlvr_clone(tmp_path / "nlvr")
+    hidden = [{k: v for k, v in r.items() if k != "label"} for r in lines["test2"]]  # the pre-2022 hidden set
+    _jsonl(tmp_path / "nlvr" / "nlvr2" / "data" / "test2.json", hidden)
+    result = _build_nlvr2(tmp_path, tmp_path / "nlvr")
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "out" / "finetune" / "nlvr2_test2.parquet").to_pylist()
+    assert [r["label"] for r in rows] == [-1, -1]

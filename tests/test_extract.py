@@ -4,6 +4,7 @@ crash safety, sharding, weight loading and the Caffe preprocessing conventions."
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import pickle
 import shutil
@@ -24,6 +25,7 @@ from conftest import SHARED
 from lxm.cli import app
 from lxm.extract.detector import GeneralizedRCNN, detector_tiny
 from lxm.extract.images import caffe_blob, caffe_scale
+from lxm.extract.pipeline import ExtractConfig, extract
 from lxm.extract.store import FeatureStore
 from lxm.extract.weights import WeightsError, download, load_detector_weights, save_pickle_weights, sha256_file
 
@@ -35,10 +37,11 @@ def _extract(*args):
     return CliRunner().invoke(app, ["extract", *[str(a) for a in args]])
 
 
-def test_extracts_every_fixture_image_into_a_valid_store(tmp_path):
+def test_extracts_every_fixture_image_into_a_valid_store(tmp_path, caplog):
     result = _extract("--images", IMAGES, "--out", tmp_path / "s", *TINY)
     assert result.exit_code == 0, result.output
-    assert "randomly initialised" in result.output
+    said = result.output.splitlines() + [r.getMessage() for r in caplog.records]
+    assert len([line for line in said if "meaningless" in line]) == 1  # the random-weights warning, once
     store = FeatureStore(tmp_path / "s")
     assert sorted(store.ids()) == sorted(p.stem for p in IMAGES.glob("*.jpg"))
     assert store.manifest["extractor"]["random_weights"] is True
@@ -86,7 +89,7 @@ def test_bad_images_never_stop_the_run(tmp_path):
     result = _extract("--images", tmp_path / "imgs", "--out", tmp_path / "s", *TINY)
     assert result.exit_code == 0, result.output
     failures = [line for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
-    failed = {__import__("json").loads(line)["img_id"]: __import__("json").loads(line)["reason"] for line in failures}
+    failed = {json.loads(line)["img_id"]: json.loads(line)["reason"] for line in failures}
     assert "zero" in failed and "empty file" in failed["zero"]
     assert "text" in failed and "not a decodable image" in failed["text"]
     store = FeatureStore(tmp_path / "s")
@@ -103,6 +106,91 @@ def test_nothing_extracted_gives_a_nonzero_exit(tmp_path):
     (tmp_path / "imgs" / "a.jpg").write_bytes(b"")
     result = _extract("--images", tmp_path / "imgs", "--out", tmp_path / "s", *TINY)
     assert result.exit_code == 1
+    assert "none of its 1 images could be used" in result.output and "failures.jsonl" in result.output
+
+
+def _vg_layout(root, sources):
+    """The README's Visual Genome layout: images two folders down, plus things that are not images."""
+    for i, src in enumerate(sources):
+        sub = root / "vg" / ("VG_100K" if i % 2 else "VG_100K_2")
+        sub.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, sub / f"{100 + i}.jpg")
+    (root / "vg" / "image_data.json").write_text("[]")
+    hidden = root / "vg" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    shutil.copy(sources[0], hidden / "100-checkpoint.jpg")
+    (root / "vg" / "VG_100K" / "._101.jpg").write_bytes(b"\0\5\0\7")  # macOS resource fork
+    return sorted(f"{100 + i}" for i in range(len(sources)))
+
+
+def test_images_in_subfolders_are_found(tmp_path):
+    expected = _vg_layout(tmp_path / "data", sorted(IMAGES.glob("*.jpg"))[:4])
+    result = _extract("--images", tmp_path / "data" / "vg", "--out", tmp_path / "s", *TINY)
+    assert result.exit_code == 0, result.output
+    assert sorted(FeatureStore(tmp_path / "s").ids()) == expected
+    assert (tmp_path / "s" / "failures.jsonl").read_text() == ""  # hidden files were not taken for images
+
+
+def test_two_images_with_one_img_id_is_an_error_naming_both(tmp_path):
+    _vg_layout(tmp_path / "data", sorted(IMAGES.glob("*.jpg"))[:4])
+    shutil.copy(next(IMAGES.glob("*.jpg")), tmp_path / "data" / "vg" / "VG_100K_2" / "101.png")
+    result = _extract("--images", tmp_path / "data" / "vg", "--out", tmp_path / "s", *TINY)
+    assert result.exit_code == 1
+    assert "'101'" in result.output and "VG_100K/101.jpg" in result.output and "VG_100K_2/101.png" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_a_folder_without_images_exits_nonzero_saying_why(tmp_path):
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    (tmp_path / "imgs" / "sub" / "notes.txt").write_text("no images here")
+    result = _extract("--images", tmp_path / "imgs", "--out", tmp_path / "s", *TINY)
+    assert result.exit_code == 1
+    assert "no images found" in result.output and "subfolders" in result.output and str(tmp_path / "imgs") in result.output
+
+
+def test_a_folder_already_extracted_exits_zero_saying_all_are_done(tmp_path):
+    assert _extract("--images", IMAGES, "--out", tmp_path / "s", *TINY).exit_code == 0
+    result = _extract("--images", IMAGES, "--out", tmp_path / "s", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "all 10 images are already in the store" in result.output
+
+
+def _failure_records(store_dir):
+    return [json.loads(line) for line in (store_dir / "failures.jsonl").read_text().splitlines()]
+
+
+def test_rerun_keeps_one_failure_record_per_image(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for src in sorted(IMAGES.glob("*.jpg"))[:2]:
+        shutil.copy(src, imgs / src.name)
+    (imgs / "zero.jpg").write_bytes(b"")
+    (imgs / "text.png").write_text("not an image")
+    for _ in range(3):
+        assert _extract("--images", imgs, "--out", tmp_path / "s", *TINY).exit_code == 0
+    records = _failure_records(tmp_path / "s")
+    assert sorted(r["img_id"] for r in records) == ["text", "zero"]
+    assert "empty file" in next(r["reason"] for r in records if r["img_id"] == "zero")
+    shutil.copy(next(IMAGES.glob("*.jpg")), imgs / "text.png")  # mended: extracted next time, its record goes
+    assert _extract("--images", imgs, "--out", tmp_path / "s", *TINY).exit_code == 0
+    assert [r["img_id"] for r in _failure_records(tmp_path / "s")] == ["zero"]
+    assert "text" in FeatureStore(tmp_path / "s")
+
+
+def test_progress_reports_the_total_and_rate_from_the_start(tmp_path):
+    events = []
+    cfg = ExtractConfig(images=str(IMAGES), out=str(tmp_path / "s"), weights="random", detector="tiny", num_boxes=10,
+                        batch_size=3)
+    summary = extract(cfg, on_progress=lambda done, total, per_s: events.append(("progress", done, total, per_s)),
+                      on_weights=lambda line: events.append(("weights", line)))
+    assert events[0] == ("progress", 0, 10, 0.0)  # the total is known before the weights load
+    assert events[1][0] == "weights" and "random(seed=0)" in events[1][1]
+    steps = [e for e in events if e[0] == "progress"][1:]
+    assert [e[1] for e in steps] == [3, 6, 9, 10] and all(e[2] == 10 and e[3] > 0 for e in steps)
+    assert summary["extracted"] == 10
+    result = _extract("--images", IMAGES, "--out", tmp_path / "s2", *TINY)
+    assert result.exit_code == 0 and "img/s" in result.output and "10/10" in result.output
 
 
 def test_shards_split_the_images_disjointly(tmp_path):

@@ -170,10 +170,94 @@ def test_malformed_rows_name_file_line_and_field(tmp_path):
     with pytest.raises(RecordError, match=r"bad\.tsv:2: field 'objects_conf' has 3 values, num_boxes is 36"):
         list(read_tsv(bad))
     result = _cli("convert", "tsv", bad, tmp_path / "s")
-    assert result.exit_code == 1 and "bad.tsv:2" in result.output
+    assert result.exit_code == 0 and "1 line could not be converted" in result.output
+    (reason,) = [json.loads(line)["reason"] for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert "bad.tsv:2: field 'objects_conf' has 3 values, num_boxes is 36" in reason
     (tmp_path / "short.tsv").write_bytes(b"a\tb\r\n")
     with pytest.raises(RecordError, match=r"short\.tsv:1: expected 10 tab-separated fields, found 2"):
         list(read_tsv(tmp_path / "short.tsv"))
+    result = _cli("convert", "tsv", tmp_path / "short.tsv", tmp_path / "s2")  # nothing convertible: an error
+    assert result.exit_code == 1 and "short.tsv: no line can be converted (line 1: expected 10" in result.output
+
+
+def _sample_lines() -> list[bytes]:
+    return SAMPLE.read_bytes().split(b"\r\n")[:-1]
+
+
+def _set_field(line: bytes, name: str, value: bytes) -> bytes:
+    from lxm.extract.records import FIELDS
+
+    fields = line.split(b"\t")
+    fields[FIELDS.index(name)] = value
+    return b"\t".join(fields)
+
+
+def _failures(store) -> list[dict]:
+    path = store / "failures.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_bad_lines_go_to_failures_and_every_other_row_converts(tmp_path, sample_rows):
+    lines = _sample_lines()
+    r = sample_rows[7]
+    ten = ImageFeatures(r.img_id, r.img_h, r.img_w, r.objects_id[:10], r.objects_conf[:10], r.attrs_id[:10],
+                        r.attrs_conf[:10], r.boxes[:10], r.features[:10])  # a valid row, but 10 boxes, not 36
+    bad = {
+        1: (b"\t".join(lines[0].split(b"\t")[:9]), "expected 10 tab-separated fields, found 9"),  # first line
+        4: (_set_field(lines[3], "boxes", b"@@not-base64@@"), "field 'boxes': invalid base64"),
+        6: (_set_field(lines[5], "num_boxes", b"35"), "field 'objects_id' has 36 values, num_boxes is 35"),
+        8: (format_row(ten), "field 'num_boxes' is 10; this store holds 36 boxes per image"),
+        11: (lines[2], f"field 'img_id' {sample_rows[2].img_id!r} repeats line 3"),
+    }
+    src = tmp_path / "bad.tsv"
+    src.write_bytes(b"".join((bad[i][0] if i in bad else lines[i - 1]) + b"\r\n" for i in range(1, 12)))
+    dst = tmp_path / "s"
+    dst.mkdir()
+    other = {"image": "/data/images/x.jpg", "img_id": "x", "reason": "cannot decode image"}  # lxm extract's record
+    (dst / "failures.jsonl").write_text(json.dumps(other) + "\n")
+    result = _cli("convert", "tsv", src, dst, "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert "5 lines could not be converted" in result.output
+    good = [sample_rows[i - 1] for i in range(1, 11) if i not in bad]
+    store = FeatureStore(dst)
+    assert store.ids() == [rec.img_id for rec in good]
+    for rec in good:
+        np.testing.assert_array_equal(store.get(rec.img_id).features, rec.features)
+    failures = _failures(dst)
+    assert failures[0] == other  # another source's records are kept
+    assert [f["image"] for f in failures[1:]] == [f"{src.resolve()}:{i}" for i in bad]
+    assert [f["img_id"] for f in failures[1:]] == [sample_rows[i - 1].img_id for i in (1, 4, 6, 8)] + [
+        sample_rows[2].img_id]
+    for f, (i, (_, message)) in zip(failures[1:], bad.items()):
+        assert f"bad.tsv:{i}: {message}" in f["reason"]
+    # a re-run meets the same bad lines again and records each once
+    again = _cli("convert", "tsv", src, dst, "--dtype", "float32")
+    assert again.exit_code == 0 and "(6 already present)" in again.output
+    assert _failures(dst) == failures
+    # a line mended since is stored, and its record goes
+    src.write_bytes(src.read_bytes().replace(bad[4][0], lines[3]))
+    assert _cli("convert", "tsv", src, dst, "--dtype", "float32").exit_code == 0
+    assert sample_rows[3].img_id in FeatureStore(dst)
+    assert [f["image"] for f in _failures(dst)[1:]] == [f"{src.resolve()}:{i}" for i in bad if i != 4]
+
+
+def test_resume_skips_stored_rows_without_decoding_them(tmp_path, sample_rows):
+    writer = FeatureStoreWriter(tmp_path / "s", num_boxes=36, feature_dim=2048, dtype="float32", rows_per_shard=2)
+    for rec in sample_rows[:5]:
+        writer.add(rec)  # two shards complete, the fifth image buffered: what a kill leaves behind
+    del writer
+    # the stored rows' lines are undecodable now: a resume that decoded them would fail on each
+    lines = [_set_field(line, "features", b"!" * 8) if i < 4 else line for i, line in enumerate(_sample_lines())]
+    src = tmp_path / "resume.tsv"
+    src.write_bytes(b"".join(line + b"\r\n" for line in lines))
+    result = _cli("convert", "tsv", src, tmp_path / "s", "--dtype", "float32", "--rows-per-shard", 2)
+    assert result.exit_code == 0, result.output
+    assert "(4 already present)" in result.output and "could not be converted" not in result.output
+    assert _failures(tmp_path / "s") == []
+    store = FeatureStore(tmp_path / "s")
+    assert sorted(store.ids()) == sorted(r.img_id for r in sample_rows)
+    for rec in sample_rows:
+        np.testing.assert_array_equal(store.get(rec.img_id).features, rec.features)
 
 
 def test_writer_rejects_wrong_shapes_and_duplicates(tmp_path, sample_rows):
@@ -238,7 +322,8 @@ def test_show_draws_the_boxes_with_vocabulary_names(tmp_path, sample_rows):
                   "--vocab", SHARED / "fixtures" / "butd-coco-sample" / "vocab", "--top", 5)
     assert result.exit_code == 0, result.output
     drawn, orig = cv2.imread(str(tmp_path / "b.png")), cv2.imread(str(image))
-    assert drawn.shape == orig.shape
+    assert drawn.shape == (round(orig.shape[0] * 800 / orig.shape[1]), 800, 3)  # upscaled so labels read
+    orig = cv2.resize(orig, drawn.shape[1::-1], interpolation=cv2.INTER_CUBIC)
     assert np.abs(drawn.astype(int) - orig.astype(int)).sum(axis=2).astype(bool).mean() > 0.005
     from lxm.extract.show import load_vocab
 

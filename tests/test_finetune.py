@@ -82,6 +82,40 @@ def test_a_partly_random_backbone_is_an_error(world, tmp_path):
         build_task_model(cfg, [], 30522, F, log=lambda m: None)
 
 
+@pytest.mark.parametrize("task", ["vqa", "nlvr2"])
+def test_parameters_no_head_depends_on_keep_their_initial_values(tmp_path, task):
+    world = tmp_path / "world"
+    make_finetune_world(world, train=40, valid=8)
+    pre = _pretrained_dir(tmp_path, COLORS)
+    # which parameters get no gradient from the task loss, found by autograd on an unfrozen task model
+    cfg = _cfg(world, task, f"init={tmp_path / 'pre'}")
+    model = build_task_model(cfg, [] if task == "nlvr2" else VQA_ANSWERS, 30522, F, log=lambda m: None)
+    data = FinetuneDataset(task, world / "ft_corpus", ["train"], [world / "ft_feats"], BERT_VOCAB,
+                           None if task == "nlvr2" else VQA_ANSWERS)
+    batch = collate_finetune([data[i] for i in range(4)])
+    out = model(**batch.model_inputs())
+    (pair_loss(out.pair_logits, batch.target) if task == "nlvr2"
+     else soft_answer_loss(out.answer_logits, batch.target)).backward()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    assert no_grad and all(n.startswith("lxmert.encoder.x_layers.1.visn_") for n in no_grad), no_grad
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "finetune", task, "--init", str(tmp_path / "pre"), "--config", "tiny", "--corpus", str(world / "ft_corpus"),
+        "--features", str(world / "ft_feats"), "--out", str(run), "--set", f"vocab={BERT_VOCAB}",
+        "--set", "batch_size=16", "--set", "epochs=1", "--set", "lr=1e-3", "--set", "train_splits=train",
+        "--set", "valid_split=none"])
+    assert result.exit_code == 0, result.output
+    from lxm.model import load_pretrained
+
+    tuned, init = load_pretrained(run / "best", verbose=False).state_dict(), pre.state_dict()
+    # as the original: `.grad` stays None, so BertAdam skips them (no weight decay either)
+    for name in no_grad:
+        assert torch.equal(tuned[name], init[name]), name
+    trained = [n for n, _ in model.named_parameters() if n.startswith("lxmert.") and n not in no_grad]
+    assert all(not torch.equal(tuned[n], init[n]) for n in trained)
+
+
 def test_nlvr2_batches_put_each_pair_on_consecutive_rows(world):
     data = FinetuneDataset("nlvr2", world / "ft_corpus", ["dev"], [world / "ft_feats"], BERT_VOCAB)
     batch = collate_finetune([data[0], data[1], data[2]])
@@ -207,6 +241,39 @@ def test_gqa_run_and_resume(world, tmp_path):
     for name in ("losses.png", "validation.png"):
         with Image.open(run / "plots" / name) as im:
             assert im.size[0] > 500 and len(im.convert("L").getcolors(1 << 16) or range(11)) > 10  # a drawn figure, not blank
+
+
+def test_resume_logs_each_step_and_epoch_once_and_names_a_damaged_checkpoint(tmp_path):
+    import shutil
+    import subprocess
+
+    world = tmp_path / "world"
+    make_finetune_world(world, train=40, valid=8)
+    run = tmp_path / "gqa"
+    args = ["finetune", "gqa", "--set", "from_scratch=true", "--config", "tiny", "--corpus", str(world / "ft_corpus"),
+            "--features", str(world / "ft_feats"), "--out", str(run), "--set", f"vocab={BERT_VOCAB}",
+            "--set", "batch_size=16", "--set", "train_splits=train", "--set", "log_every=1"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    shutil.copy(run / "last.pt", tmp_path / "epoch1.pt")
+    assert CliRunner().invoke(app, [*args, "--resume", "--set", "epochs=2"]).exit_code == 0
+    # a crash after epoch 2 was logged but before its last.pt replaced epoch 1's, and a killed last.pt write
+    shutil.copy(tmp_path / "epoch1.pt", run / "last.pt")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (run / f".last.pt.tmp-{gone.pid}").write_bytes(b"x" * 1000)
+    result = CliRunner().invoke(app, [*args, "--resume", "--set", "epochs=2"])
+    assert result.exit_code == 0, result.output
+    assert "1 epoch(s) done" in result.output and not (run / f".last.pt.tmp-{gone.pid}").exists()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))  # 80 questions // 16 = 5 per epoch
+    assert [r["epoch"] for r in log if "valid" in r] == [0, 1]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1]
+
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])
+    result = CliRunner().invoke(app, [*args, "--resume", "--set", "epochs=3"])
+    assert result.exit_code == 1 and f"{run / 'last.pt'}: damaged checkpoint" in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
 
 
 def test_two_process_ddp_finetuning_matches_one_process(world, tmp_path):

@@ -208,6 +208,29 @@ def test_all_ignored_labels_give_zero_not_nan():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_object_and_attribute_labels_of_minus_one_are_ignored_as_in_the_original():
+    torch.manual_seed(0)
+    cfg = lxmert_tiny()
+    model = randomize_(LxmertForPreTraining(cfg), 9).eval()
+    inputs, lab = make_inputs(cfg)
+    lab["obj_labels"][0, :3] = -1
+    lab["attr_labels"][1, 1:] = -1
+    out = model(**inputs)
+    losses = pretraining_losses(out, PretrainLabels(**lab))
+    # the original (CrossEntropyLoss(ignore_index=-1, reduction="none")): an ignored box contributes 0 and still
+    # counts in the mean over all B*N boxes
+    b, n = lab["obj_labels"].shape
+    for name, logits, ids, conf in (("obj", out.obj_logits, lab["obj_labels"], lab["obj_conf"]),
+                                    ("attr", out.attr_logits, lab["attr_labels"], lab["attr_conf"])):
+        keep = ids != -1
+        ce = -torch.log_softmax(logits[keep], -1).gather(1, ids[keep][:, None])[:, 0]
+        torch.testing.assert_close(losses[name], (ce * conf[keep]).sum() / (b * n) / 0.15)
+    losses["obj"].backward()
+    assert torch.count_nonzero(model.obj_predict_head.decoder_dict["obj"].weight.grad) > 0
+    lab["obj_labels"][:] = -1
+    assert pretraining_losses(out, PretrainLabels(**lab))["obj"].item() == 0.0
+
+
 def test_heads_follow_config_switches():
     cfg = lxmert_tiny(task_mask_lm=False, task_obj_predict=True, visual_feat_loss=False, task_qa=False,
                       task_nlvr2=True)

@@ -76,6 +76,10 @@ def test_pretrain_writes_config_logs_and_checkpoints(data, tmp_path):
     assert (tmp_path / "plots" / "losses.png").stat().st_size > 10_000
     assert (tmp_path / "plots" / "validation.png").stat().st_size > 10_000
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), from_step.state_dict().values()))
+    # pretraining: every branch feeds a loss, so every parameter is updated (nothing is frozen or skipped)
+    earlier = torch.load(tmp_path / "run" / "checkpoints" / "step-6.pt", weights_only=True)["model"]
+    unchanged = [n for n, p in final.named_parameters() if torch.equal(p.detach(), earlier[n])]
+    assert unchanged == []
 
 
 def test_unknown_config_key_is_an_error(data, tmp_path):
@@ -97,13 +101,68 @@ def test_resume_after_sigkill_gives_the_same_next_step_loss(data, tmp_path):
     before = [r["step"] for r in _log(tmp_path / "cut") if "loss" in r and "step" in r]
     assert 5 <= max(before) < 16, "the kill should land mid-run"
     subprocess.run(cmd + args(tmp_path / "cut") + ["--resume"], check=True, capture_output=True)
-    resumed = {}
-    for r in _log(tmp_path / "cut"):
-        if "loss" in r and "step" in r:
-            resumed[r["step"]] = r["loss"]  # the last line for a step is the resumed run's
+    assert not list((tmp_path / "cut" / "checkpoints").glob(".*.tmp-*"))  # a write the kill cut short is removed
+    log = _log(tmp_path / "cut")
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 17))  # the redone steps are logged once
+    resumed = {r["step"]: r["loss"] for r in log if "loss" in r}
     assert max(resumed) == max(reference) == 16
     for step in range(1, 17):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_resume_skips_a_damaged_checkpoint_removes_stale_temp_files_and_logs_each_step_once(data, tmp_path, caplog):
+    run = tmp_path / "run"
+    args = ["pretrain", *_args(data, run, "epochs=1", "checkpoint_every=1", "dropout=0")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    before = {r["step"]: r["loss"] for r in _log(run) if "loss" in r}
+    ckpts = run / "checkpoints"
+    newest = ckpts / "step-4.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # as a crash during the write-back leaves
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale, busy = ckpts / f".step-5.pt.tmp-{gone.pid}", ckpts / f".step-5.pt.tmp-{alive.pid}"
+        stale.write_bytes(b"x" * 1000)
+        busy.write_bytes(b"x" * 1000)
+        with caplog.at_level("WARNING"):
+            result = CliRunner().invoke(app, [*args, "--resume"])
+        assert result.exit_code == 0, result.output
+        assert not stale.exists() and busy.exists()  # a live writer's file is left alone
+    finally:
+        alive.kill()
+        alive.wait()
+    assert "step-3.pt at step 3" in result.output
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(newest) in m and "damaged" in m for m in warnings), warnings
+    assert (ckpts / "step-4.pt.damaged").exists() and torch.load(newest, weights_only=True)["step"] == 4
+    log = _log(run)
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # step 4 was redone: logged once, as the validation of its epoch
+    assert [r["epoch"] for r in log if "valid" in r] == [0]
+    assert {r["step"]: r["loss"] for r in log if "loss" in r}[4] == pytest.approx(before[4], rel=1e-5)
+
+    for path in ckpts.glob("step-*.pt"):  # every step checkpoint damaged: a one-line error
+        path.write_bytes(b"")
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 1 and "no intact checkpoint" in result.output and "Traceback" not in result.output
+
+
+def test_plot_reads_each_step_once_from_a_log_with_redone_steps(tmp_path):
+    from lxm.train.plot import read_log
+
+    first = [{"step": s, "epoch": 0, "loss": 10.0 - s, "mlm": 5.0} for s in range(1, 7)]
+    redone = [{"step": s, "epoch": 0, "loss": 20.0 - s, "mlm": 4.0} for s in range(4, 9)]
+    valid = [{"step": 4, "epoch": 0, "valid": {"loss": 3.0}}, {"step": 4, "epoch": 0, "valid": {"loss": 2.0}}]
+    lines = [*first, valid[0], *redone[:1], valid[1], *redone[1:]]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train, val = read_log(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["loss"] for r in train] == [9.0, 8.0, 7.0, *(20.0 - s for s in range(4, 9))]  # the last record wins
+    assert [r["valid"]["loss"] for r in val] == [2.0]
+    result = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 0, result.output
 
 
 def test_two_process_ddp_matches_one_process_with_accumulation(data, tmp_path):

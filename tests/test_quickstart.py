@@ -1,21 +1,31 @@
-"""Pipeline test: a shortened `lxm quickstart` runs every stage through the real commands and writes its report."""
+"""Pipeline test: a shortened `lxm quickstart` runs every stage through the real commands and writes its report; its
+work is bounded in optimizer steps, and its pictures (boxes.png, losses.png, validation.png) read at a glance."""
 
 from __future__ import annotations
 
 import csv
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lxm.cli import app
 
+PRETRAIN_STEPS = 40  # the shortened run: 2 whole epochs of the world's 17 batches fit
 
-def test_quickstart_runs_the_whole_chain(tmp_path):
-    out = tmp_path / "qs"
-    result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--pretrain-epochs", "2",
-                                      "--finetune-epochs", "1"])
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--pretrain-steps", str(PRETRAIN_STEPS),
+                                      "--finetune-epochs", "2"])
     assert result.exit_code == 0, result.output
-    assert "RANDOM weights" in result.output  # said plainly
+    return out, result.output
+
+
+def test_quickstart_runs_the_whole_chain(quickstart):
+    out, output = quickstart
+    assert "RANDOM weights" in output  # said plainly
     report = (out / "report.md").read_text()
     for stage in ("extract train2014", "build-corpus", "pretrain", "finetune vqa", "finetune nlvr2", "predict vqa",
                   "evaluate vqa", "evaluate nlvr2", "show", "plot nlvr2"):
@@ -32,3 +42,86 @@ def test_quickstart_runs_the_whole_chain(tmp_path):
         assert (out / "pictures" / png).stat().st_size > 2_000, png
     again = CliRunner().invoke(app, ["quickstart", "--out", str(out)])
     assert again.exit_code != 0 and "not empty" in again.output
+
+
+def test_pretraining_is_bounded_by_steps_and_the_report_counts_the_work(quickstart):
+    from lxm.train.plot import read_log
+
+    out, _ = quickstart
+    train, valid = read_log(out / "runs" / "pretrain")
+    per_epoch = valid[0]["step"]  # the first validation comes at the end of the first epoch
+    steps = train[-1]["step"]
+    # as many whole epochs as fit in the budget: every epoch validated, the lr schedule run to its end
+    assert steps <= PRETRAIN_STEPS < steps + per_epoch and steps == per_epoch * len(valid)
+    assert train[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    report = (out / "report.md").read_text()
+    assert f"| pretrain | {steps} steps of 16 |" in report
+    for task in ("vqa", "nlvr2"):
+        summary = json.loads((out / "runs" / task / "summary.json").read_text())
+        assert f"| finetune {task} | {summary['steps']} steps of 8 |" in report
+    images = len(list((out / "images" / "train2014").iterdir()))
+    assert f"| extract train2014 | {images} images |" in report
+
+
+@pytest.mark.parametrize(("steps", "sentences", "batch", "expected"), [
+    (200, 280, 16, (11, 200)),  # 17 batches an epoch: 11 whole epochs (187 steps) fit in 200
+    (17, 280, 16, (1, 17)),  # exactly one epoch
+    (5, 280, 16, (1, 5)),  # less than one epoch: the first 5 steps of it
+    (200, 16, 16, (200, 200)),  # one batch an epoch
+])
+def test_pretrain_epochs_fit_the_step_budget(steps, sentences, batch, expected):
+    from lxm.quickstart import pretrain_schedule
+
+    epochs, max_steps = pretrain_schedule(steps, sentences, batch)
+    assert (epochs, max_steps) == expected
+    assert min(epochs * (sentences // batch), max_steps) <= steps
+
+
+def test_boxes_picture_is_upscaled_and_labelled_inside(quickstart):
+    from PIL import Image
+
+    out, _ = quickstart
+    with Image.open(out / "pictures" / "boxes.png") as im:
+        assert max(im.size) >= 800  # the world's images are 128 pixels: upscaled so labels are readable
+
+
+def test_plots_draw_no_series_twice_and_keep_coinciding_ones_visible(quickstart):
+    from lxm.train.plot import losses_figure, read_log, validation_figure
+
+    out, _ = quickstart
+    for run in ("pretrain", "vqa", "nlvr2"):
+        train, valid = read_log(out / "runs" / run)
+        for fig in (losses_figure(train, run), validation_figure(valid, run)):
+            fig.canvas.draw()
+            for ax in fig.axes:
+                lines = ax.get_lines()
+                if ax.get_yscale() == "log":  # loss panels: one curve per distinct series
+                    data = [(tuple(ln.get_xdata()), tuple(ln.get_ydata())) for ln in lines]
+                    assert len(set(data)) == len(data), (run, [ln.get_label() for ln in lines])
+                else:  # score panels: coinciding metrics are each drawn, each differently
+                    styles = [(ln.get_linestyle(), ln.get_marker()) for ln in lines]
+                    assert len(set(styles)) == len(styles), (run, styles)
+                if "epoch" in ax.get_xlabel():
+                    low, high = ax.get_xlim()
+                    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+                    assert ticks and all(float(t).is_integer() for t in ticks), (run, ticks)
+    train, valid = read_log(out / "runs" / "vqa")
+    labels = [ln.get_label() for ln in losses_figure(train, "vqa").axes[0].get_lines()]
+    assert labels == ["loss = vqa"]  # a single-task finetuning loss is its task loss: one curve, both names
+    _, valid = read_log(out / "runs" / "nlvr2")
+    (ax,) = validation_figure(valid, "nlvr2").axes
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"accuracy", "consistency (= accuracy)"}  # one pair per sentence here: they coincide
+    first, second = lines["accuracy"], lines["consistency (= accuracy)"]
+    assert list(first.get_ydata()) == list(second.get_ydata())
+    # the one drawn on top is thinner with smaller markers, so the one below shows around it
+    assert second.get_linewidth() < first.get_linewidth() and second.get_markersize() < first.get_markersize()
+
+
+def test_a_missing_detector_vocabulary_is_named_before_any_work(tmp_path):
+    (tmp_path / "vg").mkdir()
+    (tmp_path / "vg" / "objects_vocab.txt").write_text("person\n")
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), "--detector-vocab",
+                                      str(tmp_path / "vg")])
+    assert result.exit_code == 1 and "attributes_vocab.txt" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "qs").exists()

@@ -1,8 +1,10 @@
-"""Strict checkpoint loading: every gap is an error naming the keys; unsafe files are refused."""
+"""Strict checkpoint loading: every gap is an error naming the keys; unsafe files are refused (LXMERT checkpoints,
+and the detector's anchors stored beside its weights)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 
@@ -10,8 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import randomize_
+from conftest import SHARED, randomize_
 from lxm.cli import app
+from lxm.extract.detector import GeneralizedRCNN, detector_tiny
+from lxm.extract.weights import WeightsError, load_detector_weights
 from lxm.model import (
     CheckpointError,
     LxmertForPreTraining,
@@ -205,3 +209,63 @@ def test_bert_initialisation_fills_the_bert_parts(tmp_path):
     small = LxmertForPreTraining(lxmert_tiny(l_layers=1))
     with pytest.raises(CheckpointError, match="lxmert.encoder.layer.1"):
         init_from_bert(small, tmp_path / "bert", verbose=False)
+
+
+# --- detector weights: the anchors a file carries (transformers' FRCNN keeps them in its state dict) ---------------
+
+ANCHORS = "proposal_generator.anchor_generator.cell_anchors.0"
+
+
+def _d2_cell_anchors(sizes, ratios) -> torch.Tensor:
+    """detectron2's DefaultAnchorGenerator.generate_cell_anchors, written out: size-major, centred at 0."""
+    cell = []
+    for size in sizes:
+        for ratio in ratios:
+            w = math.sqrt(size**2.0 / ratio)
+            cell.append([-w / 2.0, -ratio * w / 2.0, w / 2.0, ratio * w / 2.0])
+    return torch.tensor(cell)
+
+
+def _detector_file(tmp_path, anchors: torch.Tensor):
+    src = GeneralizedRCNN(detector_tiny())
+    src.init_random(6)
+    sd = dict(src.state_dict())
+    sd[ANCHORS] = anchors
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    return tmp_path / "pytorch_model.bin"
+
+
+def test_stored_anchors_equal_to_the_generated_ones_load(tmp_path):
+    cfg = detector_tiny()
+    path = _detector_file(tmp_path, _d2_cell_anchors(cfg.anchor_sizes, cfg.anchor_ratios))
+    report = load_detector_weights(GeneralizedRCNN(cfg), str(path))
+    assert ANCHORS in report.summary()
+
+
+def test_stored_anchors_that_differ_are_an_error_naming_the_key(tmp_path):
+    cfg = detector_tiny()
+    # Caffe's centring (py-faster-rcnn generate_anchors puts the cell centre at (7.5, 7.5)): same shapes, other boxes
+    path = _detector_file(tmp_path, _d2_cell_anchors(cfg.anchor_sizes, cfg.anchor_ratios) + 7.5)
+    with pytest.raises(WeightsError, match=rf"{path}: .*anchors differ.*{ANCHORS.replace('.', '[.]')}.*7[.]5 px"):
+        load_detector_weights(GeneralizedRCNN(cfg), str(path))
+    images = SHARED / "fixtures" / "butd-coco-sample" / "images"
+    result = CliRunner().invoke(app, ["extract", "--images", str(images), "--out", str(tmp_path / "s"),
+                                      "--weights", str(path), "--detector", "tiny"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and ANCHORS in errors[0] and "Traceback" not in result.output
+
+
+def test_stored_anchors_of_another_shape_are_an_error(tmp_path):
+    path = _detector_file(tmp_path, _d2_cell_anchors((32, 64, 128, 256, 512), (0.5, 1.0, 2.0)))
+    with pytest.raises(WeightsError, match=r"anchors differ.*cell_anchors[.]0 file \(15, 4\) vs generated \(12, 4\)"):
+        load_detector_weights(GeneralizedRCNN(detector_tiny()), str(path))
+
+
+def test_anchors_of_other_feature_levels_are_unexpected(tmp_path):
+    cfg = detector_tiny()
+    path = _detector_file(tmp_path, _d2_cell_anchors(cfg.anchor_sizes, cfg.anchor_ratios))
+    sd = torch.load(path, weights_only=True)
+    sd["proposal_generator.anchor_generator.cell_anchors.1"] = sd[ANCHORS] * 2
+    torch.save(sd, path)
+    with pytest.raises(WeightsError, match=r"unexpected \(1\): proposal_generator[.]anchor_generator[.]cell_anchors[.]1"):
+        load_detector_weights(GeneralizedRCNN(cfg), str(path))

@@ -9,6 +9,11 @@ Reproduces the data behind airsplay/lxmert `data/lxmert/{mscoco_train,mscoco_nom
   are named by their VG id; GQA imageIds are VG ids and follow the same mapping;
 - splits: train (COCO train2014), minival (the given ids), nominival (other val2014), vgnococo (VG without COCO);
 - labels: VQA soft scores on raw answers within the VQA vocabulary; GQA {answer: 1.0}; VG-QA {convert_ans(answer): 1}.
+- NLVR2 (`data/nlvr2/process_raw_data_scripts/process_dataset.py`): the same rows (identifier, img0/img1 from the
+  identifier's stem, label, sent, uid `nlvr2_{split}_{i}`). Deliberate differences: `--nlvr2` may be a clone of
+  lil-lab/nlvr (read from `nlvr2/data/`, never NLVR1's `nlvr/`); a label other than "True"/"False" or an identifier
+  not of the form `split-set-pair-sentence` is an error (the original turned any other label into 0); test2 (the
+  hidden set LXMERT did not read) is read when present and its lines may lack a label (stored as -1).
 
 Everything is written into a temporary directory that replaces `--out` only when complete.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from collections import Counter, defaultdict
@@ -30,6 +36,7 @@ import pyarrow.parquet as pq
 
 from lxm.corpus.answers import convert_ans, qa_answer_table, vqa_soft_labels, vqa_vocabulary
 from lxm.corpus.jsonstream import iter_json_list, iter_json_object
+from lxm.errors import LxmError
 
 _logger = logging.getLogger(__name__)
 
@@ -39,7 +46,7 @@ IMAGE_SPLITS = ("coco_minus_vg", "coco_and_vg", "vg_minus_coco", "all")
 LABELS_TYPE = pa.map_(pa.string(), pa.float32())
 
 
-class CorpusError(ValueError):
+class CorpusError(LxmError, ValueError):
     """Bad or missing input; the message names the file, the record and the field."""
 
 
@@ -52,7 +59,7 @@ class CorpusInputs:
     vg: Path | None = None  # image_data.json, region_descriptions.json, question_answers.json
     vqa: Path | None = None  # v2_OpenEnded_mscoco_*_questions.json, v2_mscoco_*_annotations.json
     gqa: Path | None = None  # {train,val,testdev}_balanced_questions.json, submission_all_questions.json
-    nlvr2: Path | None = None  # train.json, dev.json, test1.json, test2.json (JSON lines)
+    nlvr2: Path | None = None  # {train,dev,test1}.json (+ test2.json), JSON lines; or nlvr2/ or a clone of lil-lab/nlvr
     minival_ids: Path | None = None  # LXMERT's mscoco_minival.json or a JSON list of img_ids
     features: list[Path] = field(default_factory=list)  # feature stores: keep only sentences whose image has features
     vqa_min_questions: int = 9  # VQA vocabulary threshold (3,129 answers at full scale)
@@ -107,6 +114,57 @@ def _list(obj: Any, key: str | None, path: Path) -> list:
 
 def coco_img_id(split: str, image_id: int) -> str:
     return f"COCO_{split}_{image_id:012d}"
+
+
+# --------------------------------------------------------------------------------------------------- NLVR2
+
+
+NLVR2_SPLITS = ("train", "dev", "test1", "test2")
+# `split-set_id-pair_id-sentence_id` (nlvr2/README.md); NLVR1 identifiers are `set-sentence` ("1572-0")
+_NLVR2_ID = re.compile(r"(train|dev|test1|test2)-\d+-\d+-\d+")
+_NLVR2_LABELS = {"True": 1, "False": 0}
+
+
+def nlvr2_data_dir(folder: Path) -> Path:
+    """The folder holding NLVR2's {train,dev,test1,test2}.json: `folder` itself, its `data/` (the `nlvr2/` folder
+    of lil-lab/nlvr) or its `nlvr2/data/` (a clone of lil-lab/nlvr).
+
+    Never searched recursively: the clone also holds NLVR1 under `nlvr/{train,dev,test}/` with the same file names
+    (lower-case labels, no image pairs), and `nlvr2/data/{balanced,unbalanced}/` holds subsets of dev and test1.
+    """
+    for candidate in (folder, folder / "data", folder / "nlvr2" / "data"):
+        if (candidate / "dev.json").is_file():
+            return candidate
+    raise CorpusError(f"--nlvr2 {folder}: no NLVR2 dev.json in it, in data/ or in nlvr2/data/ (give the nlvr2 "
+                      f"data folder or a clone of lil-lab/nlvr; NLVR1 under nlvr/ is not read)")
+
+
+def _nlvr2_line(line: str, path: Path, lineno: int, unlabelled_ok: bool) -> tuple[str, int, str]:
+    """(identifier, label 1/0 or -1 when unlabelled, sentence) of one JSON line; errors name `file:line: field`."""
+    where = f"{path}:{lineno}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(rec, dict):
+        raise CorpusError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for name in ("identifier", "sentence"):
+        if name not in rec:
+            raise CorpusError(f"{where}: field '{name}' missing")
+        if not isinstance(rec[name], str):
+            raise CorpusError(f"{where}: field '{name}' should be str, got {type(rec[name]).__name__}")
+    ident = rec["identifier"]
+    if not _NLVR2_ID.fullmatch(ident):
+        raise CorpusError(f"{where}: field 'identifier' is {ident[:40]!r}, not NLVR2's split-set-pair-sentence "
+                          f"(e.g. 'dev-850-0-0'; is this an NLVR1 file?)")
+    label = rec.get("label")
+    if label is None and unlabelled_ok:
+        return ident, -1, rec["sentence"]
+    if "label" not in rec:
+        raise CorpusError(f"{where}: field 'label' missing")
+    if not isinstance(label, str) or label not in _NLVR2_LABELS:
+        raise CorpusError(f"{where}: field 'label' is {label!r}, expected \"True\" or \"False\"")
+    return ident, _NLVR2_LABELS[label], rec["sentence"]
 
 
 # --------------------------------------------------------------------------------------------------- the builder
@@ -371,25 +429,22 @@ class CorpusBuilder:
         folder = self.inp.nlvr2
         if folder is None:
             return
-        for split in ("train", "dev", "test1", "test2"):
-            path = _find(folder, f"{split}.json", required=split != "test2")
-            if path is None:
-                continue
+        data = nlvr2_data_dir(Path(folder))
+        for split in NLVR2_SPLITS:
+            path = data / f"{split}.json"
+            if not path.is_file():
+                if split == "test2":  # the hidden test set, public only since 2022
+                    continue
+                raise CorpusError(f"{data}: expected NLVR2 file {split}.json")
             rows = self.ft(f"nlvr2_{split}")
-            with path.open() as f:
+            with path.open(encoding="utf-8") as f:
                 for lineno, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise CorpusError(f"{path}: record {lineno}: not valid JSON ({exc})") from None
-                    ident = _get(rec, "identifier", path, lineno, str)
-                    stem = "-".join(ident.split("-")[:-1])
-                    label = rec.get("label")
-                    rows.add(identifier=ident, img0=f"{stem}-img0", img1=f"{stem}-img1",
-                             label=1 if label == "True" else 0 if label == "False" else -1,
-                             sent=_get(rec, "sentence", path, lineno, str), uid=f"nlvr2_{split}_{len(rows)}")
+                    ident, label, sent = _nlvr2_line(line, path, lineno, unlabelled_ok=split == "test2")
+                    stem = ident.rsplit("-", 1)[0]  # the pair: its images are {stem}-img0 / -img1
+                    rows.add(identifier=ident, img0=f"{stem}-img0", img1=f"{stem}-img1", label=label, sent=sent,
+                             uid=f"nlvr2_{split}_{len(rows)}")
 
     # ---- assembly
     def minival(self) -> set[str]:

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lxm.errors import LxmError
+
 _CHUNK = 1 << 22  # 4 MiB of text per read
 _WS = " \t\n\r"
 
 
-class JSONStreamError(ValueError):
+class JSONStreamError(LxmError, ValueError):
     pass
 
 

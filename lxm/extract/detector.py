@@ -69,7 +69,8 @@ def detector_tiny(**overrides) -> DetectorConfig:
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """Caffe BatchNorm(use_global_stats) + Scale folded into a fixed affine (detectron2's FrozenBatchNorm2d)."""
+    """Caffe BatchNorm(use_global_stats) + Scale as a fixed affine, computed as detectron2's FrozenBatchNorm2d
+    (detectron2/layers/batch_norm.py) computes it, operation for operation."""
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
@@ -80,9 +81,15 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(channels) - eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None].to(x.dtype) + shift[None, :, None, None].to(x.dtype)
+        # Same branches as detectron2: the fused F.batch_norm at inference, the folded scale/shift under autograd.
+        # The two round differently in the last bit, and a last-bit difference in res4 can move a ROI across
+        # ROIPool's rounding edge, so anything else would make the torch and detectron2 engines pick other boxes.
+        if x.requires_grad:
+            scale = self.weight * (self.running_var + self.eps).rsqrt()
+            shift = self.bias - self.running_mean * scale
+            return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False,
+                            eps=self.eps)
 
 
 class Conv2d(nn.Conv2d):

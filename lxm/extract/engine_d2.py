@@ -11,7 +11,9 @@ today's detectron2 the same network is built from extension points instead:
 
 This module is the only place that imports detectron2; it is loaded only when `--engine detectron2` is selected.
 Weights come from the same loader as the torch engine (identical parameter names), and preprocessing and box
-selection are shared, so both engines give the same proposals, features and boxes (tested where detectron2 exists).
+selection are shared. The torch engine computes every layer with the same operations as detectron2 (its FrozenBN
+included), so on the CPU both engines give bit-identical backbone maps, proposals, features and boxes
+(tests/test_engines.py, on the detectron2 source snapshot where detectron2 is not installed).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ try:
     from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
     from detectron2.structures import ImageList
 except ImportError as exc:  # pragma: no cover - exercised only where detectron2 is missing
-    raise ImportError(
+    from lxm.errors import MissingDependencyError
+
+    raise MissingDependencyError(
         "the detectron2 engine needs detectron2, which is not on PyPI: build it from its source "
         "(https://github.com/facebookresearch/detectron2, `pip install --no-build-isolation -e .`), or use the "
         f"default torch engine (--engine torch). ({exc})"

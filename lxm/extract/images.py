@@ -15,19 +15,49 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lxm.errors import LxmError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class ImageError(ValueError):
-    """An image could not be used; the message says why (recorded in failures.jsonl, never fatal to a run)."""
+class ImageError(LxmError, ValueError):
+    """An image or the image folder could not be used; the message says why. A bad image is recorded in
+    failures.jsonl and the run goes on; a bad folder (missing, two images with one img_id) stops it."""
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly in `folder` (sorted by name, so every worker sees the same order)."""
+    """Image files in `folder` and all its subfolders, sorted by path relative to `folder` (every worker sees the
+    same order, so `--shard i/n` splits disjointly).
+
+    Subfolders are searched because the datasets ship that way (Visual Genome unpacks to `VG_100K/` and
+    `VG_100K_2/`). Names starting with "." (`.ipynb_checkpoints/`, macOS `._x.jpg`) are skipped. Symlinked folders
+    are followed, each real folder once. The img_id is the file stem, so two files with one stem are an error naming
+    both: which one LXMERT's annotations mean cannot be told.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder}: not a directory")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found: list[tuple[str, Path]] = []
+    visited: set[tuple[int, int]] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in visited:  # a symlink loop or a second link to a folder already listed
+            dirs[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                path = Path(top, name)
+                found.append((path.relative_to(folder).as_posix(), path))
+    found.sort()
+    by_id: dict[str, Path] = {}
+    for _, path in found:
+        other = by_id.setdefault(path.stem, path)
+        if other is not path:
+            raise ImageError(f"{folder}: two images have the img_id {path.stem!r}: {other.relative_to(folder)} and "
+                             f"{path.relative_to(folder)}; rename or remove one")
+    return [path for _, path in found]
 
 
 def load_bgr(path: str | os.PathLike) -> np.ndarray:

@@ -5,17 +5,21 @@ the "torch" engine), choose the boxes (`lxm.extract.select`, mode "lxmert" by de
 `ImageFeatures` record to the store (`lxm.extract.store`). Images with the same preprocessed size share one backbone
 pass (no padding, so batched results equal single-image results); the ROI head runs over all their proposals at once
 in chunks. A bad image never stops the run: it is written to failures.jsonl with the reason.
+
+Images are found in the folder and its subfolders (Visual Genome's `VG_100K/`, `VG_100K_2/`); the img_id is the file
+stem. Workers split the sorted list disjointly (`--shard i/n`), and any number of runs may write one store at once:
+they share the work through the store's claims (`lxm.extract.store.FeatureStoreWriter.claim`). The original
+extraction (peteanderson80/bottom-up-attention `tools/generate_tsv.py`) split its image list across GPUs the same
+way (`image_ids[i::len(gpus)]`), but into one TSV per GPU, to be merged afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +28,9 @@ import cv2
 import numpy as np
 import torch
 
+from lxm.errors import ConfigError
 from lxm.extract.detector import DetectorConfig, GeneralizedRCNN, detector_tiny, vg_r101
-from lxm.extract.images import ImageError, caffe_blob, list_images, load_bgr
+from lxm.extract.images import IMAGE_SUFFIXES, ImageError, caffe_blob, list_images, load_bgr
 from lxm.extract.records import ImageFeatures
 from lxm.extract.select import select_lxmert, select_maxnms
 from lxm.extract.store import FeatureStoreWriter
@@ -60,7 +65,7 @@ class ExtractConfig:
 
     def detector_config(self) -> DetectorConfig:
         if self.detector not in DETECTORS:
-            raise ValueError(f"unknown detector {self.detector!r}; one of {', '.join(DETECTORS)}")
+            raise ConfigError(f"unknown detector {self.detector!r}; one of {', '.join(DETECTORS)}")
         cfg = DETECTORS[self.detector]()
         if self.min_size is not None:
             cfg.min_size = self.min_size
@@ -71,7 +76,7 @@ class ExtractConfig:
 
 def _device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available on this machine")
+        raise ConfigError("--device cuda requested but CUDA is not available on this machine")
     return torch.device(name)
 
 
@@ -87,13 +92,16 @@ def _record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeature
     )
 
 
-def build_detector(cfg: ExtractConfig) -> tuple[torch.nn.Module, dict]:
-    """The network of `cfg.engine` with its weights; both engines load through the same checked loader."""
+def build_detector(cfg: ExtractConfig,
+                   on_weights: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, dict]:
+    """The network of `cfg.engine` with its weights; both engines load through the same checked loader.
+
+    `on_weights` receives the loader's one-line report (the CLI prints it); without it the report is logged.
+    """
     det_cfg = cfg.detector_config()
     model = GeneralizedRCNN(det_cfg).eval()
     report = load_detector_weights(model, cfg.weights, seed=cfg.seed)
-    _logger.info(report.summary())
-    print(report.summary(), file=sys.stderr)
+    (on_weights or _logger.info)(report.summary())
     if cfg.engine == "detectron2":
         from lxm.extract.engine_d2 import Detectron2Detector  # the only detectron2 import site
 
@@ -101,7 +109,7 @@ def build_detector(cfg: ExtractConfig) -> tuple[torch.nn.Module, dict]:
         d2.load_from(model)
         model = d2
     elif cfg.engine != "torch":
-        raise ValueError(f"unknown engine {cfg.engine!r}; 'torch' or 'detectron2'")
+        raise ConfigError(f"unknown engine {cfg.engine!r}; 'torch' or 'detectron2'")
     return model.to(_device(cfg.device)), {"weights": report.source, "weights_sha256": report.sha256,
                                            "random_weights": cfg.weights == RANDOM, "detector": asdict(det_cfg)}
 
@@ -124,46 +132,75 @@ def detect(model: torch.nn.Module, blobs: list[tuple[np.ndarray, float, tuple[in
     return outs
 
 
-def extract(cfg: ExtractConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Extract features for this worker's share of `cfg.images` into `cfg.out`; returns a summary."""
-    if not (0 <= cfg.shard < cfg.num_shards):
-        raise ValueError(f"shard {cfg.shard} is outside 0..{cfg.num_shards - 1}")
-    if cfg.mode not in ("lxmert", "maxnms"):
-        raise ValueError(f"unknown selection mode {cfg.mode!r}; 'lxmert' or 'maxnms'")
-    paths = list_images(cfg.images)[cfg.shard::cfg.num_shards]
-    device = _device(cfg.device)
-    model, meta = build_detector(cfg)
-    det = model.cfg
-    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    metadata = {
-        "engine": cfg.engine, "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": cfg.device, "bf16": cfg.bf16,
-        "scale_rule": f"short side {det.min_size}, long side <= {det.max_size} (Caffe, cv2 float resize)",
-        "nms": "per-class 0.3, Caffe cpu_nms (+1, >=)" if cfg.mode == "lxmert" else "class-agnostic maxnms",
-        "images": str(Path(cfg.images).resolve()), **meta,
-    }
-    single = cfg.num_shards == 1
-    prefix = "part" if single else f"part-r{cfg.shard:03d}of{cfg.num_shards:03d}"
-    feat_dim = det.res2_channels * 8
-    writer = FeatureStoreWriter(cfg.out, num_boxes=cfg.num_boxes, feature_dim=feat_dim, dtype=cfg.dtype,
-                                prefix=prefix, rows_per_shard=cfg.rows_per_shard, metadata=metadata)
-    failures_path = Path(cfg.out) / ("failures.jsonl" if single else f"failures-r{cfg.shard:03d}.jsonl")
-    todo = [p for p in paths if p.stem not in writer]
-    seen_ids: dict[str, Path] = {}
-    summary = {"images": len(paths), "already_done": len(paths) - len(todo), "extracted": 0, "failed": 0}
-    t0 = time.perf_counter()
-    with failures_path.open("a") as failures:
-        def fail(path: Path, reason: str) -> None:
-            failures.write(json.dumps({"image": str(path), "img_id": path.stem, "reason": reason}) + "\n")
-            failures.flush()
-            summary["failed"] += 1
+def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] | None = None,
+            on_weights: Callable[[str], None] | None = None) -> dict:
+    """Extract features for this worker's share of `cfg.images` into `cfg.out`; returns a summary.
 
-        for start in range(0, len(todo), cfg.batch_size):
+    Runs into one `cfg.out` may overlap (several `lxm extract` at once, with or without `--shard`): each takes its
+    images through the store's claims (`FeatureStoreWriter.claim`), so none is lost or extracted twice, and images
+    another live run holds are left to it. failures.jsonl keeps one record per image that failed and is not stored.
+
+    Args:
+        on_progress: called as (images handled, images to do, images extracted per second) before the detector is
+            built and after each batch; "to do" excludes the images stored before this run began.
+        on_weights: called with the one-line report of the detector weights once they are loaded (default: logged).
+
+    Returns:
+        A dict: folder_images, images (this worker's share), already_done (stored by earlier or concurrent runs),
+        extracted, failed, left_to_others (held by another live run when this one ran out of work), seconds,
+        store_images, failures_file.
+
+    Raises:
+        ImageError: the folder is missing, holds no image at all, or holds two images with one img_id.
+    """
+    if not (0 <= cfg.shard < cfg.num_shards):
+        raise ConfigError(f"shard {cfg.shard} is outside 0..{cfg.num_shards - 1}")
+    if cfg.mode not in ("lxmert", "maxnms"):
+        raise ConfigError(f"unknown selection mode {cfg.mode!r}; 'lxmert' or 'maxnms'")
+    every = list_images(cfg.images)
+    if not every:
+        raise ImageError(f"{cfg.images}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files in it and "
+                         f"its subfolders)")
+    paths = every[cfg.shard::cfg.num_shards]
+    device = _device(cfg.device)
+    det = cfg.detector_config()
+    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    prefix = "part" if cfg.num_shards == 1 else f"part-r{cfg.shard:03d}of{cfg.num_shards:03d}"
+    writer = FeatureStoreWriter(cfg.out, num_boxes=cfg.num_boxes, feature_dim=det.res2_channels * 8, dtype=cfg.dtype,
+                                prefix=prefix, rows_per_shard=cfg.rows_per_shard)
+    by_id = {p.stem: p for p in paths}
+    candidates = deque(p.stem for p in paths if p.stem not in writer)
+    total = len(candidates)
+    summary: dict = {"folder_images": len(every), "images": len(paths), "extracted": 0, "failed": 0}
+    attempted: set[str] = set()
+    failures: list[dict] = []
+    merged = (0, 0)  # (failures, images written) when failures.jsonl was last rewritten
+    if on_progress is not None:
+        on_progress(0, total, 0.0)
+    t0 = time.perf_counter()
+
+    def fail(path: Path, reason: str) -> None:
+        failures.append({"image": str(path), "img_id": path.stem, "reason": reason})
+        summary["failed"] += 1
+
+    try:
+        if candidates:
+            model, meta = build_detector(cfg, on_weights)
+            writer.metadata = {
+                "engine": cfg.engine, "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": cfg.device,
+                "bf16": cfg.bf16,
+                "scale_rule": f"short side {det.min_size}, long side <= {det.max_size} (Caffe, cv2 float resize)",
+                "nms": "per-class 0.3, Caffe cpu_nms (+1, >=)" if cfg.mode == "lxmert" else "class-agnostic maxnms",
+                "images": str(Path(cfg.images).resolve()), **meta,
+            }
+            t0 = time.perf_counter()  # the rate counts extraction, not loading the weights
+        while candidates:
+            ids = writer.claim(candidates, cfg.batch_size)
+            if not ids:
+                break
+            attempted.update(ids)
             batch, blobs = [], []
-            for path in todo[start:start + cfg.batch_size]:
-                if path.stem in seen_ids:
-                    fail(path, f"duplicate img_id {path.stem!r} (also {seen_ids[path.stem].name})")
-                    continue
-                seen_ids[path.stem] = path
+            for path in (by_id[i] for i in ids):
                 try:
                     img = load_bgr(path)
                     blob, scale = caffe_blob(img, det.pixel_mean_bgr, det.min_size, det.max_size)
@@ -185,9 +222,18 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int], None] | None =
                                             num_boxes=cfg.num_boxes)
                     writer.add(_record(path.stem, out, sel, out.image_size, np_dtype))
                     summary["extracted"] += 1
+            if len(failures) > merged[0] and writer.written > merged[1]:  # visible during a long run, per shard
+                writer.update_failures(attempted, failures)
+                merged = (len(failures), writer.written)
             if on_progress is not None:
-                on_progress(min(start + cfg.batch_size, len(todo)), len(todo))
-    manifest = writer.close(finalize=summary["extracted"] + summary["already_done"] > 0)
+                on_progress(total - len(candidates), total, summary["extracted"] / (time.perf_counter() - t0))
+        failures_path = writer.update_failures(attempted, failures)
+    except BaseException:
+        writer.close(finalize=False)
+        raise
+    manifest = writer.close(finalize=bool(writer.done))
+    summary["left_to_others"] = sum(1 for i in candidates if i not in writer.done)
+    summary["already_done"] = len(paths) - summary["extracted"] - summary["failed"] - summary["left_to_others"]
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["store_images"] = manifest["num_images"] if manifest else 0
     summary["failures_file"] = str(failures_path)

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lxm.errors import LxmError
+
 # Field order of the original TSV rows (and the feature store's column names).
 FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes",
           "features")
 BOX_TOLERANCE = 1e-5  # LXMERT asserts normalised boxes within [0, 1 + 1e-5] (src/tasks/vqa_data.py)
 
 
-class RecordError(ValueError):
+class RecordError(LxmError, ValueError):
     """A record is inconsistent; the message names the image and the field."""
 
 

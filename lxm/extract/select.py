@@ -7,9 +7,22 @@ best class probability among the classes whose NMS it survives, keep scores >= 0
 score (padding with lower-scored proposals when fewer pass). The 1600 NMS runs are done at once: one IoU matrix,
 then a greedy sweep over score ranks for all classes together (no Python loop over classes).
 
-NMS follows py-faster-rcnn's `cpu_nms`: inclusive-pixel areas (+1), float32 arithmetic, suppress when IoU >= thr.
-Ties in score are broken by lower proposal index (numpy's quicksort order in the original is unspecified for exact
-ties, which only occur for duplicate or zero-probability proposals).
+NMS follows py-faster-rcnn's `cpu_nms` (`USE_GPU_NMS: False` in faster_rcnn_end2end_resnet.yml): inclusive-pixel
+areas (+1), float32 arithmetic, suppress when IoU >= thr.
+
+Equal scores are ranked as the original ranks them. It ranks with `np.argsort(x)[::-1]` twice: in `cpu_nms`
+(`scores.argsort()[::-1]`, float32, once per class) and for the boxes (`np.argsort(max_conf)[::-1]`, float64).
+Ties are common: ROIPool snaps proposals to the stride-16 grid, so distinct proposals that snap to the same cells
+get bit-identical features and class probabilities, in every class at once. The released sample has such a pair
+(COCO_train2014_000000207647, rows 29 and 33: two different boxes, equal features, "ball" at 0.22244039). When the
+two overlap, which one comes first decides which one each class keeps, and so both boxes' max_conf. numpy's default
+argsort is an introsort and not stable: spans of at most 16 are insertion-sorted (stable, so `[::-1]` puts the
+higher index first), longer ones are partitioned around a median of three, after which equal values come out in an
+order set by the data (on 300 proposals a tied pair comes out higher index first about half the time). This module
+reproduces that order exactly (`caffe_descending`, checked by the tests against the algorithm written out).
+
+Deliberate differences from `get_detections_from_im`: the 1600 NMS runs are one vectorised sweep (same result);
+max_conf is float32, not float64 (it only ever holds float32 probabilities, so it ranks the same).
 
 Mode "maxnms" reproduces airsplay/py-bottom-up-attention `demo/detectron2_mscoco_proposal_maxnms.py` (spec §2.2):
 class-agnostic NMS over each proposal's regressed max-class box at 0.3, 0.4, ... 0.9 until enough survive, with
@@ -45,6 +58,19 @@ class Selection:
     score: Tensor  # [K] float: the score the selection ranked by (max_conf for "lxmert")
 
 
+def caffe_descending(values: np.ndarray) -> np.ndarray:
+    """`np.argsort(values)[::-1]` along the last axis, equal values in the order the original extraction gave them.
+
+    That order is numpy's introsort (`aquicksort_`), the default argsort of every numpy up to 1.24. Since 1.25 numpy
+    hands float32/float64 argsorts to SIMD sorts where the CPU has them (x86-simd-sort: AVX-512, and AVX2 since 2.0),
+    which order ties differently again, so `np.argsort` here may not be the original's. Long doubles still go through
+    the introsort in every numpy release, and casting float32/float64 to them is exact and keeps every comparison.
+    Cost: ~30 ms of CPU for [1600, 300] (only classes with ties come here).
+    """
+    order = np.argsort(np.asarray(values).astype(np.longdouble), axis=-1, kind="quicksort")
+    return np.ascontiguousarray(order[..., ::-1])
+
+
 def caffe_iou(boxes: Tensor) -> Tensor:
     """[R, 4] -> [R, R] IoU with inclusive-pixel areas, in float32 exactly as cpu_nms computes it."""
     b = boxes.float()
@@ -70,14 +96,20 @@ def per_class_nms_max_conf(boxes: Tensor, scores: Tensor, thresh: float = LXMERT
         return scores.new_zeros(0)
     overlap = caffe_iou(boxes) >= thresh  # [R, R]: i suppresses j
     overlap.fill_diagonal_(False)
-    ranked = torch.sort(scores.t(), dim=1, descending=True, stable=True)
-    order = ranked.indices  # [C, R]: the proposal at each rank of each class
+    per_class = scores.t()
+    ranked = torch.sort(per_class, dim=1, descending=True, stable=True)
+    order, values = ranked.indices, ranked.values  # [C, R]: the proposal (and its score) at each rank of each class
+    # A class without equal scores has one correct order, any sort's; one with ties takes the original's (on the CPU).
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1).nonzero().squeeze(1)
+    if tied.numel():
+        order[tied] = torch.from_numpy(caffe_descending(per_class[tied].float().cpu().numpy())).to(order.device)
+        values = per_class.gather(1, order)
     suppressed = torch.zeros(c, r, dtype=torch.bool, device=scores.device)
     kept = torch.zeros(c, r, dtype=torch.bool, device=scores.device)
     cls = torch.arange(c, device=scores.device)
     # Ranks whose score is 0 in every class keep nothing that could raise max_conf, and (sorted last) suppress only
     # zero-score proposals: stop there.
-    ranks = int((ranked.values > 0).sum(1).max())
+    ranks = int((values > 0).sum(1).max())
     for k in range(ranks):
         idx = order[:, k]  # [C] the proposal at rank k in each class
         alive = ~suppressed[cls, idx]
@@ -96,6 +128,11 @@ def _top_by_score(score: Tensor, k: int) -> Tensor:
     return torch.sort(score, descending=True, stable=True).indices[:k]
 
 
+def _caffe_top(score: Tensor, k: int) -> Tensor:
+    """`np.argsort(max_conf)[::-1][:k]`, ties included (R <= a few hundred values: cheap on the CPU)."""
+    return torch.from_numpy(caffe_descending(score.float().cpu().numpy())[:k].copy()).to(score.device)
+
+
 def select_lxmert(boxes: Tensor, cls_prob: Tensor, attr_prob: Tensor, *, num_boxes: int = LXMERT_BOXES,
                   nms_thresh: float = LXMERT_NMS, conf_thresh: float = LXMERT_CONF) -> Selection:
     """LXMERT's 36-box selection (spec §2.1), vectorised over classes.
@@ -108,7 +145,7 @@ def select_lxmert(boxes: Tensor, cls_prob: Tensor, attr_prob: Tensor, *, num_box
     max_conf = per_class_nms_max_conf(boxes, cls_prob[:, 1:], nms_thresh)
     keep = torch.nonzero(max_conf >= conf_thresh).squeeze(1)
     if keep.numel() != num_boxes:  # too few or too many: the top num_boxes by max_conf, in score order
-        keep = _top_by_score(max_conf, num_boxes)
+        keep = _caffe_top(max_conf, num_boxes)
     obj_id, obj_conf, attr_id, attr_conf = _labels(cls_prob, attr_prob, keep)
     return Selection(keep, boxes[keep], obj_id, obj_conf, attr_id, attr_conf, max_conf[keep])
 
@@ -147,11 +184,11 @@ def select_maxnms(boxes: Tensor, pred_boxes: Tensor, cls_prob: Tensor, attr_prob
 
 
 def caffe_nms_reference(boxes: np.ndarray, scores: np.ndarray, thresh: float) -> list[int]:
-    """py-faster-rcnn `py_cpu_nms` semantics (+1 areas, suppress IoU >= thresh), stable order for ties."""
+    """py-faster-rcnn `cpu_nms` semantics (+1 areas, suppress IoU >= thresh, ties in the original's order)."""
     boxes = boxes.astype(np.float32)
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     areas = (x2 - x1 + np.float32(1)) * (y2 - y1 + np.float32(1))
-    order = np.argsort(-scores, kind="stable")
+    order = caffe_descending(scores.astype(np.float32))
     keep: list[int] = []
     while order.size > 0:
         i = int(order[0])
@@ -176,7 +213,7 @@ def select_lxmert_reference(boxes: np.ndarray, cls_prob: np.ndarray, attr_prob: 
         max_conf[keep] = np.where(scores[keep] > max_conf[keep], scores[keep], max_conf[keep])
     keep_boxes = np.where(max_conf >= conf_thresh)[0]
     if len(keep_boxes) != num_boxes:
-        keep_boxes = np.argsort(-max_conf, kind="stable")[:num_boxes]
+        keep_boxes = caffe_descending(max_conf)[:num_boxes]
     return {
         "indices": keep_boxes,
         "objects_id": np.argmax(cls_prob[keep_boxes][:, 1:], axis=1),

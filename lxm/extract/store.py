@@ -10,19 +10,29 @@ Replaces LXMERT's practice of decoding whole base64 TSVs into Python lists in RA
 - `index.arrow`: img_id -> (shard, row), in shard-name order, so the merge of many writers is deterministic.
 - `manifest.json`: format, dtype, N, D, counts, shard list and the extractor's metadata (engine, mode, weights
   sha256, scale rule, ...).
+- `failures.jsonl`: one record per image (or TSV line) that could not be used, and why.
+- `LOCK` (an empty file for `fcntl.flock`) and, while writers run, one `.writer-<id>` file per writer.
 
 A shard becomes visible only complete (written under a temporary name, then renamed), so a killed writer loses at
-most the shard in progress, and a new writer over the same directory skips every image already stored.
+most the shard in progress, and a new writer over the same directory skips every image already stored. Any number
+of writers may share a directory at once (see `FeatureStoreWriter`); readers load manifest and index under a shared
+lock, so they never pair one writer's index with another's manifest. The lock is `flock`: Linux and macOS, and NFS
+where the kernel maps it onto NFS locks (Linux does since 2.6.12).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import re
+import secrets
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from lxm import atomic
+from lxm.errors import LxmError
 from lxm.extract.records import ImageFeatures, RecordError
 
 _logger = logging.getLogger(__name__)
@@ -38,10 +49,13 @@ STORE_FORMAT = "lxm-features"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.arrow"
+LOCK = "LOCK"  # flock'ed by writers (exclusive) and by readers loading the index (shared); kept, never deleted
+WRITER_FILE = ".writer-"  # + writer id: one per live writer, flock'ed by it for life; holds its claims
+FAILURES = "failures.jsonl"
 DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), np.float32)}
 
 
-class StoreError(ValueError):
+class StoreError(LxmError, ValueError):
     """The store directory is missing, incomplete or inconsistent; the message names the file."""
 
 
@@ -79,14 +93,70 @@ def finished_shards(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("*.arrow") if p.name != INDEX and not p.name.startswith("."))
 
 
+@contextlib.contextmanager
+def store_lock(root: str | os.PathLike, *, shared: bool = False) -> Iterator[None]:
+    """Hold the store directory's LOCK file (`fcntl.flock`) for the duration of the block.
+
+    Writers take it exclusively and briefly, to change what they share: shard names, claims, index.arrow with
+    manifest.json, failures.jsonl. Readers take it shared, to load manifest and index as one consistent pair. A store
+    without a LOCK file (written before locking existed, or a read-only copy) is read without it: no writer of this
+    version can be running there. Locks are per open file, so two blocks in one process exclude each other too
+    (never nest them).
+    """
+    path = Path(root) / LOCK
+    try:
+        fd: int | None = os.open(path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o644)
+    except (FileNotFoundError, PermissionError):
+        if not shared:
+            raise
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the writer registered as `path` still runs: it holds an flock on the file for its whole life, and the
+    kernel drops that lock when the process ends however it ends (SIGKILL included), on any host sharing the
+    directory. Unlike a pid check, this cannot mistake a reused pid or another host's pid for a live writer."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 class FeatureStoreWriter:
-    """Append ImageFeatures to a store directory, shard by shard; resumable.
+    """Append ImageFeatures to a store directory, shard by shard; resumable, and safe with concurrent writers.
+
+    Any number of writers (processes, also on other hosts sharing the directory) may write one store at once and
+    lose or duplicate nothing:
+
+    - each writer registers as `.writer-<id>` and holds an flock on that file while it lives, so "is it alive?" is
+      "is its file locked?";
+    - shard names are reserved under the store's LOCK: the next `<prefix>-<seq>.arrow` after every finished or
+      reserved one, the reservation being the temporary file `.<name>.tmp-<id>`; no two writers write one name;
+    - temporary files are deleted only when their writer is dead (its shard in progress is redone), never a live one's;
+    - `claim` hands out img_ids that no finished shard holds and no live writer has claimed (the claims are the
+      content of the `.writer-<id>` file), so concurrent extractors split the work instead of repeating it;
+    - `close` rebuilds index.arrow and manifest.json over every finished shard under the LOCK; an image found in two
+      shards (writers that add without claiming) is indexed once, from the first shard in name order.
 
     Args:
         root: the store directory (created if needed).
         num_boxes, feature_dim: N and D of every record (fixed per store).
         dtype: "float16" (half the disk, what training reads) or "float32" (exact TSV round trip).
-        prefix: shard name prefix; parallel writers into one directory use distinct prefixes.
+        prefix: shard name prefix (only for readable names: writers sharing one are safe).
         rows_per_shard: images per shard file (1024 x 288 KiB ~ 0.3 GB in float32).
         metadata: recorded in manifest.json under "extractor".
     """
@@ -104,21 +174,20 @@ class FeatureStoreWriter:
         self.prefix, self.rows_per_shard, self.batch_rows = prefix, rows_per_shard, batch_rows
         self.metadata = dict(metadata or {})
         self.schema = store_schema(num_boxes, feature_dim, dtype)
-        self._check_existing_manifest()
-        for stale in self.root.glob(f".{prefix}-*.arrow.tmp*"):
-            stale.unlink()  # the shard a killed writer was writing; its images are redone
-        self.done: set[str] = set()
-        self._seq = 0
-        for shard in finished_shards(self.root):
-            table = _open_stream(shard)
-            if table.schema != self.schema:
-                raise StoreError(f"{shard}: schema differs from this writer's (N={num_boxes}, D={feature_dim}, "
-                                 f"{dtype}); write into a new directory")
-            self.done.update(table.column("img_id").to_pylist())
-            if shard.name.startswith(prefix + "-"):
-                self._seq = max(self._seq, int(shard.stem.rsplit("-", 1)[1]) + 1)
+        self.id = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.done: set[str] = set()  # img_ids in any finished shard (as of the last look) or added here
+        self._read: set[str] = set()  # shard files whose img_ids are in `done`
+        self._claimed: set[str] = set()  # claimed here, not yet in a finished shard of this writer
         self._buffer: list[ImageFeatures] = []
         self.written = 0
+        self._registration = None
+        with store_lock(self.root):
+            self._check_existing_manifest()
+            self._refresh()
+            # a file object, not a bare fd: a writer dropped without close() releases its lock like a killed one
+            self._registration = open(self.root / f"{WRITER_FILE}{self.id}", "x+b")  # noqa: SIM115 (held for life)
+            fcntl.flock(self._registration.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._live_writers()  # clears what dead writers left
 
     def _check_existing_manifest(self) -> None:
         path = self.root / MANIFEST
@@ -130,6 +199,77 @@ class FeatureStoreWriter:
         if clash:
             raise StoreError(f"{path}: existing store has " +
                              ", ".join(f"{k}={a!r} (requested {b!r})" for k, (a, b) in clash.items()))
+
+    def _refresh(self) -> None:
+        """Add the img_ids of shards finished since the last look, by any writer, to `done`."""
+        for shard in finished_shards(self.root):
+            if shard.name in self._read:
+                continue
+            table = _open_stream(shard)
+            if table.schema != self.schema:
+                raise StoreError(f"{shard}: schema differs from this writer's (N={self.num_boxes}, "
+                                 f"D={self.feature_dim}, {self.dtype}); write into a new directory")
+            self.done.update(table.column("img_id").to_pylist())
+            self._read.add(shard.name)
+
+    def _live_writers(self) -> dict[str, Path]:
+        """The other live writers (id -> registration file). A dead writer's file is deleted (its claims lapse) and so
+        are the temporary files no live writer owns: a dead writer's shard in progress, an index or manifest write
+        cut short (those are written only under the LOCK, which the caller holds)."""
+        live: dict[str, Path] = {}
+        for path in self.root.glob(f"{WRITER_FILE}*"):
+            wid = path.name[len(WRITER_FILE):]
+            if wid == self.id:
+                continue
+            if _writer_alive(path):
+                live[wid] = path
+            else:
+                path.unlink(missing_ok=True)
+        owners = set(live) | {self.id}
+        for tmp in [*self.root.glob(".*.arrow.tmp-*"), *self.root.glob(f".{MANIFEST}.tmp-*")]:
+            if tmp.name.rsplit(".tmp-", 1)[1] not in owners:
+                tmp.unlink(missing_ok=True)
+        return live
+
+    def _write_claims(self) -> None:
+        # rewritten in place, not replaced: the flock belongs to this inode; readers read it only under the LOCK
+        reg = self._registration
+        assert reg is not None, "writer is closed"
+        reg.seek(0)
+        reg.truncate()
+        reg.write(json.dumps(sorted(self._claimed)).encode())
+        reg.flush()
+
+    def claim(self, candidates: deque[str], limit: int) -> list[str]:
+        """Take up to `limit` img_ids from the left of `candidates` for this writer to produce, and return them.
+
+        Ids already stored are dropped. Ids another live writer has claimed are moved to the right end: they are
+        offered again on later calls, in case that writer dies. Returns [] once every remaining candidate is held
+        by another live writer (or none remains). A claim lasts until this writer's shard holding the image is
+        finished, or until the writer closes or dies (so an image that failed here is not retried by another
+        concurrent writer).
+        """
+        with store_lock(self.root):
+            self._refresh()
+            held: set[str] = set()
+            for path in self._live_writers().values():
+                try:
+                    text = path.read_text()
+                except FileNotFoundError:  # closed since: its shards are finished, _refresh saw them
+                    continue
+                held.update(json.loads(text) if text else [])
+            got: list[str] = []
+            skipped: list[str] = []
+            while candidates and len(got) < limit:
+                img_id = candidates.popleft()
+                if img_id in self.done or img_id in self._claimed:
+                    continue
+                (skipped if img_id in held else got).append(img_id)
+            candidates.extend(skipped)
+            if got:
+                self._claimed.update(got)
+                self._write_claims()
+        return got
 
     def __contains__(self, img_id: str) -> bool:
         return img_id in self.done
@@ -163,22 +303,74 @@ class FeatureStoreWriter:
         ]
         return pa.RecordBatch.from_arrays(cols, schema=self.schema)
 
+    def _reserve_name(self) -> str:
+        """The next shard name after every finished or reserved one of this prefix, reserved by creating its
+        temporary file (call under the LOCK). Names thus sort in the order writers began them."""
+        pattern = re.compile(rf"\.?{re.escape(self.prefix)}-(\d+)\.arrow(\.tmp-.+)?")
+        seqs = [int(m.group(1)) for p in self.root.iterdir() if (m := pattern.fullmatch(p.name))]
+        name = f"{self.prefix}-{max(seqs, default=-1) + 1:05d}.arrow"
+        (self.root / f".{name}.tmp-{self.id}").touch(exist_ok=False)
+        return name
+
     def _flush(self) -> None:
         if not self._buffer:
             return
-        name = f"{self.prefix}-{self._seq:05d}.arrow"
-        with atomic.atomic_path(self.root / name, fsync=True) as tmp:  # the shard appears only complete
+        with store_lock(self.root):
+            name = self._reserve_name()
+        tmp = self.root / f".{name}.tmp-{self.id}"
+        try:  # the shard appears only complete
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
                 for start in range(0, len(self._buffer), self.batch_rows):
                     writer.write_batch(self._batch(self._buffer[start:start + self.batch_rows]))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._read.add(name)
+        self._claimed.difference_update(r.img_id for r in self._buffer)
         self.written += len(self._buffer)
         self._buffer = []
-        self._seq += 1
+
+    def update_failures(self, attempted: Iterable[str], failures: list[dict[str, Any]]) -> Path:
+        """Rewrite failures.jsonl to hold one record per image that failed and is not stored.
+
+        Earlier records of the images in `attempted` (tried by this writer: they failed again, or now succeeded)
+        give way to `failures` ({"image", "img_id", "reason"} each); records of images now in the store are dropped;
+        records of other images stay. Records are keyed by img_id (by "image" when they have none).
+        """
+        path = self.root / FAILURES
+        attempted = set(attempted)
+        with store_lock(self.root):
+            self._refresh()
+            records: dict[str, dict[str, Any]] = {}
+            if path.exists():
+                for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        _logger.warning("%s:%d: not a JSON record (cut short by a kill?); dropped", path, lineno)
+                        continue
+                    if isinstance(rec, dict):
+                        records[str(rec.get("img_id") or rec.get("image"))] = rec
+            records = {k: r for k, r in records.items() if k not in attempted and k not in self.done}
+            records.update((str(r.get("img_id") or r.get("image")), r) for r in failures)
+            atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in records.values()))
+        return path
 
     def close(self, finalize: bool = True) -> dict[str, Any] | None:
-        """Write the last shard; with `finalize`, (re)build index.arrow and manifest.json over all shards."""
-        self._flush()
-        return finalize_store(self.root, metadata=self.metadata) if finalize else None
+        """Write the last shard; with `finalize`, (re)build index.arrow and manifest.json over all shards. Then
+        release this writer's claims."""
+        if self._registration is None:
+            return None
+        try:
+            self._flush()
+            return finalize_store(self.root, metadata=self.metadata) if finalize else None
+        finally:
+            with store_lock(self.root):
+                (self.root / f"{WRITER_FILE}{self.id}").unlink(missing_ok=True)
+                self._registration.close()
+                self._registration = None
 
     def __enter__(self) -> "FeatureStoreWriter":
         return self
@@ -189,8 +381,14 @@ class FeatureStoreWriter:
 
 
 def finalize_store(root: str | os.PathLike, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build index.arrow and manifest.json from the finished shards (sorted by name: deterministic)."""
+    """Build index.arrow and manifest.json from the finished shards (sorted by name: deterministic), under the
+    store's LOCK, so concurrent writers never interleave the two files and readers see them as one pair."""
     root = Path(root)
+    with store_lock(root):
+        return _finalize(root, metadata)
+
+
+def _finalize(root: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
     shards = finished_shards(root)
     if not shards:
         raise StoreError(f"{root}: no finished shards to index")
@@ -199,6 +397,7 @@ def finalize_store(root: str | os.PathLike, metadata: dict[str, Any] | None = No
     row_col: list[int] = []
     entries = []
     seen: dict[str, str] = {}
+    repeats: list[tuple[str, str, str]] = []
     schema = None
     for i, shard in enumerate(shards):
         table = _open_stream(shard)
@@ -209,12 +408,17 @@ def finalize_store(root: str | os.PathLike, metadata: dict[str, Any] | None = No
         shard_ids = table.column("img_id").to_pylist()
         for j, img_id in enumerate(shard_ids):
             if img_id in seen:
-                raise StoreError(f"{root}: image {img_id!r} is stored twice ({seen[img_id]} and {shard.name})")
+                repeats.append((img_id, seen[img_id], shard.name))
+                continue
             seen[img_id] = shard.name
-        ids += shard_ids
-        shard_col += [i] * len(shard_ids)
-        row_col += list(range(len(shard_ids)))
+            ids.append(img_id)
+            shard_col.append(i)
+            row_col.append(j)
         entries.append({"file": shard.name, "rows": len(shard_ids)})
+    if repeats:
+        img_id, first, again = repeats[0]
+        _logger.warning("%s: %d rows repeat an image stored earlier (e.g. %r in %s and %s); indexed once, from the "
+                        "first shard", root, len(repeats), img_id, first, again)
     assert schema is not None
     feat_type = schema.field("features").type
     num_boxes, feature_dim = feat_type.list_size, feat_type.value_type.list_size
@@ -239,6 +443,29 @@ def finalize_store(root: str | os.PathLike, metadata: dict[str, Any] | None = No
     atomic.write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """manifest.json, checked field by field: a damaged one is a StoreError naming it, never a KeyError later."""
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc}); re-run the writer to rebuild it") from None
+    except UnicodeDecodeError:
+        raise StoreError(f"{path}: not UTF-8 text; re-run the writer to rebuild it") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path}: expected a JSON object")
+    if manifest.get("format") != STORE_FORMAT:
+        raise StoreError(f"{path}: format is {manifest.get('format')!r}, not {STORE_FORMAT!r}")
+    for name in ("num_images", "num_boxes", "feature_dim"):
+        if not isinstance(manifest.get(name), int) or isinstance(manifest[name], bool) or manifest[name] < 0:
+            raise StoreError(f"{path}: field '{name}' must be a non-negative integer, got {manifest.get(name)!r}")
+    if not isinstance(manifest.get("dtype"), str) or manifest["dtype"] not in DTYPES:
+        raise StoreError(f"{path}: field 'dtype' must be one of {', '.join(DTYPES)}, got {manifest.get('dtype')!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                               and isinstance(e.get("rows"), int) for e in shards):
+        raise StoreError(f"{path}: field 'shards' must be a list of {{'file': name, 'rows': count}}")
+    return manifest
+
 
 class FeatureStore:
     """Read-only, memory-mapped access to a store by img_id or position.
@@ -254,9 +481,7 @@ class FeatureStore:
             hint = " (shards exist: the writer did not finish; re-run the same command to resume)" \
                 if self.root.is_dir() and finished_shards(self.root) else ""
             raise StoreError(f"{self.root}: not a feature store: {MANIFEST} missing{hint}")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format") != STORE_FORMAT:
-            raise StoreError(f"{path}: format is {self.manifest.get('format')!r}, not {STORE_FORMAT!r}")
+        self.manifest = _read_manifest(path)
         self._ids: list[str] | None = None
         self._pos: dict[str, int] | None = None
         self._shard_of: np.ndarray | None = None
@@ -285,14 +510,19 @@ class FeatureStore:
     def _load_index(self) -> None:
         if self._ids is not None:
             return
-        table = _open_stream(self.root / INDEX)
+        path = self.root / INDEX
+        with store_lock(self.root, shared=True):  # writers replace index and manifest together under the lock
+            self.manifest = _read_manifest(self.root / MANIFEST)
+            table = _open_stream(path)
+        if table.column_names != ["img_id", "shard", "row"]:
+            raise StoreError(f"{path}: columns {table.column_names}, expected img_id, shard, row")
+        if table.num_rows != self.manifest["num_images"]:  # a stream cut at a batch boundary still reads
+            raise StoreError(f"{path}: has {table.num_rows} images, {MANIFEST} says {self.manifest['num_images']} "
+                             f"(truncated? re-run the writer to rebuild it)")
         self._ids = table.column("img_id").to_pylist()
         self._shard_of = table.column("shard").to_numpy()
         self._row_of = table.column("row").to_numpy()
         self._pos = {img_id: i for i, img_id in enumerate(self._ids)}
-        if len(self._ids) != self.manifest["num_images"]:
-            raise StoreError(f"{self.root}: index has {len(self._ids)} images, manifest says "
-                             f"{self.manifest['num_images']}")
 
     def ids(self) -> list[str]:
         self._load_index()
@@ -309,7 +539,14 @@ class FeatureStore:
 
     def _shard(self, i: int):
         if i not in self._tables:
-            table = _open_stream(self.root / self.manifest["shards"][i]["file"])
+            entry = self.manifest["shards"][i]
+            path = self.root / entry["file"]
+            table = _open_stream(path)
+            if table.num_rows != entry["rows"]:  # a stream cut at a batch boundary still reads
+                raise StoreError(f"{path}: has {table.num_rows} images, {MANIFEST} says {entry['rows']} (truncated?)")
+            if table.schema != store_schema(self.num_boxes, self.feature_dim, self.dtype):
+                raise StoreError(f"{path}: schema differs from the one {MANIFEST} describes (N={self.num_boxes}, "
+                                 f"D={self.feature_dim}, {self.dtype})")
             starts, total = [], 0
             for batch_len in (len(c) for c in table.column("img_id").chunks):
                 starts.append(total)
@@ -353,12 +590,20 @@ class FeatureStore:
                              features=v["features"][i])
 
     def get(self, img_id: str) -> ImageFeatures:
+        """The record of `img_id`; StoreError (bad input, not a KeyError) when the store does not hold it."""
         self._load_index()
         assert self._pos is not None
-        try:
-            return self.at(self._pos[img_id])
-        except KeyError:
-            raise KeyError(f"{self.root}: no features for image {img_id!r}") from None
+        position = self._pos.get(img_id)
+        if position is None:
+            raise StoreError(f"no image {img_id!r} in {self.root}")
+        return self.at(position)
+
+    def verify(self) -> None:
+        """Open the index and every shard and check their row counts against the manifest (cheap: memory maps,
+        no feature is read); raises StoreError naming the damaged file."""
+        self._load_index()
+        for i in range(len(self.manifest["shards"])):
+            self._shard(i)
 
     def __iter__(self) -> Iterator[ImageFeatures]:
         for i in range(len(self)):

@@ -7,7 +7,8 @@ and an optional sha256 check) or a Hub id; `random` gives seeded random weights 
 
 Pickles are read with a restricted unpickler that admits only dicts, strings, numbers and numpy arrays; torch files
 with `weights_only=True`. Every load compares keys and shapes with the network and fails on any gap (fvcore, which
-the original fork used, silently skips mis-shaped tensors).
+the original fork used, silently skips mis-shaped tensors); cell anchors stored in the file (transformers' copy keeps
+them) must equal the generated ones.
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lxm.errors import LxmError
 from lxm.extract.detector import GeneralizedRCNN
 
 _logger = logging.getLogger(__name__)
 
 RANDOM = "random"
-# Keys some copies carry that are not parameters of the network: BatchNorm step counters and cached anchors.
+# Keys some copies carry that are not parameters of the network: BatchNorm step counters.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
-IGNORED_PREFIXES = ("proposal_generator.anchor_generator.",)
+# The cell anchors transformers' FRCNN keeps in its state dict (an nn.ParameterList). Not parameters, but the RPN's
+# deltas only mean something relative to the anchors it was trained with, so they are compared, not skipped.
+ANCHOR_KEY = "proposal_generator.anchor_generator.cell_anchors.0"
+ANCHOR_TOLERANCE = 1e-3  # px: float rounding of detectron2's formula passes; any other anchor definition does not
 
 
-class WeightsError(ValueError):
+class WeightsError(LxmError, ValueError):
     """Weights could not be read, are unsafe, or do not match the detector; the message names file and keys."""
 
 
@@ -71,6 +76,8 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(value, np.ndarray):
             raise WeightsError(f"{path}: entry {key!r} is {type(value).__name__}, not a numpy array")
+        if value.dtype.kind not in "biuf":  # object / string arrays unpickle fine but are no weights
+            raise WeightsError(f"{path}: entry {key!r} is a numpy array of dtype {value.dtype}, not numbers")
         out[str(key)] = torch.from_numpy(np.ascontiguousarray(value))
     return out
 
@@ -162,10 +169,25 @@ class WeightsReport:
     sha256: str
     loaded: int = 0
     ignored: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)  # non-parameter entries that were compared with the detector
 
     def summary(self) -> str:
         extra = f"; ignored {len(self.ignored)} non-parameter entries" if self.ignored else ""
+        extra += f"; {', '.join(self.checked)} equal the detector's" if self.checked else ""
         return f"detector: loaded {self.loaded} tensors from {self.source} (sha256 {self.sha256[:12]}...){extra}"
+
+
+def _anchor_difference(stored: torch.Tensor, generated: torch.Tensor) -> str | None:
+    """None if `stored` are the generated cell anchors [A, 4] (to ANCHOR_TOLERANCE), else what differs."""
+    if tuple(stored.shape) != tuple(generated.shape):
+        return f"file {tuple(stored.shape)} vs generated {tuple(generated.shape)}"
+    stored, generated = stored.detach().cpu().double(), generated.detach().cpu().double()
+    diff = (stored - generated).abs().amax(dim=1)
+    worst = int(diff.argmax()) if diff.numel() else 0
+    if diff.numel() == 0 or bool(diff[worst] <= ANCHOR_TOLERANCE):  # written so that NaN is a difference
+        return None
+    file_row, generated_row = ([round(v, 2) for v in t[worst].tolist()] for t in (stored, generated))
+    return f"by up to {float(diff[worst]):.4g} px (anchor {worst}: file {file_row} vs generated {generated_row})"
 
 
 def load_detector_weights(model: GeneralizedRCNN, source: str, *, sha256: str | None = None,
@@ -181,18 +203,25 @@ def load_detector_weights(model: GeneralizedRCNN, source: str, *, sha256: str | 
     target = model.state_dict()
     report = WeightsReport(source=str(path), sha256=digest)
     missing = [k for k in target if k not in sd]
-    unexpected, mismatched = [], []
+    unexpected, mismatched, anchors = [], [], []
     for key, value in sd.items():
         if key in target:
             if tuple(value.shape) != tuple(target[key].shape):
                 mismatched.append(f"{key} file {tuple(value.shape)} vs model {tuple(target[key].shape)}")
-        elif key.endswith(IGNORED_SUFFIXES) or key.startswith(IGNORED_PREFIXES):
+        elif key == ANCHOR_KEY:
+            problem = _anchor_difference(value, model.proposal_generator.cell_anchors)
+            if problem:
+                anchors.append(f"{key} {problem}")
+            else:
+                report.checked.append(key)
+        elif key.endswith(IGNORED_SUFFIXES):
             report.ignored.append(key)
         else:
             unexpected.append(key)
-    if missing or unexpected or mismatched:
+    if missing or unexpected or mismatched or anchors:
         parts = [f"{title} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-                 for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+                 for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
+                                     ("anchors differ", anchors))
                  if keys]
         raise WeightsError(f"{path}: weights do not match the detector: " + "; ".join(parts))
     with torch.no_grad():

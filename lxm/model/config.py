@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lxm.errors import ConfigError
+
 
 @dataclass
 class LxmertConfig:
@@ -65,23 +67,23 @@ class LxmertConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LxmertConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"LxmertConfig.{name} must be a positive integer, got {value!r}")
         for name in ("l_layers", "x_layers", "r_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"LxmertConfig.{name} must be a non-negative integer, got {value!r}")
+                raise ConfigError(f"LxmertConfig.{name} must be a non-negative integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"LxmertConfig.hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
         if self.task_qa and (not isinstance(self.num_qa_labels, int) or self.num_qa_labels <= 0):
-            raise ValueError(
+            raise ConfigError(
                 f"LxmertConfig.num_qa_labels must be positive when task_qa is on, got {self.num_qa_labels!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"LxmertConfig.{name} must be in [0, 1), got {value!r}")
+                raise ConfigError(f"LxmertConfig.{name} must be in [0, 1), got {value!r}")
 
     @property
     def head_dim(self) -> int:
@@ -96,7 +98,7 @@ class LxmertConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown LxmertConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"{source}: unknown LxmertConfig field(s): {', '.join(unknown)}")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -108,7 +110,7 @@ class LxmertConfig:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(data, source=str(path))
 
     def replace(self, **changes: Any) -> "LxmertConfig":
@@ -149,10 +151,9 @@ PRESETS = {"base": lxmert_base, "small": lxmert_small, "tiny": lxmert_tiny}
 
 def preset(name: str) -> LxmertConfig:
     """Look up a named preset (`base`, `small`, `tiny`)."""
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+    if name not in PRESETS:  # tested first: a KeyError inside a preset is a bug, not an unknown name
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
 
 
 __all__ = ["LxmertConfig", "lxmert_base", "lxmert_small", "lxmert_tiny", "preset", "PRESETS"]

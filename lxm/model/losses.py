@@ -31,7 +31,7 @@ LOSS_NAMES = ("mlm", "match", "obj", "attr", "feat", "qa")
 class PretrainLossConfig:
     """How the pretraining losses are computed. Defaults reproduce the original code."""
 
-    ignore_index: int = -1  # label value meaning "no target" for MLM and QA (original -1; transformers uses -100)
+    ignore_index: int = -1  # label meaning "no target" for MLM, QA, obj, attr (original -1; transformers -100)
     visual_loss_normalizer: float = 1 / 0.15  # multiplies obj/attr/feat (original 1/0.15; transformers 6.67)
     obj_attr_boxes: Literal["all", "masked"] = "all"  # "all": every box (code); "masked": masked boxes only (paper)
     obj_attr_confidence: bool = True  # weight obj/attr CE by the detector confidence (code; #19: against overfitting)
@@ -54,9 +54,9 @@ class PretrainLabels:
 
     mlm_labels: Tensor | None = None  # [B, T] long: original token id where masked, ignore_index elsewhere
     matched: Tensor | None = None  # [B] long: 1 = the sentence describes the image, 0 = a random other sentence
-    obj_labels: Tensor | None = None  # [B, N] long: detector object class (0..1599)
+    obj_labels: Tensor | None = None  # [B, N] long: detector object class (0..1599), ignore_index: no target
     obj_conf: Tensor | None = None  # [B, N] float: detector confidence of that class
-    attr_labels: Tensor | None = None  # [B, N] long: detector attribute class (0..399)
+    attr_labels: Tensor | None = None  # [B, N] long: detector attribute class (0..399), ignore_index: no target
     attr_conf: Tensor | None = None  # [B, N] float
     feat_target: Tensor | None = None  # [B, N, F] float: the ORIGINAL (unmasked) region features
     feat_mask: Tensor | None = None  # [B, N] float 0/1: 1 where the box was selected for masking
@@ -87,12 +87,16 @@ def match_loss(logits: Tensor, matched: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), matched.reshape(-1))
 
 
-def weighted_box_ce(logits: Tensor, labels: Tensor, weights: Tensor, normalizer: float) -> Tensor:
+def weighted_box_ce(logits: Tensor, labels: Tensor, weights: Tensor, normalizer: float, ignore_index: int = -1
+                    ) -> Tensor:
     """Per-box CE times a per-box weight, averaged over ALL boxes, times `normalizer` (obj and attr losses).
 
-    logits [B, N, C], labels [B, N], weights [B, N].
+    A box labelled `ignore_index` contributes 0 but still counts in the mean, as the original's
+    `CrossEntropyLoss(ignore_index=-1, reduction='none')` followed by `.mean()`. logits [B, N, C], labels [B, N],
+    weights [B, N].
     """
-    per_box = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
+    per_box = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                              ignore_index=ignore_index, reduction="none")
     return (per_box * weights.reshape(-1).to(per_box.dtype)).mean() * normalizer
 
 
@@ -171,7 +175,7 @@ def pretraining_losses(out: "LxmertOutput", labels: PretrainLabels, cfg: Pretrai
             if labels.feat_mask is None:
                 raise ValueError(f"PretrainLabels.feat_mask is required for {name} loss on masked boxes only")
             weights = weights * labels.feat_mask
-        losses[name] = weighted_box_ce(logits, ids, weights, cfg.visual_loss_normalizer)
+        losses[name] = weighted_box_ce(logits, ids, weights, cfg.visual_loss_normalizer, cfg.ignore_index)
     if out.feat_pred is not None and labels.feat_target is not None:
         if labels.feat_mask is None:
             raise ValueError("PretrainLabels.feat_mask is required for the feature regression loss")

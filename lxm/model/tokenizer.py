@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lxm.errors import LxmError
+
 DEFAULT_MAX_LENGTH = 20  # LXMERT's max_seq_length in pretraining and all three tasks
 VOCAB_FILE = "vocab.txt"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(LxmError, ValueError):
     """The vocabulary could not be found or read; the message says how to pass a local one."""
 
 
@@ -72,7 +74,7 @@ class LxmertTokenizer:
         from tokenizers import BertWordPieceTokenizer
 
         if max_length < 3:
-            raise ValueError(f"max_length must be at least 3 ([CLS] + one piece + [SEP]), got {max_length}")
+            raise TokenizerError(f"max_length must be at least 3 ([CLS] + one piece + [SEP]), got {max_length}")
         self.vocab_path = _resolve_vocab(vocab)
         try:
             def make() -> BertWordPieceTokenizer:

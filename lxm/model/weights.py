@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lxm.atomic import atomic_path
+from lxm.errors import LxmError
 from lxm.model.config import LxmertConfig
 from lxm.model.modeling import LxmertForPreTraining
 
@@ -66,7 +67,7 @@ PREFIX_MAPS: dict[str, list[tuple[str, str]]] = {
 HEAD_PREFIXES = ("cls.", "obj_predict_head.", "answer_head.", "nlvr2_head.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LxmError, ValueError):
     """A checkpoint could not be read or does not match the model; the message names the file and keys."""
 
 
@@ -122,10 +123,11 @@ class RawCheckpoint:
     hf_config: dict | None = None  # from a transformers config.json
 
 
-def _torch_load(path: Path) -> tuple[dict[str, Tensor], dict | None]:
-    """(state_dict, the lxm model config when the file is an lxm training checkpoint, else None)."""
+def load_torch_file(path: str | os.PathLike):
+    """`torch.load(path, weights_only=True)` on the CPU; a file that needs arbitrary unpickling, or is damaged, is a
+    CheckpointError naming it (torch's own UnpicklingError text is many lines of advice about allow-lists)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refusing to load: the file needs arbitrary unpickling, which can execute code. lxm reads "
@@ -134,6 +136,11 @@ def _torch_load(path: Path) -> tuple[dict[str, Tensor], dict | None]:
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
+
+
+def _torch_load(path: Path) -> tuple[dict[str, Tensor], dict | None]:
+    """(state_dict, the lxm model config when the file is an lxm training checkpoint, else None)."""
+    obj = load_torch_file(path)
     model_config = None
     if isinstance(obj, dict):  # a training checkpoint wrapping the state_dict (lxm: with its model config)
         for inner in ("model", "state_dict", "model_state_dict"):

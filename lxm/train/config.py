@@ -1,5 +1,9 @@
 """Run configuration for `lxm pretrain`: one dataclass, YAML files plus `key=value` overrides, unknown keys rejected.
 
+A YAML value is checked against the field's type as a `--set` value is (a string is converted the same way, so
+`lr: 1e-4`, which PyYAML reads as a string, is the float); a syntax error names the file and line. Every bad value
+is a ConfigError naming the file or `--set` item and the key.
+
 Defaults reproduce `run/lxmert_pretrain.bash` of airsplay/lxmert (lxmert.md §2.1, §2.5): batch 256, lr 1e-4, BertAdam,
 warmup 5 %, 20 epochs, clip 1.0, seed 9595, masks 0.15 / 0.15, train on train + nominival + vgnococo, validate on
 minival, all five objectives with QA from the first epoch.
@@ -14,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lxm.errors import ConfigError
 
 
 @dataclass
@@ -59,23 +65,39 @@ class PretrainConfig:
 
     def validate(self) -> None:
         if not self.corpus:
-            raise ValueError("config: 'corpus' is required (a directory written by lxm build-corpus)")
+            raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
         if not self.features:
-            raise ValueError("config: 'features' needs at least one feature store directory")
+            raise ConfigError("config: 'features' needs at least one feature store directory")
         choices = {"obj_attr_boxes": ("all", "masked"), "feat_loss": ("smoothl1", "l2"),
                    "optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("batch_size", "epochs", "log_every", "checkpoint_every", "keep_last", "max_length"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"config: '{name}' must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
+        _check_optimisation(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
-def _coerce(name: str, hint: Any, text: str) -> Any:
+def _check_optimisation(cfg) -> None:
+    """Ranges that BertAdam and the model would reject later, with a traceback instead of the key's name."""
+    if cfg.lr < 0:
+        raise ConfigError(f"config: 'lr' must be >= 0, got {cfg.lr}")
+    if cfg.optimizer == "bert" and not 0.0 < cfg.warmup < 1.0:
+        raise ConfigError(f"config: 'warmup' must be in (0, 1) with optimizer=bert, got {cfg.warmup}")
+    if cfg.dropout != -1.0 and not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"config: 'dropout' must be in [0, 1) (or -1: the model's), got {cfg.dropout}")
+
+
+def _type_name(hint: Any) -> str:
+    return "list of strings" if typing.get_origin(hint) is list else getattr(hint, "__name__", str(hint))
+
+
+def _coerce(name: str, hint: Any, text: str, where: str | None = None) -> Any:
+    """`text` as the field's type; `where` (a YAML file) replaces `--set key=text` in the message."""
     origin = typing.get_origin(hint)
     try:
         if hint is bool:
@@ -90,37 +112,76 @@ def _coerce(name: str, hint: Any, text: str) -> Any:
             return float(text)
         if origin is list:
             value = yaml.safe_load(text)
-            return value if isinstance(value, list) else [x for x in text.split(",") if x]
+            if not isinstance(value, list):
+                return [x for x in text.split(",") if x]
+            if not all(isinstance(x, str) for x in value):
+                raise ValueError(text)
+            return value
         return text
-    except ValueError:
-        raise ValueError(f"--set {name}={text}: expected {getattr(hint, '__name__', hint)}") from None
+    except (ValueError, yaml.YAMLError):
+        at = f"{where}: '{name}'" if where else f"--set {name}={text}"
+        raise ConfigError(f"{at}: expected {_type_name(hint)}, got {text!r}") from None
+
+
+def _typed(name: str, hint: Any, value: Any, where: str) -> Any:
+    """A value read from YAML, checked against the field's type: strings are converted as `--set` converts them
+    (PyYAML reads `1e-4` as a string), ints widen to floats, anything else of the wrong type is a ConfigError."""
+    origin = typing.get_origin(hint)
+    if isinstance(value, str) and hint is not str:
+        return _coerce(name, hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list and isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return list(value)
+    if origin is None and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: '{name}': expected {_type_name(hint)}, got {value!r}")
 
 
 def _apply(cls, values: dict[str, Any], overrides: list[str], where: str):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(k) for k in set(values) - known)  # YAML keys may be numbers
     if unknown:
-        raise ValueError(f"{where}: unknown config key(s): {', '.join(unknown)}")
+        raise ConfigError(f"{where}: unknown config key(s): {', '.join(unknown)}")
+    values = {key: _typed(key, hints[key], value, where) for key, value in values.items()}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set {item}: expected key=value")
+            raise ConfigError(f"--set {item}: expected key=value")
         key, text = item.split("=", 1)
         if key not in known:
-            raise ValueError(f"--set {key}: unknown config key (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"--set {key}: unknown config key (known: {', '.join(sorted(known))})")
         values[key] = _coerce(key, hints[key], text)
     cfg = cls(**values)
     cfg.validate()
     return cfg
 
 
+def _yaml_position(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""  # PyYAML counts from 0
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    context, problem = getattr(exc, "context", None), getattr(exc, "problem", None)
+    start, end = getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)
+    if context and start is not None and end is not None and start.line != end.line:
+        context += f" started on line {start.line + 1}"  # e.g. the '[' whose ']' is missing
+    return ", ".join(p for p in (context, problem) if p) or str(exc).splitlines()[0]
+
+
 def _read_yaml(path_text: str, presets: str) -> dict[str, Any]:
     path = Path(path_text)
     if not path.is_file():
-        raise ValueError(f"--config {path_text}: neither a preset ({presets}) nor a YAML file")
-    loaded = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"--config {path_text}: neither a preset ({presets}) nor a YAML file")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}{_yaml_position(exc)}: not valid YAML ({_yaml_problem(exc)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (a YAML file of config keys?)") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys")
+        raise ConfigError(f"{path}: expected a mapping of config keys")
     return loaded
 
 
@@ -176,7 +237,7 @@ class FinetuneConfig:
         defaults = {"vqa": (["train", "nominival"], "minival", 5e-5), "gqa": (["train", "valid"], "testdev", 1e-5),
                     "nlvr2": (["train"], "dev", 5e-5)}
         if self.task not in defaults:
-            raise ValueError(f"config: 'task' must be one of {FINETUNE_TASKS}, got {self.task!r}")
+            raise ConfigError(f"config: 'task' must be one of {FINETUNE_TASKS}, got {self.task!r}")
         splits, valid, lr = defaults[self.task]
         self.train_splits = list(self.train_splits) or splits
         self.valid_split = self.valid_split or valid
@@ -184,21 +245,22 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         if not self.corpus:
-            raise ValueError("config: 'corpus' is required (a directory written by lxm build-corpus)")
+            raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
         if not self.features:
-            raise ValueError("config: 'features' needs at least one feature store directory")
+            raise ConfigError("config: 'features' needs at least one feature store directory")
         if not self.init and not self.from_scratch:
-            raise ValueError("config: 'init' is required (pretrained weights); set from_scratch=true to train "
-                             "without them")
+            raise ConfigError("config: 'init' is required (pretrained weights); set from_scratch=true to train "
+                              "without them")
         if self.init and self.from_scratch:
-            raise ValueError("config: 'init' and from_scratch=true exclude each other")
+            raise ConfigError("config: 'init' and from_scratch=true exclude each other")
         choices = {"optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("batch_size", "eval_batch_size", "epochs", "log_every", "max_length"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"config: '{name}' must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
+        _check_optimisation(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -212,6 +274,6 @@ def load_finetune_config(task: str, preset_or_path: str | None, overrides: list[
     elif preset_or_path not in (None, "", "paper"):
         values = _read_yaml(preset_or_path, "paper, tiny")
     if values.get("task", task) != task:
-        raise ValueError(f"--config {preset_or_path}: task {values['task']!r} but finetuning {task!r}")
+        raise ConfigError(f"--config {preset_or_path}: task {values['task']!r} but finetuning {task!r}")
     values["task"] = task
     return _apply(FinetuneConfig, values, list(overrides), str(preset_or_path or "paper"))

@@ -10,7 +10,12 @@ else is an error); VQA / GQA answer rows are copied from the 9500-way pretrainin
 `convert_ans`, rows not found are zero (3124/3129 and 1736/1842 with the original tables), and the coverage is
 printed. The original always built the model on `bert-base-uncased` first; here the checkpoint alone defines it.
 
-Additions: exact resume at epoch boundaries, a jsonl log, per-epoch metrics, predictions in the official formats.
+Parameters no task head depends on (the vision half of the last cross layer) are frozen (`freeze_unused`): in the
+original their `.grad` stays None, BertAdam skips them and they end at their initial values; frozen, the same holds
+here, and DDP needs no dummy loss term to see every parameter.
+
+Additions: exact resume at epoch boundaries (the logs rewound to it, a damaged last.pt named), a jsonl log,
+per-epoch metrics, predictions in the official formats.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ from torch.utils.data import DataLoader
 
 from lxm import atomic
 from lxm.corpus.answers import convert_ans
+from lxm.errors import ConfigError
 from lxm.model import (LxmertConfig, LxmertForPreTraining, load_pretrained, load_pretrained_with_report, pair_loss,
                        preset, save_lxm, soft_answer_loss)
 from lxm.model.weights import load_into
 from lxm.train.config import FinetuneConfig
+from lxm.train.data import corpus_file, read_answer_table
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
-from lxm.train.loop import (append_jsonl, autocast, mean_across_ranks, restore_state, start_run, train_step,
-                            training_state)
+from lxm.train.loop import (append_jsonl, autocast, mean_across_ranks, restore_newest, rewind_logs, start_run,
+                            train_step, training_state)
 from lxm.train.metrics import nlvr2_metrics
 from lxm.train.optim import make_optimizer
 from lxm.train.pretrain import MicroBatches, save_state
@@ -48,26 +55,10 @@ LAST = "last.pt"  # model + optimizer + epoch + RNG: what --resume reads
 # ---------------------------------------------------------------------------------------------------- answer tables
 
 
-def read_answer_table(path: str | os.PathLike) -> list[str]:
-    """A JSON list of answers (strings, or {"ans": ...} records as LXMERT's all_ans.json); id = position."""
-    path = Path(path)
-    try:
-        table = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: answer table not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if isinstance(table, dict):  # {answer: id} as trainval_ans2label.json
-        return [a for a, _ in sorted(table.items(), key=lambda kv: kv[1])]
-    if not isinstance(table, list):
-        raise ValueError(f"{path}: expected a list of answers")
-    return [r["ans"] if isinstance(r, dict) else r for r in table]
-
-
 def task_answers(cfg: FinetuneConfig) -> list[str]:
     if cfg.task == "nlvr2":
         return []
-    return read_answer_table(Path(cfg.corpus) / "vocab" / f"{cfg.task}_answers.json")
+    return read_answer_table(corpus_file(cfg.corpus, f"vocab/{cfg.task}_answers.json"))
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -94,14 +85,40 @@ def resolve_init(source: str) -> str:
     return source
 
 
+def unused_by_task_heads(model: LxmertForPreTraining) -> list[torch.nn.Module]:
+    """The modules no finetuning head depends on: the answer and pair heads read only the pooled [CLS] state, so the
+    vision half of the last cross layer (its self-attention and feed-forward; the cross-attention is shared with the
+    language stream) feeds nothing. Without cross layers the whole vision stream does."""
+    enc = model.lxmert.encoder
+    if len(enc.x_layers) == 0:
+        return [enc.visn_fc, enc.r_layers]
+    last = enc.x_layers[-1]
+    return [last.visn_self_att, last.visn_inter, last.visn_output]
+
+
+def freeze_unused(model: LxmertForPreTraining) -> int:
+    """Freeze `unused_by_task_heads` (requires_grad False); returns the number of parameters frozen.
+
+    In the original these parameters keep `.grad` None, so BertAdam skips them (weight decay included) and they end
+    at their initial values. A zero loss term would satisfy DDP's gradient reduction too, but gives them zero
+    gradients that BertAdam then decays; frozen, DDP leaves them out of the reduction and both optimizers skip them.
+    """
+    frozen = 0
+    for module in unused_by_task_heads(model):
+        for p in module.parameters():
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
 def _pretraining_answers(cfg: FinetuneConfig, init_path: str, rows: int) -> tuple[list[str], str] | None:
     """(answer strings of the init's QA head rows, their file): init_answers (must fit), else the first table of
     `rows` answers among the init run's own and the corpus's; None when none fits."""
     if cfg.init_answers:
         table = read_answer_table(cfg.init_answers)
         if len(table) != rows:
-            raise ValueError(f"init_answers {cfg.init_answers}: {len(table)} answers, but the QA head of {init_path} "
-                             f"has {rows} rows")
+            raise ConfigError(f"init_answers {cfg.init_answers}: {len(table)} answers, but the QA head of {init_path} "
+                              f"has {rows} rows")
         return table, cfg.init_answers
     candidates = []
     run = Path(init_path).parent if Path(init_path).name in ("model", BEST_DIR) else Path(init_path).parent.parent
@@ -132,11 +149,11 @@ def build_task_model(cfg: FinetuneConfig, answers: list[str], vocab_size: int, f
     pre, report = load_pretrained_with_report(init, verbose=False)
     log(report.summary())
     if pre.config.vocab_size != vocab_size:
-        raise ValueError(f"{init}: word embeddings for {pre.config.vocab_size} pieces, but the vocabulary "
-                         f"{cfg.vocab} has {vocab_size}")
+        raise ConfigError(f"{init}: word embeddings for {pre.config.vocab_size} pieces, but the vocabulary "
+                          f"{cfg.vocab} has {vocab_size}")
     if pre.config.visual_feat_dim != feat_dim:
-        raise ValueError(f"{init}: visual features of {pre.config.visual_feat_dim} dims, but the feature stores "
-                         f"hold {feat_dim}")
+        raise ConfigError(f"{init}: visual features of {pre.config.visual_feat_dim} dims, but the feature stores "
+                          f"hold {feat_dim}")
     model = LxmertForPreTraining(task_config(pre.config.replace(**drop), cfg.task, len(answers)))
     src = pre.state_dict()
     sd = {k: v for k, v in src.items() if k.startswith("lxmert.")}
@@ -164,9 +181,9 @@ def _answer_head_surgery(cfg: FinetuneConfig, init: str, pre: LxmertForPreTraini
         log(f"answer head: copied as is ({rows} answers: a finetuned {cfg.task} head)")
         return {**head, "answer_head.logit_fc.3.weight": w, "answer_head.logit_fc.3.bias": b}
     if found is None:
-        raise ValueError(f"{init}: its QA head has {rows} rows but no answer table of that size was found (the "
-                         f"init run's, {Path(cfg.corpus) / 'vocab' / 'qa_answers.json'}); pass --set "
-                         f"init_answers=PATH (LXMERT's all_ans.json)")
+        raise ConfigError(f"{init}: its QA head has {rows} rows but no answer table of that size was found (the "
+                          f"init run's, {Path(cfg.corpus) / 'vocab' / 'qa_answers.json'}); pass --set "
+                          f"init_answers=PATH (LXMERT's all_ans.json)")
     table, where = found
     index = {a: i for i, a in enumerate(table)}
     new_w, new_b = torch.zeros(len(answers), w.shape[1], dtype=w.dtype), torch.zeros(len(answers), dtype=b.dtype)
@@ -212,7 +229,8 @@ def score(dataset: FinetuneDataset, predictions: dict, answers: list[str]) -> di
     exact match) x 100; NLVR2 accuracy and consistency."""
     if dataset.task == "nlvr2":
         labels = {i: "True" if t == 1 else "False" for i, t in zip(dataset.ids, dataset.targets)}
-        return nlvr2_metrics(labels, predictions)
+        scores = nlvr2_metrics(labels, predictions)  # predictions cover exactly the split: nothing ignored
+        return {"accuracy": scores["accuracy"], "consistency": scores["consistency"]}
     ans2id = {a: i for i, a in enumerate(answers)}
     total = 0.0
     for qid, target in zip(dataset.ids, dataset.targets):
@@ -249,7 +267,7 @@ class Finetuner:
         self.train_set = FinetuneDataset(cfg.task, cfg.corpus, cfg.train_splits, cfg.features, cfg.vocab,
                                          self.answers, max_length=cfg.max_length)
         if not self.train_set.labelled:
-            raise ValueError(f"{cfg.task} splits {cfg.train_splits}: some examples have no label (a test split?)")
+            raise ConfigError(f"{cfg.task} splits {cfg.train_splits}: some examples have no label (a test split?)")
         self.valid_set = None
         if cfg.valid_split != "none":
             self.valid_set = FinetuneDataset(cfg.task, cfg.corpus, [cfg.valid_split], cfg.features, cfg.vocab,
@@ -260,16 +278,20 @@ class Finetuner:
         feat_dim = self.train_set.stores[0].feature_dim
         self.model = build_task_model(cfg, self.answers, self.train_set.tokenizer.vocab_size, feat_dim,
                                       log=self.log if self.dist.is_main else (lambda *_: None))
+        frozen = freeze_unused(self.model)
+        if self.dist.is_main:
+            self.log(f"{frozen} parameters that no task head depends on (the last cross layer's vision branch) keep "
+                     f"their initial values, as in the original")
         self.model.to(self.device)
         self.ddp = self.model
         if self.dist.world_size > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
         if cfg.batch_size % self.dist.world_size:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes")
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes")
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size  # drop_last, as the original loader
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_set)} training examples are fewer than one batch of {cfg.batch_size}")
+            raise ConfigError(f"{len(self.train_set)} training examples are fewer than one batch of {cfg.batch_size}")
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optimizer, cfg.lr,
                                                         self.steps_per_epoch * cfg.epochs, cfg.warmup,
                                                         cfg.weight_decay)
@@ -285,21 +307,20 @@ class Finetuner:
         path = self.out / LAST
         if not path.exists():
             self.log(f"{self.out}: nothing to resume from; starting fresh")
-            return
-        state = restore_state(path, self.model, self.optimizer, self.scheduler)
-        self.epoch, self.step, self.best, self.best_epoch = (state["epoch"], state["step"], state["best"],
-                                                              state["best_epoch"])
-        self.log(f"resumed from {path}: {self.epoch} epoch(s) done, best {self.best} (epoch {self.best_epoch})")
+        else:  # one checkpoint only: a damaged last.pt is an error naming it, never a silent fresh start
+            _, state = restore_newest([path], self.model, self.optimizer, self.scheduler)
+            self.epoch, self.step, self.best, self.best_epoch = (state["epoch"], state["step"], state["best"],
+                                                                  state["best_epoch"])
+            self.log(f"resumed from {path}: {self.epoch} epoch(s) done, best {self.best} (epoch {self.best_epoch})")
+        if self.dist.is_main:  # a crash after the last epoch's logs but before last.pt must not log that epoch twice
+            rewind_logs(self.out, self.step, self.epoch)
 
     def _loss_fn(self, model, batch) -> dict[str, torch.Tensor]:
         batch = batch.to(self.device, non_blocking=True)
-        out = model(**batch.model_inputs())
-        # The vision branch of the last cross layer feeds no task head (heads read the pooled [CLS]); a zero term
-        # keeps it in the graph so that DDP's gradient reduction sees every parameter (the loss is unchanged).
-        unused = out.vision_output.sum() * 0.0
+        out = model(**batch.model_inputs())  # the parameters no head reads are frozen (freeze_unused): DDP-safe
         if self.cfg.task == "nlvr2":
-            return {"nlvr2": pair_loss(out.pair_logits, batch.target) + unused}
-        return {self.cfg.task: soft_answer_loss(out.answer_logits, batch.target) + unused}
+            return {"nlvr2": pair_loss(out.pair_logits, batch.target)}
+        return {self.cfg.task: soft_answer_loss(out.answer_logits, batch.target)}
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -380,10 +401,18 @@ def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.Pat
     run = Path(run)
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: not an lxm finetuning run (no config.yaml)")
-    raw = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    try:
+        raw = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{run / 'config.yaml'}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or "task" not in raw:
+        # a pretraining run has a config.yaml too, and FinetuneConfig's default task would pass for it
+        kind = "a pretraining run" if isinstance(raw, dict) and "word_mask_rate" in raw else "not a finetuning run"
+        raise ConfigError(f"{run / 'config.yaml'}: {kind} (no field 'task'); lxm predict needs the --out directory "
+                          f"of lxm finetune")
     cfg = FinetuneConfig(**{k: v for k, v in raw.items() if k in FinetuneConfig.__dataclass_fields__})
     if cfg.task != task:
-        raise ValueError(f"{run} is a {cfg.task} run, not {task}")
+        raise ConfigError(f"{run} is a {cfg.task} run, not {task}")
     model_dir = run / BEST_DIR
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{run}: no {BEST_DIR}/ model yet (the run has not finished an epoch)")

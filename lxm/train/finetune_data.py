@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
+from lxm.errors import LxmError
 from lxm.extract.store import FeatureStore, read_normalized, store_index
 from lxm.model.tokenizer import LxmertTokenizer
+from lxm.train.data import corpus_file, read_corpus_table
 
 
-class FinetuneDataError(ValueError):
+class FinetuneDataError(LxmError, ValueError):
     """A finetuning table or its features cannot be used."""
 
 
@@ -56,7 +57,7 @@ class FinetuneBatch:
 
 
 def table_path(corpus: str | os.PathLike, task: str, split: str) -> Path:
-    path = Path(corpus) / "finetune" / f"{task}_{split}.parquet"
+    path = corpus_file(corpus, "finetune") / f"{task}_{split}.parquet"
     if not path.exists():
         have = sorted(p.stem for p in (Path(corpus) / "finetune").glob(f"{task}_*.parquet"))
         raise FinetuneDataError(f"{path}: no such table (this corpus has {', '.join(have) or 'no ' + task + ' tables'}"
@@ -92,7 +93,7 @@ class FinetuneDataset(Dataset):
         self.dropped = 0
         for split in splits:
             path = table_path(corpus, task, split)
-            table = pq.read_table(path)
+            table = read_corpus_table(path)
             cols = {c: table.column(c).to_pylist() for c in table.column_names}
             id_col, img_cols = ("identifier", ("img0", "img1")) if task == "nlvr2" else ("question_id", ("img_id",))
             for i in range(table.num_rows):

@@ -3,13 +3,21 @@
 One optimizer step = the micro-batches of one global batch: forward + backward of each (gradient synchronisation
 skipped with `no_sync` on all but the last when the model is DDP-wrapped), gradient clipping, optimizer and
 scheduler step. nanoGPT / open_clip style: explicit, no trainer framework (style.md §8.9).
+
+Also the run plumbing both recipes share: start-up (process group, device, seed, resolved config, removal of temp
+files left by killed checkpoint writes), checkpoint state save / restore (a damaged checkpoint is named and the next
+older one used), and rewinding the jsonl logs to the step a resumed run continues from. The original
+(airsplay/lxmert) could not resume; these have no counterpart there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import pickle
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +26,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from lxm import atomic
+from lxm.errors import ConfigError
+from lxm.model import CheckpointError
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,7 +101,7 @@ def pick_device(device: str, dist: DistInfo) -> torch.device:
     """"auto" -> this rank's GPU when CUDA is available, else CPU; "cuda" without CUDA is an error."""
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("config device=cuda but CUDA is not available")
+            raise ConfigError("config: device=cuda but CUDA is not available on this machine")
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
 
@@ -102,8 +116,43 @@ def start_run(cfg, out: Path, *dirs: str) -> tuple[DistInfo, torch.device]:
         out.mkdir(parents=True, exist_ok=True)
         for name in dirs:
             (out / name).mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out)
         (out / "config.yaml").write_text(cfg.to_yaml())
     return dist, device
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")  # lxm.atomic's `.NAME.tmp-PID`
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():  # this process has written nothing yet: the file is from an earlier process of this pid
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def remove_stale_temp_files(out: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes (`.step-N.pt.tmp-PID`, ...) in `out` and its direct
+    subdirectories whose writer process is gone; a killed checkpoint write leaves one of full checkpoint size.
+    A file whose PID is alive is kept: another process may still be writing into this run directory."""
+    removed = []
+    for folder in [out, *(d for d in out.iterdir() if d.is_dir())]:
+        for path in folder.iterdir():
+            m = _TEMP_NAME.match(path.name)
+            if m is None or not path.is_file() or _pid_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+                _logger.info("removed %s, left by a killed write (process %s is gone)", path, m.group(1))
+    return removed
 
 
 def training_state(model: nn.Module, optimizer, scheduler, **extra: Any) -> dict[str, Any]:
@@ -115,9 +164,55 @@ def training_state(model: nn.Module, optimizer, scheduler, **extra: Any) -> dict
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], **extra}
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """torch.load of a `training_state` file; a file that cannot be read (truncated, not a checkpoint) raises a
+    CheckpointError naming it (torch's own messages name no file)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        # torch's first sentence is the reason; the rest is generic advice
+        reason = str(exc).splitlines()[0].split(". ")[0] if str(exc) else "file ends early"
+        raise CheckpointError(f"{path}: damaged checkpoint, cannot be read ({type(exc).__name__}: {reason})"
+                              ) from None
+
+
+def restore_newest(paths: Sequence[Path], model: nn.Module, optimizer, scheduler, *, set_aside: bool = False
+                   ) -> tuple[Path, dict[str, Any]]:
+    """Restore the first readable file of `paths` (newest first) with `restore_state`; returns (path, state).
+
+    Each damaged file is logged as a warning and skipped; with `set_aside` it is renamed to NAME.damaged so that it
+    is neither resumed from nor counted among the kept checkpoints again (rank 0 only: the others just skip it).
+    Raises CheckpointError when none is readable.
+    """
+    if not paths:
+        raise CheckpointError("no checkpoint to resume from")
+    for k, path in enumerate(paths):
+        try:
+            state = read_state(path)
+        except CheckpointError as exc:
+            note = ""
+            if set_aside:
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name + ".damaged"))
+                    note = f" (renamed to {path.name}.damaged)"
+            if k == len(paths) - 1:
+                older = f"; the older ones ({', '.join(p.name for p in paths[:-1])}) too" if k else ""
+                raise CheckpointError(f"{exc}{note}{older}: no intact checkpoint to resume from") from None
+            _logger.warning("%s%s; resuming from an older checkpoint", exc, note)
+            continue
+        _apply_state(state, model, optimizer, scheduler)
+        return path, state
+    raise AssertionError("unreachable")
+
+
 def restore_state(path: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
     """Load a `training_state` file into model / optimizer / scheduler and the RNGs; returns the whole state."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state(path)
+    _apply_state(state, model, optimizer, scheduler)
+    return state
+
+
+def _apply_state(state: dict[str, Any], model: nn.Module, optimizer, scheduler) -> None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"]:
@@ -125,7 +220,6 @@ def restore_state(path: Path, model: nn.Module, optimizer, scheduler) -> dict[st
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state
 
 
 def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
@@ -141,3 +235,41 @@ def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, flo
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def rewind_logs(out: Path, step: int, epoch: int) -> None:
+    """Cut OUT/log.jsonl and OUT/metrics.jsonl back to a checkpoint taken after `step` steps and `epoch` finished
+    epochs, so that the steps a resumed run redoes are logged once. Each file is rewritten atomically.
+
+    Kept: step records up to `step`, validation / metrics records of epochs before `epoch` (the validation of the
+    checkpoint's own epoch is redone when the checkpoint predates it), error records of steps before `step`.
+    A last line cut by a crash is dropped; any other unreadable line is kept as it was.
+    """
+    for name, keep in (("log.jsonl", lambda r: _log_record_kept(r, step, epoch)),
+                       ("metrics.jsonl", lambda r: r.get("epoch", -1) < epoch)):
+        path = out / name
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines()
+        kept = []
+        for n, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if n < len(lines):
+                    kept.append(line)
+                continue
+            if not isinstance(record, dict) or keep(record):
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic.write_text(path, "".join(line + "\n" for line in kept))
+            _logger.info("%s: %d record(s) after step %d dropped (the resumed run redoes them)", path,
+                         len(lines) - len(kept), step)
+
+
+def _log_record_kept(record: dict[str, Any], step: int, epoch: int) -> bool:
+    if "valid" in record:
+        return record.get("epoch", -1) < epoch
+    if "error" in record:  # logged with the step count before the failed step
+        return record.get("step", 0) < step
+    return record.get("step", 0) <= step

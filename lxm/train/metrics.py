@@ -3,24 +3,70 @@
 - VQA: GT-Vision-Lab/VQA `vqaEval.py` after commit a013f00 (datasets.md §4): answers and prediction have "\\n"/"\\t"
   replaced and are stripped; ONLY if the 10 ground-truth answers are not all identical are they and the prediction
   normalised (punctuation, digits/articles, contractions); per question the mean over the 10 leave-one-out subsets
-  of min(#matches / 3, 1); overall, per answer type and per question type, x100 rounded to 2 decimals.
-- GQA: the GQA authors' `eval.py` accuracy: exact string match over `isBalanced` questions; open = structural type
-  "query", binary = the rest.
-- NLVR2: lil-lab/nlvr `nlvr2/eval/metrics.py`: accuracy (case-insensitive label match) and consistency (a group =
-  identifier with the pair id blanked, `split-set--sentence`; consistent iff all its examples are right).
-Every evaluator requires predictions for exactly the evaluated ids; gaps are errors with counts and examples.
+  of min(#matches / 3, 1); overall, per answer type and per question type, x100 rounded to 2 decimals. Every
+  evaluated question needs a prediction and every prediction an evaluated question.
+- GQA: the GQA authors' `eval.py` (vendored in junayednaushad/Relation-Network-VQA `gqa/eval.py`, commit 613d4a2;
+  datasets.md §6), every number of its `scores` with its definitions and units: percent, unrounded. Over the
+  `isBalanced` questions, in file order: accuracy (exact string match, no normalisation), binary / open
+  (`types.structural` "query" is open), accuracy per structural type, semantic type, number of steps (operations of
+  `semantic` whose "operation: argument" contains none of "exist", "query: name", "choose name") and question length
+  (`len(question.split())`), each as (accuracy, number of questions); consistency: for each correctly answered
+  balanced question, the accuracy over its `entailed` questions other than itself, averaged over such questions;
+  validity / plausibility: prediction in `choices[qid]["valid"]` / `["plausible"]` (or in color/material/shape when
+  `types.detailed` contains "Common"); distribution: per `groups.global` group the chi-square sum over the group's gold
+  answers of (predicted count - gold count)^2 / gold count, averaged with the group sizes as weights, divided by 100.
+- NLVR2: lil-lab/nlvr `nlvr2/eval/metrics.py` (commit 70d13f6; datasets.md §7): predictions are CSV lines
+  `identifier,prediction[,anything]` of which only the first two fields count; the examples scored are those of the
+  annotation file (so full dev predictions score a `balanced_dev.json` subset); accuracy (case-insensitive label
+  match) and consistency (a group = identifier with the pair id blanked, `split-set--sentence`; consistent iff all
+  its examples are right), in percent rounded to 2 decimals.
+
+Deliberate differences from the official scripts, all where those crash, stop or silently guess:
+- NLVR2: fields are stripped of surrounding spaces; blank lines are skipped and a first line `identifier,prediction`
+  is taken as a header (metrics.py crashes on blank lines and would read the header as a prediction); a line with
+  fewer than two fields or a repeated identifier is an error (metrics.py crashes / keeps the last); missing
+  predictions are an error naming how many and a few ids (metrics.py lists them and exits with status 0, or, when
+  extra predictions make up the count, crashes with KeyError); predictions for identifiers outside the annotation
+  file are counted in `ignored_predictions`; values are percent rounded to 2 decimals (metrics.py prints fractions).
+- GQA: entailed ids absent from the questions file are skipped and counted in `entailed_absent` (eval.py raises
+  KeyError; with `testdev_balanced_questions.json` many entailed questions are unbalanced ones not in the file);
+  entailed questions that are in the file need a prediction, as eval.py asks of every question with `--consistency`;
+  an unbalanced question that no balanced one entails needs none (eval.py's main loop crashes without it);
+  predictions for ids outside the file are counted in `ignored_predictions`; a repeated questionId is an error
+  (eval.py keeps the last); questionIds are compared as strings (the server's format; eval.py misses int ids);
+  validity and plausibility are left out without a choices file (eval.py requires one); distribution is None when no
+  balanced question has a global group (eval.py divides by zero); no balanced question at all is an error (eval.py
+  reports zeros); grounding (attention maps) and chunked question directories are not supported.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from lxm.corpus.answers import process_digit_article, process_punctuation
+from lxm.errors import LxmError
 
 
-class PredictionError(ValueError):
-    """Predictions do not cover the evaluated questions (or cover unknown ones)."""
+class MetricsInputError(LxmError, ValueError):
+    """An evaluation input cannot be used. `source` names the input ("predictions", "questions", "choices",
+    "annotations") so that a caller can put its file name in front of the one-line message."""
+
+    def __init__(self, source: str, message: str):
+        super().__init__(message)
+        self.source = source
+
+
+class PredictionError(MetricsInputError):
+    """Predictions do not cover the evaluated questions (or cover unknown ones), or are malformed."""
+
+    def __init__(self, message: str):
+        super().__init__("predictions", message)
+
+
+def _examples(ids: Iterable) -> str:
+    return ", ".join(map(str, sorted(ids, key=str)[:3]))
 
 
 def _check_ids(expected: Iterable, got: Iterable, what: str) -> None:
@@ -29,9 +75,9 @@ def _check_ids(expected: Iterable, got: Iterable, what: str) -> None:
     if missing or unknown:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} {what} without a prediction (e.g. {', '.join(map(str, missing[:3]))})")
+            parts.append(f"{len(missing)} {what} without a prediction (e.g. {_examples(missing)})")
         if unknown:
-            parts.append(f"{len(unknown)} predictions for unknown {what} (e.g. {', '.join(map(str, unknown[:3]))})")
+            parts.append(f"{len(unknown)} predictions for unknown {what} (e.g. {_examples(unknown)})")
         raise PredictionError("; ".join(parts))
 
 
@@ -72,35 +118,228 @@ def vqa_accuracy(annotations: list[Mapping], predictions: Mapping[int, str]) -> 
             "perQuestionType": {k: pct(v) for k, v in by_question.items()}}
 
 
-def gqa_accuracy(questions: Mapping[str, Mapping], predictions: Mapping[str, str]) -> dict:
-    """questions: qid -> GQA record; predictions: qid -> answer. Balanced questions only, exact match."""
-    balanced = {qid: q for qid, q in questions.items() if q.get("isBalanced")}
-    _check_ids(balanced, [qid for qid in predictions if qid in balanced], "balanced questions")
-    unknown = [qid for qid in predictions if qid not in questions]
-    if unknown:
-        raise PredictionError(f"{len(unknown)} predictions for unknown questions (e.g. {', '.join(unknown[:3])})")
-    scores: dict[str, list[float]] = {"all": [], "binary": [], "open": []}
-    for qid, q in balanced.items():
-        ok = float(predictions[qid] == q["answer"])
-        scores["all"].append(ok)
-        scores["open" if q.get("types", {}).get("structural") == "query" else "binary"].append(ok)
+# ---------------------------------------------------------------------------------------------------- GQA
 
-    def pct(xs: list[float]) -> float:
-        return round(100 * sum(xs) / len(xs), 2) if xs else 0.0
+# eval.py getStepsNum: these substrings mark the final "querying" operation, which adds no reasoning step
+_NO_STEP = ("exist", "query: name", "choose name")
+_COMMON_GROUP = ("color", "material", "shape")  # eval.py belongs(): what "what is common" questions may answer
 
-    return {"accuracy": pct(scores["all"]), "binary": pct(scores["binary"]), "open": pct(scores["open"])}
+
+def gqa_predictions(records: object) -> dict[str, str]:
+    """The submission array `[{"questionId": str, "prediction": str}, ...]` -> questionId (as str) -> prediction."""
+    if not isinstance(records, list):
+        raise PredictionError('expected a JSON array of {"questionId": str, "prediction": str}')
+    preds: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for n, rec in enumerate(records, start=1):
+        for key in ("questionId", "prediction"):
+            if not isinstance(rec, Mapping) or key not in rec:
+                raise PredictionError(f"record {n}: no field {key!r}")
+        qid = str(rec["questionId"])
+        if qid in first:
+            raise PredictionError(f"record {n}: questionId {qid} again (first in record {first[qid]})")
+        first[qid] = n
+        preds[qid] = rec["prediction"]
+    return preds
+
+
+def _field(record: object, qid: str, source: str, *path: str):
+    value = record
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            raise MetricsInputError(source, f"question {qid}: no field {'.'.join(path)!r}")
+        value = value[key]
+    return value
+
+
+def _avg(xs: list[float]) -> float:
+    return float(sum(xs)) / len(xs) if xs else 0.0  # eval.py's avg(): 0 for an empty list
+
+
+def _chi_square(gold: Mapping[str, Mapping[str, int]], predicted: Mapping[str, Mapping[str, int]]) -> float | None:
+    # eval.py chiSquare(): only the gold answers of a group enter its sum; a predicted answer that is never gold in
+    # that group costs nothing. Same loop order as eval.py, so the float comes out bit for bit equal.
+    sum_score, sum_overall = 0.0, 0
+    for group, answers in gold.items():
+        score, overall = 0.0, 0
+        for ans, e in answers.items():
+            o = predicted[group].get(ans, 0)
+            score += float(o - e) ** 2 / e
+            overall += e
+        sum_score += score * overall
+        sum_overall += overall
+    return float(sum_score) / sum_overall if sum_overall else None
+
+
+def _by_key(groups: Mapping) -> dict:
+    # (accuracy %, number of questions) as eval.py's detailed metrics; numeric keys (steps, words) sorted as numbers
+    return {k: (_avg(v) * 100, len(v)) for k, v in sorted(groups.items(), key=lambda kv: (type(kv[0]).__name__, kv[0]))}
+
+
+def gqa_metrics(questions: Mapping[str, Mapping], predictions: Mapping[str, str],
+                choices: Mapping[str, Mapping] | None = None) -> dict:
+    """Every number of GQA's `eval.py` (see the module docstring for definitions and differences).
+
+    Args:
+        questions: questionId -> GQA question record (a `*_questions.json` file): balanced questions need `answer`,
+            `types.structural`, `types.semantic`, `groups.global`, `semantic`, `question`, `entailed` (and
+            `types.detailed` with choices); entailed questions need `answer`.
+        predictions: questionId -> predicted answer (see `gqa_predictions`).
+        choices: questionId -> {"valid": [...], "plausible": [...]} (a `*_choices.json` file), or None.
+
+    Returns:
+        {"accuracy", "binary", "open", "consistency", ["validity", "plausibility",] "distribution",
+        "accuracyPerStructuralType", "accuracyPerSemanticType", "accuracyPerSteps", "accuracyPerLength",
+        "ignored_predictions", "entailed_absent"}: percentages unrounded, distribution = chi-square / 100 (lower is
+        better), per-type values (accuracy %, number of questions), and the counts of predictions for ids outside
+        `questions` and of distinct entailed ids absent from `questions`.
+    """
+    if not isinstance(questions, Mapping):
+        raise MetricsInputError("questions", "expected a JSON object questionId -> question")
+    if choices is not None and not isinstance(choices, Mapping):
+        raise MetricsInputError("choices", "expected a JSON object questionId -> {valid, plausible}")
+    balanced = [(qid, q) for qid, q in questions.items() if _field(q, qid, "questions", "isBalanced")]
+    if not balanced:
+        raise MetricsInputError("questions", f"none of the {len(questions)} questions is balanced (isBalanced)")
+    missing = [qid for qid, _ in balanced if qid not in predictions]
+    absent, unpredicted = set(), set()
+    for qid, q in balanced:
+        for eid in _field(q, qid, "questions", "entailed"):
+            if eid == qid:
+                continue
+            if eid not in questions:
+                absent.add(eid)
+            elif eid not in predictions:
+                unpredicted.add(eid)
+    if missing or unpredicted:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} balanced questions without a prediction (e.g. {_examples(missing)})")
+        if unpredicted:
+            parts.append(f"{len(unpredicted)} entailed questions without a prediction (e.g. {_examples(unpredicted)}"
+                         "; consistency needs them)")
+        raise PredictionError("; ".join(parts))
+    if choices is not None:
+        no_choice = [qid for qid, _ in balanced if qid not in choices]
+        if no_choice:
+            raise MetricsInputError("choices", f"{len(no_choice)} balanced questions have no entry "
+                                               f"(e.g. {_examples(no_choice)})")
+
+    scores: dict[str, list[float]] = {k: [] for k in ("accuracy", "binary", "open", "consistency", "validity",
+                                                       "plausibility")}
+    per: dict[str, dict] = {k: defaultdict(list) for k in ("accuracyPerStructuralType", "accuracyPerSemanticType",
+                                                            "accuracyPerSteps", "accuracyPerLength")}
+    gold_dist: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    pred_dist: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for qid, q in balanced:
+        gold, predicted = _field(q, qid, "questions", "answer"), predictions[qid]
+        correct = predicted == gold
+        score = float(correct)
+        structural = _field(q, qid, "questions", "types", "structural")
+        steps = 0
+        for op in _field(q, qid, "questions", "semantic"):
+            text = f"{_field(op, qid, 'questions', 'operation')}: {_field(op, qid, 'questions', 'argument')}"
+            steps += not any(marker in text for marker in _NO_STEP)
+        scores["accuracy"].append(score)
+        per["accuracyPerLength"][len(_field(q, qid, "questions", "question").split())].append(score)
+        per["accuracyPerSteps"][steps].append(score)
+        per["accuracyPerStructuralType"][structural].append(score)
+        per["accuracyPerSemanticType"][_field(q, qid, "questions", "types", "semantic")].append(score)
+        scores["open" if structural == "query" else "binary"].append(score)
+        if choices is not None:
+            common = "Common" in _field(q, qid, "questions", "types", "detailed")
+            for key, name in (("valid", "validity"), ("plausible", "plausibility")):
+                group = _COMMON_GROUP if common else _field(choices[qid], qid, "choices", key)
+                scores[name].append(float(predicted in group))
+        global_group = _field(q, qid, "questions", "groups", "global")
+        if global_group is not None:
+            gold_dist[global_group][gold] += 1
+            pred_dist[global_group][predicted] += 1
+        inferred = [eid for eid in q["entailed"] if eid != qid and eid in questions]
+        if correct and inferred:
+            scores["consistency"].append(_avg([float(predictions[eid] == _field(questions[eid], eid, "questions",
+                                                                                 "answer")) for eid in inferred]))
+
+    chi = _chi_square(gold_dist, pred_dist)
+    result: dict = {k: _avg(scores[k]) * 100 for k in ("accuracy", "binary", "open", "consistency")}
+    if choices is not None:
+        result.update({k: _avg(scores[k]) * 100 for k in ("validity", "plausibility")})
+    result["distribution"] = chi / 100 if chi is not None else None
+    result.update({k: _by_key(v) for k, v in per.items()})
+    result["ignored_predictions"] = sum(1 for qid in predictions if qid not in questions)
+    result["entailed_absent"] = len(absent)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- NLVR2
+
+_HEADER = ["identifier", "prediction"]
+
+
+def nlvr2_predictions(text: str) -> dict[str, str]:
+    """Parse a predictions CSV: `identifier,prediction[,anything]` per line; only the first two fields count.
+
+    Blank lines are skipped, and so is a first line `identifier,prediction` (a header)."""
+    preds: dict[str, str] = {}
+    first: dict[str, int] = {}
+    seen_line = False
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if not seen_line:
+            seen_line = True
+            if [f.lower() for f in fields[:2]] == _HEADER:
+                continue
+        if len(fields) < 2 or not fields[0] or not fields[1]:
+            raise PredictionError(f"line {n}: expected identifier,prediction, got {line.strip()[:80]!r}")
+        ident = fields[0]
+        if ident in first:
+            raise PredictionError(f"line {n}: identifier {ident} again (first on line {first[ident]})")
+        first[ident] = n
+        preds[ident] = fields[1]
+    return preds
+
+
+def nlvr2_labels(text: str) -> dict[str, str]:
+    """Parse an NLVR2 annotation file (JSON lines with `identifier` and `label`) -> identifier -> label."""
+    labels: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MetricsInputError("annotations", f"line {n}: not a JSON object ({exc.msg})") from None
+        for key in ("identifier", "label"):
+            if not isinstance(rec, Mapping) or not isinstance(rec.get(key), str):
+                raise MetricsInputError("annotations", f"line {n}: no string field {key!r}")
+        if rec["identifier"] in labels:
+            raise MetricsInputError("annotations", f"line {n}: identifier {rec['identifier']} again")
+        labels[rec["identifier"]] = rec["label"]
+    return labels
 
 
 def nlvr2_metrics(labels: Mapping[str, str], predictions: Mapping[str, str]) -> dict:
-    """labels / predictions: identifier -> "True"/"False" (case-insensitive). Accuracy and consistency in %."""
-    _check_ids(labels, predictions, "examples")
+    """labels / predictions: identifier -> "True"/"False" (case-insensitive, spaces around ignored).
+
+    Scores the examples of `labels`; predictions for other identifiers are counted in `ignored_predictions`.
+    Returns {"accuracy", "consistency" (both % rounded to 2 decimals), "ignored_predictions"}."""
+    if not labels:
+        raise MetricsInputError("annotations", "no examples")
+    missing = [ident for ident in labels if ident not in predictions]
+    if missing:
+        raise PredictionError(f"{len(missing)} annotated examples without a prediction (e.g. {_examples(missing)})")
     groups: dict[str, list[bool]] = defaultdict(list)
     correct = 0
     for ident, label in labels.items():
         ok = predictions[ident].strip().lower() == label.strip().lower()
         correct += ok
         parts = ident.split("-")
+        if len(parts) < 3:
+            raise MetricsInputError("annotations", f"identifier {ident!r}: expected split-set-pair-sentence")
         parts[2] = ""  # same image set and sentence, any image pair
         groups["-".join(parts)].append(ok)
     return {"accuracy": round(100 * correct / len(labels), 2),
-            "consistency": round(100 * sum(all(g) for g in groups.values()) / len(groups), 2)}
+            "consistency": round(100 * sum(all(g) for g in groups.values()) / len(groups), 2),
+            "ignored_predictions": sum(1 for ident in predictions if ident not in labels)}

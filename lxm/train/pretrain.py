@@ -4,7 +4,9 @@ Reproduces the loop of airsplay/lxmert `src/pretrain/lxmert_pretrain.py` (`LXMER
 of MLM, matching, object / attribute / feature prediction and QA (lxm.model.losses), BertAdam with 5 % warm-up over
 `len(loader) * epochs`, clipping at 1.0, validation loss on minival each epoch, per-epoch and best checkpoints.
 Additions the original lacked: gradient accumulation, DistributedDataParallel, exact resume (model, optimizer,
-scheduler, RNG, data position), step checkpoints written atomically, a jsonl log of every loss term, NaN guard.
+scheduler, RNG, data position; a damaged newest checkpoint is set aside with a warning and the next older one used,
+the logs are rewound so that redone steps appear once), step checkpoints written atomically and fsynced, a jsonl log
+of every loss term, NaN guard.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from lxm.atomic import atomic_path
+from lxm.errors import ConfigError
 from lxm.model import (LxmertForPreTraining, PretrainLossConfig, load_pretrained, preset, pretraining_step_losses,
                        save_lxm)
 from lxm.train.config import PretrainConfig
-from lxm.train.data import PretrainDataset, collate
-from lxm.train.loop import (DistInfo, append_jsonl, autocast, mean_across_ranks, restore_state, start_run,
-                            train_step, training_state)
+from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_table
+from lxm.train.loop import (DistInfo, append_jsonl, autocast, mean_across_ranks, restore_newest, rewind_logs,
+                            start_run, train_step, training_state)
 from lxm.train.optim import make_optimizer
 
 CKPT_DIR = "checkpoints"
@@ -60,9 +63,7 @@ class MicroBatches(Sampler):
 
 
 def _answers(cfg: PretrainConfig) -> list[str]:
-    path = Path(cfg.answers) if cfg.answers else Path(cfg.corpus) / "vocab" / "qa_answers.json"
-    table = json.loads(path.read_text())
-    return [r["ans"] if isinstance(r, dict) else r for r in table]
+    return read_answer_table(cfg.answers or corpus_file(cfg.corpus, "vocab/qa_answers.json"))
 
 
 def detector_label_counts(stores) -> tuple[int, int] | None:
@@ -74,7 +75,7 @@ def detector_label_counts(stores) -> tuple[int, int] | None:
         if "num_classes" in det and "num_attrs" in det:
             counts.add((int(det["num_classes"]), int(det["num_attrs"])))
     if len(counts) > 1:
-        raise ValueError(f"feature stores come from detectors with different label sets: {sorted(counts)}")
+        raise ConfigError(f"feature stores come from detectors with different label sets: {sorted(counts)}")
     return counts.pop() if counts else None
 
 
@@ -83,11 +84,11 @@ def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers
     if Path(cfg.model).exists() or "/" in cfg.model:
         model = load_pretrained(cfg.model)
         if model.config.num_qa_labels != num_answers:
-            raise ValueError(f"{cfg.model}: answer head has {model.config.num_qa_labels} answers, the answer table "
-                             f"{num_answers}")
+            raise ConfigError(f"{cfg.model}: answer head has {model.config.num_qa_labels} answers, the answer table "
+                              f"{num_answers}")
         if label_counts and label_counts != (model.config.num_object_labels, model.config.num_attr_labels):
-            raise ValueError(f"{cfg.model}: object/attribute heads of {model.config.num_object_labels}/"
-                             f"{model.config.num_attr_labels} classes, the features' detector has {label_counts}")
+            raise ConfigError(f"{cfg.model}: object/attribute heads of {model.config.num_object_labels}/"
+                              f"{model.config.num_attr_labels} classes, the features' detector has {label_counts}")
         return model
     labels = {} if label_counts is None else dict(num_object_labels=label_counts[0], num_attr_labels=label_counts[1])
     model_cfg = preset(cfg.model).replace(vocab_size=vocab_size, visual_feat_dim=feat_dim, num_qa_labels=num_answers,
@@ -98,14 +99,20 @@ def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """torch.save, atomically: a checkpoint is either complete or absent."""
-    with atomic_path(path) as tmp:
+    """torch.save, atomically and synced to disk before the rename: a checkpoint is either complete or absent, also
+    after a power loss (without the fsync the renamed file can come back truncated)."""
+    with atomic_path(path, fsync=True) as tmp:
         torch.save(state, tmp)
 
 
+def step_checkpoints(out: Path) -> list[Path]:
+    """OUT/checkpoints/step-N.pt, newest (largest N) first."""
+    return sorted((out / CKPT_DIR).glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    steps = sorted((out / CKPT_DIR).glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-    return steps[-1] if steps else None
+    steps = step_checkpoints(out)
+    return steps[0] if steps else None
 
 
 class Pretrainer:
@@ -140,11 +147,11 @@ class Pretrainer:
                 self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
         world = self.dist.world_size
         if cfg.batch_size % world:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
         self.micro = cfg.micro_batch_size or cfg.batch_size // world
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_set)} training sentences are fewer than one batch of {cfg.batch_size}")
+            raise ConfigError(f"{len(self.train_set)} training sentences are fewer than one batch of {cfg.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -154,6 +161,7 @@ class Pretrainer:
         self.loss_cfg = PretrainLossConfig(obj_attr_boxes=cfg.obj_attr_boxes,
                                            obj_attr_confidence=cfg.obj_attr_confidence, feat_loss=cfg.feat_loss)
         self.step, self.epoch, self.position, self.best = 0, 0, 0, float("inf")
+        self._purge_step: int | None = None  # first tensorboard step to drop from earlier event files (resume)
         if resume:
             self._resume()
 
@@ -164,14 +172,18 @@ class Pretrainer:
                               config=json.loads(json.dumps(self.cfg.__dict__)))
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.out)
-        if path is None:
+        candidates = step_checkpoints(self.out)
+        if not candidates:
             self.log(f"{self.out}: no checkpoint to resume from; starting fresh")
-            return
-        state = restore_state(path, self.model, self.optimizer, self.scheduler)
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.position, self.best = state["position"], state["best"]
-        self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
+        else:  # a damaged newest checkpoint is set aside (named in a warning), the next older one is used
+            path, state = restore_newest(candidates, self.model, self.optimizer, self.scheduler,
+                                         set_aside=self.dist.is_main)
+            self.step, self.epoch = state["step"], state["epoch"]
+            self.position, self.best = state["position"], state["best"]
+            self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
+        if self.dist.is_main:  # the steps redone from here must not appear twice in the logs
+            rewind_logs(self.out, self.step, self.epoch)
+            self._purge_step = self.step + 1
 
     def _checkpoint(self, name: str) -> None:
         if not self.dist.is_main:
@@ -211,7 +223,8 @@ class Pretrainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+                # after a resume, events of the steps about to be redone are dropped from the event files
+                self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self._purge_step)
             except ImportError:
                 self._tb = None
         return self._tb
@@ -297,8 +310,8 @@ class Pretrainer:
                 self._checkpoint(f"epoch-{self.epoch - 1:02d}.pt")
                 if valid and valid["loss"] < self.best and self.dist.is_main:
                     self.best = valid["loss"]
-                    shutil.copyfile(self.out / CKPT_DIR / f"epoch-{self.epoch - 1:02d}.pt",
-                                    self.out / CKPT_DIR / "best.pt")
+                    with atomic_path(self.out / CKPT_DIR / "best.pt") as tmp:  # a killed copy leaves no half file
+                        shutil.copyfile(self.out / CKPT_DIR / f"epoch-{self.epoch - 1:02d}.pt", tmp)
         self._checkpoint(f"step-{self.step}.pt")
         if self.dist.is_main:  # the final weights as an lxm model directory: what `lxm finetune --init RUN` reads
             save_lxm(self.model, self.out / "model")
