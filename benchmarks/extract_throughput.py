@@ -32,7 +32,7 @@ def child(batch: int, device: str, bf16: bool, threads: int) -> None:
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         summary = extract(ExtractConfig(images=str(IMAGES), out=out, weights="random", batch_size=batch,
-                                        device=device, bf16=bf16))
+                                        device=device, bf16=bf16, engine="torch"))
         dt = time.perf_counter() - t0
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))

@@ -296,6 +296,7 @@ class DetectorPreset(str, Enum):
 
 
 class Engine(str, Enum):
+    auto = "auto"
     torch = "torch"
     detectron2 = "detectron2"
 
@@ -313,8 +314,10 @@ def extract_cmd(
     weights: str = typer.Option(..., "--weights", help="faster_rcnn_from_caffe_attr.pkl or pytorch_model.bin path, "
                                                        "an http(s) URL, a Hub id (unc-nlp/frcnn-vg-finetuned), or "
                                                        "'random' (seeded random weights: meaningless features)."),
-    engine: Engine = typer.Option(Engine.torch, help="torch: plain torch + torchvision (default); detectron2: the "
-                                                     "same network in detectron2 (must be installed from source)."),
+    engine: Engine = typer.Option(Engine.auto, help="auto: detectron2 if it imports, else torch (said in the output "
+                                                    "and the manifest); torch: plain torch + torchvision; "
+                                                    "detectron2: the same network in detectron2 (not on PyPI: "
+                                                    "installed from its repository, or the Docker image)."),
     mode: SelectMode = typer.Option(SelectMode.lxmert, help="lxmert: the released TSVs' rule (per-class NMS 0.3 on "
                                                             "proposals, score >= 0.2, exactly N); maxnms: airsplay's "
                                                             "detectron2 demo rule."),
@@ -363,7 +366,8 @@ def extract_cmd(
                     tasks.append(bar.add_task("", total=total))
                 bar.update(tasks[0], completed=done, total=total, description=f"extract {images.name} {per_s:.1f} img/s")
 
-            summary = extract(cfg, on_progress=progress, on_weights=lambda line: _err.print(line, highlight=False))
+            summary = extract(cfg, on_progress=progress, on_weights=lambda line: _err.print(line, highlight=False),
+                              on_engine=lambda line: _err.print(line, highlight=False))
     except USER_ERRORS as exc:
         _fail(exc)
     s = summary
@@ -671,15 +675,11 @@ def evaluate_vqa_cmd(
 
     Example: lxm evaluate vqa --questions v2_OpenEnded_mscoco_val2014_questions.json --annotations v2_mscoco_val2014_annotations.json --predictions minival_predict.json
     """
-    from lxm.train.metrics import vqa_accuracy
+    from lxm.train.metrics import vqa_accuracy, vqa_inputs
 
-    try:
-        qids = {q["question_id"] for q in _json_file(questions)["questions"]}
-        anns = [a for a in _json_file(annotations)["annotations"] if a["question_id"] in qids]
-        preds = {int(r["question_id"]): r["answer"] for r in _json_file(predictions)}
-        result = vqa_accuracy(anns, preds)
-    except (ValueError, KeyError, TypeError) as exc:
-        _fail(exc)
+    result = _scored(lambda: vqa_accuracy(*vqa_inputs(_json_file(questions), _json_file(annotations),
+                                                      _json_file(predictions))),
+                     questions=questions, annotations=annotations, predictions=predictions)
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LXM_SHARED") or REPO.parent / "shared")
 BERT_VOCAB = SHARED / "vocab" / "bert-base-uncased-vocab.txt"
 HF_KEYS = SHARED / "reference" / "hf_lxmert_keys.txt"
+# detectron2 is not on PyPI: where it is not installed, the tests import the unmodified source snapshot in
+# ../shared/vendor/detectron2 in place (pure Python; its PyPI dependencies come with the dev extra). It goes on the
+# path here, once for the session, so `lxm extract --engine auto` picks the same engine in every test, in any order.
+VENDORED_DETECTRON2 = SHARED / "vendor" / "detectron2"
+if importlib.util.find_spec("detectron2") is None and (VENDORED_DETECTRON2 / "detectron2").is_dir():
+    sys.path.append(str(VENDORED_DETECTRON2))  # appended: its setup.py must not shadow anything
 
 
 def pytest_configure(config):

@@ -30,7 +30,8 @@ from lxm.extract.store import FeatureStore
 from lxm.extract.weights import WeightsError, download, load_detector_weights, save_pickle_weights, sha256_file
 
 IMAGES = SHARED / "fixtures" / "butd-coco-sample" / "images"
-TINY = ["--weights", "random", "--detector", "tiny", "--boxes", "10"]
+# --engine torch: the default, auto, would take detectron2 where the tests find it (tests/test_engines.py)
+TINY = ["--weights", "random", "--detector", "tiny", "--boxes", "10", "--engine", "torch"]
 
 
 def _extract(*args):

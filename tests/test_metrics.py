@@ -216,6 +216,27 @@ def test_evaluate_cli_contract(tmp_path):
     assert json.loads(out.stdout)["overall"] == 100.0
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("a.json", {"annotations": [{"question_id": 1, "answer_type": "other", "answers": []}]},
+     "record 0: no str field 'question_type'"),
+    ("r.json", [{"question_id": 1}], "record 0: no str field 'answer'"),
+    ("r.json", [{"question_id": "1", "answer": "x"}], "record 0: no int field 'question_id'"),
+    ("r.json", {"question_id": 1, "answer": "x"}, "expected a JSON array"),
+    ("q.json", [], "expected an object with a list 'questions'"),
+])
+def test_evaluate_vqa_names_the_bad_file_and_record(tmp_path, name, content, message):
+    (tmp_path / "q.json").write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1, "question": "?"}]}))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": [
+        {"question_id": 1, "answer_type": "other", "question_type": "what", "answers": [{"answer": "ball"}] * 10}]}))
+    (tmp_path / "r.json").write_text(json.dumps([{"question_id": 1, "answer": "ball"}]))
+    (tmp_path / name).write_text(json.dumps(content))
+    out = CliRunner().invoke(app, ["evaluate", "vqa", "--questions", str(tmp_path / "q.json"), "--annotations",
+                                   str(tmp_path / "a.json"), "--predictions", str(tmp_path / "r.json")])
+    assert out.exit_code == 1, out.output
+    assert f"{tmp_path / name}: {message}" in " ".join(out.output.split())
+    assert "Traceback" not in out.output
+
+
 def test_evaluate_nlvr2_cli(tmp_path):
     ann, csv = tmp_path / "balanced_dev.json", tmp_path / "p.csv"
     ann.write_text("".join(json.dumps({"identifier": i, "label": "True"}) + "\n" for i in ("dev-1-0-0", "dev-1-1-0")))

@@ -310,9 +310,12 @@ class GeneralizedRCNN(nn.Module):
             pred = self.roi_heads.box_predictor
             return (feat.new_zeros(0, p5), feat.new_zeros(0, pred.cls_score.out_features),
                     feat.new_zeros(0, pred.bbox_pred.out_features), feat.new_zeros(0, pred.attr_score.out_features))
+        # ROIPool in float32 (exact: a max over bfloat16 values), under --bf16 too: torchvision has no bfloat16 CPU
+        # kernel, and bfloat16 box corners would be off by up to 4 px at 1000 px.
+        feat32 = feat.float()
         pooled, cls, deltas, attrs = [], [], [], []
         for start in range(0, rois.shape[0], self.cfg.roi_chunk):
-            x = self.roi_heads.pooler(feat, rois[start:start + self.cfg.roi_chunk].to(feat.dtype))
+            x = self.roi_heads.pooler(feat32, rois[start:start + self.cfg.roi_chunk].float())
             p = self.roi_heads.res5(x).mean(dim=(2, 3))
             c, d, a = self.roi_heads.box_predictor(p)
             pooled.append(p), cls.append(c), deltas.append(d), attrs.append(a)
@@ -324,24 +327,36 @@ class GeneralizedRCNN(nn.Module):
         """images [B, 3, H, W] (mean-subtracted BGR, same padded size) -> one DetectorOutput per image."""
         feat = self.backbone(images)
         props = self.proposals(feat, image_sizes)
-        pooled, cls_logits, deltas, attr_logits = self.box_head(feat, props)
-        outs, start = [], 0
-        for i, p in enumerate(props):
-            n = p.shape[0]
-            sl = slice(start, start + n)
-            start += n
-            cls_prob = F.softmax(cls_logits[sl].float(), dim=1)
-            attr_prob = F.softmax(attr_logits[sl].float(), dim=1)
-            pred = decode_boxes(deltas[sl].float(), p, self.cfg.bbox_reg_weights).reshape(n, -1, 4)
-            s = scales[i]
-            oh, ow = original_sizes[i]
-            outs.append(DetectorOutput(
-                # resized size is round(size * s), so p / s can pass the original border by a rounding hair
-                proposals=clip_boxes(p / s, oh, ow),
-                features=pooled[sl].float(),
-                cls_prob=torch.cat([cls_prob[:, -1:], cls_prob[:, :-1]], dim=1),  # background last -> first
-                attr_prob=torch.cat([attr_prob[:, -1:], attr_prob[:, :-1]], dim=1),
-                pred_boxes=clip_boxes(pred / s, oh, ow),
-                scale=s, image_size=(oh, ow),
-            ))
-        return outs
+        return detector_outputs(props, *self.box_head(feat, props), scales, original_sizes, self.cfg.bbox_reg_weights)
+
+
+def detector_outputs(proposals: list[Tensor], pooled: Tensor, cls_logits: Tensor, deltas: Tensor, attr_logits: Tensor,
+                     scales: list[float], original_sizes: list[tuple[int, int]],
+                     bbox_reg_weights: tuple[float, float, float, float]) -> list[DetectorOutput]:
+    """Per-image `DetectorOutput`s from the ROI head's results over all images' proposals; both engines end here.
+
+    Args:
+        proposals: per image, [R_i, 4] RPN boxes in resized-image pixels.
+        pooled / cls_logits / deltas / attr_logits: [sum R_i, ...] in the order of `proposals`, detectron2 layouts.
+        scales / original_sizes: per image, the resize factor and the (height, width) before resizing.
+    """
+    outs, start = [], 0
+    for i, p in enumerate(proposals):
+        n = p.shape[0]
+        sl = slice(start, start + n)
+        start += n
+        cls_prob = F.softmax(cls_logits[sl].float(), dim=1)
+        attr_prob = F.softmax(attr_logits[sl].float(), dim=1)
+        pred = decode_boxes(deltas[sl].float(), p, bbox_reg_weights).reshape(n, -1, 4)
+        s = scales[i]
+        oh, ow = original_sizes[i]
+        outs.append(DetectorOutput(
+            # resized size is round(size * s), so p / s can pass the original border by a rounding hair
+            proposals=clip_boxes(p / s, oh, ow),
+            features=pooled[sl].float(),
+            cls_prob=torch.cat([cls_prob[:, -1:], cls_prob[:, :-1]], dim=1),  # background last -> first
+            attr_prob=torch.cat([attr_prob[:, -1:], attr_prob[:, :-1]], dim=1),
+            pred_boxes=clip_boxes(pred / s, oh, ow),
+            scale=s, image_size=(oh, ow),
+        ))
+    return outs

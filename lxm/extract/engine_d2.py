@@ -9,37 +9,46 @@ today's detectron2 the same network is built from extension points instead:
 - custom config keys under `MODEL.BUTD` (attribute sizes, block counts), added before the config is filled;
 - stock keys for the rest (`MODEL.RPN.CONV_DIMS: [512]`, ROIPool 14, anchors 64-512, Caffe pixel mean, FrozenBN).
 
-This module is the only place that imports detectron2; it is loaded only when `--engine detectron2` is selected.
-Weights come from the same loader as the torch engine (identical parameter names), and preprocessing and box
-selection are shared. The torch engine computes every layer with the same operations as detectron2 (its FrozenBN
-included), so on the CPU both engines give bit-identical backbone maps, proposals, features and boxes
+This module is the only place that imports detectron2; it is loaded when `--engine detectron2` is asked for or
+`--engine auto` (the default) finds detectron2 importable (`lxm.extract.pipeline.choose_engine`). Weights come from
+the same checked loader as the torch engine (identical parameter names), and preprocessing, the per-image outputs
+(`lxm.extract.detector.detector_outputs`) and box selection are shared. The torch engine computes every layer with
+the same operations as detectron2 (its FrozenBN included), so on the CPU both engines give bit-identical backbone
+maps, proposals, features, probabilities and boxes, on the tiny and on the full-size ResNet-101 detector
 (tests/test_engines.py, on the detectron2 source snapshot where detectron2 is not installed).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 try:
-    from detectron2.config import CfgNode, get_cfg
-    from detectron2.layers import ShapeSpec
-    from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, build_model
-    from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
-    from detectron2.modeling.roi_heads import Res5ROIHeads
-    from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
-    from detectron2.structures import ImageList
-except ImportError as exc:  # pragma: no cover - exercised only where detectron2 is missing
+    with warnings.catch_warnings():
+        # detectron2 decorates helpers with torch.jit.script, which torch now deprecates: noise for lxm's users
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        import detectron2  # noqa: F401  (its __version__ and source commit go into the store's manifest)
+        from detectron2.config import CfgNode, get_cfg
+        from detectron2.layers import ShapeSpec
+        from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, build_model
+        from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
+        from detectron2.modeling.roi_heads import Res5ROIHeads
+        from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+        from detectron2.structures import Boxes, ImageList
+except ImportError as exc:  # tests/test_engines.py hides detectron2 to exercise this
     from lxm.errors import MissingDependencyError
 
+    # `from None` keeps the CLI's message to one line; choose_engine reads the ImportError from __context__
     raise MissingDependencyError(
-        "the detectron2 engine needs detectron2, which is not on PyPI: build it from its source "
-        "(https://github.com/facebookresearch/detectron2, `pip install --no-build-isolation -e .`), or use the "
-        f"default torch engine (--engine torch). ({exc})"
+        "the detectron2 engine needs detectron2 and its dependencies (pip install 'lxm[detectron2]'); detectron2 is "
+        "not on PyPI: pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git' (see "
+        f"README), or use the torch engine (--engine torch or auto). ({exc})"
     ) from None
 
-from lxm.extract.detector import DetectorConfig, DetectorOutput, clip_boxes, decode_boxes
+from lxm.extract.detector import DetectorConfig, DetectorOutput, detector_outputs
 
 
 def add_butd_config(cfg: CfgNode) -> None:
@@ -151,23 +160,23 @@ class BUTDRes5ROIHeads(Res5ROIHeads):
 
     def extract(self, features, proposals, chunk: int):
         """Pooled res5 features and raw predictions for every proposal of every image (no NMS, no filtering)."""
-        boxes = [p.proposal_boxes for p in proposals]
-        feats = [features[f] for f in self.in_features]
-        from detectron2.structures import Boxes
-
-        flat = Boxes.cat(boxes) if boxes else None
-        counts = [len(b) for b in boxes]
-        owners = torch.repeat_interleave(torch.arange(len(boxes), device=flat.tensor.device),
-                                         torch.tensor(counts, device=flat.tensor.device))
+        flat = Boxes.cat([p.proposal_boxes for p in proposals])
+        feat = features[self.in_features[0]].float()  # ROIPool in float32, as the torch engine (`box_head`)
+        pred = self.box_predictor
+        if len(flat) == 0:  # no proposal in any image: empty results (torch.cat of nothing would raise)
+            return (feat.new_zeros(0, pred.cls_score.in_features), feat.new_zeros(0, pred.cls_score.out_features),
+                    feat.new_zeros(0, pred.bbox_pred.out_features), feat.new_zeros(0, pred.attr_score.out_features))
+        counts = torch.tensor([len(p) for p in proposals], device=flat.tensor.device)
+        owners = torch.repeat_interleave(torch.arange(len(proposals), device=flat.tensor.device), counts)
         pooled, cls, deltas, attrs = [], [], [], []
         for start in range(0, len(flat), chunk):
             sel = slice(start, start + chunk)
             rois = torch.cat([owners[sel, None].to(flat.tensor.dtype), flat.tensor[sel]], dim=1)
-            x = self.pooler.level_poolers[0](feats[0], rois)
+            x = self.pooler.level_poolers[0](feat, rois)
             p = self.res5(x).mean(dim=(2, 3))
-            c, d = self.box_predictor(p)
-            pooled.append(p), cls.append(c), deltas.append(d), attrs.append(self.box_predictor.attributes(p, c))
-        return torch.cat(pooled), torch.cat(cls), torch.cat(deltas), torch.cat(attrs), counts
+            c, d = pred(p)
+            pooled.append(p), cls.append(c), deltas.append(d), attrs.append(pred.attributes(p, c))
+        return torch.cat(pooled), torch.cat(cls), torch.cat(deltas), torch.cat(attrs)
 
 
 class Detectron2Detector(nn.Module):
@@ -189,22 +198,10 @@ class Detectron2Detector(nn.Module):
         m = self.model
         batch = ImageList(images, [tuple(int(v) for v in s) for s in image_sizes])
         features = m.backbone(batch.tensor)
-        proposals, _ = m.proposal_generator(batch, features, None)
-        pooled, cls_logits, deltas, attr_logits, counts = m.roi_heads.extract(features, proposals, self.cfg.roi_chunk)
-        outs, start = [], 0
-        for i, n in enumerate(counts):
-            sl = slice(start, start + n)
-            start += n
-            p = proposals[i].proposal_boxes.tensor
-            cls_prob = F.softmax(cls_logits[sl].float(), dim=1)
-            attr_prob = F.softmax(attr_logits[sl].float(), dim=1)
-            pred = decode_boxes(deltas[sl].float(), p, self.cfg.bbox_reg_weights).reshape(n, -1, 4)
-            s, (oh, ow) = scales[i], original_sizes[i]
-            outs.append(DetectorOutput(
-                proposals=clip_boxes(p / s, oh, ow), features=pooled[sl].float(),
-                cls_prob=torch.cat([cls_prob[:, -1:], cls_prob[:, :-1]], dim=1),
-                attr_prob=torch.cat([attr_prob[:, -1:], attr_prob[:, :-1]], dim=1),
-                pred_boxes=clip_boxes(pred / s, oh, ow), scale=s, image_size=(oh, ow),
-            ))
-        return outs
-
+        with warnings.catch_warnings():
+            # detectron2's anchor grid calls torch.meshgrid without `indexing` (it means "ij", today's default)
+            warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release", category=UserWarning)
+            proposals, _ = m.proposal_generator(batch, features, None)
+        heads = m.roi_heads.extract(features, proposals, self.cfg.roi_chunk)
+        return detector_outputs([p.proposal_boxes.tensor for p in proposals], *heads, scales, original_sizes,
+                                self.cfg.bbox_reg_weights)

@@ -1,7 +1,8 @@
 """`lxm extract`: a folder of images -> a feature store, crash-safe, resumable, shardable.
 
-Per image: decode and preprocess as Caffe did (`lxm.extract.images`), run the detector (`lxm.extract.detector`,
-the "torch" engine), choose the boxes (`lxm.extract.select`, mode "lxmert" by default), and append an
+Per image: decode and preprocess as Caffe did (`lxm.extract.images`), run the detector (engine "torch",
+`lxm.extract.detector`, or "detectron2", `lxm.extract.engine_d2`; "auto" takes detectron2 when it imports, see
+`choose_engine`), choose the boxes (`lxm.extract.select`, mode "lxmert" by default), and append an
 `ImageFeatures` record to the store (`lxm.extract.store`). Images with the same preprocessed size share one backbone
 pass (no padding, so batched results equal single-image results); the ROI head runs over all their proposals at once
 in chunks. A bad image never stops the run: it is written to failures.jsonl with the reason.
@@ -16,8 +17,13 @@ way (`image_ids[i::len(gpus)]`), but into one TSV per GPU, to be merged afterwar
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.metadata
+import json
 import logging
 import os
+import re
+import subprocess
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -28,7 +34,7 @@ import cv2
 import numpy as np
 import torch
 
-from lxm.errors import ConfigError
+from lxm.errors import ConfigError, MissingDependencyError
 from lxm.extract.detector import DetectorConfig, GeneralizedRCNN, detector_tiny, vg_r101
 from lxm.extract.images import IMAGE_SUFFIXES, ImageError, caffe_blob, list_images, load_bgr
 from lxm.extract.records import ImageFeatures
@@ -39,6 +45,7 @@ from lxm.extract.weights import RANDOM, load_detector_weights
 _logger = logging.getLogger(__name__)
 
 DETECTORS = {"vg-r101": vg_r101, "tiny": detector_tiny}
+ENGINES = ("auto", "torch", "detectron2")
 
 
 @dataclass
@@ -48,7 +55,7 @@ class ExtractConfig:
     images: str  # folder of images; img_id = file name without suffix
     out: str  # feature store directory
     weights: str  # .pkl / .pth / .bin path, URL, Hub id, or "random"
-    engine: str = "torch"  # "torch" (plain torch + torchvision.ops) or "detectron2" (needs detectron2 installed)
+    engine: str = "auto"  # "torch" (torch + torchvision.ops), "detectron2" (needs it), "auto": detectron2 if it imports
     detector: str = "vg-r101"  # network preset: "vg-r101" (BUTD) or "tiny" (tests)
     mode: str = "lxmert"  # box selection: "lxmert" (released TSVs) or "maxnms" (airsplay detectron2 demo)
     num_boxes: int = 36  # boxes per image
@@ -80,6 +87,80 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine a run uses, what was asked for, and which detectron2 it runs; recorded in the store's manifest."""
+
+    name: str  # "torch" or "detectron2"
+    requested: str  # "auto", "torch" or "detectron2"
+    detectron2_version: str | None = None  # detectron2.__version__, when the engine is detectron2
+    detectron2_commit: str | None = None  # the commit of its source, or "unknown" (see `package_commit`)
+    reason: str = ""  # why "auto" fell back to torch
+
+    def summary(self) -> str:
+        """One line for the CLI, e.g. "engine: detectron2 0.6 (commit unknown), chosen by --engine auto"."""
+        if self.name == "detectron2":
+            what = f"detectron2 {self.detectron2_version} (commit {self.detectron2_commit})"
+        else:
+            what = "torch"
+        how = "asked for" if self.requested == self.name else f"chosen by --engine {self.requested}"
+        return f"engine: {what}, {how}" + (f" ({self.reason})" if self.reason else "")
+
+    def manifest(self) -> dict:
+        meta: dict = {"engine": self.name, "engine_requested": self.requested}
+        if self.name == "detectron2":
+            meta["detectron2"] = {"version": self.detectron2_version, "commit": self.detectron2_commit}
+        return meta
+
+
+def choose_engine(requested: str) -> EngineChoice:
+    """Resolve `--engine`: "auto" is detectron2 when lxm's detectron2 engine imports (detectron2 and its
+    dependencies), else torch; "detectron2" fails with a one-line MissingDependencyError where it does not import.
+    """
+    if requested not in ENGINES:
+        raise ConfigError(f"unknown engine {requested!r}; one of {', '.join(ENGINES)}")
+    if requested == "torch":
+        return EngineChoice("torch", requested)
+    try:
+        engine_d2 = importlib.import_module("lxm.extract.engine_d2")  # the only module that imports detectron2
+    except MissingDependencyError as exc:
+        if requested == "detectron2":
+            raise
+        # the engine raises its install hint `from None`; the ImportError it replaced says what is missing
+        return EngineChoice("torch", requested, reason=f"detectron2 does not import: {exc.__context__ or exc}")
+    d2 = engine_d2.detectron2
+    return EngineChoice("detectron2", requested, getattr(d2, "__version__", "unknown"), package_commit(d2))
+
+
+def package_commit(module) -> str:
+    """The git commit a package's source came from, where that is recorded; "unknown" otherwise (never guessed).
+
+    Looks at the installed distribution that provides this very module (pip records `vcs_info.commit_id` in its
+    PEP 610 direct_url.json for `pip install git+https://...@<commit>`), then for a git checkout whose top folder
+    holds the package (`pip install -e .` in a clone, or a clone on PYTHONPATH). A source tree that is neither (a
+    copied snapshot, a wheel built elsewhere) gives "unknown".
+    """
+    package = Path(module.__file__).resolve().parent
+    name = module.__name__.partition(".")[0]
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None and Path(dist.locate_file(name)).resolve() == package:  # not another copy on the path
+        commit = json.loads(dist.read_text("direct_url.json") or "{}").get("vcs_info", {}).get("commit_id", "")
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            return commit
+    if (package.parent / ".git").exists():
+        try:
+            head = subprocess.run(["git", "-C", str(package.parent), "rev-parse", "HEAD"], check=False,
+                                  capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            head = ""
+        if re.fullmatch(r"[0-9a-f]{40}", head):
+            return head
+    return "unknown"
+
+
 def _record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeatures:
     return ImageFeatures(
         img_id=img_id, img_h=size[0], img_w=size[1],
@@ -92,26 +173,28 @@ def _record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeature
     )
 
 
-def build_detector(cfg: ExtractConfig,
-                   on_weights: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, dict]:
-    """The network of `cfg.engine` with its weights; both engines load through the same checked loader.
+def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None = None,
+                   engine: EngineChoice | None = None) -> tuple[torch.nn.Module, dict]:
+    """The network of `engine` (default: `choose_engine(cfg.engine)`) with its weights and its manifest entries.
 
-    `on_weights` receives the loader's one-line report (the CLI prints it); without it the report is logged.
+    Both engines load through the same checked loader: the torch network is filled, and the detectron2 one takes its
+    tensors (the names are identical). `on_weights` receives the loader's one-line report (the CLI prints it);
+    without it the report is logged.
     """
+    engine = engine or choose_engine(cfg.engine)
     det_cfg = cfg.detector_config()
     model = GeneralizedRCNN(det_cfg).eval()
     report = load_detector_weights(model, cfg.weights, seed=cfg.seed)
     (on_weights or _logger.info)(report.summary())
-    if cfg.engine == "detectron2":
-        from lxm.extract.engine_d2 import Detectron2Detector  # the only detectron2 import site
+    if engine.name == "detectron2":
+        from lxm.extract.engine_d2 import Detectron2Detector
 
         d2 = Detectron2Detector(det_cfg, cfg.device)
         d2.load_from(model)
         model = d2
-    elif cfg.engine != "torch":
-        raise ConfigError(f"unknown engine {cfg.engine!r}; 'torch' or 'detectron2'")
-    return model.to(_device(cfg.device)), {"weights": report.source, "weights_sha256": report.sha256,
-                                           "random_weights": cfg.weights == RANDOM, "detector": asdict(det_cfg)}
+    return model.to(_device(cfg.device)), {**engine.manifest(), "weights": report.source,
+                                           "weights_sha256": report.sha256, "random_weights": cfg.weights == RANDOM,
+                                           "detector": asdict(det_cfg)}
 
 
 def detect(model: torch.nn.Module, blobs: list[tuple[np.ndarray, float, tuple[int, int]]], device: torch.device,
@@ -133,7 +216,7 @@ def detect(model: torch.nn.Module, blobs: list[tuple[np.ndarray, float, tuple[in
 
 
 def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] | None = None,
-            on_weights: Callable[[str], None] | None = None) -> dict:
+            on_weights: Callable[[str], None] | None = None, on_engine: Callable[[str], None] | None = None) -> dict:
     """Extract features for this worker's share of `cfg.images` into `cfg.out`; returns a summary.
 
     Runs into one `cfg.out` may overlap (several `lxm extract` at once, with or without `--shard`): each takes its
@@ -144,11 +227,13 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
         on_progress: called as (images handled, images to do, images extracted per second) before the detector is
             built and after each batch; "to do" excludes the images stored before this run began.
         on_weights: called with the one-line report of the detector weights once they are loaded (default: logged).
+        on_engine: called with the engine's one-line description (`EngineChoice.summary`) once it is chosen, before
+            the weights load (default: logged). Neither is called when there is nothing left to extract.
 
     Returns:
         A dict: folder_images, images (this worker's share), already_done (stored by earlier or concurrent runs),
         extracted, failed, left_to_others (held by another live run when this one ran out of work), seconds,
-        store_images, failures_file.
+        store_images, failures_file, engine ("torch" / "detectron2"; None when nothing was left to extract).
 
     Raises:
         ImageError: the folder is missing, holds no image at all, or holds two images with one img_id.
@@ -157,6 +242,8 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
         raise ConfigError(f"shard {cfg.shard} is outside 0..{cfg.num_shards - 1}")
     if cfg.mode not in ("lxmert", "maxnms"):
         raise ConfigError(f"unknown selection mode {cfg.mode!r}; 'lxmert' or 'maxnms'")
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {cfg.engine!r}; one of {', '.join(ENGINES)}")
     every = list_images(cfg.images)
     if not every:
         raise ImageError(f"{cfg.images}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files in it and "
@@ -171,7 +258,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
     by_id = {p.stem: p for p in paths}
     candidates = deque(p.stem for p in paths if p.stem not in writer)
     total = len(candidates)
-    summary: dict = {"folder_images": len(every), "images": len(paths), "extracted": 0, "failed": 0}
+    summary: dict = {"folder_images": len(every), "images": len(paths), "extracted": 0, "failed": 0, "engine": None}
     attempted: set[str] = set()
     failures: list[dict] = []
     merged = (0, 0)  # (failures, images written) when failures.jsonl was last rewritten
@@ -185,9 +272,12 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
 
     try:
         if candidates:
-            model, meta = build_detector(cfg, on_weights)
+            engine = choose_engine(cfg.engine)
+            (on_engine or _logger.info)(engine.summary())
+            summary["engine"] = engine.name
+            model, meta = build_detector(cfg, on_weights, engine)
             writer.metadata = {
-                "engine": cfg.engine, "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": cfg.device,
+                "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": cfg.device,
                 "bf16": cfg.bf16,
                 "scale_rule": f"short side {det.min_size}, long side <= {det.max_size} (Caffe, cv2 float resize)",
                 "nms": "per-class 0.3, Caffe cpu_nms (+1, >=)" if cfg.mode == "lxmert" else "class-agnostic maxnms",

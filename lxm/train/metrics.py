@@ -99,6 +99,42 @@ def vqa_question_accuracy(prediction: str, gt_answers: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def _records(obj: object, key: str | None, source: str, fields: dict[str, type]) -> list[Mapping]:
+    """The records of a VQA file (under `key`, or the top-level array), each checked to hold `fields`."""
+    records = obj if key is None else obj.get(key) if isinstance(obj, Mapping) else None
+    if not isinstance(records, list):
+        where = f"an object with a list {key!r}" if key is not None else "a JSON array"
+        raise MetricsInputError(source, f"expected {where}")
+    for n, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            raise MetricsInputError(source, f"record {n}: not a JSON object")
+        for field, kind in fields.items():
+            if not isinstance(rec.get(field), kind) or isinstance(rec.get(field), bool):
+                raise MetricsInputError(source, f"record {n}: no {kind.__name__} field {field!r}")
+    return records
+
+
+def vqa_inputs(questions: object, annotations: object, predictions: object) -> tuple[list[Mapping], dict[int, str]]:
+    """The parsed JSON of the official files -> (annotations of the evaluated questions, question_id -> answer).
+
+    questions: `v2_OpenEnded_mscoco_*_questions.json`; annotations: `v2_mscoco_*_annotations.json` (may cover more
+    questions, as the full val annotations do for minival); predictions: `[{"question_id": int, "answer": str}]`.
+    """
+    qids = {q["question_id"] for q in _records(questions, "questions", "questions", {"question_id": int})}
+    anns = [a for a in _records(annotations, "annotations", "annotations",
+                                {"question_id": int, "answers": list, "answer_type": str, "question_type": str})
+            if a["question_id"] in qids]
+    for a in anns:
+        if not all(isinstance(x, Mapping) and isinstance(x.get("answer"), str) for x in a["answers"]):
+            raise MetricsInputError("annotations", f"question {a['question_id']}: answers without a string 'answer'")
+    preds: dict[int, str] = {}
+    for n, rec in enumerate(_records(predictions, None, "predictions", {"question_id": int, "answer": str})):
+        if rec["question_id"] in preds:
+            raise PredictionError(f"record {n}: question_id {rec['question_id']} again")
+        preds[rec["question_id"]] = rec["answer"]
+    return anns, preds
+
+
 def vqa_accuracy(annotations: list[Mapping], predictions: Mapping[int, str]) -> dict:
     """annotations: VQA v2 annotation records; predictions: question_id -> answer. Percentages, 2 decimals."""
     _check_ids((a["question_id"] for a in annotations), predictions, "questions")
