@@ -81,7 +81,7 @@ def child(kind: str, path: str, n: int) -> None:
             float(data[i]["features"][0, 0])
         reads = len(ids) / (time.perf_counter() - t1)
     else:
-        from lxm.extract.store import FeatureStore
+        from lxm.features.store import FeatureStore
 
         store = FeatureStore(path)
         first = np.stack([store.at(i).features for i in range(BATCH)]).astype(np.float32)
@@ -113,8 +113,8 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
-    from lxm.extract.store import FeatureStoreWriter
-    from lxm.extract.tsv import read_tsv
+    from lxm.features.store import FeatureStoreWriter
+    from lxm.features.tsv import read_tsv
 
     work = ROOT / "benchmarks" / ".data" if args.keep else Path(tempfile.mkdtemp(prefix="lxm-store-bench-"))
     work.mkdir(parents=True, exist_ok=True)

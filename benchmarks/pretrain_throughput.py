@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VOCAB = Path(os.environ.get("LXM_SHARED") or ROOT.parent / "shared") / "vocab" / "bert-base-uncased-vocab.txt"
 
-from lxm.extract.records import ImageFeatures  # noqa: E402
-from lxm.extract.store import FeatureStoreWriter  # noqa: E402
+from lxm.features.records import ImageFeatures  # noqa: E402
+from lxm.features.store import FeatureStoreWriter  # noqa: E402
 from lxm.model import LxmertForPreTraining, lxmert_small, lxmert_tiny, pretraining_step_losses  # noqa: E402
 from lxm.train.data import PretrainDataset, collate  # noqa: E402
 from lxm.train.optim import BertAdam  # noqa: E402

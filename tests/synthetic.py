@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from conftest import BERT_VOCAB
 from lxm.cli import app
 from lxm.corpus.build import GQA_SCHEMA, NLVR2_SCHEMA, VQA_SCHEMA
-from lxm.extract.records import ImageFeatures
-from lxm.extract.store import FeatureStoreWriter
+from lxm.features.records import ImageFeatures
+from lxm.features.store import FeatureStoreWriter
 
 OBJECTS = ["dog", "cat", "car", "tree", "ball", "hat", "cup", "bus"]
 COLORS = ["red", "blue", "green", "yellow"]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
+from conftest import REPO
 from lxm.cli import app
 
 
@@ -38,6 +43,13 @@ def test_help_lists_only_working_commands():
         assert sub.exit_code == 0 and "Example" in sub.output, path
 
 
+def test_help_lists_the_commands_in_pipeline_order():
+    result = CliRunner().invoke(app, ["--help"], terminal_width=120)
+    listed = [m.group(1) for m in re.finditer(r"^[│|] ([a-z][a-z0-9-]*) ", result.output, re.MULTILINE)]
+    assert listed == ["quickstart", "extract", "convert", "export", "inspect", "show", "build-corpus", "pretrain",
+                      "finetune", "predict", "evaluate", "plot", "convert-checkpoint"], result.output
+
+
 def test_convert_checkpoint_help_explains_formats():
     result = CliRunner().invoke(app, ["convert-checkpoint", "--help"])
     assert result.exit_code == 0
@@ -50,7 +62,58 @@ def test_console_script_entry_point_runs():
     assert "convert-checkpoint" in out.stdout
 
 
-def test_library_imports_without_the_training_stack():
-    code = ("import sys, lxm.model; bad = [m for m in ('transformers', 'typer', 'rich', 'lxm.train', 'lxm.cli') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    subprocess.run([sys.executable, "-c", code], check=True)
+@pytest.mark.parametrize("modules, absent", [
+    ("lxm.model", ("transformers", "typer", "rich", "lxm.train", "lxm.extract", "lxm.corpus", "lxm.eval", "lxm.cli")),
+    ("lxm.features, lxm.features.tsv, lxm.features.h5", ("torch", "lxm.train", "lxm.extract", "lxm.cli")),
+    ("lxm.eval", ("torch", "typer", "lxm.train", "lxm.cli")),
+], ids=["model", "features", "eval"])
+def test_library_imports_without_the_training_stack(modules, absent):
+    code = (f"import sys, {modules}; bad = [m for m in {absent!r} if m in sys.modules]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, f"importing {modules} loads {out.stdout.strip()} {out.stderr[-500:]}"
+
+
+# package (folder under lxm/) -> what none of its modules may import, even lazily inside a function
+IMPORT_RULES = {
+    "model": ("lxm.train", "lxm.extract", "lxm.corpus", "lxm.cli", "lxm.eval"),
+    "features": ("lxm.train", "lxm.extract", "lxm.cli"),
+    "eval": ("torch",),
+}
+
+
+def _imported(path: Path) -> set[str]:
+    """Every module an lxm source file imports, at the top or inside functions (`from lxm import cli` -> lxm.cli)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _breaks(names: set[str], forbidden) -> list[str]:
+    return sorted(n for n in names for f in forbidden if n == f or n.startswith(f + "."))
+
+
+def test_import_rules_hold_in_the_source():
+    """The layers of the layout (README): the model below everything, the features below the stages, evaluation
+    without torch, no library module importing the program, and the command modules sharing only cli.common (so
+    the CLI package has no import cycle)."""
+    root = REPO / "lxm"
+    files = sorted(root.rglob("*.py"))
+    assert len(files) > 40 and (root / "cli" / "__init__.py") in files
+    broken = []
+    for path in files:
+        rel = path.relative_to(root)
+        names = _imported(path)
+        forbidden = list(IMPORT_RULES.get(rel.parts[0], ())) if len(rel.parts) > 1 else []
+        if rel.parts[0] != "cli":
+            forbidden.append("lxm.cli")
+        elif rel.name not in ("__init__.py", "__main__.py"):
+            names = {n for n in names if n != "lxm.cli.common" and not n.startswith("lxm.cli.common.")}
+            forbidden.append("lxm.cli")
+        broken += [f"{rel}: {name}" for name in _breaks(names, forbidden)]
+    assert not broken, broken

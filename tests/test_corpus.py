@@ -201,8 +201,8 @@ def test_existing_output_is_kept_unless_overwrite(built, tmp_path):
 def test_features_filter_reports_drops_per_source(tmp_path):
     import numpy as np
 
-    from lxm.extract.records import ImageFeatures
-    from lxm.extract.store import FeatureStoreWriter
+    from lxm.features.records import ImageFeatures
+    from lxm.features.store import FeatureStoreWriter
 
     write_raw(tmp_path)
     with FeatureStoreWriter(tmp_path / "feats", num_boxes=1, feature_dim=2) as w:

@@ -29,7 +29,7 @@ from lxm.extract.detector import FrozenBatchNorm2d, GeneralizedRCNN, detector_ti
 from lxm.extract.images import caffe_blob, load_bgr
 from lxm.extract.pipeline import package_commit
 from lxm.extract.select import select_lxmert
-from lxm.extract.store import FeatureStore
+from lxm.features.store import FeatureStore
 
 IMAGES = SHARED / "fixtures" / "butd-coco-sample" / "images"
 TINY = ["--weights", "random", "--detector", "tiny", "--boxes", "10"]
@@ -75,7 +75,7 @@ def test_detectron2_is_imported_only_by_its_engine():
     env = dict(os.environ)  # a detectron2 importable in the child, so that an import of it would show
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(VENDORED_DETECTRON2), env.get("PYTHONPATH")) if p)
     code = ("import importlib.util, sys; assert importlib.util.find_spec('detectron2'), 'detectron2 not importable'; "
-            "import lxm.cli, lxm.extract.pipeline, lxm.extract.detector, lxm.extract.store; "
+            "import lxm.cli, lxm.extract.pipeline, lxm.extract.detector, lxm.features.store; "
             "lxm.extract.pipeline.choose_engine('torch'); "
             "sys.exit(1 if any(m.startswith('detectron2') for m in sys.modules) else 0)")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

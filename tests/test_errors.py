@@ -16,7 +16,8 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import BERT_VOCAB, SHARED
-from lxm.cli import _fail, app
+from lxm.cli import app
+from lxm.cli.common import fail
 from lxm.errors import LxmError
 from lxm.train.config import load_config
 from test_pretrain import data  # noqa: F401  (the tiny corpus + feature store fixture)
@@ -198,15 +199,15 @@ def test_a_bug_keyerror_is_not_reworded_as_bad_input():
         try:
             {}["objects_id"]
         except KeyError as exc:
-            _fail(exc)
+            fail(exc)
     with pytest.raises(typer.Exit):
-        _fail(LxmError("x.json: field 'y' missing"))
+        fail(LxmError("x.json: field 'y' missing"))
     with pytest.raises(typer.Exit):
-        _fail(FileNotFoundError(2, "No such file or directory", "x.json"))
+        fail(FileNotFoundError(2, "No such file or directory", "x.json"))
 
 
 def test_a_bug_in_a_command_keeps_its_traceback(store, tmp_path, monkeypatch):
-    from lxm.extract.store import FeatureStore
+    from lxm.features.store import FeatureStore
 
     def broken(self, img_id):
         return {}["objects_id"]  # what a bug in the reader looks like (the old CLI said "missing field")

@@ -26,8 +26,8 @@ from lxm.cli import app
 from lxm.extract.detector import GeneralizedRCNN, detector_tiny
 from lxm.extract.images import caffe_blob, caffe_scale
 from lxm.extract.pipeline import ExtractConfig, extract
-from lxm.extract.store import FeatureStore
 from lxm.extract.weights import WeightsError, download, load_detector_weights, save_pickle_weights, sha256_file
+from lxm.features.store import FeatureStore
 
 IMAGES = SHARED / "fixtures" / "butd-coco-sample" / "images"
 # --engine torch: the default, auto, would take detectron2 where the tests find it (tests/test_engines.py)
@@ -314,9 +314,9 @@ def test_download_resumes_and_checks_sha256(tmp_path):
         import hashlib
 
         digest = hashlib.sha256(payload).hexdigest()
-        assert download(url, dest, digest, progress=False).read_bytes() == payload
+        assert download(url, dest, digest).read_bytes() == payload
         with pytest.raises(WeightsError, match="sha256 mismatch"):
-            download(url, tmp_path / "cache" / "other.pkl", "0" * 64, progress=False)
+            download(url, tmp_path / "cache" / "other.pkl", "0" * 64)
         assert not (tmp_path / "cache" / "other.pkl").exists()
     finally:
         server.shutdown()

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
-from lxm.extract.records import ImageFeatures
-from lxm.extract.store import LOCK, FeatureStore, FeatureStoreWriter
+from lxm.features.records import ImageFeatures
+from lxm.features.store import LOCK, FeatureStore, FeatureStoreWriter
 
 N, D = 2, 4
 

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from conftest import SHARED
 from lxm.cli import app
-from lxm.extract.records import ImageFeatures, RecordError
-from lxm.extract.store import FeatureStore, FeatureStoreWriter, StoreError
-from lxm.extract.tsv import format_row, read_tsv, write_tsv
+from lxm.features.records import ImageFeatures, RecordError
+from lxm.features.store import FeatureStore, FeatureStoreWriter, StoreError
+from lxm.features.tsv import format_row, read_tsv, write_tsv
 
 SAMPLE = SHARED / "fixtures" / "butd-coco-sample" / "train2014_obj36.tsv"
 
@@ -185,7 +185,7 @@ def _sample_lines() -> list[bytes]:
 
 
 def _set_field(line: bytes, name: str, value: bytes) -> bytes:
-    from lxm.extract.records import FIELDS
+    from lxm.features.records import FIELDS
 
     fields = line.split(b"\t")
     fields[FIELDS.index(name)] = value

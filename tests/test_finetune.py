@@ -14,9 +14,12 @@ from typer.testing import CliRunner
 
 from conftest import BERT_VOCAB
 from lxm.cli import app
-from lxm.model import CheckpointError, LxmertForPreTraining, lxmert_tiny, pair_loss, save_lxm, soft_answer_loss
+from lxm.errors import ConfigError
+from lxm.eval import write_predictions
+from lxm.model import (CheckpointError, LxmertForFinetuning, LxmertForPreTraining, load_pretrained, lxmert_tiny,
+                       pair_loss, save_lxm, soft_answer_loss)
 from lxm.train.config import load_finetune_config
-from lxm.train.finetune import build_task_model, write_predictions
+from lxm.train.finetune import build_task_model
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from synthetic import COLORS, F, VQA_ANSWERS, make_finetune_world
 
@@ -72,6 +75,24 @@ def test_answer_head_rows_come_from_the_pretraining_head_by_converted_answer(wor
     assert model.cls.predictions is None and model.cls.seq_relationship is None and model.obj_predict_head is None
 
 
+@pytest.mark.parametrize("task", ["vqa", "nlvr2"])
+def test_finetuning_builds_a_task_model_that_saves_and_loads_as_before(world, tmp_path, task):
+    _pretrained_dir(tmp_path, COLORS)
+    model = build_task_model(_cfg(world, task, f"init={tmp_path / 'pre'}"), [] if task == "nlvr2" else VQA_ANSWERS,
+                             30522, F, log=lambda m: None)
+    assert type(model) is LxmertForFinetuning
+    # the same modules as the pretraining class with that head set: every checkpoint format is unchanged
+    same = LxmertForPreTraining(model.config).state_dict()
+    assert [(k, v.shape) for k, v in same.items()] == [(k, v.shape) for k, v in model.state_dict().items()]
+    save_lxm(model, tmp_path / "best")
+    loaded = load_pretrained(tmp_path / "best")
+    assert type(loaded) is LxmertForFinetuning and loaded.config == model.config
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert type(load_pretrained(tmp_path / "pre")) is LxmertForPreTraining
+    with pytest.raises(ConfigError, match="task_mask_lm=True"):
+        LxmertForFinetuning(lxmert_tiny())
+
+
 def test_a_partly_random_backbone_is_an_error(world, tmp_path):
     model = _pretrained_dir(tmp_path, COLORS)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("lxmert.encoder.x_layers.1.")}
@@ -108,7 +129,7 @@ def test_parameters_no_head_depends_on_keep_their_initial_values(tmp_path, task)
     assert result.exit_code == 0, result.output
     from lxm.model import load_pretrained
 
-    tuned, init = load_pretrained(run / "best", verbose=False).state_dict(), pre.state_dict()
+    tuned, init = load_pretrained(run / "best").state_dict(), pre.state_dict()
     # as the original: `.grad` stays None, so BertAdam skips them (no weight decay either)
     for name in no_grad:
         assert torch.equal(tuned[name], init[name]), name
@@ -125,8 +146,8 @@ def test_nlvr2_batches_put_each_pair_on_consecutive_rows(world):
             feats, _ = data._image(data.images[i][k])
             assert np.array_equal(batch.visual_feats[2 * i + k].numpy(), feats)
         assert torch.equal(batch.input_ids[2 * i], batch.input_ids[2 * i + 1])
-    model = LxmertForPreTraining(lxmert_tiny(vocab_size=30522, visual_feat_dim=F, task_qa=False, task_nlvr2=True,
-                                             task_mask_lm=False, task_matched=False, task_obj_predict=False))
+    model = LxmertForFinetuning(lxmert_tiny(vocab_size=30522, visual_feat_dim=F, task_qa=False, task_nlvr2=True,
+                                            task_mask_lm=False, task_matched=False, task_obj_predict=False))
     out = model(**batch.model_inputs())
     pooled = out.pooled_output
     assert torch.allclose(out.pair_logits, model.nlvr2_head(pooled))  # the head concatenates rows 2i, 2i+1

@@ -18,7 +18,7 @@ from synthetic import COLORS, F
 
 def test_pretraining_learns_mlm_matching_and_qa(pretrained_world):
     root, run = pretrained_world
-    model = load_pretrained(run / "model", verbose=False)  # the run's final weights, lxm format
+    model = load_pretrained(run / "model")  # the run's final weights, lxm format
     assert model.config.num_qa_labels == len(COLORS) and model.config.visual_feat_dim == F
     model.eval()
     valid = PretrainDataset(root / "corpus", [root / "feats"], BERT_VOCAB, COLORS, splits=["minival"],

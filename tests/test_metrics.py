@@ -5,6 +5,7 @@ the expected values are derived by hand in the comments."""
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,8 +13,8 @@ from typer.testing import CliRunner
 
 from conftest import BERT_VOCAB
 from lxm.cli import app
-from lxm.train.metrics import (MetricsInputError, PredictionError, gqa_metrics, gqa_predictions, nlvr2_labels,
-                               nlvr2_metrics, nlvr2_predictions, vqa_accuracy, vqa_question_accuracy)
+from lxm.eval import (MetricsInputError, PredictionError, evaluate_nlvr2, evaluate_vqa, gqa_metrics, gqa_predictions,
+                      nlvr2_labels, nlvr2_metrics, nlvr2_predictions, vqa_accuracy, vqa_question_accuracy)
 from synthetic import make_finetune_world
 
 
@@ -235,6 +236,33 @@ def test_evaluate_vqa_names_the_bad_file_and_record(tmp_path, name, content, mes
     assert out.exit_code == 1, out.output
     assert f"{tmp_path / name}: {message}" in " ".join(out.output.split())
     assert "Traceback" not in out.output
+
+
+def test_evaluate_from_python_without_the_cli(tmp_path):
+    """A notebook scores files with lxm.eval directly: the same numbers as `lxm evaluate`, errors naming the file."""
+    q, a, r = tmp_path / "q.json", tmp_path / "a.json", tmp_path / "r.json"
+    q.write_text(json.dumps({"questions": [{"question_id": 1}, {"question_id": 2}]}))
+    a.write_text(json.dumps({"annotations": [
+        {"question_id": i, "answer_type": "other", "question_type": "what", "answers": [{"answer": "ball"}] * 10}
+        for i in (1, 2)]}))
+    r.write_text(json.dumps([{"question_id": 1, "answer": "ball"}, {"question_id": 2, "answer": "Ball."}]))
+    scores = evaluate_vqa(q, a, r)
+    cli = CliRunner().invoke(app, ["evaluate", "vqa", "--questions", str(q), "--annotations", str(a),
+                                   "--predictions", str(r)])
+    assert scores == json.loads(cli.stdout) and scores["overall"] == 50.0  # identical answers: no normalisation
+    r.write_text(json.dumps([{"question_id": 1, "answer": "ball"}]))
+    with pytest.raises(PredictionError, match=f"^{re.escape(str(r))}: 1 questions without a prediction"):
+        evaluate_vqa(q, a, r)
+    a.write_text("{")
+    with pytest.raises(MetricsInputError, match=f"^{re.escape(str(a))}: not valid JSON"):
+        evaluate_vqa(q, a, r)
+    ann, csv = tmp_path / "dev.json", tmp_path / "p.csv"
+    ann.write_text(json.dumps({"identifier": "dev-1-0-0", "label": "True"}) + "\n")
+    csv.write_text("dev-1-0-0,true\n")
+    assert evaluate_nlvr2(ann, csv) == {"accuracy": 100.0, "consistency": 100.0, "ignored_predictions": 0}
+    ann.write_text(json.dumps({"identifier": "dev-1-0-0"}) + "\n")
+    with pytest.raises(MetricsInputError, match=f"^{re.escape(str(ann))}: line 1: no string field 'label'"):
+        evaluate_nlvr2(ann, csv)
 
 
 def test_evaluate_nlvr2_cli(tmp_path):

@@ -246,6 +246,13 @@ def test_heads_follow_config_switches():
     assert "obj_predict_head.decoder_dict.feat.weight" not in keys
 
 
+def test_nlvr2_head_refuses_an_odd_batch():
+    cfg = lxmert_tiny(task_nlvr2=True)
+    inputs, _ = make_inputs(cfg, batch=3, pad=(0,))
+    with pytest.raises(ValueError, match="batch of 3 rows is odd"):  # no silent pair_logits=None
+        LxmertForPreTraining(cfg).eval()(**inputs)
+
+
 def test_nlvr2_head_concatenates_pairs_in_order():
     torch.manual_seed(0)
     cfg = lxmert_tiny(task_nlvr2=True)

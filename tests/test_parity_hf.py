@@ -82,7 +82,7 @@ def inputs():
 
 def test_hf_directory_parity(tmp_path, hf_tiny, inputs):
     hf_tiny.save_pretrained(tmp_path / "hf")
-    model = load_pretrained(tmp_path / "hf", verbose=False)
+    model = load_pretrained(tmp_path / "hf")
     assert model.config == lxmert_tiny()  # config read from config.json + shapes
     _assert_outputs_match(model, hf_tiny, inputs[0])
 
@@ -91,21 +91,21 @@ def test_hf_pytorch_bin_parity(tmp_path, hf_tiny, inputs):
     hf_tiny.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "model.safetensors").unlink()
     torch.save(hf_tiny.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
-    _assert_outputs_match(load_pretrained(tmp_path / "hf", verbose=False), hf_tiny, inputs[0])
+    _assert_outputs_match(load_pretrained(tmp_path / "hf"), hf_tiny, inputs[0])
 
 
 def test_original_checkpoint_parity(tmp_path, hf_tiny, inputs):
     path = tmp_path / "Epoch20_LXRT.pth"
     torch.save(_to_original_state_dict(hf_tiny), path)
     # 8-d heads cannot be inferred from shapes (64-d is assumed), so the config is given, as a user would.
-    model = load_pretrained(path, config=lxmert_tiny(), verbose=False)
+    model = load_pretrained(path, config=lxmert_tiny())
     _assert_outputs_match(model, hf_tiny, inputs[0])
 
 
 def test_original_checkpoint_without_module_prefix(tmp_path, hf_tiny, inputs):
     sd = {k[len("module."):]: v for k, v in _to_original_state_dict(hf_tiny).items()}
     torch.save(sd, tmp_path / "model_LXRT.pth")
-    _assert_outputs_match(load_pretrained(tmp_path / "model_LXRT.pth", config=lxmert_tiny(), verbose=False),
+    _assert_outputs_match(load_pretrained(tmp_path / "model_LXRT.pth", config=lxmert_tiny()),
                           hf_tiny, inputs[0])
 
 
@@ -118,7 +118,7 @@ def test_original_finetuned_vqa_checkpoint(tmp_path, hf_tiny, inputs):
             sd[k[len("answer_head."):]] = v
     torch.save(sd, tmp_path / "BEST.pth")
     cfg = lxmert_tiny(task_mask_lm=False, task_matched=False, task_obj_predict=False)
-    model = load_pretrained(tmp_path / "BEST.pth", config=cfg, verbose=False).eval()
+    model = load_pretrained(tmp_path / "BEST.pth", config=cfg).eval()
     expected = _hf_outputs(hf_tiny, inputs[0])
     with torch.no_grad():
         out = model(**inputs[0])
@@ -133,19 +133,19 @@ def test_lxm_format_via_cli_parity(tmp_path, hf_tiny, inputs):
                                       "--to", "lxm"])
     assert result.exit_code == 0, result.output
     assert "loaded" in result.output
-    model = load_pretrained(tmp_path / "lxm", verbose=False)
+    model = load_pretrained(tmp_path / "lxm")
     assert model.config == lxmert_tiny()
     _assert_outputs_match(model, hf_tiny, inputs[0])
 
 
 def test_round_trip_lxm_hf_lxm_is_lossless(tmp_path, hf_tiny):
-    model = load_pretrained(_save(hf_tiny, tmp_path / "hf"), verbose=False)
+    model = load_pretrained(_save(hf_tiny, tmp_path / "hf"))
     save_lxm(model, tmp_path / "a")
     runner = CliRunner()
     assert runner.invoke(app, ["convert-checkpoint", str(tmp_path / "a"), str(tmp_path / "b"), "--to", "hf"]).exit_code == 0
     assert runner.invoke(app, ["convert-checkpoint", str(tmp_path / "b"), str(tmp_path / "c"), "--to", "lxm"]).exit_code == 0
-    a = load_pretrained(tmp_path / "a", verbose=False).state_dict()
-    c = load_pretrained(tmp_path / "c", verbose=False).state_dict()
+    a = load_pretrained(tmp_path / "a").state_dict()
+    c = load_pretrained(tmp_path / "c").state_dict()
     assert a.keys() == c.keys()
     for k in a:
         assert torch.equal(a[k], c[k]), k
@@ -163,7 +163,7 @@ def test_convert_to_original_loads_back(tmp_path, hf_tiny, inputs):
     assert all(k.startswith("module.") for k in sd)
     assert "module.bert.embeddings.word_embeddings.weight" in sd
     assert "module.cls.predictions.decoder.weight" in sd  # written twice, as torch.save of the original does
-    _assert_outputs_match(load_pretrained(tmp_path / "x_LXRT.pth", config=lxmert_tiny(), verbose=False),
+    _assert_outputs_match(load_pretrained(tmp_path / "x_LXRT.pth", config=lxmert_tiny()),
                           hf_tiny, inputs[0])
 
 
@@ -175,7 +175,7 @@ def _save(hf, path):
 def test_losses_equal_under_matched_conventions(tmp_path, hf_tiny, inputs):
     """transformers' total loss = sum of lxm's named losses when fed the same labels in the same convention."""
     x, lab = inputs
-    model = load_pretrained(_save(hf_tiny, tmp_path / "hf"), verbose=False).eval()
+    model = load_pretrained(_save(hf_tiny, tmp_path / "hf")).eval()
     hf_mlm = lab["mlm_labels"].masked_fill(lab["mlm_labels"] == -1, -100)
     hf_ans = lab["answers"].masked_fill(lab["answers"] == -1, -100)
     obj = {"obj": (lab["obj_labels"], lab["obj_conf"]), "attr": (lab["attr_labels"], lab["attr_conf"]),
@@ -205,7 +205,7 @@ def test_base_config_parity(tmp_path):
     hf = transformers.LxmertForPreTraining(cfg).eval()
     randomize_(hf, 0, scale=0.02)
     hf.save_pretrained(tmp_path / "hf")
-    model = load_pretrained(tmp_path / "hf", verbose=False)
+    model = load_pretrained(tmp_path / "hf")
     assert model.config == LxmertConfig()
     assert model.num_parameters() == 228_051_752
     inputs, _ = make_inputs(model.config, batch=2, seq=20, boxes=36)

@@ -13,8 +13,8 @@ from conftest import SHARED
 from typer.testing import CliRunner
 
 from lxm.cli import app
-from lxm.extract.records import ImageFeatures
-from lxm.extract.tsv import read_tsv
+from lxm.features.records import ImageFeatures
+from lxm.features.tsv import read_tsv
 
 SAMPLE = SHARED / "fixtures" / "butd-coco-sample"
 

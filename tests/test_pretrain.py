@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from conftest import BERT_VOCAB
 from lxm.cli import app
-from lxm.extract.records import ImageFeatures
-from lxm.extract.store import FeatureStoreWriter
+from lxm.features.records import ImageFeatures
+from lxm.features.store import FeatureStoreWriter
 from test_corpus import write_raw
 
 
@@ -68,8 +68,8 @@ def test_pretrain_writes_config_logs_and_checkpoints(data, tmp_path):
     # the final weights as an lxm model directory, and a step checkpoint, both load with their own config
     from lxm.model import load_pretrained
 
-    final = load_pretrained(tmp_path / "run" / "model", verbose=False)
-    from_step = load_pretrained(tmp_path / "run" / "checkpoints" / "step-8.pt", verbose=False)
+    final = load_pretrained(tmp_path / "run" / "model")
+    from_step = load_pretrained(tmp_path / "run" / "checkpoints" / "step-8.pt")
     assert final.config == from_step.config and final.config.hidden_size == 32
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--out", str(tmp_path / "plots")])
     assert result.exit_code == 0, result.output

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from conftest import BERT_VOCAB
 from lxm.cli import app
-from lxm.extract.records import ImageFeatures
-from lxm.extract.store import FeatureStoreWriter
+from lxm.features.records import ImageFeatures
+from lxm.features.store import FeatureStoreWriter
 from lxm.model import LxmertForPreTraining, lxmert_tiny, pretraining_step_losses
 from lxm.train.data import PretrainDataset, collate
 from test_corpus import write_raw

@@ -70,7 +70,7 @@ def test_pretraining_is_bounded_by_steps_and_the_report_counts_the_work(quicksta
     (200, 16, 16, (200, 200)),  # one batch an epoch
 ])
 def test_pretrain_epochs_fit_the_step_budget(steps, sentences, batch, expected):
-    from lxm.quickstart import pretrain_schedule
+    from lxm.cli.quickstart import pretrain_schedule
 
     epochs, max_steps = pretrain_schedule(steps, sentences, batch)
     assert (epochs, max_steps) == expected

@@ -4,6 +4,7 @@ and the detector's anchors stored beside its weights)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -42,7 +43,7 @@ def _sd(path):
 
 def test_loaded_tensors_equal_the_checkpoint(original_ckpt):
     path, model = original_ckpt
-    loaded, report = load_pretrained_with_report(path, config=lxmert_tiny(), verbose=False)
+    loaded, report = load_pretrained_with_report(path, config=lxmert_tiny())
     assert report.ok and report.format == "original"
     assert len(report.loaded) == len(model.state_dict()) - 1  # the tied decoder is verified, not copied twice
     assert report.tied == ["cls.predictions.decoder.weight"]
@@ -50,10 +51,14 @@ def test_loaded_tensors_equal_the_checkpoint(original_ckpt):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_report_is_printed(original_ckpt, capsys):
-    load_pretrained(original_ckpt[0], config=lxmert_tiny())
-    err = capsys.readouterr().err
-    assert "loaded" in err and "format: original" in err
+def test_loading_prints_nothing_and_logs_the_report(original_ckpt, capfd, caplog):
+    """The library returns the report and logs it; only the program prints (a notebook gets no stray stderr)."""
+    with caplog.at_level(logging.DEBUG, logger="lxm.model.weights"):
+        model = load_pretrained(original_ckpt[0], config=lxmert_tiny())
+        _, report = load_pretrained_with_report(original_ckpt[0], config=lxmert_tiny())
+    assert capfd.readouterr() == ("", "")
+    assert report.summary() in caplog.text and "format: original" in report.summary()
+    assert model.config == lxmert_tiny()
 
 
 def test_missing_backbone_key_fails_naming_it(original_ckpt, tmp_path):
@@ -61,7 +66,7 @@ def test_missing_backbone_key_fails_naming_it(original_ckpt, tmp_path):
     del sd["module.bert.encoder.x_layers.1.visn_self_att.output.dense.bias"]
     torch.save(sd, tmp_path / "m.pth")
     with pytest.raises(CheckpointError, match=r"MISSING.*lxmert\.encoder\.x_layers\.1\.visn_self_att\.output\.dense\.bias"):
-        load_pretrained(tmp_path / "m.pth", config=lxmert_tiny(), verbose=False)
+        load_pretrained(tmp_path / "m.pth", config=lxmert_tiny())
 
 
 def test_extra_key_fails_naming_it(original_ckpt, tmp_path):
@@ -69,7 +74,7 @@ def test_extra_key_fails_naming_it(original_ckpt, tmp_path):
     sd["module.bert.encoder.lang_attention.weight"] = torch.zeros(3)
     torch.save(sd, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match=r"UNEXPECTED.*lxmert\.encoder\.lang_attention\.weight"):
-        load_pretrained(tmp_path / "x.pth", config=lxmert_tiny(), verbose=False)
+        load_pretrained(tmp_path / "x.pth", config=lxmert_tiny())
 
 
 def test_mis_shaped_key_fails_naming_it_and_both_shapes(original_ckpt, tmp_path):
@@ -77,12 +82,12 @@ def test_mis_shaped_key_fails_naming_it_and_both_shapes(original_ckpt, tmp_path)
     sd["module.bert.pooler.dense.weight"] = torch.zeros(32, 31)
     torch.save(sd, tmp_path / "s.pth")
     with pytest.raises(CheckpointError, match=r"lxmert\.pooler\.dense\.weight checkpoint \(32, 31\) vs model \(32, 32\)"):
-        load_pretrained(tmp_path / "s.pth", config=lxmert_tiny(), verbose=False)
+        load_pretrained(tmp_path / "s.pth", config=lxmert_tiny())
 
 
 def test_wrong_config_fails_instead_of_partial_load(original_ckpt):
     with pytest.raises(CheckpointError, match="MISSING"):
-        load_pretrained(original_ckpt[0], config=lxmert_tiny(l_layers=3), verbose=False)
+        load_pretrained(original_ckpt[0], config=lxmert_tiny(l_layers=3))
 
 
 def test_untied_decoder_is_refused(original_ckpt, tmp_path):
@@ -90,14 +95,14 @@ def test_untied_decoder_is_refused(original_ckpt, tmp_path):
     sd["module.cls.predictions.decoder.weight"] = sd["module.cls.predictions.decoder.weight"] + 1
     torch.save(sd, tmp_path / "u.pth")
     with pytest.raises(CheckpointError, match="ties the MLM decoder"):
-        load_pretrained(tmp_path / "u.pth", config=lxmert_tiny(), verbose=False)
+        load_pretrained(tmp_path / "u.pth", config=lxmert_tiny())
 
 
 def test_new_heads_only_on_request(original_ckpt):
     cfg = lxmert_tiny(task_nlvr2=True)
     with pytest.raises(CheckpointError, match=r"MISSING.*nlvr2_head"):
-        load_pretrained(original_ckpt[0], config=cfg, verbose=False)
-    model, report = load_pretrained_with_report(original_ckpt[0], config=cfg, init_missing_heads=True, verbose=False)
+        load_pretrained(original_ckpt[0], config=cfg)
+    model, report = load_pretrained_with_report(original_ckpt[0], config=cfg, init_missing_heads=True)
     assert report.initialised and all(k.startswith("nlvr2_head.") for k in report.initialised)
     assert "initialised fresh" in report.summary()
 
@@ -105,8 +110,8 @@ def test_new_heads_only_on_request(original_ckpt):
 def test_extra_heads_dropped_only_on_request(original_ckpt):
     cfg = lxmert_tiny(task_qa=False)
     with pytest.raises(CheckpointError, match=r"UNEXPECTED.*answer_head"):
-        load_pretrained(original_ckpt[0], config=cfg, verbose=False)
-    _, report = load_pretrained_with_report(original_ckpt[0], config=cfg, ignore_extra_heads=True, verbose=False)
+        load_pretrained(original_ckpt[0], config=cfg)
+    _, report = load_pretrained_with_report(original_ckpt[0], config=cfg, ignore_extra_heads=True)
     assert sorted(report.ignored)[0].startswith("answer_head.")
 
 
@@ -115,8 +120,7 @@ def test_missing_backbone_key_fails_even_with_head_leniency(original_ckpt, tmp_p
     del sd["module.bert.embeddings.LayerNorm.weight"]
     torch.save(sd, tmp_path / "m.pth")
     with pytest.raises(CheckpointError, match=r"lxmert\.embeddings\.LayerNorm\.weight"):
-        load_pretrained(tmp_path / "m.pth", config=lxmert_tiny(), init_missing_heads=True, ignore_extra_heads=True,
-                        verbose=False)
+        load_pretrained(tmp_path / "m.pth", config=lxmert_tiny(), init_missing_heads=True, ignore_extra_heads=True)
 
 
 class _Exploit:
@@ -128,29 +132,29 @@ def test_pickle_that_would_execute_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"module.bert.embeddings.word_embeddings.weight": torch.zeros(2, 2), "payload": _Exploit()}, path)
     with pytest.raises(CheckpointError, match="refusing to load"):
-        load_pretrained(path, verbose=False)
+        load_pretrained(path)
 
 
 def test_plain_pickle_files_are_refused(tmp_path):
     path = tmp_path / "weights.pkl"
     path.write_bytes(pickle.dumps({"model": {}}))
     with pytest.raises(CheckpointError, match="unsupported checkpoint file type '.pkl'"):
-        load_pretrained(path, verbose=False)
+        load_pretrained(path)
 
 
 def test_non_lxmert_checkpoint_is_named(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")
     with pytest.raises(CheckpointError, match="not an LXMERT checkpoint"):
-        load_pretrained(tmp_path / "resnet.pth", verbose=False)
+        load_pretrained(tmp_path / "resnet.pth")
 
 
 def test_missing_path_and_bad_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
-        load_pretrained(tmp_path / "nope_LXRT.pth", verbose=False)
+        load_pretrained(tmp_path / "nope_LXRT.pth")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.txt").write_text("x")
     with pytest.raises(CheckpointError, match="expected config.json and model.safetensors.*notes.txt"):
-        load_pretrained(tmp_path / "d", verbose=False)
+        load_pretrained(tmp_path / "d")
 
 
 def test_hub_id_offline_says_how_to_proceed(monkeypatch):
@@ -158,7 +162,7 @@ def test_hub_id_offline_says_how_to_proceed(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at call time, unlike the env var
     with pytest.raises(CheckpointError, match="pass its local path"):
-        load_pretrained("unc-nlp/lxmert-base-uncased", verbose=False)
+        load_pretrained("unc-nlp/lxmert-base-uncased")
 
 
 def test_lxm_format_keeps_its_config(tmp_path):
@@ -168,7 +172,7 @@ def test_lxm_format_keeps_its_config(tmp_path):
     meta = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert meta["format"] == "lxm" and meta["model"]["num_qa_labels"] == 3
     assert not any(p.name.startswith(".") for p in (tmp_path / "ck").iterdir())  # no temp files left behind
-    assert load_pretrained(tmp_path / "ck", verbose=False).config == cfg
+    assert load_pretrained(tmp_path / "ck").config == cfg
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
@@ -199,7 +203,7 @@ def test_bert_initialisation_fills_the_bert_parts(tmp_path):
 
     model = LxmertForPreTraining(lxmert_tiny())
     visn_before = model.lxmert.encoder.visn_fc.visn_fc.weight.clone()
-    report = init_from_bert(model, tmp_path / "bert", verbose=False)
+    report = init_from_bert(model, tmp_path / "bert")
     sd = bert.state_dict()
     assert torch.equal(model.lxmert.encoder.layer[1].output.dense.weight, sd["bert.encoder.layer.1.output.dense.weight"])
     assert torch.equal(model.lxmert.embeddings.word_embeddings.weight, sd["bert.embeddings.word_embeddings.weight"])
@@ -208,7 +212,7 @@ def test_bert_initialisation_fills_the_bert_parts(tmp_path):
     assert any(k.startswith("lxmert.encoder.x_layers.") for k in report.initialised)
     small = LxmertForPreTraining(lxmert_tiny(l_layers=1))
     with pytest.raises(CheckpointError, match="lxmert.encoder.layer.1"):
-        init_from_bert(small, tmp_path / "bert", verbose=False)
+        init_from_bert(small, tmp_path / "bert")
 
 
 # --- detector weights: the anchors a file carries (transformers' FRCNN keeps them in its state dict) ---------------

@@ -228,7 +228,7 @@ class CorpusBuilder:
         self.minival_ids = self.minival()
         self.feature_ids: set[str] | None = None
         if inputs.features:
-            from lxm.extract.store import FeatureStore
+            from lxm.features.store import FeatureStore
 
             self.feature_ids = set()
             for root in inputs.features:

@@ -3,13 +3,13 @@
 Per image: decode and preprocess as Caffe did (`lxm.extract.images`), run the detector (engine "torch",
 `lxm.extract.detector`, or "detectron2", `lxm.extract.engine_d2`; "auto" takes detectron2 when it imports, see
 `choose_engine`), choose the boxes (`lxm.extract.select`, mode "lxmert" by default), and append an
-`ImageFeatures` record to the store (`lxm.extract.store`). Images with the same preprocessed size share one backbone
+`ImageFeatures` record to the store (`lxm.features.store`). Images with the same preprocessed size share one backbone
 pass (no padding, so batched results equal single-image results); the ROI head runs over all their proposals at once
 in chunks. A bad image never stops the run: it is written to failures.jsonl with the reason.
 
 Images are found in the folder and its subfolders (Visual Genome's `VG_100K/`, `VG_100K_2/`); the img_id is the file
 stem. Workers split the sorted list disjointly (`--shard i/n`), and any number of runs may write one store at once:
-they share the work through the store's claims (`lxm.extract.store.FeatureStoreWriter.claim`). The original
+they share the work through the store's claims (`lxm.features.store.FeatureStoreWriter.claim`). The original
 extraction (peteanderson80/bottom-up-attention `tools/generate_tsv.py`) split its image list across GPUs the same
 way (`image_ids[i::len(gpus)]`), but into one TSV per GPU, to be merged afterwards.
 """
@@ -37,10 +37,10 @@ import torch
 from lxm.errors import ConfigError, MissingDependencyError
 from lxm.extract.detector import DetectorConfig, GeneralizedRCNN, detector_tiny, vg_r101
 from lxm.extract.images import IMAGE_SUFFIXES, ImageError, caffe_blob, list_images, load_bgr
-from lxm.extract.records import ImageFeatures
 from lxm.extract.select import select_lxmert, select_maxnms
-from lxm.extract.store import FeatureStoreWriter
 from lxm.extract.weights import RANDOM, load_detector_weights
+from lxm.features.records import ImageFeatures
+from lxm.features.store import FeatureStoreWriter
 
 _logger = logging.getLogger(__name__)
 
@@ -174,17 +174,18 @@ def _record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeature
 
 
 def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None = None,
-                   engine: EngineChoice | None = None) -> tuple[torch.nn.Module, dict]:
+                   engine: EngineChoice | None = None, on_download: Callable[[int, int], None] | None = None
+                   ) -> tuple[torch.nn.Module, dict]:
     """The network of `engine` (default: `choose_engine(cfg.engine)`) with its weights and its manifest entries.
 
     Both engines load through the same checked loader: the torch network is filled, and the detectron2 one takes its
     tensors (the names are identical). `on_weights` receives the loader's one-line report (the CLI prints it);
-    without it the report is logged.
+    without it the report is logged. `on_download(done, total)` follows a download of URL weights (bytes).
     """
     engine = engine or choose_engine(cfg.engine)
     det_cfg = cfg.detector_config()
     model = GeneralizedRCNN(det_cfg).eval()
-    report = load_detector_weights(model, cfg.weights, seed=cfg.seed)
+    report = load_detector_weights(model, cfg.weights, seed=cfg.seed, on_bytes=on_download)
     (on_weights or _logger.info)(report.summary())
     if engine.name == "detectron2":
         from lxm.extract.engine_d2 import Detectron2Detector
@@ -216,7 +217,8 @@ def detect(model: torch.nn.Module, blobs: list[tuple[np.ndarray, float, tuple[in
 
 
 def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] | None = None,
-            on_weights: Callable[[str], None] | None = None, on_engine: Callable[[str], None] | None = None) -> dict:
+            on_weights: Callable[[str], None] | None = None, on_engine: Callable[[str], None] | None = None,
+            on_download: Callable[[int, int], None] | None = None) -> dict:
     """Extract features for this worker's share of `cfg.images` into `cfg.out`; returns a summary.
 
     Runs into one `cfg.out` may overlap (several `lxm extract` at once, with or without `--shard`): each takes its
@@ -229,6 +231,8 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
         on_weights: called with the one-line report of the detector weights once they are loaded (default: logged).
         on_engine: called with the engine's one-line description (`EngineChoice.summary`) once it is chosen, before
             the weights load (default: logged). Neither is called when there is nothing left to extract.
+        on_download: called as (bytes so far, total bytes or 0) while URL weights download (default: the start and
+            the end are logged).
 
     Returns:
         A dict: folder_images, images (this worker's share), already_done (stored by earlier or concurrent runs),
@@ -275,7 +279,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
             engine = choose_engine(cfg.engine)
             (on_engine or _logger.info)(engine.summary())
             summary["engine"] = engine.name
-            model, meta = build_detector(cfg, on_weights, engine)
+            model, meta = build_detector(cfg, on_weights, engine, on_download)
             writer.metadata = {
                 "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": cfg.device,
                 "bf16": cfg.bf16,

@@ -26,7 +26,7 @@ import numpy as np
 
 from lxm.errors import ConfigError
 from lxm.extract.images import ImageError
-from lxm.extract.records import ImageFeatures
+from lxm.features.records import ImageFeatures
 
 _logger = logging.getLogger(__name__)
 

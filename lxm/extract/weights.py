@@ -18,8 +18,8 @@ import io
 import logging
 import os
 import pickle
-import sys
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,14 +105,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest: Path, sha256: str | None = None, *, chunk: int = 1 << 20, progress: bool = True) -> Path:
-    """Download `url` to `dest`, resuming a previous partial download (`dest.part`), then check sha256."""
+def download(url: str, dest: Path, sha256: str | None = None, *, chunk: int = 1 << 20,
+             on_bytes: Callable[[int, int], None] | None = None) -> Path:
+    """Download `url` to `dest`, resuming a previous partial download (`dest.part`), then check sha256.
+
+    `on_bytes(done, total)` is called after each chunk with the bytes of `dest` so far and its size (0 when the
+    server does not say), e.g. for a progress bar; the start and the end of the download are logged.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and (sha256 is None or sha256_file(dest) == sha256):
         return dest
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    _logger.info("downloading %s to %s%s", url, dest, f" (resuming after {have} bytes)" if have else "")
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             if have and resp.status != 206:  # server ignored the range: start over
@@ -126,11 +132,8 @@ def download(url: str, dest: Path, sha256: str | None = None, *, chunk: int = 1 
                         break
                     f.write(block)
                     done += len(block)
-                    if progress and total:
-                        print(f"\rdownloading {dest.name}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB", end="",
-                              file=sys.stderr)
-            if progress and total:
-                print(file=sys.stderr)
+                    if on_bytes is not None:
+                        on_bytes(done, total)
     except OSError as exc:
         raise WeightsError(f"{url}: download failed ({exc}); a partial file is kept at {part} and the next run "
                            f"resumes it") from None
@@ -140,14 +143,17 @@ def download(url: str, dest: Path, sha256: str | None = None, *, chunk: int = 1 
             part.unlink()
             raise WeightsError(f"{url}: sha256 mismatch (expected {sha256}, got {got}); the download was removed")
     os.replace(part, dest)
+    _logger.info("downloaded %s (%.1f MiB)", dest, dest.stat().st_size / 2**20)
     return dest
 
 
-def resolve_weights(source: str, cache_dir: Path | None = None, sha256: str | None = None) -> Path:
-    """A local path, an http(s) URL (cached download) or a Hub id (`pytorch_model.bin`) -> local file."""
+def resolve_weights(source: str, cache_dir: Path | None = None, sha256: str | None = None, *,
+                    on_bytes: Callable[[int, int], None] | None = None) -> Path:
+    """A local path, an http(s) URL (cached download; `on_bytes` as in `download`) or a Hub id (`pytorch_model.bin`)
+    -> local file."""
     if source.startswith(("http://", "https://")):
         cache = cache_dir or Path(os.environ.get("LXM_CACHE", Path.home() / ".cache" / "lxm"))
-        return download(source, cache / Path(source.split("?")[0]).name, sha256)
+        return download(source, cache / Path(source.split("?")[0]).name, sha256, on_bytes=on_bytes)
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -190,14 +196,17 @@ def _anchor_difference(stored: torch.Tensor, generated: torch.Tensor) -> str | N
     return f"by up to {float(diff[worst]):.4g} px (anchor {worst}: file {file_row} vs generated {generated_row})"
 
 
-def load_detector_weights(model: GeneralizedRCNN, source: str, *, sha256: str | None = None,
-                          seed: int = 0) -> WeightsReport:
-    """Fill `model` from `source` (strict key/shape check) or with seeded random weights for `random`."""
+def load_detector_weights(model: GeneralizedRCNN, source: str, *, sha256: str | None = None, seed: int = 0,
+                          on_bytes: Callable[[int, int], None] | None = None) -> WeightsReport:
+    """Fill `model` from `source` (strict key/shape check) or with seeded random weights for `random`.
+
+    `on_bytes(done, total)` follows the download when `source` is a URL (see `download`).
+    """
     if source == RANDOM:
         model.init_random(seed)
         _logger.warning("detector weights are RANDOM (seed %d): features are meaningless", seed)
         return WeightsReport(source=f"random(seed={seed})", sha256="random", loaded=len(model.state_dict()))
-    path = resolve_weights(source, sha256=sha256)
+    path = resolve_weights(source, sha256=sha256, on_bytes=on_bytes)
     sd = load_pickle_weights(path) if path.suffix == ".pkl" else load_torch_weights(path)
     digest = sha256_file(path)
     target = model.state_dict()

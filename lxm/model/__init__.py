@@ -1,4 +1,4 @@
-"""LXMERT model package: config, encoder, heads, losses, checkpoint I/O and tokenizer.
+"""LXMERT model package: config, encoder, heads, pretraining and finetuning models, losses, checkpoint I/O, tokenizer.
 
 Reproduces airsplay/lxmert `src/lxrt/modeling.py` (model), `src/lxrt/entry.py` (text input) and the pretraining
 losses of `LXRTPretraining`; see each module's docstring. Imports only torch, numpy, safetensors and tokenizers.
@@ -19,7 +19,8 @@ from lxm.model.losses import (
     soft_answer_loss,
     weighted_box_ce,
 )
-from lxm.model.modeling import LxmertForPreTraining, LxmertModel, LxmertOutput
+from lxm.model.modeling import (LxmertForFinetuning, LxmertForPreTraining, LxmertModel, LxmertOutput, build_lxmert,
+                                is_task_model)
 from lxm.model.tokenizer import Encoding, LxmertTokenizer, TokenizerError
 from lxm.model.weights import (
     CheckpointError,
@@ -34,7 +35,7 @@ from lxm.model.weights import (
 
 __all__ = [
     "LxmertConfig", "lxmert_base", "lxmert_small", "lxmert_tiny", "preset",
-    "LxmertForPreTraining", "LxmertModel", "LxmertOutput",
+    "LxmertForPreTraining", "LxmertForFinetuning", "LxmertModel", "LxmertOutput", "build_lxmert", "is_task_model",
     "LOSS_NAMES", "PretrainLabels", "PretrainLossConfig", "pretraining_losses", "pretraining_step_losses",
     "masked_lm_loss", "match_loss", "weighted_box_ce", "feat_regression_loss", "qa_loss",
     "soft_answer_loss", "pair_loss",

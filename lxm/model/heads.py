@@ -107,5 +107,6 @@ class Nlvr2PairHead(nn.Module):
 
     def forward(self, pooled: Tensor) -> Tensor:
         if pooled.shape[0] % 2:
-            raise ValueError(f"NLVR2 head needs an even number of rows (pairs of images), got {pooled.shape[0]}")
+            raise ValueError(f"NLVR2 pair head: a batch of {pooled.shape[0]} rows is odd; rows 2i and 2i+1 must be the "
+                             f"two images of pair i")
         return self.logit_fc(pooled.reshape(pooled.shape[0] // 2, -1))

@@ -1,8 +1,9 @@
-"""The LXMERT encoder and its pretraining model.
+"""The LXMERT encoder, its pretraining model and the finetuning task model.
 
 Reproduces `src/lxrt/modeling.py` of airsplay/lxmert @ 0db1182 (`BertEmbeddings` L264-292, `BertAttention` L295-347,
 `BertLayer` L418-429, `LXRTXLayer` L439-488, `VisualFeatEncoder` L491-517, `LXRTEncoder` L546-566, `BertPooler`
-L569-581, `LXRTModel` L845-886, `LXRTPretraining` L889-989); paper §2 (model) and §3.1 (pretraining heads).
+L569-581, `LXRTModel` L845-886, `LXRTPretraining` L889-989) and the task models of `src/tasks/{vqa,gqa,nlvr2}_model.py`;
+paper §2 (model), §3.1 (pretraining heads) and §4 (finetuning).
 
 Module and parameter names are those of the Hugging Face port (`lxmert.` where the original has `bert.`), so a
 transformers checkpoint loads with the identity map and an original `*_LXRT.pth` with a prefix rename (see
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lxm.errors import ConfigError
 from lxm.model.config import LxmertConfig
 from lxm.model.heads import (
     AnswerHead,
@@ -110,7 +112,10 @@ class LxmertEmbeddings(nn.Module):
 
 
 class LxmertAttention(nn.Module):
-    """Multi-head attention; queries from `hidden`, keys/values from `context` (original `BertAttention`)."""
+    """Multi-head attention (original `BertAttention`): the q/k/v projections, and `attend` over projected inputs.
+
+    No `forward`: the sublayers project themselves (the cross-attention both streams at once) and call `attend`.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
         super().__init__()
@@ -143,9 +148,6 @@ class LxmertAttention(nn.Module):
         b, _, s, _ = out.shape
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return out if q_layout is None else q_layout.rows(out)
-
-    def forward(self, hidden: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.attend(self.query(hidden), self.key(context), self.value(context), mask)
 
 
 class LxmertResidualOutput(nn.Module):
@@ -185,16 +187,14 @@ class LxmertCrossAttentionLayer(nn.Module):
 
     LXMERT has ONE of these per cross layer and uses it in both directions (README: `lang_attention` was deleted and
     the misnamed `visual_attention` serves both). `both_ways` exploits the sharing: the two streams go through the
-    query/key/value and output projections as one stacked sequence, halving the number of matrix products.
+    query/key/value and output projections as one stacked sequence, halving the number of matrix products. It is the
+    only entry point (no one-direction `forward`: LXMERT never attends one way only).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, attn_dropout: float, eps: float):
         super().__init__()
         self.att = LxmertAttention(hidden_size, num_heads, attn_dropout)
         self.output = LxmertResidualOutput(hidden_size, hidden_size, dropout, eps)
-
-    def forward(self, hidden: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
-        return self.output(self.att(hidden, context, context_mask), hidden)
 
     def both_ways(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None,
                   layout: TextLayout) -> tuple[Tensor, Tensor]:
@@ -456,10 +456,40 @@ class LxmertForPreTraining(nn.Module):
             out.obj_logits, out.attr_logits, out.feat_pred = preds.get("obj"), preds.get("attr"), preds.get("feat")
         if self.answer_head is not None:
             out.answer_logits = self.answer_head(pooled)
-        if self.nlvr2_head is not None and pooled.shape[0] % 2 == 0:
+        if self.nlvr2_head is not None:  # an odd batch is an error (Nlvr2PairHead), never silently no logits
             out.pair_logits = self.nlvr2_head(pooled)
         return out
 
     def num_parameters(self) -> int:
         """Unique parameters (the tied decoder counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def is_task_model(cfg: LxmertConfig) -> bool:
+    """Exactly one finetuning head (answer or NLVR2 pair) and no pretraining head: what finetuning trains."""
+    return not (cfg.task_mask_lm or cfg.task_matched or cfg.task_obj_predict) and cfg.task_qa != cfg.task_nlvr2
+
+
+class LxmertForFinetuning(LxmertForPreTraining):
+    """A finetuning task model: the backbone with one task head, the VQA / GQA answer head or the NLVR2 pair head, and
+    no pretraining head (original `src/tasks/{vqa,gqa,nlvr2}_model.py`; HF `LxmertForQuestionAnswering` for the
+    answer head).
+
+    It is `LxmertForPreTraining` with that head set (same modules, parameter names and outputs), so checkpoints are
+    the same in every format; `load_pretrained` builds this class for such a config.
+    """
+
+    def __init__(self, cfg: LxmertConfig, *, init_weights: bool = True):
+        if not is_task_model(cfg):
+            raise ConfigError("a finetuning model has exactly one of task_qa / task_nlvr2 and none of task_mask_lm, "
+                              f"task_matched, task_obj_predict; got task_qa={cfg.task_qa}, "
+                              f"task_nlvr2={cfg.task_nlvr2}, task_mask_lm={cfg.task_mask_lm}, "
+                              f"task_matched={cfg.task_matched}, task_obj_predict={cfg.task_obj_predict}")
+        super().__init__(cfg, init_weights=init_weights)
+
+
+def build_lxmert(cfg: LxmertConfig, *, init_weights: bool = True) -> LxmertForPreTraining:
+    """The model `cfg` describes: `LxmertForFinetuning` for a task head set (`is_task_model`), else
+    `LxmertForPreTraining`."""
+    cls = LxmertForFinetuning if is_task_model(cfg) else LxmertForPreTraining
+    return cls(cfg, init_weights=init_weights)

@@ -13,8 +13,9 @@ Formats (lxmert.md §6, §11.2 and hf_lxmert_keys.txt):
   ``model.safetensors`` holding lxm's own parameter names (which are the transformers names).
 
 Every load goes through an explicit prefix map into lxm names, is compared key by key and shape by shape with the
-model the config describes, and prints a coverage report; a missing, unexpected or mis-shaped key is an error naming
-the keys (the original loaded with ``strict=False`` and left NLVR2 users at 50.86 %, airsplay/lxmert #1, #84, #96).
+model the config describes, and returns a coverage report (`LoadReport`; logged at DEBUG, the CLI prints it); a
+missing, unexpected or mis-shaped key is an error naming the keys (the original loaded with ``strict=False`` and left
+NLVR2 users at 50.86 %, airsplay/lxmert #1, #84, #96).
 ``.pth``/``.bin`` files are read with ``torch.load(weights_only=True)``; a file that would need arbitrary unpickling
 is refused.
 """
@@ -26,7 +27,6 @@ import logging
 import os
 import pickle
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,7 +37,7 @@ from torch import Tensor
 from lxm.atomic import atomic_path
 from lxm.errors import LxmError
 from lxm.model.config import LxmertConfig
-from lxm.model.modeling import LxmertForPreTraining
+from lxm.model.modeling import LxmertForPreTraining, build_lxmert
 
 _logger = logging.getLogger(__name__)
 
@@ -401,20 +401,17 @@ def load_pretrained_with_report(
     *,
     init_missing_heads: bool = False,
     ignore_extra_heads: bool = False,
-    verbose: bool = True,
 ) -> tuple[LxmertForPreTraining, LoadReport]:
-    """Like `load_pretrained`, also returning the coverage report."""
+    """Like `load_pretrained`, also returning the coverage report (what a caller shows; nothing is printed)."""
     raw = read_checkpoint(source)
     hidden = config.hidden_size if config is not None else (raw.config.hidden_size if raw.config else None)
     sd = rename_to_lxm(raw.state_dict, raw.format, hidden)
     if config is None:
         config = raw.config or infer_config(sd, hf_config=raw.hf_config, source=raw.path)
-    model = LxmertForPreTraining(config)
+    model = build_lxmert(config)
     report = load_into(model, sd, source=raw.path, fmt=raw.format, init_missing_heads=init_missing_heads,
                        ignore_extra_heads=ignore_extra_heads)
-    _logger.info(report.summary())
-    if verbose:
-        print(report.summary(), file=sys.stderr)
+    _logger.debug(report.summary())
     return model, report
 
 
@@ -424,9 +421,9 @@ def load_pretrained(
     *,
     init_missing_heads: bool = False,
     ignore_extra_heads: bool = False,
-    verbose: bool = True,
 ) -> LxmertForPreTraining:
-    """Build the LXMERT pretraining model and load weights from `source`.
+    """Build the LXMERT model of `source` and load its weights: `LxmertForFinetuning` when the config has one task head
+    and no pretraining head (a finetuned VQA / GQA / NLVR2 model), else `LxmertForPreTraining`.
 
     Args:
         source: an original airsplay checkpoint (``*_LXRT.pth`` with ``module.bert.`` keys, or a fine-tuned
@@ -438,13 +435,12 @@ def load_pretrained(
             `config` has but the checkpoint lacks; they keep their fresh init and are listed in the report. Backbone
             keys must always be complete.
         ignore_extra_heads: allow head keys the checkpoint has but `config` lacks; they are dropped and listed.
-        verbose: print the coverage report to stderr.
 
     Raises:
         CheckpointError: unreadable or unsafe file, unknown layout, or any missing/unexpected/mis-shaped key.
     """
     model, _ = load_pretrained_with_report(source, config, init_missing_heads=init_missing_heads,
-                                           ignore_extra_heads=ignore_extra_heads, verbose=verbose)
+                                           ignore_extra_heads=ignore_extra_heads)
     return model
 
 
@@ -452,7 +448,7 @@ def load_pretrained(
 # BERT initialisation
 
 
-def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike, *, verbose: bool = True) -> LoadReport:
+def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike) -> LoadReport:
     """Copy a BERT checkpoint into the parts of LXMERT that BERT has (the original's `from_pretrained("bert-base-
     uncased")` before `--fromScratch`): embeddings, the language layers, pooler, MLM head and the matching head
     (BERT's next-sentence classifier). Every BERT tensor must find its place with the right shape; object-relationship
@@ -461,6 +457,9 @@ def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike, *, ve
     Args:
         source: a transformers BERT directory (config.json + model.safetensors / pytorch_model.bin), such a file, or
             a Hub id such as bert-base-uncased.
+
+    Returns:
+        The coverage report (logged at DEBUG; the caller shows it).
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -504,8 +503,7 @@ def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike, *, ve
                 report.loaded.append(key)
     report.initialised = [k for k in target if k not in renamed and k != TIED_KEY]
     report.ignored = ignored
-    if verbose:
-        print(report.summary(), file=sys.stderr)
+    _logger.debug(report.summary())
     return report
 
 
@@ -597,13 +595,15 @@ def save_original(model: LxmertForPreTraining, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, verbose: bool = True
-                       ) -> LoadReport:
-    """Load `src` (any supported format) strictly and write it to `dst` in format `to` (lxm, hf or original)."""
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> LoadReport:
+    """Load `src` (any supported format) strictly and write it to `dst` in format `to` (lxm, hf or original).
+
+    Returns the coverage report of the load.
+    """
     writers = {"lxm": save_lxm, "hf": save_hf, "original": save_original}
     if to not in writers:
         raise CheckpointError(f"unknown target format {to!r}; one of {', '.join(writers)}")
-    model, report = load_pretrained_with_report(src, verbose=verbose)
+    model, report = load_pretrained_with_report(src)
     if to == "hf":
         hf_config_dict(model.config)  # fail before writing anything
     writers[to](model, dst)

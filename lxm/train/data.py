@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from lxm.corpus.answers import convert_ans
 from lxm.corpus.build import CorpusError
 from lxm.errors import ConfigError, LxmError
-from lxm.extract.store import FeatureStore, read_normalized, store_index
+from lxm.features.store import FeatureStore, read_normalized, store_index
 from lxm.model.losses import PretrainLabels
 from lxm.model.tokenizer import LxmertTokenizer
 

@@ -1,4 +1,5 @@
-"""`lxm finetune {vqa,gqa,nlvr2}` and `lxm predict`: pretrained LXMERT -> task models, validation, submission files.
+"""`lxm finetune {vqa,gqa,nlvr2}` and `lxm predict`: pretrained LXMERT -> task models (`LxmertForFinetuning`),
+validation, submission files.
 
 Reproduces airsplay/lxmert `src/tasks/{vqa,gqa,nlvr2}.py` and `*_model.py` (lxmert.md §5-6): the encoder's pooled
 output feeds an answer head (768 -> 1536 -> GeLU -> LN -> A; BCE on soft scores x A) or, for NLVR2, the pair head on
@@ -15,14 +16,13 @@ original their `.grad` stays None, BertAdam skips them and they end at their ini
 here, and DDP needs no dummy loss term to see every parameter.
 
 Additions: exact resume at epoch boundaries (the logs rewound to it, a damaged last.pt named), a jsonl log,
-per-epoch metrics, predictions in the official formats.
+per-epoch metrics, predictions in the official formats (written by `lxm.eval.formats`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -33,20 +33,21 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from lxm import atomic
 from lxm.corpus.answers import convert_ans
 from lxm.errors import ConfigError
-from lxm.model import (LxmertConfig, LxmertForPreTraining, load_pretrained, load_pretrained_with_report, pair_loss,
-                       preset, save_lxm, soft_answer_loss)
+from lxm.eval import nlvr2_metrics, prediction_file_name, write_predictions
+from lxm.model import (LxmertConfig, LxmertForFinetuning, LxmertForPreTraining, load_pretrained,
+                       load_pretrained_with_report, pair_loss, preset, save_lxm, soft_answer_loss)
 from lxm.model.weights import load_into
 from lxm.train.config import FinetuneConfig
 from lxm.train.data import corpus_file, read_answer_table
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.loop import (append_jsonl, autocast, mean_across_ranks, restore_newest, rewind_logs, start_run,
                             train_step, training_state)
-from lxm.train.metrics import nlvr2_metrics
 from lxm.train.optim import make_optimizer
 from lxm.train.pretrain import MicroBatches, save_state
+
+_logger = logging.getLogger(__name__)
 
 BEST_DIR = "best"  # lxm model directory of the best epoch (what `lxm predict` loads)
 LAST = "last.pt"  # model + optimizer + epoch + RNG: what --resume reads
@@ -85,7 +86,7 @@ def resolve_init(source: str) -> str:
     return source
 
 
-def unused_by_task_heads(model: LxmertForPreTraining) -> list[torch.nn.Module]:
+def unused_by_task_heads(model: LxmertForFinetuning) -> list[torch.nn.Module]:
     """The modules no finetuning head depends on: the answer and pair heads read only the pooled [CLS] state, so the
     vision half of the last cross layer (its self-attention and feed-forward; the cross-attention is shared with the
     language stream) feeds nothing. Without cross layers the whole vision stream does."""
@@ -96,7 +97,7 @@ def unused_by_task_heads(model: LxmertForPreTraining) -> list[torch.nn.Module]:
     return [last.visn_self_att, last.visn_inter, last.visn_output]
 
 
-def freeze_unused(model: LxmertForPreTraining) -> int:
+def freeze_unused(model: LxmertForFinetuning) -> int:
     """Freeze `unused_by_task_heads` (requires_grad False); returns the number of parameters frozen.
 
     In the original these parameters keep `.grad` None, so BertAdam skips them (weight decay included) and they end
@@ -137,16 +138,18 @@ def _pretraining_answers(cfg: FinetuneConfig, init_path: str, rows: int) -> tupl
     return None
 
 
-def build_task_model(cfg: FinetuneConfig, answers: list[str], vocab_size: int, feat_dim: int, log=print
-                     ) -> LxmertForPreTraining:
-    """The task model, from scratch (cfg.from_scratch) or from cfg.init with the answer-head surgery."""
+def build_task_model(cfg: FinetuneConfig, answers: list[str], vocab_size: int, feat_dim: int, log=None
+                     ) -> LxmertForFinetuning:
+    """The task model, from scratch (cfg.from_scratch) or from cfg.init with the answer-head surgery; `log` receives
+    the coverage reports (default: logged)."""
+    log = log or _logger.info
     drop = {} if cfg.dropout < 0 else dict(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     if cfg.from_scratch:
         base = preset(cfg.model).replace(vocab_size=vocab_size, visual_feat_dim=feat_dim, **drop)
         log(f"from scratch: {cfg.model} preset, no pretrained weights")
-        return LxmertForPreTraining(task_config(base, cfg.task, len(answers)))
+        return LxmertForFinetuning(task_config(base, cfg.task, len(answers)))
     init = resolve_init(cfg.init)
-    pre, report = load_pretrained_with_report(init, verbose=False)
+    pre, report = load_pretrained_with_report(init)
     log(report.summary())
     if pre.config.vocab_size != vocab_size:
         raise ConfigError(f"{init}: word embeddings for {pre.config.vocab_size} pieces, but the vocabulary "
@@ -154,7 +157,7 @@ def build_task_model(cfg: FinetuneConfig, answers: list[str], vocab_size: int, f
     if pre.config.visual_feat_dim != feat_dim:
         raise ConfigError(f"{init}: visual features of {pre.config.visual_feat_dim} dims, but the feature stores "
                           f"hold {feat_dim}")
-    model = LxmertForPreTraining(task_config(pre.config.replace(**drop), cfg.task, len(answers)))
+    model = LxmertForFinetuning(task_config(pre.config.replace(**drop), cfg.task, len(answers)))
     src = pre.state_dict()
     sd = {k: v for k, v in src.items() if k.startswith("lxmert.")}
     if cfg.task == "nlvr2":
@@ -203,7 +206,7 @@ def _answer_head_surgery(cfg: FinetuneConfig, init: str, pre: LxmertForPreTraini
 # ---------------------------------------------------------------------------------------------------- predictions
 
 
-def predict(model: LxmertForPreTraining, dataset: FinetuneDataset, answers: list[str], *, batch_size: int = 256,
+def predict(model: LxmertForFinetuning, dataset: FinetuneDataset, answers: list[str], *, batch_size: int = 256,
             device: torch.device | str = "cpu", precision: str = "fp32", num_workers: int = 0) -> dict:
     """id -> predicted answer string (VQA/GQA argmax) or "True"/"False" (NLVR2)."""
     model.eval()
@@ -238,28 +241,14 @@ def score(dataset: FinetuneDataset, predictions: dict, answers: list[str]) -> di
     return {"accuracy": round(100 * total / len(dataset), 2)}
 
 
-def write_predictions(task: str, predictions: dict, path: str | os.PathLike) -> Path:
-    """The official submission formats: VQA [{"question_id", "answer"}], GQA [{"questionId", "prediction"}],
-    NLVR2 CSV lines `identifier,True|False`. Written atomically."""
-    if task == "vqa":
-        text = json.dumps([{"question_id": int(q), "answer": a} for q, a in predictions.items()])
-    elif task == "gqa":
-        text = json.dumps([{"questionId": str(q), "prediction": a} for q, a in predictions.items()])
-    else:
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(predictions.items())
-        text = buf.getvalue()
-    atomic.write_text(path, text)
-    return Path(path)
-
-
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
 class Finetuner:
-    def __init__(self, cfg: FinetuneConfig, out: str | os.PathLike, *, resume: bool = False, log=print,
+    def __init__(self, cfg: FinetuneConfig, out: str | os.PathLike, *, resume: bool = False, log=None,
                  on_record=None):
-        self.cfg, self.out, self.log, self.on_record = cfg, Path(out), log, on_record
+        """`log` receives messages (default: logged); `on_record` every log record (after it is written)."""
+        self.cfg, self.out, self.log, self.on_record = cfg, Path(out), log or _logger.info, on_record
         self.dist, self.device = start_run(cfg, self.out)
         self.answers = task_answers(cfg)
         if self.dist.is_main and self.answers:
@@ -375,7 +364,7 @@ class Finetuner:
                     self.best, self.best_epoch = metrics.get("accuracy", -1.0), self.epoch - 1
                     save_lxm(self.model, self.out / BEST_DIR)
                     if preds:
-                        write_predictions(cfg.task, preds, self.out / "predictions" / _prediction_name(
+                        write_predictions(cfg.task, preds, self.out / "predictions" / prediction_file_name(
                             cfg.task, cfg.valid_split))
                 save_state(self.out / LAST, self._state())  # after best/: a crash never loses the best model
         summary = {"task": cfg.task, "epochs": self.epoch, "steps": self.step, "best_epoch": self.best_epoch,
@@ -385,19 +374,17 @@ class Finetuner:
         return summary
 
 
-def _prediction_name(task: str, split: str) -> str:
-    return f"{split}_predict.csv" if task == "nlvr2" else f"{split}_predict.json"
-
-
 # ---------------------------------------------------------------------------------------------------- lxm predict
 
 
 def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.PathLike, *, corpus: str | None = None,
                 features: list[str] | None = None, batch_size: int | None = None, device: str = "auto",
-                log=print) -> tuple[Path, dict]:
-    """Load RUN/best (and RUN/config.yaml for corpus, features, vocab, answers), predict `split`, write `out`.
+                log=None) -> tuple[Path, dict]:
+    """Load RUN/best (and RUN/config.yaml for corpus, features, vocab, answers), predict `split`, write `out`;
+    `log` receives messages (default: logged).
 
     Returns (path written, scores when the split is labelled else {})."""
+    log = log or _logger.info
     run = Path(run)
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: not an lxm finetuning run (no config.yaml)")
@@ -417,7 +404,7 @@ def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.Pat
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{run}: no {BEST_DIR}/ model yet (the run has not finished an epoch)")
     answers = read_answer_table(run / "answers.json") if cfg.task != "nlvr2" else []
-    model = load_pretrained(model_dir, verbose=False)
+    model = load_pretrained(model_dir)
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model.to(dev)
     data = FinetuneDataset(cfg.task, corpus or cfg.corpus, [split], features or cfg.features, cfg.vocab, answers,

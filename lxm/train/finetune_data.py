@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lxm.errors import LxmError
-from lxm.extract.store import FeatureStore, read_normalized, store_index
+from lxm.features.store import FeatureStore, read_normalized, store_index
 from lxm.model.tokenizer import LxmertTokenizer
 from lxm.train.data import corpus_file, read_corpus_table
 

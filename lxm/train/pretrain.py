@@ -12,6 +12,7 @@ of every loss term, NaN guard.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,13 +25,15 @@ from torch.utils.data import DataLoader, Sampler
 
 from lxm.atomic import atomic_path
 from lxm.errors import ConfigError
-from lxm.model import (LxmertForPreTraining, PretrainLossConfig, load_pretrained, preset, pretraining_step_losses,
-                       save_lxm)
+from lxm.model import (LxmertForPreTraining, PretrainLossConfig, load_pretrained_with_report, preset,
+                       pretraining_step_losses, save_lxm)
 from lxm.train.config import PretrainConfig
 from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_table
 from lxm.train.loop import (DistInfo, append_jsonl, autocast, mean_across_ranks, restore_newest, rewind_logs,
                             start_run, train_step, training_state)
 from lxm.train.optim import make_optimizer
+
+_logger = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 
@@ -80,9 +83,11 @@ def detector_label_counts(stores) -> tuple[int, int] | None:
 
 
 def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers: int,
-                label_counts: tuple[int, int] | None = None) -> LxmertForPreTraining:
+                label_counts: tuple[int, int] | None = None, log=None) -> LxmertForPreTraining:
+    """The model of `cfg.model`: a preset built fresh, or a checkpoint loaded (its coverage report goes to `log`)."""
     if Path(cfg.model).exists() or "/" in cfg.model:
-        model = load_pretrained(cfg.model)
+        model, report = load_pretrained_with_report(cfg.model)
+        (log or _logger.info)(report.summary())
         if model.config.num_qa_labels != num_answers:
             raise ConfigError(f"{cfg.model}: answer head has {model.config.num_qa_labels} answers, the answer table "
                               f"{num_answers}")
@@ -116,10 +121,11 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 class Pretrainer:
-    def __init__(self, cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = False, log=print,
+    def __init__(self, cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = False, log=None,
                  on_record=None):
-        """`log` receives messages; `on_record` every log record (after it is written), e.g. for a progress bar."""
-        self.cfg, self.out, self.log, self.on_record = cfg, Path(out), log, on_record
+        """`log` receives messages (default: logged); `on_record` every log record (after it is written), e.g. for a
+        progress bar."""
+        self.cfg, self.out, self.log, self.on_record = cfg, Path(out), log or _logger.info, on_record
         self.dist, self.device = start_run(cfg, self.out, CKPT_DIR)
         answers = _answers(cfg)
         common = dict(word_mask_rate=cfg.word_mask_rate, obj_mask_rate=cfg.obj_mask_rate, max_length=cfg.max_length,
@@ -134,12 +140,13 @@ class Pretrainer:
             except ValueError:
                 self.log(f"no {cfg.valid_split} sentences with features: validation skipped")
         feat_dim = self.train_set.stores[0].feature_dim
+        main_log = self.log if self.dist.is_main else (lambda *_: None)  # reports once, not once per process
         self.model = build_model(cfg, self.train_set.tokenizer.vocab_size, feat_dim, len(answers),
-                                 detector_label_counts(self.train_set.stores))
+                                 detector_label_counts(self.train_set.stores), log=main_log)
         if cfg.init_bert and not resume:
             from lxm.model.weights import init_from_bert
 
-            init_from_bert(self.model, cfg.init_bert, verbose=self.dist.is_main)
+            main_log(init_from_bert(self.model, cfg.init_bert).summary())
         self.model = self.model.to(self.device)
         self.ddp = self.model
         if self.dist.world_size > 1:

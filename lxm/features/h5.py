@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from lxm.atomic import atomic_path
-from lxm.extract.records import ImageFeatures, RecordError
+from lxm.features.records import ImageFeatures, RecordError
 
 H5_FORMAT = "lxm-features-h5"
 ARRAY_FIELDS = ("img_h", "img_w", "num_boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "boxes",

@@ -5,7 +5,7 @@ line, no header, 10 tab-separated fields in `FIELDS` order; arrays are base64 of
 confidences/boxes/features float32); lines end with CRLF (Python's csv writer). The original loader decoded whole
 files into RAM (80 GB for pretraining, airsplay/lxmert #37); this reader yields one record at a time.
 
-`convert_tsv` (`lxm convert tsv`) imports a TSV into a feature store (`lxm.extract.store`). Unlike `load_obj_tsv`,
+`convert_tsv` (`lxm convert tsv`) imports a TSV into a feature store (`lxm.features.store`). Unlike `load_obj_tsv`,
 which stops at the first bad row, a bad line is recorded in the store's failures.jsonl and the rest converts; a
 resumed conversion skips stored rows by their img_id without decoding them.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from lxm.atomic import atomic_path, write_text
-from lxm.extract.records import FIELDS, ImageFeatures, RecordError
-from lxm.extract.store import FeatureStoreWriter
+from lxm.features.records import FIELDS, ImageFeatures, RecordError
+from lxm.features.store import FeatureStoreWriter
 
 _logger = logging.getLogger(__name__)
 

@@ -5,6 +5,9 @@ NLVR2 formats describing them (datasets.md), then runs the real commands in orde
 finetune vqa and nlvr2, predict, evaluate, show, plot — and writes report.md with the commands, their work and
 times, the metrics and the pictures. Nothing is downloaded: the detector has seeded random weights unless --weights is
 given, and the WordPiece vocabulary is trained on the world's own text unless --vocab is given.
+
+It is part of the program, not of the library: it drives the `lxm` command group it is given (the command passes
+its own root, `typer.Context.find_root().command`), so it never imports `lxm.cli` and the package has no cycle.
 """
 
 from __future__ import annotations
@@ -12,15 +15,24 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+import click
+import typer
 
+from lxm.cli.common import USER_ERRORS, err, fail
 from lxm.errors import LxmError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_logger = logging.getLogger(__name__)
 
 SHAPES = ["circle", "square", "triangle"]
 COLORS = ["red", "green", "blue", "yellow"]
@@ -100,6 +112,8 @@ def _vqa_annotation(qid: int, image_id: int, answer: str, qtype: str, atype: str
 
 def make_world(root: Path, cfg: QuickstartConfig) -> dict:
     """Images under root/images/{train2014,val2014,nlvr2}, raw files under root/raw/{coco,vqa,nlvr2}."""
+    import numpy as np  # here, not at the top: `lxm --help` imports this module
+
     rng = np.random.default_rng(cfg.seed)
     raw = root / "raw"
     for sub in ("images/train2014", "images/val2014", "images/nlvr2", "raw/coco", "raw/vqa", "raw/nlvr2"):
@@ -181,18 +195,14 @@ def train_vocab(root: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------- the run
 
 
-def _invoke(stage: Stage, log) -> str:
+def _invoke(cli: click.Command, stage: Stage, log) -> str:
     """Run one `lxm` command in this process; its stdout is returned, a non-zero exit raises."""
-    from typer.main import get_command
-
-    from lxm.cli import app  # the CLI is this module's client too: imported late to avoid a cycle
-
     log(f"$ {' '.join(shlex.quote(a) for a in ['lxm', *stage.command])}")
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
         try:
-            code = get_command(app).main(args=stage.command, prog_name="lxm", standalone_mode=False)
+            code = cli.main(args=stage.command, prog_name="lxm", standalone_mode=False)
         except SystemExit as exc:
             code = exc.code
     stage.seconds = time.perf_counter() - t0
@@ -226,7 +236,10 @@ def _steps(run: Path) -> int:
     return train[-1]["step"] if train else 0
 
 
-def run_quickstart(out: str | os.PathLike, cfg: QuickstartConfig | None = None, log=print) -> QuickstartResult:
+def run_quickstart(out: str | os.PathLike, cli: click.Command, cfg: QuickstartConfig | None = None, log=None
+                   ) -> QuickstartResult:
+    """Make the world in `out` and run the stages through `cli`, the `lxm` command group
+    (`typer.main.get_command(lxm.cli.app)` from Python); `log` receives progress messages (default: logged)."""
     import torch
 
     cfg = cfg or QuickstartConfig()
@@ -240,12 +253,12 @@ def run_quickstart(out: str | os.PathLike, cfg: QuickstartConfig | None = None, 
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _run(root, cfg, log)
+        return _run(root, cli, cfg, log or _logger.info)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(root: Path, cfg: QuickstartConfig, log) -> QuickstartResult:
+def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> QuickstartResult:
     from lxm.train.plot import read_log
 
     result = QuickstartResult(root)
@@ -268,7 +281,7 @@ def _run(root: Path, cfg: QuickstartConfig, log) -> QuickstartResult:
                                          "--minival-ids", f("raw", "minival.json"), "--vqa-min-questions", "1",
                                          "--overwrite", *[x for p in feats for x in ("--features", p)]]))
     for stage in stages:
-        _invoke(stage, log)
+        _invoke(cli, stage, log)
         result.stages.append(stage)
     common = [x for p in feats for x in ("--features", p)] + ["--corpus", f("corpus"), "--set", f"vocab={vocab}"]
     epochs, max_steps = pretrain_schedule(cfg.pretrain_steps, _pretrain_sentences(root / "corpus"), PRETRAIN_BATCH)
@@ -299,7 +312,7 @@ def _run(root: Path, cfg: QuickstartConfig, log) -> QuickstartResult:
     stages += [Stage(f"plot {r}", ["plot", f("runs", r), "--out", f("pictures", r)]) for r in ("pretrain", "vqa",
                                                                                              "nlvr2")]
     for stage in stages:
-        output = _invoke(stage, log)
+        output = _invoke(cli, stage, log)
         result.stages.append(stage)
         if stage.name in ("pretrain", "finetune vqa", "finetune nlvr2"):
             batch = PRETRAIN_BATCH if stage.name == "pretrain" else FINETUNE_BATCH
@@ -364,3 +377,38 @@ def write_report(result: QuickstartResult, cfg: QuickstartConfig, counts: dict, 
     path = result.out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------- the command
+
+
+def quickstart_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("lxm-quickstart"), "--out", help="Directory for the world, runs and report.md."),
+    weights: str = typer.Option("random", "--weights", help="Detector weights for lxm extract; 'random' (default) "
+                                                           "= seeded random init: meaningless features."),
+    vocab: str = typer.Option("", "--vocab", help="WordPiece vocabulary (default: trained on the world's text)."),
+    pretrain_steps: int = typer.Option(200, "--pretrain-steps", min=1, help="Pretraining optimizer steps at most "
+                                                                             "(the whole epochs that fit)."),
+    finetune_epochs: int = typer.Option(4, "--finetune-epochs", min=1, help="Finetuning epochs per task."),
+    detector_vocab: str = typer.Option("", "--detector-vocab", help="Folder with the detector's objects_vocab.txt "
+                                                                    "and attributes_vocab.txt: names in boxes.png."),
+) -> None:
+    """Run the whole chain on a small synthetic world, offline: render images of coloured shapes with COCO / VQA /
+    NLVR2 annotation files, then extract, build-corpus, pretrain, finetune vqa and nlvr2, predict, evaluate, show and
+    plot, and write OUT/report.md (commands, work, times, metrics, pictures). About 25 s on 2 idle CPU cores.
+
+    Example: lxm quickstart --out /tmp/lxm-quickstart
+    """
+    cfg = QuickstartConfig(weights=weights, vocab=vocab, pretrain_steps=pretrain_steps, detector_vocab=detector_vocab,
+                           finetune_epochs=finetune_epochs)
+    if weights == "random":
+        err.print("quickstart: the detector gets seeded RANDOM weights (no download); the features are meaningless "
+                  "and the metrics only show that the chain runs. Pass --weights for real features.",
+                  highlight=False)
+    try:
+        result = run_quickstart(out, ctx.find_root().command, cfg,
+                                log=lambda m: err.print(m, highlight=False, markup=False))
+    except USER_ERRORS as exc:
+        fail(exc)
+    err.print(f"report: {result.out / 'report.md'}", highlight=False)

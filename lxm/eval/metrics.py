@@ -1,4 +1,7 @@
-"""The official VQA, GQA and NLVR2 metrics as pure functions (no model needed).
+"""The official VQA, GQA and NLVR2 metrics as pure functions over parsed inputs (no model, no torch).
+
+The official files are read by `lxm.eval.formats`; `lxm.eval.evaluate_vqa` / `evaluate_gqa` / `evaluate_nlvr2` do
+both from file paths.
 
 - VQA: GT-Vision-Lab/VQA `vqaEval.py` after commit a013f00 (datasets.md §4): answers and prediction have "\\n"/"\\t"
   replaced and are stripped; ONLY if the 10 ground-truth answers are not all identical are they and the prediction
@@ -15,33 +18,29 @@
   validity / plausibility: prediction in `choices[qid]["valid"]` / `["plausible"]` (or in color/material/shape when
   `types.detailed` contains "Common"); distribution: per `groups.global` group the chi-square sum over the group's gold
   answers of (predicted count - gold count)^2 / gold count, averaged with the group sizes as weights, divided by 100.
-- NLVR2: lil-lab/nlvr `nlvr2/eval/metrics.py` (commit 70d13f6; datasets.md §7): predictions are CSV lines
-  `identifier,prediction[,anything]` of which only the first two fields count; the examples scored are those of the
+- NLVR2: lil-lab/nlvr `nlvr2/eval/metrics.py` (commit 70d13f6; datasets.md §7): the examples scored are those of the
   annotation file (so full dev predictions score a `balanced_dev.json` subset); accuracy (case-insensitive label
   match) and consistency (a group = identifier with the pair id blanked, `split-set--sentence`; consistent iff all
   its examples are right), in percent rounded to 2 decimals.
 
-Deliberate differences from the official scripts, all where those crash, stop or silently guess:
-- NLVR2: fields are stripped of surrounding spaces; blank lines are skipped and a first line `identifier,prediction`
-  is taken as a header (metrics.py crashes on blank lines and would read the header as a prediction); a line with
-  fewer than two fields or a repeated identifier is an error (metrics.py crashes / keeps the last); missing
-  predictions are an error naming how many and a few ids (metrics.py lists them and exits with status 0, or, when
-  extra predictions make up the count, crashes with KeyError); predictions for identifiers outside the annotation
-  file are counted in `ignored_predictions`; values are percent rounded to 2 decimals (metrics.py prints fractions).
+Deliberate differences from the official scripts, all where those crash, stop or silently guess (the differences in
+reading the files are listed in `lxm.eval.formats`):
+- NLVR2: missing predictions are an error naming how many and a few ids (metrics.py lists them and exits with status
+  0, or, when extra predictions make up the count, crashes with KeyError); predictions for identifiers outside the
+  annotation file are counted in `ignored_predictions`; values are percent rounded to 2 decimals (metrics.py prints
+  fractions).
 - GQA: entailed ids absent from the questions file are skipped and counted in `entailed_absent` (eval.py raises
   KeyError; with `testdev_balanced_questions.json` many entailed questions are unbalanced ones not in the file);
   entailed questions that are in the file need a prediction, as eval.py asks of every question with `--consistency`;
   an unbalanced question that no balanced one entails needs none (eval.py's main loop crashes without it);
-  predictions for ids outside the file are counted in `ignored_predictions`; a repeated questionId is an error
-  (eval.py keeps the last); questionIds are compared as strings (the server's format; eval.py misses int ids);
-  validity and plausibility are left out without a choices file (eval.py requires one); distribution is None when no
-  balanced question has a global group (eval.py divides by zero); no balanced question at all is an error (eval.py
-  reports zeros); grounding (attention maps) and chunked question directories are not supported.
+  predictions for ids outside the file are counted in `ignored_predictions`; validity and plausibility are left out
+  without a choices file (eval.py requires one); distribution is None when no balanced question has a global group
+  (eval.py divides by zero); no balanced question at all is an error (eval.py reports zeros); grounding (attention
+  maps) and chunked question directories are not supported.
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
@@ -51,11 +50,13 @@ from lxm.errors import LxmError
 
 class MetricsInputError(LxmError, ValueError):
     """An evaluation input cannot be used. `source` names the input ("predictions", "questions", "choices",
-    "annotations") so that a caller can put its file name in front of the one-line message."""
+    "annotations") so that a caller can put its file name in front of the one-line message; `path` is that file
+    once the message names it (set by `lxm.eval.formats.read_json` and the `evaluate_*` functions)."""
 
-    def __init__(self, source: str, message: str):
+    def __init__(self, source: str, message: str, path: str | None = None):
         super().__init__(message)
         self.source = source
+        self.path = path
 
 
 class PredictionError(MetricsInputError):
@@ -99,42 +100,6 @@ def vqa_question_accuracy(prediction: str, gt_answers: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
-def _records(obj: object, key: str | None, source: str, fields: dict[str, type]) -> list[Mapping]:
-    """The records of a VQA file (under `key`, or the top-level array), each checked to hold `fields`."""
-    records = obj if key is None else obj.get(key) if isinstance(obj, Mapping) else None
-    if not isinstance(records, list):
-        where = f"an object with a list {key!r}" if key is not None else "a JSON array"
-        raise MetricsInputError(source, f"expected {where}")
-    for n, rec in enumerate(records):
-        if not isinstance(rec, Mapping):
-            raise MetricsInputError(source, f"record {n}: not a JSON object")
-        for field, kind in fields.items():
-            if not isinstance(rec.get(field), kind) or isinstance(rec.get(field), bool):
-                raise MetricsInputError(source, f"record {n}: no {kind.__name__} field {field!r}")
-    return records
-
-
-def vqa_inputs(questions: object, annotations: object, predictions: object) -> tuple[list[Mapping], dict[int, str]]:
-    """The parsed JSON of the official files -> (annotations of the evaluated questions, question_id -> answer).
-
-    questions: `v2_OpenEnded_mscoco_*_questions.json`; annotations: `v2_mscoco_*_annotations.json` (may cover more
-    questions, as the full val annotations do for minival); predictions: `[{"question_id": int, "answer": str}]`.
-    """
-    qids = {q["question_id"] for q in _records(questions, "questions", "questions", {"question_id": int})}
-    anns = [a for a in _records(annotations, "annotations", "annotations",
-                                {"question_id": int, "answers": list, "answer_type": str, "question_type": str})
-            if a["question_id"] in qids]
-    for a in anns:
-        if not all(isinstance(x, Mapping) and isinstance(x.get("answer"), str) for x in a["answers"]):
-            raise MetricsInputError("annotations", f"question {a['question_id']}: answers without a string 'answer'")
-    preds: dict[int, str] = {}
-    for n, rec in enumerate(_records(predictions, None, "predictions", {"question_id": int, "answer": str})):
-        if rec["question_id"] in preds:
-            raise PredictionError(f"record {n}: question_id {rec['question_id']} again")
-        preds[rec["question_id"]] = rec["answer"]
-    return anns, preds
-
-
 def vqa_accuracy(annotations: list[Mapping], predictions: Mapping[int, str]) -> dict:
     """annotations: VQA v2 annotation records; predictions: question_id -> answer. Percentages, 2 decimals."""
     _check_ids((a["question_id"] for a in annotations), predictions, "questions")
@@ -159,24 +124,6 @@ def vqa_accuracy(annotations: list[Mapping], predictions: Mapping[int, str]) -> 
 # eval.py getStepsNum: these substrings mark the final "querying" operation, which adds no reasoning step
 _NO_STEP = ("exist", "query: name", "choose name")
 _COMMON_GROUP = ("color", "material", "shape")  # eval.py belongs(): what "what is common" questions may answer
-
-
-def gqa_predictions(records: object) -> dict[str, str]:
-    """The submission array `[{"questionId": str, "prediction": str}, ...]` -> questionId (as str) -> prediction."""
-    if not isinstance(records, list):
-        raise PredictionError('expected a JSON array of {"questionId": str, "prediction": str}')
-    preds: dict[str, str] = {}
-    first: dict[str, int] = {}
-    for n, rec in enumerate(records, start=1):
-        for key in ("questionId", "prediction"):
-            if not isinstance(rec, Mapping) or key not in rec:
-                raise PredictionError(f"record {n}: no field {key!r}")
-        qid = str(rec["questionId"])
-        if qid in first:
-            raise PredictionError(f"record {n}: questionId {qid} again (first in record {first[qid]})")
-        first[qid] = n
-        preds[qid] = rec["prediction"]
-    return preds
 
 
 def _field(record: object, qid: str, source: str, *path: str):
@@ -308,52 +255,6 @@ def gqa_metrics(questions: Mapping[str, Mapping], predictions: Mapping[str, str]
 
 
 # ---------------------------------------------------------------------------------------------------- NLVR2
-
-_HEADER = ["identifier", "prediction"]
-
-
-def nlvr2_predictions(text: str) -> dict[str, str]:
-    """Parse a predictions CSV: `identifier,prediction[,anything]` per line; only the first two fields count.
-
-    Blank lines are skipped, and so is a first line `identifier,prediction` (a header)."""
-    preds: dict[str, str] = {}
-    first: dict[str, int] = {}
-    seen_line = False
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = [f.strip() for f in line.split(",")]
-        if not seen_line:
-            seen_line = True
-            if [f.lower() for f in fields[:2]] == _HEADER:
-                continue
-        if len(fields) < 2 or not fields[0] or not fields[1]:
-            raise PredictionError(f"line {n}: expected identifier,prediction, got {line.strip()[:80]!r}")
-        ident = fields[0]
-        if ident in first:
-            raise PredictionError(f"line {n}: identifier {ident} again (first on line {first[ident]})")
-        first[ident] = n
-        preds[ident] = fields[1]
-    return preds
-
-
-def nlvr2_labels(text: str) -> dict[str, str]:
-    """Parse an NLVR2 annotation file (JSON lines with `identifier` and `label`) -> identifier -> label."""
-    labels: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MetricsInputError("annotations", f"line {n}: not a JSON object ({exc.msg})") from None
-        for key in ("identifier", "label"):
-            if not isinstance(rec, Mapping) or not isinstance(rec.get(key), str):
-                raise MetricsInputError("annotations", f"line {n}: no string field {key!r}")
-        if rec["identifier"] in labels:
-            raise MetricsInputError("annotations", f"line {n}: identifier {rec['identifier']} again")
-        labels[rec["identifier"]] = rec["label"]
-    return labels
 
 
 def nlvr2_metrics(labels: Mapping[str, str], predictions: Mapping[str, str]) -> dict:

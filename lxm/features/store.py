@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from lxm import atomic
 from lxm.errors import LxmError
-from lxm.extract.records import ImageFeatures, RecordError
+from lxm.features.records import ImageFeatures, RecordError
 
 _logger = logging.getLogger(__name__)
 

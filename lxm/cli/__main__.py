@@ -1,0 +1,5 @@
+"""`python -m lxm.cli` (and `torchrun ... -m lxm.cli`) runs the `lxm` command line."""
+
+from lxm.cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""`lxm extract`: a folder of images -> a feature store, with the VG Faster R-CNN (thin wrapper over
+`lxm.extract.pipeline`).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from lxm.cli.common import USER_ERRORS, FeatureDtype, err, fail, progress
+from lxm.errors import ConfigError
+
+
+class DetectorPreset(str, Enum):
+    vg_r101 = "vg-r101"
+    tiny = "tiny"
+
+
+class Engine(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    detectron2 = "detectron2"
+
+
+class SelectMode(str, Enum):
+    lxmert = "lxmert"
+    maxnms = "maxnms"
+
+
+def extract_cmd(
+    images: Path = typer.Option(..., "--images", exists=True, file_okay=False,
+                                help="Folder of images (jpg/png/...); img_id = file name without suffix."),
+    out: Path = typer.Option(..., "--out", help="Feature store directory (created, or resumed if it exists)."),
+    weights: str = typer.Option(..., "--weights", help="faster_rcnn_from_caffe_attr.pkl or pytorch_model.bin path, "
+                                                       "an http(s) URL, a Hub id (unc-nlp/frcnn-vg-finetuned), or "
+                                                       "'random' (seeded random weights: meaningless features)."),
+    engine: Engine = typer.Option(Engine.auto, help="auto: detectron2 if it imports, else torch (said in the output "
+                                                    "and the manifest); torch: plain torch + torchvision; "
+                                                    "detectron2: the same network in detectron2 (not on PyPI: "
+                                                    "installed from its repository, or the Docker image)."),
+    mode: SelectMode = typer.Option(SelectMode.lxmert, help="lxmert: the released TSVs' rule (per-class NMS 0.3 on "
+                                                            "proposals, score >= 0.2, exactly N); maxnms: airsplay's "
+                                                            "detectron2 demo rule."),
+    boxes: int = typer.Option(36, "--boxes", min=1, help="Boxes per image."),
+    device: str = typer.Option("cpu", help="cpu or cuda (fails if CUDA is absent)."),
+    dtype: FeatureDtype = typer.Option(FeatureDtype.float16, help="Stored feature precision."),
+    batch_size: int = typer.Option(4, min=1, help="Images per step; equal-size images share a backbone pass."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (faster on GPUs; features drift slightly)."),
+    detector: DetectorPreset = typer.Option(DetectorPreset.vg_r101, help="Network: the BUTD ResNet-101 detector, or "
+                                                                         "'tiny' for smoke tests."),
+    shard: str = typer.Option(None, "--shard", help="i/n: process the i-th of n disjoint parts of the sorted image "
+                                                    "list (default: torchrun's RANK/WORLD_SIZE, else 0/1)."),
+    seed: int = typer.Option(0, help="Seed for --weights random."),
+    rows_per_shard: int = typer.Option(1024, min=1, help="Images per Arrow shard (a crash loses at most one shard)."),
+) -> None:
+    """Extract 36-box Visual Genome Faster R-CNN region features from a folder of images into a feature store.
+
+    Images are found in the folder and its subfolders. Re-running the same command skips images already stored;
+    images that cannot be used are listed in failures.jsonl with the reason (one record per image). Several runs
+    may write one --out at once (e.g. one per GPU, with or without --shard): they split the work. The exit code is
+    non-zero if the folder holds no image, or none of them could be used.
+
+    Example: lxm extract --images coco/train2014 --out features/train2014 --weights faster_rcnn_from_caffe_attr.pkl
+    """
+    from lxm.extract.images import ImageError
+    from lxm.extract.pipeline import ExtractConfig, extract, shard_from_env
+
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            fail(ConfigError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}"))
+    else:
+        i, n = shard_from_env()
+    # --weights random is announced once, by the weights loader's logged warning (it also lands in the manifest)
+    cfg = ExtractConfig(images=str(images), out=str(out), weights=weights, engine=engine.value,
+                        detector=detector.value, mode=mode.value,
+                        num_boxes=boxes, device=device, dtype=dtype.value, batch_size=batch_size, bf16=bf16,
+                        seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard)
+    try:
+        with progress("images") as bar:
+            tasks: list = []  # the bar appears with its total, once the images are listed (not before an error)
+
+            def show_progress(done: int, total: int, per_s: float) -> None:
+                if not tasks:
+                    tasks.append(bar.add_task("", total=total))
+                bar.update(tasks[0], completed=done, total=total, description=f"extract {images.name} {per_s:.1f} img/s")
+
+            downloads: list = []
+
+            def show_download(done: int, total: int) -> None:  # URL weights; the bar counts MiB
+                if not downloads:
+                    downloads.append(bar.add_task(f"download {weights.split('?')[0].rsplit('/', 1)[-1]} (MiB)",
+                                                  total=total / 2**20 if total else None))
+                bar.update(downloads[0], completed=done / 2**20)
+
+            summary = extract(cfg, on_progress=show_progress, on_weights=lambda line: err.print(line, highlight=False),
+                              on_engine=lambda line: err.print(line, highlight=False), on_download=show_download)
+    except USER_ERRORS as exc:
+        fail(exc)
+    s = summary
+    if s["images"] == 0:
+        err.print(f"shard {i}/{n} holds none of the {s['folder_images']} images in {images}: nothing to do",
+                  highlight=False)
+        return
+    if s["already_done"] == s["images"]:
+        err.print(f"all {s['images']} images are already in the store ({s['store_images']} images in {out})",
+                  highlight=False)
+        return
+    others = f", {s['left_to_others']} left to another run writing this store" if s["left_to_others"] else ""
+    err.print(f"extracted {s['extracted']} images, {s['already_done']} already done, {s['failed']} failed (see "
+              f"{s['failures_file']}){others}; store holds {s['store_images']} images; {s['seconds']} s",
+              highlight=False)
+    if s["extracted"] + s["already_done"] + s["left_to_others"] == 0:
+        fail(ImageError(f"{images}: none of its {s['images']} images could be used; the reasons are in "
+                        f"{s['failures_file']}"))

@@ -1,0 +1,178 @@
+"""`lxm pretrain`, `lxm finetune`, `lxm predict`, `lxm plot`: training runs (thin wrappers over `lxm.train`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lxm.cli.common import USER_ERRORS, err, fail, progress
+from lxm.errors import ConfigError
+
+
+def _overrides(set_: list[str] | None, *, init: str | None = None, corpus: Path | None = None,
+               features: list[Path] | None = None) -> list[str]:
+    """--set items, then the dedicated options as the same key=value overrides (they win over the config file)."""
+    out = list(set_ or [])
+    if init:
+        out.append(f"init={init}")
+    if corpus is not None:
+        out.append(f"corpus={corpus}")
+    if features:
+        out.append("features=" + json.dumps([str(f) for f in features]))
+    return out
+
+
+def pretrain_cmd(
+    out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, log.jsonl, checkpoints/."),
+    config: str = typer.Option("base", "--config", help="Preset (base = the original recipe, tiny = smoke test) or a "
+                                                       "YAML file of PretrainConfig keys."),
+    corpus: Path = typer.Option(None, "--corpus", help="Corpus directory from lxm build-corpus (overrides config)."),
+    features: list[Path] = typer.Option(None, "--features", help="Feature store directories (override config)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set lr=5e-5 --set epochs=12."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+) -> None:
+    """Pretrain LXMERT (MLM, matching, object/attribute/feature prediction, QA) as the original recipe by default.
+
+    Writes OUT/config.yaml (resolved) first, a jsonl log of every loss term, checkpoints every N steps and each epoch
+    (atomically; --resume continues exactly), and best.pt by minival loss. Multi-process:
+    torchrun --nproc_per_node 4 -m lxm.cli pretrain ... (DDP; gloo on CPU, nccl on GPU).
+
+    Example: lxm pretrain --corpus corpus/ --features features/train2014 --features features/val2014 --features features/vg --out runs/lxmert
+    """
+    from lxm.train.config import load_config
+    from lxm.train.pretrain import Pretrainer
+
+    try:
+        cfg = load_config(config, _overrides(set_, corpus=corpus, features=features))
+        with progress("steps") as bar:
+            task = bar.add_task("pretrain", total=None)
+
+            def advance(record):
+                if "loss" in record:
+                    bar.update(task, completed=record["step"], description=f"pretrain loss {record['loss']:.3f} "
+                               f"{record.get('samples_per_s', 0):.0f} samples/s")
+
+            trainer = Pretrainer(cfg, out, resume=resume, log=lambda m: err.print(m, highlight=False),
+                                 on_record=advance)
+            bar.update(task, total=trainer.total_steps, completed=trainer.step)
+            result = trainer.run()
+    except USER_ERRORS as exc:
+        fail(exc)
+    err.print(f"done: step {result['step']}, epoch {result['epoch']}; logs and checkpoints in {out}", highlight=False)
+
+
+def finetune_cmd(
+    task: str = typer.Argument(..., help="vqa, gqa or nlvr2."),
+    out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, log.jsonl, metrics.jsonl, best/, "
+                                                "predictions/, last.pt."),
+    init: str = typer.Option(None, "--init", help="Pretrained weights: an lxm pretraining run directory, an "
+                                                  "original *_LXRT.pth, a transformers LXMERT directory or Hub id."),
+    config: str = typer.Option("paper", "--config", help="Preset (paper = the original recipe of the task, tiny = "
+                                                         "smoke test) or a YAML file of FinetuneConfig keys."),
+    corpus: Path = typer.Option(None, "--corpus", help="Corpus directory from lxm build-corpus (overrides config)."),
+    features: list[Path] = typer.Option(None, "--features", help="Feature store directories (override config)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set lr=1e-5 --set epochs=4."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last finished epoch."),
+) -> None:
+    """Finetune LXMERT on VQA, GQA or NLVR2 with the original recipes (batch 32, lr 5e-5 / 1e-5 / 5e-5, 4 epochs,
+    warm-up 10 %, clip 5.0).
+
+    VQA trains on train+nominival and validates on minival; GQA train+valid / testdev; NLVR2 train / dev. The
+    answer head starts from the pretraining QA head by answer string (coverage printed). Each epoch appends the
+    validation score to OUT/metrics.jsonl; the best epoch is kept in OUT/best/ with its predictions in
+    OUT/predictions/ (official formats). Multi-process: torchrun --nproc_per_node 4 -m lxm.cli finetune ...
+
+    Example: lxm finetune vqa --init runs/lxmert --corpus corpus/ --features features/train2014 --features features/val2014 --out runs/vqa
+    """
+    from lxm.train.config import load_finetune_config
+    from lxm.train.finetune import Finetuner
+
+    try:
+        cfg = load_finetune_config(task, config, _overrides(set_, init=init, corpus=corpus, features=features))
+        with progress("steps") as bar:
+            bar_task = bar.add_task(f"finetune {task}", total=None)
+
+            def advance(record):
+                if "loss" in record:
+                    bar.update(bar_task, completed=record["step"],
+                               description=f"{task} epoch {record['epoch']} loss {record['loss']:.3f} "
+                                           f"{record.get('samples_per_s', 0):.0f} samples/s")
+                elif "valid" in record and record["valid"]:
+                    err.print(f"epoch {record['epoch']}: {cfg.valid_split} "
+                              + ", ".join(f"{k} {v}" for k, v in record["valid"].items()), highlight=False)
+
+            trainer = Finetuner(cfg, out, resume=resume, log=lambda m: err.print(m, highlight=False),
+                                on_record=advance)
+            bar.update(bar_task, total=trainer.steps_per_epoch * cfg.epochs, completed=trainer.step)
+            result = trainer.run()
+    except USER_ERRORS as exc:
+        fail(exc)
+    err.print(f"done: {result['epochs']} epochs; best {cfg.valid_split} accuracy {result['best']} (epoch "
+              f"{result['best_epoch']}); model in {out / 'best'}", highlight=False)
+
+
+def predict_cmd(
+    task: str = typer.Argument(..., help="vqa, gqa or nlvr2 (must match the run)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A finetuning run directory (lxm finetune --out)."),
+    split: str = typer.Option(..., "--split", help="Table of the corpus to predict: vqa test/minival/testdev, "
+                                                   "gqa testdev/submit, nlvr2 dev/test1/test2."),
+    out: Path = typer.Option(..., "--out", help="Submission file to write (JSON for VQA/GQA, CSV for NLVR2)."),
+    corpus: Path = typer.Option(None, "--corpus", help="Corpus directory (default: the run's)."),
+    features: list[Path] = typer.Option(None, "--features", help="Feature stores (default: the run's)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Evaluation batch size (default: the run's)."),
+    questions: Path = typer.Option(None, "--questions", exists=True, dir_okay=False,
+                                   help="GQA only: the split's questions with answers (e.g. "
+                                        "testdev_balanced_questions.json); prints lxm evaluate gqa's table."),
+    choices: Path = typer.Option(None, "--choices", exists=True, dir_okay=False,
+                                 help="GQA only, with --questions: choices file for validity / plausibility."),
+) -> None:
+    """Write the official submission file of a split with the run's best model.
+
+    VQA [{"question_id", "answer"}], GQA [{"questionId", "prediction"}], NLVR2 CSV identifier,True|False. When the
+    split has labels, the local score is printed too (use lxm evaluate for the official one). GQA with --questions
+    also prints every eval.py number of the written file as JSON, exactly as lxm evaluate gqa.
+
+    Example: lxm predict vqa --checkpoint runs/vqa --split test --features features/test2015 --out test_predict.json
+    """
+    from lxm.train.finetune import predict_run
+
+    if (questions or choices) and task != "gqa":
+        fail(ConfigError(f"--questions / --choices score GQA predictions; this is {task}"))
+    if choices and not questions:
+        fail(ConfigError("--choices needs --questions"))
+    try:
+        path, scores = predict_run(checkpoint, task, split, out, corpus=str(corpus) if corpus else None,
+                                   features=[str(f) for f in features] if features else None, batch_size=batch_size,
+                                   log=lambda m: err.print(m, highlight=False))
+    except USER_ERRORS as exc:
+        fail(exc)
+    err.print(f"wrote {path}" + (f" (local {split} " + ", ".join(f"{k} {v}" for k, v in scores.items()) + ")"
+                                 if scores else ""), highlight=False)
+    if questions:  # the file just written, scored as lxm evaluate gqa would
+        from lxm.eval import evaluate_gqa
+
+        try:
+            table = evaluate_gqa(questions, path, choices)
+        except USER_ERRORS as exc:
+            fail(exc)
+        typer.echo(json.dumps(table, indent=2))
+
+
+def plot_cmd(
+    run: Path = typer.Argument(..., help="A pretraining or finetuning run directory (reads its log.jsonl)."),
+    out: Path = typer.Option(None, "--out", help="Directory for the PNG files (default RUN/plots)."),
+) -> None:
+    """Plot a run's training losses (every named term, log scale) and validation values per epoch as PNG files.
+
+    Example: lxm plot runs/lxmert
+    """
+    from lxm.train.plot import plot_run
+
+    try:
+        written = plot_run(run, out)
+    except USER_ERRORS as exc:
+        fail(exc)
+    for path in written:
+        err.print(f"wrote {path}", highlight=False)
