@@ -194,6 +194,40 @@ def test_progress_reports_the_total_and_rate_from_the_start(tmp_path):
     assert result.exit_code == 0 and "img/s" in result.output and "10/10" in result.output
 
 
+def test_images_are_decoded_ahead_in_a_loader_thread_with_the_same_results(tmp_path, monkeypatch):
+    import lxm.extract.pipeline as pipeline
+
+    folder = tmp_path / "imgs"
+    _bad_images(folder)
+    for src in sorted(IMAGES.glob("*.jpg"))[:4]:
+        shutil.copy(src, folder / src.name)
+    decoded_in = []
+    real_load = pipeline.load_bgr
+
+    def recording_load(path):  # the real decoder, noting which thread runs it
+        decoded_in.append(threading.current_thread().name)
+        return real_load(path)
+
+    monkeypatch.setattr(pipeline, "load_bgr", recording_load)
+    stores = {}
+    for prefetch in (True, False):
+        decoded_in.clear()
+        out = tmp_path / f"prefetch-{prefetch}"
+        summary = extract(ExtractConfig(images=str(folder), out=str(out), weights="random", detector="tiny",
+                                        num_boxes=10, batch_size=3, engine="torch", prefetch=prefetch))
+        assert summary["extracted"] + summary["failed"] == summary["images"]
+        threads = set(decoded_in)
+        assert threads == ({"lxm-decode_0"} if prefetch else {threading.current_thread().name}), threads
+        stores[prefetch] = (FeatureStore(out), _failure_records(out))
+    (on, fail_on), (off, fail_off) = stores[True], stores[False]
+    assert sorted(on.ids()) == sorted(off.ids()) and len(on) >= 10
+    assert {r["img_id"]: r["reason"] for r in fail_on} == {r["img_id"]: r["reason"] for r in fail_off}
+    for img_id in on.ids():
+        a, b = on.get(img_id), off.get(img_id)
+        np.testing.assert_array_equal(a.features, b.features)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+
+
 def test_shards_split_the_images_disjointly(tmp_path):
     for part in ("0/2", "1/2"):
         assert _extract("--images", IMAGES, "--out", tmp_path / "s", "--shard", part, *TINY).exit_code == 0

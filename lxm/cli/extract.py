@@ -48,6 +48,8 @@ def extract_cmd(
     dtype: FeatureDtype = typer.Option(FeatureDtype.float16, help="Stored feature precision."),
     batch_size: int = typer.Option(4, min=1, help="Images per step; equal-size images share a backbone pass."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (faster on GPUs; features drift slightly)."),
+    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch",
+                                  help="Decode and preprocess the next batch in a thread while the detector runs."),
     detector: DetectorPreset = typer.Option(DetectorPreset.vg_r101, help="Network: the BUTD ResNet-101 detector, or "
                                                                          "'tiny' for smoke tests."),
     shard: str = typer.Option(None, "--shard", help="i/n: process the i-th of n disjoint parts of the sorted image "
@@ -78,7 +80,7 @@ def extract_cmd(
     cfg = ExtractConfig(images=str(images), out=str(out), weights=weights, engine=engine.value,
                         detector=detector.value, mode=mode.value,
                         num_boxes=boxes, device=device, dtype=dtype.value, batch_size=batch_size, bf16=bf16,
-                        seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard)
+                        prefetch=prefetch, seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard)
     try:
         with progress("images") as bar:
             tasks: list = []  # the bar appears with its total, once the images are listed (not before an error)

@@ -27,6 +27,7 @@ import subprocess
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class ExtractConfig:
     dtype: str = "float16"  # stored feature precision
     batch_size: int = 4  # images decoded and run together
     bf16: bool = False  # bfloat16 autocast for the network (changes features slightly; off by default)
+    prefetch: bool = True  # decode + preprocess the next batch in a thread while the detector runs this one
     seed: int = 0  # random-weights seed
     shard: int = 0  # this worker's index ...
     num_shards: int = 1  # ... of this many (images split disjointly: sorted list [shard::num_shards])
@@ -159,6 +161,16 @@ def package_commit(module) -> str:
         if re.fullmatch(r"[0-9a-f]{40}", head):
             return head
     return "unknown"
+
+
+class _Done:
+    """A finished result with a Future's `result()`: the batch decoded in place when `prefetch` is off."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def _record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeatures:
@@ -288,23 +300,41 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
                 "images": str(Path(cfg.images).resolve()), **meta,
             }
             t0 = time.perf_counter()  # the rate counts extraction, not loading the weights
-        while candidates:
-            ids = writer.claim(candidates, cfg.batch_size)
-            if not ids:
-                break
-            attempted.update(ids)
-            batch, blobs = [], []
+
+        def decode(ids: list[str]) -> list[tuple[Path, tuple | str]]:
+            """(path, (blob, scale, (h, w)) or the reason it failed) per image; cv2 and numpy release the GIL."""
+            out: list[tuple[Path, tuple | str]] = []
             for path in (by_id[i] for i in ids):
                 try:
                     img = load_bgr(path)
                     blob, scale = caffe_blob(img, det.pixel_mean_bgr, det.min_size, det.max_size)
+                    out.append((path, (blob, scale, img.shape[:2])))
                 except (ImageError, cv2.error) as exc:
-                    fail(path, str(exc))
-                    continue
-                batch.append(path)
-                blobs.append((blob, scale, img.shape[:2]))
-            if blobs:
-                outs = detect(model, blobs, device, cfg.bf16)
+                    out.append((path, str(exc)))
+            return out
+
+        def claim_and_decode():
+            """The next batch: claimed here (the writer is not thread-safe), decoded ahead in the loader thread."""
+            ids = writer.claim(candidates, cfg.batch_size) if candidates else []
+            if not ids:
+                return None
+            attempted.update(ids)
+            return len(ids), loader.submit(decode, ids) if loader is not None else _Done(decode(ids))
+
+        loader = ThreadPoolExecutor(1, thread_name_prefix="lxm-decode") if cfg.prefetch and candidates else None
+        try:
+            pending = claim_and_decode()
+            while pending is not None:
+                decoded = pending[1].result()
+                pending = claim_and_decode()  # decodes while the detector runs on `decoded`
+                batch, blobs = [], []
+                for path, item in decoded:
+                    if isinstance(item, str):
+                        fail(path, item)
+                    else:
+                        batch.append(path)
+                        blobs.append(item)
+                outs = detect(model, blobs, device, cfg.bf16) if blobs else []
                 for path, out in zip(batch, outs):
                     if out.proposals.shape[0] < cfg.num_boxes:
                         fail(path, f"only {out.proposals.shape[0]} proposals, fewer than {cfg.num_boxes} boxes")
@@ -316,11 +346,16 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
                                             num_boxes=cfg.num_boxes)
                     writer.add(_record(path.stem, out, sel, out.image_size, np_dtype))
                     summary["extracted"] += 1
-            if len(failures) > merged[0] and writer.written > merged[1]:  # visible during a long run, per shard
-                writer.update_failures(attempted, failures)
-                merged = (len(failures), writer.written)
-            if on_progress is not None:
-                on_progress(total - len(candidates), total, summary["extracted"] / (time.perf_counter() - t0))
+                if len(failures) > merged[0] and writer.written > merged[1]:  # visible during a long run, per shard
+                    writer.update_failures(attempted, failures)
+                    merged = (len(failures), writer.written)
+                if on_progress is not None:  # the batch decoded ahead is not handled yet
+                    ahead = pending[0] if pending is not None else 0
+                    on_progress(total - len(candidates) - ahead, total,
+                                summary["extracted"] / (time.perf_counter() - t0))
+        finally:
+            if loader is not None:
+                loader.shutdown(wait=True, cancel_futures=True)
         failures_path = writer.update_failures(attempted, failures)
     except BaseException:
         writer.close(finalize=False)
