@@ -80,10 +80,10 @@ def test_wrongly_typed_yaml_value_is_checked_like_set(tmp_path, command):
 
 def test_yaml_values_are_converted_as_set_converts_them(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("corpus: c\nfeatures: f1,f2\nlr: 1e-4\nwarmup: 0.1\nepochs: 3\nobj_attr_confidence: off\n")
+    cfg.write_text("corpus: c\nfeatures: f1,f2\nlr: 1e-4\nwarmup: 0.1\nepochs: 3\nlosses:\n  obj_attr_confidence: off\n")
     loaded = load_config(str(cfg))  # PyYAML reads 1e-4 as a string; --set lr=1e-4 gives the float
     assert loaded.lr == 1e-4 and isinstance(loaded.lr, float)
-    assert loaded.features == ["f1", "f2"] and loaded.epochs == 3 and loaded.obj_attr_confidence is False
+    assert loaded.features == ["f1", "f2"] and loaded.epochs == 3 and loaded.losses.obj_attr_confidence is False
     cfg.write_text("corpus: c\nfeatures: [f]\nwarmup: 1\n")  # an int for a float field widens
     with pytest.raises(LxmError, match="'warmup' must be in"):
         load_config(str(cfg))
@@ -124,7 +124,7 @@ def test_predict_on_a_pretraining_run(data, tmp_path):  # noqa: F811
     run = tmp_path / "pre"
     result = _cli("pretrain", "--config", "tiny", "--corpus", data / "corpus", "--features", data / "feats",
                   "--out", run, "--set", f"vocab={BERT_VOCAB}", "--set", "batch_size=4", "--set", "max_steps=1",
-                  "--set", "valid_split=")
+                  "--set", "valid_split=none")
     assert result.exit_code == 0, result.output
     for task in ("vqa", "nlvr2"):  # the default task of FinetuneConfig must not make it look like a vqa run
         result = _cli("predict", task, "--checkpoint", run, "--split", "minival", "--out", tmp_path / "p.json")

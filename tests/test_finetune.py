@@ -21,6 +21,7 @@ from lxm.model import (CheckpointError, LxmertForFinetuning, LxmertForPreTrainin
 from lxm.train.config import load_finetune_config
 from lxm.train.finetune import build_task_model
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
+from lxm.train.tasks import TASKS, Nlvr2Task, VqaTask
 from synthetic import COLORS, F, VQA_ANSWERS, make_finetune_world
 
 
@@ -34,6 +35,10 @@ def world(tmp_path_factory):
 def _cfg(world, task="vqa", *overrides):
     return load_finetune_config(task, "tiny", [f"corpus={world / 'ft_corpus'}", f"features=[{world / 'ft_feats'}]",
                                                f"vocab={BERT_VOCAB}", *overrides])
+
+
+def _task(name):
+    return TASKS[name](() if name == "nlvr2" else VQA_ANSWERS)
 
 
 def _pretrained_dir(tmp_path, answers):
@@ -61,7 +66,7 @@ def test_answer_head_rows_come_from_the_pretraining_head_by_converted_answer(wor
     logs = []
     cfg = _cfg(world, "vqa", f"init={tmp_path / 'pre'}", f"init_answers={tmp_path / 'pre_answers.json'}")
     answers = ["the dog", "two", "blue", "red"]  # convert_ans: "the dog" -> "dog", "two" -> "2"
-    model = build_task_model(cfg, answers, 30522, F, log=logs.append)
+    model = build_task_model(cfg, VqaTask(answers), 30522, F, log=logs.append)
     w_pre, b_pre = pre.answer_head.logit_fc[3].weight, pre.answer_head.logit_fc[3].bias
     w, b = model.answer_head.logit_fc[3].weight, model.answer_head.logit_fc[3].bias
     for row, src in ((0, 1), (1, 0), (3, 2)):
@@ -78,8 +83,8 @@ def test_answer_head_rows_come_from_the_pretraining_head_by_converted_answer(wor
 @pytest.mark.parametrize("task", ["vqa", "nlvr2"])
 def test_finetuning_builds_a_task_model_that_saves_and_loads_as_before(world, tmp_path, task):
     _pretrained_dir(tmp_path, COLORS)
-    model = build_task_model(_cfg(world, task, f"init={tmp_path / 'pre'}"), [] if task == "nlvr2" else VQA_ANSWERS,
-                             30522, F, log=lambda m: None)
+    model = build_task_model(_cfg(world, task, f"init={tmp_path / 'pre'}"), _task(task), 30522, F,
+                             log=lambda m: None)
     assert type(model) is LxmertForFinetuning
     # the same modules as the pretraining class with that head set: every checkpoint format is unchanged
     same = LxmertForPreTraining(model.config).state_dict()
@@ -100,7 +105,7 @@ def test_a_partly_random_backbone_is_an_error(world, tmp_path):
     torch.save({"model": sd, "model_config": model.config.to_dict()}, tmp_path / "partial.pth")
     cfg = _cfg(world, "nlvr2", f"init={tmp_path / 'partial.pth'}")
     with pytest.raises(CheckpointError, match="x_layers"):
-        build_task_model(cfg, [], 30522, F, log=lambda m: None)
+        build_task_model(cfg, Nlvr2Task(), 30522, F, log=lambda m: None)
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr2"])
@@ -110,13 +115,12 @@ def test_parameters_no_head_depends_on_keep_their_initial_values(tmp_path, task)
     pre = _pretrained_dir(tmp_path, COLORS)
     # which parameters get no gradient from the task loss, found by autograd on an unfrozen task model
     cfg = _cfg(world, task, f"init={tmp_path / 'pre'}")
-    model = build_task_model(cfg, [] if task == "nlvr2" else VQA_ANSWERS, 30522, F, log=lambda m: None)
-    data = FinetuneDataset(task, world / "ft_corpus", ["train"], [world / "ft_feats"], BERT_VOCAB,
-                           None if task == "nlvr2" else VQA_ANSWERS)
+    model = build_task_model(cfg, _task(task), 30522, F, log=lambda m: None)
+    data = FinetuneDataset(_task(task), world / "ft_corpus", ["train"], [world / "ft_feats"], BERT_VOCAB)
     batch = collate_finetune([data[i] for i in range(4)])
     out = model(**batch.model_inputs())
-    (pair_loss(out.pair_logits, batch.target) if task == "nlvr2"
-     else soft_answer_loss(out.answer_logits, batch.target)).backward()
+    (pair_loss(out.pair_logits, batch.pair_labels) if task == "nlvr2"
+     else soft_answer_loss(out.answer_logits, batch.answer_targets)).backward()
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
     assert no_grad and all(n.startswith("lxmert.encoder.x_layers.1.visn_") for n in no_grad), no_grad
 
@@ -138,9 +142,10 @@ def test_parameters_no_head_depends_on_keep_their_initial_values(tmp_path, task)
 
 
 def test_nlvr2_batches_put_each_pair_on_consecutive_rows(world):
-    data = FinetuneDataset("nlvr2", world / "ft_corpus", ["dev"], [world / "ft_feats"], BERT_VOCAB)
+    data = FinetuneDataset(Nlvr2Task(), world / "ft_corpus", ["dev"], [world / "ft_feats"], BERT_VOCAB)
     batch = collate_finetune([data[0], data[1], data[2]])
-    assert batch.input_ids.shape[0] == 6 and batch.target.tolist() == data.targets[:3]
+    assert batch.input_ids.shape[0] == 6 and batch.pair_labels.tolist() == data.targets[:3]
+    assert batch.answer_targets is None
     for i in range(3):
         for k in range(2):
             feats, _ = data._image(data.images[i][k])
@@ -152,8 +157,8 @@ def test_nlvr2_batches_put_each_pair_on_consecutive_rows(world):
     pooled = out.pooled_output
     assert torch.allclose(out.pair_logits, model.nlvr2_head(pooled))  # the head concatenates rows 2i, 2i+1
     assert torch.allclose(out.pair_logits[1], model.nlvr2_head(pooled[2:4]))
-    assert torch.allclose(pair_loss(out.pair_logits, batch.target),
-                          torch.nn.functional.cross_entropy(out.pair_logits, batch.target))
+    assert torch.allclose(pair_loss(out.pair_logits, batch.pair_labels),
+                          torch.nn.functional.cross_entropy(out.pair_logits, batch.pair_labels))
 
 
 def test_soft_answer_loss_is_bce_times_the_number_of_answers():
@@ -219,7 +224,7 @@ def test_finetuning_from_pretrained_beats_from_scratch(pretrained_world, world, 
     result = CliRunner().invoke(app, ["predict", "nlvr2", "--checkpoint", str(nlvr2_run), "--split", "dev",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
-    dev = FinetuneDataset("nlvr2", world / "ft_corpus", ["dev"], [world / "ft_feats"], BERT_VOCAB)
+    dev = FinetuneDataset(Nlvr2Task(), world / "ft_corpus", ["dev"], [world / "ft_feats"], BERT_VOCAB)
     ann = tmp_path / "dev.json"
     ann.write_text("".join(json.dumps({"identifier": i, "label": "True" if t else "False"}) + "\n"
                            for i, t in zip(dev.ids, dev.targets)))
@@ -261,7 +266,8 @@ def test_gqa_run_and_resume(world, tmp_path):
 
     for name in ("losses.png", "validation.png"):
         with Image.open(run / "plots" / name) as im:
-            assert im.size[0] > 500 and len(im.convert("L").getcolors(1 << 16) or range(11)) > 10  # a drawn figure, not blank
+            # a drawn figure, not blank
+            assert im.size[0] > 500 and len(im.convert("L").getcolors(1 << 16) or range(11)) > 10
 
 
 def test_resume_logs_each_step_and_epoch_once_and_names_a_damaged_checkpoint(tmp_path):
@@ -324,3 +330,74 @@ def test_two_process_ddp_finetuning_matches_one_process(world, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["best"] == pytest.approx(
         json.loads((tmp_path / "one" / "summary.json").read_text())["best"], abs=2.0)
+
+
+def _small_run(world, out, *sets, task="gqa"):
+    args = ["finetune", task, "--set", "from_scratch=true", "--config", "tiny", "--corpus", str(world / "ft_corpus"),
+            "--features", str(world / "ft_feats"), "--out", str(out), "--set", f"vocab={BERT_VOCAB}",
+            "--set", "train_splits=train", "--set", "valid_split=none", "--set", "dropout=0", "--set", "log_every=1"]
+    for s in sets:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    world = tmp_path / "world"
+    make_finetune_world(world, train=20, valid=4)  # 40 GQA questions: 5 steps of 8
+    whole = _small_run(world, tmp_path / "whole", "batch_size=8")
+    accumulated = _small_run(world, tmp_path / "acc", "batch_size=8", "micro_batch_size=4")
+    a = {r["step"]: r for r in whole if "loss" in r}
+    b = {r["step"]: r for r in accumulated if "loss" in r}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:  # same global batches in two micro-batches of 4: same mean loss, same gradient
+        for key in ("loss", "gqa", "grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
+    assert len({r["loss"] for r in a.values()}) > 1  # it trains: the losses are not one constant
+
+
+def test_finetuning_writes_tensorboard_events_and_the_task_decides_the_loss(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lxm.train.config import load_finetune_config
+    from lxm.train.finetune import Finetuner
+    from lxm.train.tasks import GqaTask
+
+    world = tmp_path / "world"
+    make_finetune_world(world, train=20, valid=4)
+    log = _small_run(world, tmp_path / "run", "batch_size=8", "epochs=2", "valid_split=testdev")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [r["step"] for r in log if "loss" in r] == list(range(1, 11))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in log if "loss" in r])
+    assert [e.step for e in events.Scalars("valid/accuracy")] == [5, 10]
+
+    class Halved(GqaTask):  # a task is one class: its loss is what the finetuner optimises and logs
+        def loss(self, out, batch):
+            return {"halved": 0.5 * super().loss(out, batch)["gqa"]}
+
+    cfg = load_finetune_config("gqa", "tiny", [
+        f"corpus={world / 'ft_corpus'}", f"features=[{world / 'ft_feats'}]", f"vocab={BERT_VOCAB}",
+        "from_scratch=true", "train_splits=train", "valid_split=none", "dropout=0", "log_every=1", "batch_size=8"])
+    task = Halved(GqaTask.from_corpus(world / "ft_corpus").answers)
+    Finetuner(cfg, tmp_path / "halved", task=task, log=lambda m: None).run()
+    halved = [json.loads(line) for line in (tmp_path / "halved" / "log.jsonl").read_text().splitlines()]
+    first = next(r for r in halved if "loss" in r)
+    assert "gqa" not in first and first["halved"] == pytest.approx(0.5 * log[0]["gqa"], rel=1e-5)
+
+
+def test_batches_move_to_a_device_with_every_tensor(world):
+    from lxm.model.losses import PretrainLabels
+    from lxm.train.data import Batch
+
+    data = FinetuneDataset(_task("vqa"), world / "ft_corpus", ["train"], [world / "ft_feats"], BERT_VOCAB)
+    batch = collate_finetune([data[0], data[1]])
+    moved = batch.to("meta")
+    assert type(moved) is type(batch) and moved.ids == batch.ids and moved.pair_labels is None
+    assert all(t.is_meta for t in (*moved.model_inputs().values(), moved.answer_targets))
+    assert batch.answer_targets.shape == (2, len(VQA_ANSWERS)) and not batch.answer_targets.is_meta
+    labels = PretrainLabels(**{name: torch.zeros(2) for name in PretrainLabels.__dataclass_fields__})
+    pre = Batch(*batch.model_inputs().values(), labels=labels, uids=["a", "b"]).to("meta")
+    assert pre.uids == ["a", "b"] and all(getattr(pre.labels, n).is_meta for n in PretrainLabels.__dataclass_fields__)

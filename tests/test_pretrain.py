@@ -166,9 +166,9 @@ def test_plot_reads_each_step_once_from_a_log_with_redone_steps(tmp_path):
 
 
 def test_two_process_ddp_matches_one_process_with_accumulation(data, tmp_path):
-    one = _args(data, tmp_path / "one", "epochs=1", "dropout=0", "micro_batch_size=2", "valid_split=")
+    one = _args(data, tmp_path / "one", "epochs=1", "dropout=0", "micro_batch_size=2", "valid_split=none")
     subprocess.run([sys.executable, "-m", "lxm.cli", "pretrain", *one], check=True, capture_output=True)
-    two = _args(data, tmp_path / "two", "epochs=1", "dropout=0", "valid_split=")
+    two = _args(data, tmp_path / "two", "epochs=1", "dropout=0", "valid_split=none")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29533", "-m", "lxm.cli", "pretrain", *two], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

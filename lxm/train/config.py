@@ -1,62 +1,78 @@
-"""Run configuration for `lxm pretrain`: one dataclass, YAML files plus `key=value` overrides, unknown keys rejected.
+"""Run configurations of `lxm pretrain` and `lxm finetune`: a dataclass each, named presets as functions beside
+it, YAML files plus `key=value` overrides, unknown keys rejected.
 
-A YAML value is checked against the field's type as a `--set` value is (a string is converted the same way, so
-`lr: 1e-4`, which PyYAML reads as a string, is the float); a syntax error names the file and line. Every bad value
-is a ConfigError naming the file or `--set` item and the key.
+`--config NAME` picks a preset function by name (`PRETRAIN_PRESETS`, `FINETUNE_PRESETS`); `--config FILE` starts from
+the default preset (`base`, resp. the task's `paper` recipe) and sets the file's keys; `--set key=value` items come
+last. The loss settings are the nested `losses` section (`lxm.model.losses.PretrainLossConfig`): `losses:` as a
+mapping in YAML, `--set losses.feat_loss=l2` on the command line.
 
-Defaults reproduce `run/lxmert_pretrain.bash` of airsplay/lxmert (lxmert.md §2.1, §2.5): batch 256, lr 1e-4, BertAdam,
-warmup 5 %, 20 epochs, clip 1.0, seed 9595, masks 0.15 / 0.15, train on train + nominival + vgnococo, validate on
-minival, all five objectives with QA from the first epoch.
+A field that may be unset is `X | None` and its comment says what None means (no validation, the model's dropout,
+...); None is `null` in YAML and `none` or `null` in `--set` (an empty string is refused, not read as None). A YAML
+value is checked against the field's type as a `--set` value is (a string is converted the same way, so `lr: 1e-4`,
+which PyYAML reads as a string, is the float); a syntax error names the file and line. Every bad value is a
+ConfigError naming the file or `--set` item and the key. A run writes the resolved config (None as `null`) to
+OUT/config.yaml; that file loads back through `--config` unchanged.
+
+Pretraining defaults reproduce `run/lxmert_pretrain.bash` of airsplay/lxmert (lxmert.md §2.1, §2.5): batch 256, lr
+1e-4, BertAdam, warmup 5 %, 20 epochs, clip 1.0, seed 9595, masks 0.15 / 0.15, train on train + nominival +
+vgnococo, validate on minival, all five objectives with QA from the first epoch. Finetuning recipes reproduce
+`run/{vqa,gqa,nlvr2}_finetune.bash` and `src/tasks/{vqa,gqa,nlvr2}.py` (lxmert.md §5).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from lxm.errors import ConfigError
+from lxm.model.losses import PretrainLossConfig
+
+# The label value lxm.train.data writes for "no target"; the losses must ignore the same one.
+DATA_IGNORE_INDEX = -1
 
 
 @dataclass
 class PretrainConfig:
+    """One `lxm pretrain` run; the defaults are the original recipe (`pretrain_base`)."""
+
     # --- data
-    corpus: str = ""  # directory written by `lxm build-corpus`
-    features: list[str] = field(default_factory=list)  # feature store directories
+    corpus: str = ""  # required: directory written by `lxm build-corpus`
+    features: list[str] = field(default_factory=list)  # required: feature store directories
     vocab: str = "bert-base-uncased"  # WordPiece vocabulary (file, directory or Hub id)
-    answers: str = ""  # answer table JSON (default: <corpus>/vocab/qa_answers.json)
-    train_splits: list[str] = field(default_factory=lambda: ["train", "nominival", "vgnococo"])
-    valid_split: str = "minival"  # "" disables validation
-    sources: list[str] = field(default_factory=lambda: ["mscoco", "vg", "vqa", "gqa", "vgqa"])
+    answers: str | None = None  # answer table JSON; None: <corpus>/vocab/qa_answers.json
+    train_splits: list[str] = field(default_factory=lambda: ["train", "nominival", "vgnococo"])  # corpus splits
+    valid_split: str | None = "minival"  # split of the validation loss after each epoch; None: no validation
+    sources: list[str] = field(default_factory=lambda: ["mscoco", "vg", "vqa", "gqa", "vgqa"])  # sentence sources
     max_length: int = 20  # tokens incl. [CLS]/[SEP]
-    word_mask_rate: float = 0.15
-    obj_mask_rate: float = 0.15
+    word_mask_rate: float = 0.15  # share of words masked for MLM (BERT's rate)
+    obj_mask_rate: float = 0.15  # share of boxes masked for the visual objectives (same rate as the words)
     num_workers: int = 2  # DataLoader workers per process
     # --- model
     model: str = "base"  # preset (base, small, tiny) or a checkpoint for load_pretrained
-    dropout: float = -1.0  # hidden and attention dropout; -1 keeps the model's (0.1)
-    init_bert: str = ""  # BERT checkpoint (HF bert-base-uncased dir/file) for BERT-style init; "" = from scratch
-    # --- objectives (lxm.model.losses.PretrainLossConfig)
+    dropout: float | None = None  # hidden and attention dropout; None keeps the model's (0.1)
+    init_bert: str | None = None  # BERT checkpoint (HF bert-base-uncased dir/file) for BERT-style init; None: scratch
+    # --- objectives
     qa_start_epoch: int = 0  # code: QA from the first epoch; paper: 10 (QA only in the last 10 of 20 epochs)
-    obj_attr_boxes: str = "all"  # "all" (code) or "masked" (paper)
-    obj_attr_confidence: bool = True  # weight obj/attr CE by detector confidence (code)
-    feat_loss: str = "smoothl1"  # "smoothl1" (code) or "l2" (paper)
+    losses: PretrainLossConfig = field(default_factory=PretrainLossConfig)  # how each loss is computed (code's way)
     # --- optimisation
     batch_size: int = 256  # global batch (all processes, all accumulation micro-steps)
-    micro_batch_size: int = 0  # per process per micro-step; 0 = batch_size / world size (no accumulation)
-    epochs: int = 20
-    max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); for smoke runs
+    micro_batch_size: int | None = None  # per process per micro-step; None: batch_size / world size (no accumulation)
+    epochs: int = 20  # passes over the training sentences
+    max_steps: int | None = None  # stop after this many optimizer steps (for smoke runs); None: all epochs
     optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
-    lr: float = 1e-4
-    warmup: float = 0.05
-    weight_decay: float = 0.01
-    clip_grad_norm: float = 1.0
+    lr: float = 1e-4  # peak learning rate
+    warmup: float = 0.05  # share of the steps with a linear warm-up
+    weight_decay: float = 0.01  # decoupled weight decay (not on biases and LayerNorm)
+    clip_grad_norm: float = 1.0  # max global gradient norm
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
-    seed: int = 9595
+    seed: int = 9595  # seeds model init, masking and data order (the original's)
     # --- bookkeeping
     log_every: int = 10  # steps between log lines
     checkpoint_every: int = 1000  # steps between checkpoints (and one at each epoch end)
@@ -68,13 +84,110 @@ class PretrainConfig:
             raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
         if not self.features:
             raise ConfigError("config: 'features' needs at least one feature store directory")
-        choices = {"obj_attr_boxes": ("all", "masked"), "feat_loss": ("smoothl1", "l2"),
-                   "optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+        choices = {"optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "epochs", "log_every", "checkpoint_every", "keep_last", "max_length"):
-            if getattr(self, name) <= 0:
+        for name in ("batch_size", "epochs", "log_every", "checkpoint_every", "keep_last", "max_length",
+                     "micro_batch_size", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
+        if self.losses.ignore_index != DATA_IGNORE_INDEX:
+            raise ConfigError(f"config: 'losses.ignore_index' must be {DATA_IGNORE_INDEX} (the label lxm's data "
+                              f"writes for no target), got {self.losses.ignore_index}")
+        _check_optimisation(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def pretrain_base() -> PretrainConfig:
+    """The original recipe (`run/lxmert_pretrain.bash`): the dataclass defaults."""
+    return PretrainConfig()
+
+
+def pretrain_tiny() -> PretrainConfig:
+    """Smoke runs and tests: the tiny model, one epoch of small batches, a log line per step, no worker processes;
+    a larger lr and warm-up share because a few dozen steps must move the tiny model."""
+    return PretrainConfig(model="tiny", batch_size=8, epochs=1, log_every=1, checkpoint_every=20, num_workers=0,
+                          lr=1e-3, warmup=0.1)
+
+
+PRETRAIN_PRESETS: dict[str, Callable[[], PretrainConfig]] = {"base": pretrain_base, "tiny": pretrain_tiny}
+
+
+def _check_optimisation(cfg: PretrainConfig | FinetuneConfig) -> None:
+    """Ranges that BertAdam and the model would reject later, with a traceback instead of the key's name."""
+    if cfg.lr < 0:
+        raise ConfigError(f"config: 'lr' must be >= 0, got {cfg.lr}")
+    if cfg.optimizer == "bert" and not 0.0 < cfg.warmup < 1.0:
+        raise ConfigError(f"config: 'warmup' must be in (0, 1) with optimizer=bert, got {cfg.warmup}")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"config: 'dropout' must be in [0, 1) (or null: the model's), got {cfg.dropout}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finetuning
+
+
+FINETUNE_TASKS = ("vqa", "gqa", "nlvr2")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """One `lxm finetune` run (lxmert.md §5; airsplay src/tasks/{vqa,gqa,nlvr2}.py and run/*_finetune.bash).
+
+    The task's recipe values (splits, lr) have no default: they differ per task, so they come from `finetune_paper`
+    (or `finetune_tiny`), never from a default that would be another task's.
+    """
+
+    task: str  # vqa, gqa or nlvr2
+    corpus: str = ""  # required: directory written by `lxm build-corpus` (finetune/*.parquet, vocab/*_answers.json)
+    features: list[str] = field(default_factory=list)  # required: feature store directories (all splits' images)
+    vocab: str = "bert-base-uncased"  # WordPiece vocabulary (file, directory or Hub id)
+    init: str | None = None  # pretrained weights (lxm run, *_LXRT.pth, transformers dir, Hub id); None: from_scratch
+    from_scratch: bool = False  # no pretrained weights (the paper's Table 3 baseline); needs init=null
+    model: str = "base"  # preset used only with from_scratch
+    init_answers: str | None = None  # answer table of the init's 9500-way QA head; None: found next to the init
+    train_splits: list[str]  # corpus splits trained on (recipe: vqa train,nominival; gqa train,valid; nlvr2 train)
+    valid_split: str | None  # split scored after each epoch (recipe: vqa minival, gqa testdev, nlvr2 dev); None: none
+    max_length: int = 20  # tokens incl. [CLS]/[SEP]
+    num_workers: int = 2  # DataLoader workers
+    dropout: float | None = None  # hidden and attention dropout; None keeps the checkpoint's (0.1)
+    batch_size: int = 32  # global training batch (all processes, all accumulation micro-steps)
+    micro_batch_size: int | None = None  # per process per micro-step; None: batch_size / world size (no accumulation)
+    eval_batch_size: int = 256  # batch of the validation and prediction passes
+    epochs: int = 4  # passes over the training examples
+    optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
+    lr: float  # peak learning rate (recipe: vqa 5e-5, gqa 1e-5, nlvr2 5e-5)
+    warmup: float = 0.1  # share of the steps with a linear warm-up
+    weight_decay: float = 0.01  # decoupled weight decay (not on biases and LayerNorm)
+    clip_grad_norm: float = 5.0  # max global gradient norm
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    seed: int = 9595  # seeds the new head's init and the data order (the original's)
+    log_every: int = 10  # steps between log lines
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+    def validate(self) -> None:
+        if self.task not in FINETUNE_TASKS:
+            raise ConfigError(f"config: 'task' must be one of {FINETUNE_TASKS}, got {self.task!r}")
+        if not self.corpus:
+            raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
+        if not self.features:
+            raise ConfigError("config: 'features' needs at least one feature store directory")
+        if not self.train_splits:
+            raise ConfigError("config: 'train_splits' needs at least one split")
+        if self.init is None and not self.from_scratch:
+            raise ConfigError("config: 'init' is required (pretrained weights); set from_scratch=true to train "
+                              "without them")
+        if self.init is not None and self.from_scratch:
+            raise ConfigError("config: 'init' and from_scratch=true exclude each other")
+        choices = {"optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "micro_batch_size", "eval_batch_size", "epochs", "log_every", "max_length"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
         _check_optimisation(self)
 
@@ -82,33 +195,76 @@ class PretrainConfig:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
-def _check_optimisation(cfg) -> None:
-    """Ranges that BertAdam and the model would reject later, with a traceback instead of the key's name."""
-    if cfg.lr < 0:
-        raise ConfigError(f"config: 'lr' must be >= 0, got {cfg.lr}")
-    if cfg.optimizer == "bert" and not 0.0 < cfg.warmup < 1.0:
-        raise ConfigError(f"config: 'warmup' must be in (0, 1) with optimizer=bert, got {cfg.warmup}")
-    if cfg.dropout != -1.0 and not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"config: 'dropout' must be in [0, 1) (or -1: the model's), got {cfg.dropout}")
+# task -> (train splits, validation split, lr) of run/{task}_finetune.bash
+_RECIPES = {"vqa": (["train", "nominival"], "minival", 5e-5), "gqa": (["train", "valid"], "testdev", 1e-5),
+            "nlvr2": (["train"], "dev", 5e-5)}
+
+
+def finetune_paper(task: str) -> FinetuneConfig:
+    """The original recipe of `task`: batch 32, 4 epochs, BertAdam, warm-up 10 %, clip 5.0, its splits and lr."""
+    if task not in _RECIPES:  # tested first: a KeyError below would be a bug, not an unknown task
+        raise ConfigError(f"config: 'task' must be one of {FINETUNE_TASKS}, got {task!r}")
+    splits, valid, lr = _RECIPES[task]
+    return FinetuneConfig(task=task, train_splits=list(splits), valid_split=valid, lr=lr)
+
+
+def finetune_tiny(task: str) -> FinetuneConfig:
+    """Smoke runs and tests: `finetune_paper(task)` with the tiny model (from_scratch), one epoch of small batches,
+    a log line per step, no worker processes and a larger lr."""
+    return dataclasses.replace(finetune_paper(task), model="tiny", batch_size=8, eval_batch_size=16, epochs=1,
+                               log_every=1, num_workers=0, lr=1e-3)
+
+
+FINETUNE_PRESETS: dict[str, Callable[[str], FinetuneConfig]] = {"paper": finetune_paper, "tiny": finetune_tiny}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading values
+
+
+def _optional(hint: Any) -> tuple[Any, bool]:
+    """(`hint` without `| None`, whether None is allowed)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = (a for a in args if a is not type(None))  # the fields hold one type or None, never a union
+        return inner, True
+    return hint, False
 
 
 def _type_name(hint: Any) -> str:
-    return "list of strings" if typing.get_origin(hint) is list else getattr(hint, "__name__", str(hint))
+    inner, optional = _optional(hint)
+    if typing.get_origin(inner) is list:
+        name = "list of strings"
+    elif typing.get_origin(inner) is Literal:
+        name = "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
+    else:
+        name = getattr(inner, "__name__", str(inner))
+    return f"{name} or null" if optional else name
 
 
 def _coerce(name: str, hint: Any, text: str, where: str | None = None) -> Any:
     """`text` as the field's type; `where` (a YAML file) replaces `--set key=text` in the message."""
-    origin = typing.get_origin(hint)
+    inner, optional = _optional(hint)
+    origin = typing.get_origin(inner)
+    at = f"{where}: '{name}'" if where else f"--set {name}={text}"
+    if optional and text.lower() in ("none", "null"):
+        return None
+    if optional and text == "":  # "" is not None: a typo must not silently switch something off
+        raise ConfigError(f"{at}: empty; write null (in YAML) or --set {name}=none for None")
     try:
-        if hint is bool:
+        if origin is Literal:
+            if text not in typing.get_args(inner):
+                raise ValueError(text)
+            return text
+        if inner is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(text)
-        if hint is int:
+        if inner is int:
             return int(text)
-        if hint is float:
+        if inner is float:
             return float(text)
         if origin is list:
             value = yaml.safe_load(text)
@@ -119,40 +275,87 @@ def _coerce(name: str, hint: Any, text: str, where: str | None = None) -> Any:
             return value
         return text
     except (ValueError, yaml.YAMLError):
-        at = f"{where}: '{name}'" if where else f"--set {name}={text}"
         raise ConfigError(f"{at}: expected {_type_name(hint)}, got {text!r}") from None
 
 
 def _typed(name: str, hint: Any, value: Any, where: str) -> Any:
     """A value read from YAML, checked against the field's type: strings are converted as `--set` converts them
     (PyYAML reads `1e-4` as a string), ints widen to floats, anything else of the wrong type is a ConfigError."""
-    origin = typing.get_origin(hint)
-    if isinstance(value, str) and hint is not str:
+    inner, optional = _optional(hint)
+    origin = typing.get_origin(inner)
+    if value is None and optional:
+        return None
+    if isinstance(value, str) and inner is not str:
         return _coerce(name, hint, value, where)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, str) and value == "" and optional:
+        return _coerce(name, hint, value, where)
+    if inner is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if origin is list and isinstance(value, list) and all(isinstance(x, str) for x in value):
         return list(value)
-    if origin is None and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+    if origin is None and isinstance(value, inner) and not (inner is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{where}: '{name}': expected {_type_name(hint)}, got {value!r}")
 
 
-def _apply(cls, values: dict[str, Any], overrides: list[str], where: str):
+def _keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable key of `cls`, nested sections as dotted names (`losses.feat_loss`)."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in set(values) - known)  # YAML keys may be numbers
+    return [key for f in dataclasses.fields(cls)
+            for key in (_keys(hints[f.name], f"{prefix}{f.name}.") if dataclasses.is_dataclass(hints[f.name])
+                        else [prefix + f.name])]
+
+
+def _checked(cls: type, values: dict[Any, Any], where: str, prefix: str = "") -> dict[str, Any]:
+    """The keys of a YAML mapping, each checked against its field; nested sections as nested dicts."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(prefix + str(k) for k in set(values) - names)  # YAML keys may be numbers
     if unknown:
         raise ConfigError(f"{where}: unknown config key(s): {', '.join(unknown)}")
-    values = {key: _typed(key, hints[key], value, where) for key, value in values.items()}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{prefix}{key}': expected a mapping of {', '.join(_keys(hints[key]))}, "
+                                  f"got {value!r}")
+            out[key] = _checked(hints[key], value, where, f"{prefix}{key}.")
+        else:
+            out[key] = _typed(prefix + key, hints[key], value, where)
+    return out
+
+
+def _override(cls: type, changes: dict[str, Any], item: str) -> None:
+    """Apply one `--set key=value` (key possibly dotted: `losses.feat_loss`) to the nested `changes`."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value")
+    key, text = item.split("=", 1)
+    *sections, last = key.split(".")
+    prefix = ""
+    for section in sections:
+        hints = typing.get_type_hints(cls)
+        if section not in hints or not dataclasses.is_dataclass(hints[section]):
+            raise ConfigError(f"--set {key}: unknown config key (known: {', '.join(sorted(_keys(cls, prefix)))})")
+        cls, changes, prefix = hints[section], changes.setdefault(section, {}), f"{prefix}{section}."
+    hints = typing.get_type_hints(cls)
+    if last not in hints:
+        raise ConfigError(f"--set {key}: unknown config key (known: {', '.join(sorted(_keys(cls, prefix)))})")
+    if dataclasses.is_dataclass(hints[last]):
+        raise ConfigError(f"--set {key}: a section; set its keys ({', '.join(sorted(_keys(hints[last], key + '.')))})")
+    changes[last] = _coerce(key, hints[last], text)
+
+
+def _replace(base: Any, changes: dict[str, Any]) -> Any:
+    return dataclasses.replace(base, **{key: _replace(getattr(base, key), value) if isinstance(value, dict) else value
+                                        for key, value in changes.items()})
+
+
+def _resolve(base: Any, values: dict[Any, Any], overrides: list[str], where: str) -> Any:
+    """`base` (a preset) with the YAML `values`, then the `--set` items, set; validated."""
+    changes = _checked(type(base), values, where)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item}: expected key=value")
-        key, text = item.split("=", 1)
-        if key not in known:
-            raise ConfigError(f"--set {key}: unknown config key (known: {', '.join(sorted(known))})")
-        values[key] = _coerce(key, hints[key], text)
-    cfg = cls(**values)
+        _override(type(base), changes, item)
+    cfg = _replace(base, changes)
     cfg.validate()
     return cfg
 
@@ -186,94 +389,24 @@ def _read_yaml(path_text: str, presets: str) -> dict[str, Any]:
 
 
 def load_config(preset_or_path: str | None, overrides: list[str] = ()) -> PretrainConfig:
-    """A preset name ("base", "tiny") or a YAML file, then `key=value` overrides; unknown keys are errors."""
-    values: dict[str, Any] = {}
-    if preset_or_path == "tiny":
-        values = dict(model="tiny", batch_size=8, epochs=1, log_every=1, checkpoint_every=20, num_workers=0,
-                      lr=1e-3, warmup=0.1)
-    elif preset_or_path not in (None, "", "base"):
-        values = _read_yaml(preset_or_path, "base, tiny")
-    return _apply(PretrainConfig, values, list(overrides), str(preset_or_path or "base"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Finetuning
-
-
-FINETUNE_TASKS = ("vqa", "gqa", "nlvr2")
-
-
-@dataclass
-class FinetuneConfig:
-    """One `lxm finetune` run (lxmert.md §5; airsplay src/tasks/{vqa,gqa,nlvr2}.py and run/*_finetune.bash)."""
-
-    task: str = "vqa"  # vqa, gqa or nlvr2
-    corpus: str = ""  # directory written by `lxm build-corpus` (finetune/*.parquet, vocab/*_answers.json)
-    features: list[str] = field(default_factory=list)  # feature store directories (all splits' images)
-    vocab: str = "bert-base-uncased"  # WordPiece vocabulary (file, directory or Hub id)
-    init: str = ""  # pretrained weights: an lxm pretraining run, *_LXRT.pth, a transformers dir or Hub id
-    from_scratch: bool = False  # no pretrained weights (the paper's Table 3 baseline); needs model=<preset>
-    model: str = "base"  # preset used only with from_scratch
-    init_answers: str = ""  # answer table of the init's 9500-way QA head (default: <corpus>/vocab/qa_answers.json)
-    train_splits: list[str] = field(default_factory=list)  # default per task: vqa train,nominival; gqa train,valid;
-    valid_split: str = ""  # nlvr2 train. Validation: vqa minival, gqa testdev, nlvr2 dev ("none" disables)
-    max_length: int = 20  # tokens incl. [CLS]/[SEP]
-    num_workers: int = 2  # DataLoader workers
-    dropout: float = -1.0  # hidden and attention dropout; -1 keeps the checkpoint's (0.1)
-    batch_size: int = 32
-    eval_batch_size: int = 256
-    epochs: int = 4
-    optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
-    lr: float = 0.0  # 0 = the task's recipe: vqa 5e-5, gqa 1e-5, nlvr2 5e-5
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    clip_grad_norm: float = 5.0
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
-    seed: int = 9595
-    log_every: int = 10  # steps between log lines
-    device: str = "auto"  # "auto", "cpu", "cuda"
-
-    def __post_init__(self) -> None:
-        defaults = {"vqa": (["train", "nominival"], "minival", 5e-5), "gqa": (["train", "valid"], "testdev", 1e-5),
-                    "nlvr2": (["train"], "dev", 5e-5)}
-        if self.task not in defaults:
-            raise ConfigError(f"config: 'task' must be one of {FINETUNE_TASKS}, got {self.task!r}")
-        splits, valid, lr = defaults[self.task]
-        self.train_splits = list(self.train_splits) or splits
-        self.valid_split = self.valid_split or valid
-        self.lr = self.lr or lr
-
-    def validate(self) -> None:
-        if not self.corpus:
-            raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
-        if not self.features:
-            raise ConfigError("config: 'features' needs at least one feature store directory")
-        if not self.init and not self.from_scratch:
-            raise ConfigError("config: 'init' is required (pretrained weights); set from_scratch=true to train "
-                              "without them")
-        if self.init and self.from_scratch:
-            raise ConfigError("config: 'init' and from_scratch=true exclude each other")
-        choices = {"optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "eval_batch_size", "epochs", "log_every", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
-        _check_optimisation(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+    """A preset name (`PRETRAIN_PRESETS`; None: base) or a YAML file over the base preset, then `key=value`
+    overrides (dotted for the losses: `losses.feat_loss=l2`); unknown keys are errors."""
+    name = preset_or_path or "base"
+    if name in PRETRAIN_PRESETS:
+        base, values = PRETRAIN_PRESETS[name](), {}
+    else:
+        base, values = pretrain_base(), _read_yaml(name, ", ".join(PRETRAIN_PRESETS))
+    return _resolve(base, values, list(overrides), name)
 
 
 def load_finetune_config(task: str, preset_or_path: str | None, overrides: list[str] = ()) -> FinetuneConfig:
-    """The task's recipe ("paper", the default), "tiny" (smoke runs) or a YAML file, then `key=value` overrides."""
-    values: dict[str, Any] = {}
-    if preset_or_path == "tiny":
-        values = dict(model="tiny", batch_size=8, eval_batch_size=16, epochs=1, log_every=1, num_workers=0, lr=1e-3)
-    elif preset_or_path not in (None, "", "paper"):
-        values = _read_yaml(preset_or_path, "paper, tiny")
+    """A preset of the task (`FINETUNE_PRESETS`; None: paper, its original recipe) or a YAML file over the paper
+    recipe, then `key=value` overrides."""
+    name = preset_or_path or "paper"
+    if name in FINETUNE_PRESETS:
+        base, values = FINETUNE_PRESETS[name](task), {}
+    else:
+        base, values = finetune_paper(task), _read_yaml(name, ", ".join(FINETUNE_PRESETS))
     if values.get("task", task) != task:
         raise ConfigError(f"--config {preset_or_path}: task {values['task']!r} but finetuning {task!r}")
-    values["task"] = task
-    return _apply(FinetuneConfig, values, list(overrides), str(preset_or_path or "paper"))
+    return _resolve(base, values, list(overrides), name)

@@ -17,9 +17,10 @@ choice comes from a generator seeded by (seed, epoch, index): an item is the sam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -102,29 +103,43 @@ class PretrainExample:
     answer: int  # answer-table id, -1 when unlabelled or mismatched
 
 
-@dataclass
-class Batch:
-    """A collated pretraining batch (B sentences, T tokens, N boxes, F features)."""
+def _moved(value, device: torch.device | str, non_blocking: bool):
+    """A tensor, or a dataclass of tensors (PretrainLabels), on `device`; anything else (ids, None) as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _moved(getattr(value, f.name), device, non_blocking)
+                                             for f in dataclasses.fields(value)})
+    return value
 
-    input_ids: torch.Tensor  # [B, T] long
-    attention_mask: torch.Tensor  # [B, T] long
-    token_type_ids: torch.Tensor  # [B, T] long, zeros
-    visual_feats: torch.Tensor  # [B, N, F] float32 (masked)
-    visual_boxes: torch.Tensor  # [B, N, 4] float32
+
+@dataclass
+class ModelInputs:
+    """What the encoder reads, shared by the pretraining and finetuning batches (R rows, T tokens, N boxes, F
+    features; R = B sentences, or 2P image-sentence rows for P NLVR2 pairs)."""
+
+    input_ids: torch.Tensor  # [R, T] long
+    attention_mask: torch.Tensor  # [R, T] long
+    token_type_ids: torch.Tensor  # [R, T] long, zeros
+    visual_feats: torch.Tensor  # [R, N, F] float32 (masked in pretraining)
+    visual_boxes: torch.Tensor  # [R, N, 4] float32, normalised (x1, y1, x2, y2)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelInputs)}
+
+    def to(self, device: torch.device | str, non_blocking: bool = False):
+        """A copy of the batch with every tensor (labels included) on `device`."""
+        return dataclasses.replace(self, **{f.name: _moved(getattr(self, f.name), device, non_blocking)
+                                            for f in dataclasses.fields(self)})
+
+
+@dataclass
+class Batch(ModelInputs):
+    """A collated pretraining batch (B sentences, T tokens, N boxes, F features); inputs as ModelInputs."""
+
     labels: PretrainLabels  # mlm [B,T], matched [B], obj/attr [B,N], feat target [B,N,F] + mask [B,N], answers [B]
     uids: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "token_type_ids": self.token_type_ids, "visual_feats": self.visual_feats,
-                "visual_boxes": self.visual_boxes}
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        labels = PretrainLabels(**{f.name: move(getattr(self.labels, f.name)) for f in fields(PretrainLabels)})
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
-                     move(self.visual_feats), move(self.visual_boxes), labels, self.uids, self.sources)
 
 
 def collate(items: list[PretrainExample]) -> Batch:

@@ -1,13 +1,13 @@
-"""Finetuning data: the VQA / GQA / NLVR2 tables of `lxm build-corpus` x memory-mapped region features.
+"""Finetuning data: the task tables of `lxm build-corpus` x memory-mapped region features -> typed batches.
 
 Reproduces the datasets of airsplay/lxmert `src/tasks/vqa_data.py`, `gqa_data.py` and `nlvr2_data.py`
 (lxmert.md §5): questions (or NLVR2 statements) whose images have features — the others are dropped and counted, as
-the original's `if img_id in imgid2img` filter — tokenised to 20 pieces, boxes normalised by the image size.
+the original's `if img_id in imgid2img` filter — tokenised to 20 pieces, boxes normalised by the image size. What
+a row's label becomes is the task's (`lxm.train.tasks`): VQA / GQA a dense soft-score vector over the task's answer
+table, NLVR2 a 0/1 pair label; test splits have none.
 
-- VQA / GQA: the target is the dense soft-score vector over the task's answer table (`label` entries outside the
-  table are skipped, as the original); test splits have no label.
-- NLVR2: one example = a statement and an image pair; the batch holds 2P (image, sentence) rows, pair i at rows
-  2i (img0) and 2i+1 (img1), as `nlvr2_model.py` flattens `[P, 2, N, F]`; the pair head reads the two pooled outputs.
+An example may show several images (NLVR2: two); the batch holds one (image, sentence) row per image, pair i of an
+NLVR2 batch at rows 2i (img0) and 2i+1 (img1), as `nlvr2_model.py` flattens `[P, 2, N, F]`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 from lxm.errors import LxmError
 from lxm.features.store import FeatureStore, read_normalized, store_index
 from lxm.model.tokenizer import LxmertTokenizer
-from lxm.train.data import corpus_file, read_corpus_table
+from lxm.train.data import ModelInputs, corpus_file, read_corpus_table
+from lxm.train.tasks import FinetuneTask
 
 
 class FinetuneDataError(LxmError, ValueError):
@@ -31,29 +32,27 @@ class FinetuneDataError(LxmError, ValueError):
 
 
 @dataclass
-class FinetuneBatch:
-    """A collated finetuning batch. R rows = B questions (VQA/GQA) or 2P image-sentence rows for P NLVR2 pairs.
+class FinetuneExample:
+    """One question (VQA / GQA) or one statement with its image pair (NLVR2); numpy arrays. T tokens, I images of
+    the example, N boxes, F feature size, A answers. The task fills its own target field; both None = unlabelled."""
 
-    T tokens, N boxes, F feature size, A answers.
-    """
+    id: int | str  # question id (VQA int, GQA str) or NLVR2 identifier
+    input_ids: np.ndarray  # [T] int64
+    attention_mask: np.ndarray  # [T] int64
+    visual_feats: np.ndarray  # [I, N, F] float32
+    visual_boxes: np.ndarray  # [I, N, 4] float32, normalised (x1, y1, x2, y2)
+    answer_target: np.ndarray | None = None  # [A] float32 soft scores (answer tasks)
+    pair_label: int | None = None  # 0 / 1 (NLVR2)
 
-    input_ids: torch.Tensor  # [R, T] long
-    attention_mask: torch.Tensor  # [R, T] long
-    token_type_ids: torch.Tensor  # [R, T] long, zeros
-    visual_feats: torch.Tensor  # [R, N, F] float32
-    visual_boxes: torch.Tensor  # [R, N, 4] float32, normalised (x1, y1, x2, y2)
-    target: torch.Tensor | None = None  # VQA/GQA [B, A] float soft scores; NLVR2 [P] long 0/1; None on test splits
+
+@dataclass
+class FinetuneBatch(ModelInputs):
+    """A collated finetuning batch; inputs as ModelInputs with R rows = B questions (VQA/GQA) or 2P image-sentence
+    rows for P NLVR2 pairs. The target fields are None when the task has none of that kind or the split no labels."""
+
+    answer_targets: torch.Tensor | None = None  # [B, A] float32 soft scores
+    pair_labels: torch.Tensor | None = None  # [P] long 0/1
     ids: list = field(default_factory=list)  # question ids (VQA int, GQA str) or NLVR2 identifiers, one per example
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "token_type_ids": self.token_type_ids, "visual_feats": self.visual_feats,
-                "visual_boxes": self.visual_boxes}
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "FinetuneBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return FinetuneBatch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
-                             move(self.visual_feats), move(self.visual_boxes), move(self.target), self.ids)
 
 
 def table_path(corpus: str | os.PathLike, task: str, split: str) -> Path:
@@ -69,50 +68,38 @@ class FinetuneDataset(Dataset):
     """The rows of `<corpus>/finetune/<task>_<split>.parquet` (several splits concatenated) whose images have features.
 
     Args:
-        task: "vqa", "gqa" or "nlvr2".
+        task: the task (its table, id and image columns, targets; an answer task carries its answer table).
         corpus: the corpus directory of `lxm build-corpus`.
         splits: table names, e.g. ["train", "nominival"].
         features: feature store directories.
         vocab: WordPiece vocabulary (file, directory or Hub id).
-        answers: the task's answer table (VQA 3129, GQA 1842 strings; id = position); unused for NLVR2.
         max_length: tokens incl. [CLS] and [SEP] (20).
     """
 
-    def __init__(self, task: str, corpus: str | os.PathLike, splits: list[str], features: list[str | os.PathLike],
-                 vocab: str | os.PathLike, answers: list[str] | None = None, *, max_length: int = 20):
+    def __init__(self, task: FinetuneTask, corpus: str | os.PathLike, splits: list[str],
+                 features: list[str | os.PathLike], vocab: str | os.PathLike, *, max_length: int = 20):
         self.task = task
         self.stores = [FeatureStore(f) for f in features]
         where = store_index(self.stores)
-        self.ans2id = {a: i for i, a in enumerate(answers or [])}
-        self.num_answers = len(self.ans2id)
         self.ids: list = []
         self.texts: list[str] = []
         self.images: list[tuple[str, ...]] = []
-        self.targets: list = []
-        self.labelled = True
+        self.targets: list = []  # the task's row_target per example (None: unlabelled)
         self.dropped = 0
         for split in splits:
-            path = table_path(corpus, task, split)
-            table = read_corpus_table(path)
+            table = read_corpus_table(table_path(corpus, task.name, split))
             cols = {c: table.column(c).to_pylist() for c in table.column_names}
-            id_col, img_cols = ("identifier", ("img0", "img1")) if task == "nlvr2" else ("question_id", ("img_id",))
             for i in range(table.num_rows):
-                imgs = tuple(cols[c][i] for c in img_cols)
+                imgs = tuple(cols[c][i] for c in task.image_columns)
                 if not all(img in where for img in imgs):
                     self.dropped += 1
                     continue
-                self.ids.append(cols[id_col][i])
+                self.ids.append(cols[task.id_column][i])
                 self.texts.append(cols["sent"][i])
                 self.images.append(imgs)
-                if task == "nlvr2":
-                    label = cols["label"][i]
-                    self.targets.append(None if label is None or label < 0 else int(label))
-                else:
-                    pairs = cols["label"][i]
-                    self.targets.append(None if pairs is None else
-                                        [(self.ans2id[a], float(s)) for a, s in pairs if a in self.ans2id])
+                self.targets.append(task.row_target({c: v[i] for c, v in cols.items()}))
         if not self.ids:
-            raise FinetuneDataError(f"{Path(corpus) / 'finetune'}: no {task} example of splits {splits} has its "
+            raise FinetuneDataError(f"{Path(corpus) / 'finetune'}: no {task.name} example of splits {splits} has its "
                                     f"image(s) in the feature stores {[str(f) for f in features]} "
                                     f"({self.dropped} dropped)")
         self.labelled = all(t is not None for t in self.targets)
@@ -127,34 +114,26 @@ class FinetuneDataset(Dataset):
         rec, boxes = read_normalized(self.stores[self.store_of[img_id]], img_id)
         return rec.features.astype(np.float32), boxes
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> FinetuneExample:
         enc = self.tokenizer.encode(self.texts[index])
-        images = [self._image(img) for img in self.images[index]]
+        feats, boxes = zip(*(self._image(img) for img in self.images[index]))
         target = self.targets[index]
-        if target is not None and self.task != "nlvr2":
-            dense = np.zeros(self.num_answers, dtype=np.float32)
-            for k, score in target:
-                dense[k] = score
-            target = dense
-        return {"id": self.ids[index], "input_ids": enc.input_ids[0], "attention_mask": enc.attention_mask[0],
-                "images": images, "target": target}
+        return FinetuneExample(self.ids[index], enc.input_ids[0], enc.attention_mask[0], np.stack(feats),
+                               np.stack(boxes), **({} if target is None else self.task.example_target(target)))
 
 
-def collate_finetune(items: list[dict]) -> FinetuneBatch:
-    """Stack examples; an NLVR2 example contributes one row per image (its sentence repeated)."""
-    ids, masks, feats, boxes = [], [], [], []
-    for x in items:
-        for f, b in x["images"]:
-            ids.append(x["input_ids"])
-            masks.append(x["attention_mask"])
-            feats.append(f)
-            boxes.append(b)
-    input_ids = torch.from_numpy(np.stack(ids))
-    target = None
-    if all(x["target"] is not None for x in items):
-        first = items[0]["target"]
-        target = (torch.tensor([x["target"] for x in items], dtype=torch.long) if isinstance(first, int)
-                  else torch.from_numpy(np.stack([x["target"] for x in items])))
-    return FinetuneBatch(input_ids, torch.from_numpy(np.stack(masks)), torch.zeros_like(input_ids),
-                         torch.from_numpy(np.stack(feats)), torch.from_numpy(np.stack(boxes)), target,
-                         [x["id"] for x in items])
+def collate_finetune(items: list[FinetuneExample]) -> FinetuneBatch:
+    """Stack examples; an example of I images contributes I rows (its sentence repeated). A target field is set
+    when every example has it (a labelled split), else None."""
+    rows = [len(x.visual_feats) for x in items]
+    input_ids = torch.from_numpy(np.repeat(np.stack([x.input_ids for x in items]), rows, axis=0))
+    answers = pairs = None
+    if all(x.answer_target is not None for x in items):
+        answers = torch.from_numpy(np.stack([x.answer_target for x in items]))
+    if all(x.pair_label is not None for x in items):
+        pairs = torch.tensor([x.pair_label for x in items], dtype=torch.long)
+    return FinetuneBatch(input_ids, torch.from_numpy(np.repeat(np.stack([x.attention_mask for x in items]), rows,
+                                                               axis=0)),
+                         torch.zeros_like(input_ids), torch.from_numpy(np.concatenate([x.visual_feats for x in items])),
+                         torch.from_numpy(np.concatenate([x.visual_boxes for x in items])), answers, pairs,
+                         [x.id for x in items])

@@ -11,6 +11,7 @@ of every loss term, NaN guard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,50 +20,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from lxm.atomic import atomic_path
 from lxm.errors import ConfigError
-from lxm.model import (LxmertForPreTraining, PretrainLossConfig, load_pretrained_with_report, preset,
-                       pretraining_step_losses, save_lxm)
+from lxm.model import (LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses,
+                       save_lxm)
 from lxm.train.config import PretrainConfig
 from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_table
-from lxm.train.loop import (DistInfo, append_jsonl, autocast, mean_across_ranks, restore_newest, rewind_logs,
-                            start_run, train_step, training_state)
-from lxm.train.optim import make_optimizer
+from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, build_optimizer, current_lr, mean_across_ranks,
+                           micro_batch_size, restore_newest, save_state, start_run, step_checkpoints, training_state,
+                           wrap_ddp)
+from lxm.train.step import MicroBatches, autocast, step_groups, train_step
 
 _logger = logging.getLogger(__name__)
-
-CKPT_DIR = "checkpoints"
-
-
-class MicroBatches(Sampler):
-    """Index lists of this process's micro-batches, epoch-seeded, from global batch `start` on.
-
-    Global batch k of an epoch is positions [k*B, (k+1)*B) of a permutation seeded by (seed, epoch) (drop_last, as
-    the original); process r takes every world-th index of it, cut into micro-batches.
-    """
-
-    def __init__(self, n: int, batch: int, micro: int, epoch: int, seed: int, dist: DistInfo, start: int = 0):
-        self.perm = np.random.default_rng([seed, epoch]).permutation(n)
-        self.batch, self.micro, self.dist, self.start = batch, micro, dist, start
-        self.steps = n // batch
-
-    def __iter__(self):
-        for k in range(self.start, self.steps):
-            share = self.batch // self.dist.world_size  # contiguous shares: same micro-batches as one process
-            mine = self.perm[k * self.batch:(k + 1) * self.batch][self.dist.rank * share:(self.dist.rank + 1) * share]
-            for s in range(0, len(mine), self.micro):
-                yield mine[s:s + self.micro].tolist()
-
-    def __len__(self) -> int:
-        return (self.steps - self.start) * self.per_step
-
-    @property
-    def per_step(self) -> int:
-        return -(-(self.batch // self.dist.world_size) // self.micro)
 
 
 def _answers(cfg: PretrainConfig) -> list[str]:
@@ -98,26 +70,9 @@ def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers
     labels = {} if label_counts is None else dict(num_object_labels=label_counts[0], num_attr_labels=label_counts[1])
     model_cfg = preset(cfg.model).replace(vocab_size=vocab_size, visual_feat_dim=feat_dim, num_qa_labels=num_answers,
                                           **labels)
-    if cfg.dropout >= 0:
+    if cfg.dropout is not None:
         model_cfg = model_cfg.replace(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     return LxmertForPreTraining(model_cfg)
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """torch.save, atomically and synced to disk before the rename: a checkpoint is either complete or absent, also
-    after a power loss (without the fsync the renamed file can come back truncated)."""
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save(state, tmp)
-
-
-def step_checkpoints(out: Path) -> list[Path]:
-    """OUT/checkpoints/step-N.pt, newest (largest N) first."""
-    return sorted((out / CKPT_DIR).glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    steps = step_checkpoints(out)
-    return steps[0] if steps else None
 
 
 class Pretrainer:
@@ -133,7 +88,7 @@ class Pretrainer:
         self.train_set = PretrainDataset(cfg.corpus, cfg.features, cfg.vocab, answers, splits=cfg.train_splits,
                                          seed=cfg.seed, **common)
         self.valid_set = None
-        if cfg.valid_split:
+        if cfg.valid_split is not None:
             try:
                 self.valid_set = PretrainDataset(cfg.corpus, cfg.features, cfg.vocab, answers,
                                                  splits=[cfg.valid_split], seed=cfg.seed + 1, **common)
@@ -148,27 +103,18 @@ class Pretrainer:
 
             main_log(init_from_bert(self.model, cfg.init_bert).summary())
         self.model = self.model.to(self.device)
-        self.ddp = self.model
-        if self.dist.world_size > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
-        world = self.dist.world_size
-        if cfg.batch_size % world:
-            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-        self.micro = cfg.micro_batch_size or cfg.batch_size // world
+        self.ddp = wrap_ddp(self.model, self.dist, self.device)
+        self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{len(self.train_set)} training sentences are fewer than one batch of {cfg.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
+        if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.optimizer, self.scheduler = make_optimizer(self.model, cfg.optimizer, cfg.lr,
-                                                        self.steps_per_epoch * cfg.epochs, cfg.warmup,
-                                                        cfg.weight_decay)
-        self.loss_cfg = PretrainLossConfig(obj_attr_boxes=cfg.obj_attr_boxes,
-                                           obj_attr_confidence=cfg.obj_attr_confidence, feat_loss=cfg.feat_loss)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.steps_per_epoch)
+        self.loss_cfg = cfg.losses
         self.step, self.epoch, self.position, self.best = 0, 0, 0, float("inf")
-        self._purge_step: int | None = None  # first tensorboard step to drop from earlier event files (resume)
+        self.logger = RunLogger(self.out, self.dist.is_main, on_record)
         if resume:
             self._resume()
 
@@ -176,7 +122,7 @@ class Pretrainer:
     def _state(self) -> dict[str, Any]:
         return training_state(self.model, self.optimizer, self.scheduler, step=self.step, epoch=self.epoch,
                               position=self.position, best=self.best,
-                              config=json.loads(json.dumps(self.cfg.__dict__)))
+                              config=json.loads(json.dumps(dataclasses.asdict(self.cfg))))
 
     def _resume(self) -> None:
         candidates = step_checkpoints(self.out)
@@ -188,9 +134,7 @@ class Pretrainer:
             self.step, self.epoch = state["step"], state["epoch"]
             self.position, self.best = state["position"], state["best"]
             self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
-        if self.dist.is_main:  # the steps redone from here must not appear twice in the logs
-            rewind_logs(self.out, self.step, self.epoch)
-            self._purge_step = self.step + 1
+        self.logger.resume_at(self.step, self.epoch)  # the steps redone from here must not appear twice in the logs
 
     def _checkpoint(self, name: str) -> None:
         if not self.dist.is_main:
@@ -208,33 +152,6 @@ class Pretrainer:
         if self.epoch < self.cfg.qa_start_epoch and "qa" in losses:
             losses["qa"] = losses["qa"] * 0.0  # kept in the graph (DDP), contributes nothing: the paper's stage 1
         return losses
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        append_jsonl(self.out / "log.jsonl", record)
-        writer = self._tensorboard()
-        if writer is not None and "step" in record:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    writer.add_scalar(f"train/{key}", value, record["step"])
-            for key, value in record.get("valid", {}).items():
-                writer.add_scalar(f"valid/{key}", value, record["step"])
-            writer.flush()
-        if self.on_record is not None:
-            self.on_record(record)
-
-    def _tensorboard(self):
-        """A SummaryWriter into OUT/tensorboard when the tensorboard package is installed (else jsonl only)."""
-        if not hasattr(self, "_tb"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # after a resume, events of the steps about to be redone are dropped from the event files
-                self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self._purge_step)
-            except ImportError:
-                self._tb = None
-        return self._tb
 
     def validate(self) -> dict[str, float]:
         if self.valid_set is None:
@@ -280,28 +197,19 @@ class Pretrainer:
             # would diverge from the uninterrupted one.
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
                                 num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-            group: list = []
             t0 = time.perf_counter()
-            for micro in loader:
-                group.append(micro)
-                if len(group) < sampler.per_step:
-                    continue
+            for group in step_groups(loader, sampler.per_step):
                 last = train_step(self.ddp, group, self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision,
                                   device_type=self.device.type)
-                uids = [u for b in group for u in b.uids]
-                group = []
                 last = mean_across_ranks(last, self.dist)  # the global batch's losses, not this process's share
-                if not np.isfinite(last["loss"]):
-                    self._log({"step": self.step, "error": "non-finite loss", "losses": last, "uids": uids})
-                    raise FloatingPointError(f"non-finite loss at step {self.step}; batch uids logged in "
-                                             f"{self.out / 'log.jsonl'}")
+                self.logger.check_finite(last, self.step, uids=[u for b in group for u in b.uids])
                 self.step += 1
                 self.position += 1
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     dt = time.perf_counter() - t0
-                    lr = self.optimizer.param_groups[0]["lr"] if self.scheduler else self.optimizer.current_lr()[0]
-                    self._log({"step": self.step, "epoch": self.epoch, "lr": lr,
+                    self.logger.log({"step": self.step, "epoch": self.epoch,
+                                     "lr": current_lr(self.optimizer, self.scheduler),
                                "samples_per_s": cfg.batch_size * cfg.log_every / max(dt, 1e-9),
                                **{k: round(v, 6) for k, v in last.items()}})
                     t0 = time.perf_counter()
@@ -312,7 +220,7 @@ class Pretrainer:
             if self.position >= self.steps_per_epoch:  # epoch finished
                 valid = self.validate()
                 if valid:
-                    self._log({"step": self.step, "epoch": self.epoch, "valid": valid})
+                    self.logger.log({"step": self.step, "epoch": self.epoch, "valid": valid})
                 self.epoch, self.position = self.epoch + 1, 0
                 self._checkpoint(f"epoch-{self.epoch - 1:02d}.pt")
                 if valid and valid["loss"] < self.best and self.dist.is_main:
@@ -321,5 +229,5 @@ class Pretrainer:
                         shutil.copyfile(self.out / CKPT_DIR / f"epoch-{self.epoch - 1:02d}.pt", tmp)
         self._checkpoint(f"step-{self.step}.pt")
         if self.dist.is_main:  # the final weights as an lxm model directory: what `lxm finetune --init RUN` reads
-            save_lxm(self.model, self.out / "model")
+            save_lxm(self.model, self.out / MODEL_DIR)
         return {"step": self.step, "epoch": self.epoch, "last": last}

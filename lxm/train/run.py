@@ -1,13 +1,11 @@
-"""The training step shared by pretraining and finetuning, and the process-group helpers it needs.
+"""The scaffold both recipes (`pretrain`, `finetune`) stand on: one run directory, one process group.
 
-One optimizer step = the micro-batches of one global batch: forward + backward of each (gradient synchronisation
-skipped with `no_sync` on all but the last when the model is DDP-wrapped), gradient clipping, optimizer and
-scheduler step. nanoGPT / open_clip style: explicit, no trainer framework (style.md §8.9).
-
-Also the run plumbing both recipes share: start-up (process group, device, seed, resolved config, removal of temp
-files left by killed checkpoint writes), checkpoint state save / restore (a damaged checkpoint is named and the next
-older one used), and rewinding the jsonl logs to the step a resumed run continues from. The original
-(airsplay/lxmert) could not resume; these have no counterpart there.
+Start-up (`start_run`: process group, device, seed, the resolved config, removal of temp files left by killed
+checkpoint writes), DDP wrapping and the per-process micro-batch size, optimizer construction, checkpoint state
+save / discovery / restore (a damaged checkpoint is named and the next older one used), the non-finite-loss guard,
+and the run logger (OUT/log.jsonl, OUT/metrics.jsonl, OUT/tensorboard, rewound to the step a resumed run continues
+from). The original (airsplay/lxmert `src/pretrain/lxmert_pretrain.py`, `src/tasks/*.py`) printed to stdout, saved
+weights only and could not resume; none of this has a counterpart there.
 """
 
 from __future__ import annotations
@@ -23,15 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from lxm import atomic
+from lxm.atomic import atomic_path
 from lxm.errors import ConfigError
 from lxm.model import CheckpointError
+from lxm.train.optim import make_optimizer
 
 _logger = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"  # pretraining: OUT/checkpoints/{step,epoch}-N.pt and best.pt
+BEST_DIR = "best"  # finetuning: lxm model directory of the best epoch (what `lxm predict` loads)
+LAST = "last.pt"  # finetuning: model + optimizer + epoch + RNG, what --resume reads
+MODEL_DIR = "model"  # pretraining: the final weights as an lxm model directory (what `lxm finetune --init` reads)
 
 
 @dataclass
@@ -56,45 +62,6 @@ def init_distributed(device: str) -> DistInfo:
     if device == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
-
-
-def autocast(precision: str, device_type: str):
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.Module, object], dict[str, Tensor]],
-               optimizer: torch.optim.Optimizer, scheduler=None, *, clip_grad_norm: float = 0.0,
-               precision: str = "fp32", device_type: str = "cpu") -> dict[str, float]:
-    """One optimizer step over `micro_batches`; returns the averaged named losses, 'loss' and 'grad_norm'.
-
-    `loss_fn(model, batch)` returns named losses whose plain sum is the objective (each already a batch mean); the
-    micro-batch objectives are averaged, so accumulation over k micro-batches equals one batch k times larger.
-    """
-    n = len(micro_batches)
-    totals: dict[str, float] = {}
-    for k, batch in enumerate(micro_batches):
-        sync = k == n - 1 or not hasattr(model, "no_sync")
-        with (contextlib.nullcontext() if sync else model.no_sync()):
-            with autocast(precision, device_type):
-                losses = loss_fn(model, batch)
-            loss = sum(losses.values()) / n
-            loss.backward()
-        for name, value in losses.items():
-            totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)) if clip_grad_norm > 0 else 0.0
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    totals["loss"] = sum(v for k, v in totals.items())
-    totals["grad_norm"] = grad_norm
-    return totals
-
-
-# ---------------------------------------------------------------------------------------------------- run plumbing
 
 
 def pick_device(device: str, dist: DistInfo) -> torch.device:
@@ -273,3 +240,110 @@ def _log_record_kept(record: dict[str, Any], step: int, epoch: int) -> bool:
     if "error" in record:  # logged with the step count before the failed step
         return record.get("step", 0) < step
     return record.get("step", 0) <= step
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """`model` in DistributedDataParallel when several processes run, else `model` itself."""
+    if info.world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda"
+                                                     else None)
+
+
+def micro_batch_size(batch_size: int, micro: int | None, info: DistInfo) -> int:
+    """Per process per micro-step: `micro`, or (None) the process's whole share of the global batch."""
+    if batch_size % info.world_size:
+        raise ConfigError(f"batch_size {batch_size} is not divisible by {info.world_size} processes")
+    return batch_size // info.world_size if micro is None else micro
+
+
+def build_optimizer(model: nn.Module, cfg, steps_per_epoch: int):
+    """(optimizer, scheduler) of `cfg` (optimizer, lr, warmup, weight_decay), the schedule over all epochs."""
+    return make_optimizer(model, cfg.optimizer, cfg.lr, steps_per_epoch * cfg.epochs, cfg.warmup, cfg.weight_decay)
+
+
+def current_lr(optimizer, scheduler) -> float:
+    return optimizer.param_groups[0]["lr"] if scheduler else optimizer.current_lr()[0]
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save, atomically and synced to disk before the rename: a checkpoint is either complete or absent, also
+    after a power loss (without the fsync the renamed file can come back truncated)."""
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
+
+
+def step_checkpoints(out: Path) -> list[Path]:
+    """OUT/checkpoints/step-N.pt, newest (largest N) first."""
+    return sorted((out / CKPT_DIR).glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = step_checkpoints(out)
+    return steps[0] if steps else None
+
+
+# ---------------------------------------------------------------------------------------------------- logs
+
+
+class RunLogger:
+    """The records of a run: OUT/log.jsonl (every step record, validation, errors), OUT/metrics.jsonl (one record
+    per validated epoch) and, when the tensorboard package is installed, OUT/tensorboard (the numbers of each step
+    record as train/NAME, of a validation as valid/NAME). Only the main process writes; `on_record` sees every
+    log record after it is written (e.g. for a progress bar)."""
+
+    def __init__(self, out: Path, is_main: bool, on_record: Callable[[dict], None] | None = None):
+        self.out, self.is_main, self.on_record = out, is_main, on_record
+        self.path = out / "log.jsonl"
+        self._purge_step: int | None = None  # first tensorboard step to drop from earlier event files (resume)
+        self._tb: Any = False  # False: not opened yet
+
+    def resume_at(self, step: int, epoch: int) -> None:
+        """A resumed run continues after `step` steps / `epoch` epochs: what was logged later is dropped (the jsonl
+        files rewound, tensorboard told to purge), so that the steps it redoes appear once."""
+        if self.is_main:
+            rewind_logs(self.out, step, epoch)
+            self._purge_step = step + 1
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        append_jsonl(self.path, record)
+        writer = self._tensorboard()
+        if writer is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    writer.add_scalar(f"train/{key}", value, record["step"])
+            for key, value in (record.get("valid") or {}).items():
+                writer.add_scalar(f"valid/{key}", value, record["step"])
+            writer.flush()
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            append_jsonl(self.out / "metrics.jsonl", record)
+
+    def check_finite(self, values: dict[str, float], step: int, **batch: list) -> None:
+        """The non-finite-loss guard: log the step's values and the batch (e.g. uids=[...]) and stop the run."""
+        if np.isfinite(values["loss"]):
+            return
+        self.log({"step": step, "error": "non-finite loss", "losses": values, **batch})
+        raise FloatingPointError(f"non-finite loss at step {step}; batch {' '.join(batch)} logged in {self.path}")
+
+    def _tensorboard(self):
+        if self._tb is False:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # after a resume, events of the steps about to be redone are dropped from the event files
+                self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self._purge_step)
+            except ImportError:
+                self._tb = None
+        return self._tb

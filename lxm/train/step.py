@@ -1,0 +1,93 @@
+"""The optimizer step shared by pretraining and finetuning, and the micro-batches it is fed with.
+
+One optimizer step = the micro-batches of one global batch: forward + backward of each (gradient synchronisation
+skipped with `no_sync` on all but the last when the model is DDP-wrapped), gradient clipping, optimizer and
+scheduler step. nanoGPT / open_clip style: explicit, no trainer framework (style.md §8.9). Gradient accumulation
+and the per-process shares of a global batch are additions: airsplay/lxmert (`src/pretrain/lxmert_pretrain.py`,
+`src/tasks/*.py`) ran one batch per step on one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from lxm.train.run import DistInfo
+
+
+def autocast(precision: str, device_type: str):
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class MicroBatches(Sampler):
+    """Index lists of this process's micro-batches, epoch-seeded, from global batch `start` on.
+
+    Global batch k of an epoch is positions [k*B, (k+1)*B) of a permutation seeded by (seed, epoch) (drop_last, as
+    the original); process r takes every world-th index of it, cut into micro-batches.
+    """
+
+    def __init__(self, n: int, batch: int, micro: int, epoch: int, seed: int, dist: DistInfo, start: int = 0):
+        self.perm = np.random.default_rng([seed, epoch]).permutation(n)
+        self.batch, self.micro, self.dist, self.start = batch, micro, dist, start
+        self.steps = n // batch
+
+    def __iter__(self):
+        for k in range(self.start, self.steps):
+            share = self.batch // self.dist.world_size  # contiguous shares: same micro-batches as one process
+            mine = self.perm[k * self.batch:(k + 1) * self.batch][self.dist.rank * share:(self.dist.rank + 1) * share]
+            for s in range(0, len(mine), self.micro):
+                yield mine[s:s + self.micro].tolist()
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.per_step
+
+    @property
+    def per_step(self) -> int:
+        return -(-(self.batch // self.dist.world_size) // self.micro)
+
+
+def step_groups(micro_batches: Iterable, per_step: int) -> Iterator[list]:
+    """The micro-batches of a loader over `MicroBatches`, grouped into the lists of one optimizer step each."""
+    group: list = []
+    for micro in micro_batches:
+        group.append(micro)
+        if len(group) == per_step:
+            yield group
+            group = []
+
+
+def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.Module, object], dict[str, Tensor]],
+               optimizer: torch.optim.Optimizer, scheduler=None, *, clip_grad_norm: float = 0.0,
+               precision: str = "fp32", device_type: str = "cpu") -> dict[str, float]:
+    """One optimizer step over `micro_batches`; returns the averaged named losses, 'loss' and 'grad_norm'.
+
+    `loss_fn(model, batch)` returns named losses whose plain sum is the objective (each already a batch mean); the
+    micro-batch objectives are averaged, so accumulation over k micro-batches equals one batch k times larger.
+    """
+    n = len(micro_batches)
+    totals: dict[str, float] = {}
+    for k, batch in enumerate(micro_batches):
+        sync = k == n - 1 or not hasattr(model, "no_sync")
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with autocast(precision, device_type):
+                losses = loss_fn(model, batch)
+            loss = sum(losses.values()) / n
+            loss.backward()
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)) if clip_grad_norm > 0 else 0.0
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals["loss"] = sum(v for k, v in totals.items())
+    totals["grad_norm"] = grad_norm
+    return totals

@@ -1,0 +1,306 @@
+"""Finetuning tasks as objects: one class per task owns what differs between VQA, GQA and NLVR2.
+
+Reproduces airsplay/lxmert `src/tasks/{vqa,gqa,nlvr2}_model.py` (the heads), `src/tasks/{vqa,gqa,nlvr2}.py` (loss,
+argmax decoding, local `evaluate`, the dumped result files), `src/tasks/*_data.py` (`*Evaluator.evaluate`: the target
+of a question, its score) and `src/pretrain/qa_answer_table.py` (`load_lxmert_qa`, the answer-head surgery).
+
+The shape follows open_clip's `TrainingTask` (src/open_clip/task/): a task owns its loss and returns named losses
+from `training_forward(model, batch) -> (losses, report)`, the recipe sums them. A deliberate difference: the task is
+not the `nn.Module` and does not hold the model; it builds the model config (head construction) and the head's
+initial weights, and gets the model in each call. DDP then wraps the model itself and checkpoints keep the model's
+own keys (every checkpoint format stays as it was).
+
+Adding a task = adding one class and its entry in `TASKS` (a dict, no registry): the abstract methods of
+`FinetuneTask` are what a task decides.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from lxm.corpus.answers import convert_ans
+from lxm.errors import ConfigError
+from lxm.eval import nlvr2_metrics, prediction_file_name, write_predictions
+from lxm.model import LxmertConfig, LxmertForPreTraining, LxmertOutput, pair_loss, soft_answer_loss
+from lxm.train.data import corpus_file, read_answer_table
+from lxm.train.run import BEST_DIR, MODEL_DIR
+
+if TYPE_CHECKING:
+    from lxm.train.config import FinetuneConfig
+    from lxm.train.finetune_data import FinetuneBatch
+
+
+ANSWERS_FILE = "answers.json"  # a finetuning run's answer table (id = position), what `lxm predict` decodes with
+
+
+class FinetuneTask(ABC):
+    """What one finetuning task decides: its corpus table, head, targets, loss, decoding, scores and files.
+
+    Args:
+        answers: the task's answer table (id = position); empty for a task without one (NLVR2).
+    """
+
+    name: ClassVar[str]  # task name: corpus tables finetune/<name>_<split>.parquet, official formats of lxm.eval
+    id_column: ClassVar[str]  # the table's example id column
+    image_columns: ClassVar[tuple[str, ...]]  # the table's image id column(s): images per example
+    metric_names: ClassVar[tuple[str, ...]]  # the columns of the validation table; the first one selects best/
+
+    def __init__(self, answers: Sequence[str] = ()):
+        self.answers = list(answers)
+
+    # ---- answer table
+    @classmethod
+    def from_corpus(cls, corpus: str | os.PathLike) -> FinetuneTask:
+        """The task with the answer table of an `lxm build-corpus` directory (a task without one ignores it)."""
+        return cls()
+
+    @classmethod
+    def from_run(cls, run: Path) -> FinetuneTask:
+        """The task of a finetuning run directory (with its RUN/answers.json when the task has answers)."""
+        return cls()
+
+    # ---- model
+    @abstractmethod
+    def model_config(self, base: LxmertConfig) -> LxmertConfig:
+        """The backbone of `base` with only this task's head (the pretraining heads off)."""
+
+    @abstractmethod
+    def init_head(self, pre: LxmertForPreTraining, init: str, cfg: FinetuneConfig, log: Callable[[str], None]
+                  ) -> dict[str, Tensor]:
+        """The head's entries of the task model's state dict, taken from the pretrained model `pre` (read from
+        `init`); {} leaves the head at its fresh initialisation. Reports what was done to `log`."""
+
+    # ---- data
+    @abstractmethod
+    def row_target(self, row: Mapping[str, Any]) -> Any:
+        """The label of one corpus-table row, kept by the dataset (compact: scored as is); None = unlabelled."""
+
+    @abstractmethod
+    def example_target(self, target: Any) -> dict[str, Any]:
+        """The `FinetuneExample` target field(s) of a kept label (never None)."""
+
+    # ---- training
+    @abstractmethod
+    def loss(self, out: LxmertOutput, batch: FinetuneBatch) -> dict[str, Tensor]:
+        """Named losses of a batch (each a batch mean; their sum is the objective)."""
+
+    def training_forward(self, model: nn.Module, batch: FinetuneBatch) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(named losses, report: the task's logits, detached) of one labelled batch already on the model's device."""
+        out = model(**batch.model_inputs())
+        return self.loss(out, batch), {"logits": self.logits(out).detach()}
+
+    # ---- predictions
+    @abstractmethod
+    def logits(self, out: LxmertOutput) -> Tensor:
+        """The head's logits, one row per example."""
+
+    @abstractmethod
+    def decode(self, logits: Tensor) -> list[str]:
+        """Logits [B, C] -> one prediction string per example, as the submission files hold them."""
+
+    @abstractmethod
+    def score(self, ids: Sequence, targets: Sequence, predictions: Mapping) -> dict[str, float]:
+        """The original's local validation scores (keys: `metric_names`) of id -> prediction against the kept
+        labels (`row_target`s) of examples `ids`."""
+
+    def prediction_file_name(self, split: str) -> str:
+        return prediction_file_name(self.name, split)
+
+    def write_predictions(self, predictions: Mapping, path: str | os.PathLike) -> Path:
+        """The official submission file (lxm.eval.formats)."""
+        return write_predictions(self.name, predictions, path)
+
+
+# ---------------------------------------------------------------------------------------------------- answer tasks
+
+
+class AnswerTask(FinetuneTask):
+    """A question answered from an answer table: the answer head (768 -> 1536 -> GeLU -> LN -> A) on the pooled
+    output, BCE on the soft scores x A, argmax decoding, mean label score of the prediction x 100."""
+
+    id_column = "question_id"
+    image_columns = ("img_id",)
+    metric_names = ("accuracy",)
+
+    def __init__(self, answers: Sequence[str] = ()):
+        super().__init__(answers)
+        self.ans2id = {a: i for i, a in enumerate(self.answers)}
+
+    @classmethod
+    def from_corpus(cls, corpus: str | os.PathLike) -> FinetuneTask:
+        return cls(read_answer_table(corpus_file(corpus, f"vocab/{cls.name}_answers.json")))
+
+    @classmethod
+    def from_run(cls, run: Path) -> FinetuneTask:
+        return cls(read_answer_table(run / ANSWERS_FILE))
+
+    def model_config(self, base: LxmertConfig) -> LxmertConfig:
+        return base.replace(task_mask_lm=False, task_matched=False, task_obj_predict=False, task_qa=True,
+                            num_qa_labels=len(self.answers), task_nlvr2=False)
+
+    def init_head(self, pre, init, cfg, log):
+        if pre.answer_head is None:
+            log(f"answer head: fresh init ({init} has no QA head)")
+            return {}
+        return answer_head_surgery(pre, init, cfg, self.name, self.answers, log)
+
+    def row_target(self, row):
+        # answers outside the table are skipped, as the original's label2ans lookup
+        pairs = row["label"]
+        return None if pairs is None else [(self.ans2id[a], float(s)) for a, s in pairs if a in self.ans2id]
+
+    def example_target(self, target):
+        dense = np.zeros(len(self.answers), dtype=np.float32)
+        for k, score in target:
+            dense[k] = score
+        return {"answer_target": dense}
+
+    def loss(self, out, batch):
+        return {self.name: soft_answer_loss(out.answer_logits, batch.answer_targets)}
+
+    def logits(self, out):
+        return out.answer_logits
+
+    def decode(self, logits):
+        return [self.answers[p] for p in logits.argmax(-1).tolist()]
+
+    def score(self, ids, targets, predictions):
+        # VQA: the soft accuracy of the prediction; GQA: its labels hold one answer scored 1 (exact match)
+        total = sum(dict(target).get(self.ans2id[predictions[qid]], 0.0) for qid, target in zip(ids, targets))
+        return {"accuracy": round(100 * total / len(ids), 2)}
+
+
+class VqaTask(AnswerTask):
+    """VQA v2 (src/tasks/vqa.py): 3129 answers, soft scores from the ten annotators."""
+
+    name = "vqa"
+
+
+class GqaTask(AnswerTask):
+    """GQA (src/tasks/gqa.py): 1842 answers, one per question."""
+
+    name = "gqa"
+
+
+# ---------------------------------------------------------------------------------------------------- NLVR2
+
+
+class Nlvr2Task(FinetuneTask):
+    """NLVR2 (src/tasks/nlvr2.py): a statement and an image pair, the pair head on the two pooled outputs of
+    (img0, sentence), (img1, sentence) (batch rows 2i, 2i+1), 2-way CE; "True"/"False"; accuracy and consistency."""
+
+    name = "nlvr2"
+    id_column = "identifier"
+    image_columns = ("img0", "img1")
+    metric_names = ("accuracy", "consistency")
+
+    def model_config(self, base):
+        return base.replace(task_mask_lm=False, task_matched=False, task_obj_predict=False, task_qa=False,
+                            task_nlvr2=True)
+
+    def init_head(self, pre, init, cfg, log):
+        if pre.nlvr2_head is None:
+            log("pair head: fresh init (the original --loadLXMERT loads the encoder only)")
+            return {}
+        log("pair head: copied from the checkpoint")
+        return {k: v for k, v in pre.state_dict().items() if k.startswith("nlvr2_head.")}
+
+    def row_target(self, row):
+        label = row["label"]
+        return None if label is None or label < 0 else int(label)
+
+    def example_target(self, target):
+        return {"pair_label": target}
+
+    def loss(self, out, batch):
+        return {self.name: pair_loss(out.pair_logits, batch.pair_labels)}
+
+    def logits(self, out):
+        return out.pair_logits
+
+    def decode(self, logits):
+        return ["True" if p == 1 else "False" for p in logits.argmax(-1).tolist()]
+
+    def score(self, ids, targets, predictions):
+        labels = {i: "True" if t == 1 else "False" for i, t in zip(ids, targets)}
+        scores = nlvr2_metrics(labels, predictions)  # predictions cover exactly the split: nothing ignored
+        return {name: scores[name] for name in self.metric_names}
+
+
+TASKS: dict[str, type[FinetuneTask]] = {"vqa": VqaTask, "gqa": GqaTask, "nlvr2": Nlvr2Task}
+
+
+def task_class(name: str) -> type[FinetuneTask]:
+    if name not in TASKS:
+        raise ConfigError(f"config: 'task' must be one of {tuple(TASKS)}, got {name!r}")
+    return TASKS[name]
+
+
+# ---------------------------------------------------------------------------------------------------- head surgery
+
+
+def pretraining_answers(cfg: FinetuneConfig, init_path: str, rows: int) -> tuple[list[str], str] | None:
+    """(answer strings of the init's QA head rows, their file): init_answers (must fit), else the first table of
+    `rows` answers among the init run's own and the corpus's; None when none fits."""
+    if cfg.init_answers:
+        table = read_answer_table(cfg.init_answers)
+        if len(table) != rows:
+            raise ConfigError(f"init_answers {cfg.init_answers}: {len(table)} answers, but the QA head of {init_path} "
+                              f"has {rows} rows")
+        return table, cfg.init_answers
+    candidates = []
+    run = Path(init_path).parent if Path(init_path).name in (MODEL_DIR, BEST_DIR) else Path(init_path).parent.parent
+    if (run / "config.yaml").exists():
+        run_cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        if run_cfg.get("answers"):
+            candidates.append(Path(run_cfg["answers"]))
+        elif run_cfg.get("corpus"):
+            candidates.append(Path(run_cfg["corpus"]) / "vocab" / "qa_answers.json")
+    candidates.append(Path(cfg.corpus) / "vocab" / "qa_answers.json")
+    for path in candidates:
+        if path.exists():
+            table = read_answer_table(path)
+            if len(table) == rows:
+                return table, str(path)
+    return None
+
+
+def answer_head_surgery(pre: LxmertForPreTraining, init: str, cfg: FinetuneConfig, task: str, answers: list[str],
+                        log: Callable[[str], None]) -> dict[str, Tensor]:
+    """qa_answer_table.py `load_lxmert_qa`: the answer head of `pre` with its last layer's rows re-indexed to
+    `answers` by answer string after `convert_ans`; rows not found are zero. A head of exactly `len(answers)` rows
+    with no pretraining table of its size is a head finetuned on this task: copied as is."""
+    head = {k: v for k, v in pre.state_dict().items() if k.startswith("answer_head.")}
+    rows = pre.config.num_qa_labels
+    w, b = head.pop("answer_head.logit_fc.3.weight"), head.pop("answer_head.logit_fc.3.bias")
+    found = pretraining_answers(cfg, init, rows)
+    if found is None and rows == len(answers):
+        log(f"answer head: copied as is ({rows} answers: a finetuned {task} head)")
+        return {**head, "answer_head.logit_fc.3.weight": w, "answer_head.logit_fc.3.bias": b}
+    if found is None:
+        raise ConfigError(f"{init}: its QA head has {rows} rows but no answer table of that size was found (the "
+                          f"init run's, {Path(cfg.corpus) / 'vocab' / 'qa_answers.json'}); pass --set "
+                          f"init_answers=PATH (LXMERT's all_ans.json)")
+    table, where = found
+    index = {a: i for i, a in enumerate(table)}
+    new_w, new_b = torch.zeros(len(answers), w.shape[1], dtype=w.dtype), torch.zeros(len(answers), dtype=b.dtype)
+    missing = []
+    for i, ans in enumerate(answers):
+        j = index.get(convert_ans(ans))
+        if j is None:
+            missing.append(ans)
+        else:
+            new_w[i], new_b[i] = w[j], b[j]
+    n_found = len(answers) - len(missing)
+    log(f"answer head: {n_found}/{len(answers)} rows from the {rows}-way pretraining QA head ({where}); "
+        f"{len(missing)} set to zero" + (f", e.g. {', '.join(repr(a) for a in missing[:5])}" if missing else ""))
+    return {**head, "answer_head.logit_fc.3.weight": new_w, "answer_head.logit_fc.3.bias": new_b}
