@@ -193,7 +193,7 @@ class FeatureStoreWriter:
         path = self.root / MANIFEST
         if not path.exists():
             return
-        old = json.loads(path.read_text())
+        old = _read_manifest(path)  # a damaged manifest is a StoreError naming it, as for readers
         mine = {"num_boxes": self.num_boxes, "feature_dim": self.feature_dim, "dtype": self.dtype}
         clash = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
         if clash:
@@ -442,6 +442,7 @@ def _finalize(root: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
     }
     atomic.write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
+
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     """manifest.json, checked field by field: a damaged one is a StoreError naming it, never a KeyError later."""
