@@ -148,7 +148,7 @@ def test_nlvr2_batches_put_each_pair_on_consecutive_rows(world):
     assert batch.answer_targets is None
     for i in range(3):
         for k in range(2):
-            feats, _ = data._image(data.images[i][k])
+            feats = data.record(data.images[i][k]).features.astype(np.float32)
             assert np.array_equal(batch.visual_feats[2 * i + k].numpy(), feats)
         assert torch.equal(batch.input_ids[2 * i], batch.input_ids[2 * i + 1])
     model = LxmertForFinetuning(lxmert_tiny(vocab_size=30522, visual_feat_dim=F, task_qa=False, task_nlvr2=True,

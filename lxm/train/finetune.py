@@ -150,7 +150,7 @@ class Finetuner:
         logged); `on_record` every log record (after it is written)."""
         self.cfg, self.out, self.log = cfg, Path(out), log or _logger.info
         self.dist, self.device = start_run(cfg, self.out)
-        self.task = task or task_class(cfg.task).from_corpus(cfg.corpus)
+        self.task = task or task_class(cfg.task).from_config(cfg)
         self.logger = RunLogger(self.out, self.dist.is_main, on_record)
         if self.dist.is_main and self.task.answers:
             (self.out / ANSWERS_FILE).write_text(json.dumps(self.task.answers) + "\n")
@@ -259,14 +259,12 @@ class Finetuner:
 # ---------------------------------------------------------------------------------------------------- lxm predict
 
 
-def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.PathLike, *, corpus: str | None = None,
-                features: list[str] | None = None, batch_size: int | None = None, device: str = "auto",
-                log=None) -> tuple[Path, dict]:
-    """Load RUN/best (and RUN/config.yaml for corpus, features, vocab, answers), predict `split`, write `out`;
-    `log` receives messages (default: logged).
+def load_run(run: str | os.PathLike, task: str | None = None) -> tuple[FinetuneConfig, FinetuneTask,
+                                                                       LxmertForFinetuning]:
+    """(config, task, best model) of a finetuning run directory; `task` (if given) must be the run's.
 
-    Returns (path written, scores when the split is labelled else {})."""
-    log = log or _logger.info
+    Raises ConfigError / FileNotFoundError naming the run when it is not a finished finetuning run (a pretraining
+    run, a run before its first epoch, another task's run)."""
     run = Path(run)
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: not an lxm finetuning run (no config.yaml)")
@@ -277,17 +275,48 @@ def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.Pat
     if not isinstance(raw, dict) or "task" not in raw:
         # a pretraining run has a config.yaml too, and FinetuneConfig's default task would pass for it
         kind = "a pretraining run" if isinstance(raw, dict) and "word_mask_rate" in raw else "not a finetuning run"
-        raise ConfigError(f"{run / 'config.yaml'}: {kind} (no field 'task'); lxm predict needs the --out directory "
+        raise ConfigError(f"{run / 'config.yaml'}: {kind} (no field 'task'); this needs the --out directory "
                           f"of lxm finetune")
     cfg = FinetuneConfig(**{k: v for k, v in raw.items() if k in FinetuneConfig.__dataclass_fields__})
-    if cfg.task != task:
+    if task is not None and cfg.task != task:
         raise ConfigError(f"{run} is a {cfg.task} run, not {task}")
     model_dir = run / BEST_DIR
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{run}: no {BEST_DIR}/ model yet (the run has not finished an epoch)")
-    task_obj = task_class(cfg.task).from_run(run)
-    model = load_pretrained(model_dir)
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    return cfg, task_class(cfg.task).from_run(run), load_pretrained(model_dir)
+
+
+def pick_inference_device(device: str = "auto") -> torch.device:
+    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def predict_top(task: FinetuneTask, model: LxmertForFinetuning, dataset: FinetuneDataset, k: int = 5, *,
+                batch_size: int = 256, device: torch.device | str = "cpu", precision: str = "fp32") -> dict:
+    """id -> the k most probable predictions [(prediction string, probability)], best first (`FinetuneTask.top`);
+    the first is `predict`'s."""
+    model.eval()
+    out: dict = {}
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_finetune)
+    with torch.no_grad():
+        for batch in loader:
+            batch = batch.to(device)
+            with autocast(precision, device.type):
+                logits = task.logits(model(**batch.model_inputs()))
+            out.update(zip(batch.ids, task.top(logits, k)))
+    return out
+
+
+def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.PathLike, *, corpus: str | None = None,
+                features: list[str] | None = None, batch_size: int | None = None, device: str = "auto",
+                log=None) -> tuple[Path, dict]:
+    """Load RUN/best (and RUN/config.yaml for corpus, features, vocab, answers), predict `split`, write `out`;
+    `log` receives messages (default: logged).
+
+    Returns (path written, scores when the split is labelled else {})."""
+    log = log or _logger.info
+    cfg, task_obj, model = load_run(run, task)
+    dev = pick_inference_device(device)
     model.to(dev)
     data = FinetuneDataset(task_obj, corpus or cfg.corpus, [split], features or cfg.features, cfg.vocab,
                            max_length=cfg.max_length)

@@ -21,9 +21,10 @@ import torch
 from torch.utils.data import Dataset
 
 from lxm.errors import LxmError
+from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStore, read_normalized, store_index
 from lxm.model.tokenizer import LxmertTokenizer
-from lxm.train.data import ModelInputs, corpus_file, read_corpus_table
+from lxm.train.data import ModelInputs, corpus_file
 from lxm.train.tasks import FinetuneTask
 
 
@@ -85,11 +86,11 @@ class FinetuneDataset(Dataset):
         self.texts: list[str] = []
         self.images: list[tuple[str, ...]] = []
         self.targets: list = []  # the task's row_target per example (None: unlabelled)
+        self.info: dict[str, list] = {c: [] for c in task.info_columns}  # display columns, per example
         self.dropped = 0
         for split in splits:
-            table = read_corpus_table(table_path(corpus, task.name, split))
-            cols = {c: table.column(c).to_pylist() for c in table.column_names}
-            for i in range(table.num_rows):
+            cols = task.read_split(corpus, split)
+            for i in range(len(cols[task.id_column])):
                 imgs = tuple(cols[c][i] for c in task.image_columns)
                 if not all(img in where for img in imgs):
                     self.dropped += 1
@@ -98,10 +99,11 @@ class FinetuneDataset(Dataset):
                 self.texts.append(cols["sent"][i])
                 self.images.append(imgs)
                 self.targets.append(task.row_target({c: v[i] for c, v in cols.items()}))
+                for c in task.info_columns:
+                    self.info[c].append(cols[c][i] if c in cols else None)
         if not self.ids:
-            raise FinetuneDataError(f"{Path(corpus) / 'finetune'}: no {task.name} example of splits {splits} has its "
-                                    f"image(s) in the feature stores {[str(f) for f in features]} "
-                                    f"({self.dropped} dropped)")
+            raise FinetuneDataError(f"{task.name} splits {splits}: no example has its image(s) in the feature "
+                                    f"stores {[str(f) for f in features]} ({self.dropped} dropped)")
         self.labelled = all(t is not None for t in self.targets)
         self.store_of = where
         self.tokenizer = LxmertTokenizer(vocab, max_length=max_length)
@@ -110,16 +112,25 @@ class FinetuneDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _image(self, img_id: str) -> tuple[np.ndarray, np.ndarray]:
-        rec, boxes = read_normalized(self.stores[self.store_of[img_id]], img_id)
-        return rec.features.astype(np.float32), boxes
+    def record(self, img_id: str) -> ImageFeatures:
+        """The stored features of one image (its boxes, labels and size: what `lxm gallery` draws)."""
+        return self.stores[self.store_of[img_id]].get(img_id)
 
     def __getitem__(self, index: int) -> FinetuneExample:
-        enc = self.tokenizer.encode(self.texts[index])
-        feats, boxes = zip(*(self._image(img) for img in self.images[index]))
+        recs = [read_normalized(self.stores[self.store_of[img]], img) for img in self.images[index]]
         target = self.targets[index]
-        return FinetuneExample(self.ids[index], enc.input_ids[0], enc.attention_mask[0], np.stack(feats),
-                               np.stack(boxes), **({} if target is None else self.task.example_target(target)))
+        return encode_example(self.ids[index], self.texts[index], recs, self.tokenizer,
+                              None if target is None else self.task.example_target(target))
+
+
+def encode_example(example_id, text: str, images: list[tuple[ImageFeatures, np.ndarray]],
+                   tokenizer: LxmertTokenizer, target: dict | None = None) -> FinetuneExample:
+    """One example from its text and its images' (record, normalised boxes), as the dataset and `lxm ask` build
+    it; `target` is the task's `example_target` fields (None: unlabelled)."""
+    enc = tokenizer.encode(text)
+    feats = np.stack([rec.features.astype(np.float32) for rec, _ in images])
+    boxes = np.stack([b for _, b in images])
+    return FinetuneExample(example_id, enc.input_ids[0], enc.attention_mask[0], feats, boxes, **(target or {}))
 
 
 def collate_finetune(items: list[FinetuneExample]) -> FinetuneBatch:

@@ -31,7 +31,7 @@ from lxm.corpus.answers import convert_ans
 from lxm.errors import ConfigError
 from lxm.eval import nlvr2_metrics, prediction_file_name, write_predictions
 from lxm.model import LxmertConfig, LxmertForPreTraining, LxmertOutput, pair_loss, soft_answer_loss
-from lxm.train.data import corpus_file, read_answer_table
+from lxm.train.data import corpus_file, read_answer_table, read_corpus_table
 from lxm.train.run import BEST_DIR, MODEL_DIR
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class FinetuneTask(ABC):
     id_column: ClassVar[str]  # the table's example id column
     image_columns: ClassVar[tuple[str, ...]]  # the table's image id column(s): images per example
     metric_names: ClassVar[tuple[str, ...]]  # the columns of the validation table; the first one selects best/
+    info_columns: ClassVar[tuple[str, ...]] = ()  # table columns kept per example for display (`lxm gallery`)
 
     def __init__(self, answers: Sequence[str] = ()):
         self.answers = list(answers)
@@ -64,9 +65,23 @@ class FinetuneTask(ABC):
         return cls()
 
     @classmethod
+    def from_config(cls, cfg: FinetuneConfig) -> FinetuneTask:
+        """The task a finetuning config trains (default: the answer table of its corpus)."""
+        return cls.from_corpus(cfg.corpus)
+
+    @classmethod
     def from_run(cls, run: Path) -> FinetuneTask:
         """The task of a finetuning run directory (with its RUN/answers.json when the task has answers)."""
         return cls()
+
+    # ---- data
+    def read_split(self, corpus: str | os.PathLike, split: str) -> dict[str, list]:
+        """The columns of one split: the id column, the image column(s), "sent", "label" (None = unlabelled) and
+        any `info_columns`; default the corpus table `<corpus>/finetune/<name>_<split>.parquet`."""
+        from lxm.train.finetune_data import table_path
+
+        table = read_corpus_table(table_path(corpus, self.name, split))
+        return {c: table.column(c).to_pylist() for c in table.column_names}
 
     # ---- model
     @abstractmethod
@@ -79,7 +94,6 @@ class FinetuneTask(ABC):
         """The head's entries of the task model's state dict, taken from the pretrained model `pre` (read from
         `init`); {} leaves the head at its fresh initialisation. Reports what was done to `log`."""
 
-    # ---- data
     @abstractmethod
     def row_target(self, row: Mapping[str, Any]) -> Any:
         """The label of one corpus-table row, kept by the dataset (compact: scored as is); None = unlabelled."""
@@ -102,6 +116,26 @@ class FinetuneTask(ABC):
     @abstractmethod
     def logits(self, out: LxmertOutput) -> Tensor:
         """The head's logits, one row per example."""
+
+    @property
+    @abstractmethod
+    def class_names(self) -> list[str]:
+        """The prediction string of each logit column (answers; "False"/"True" for NLVR2)."""
+
+    @abstractmethod
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Logits [B, C] -> what the head's loss makes of them as probabilities [B, C] (sigmoid for the BCE-trained
+        answer heads: each answer's own probability of being right; softmax for the cross-entropy heads)."""
+
+    def top(self, logits: Tensor, k: int) -> list[list[tuple[str, float]]]:
+        """The k most probable predictions per example, (prediction string, probability), best first; ties keep
+        the lower index first, as argmax (so the first one is `decode`'s)."""
+        probs = self.probabilities(logits.float())
+        k = min(k, probs.shape[1])
+        # a stable descending sort: torch.topk's order of equal values is unspecified
+        order = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :k]
+        names = self.class_names
+        return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs.tolist(), order.tolist())]
 
     @abstractmethod
     def decode(self, logits: Tensor) -> list[str]:
@@ -170,6 +204,13 @@ class AnswerTask(FinetuneTask):
     def logits(self, out):
         return out.answer_logits
 
+    @property
+    def class_names(self):
+        return self.answers
+
+    def probabilities(self, logits):
+        return torch.sigmoid(logits)
+
     def decode(self, logits):
         return [self.answers[p] for p in logits.argmax(-1).tolist()]
 
@@ -183,6 +224,7 @@ class VqaTask(AnswerTask):
     """VQA v2 (src/tasks/vqa.py): 3129 answers, soft scores from the ten annotators."""
 
     name = "vqa"
+    info_columns = ("answer_type", "question_type")
 
 
 class GqaTask(AnswerTask):
@@ -226,6 +268,13 @@ class Nlvr2Task(FinetuneTask):
 
     def logits(self, out):
         return out.pair_logits
+
+    @property
+    def class_names(self):
+        return ["False", "True"]
+
+    def probabilities(self, logits):
+        return torch.softmax(logits, dim=-1)
 
     def decode(self, logits):
         return ["True" if p == 1 else "False" for p in logits.argmax(-1).tolist()]
