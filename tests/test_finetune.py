@@ -401,3 +401,18 @@ def test_batches_move_to_a_device_with_every_tensor(world):
     labels = PretrainLabels(**{name: torch.zeros(2) for name in PretrainLabels.__dataclass_fields__})
     pre = Batch(*batch.model_inputs().values(), labels=labels, uids=["a", "b"]).to("meta")
     assert pre.uids == ["a", "b"] and all(getattr(pre.labels, n).is_meta for n in PretrainLabels.__dataclass_fields__)
+
+
+def test_tasks_rank_their_predictions_by_the_probability_their_loss_defines():
+    vqa = VqaTask(["red", "blue", "dog"])
+    logits = torch.tensor([[0.0, 2.0, 2.0], [3.0, -1.0, 0.5]])
+    top = vqa.top(logits, 2)
+    # sigmoid per answer (the head is trained with BCE); equal logits keep the lower index first, as argmax
+    assert [[a for a, _ in row] for row in top] == [["blue", "dog"], ["red", "dog"]]
+    assert top[1][0][1] == pytest.approx(float(torch.sigmoid(torch.tensor(3.0))))
+    assert [row[0][0] for row in top] == vqa.decode(logits)
+    assert vqa.target_answers([(0, 0.3), (2, 1.0)]) == [("dog", 1.0), ("red", pytest.approx(0.3))]
+    nlvr2 = Nlvr2Task()
+    top = nlvr2.top(torch.tensor([[0.0, 1.0]]), 5)  # k beyond the classes: all of them
+    assert [a for a, _ in top[0]] == ["True", "False"] and sum(p for _, p in top[0]) == pytest.approx(1.0)
+    assert nlvr2.target_answers(0) == [("False", 1.0)]

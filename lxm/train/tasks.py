@@ -102,6 +102,11 @@ class FinetuneTask(ABC):
     def example_target(self, target: Any) -> dict[str, Any]:
         """The `FinetuneExample` target field(s) of a kept label (never None)."""
 
+    @abstractmethod
+    def target_answers(self, target: Any) -> list[tuple[str, float]]:
+        """A kept label as (prediction string, score) pairs, best first: what a person is shown as the ground
+        truth (VQA its answers with their soft scores; a single-label task its label with 1.0)."""
+
     # ---- training
     @abstractmethod
     def loss(self, out: LxmertOutput, batch: FinetuneBatch) -> dict[str, Tensor]:
@@ -198,6 +203,9 @@ class AnswerTask(FinetuneTask):
             dense[k] = score
         return {"answer_target": dense}
 
+    def target_answers(self, target):
+        return sorted(((self.answers[k], float(score)) for k, score in target), key=lambda kv: -kv[1])
+
     def loss(self, out, batch):
         return {self.name: soft_answer_loss(out.answer_logits, batch.answer_targets)}
 
@@ -262,6 +270,9 @@ class Nlvr2Task(FinetuneTask):
 
     def example_target(self, target):
         return {"pair_label": target}
+
+    def target_answers(self, target):
+        return [(self.class_names[target], 1.0)]
 
     def loss(self, out, batch):
         return {self.name: pair_loss(out.pair_logits, batch.pair_labels)}
