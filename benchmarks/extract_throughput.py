@@ -5,6 +5,13 @@ same as with the released weights) in a fresh child process per setting; reports
 
     python benchmarks/extract_throughput.py                     # CPU, 2 threads, batch 1 and 4
     python benchmarks/extract_throughput.py --device cuda --batch-sizes 1,4,8 [--bf16]
+    python benchmarks/extract_throughput.py --compare-bf16 --batch-sizes 4   # bf16 autocast vs fp32, side by side
+
+`--compare-bf16` runs fp32 and bf16 children alternately (`--rounds`), then compares the two stores: for each fp32
+box the bf16 box of highest IoU (mean IoU over the 36), whether its object and attribute labels are equal, and the
+cosine of their 2048-d features. With seeded random weights (all this machine has) the class scores are nearly flat,
+so which boxes win is far more fragile than with the released weights: the agreement figures are a lower bound.
+The last line is `bf16_speedup=<x.xx> mean_cosine=<c.cccc> mean_iou=<i.iii> equal_objects=<o.ooo>`.
 """
 
 from __future__ import annotations
@@ -23,16 +30,19 @@ sys.path.insert(0, str(ROOT))
 IMAGES = Path(os.environ.get("LXM_SHARED") or ROOT.parent / "shared") / "fixtures" / "butd-coco-sample" / "images"
 
 
-def child(batch: int, device: str, bf16: bool, threads: int) -> None:
+def child(batch: int, device: str, bf16: bool, threads: int, keep: str | None = None, detector: str = "vg-r101"
+          ) -> None:
     import torch
 
     from lxm.extract.pipeline import ExtractConfig, extract
 
     torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = keep or tmp
         t0 = time.perf_counter()
         summary = extract(ExtractConfig(images=str(IMAGES), out=out, weights="random", batch_size=batch,
-                                        device=device, bf16=bf16, engine="torch"))
+                                        device=device, bf16=bf16, engine="torch", dtype="float32",
+                                        detector=detector))
         dt = time.perf_counter() - t0
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
@@ -40,24 +50,100 @@ def child(batch: int, device: str, bf16: bool, threads: int) -> None:
     print(json.dumps({"images": summary["extracted"], "seconds": dt, "peak_rss_mb": peak, "gpu_mb": gpu}))
 
 
+def _iou(a, b):
+    import numpy as np
+
+    x1, y1 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
+    x2, y2 = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    same = (a[:, None, :] == b[None, :, :]).all(-1).astype(np.float64)  # degenerate (zero-area) boxes: 1 if equal
+    return np.divide(inter, union, out=same, where=union > 0)
+
+
+def agreement(ref_store: str, test_store: str) -> dict:
+    """Per fp32 box: its best-IoU bf16 box; mean IoU, equal object / attribute labels, feature cosine."""
+    import numpy as np
+
+    from lxm.features.store import FeatureStore
+
+    ref, test = FeatureStore(ref_store), FeatureStore(test_store)
+    ious, objs, attrs, cos = [], [], [], []
+    for img in ref.ids():
+        a, b = ref.get(img), test.get(img)
+        iou = _iou(a.boxes.astype(np.float64), b.boxes.astype(np.float64))
+        j = iou.argmax(1)
+        ious += iou[np.arange(len(j)), j].tolist()
+        objs += (a.objects_id == b.objects_id[j]).tolist()
+        attrs += (a.attrs_id == b.attrs_id[j]).tolist()
+        fa, fb = a.features.astype(np.float64), b.features[j].astype(np.float64)
+        cos += ((fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1) + 1e-12)).tolist()
+    return {"mean_iou": float(np.mean(ious)), "equal_objects": float(np.mean(objs)),
+            "equal_attributes": float(np.mean(attrs)), "mean_cosine": float(np.mean(cos)),
+            "min_cosine": float(np.min(cos)), "boxes": len(ious)}
+
+
+def compare_bf16(args) -> None:
+    import statistics
+
+    bs = int(args.batch_sizes.split(",")[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(args.rounds):
+            for bf16 in (False, True):
+                keep = str(Path(tmp) / f"{'bf16' if bf16 else 'fp32'}-{r}")
+                cmd = [sys.executable, __file__, "--child", str(bs), "--device", args.device, "--threads",
+                       str(args.threads), "--keep", keep, "--detector", args.detector] + (["--bf16"] if bf16 else [])
+                res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True)
+                                 .stdout.strip().splitlines()[-1])
+                rates[bf16].append(res["images"] / res["seconds"])
+        fp32, bf16 = statistics.median(rates[False]), statistics.median(rates[True])
+        agree = agreement(str(Path(tmp) / "fp32-0"), str(Path(tmp) / "bf16-0"))
+    print(f"batch {bs}, {args.device}, {args.threads} threads, {args.rounds} rounds: fp32 {fp32:.3f} img/s, bf16 "
+          f"autocast {bf16:.3f} img/s ({bf16 / fp32:.2f}x); over {agree['boxes']} boxes: mean IoU "
+          f"{agree['mean_iou']:.3f}, equal objects {agree['equal_objects']:.3f}, equal attributes "
+          f"{agree['equal_attributes']:.3f}, feature cosine mean {agree['mean_cosine']:.4f} min "
+          f"{agree['min_cosine']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"batch": bs, "device": args.device, "fp32_img_s": fp32,
+                                               "bf16_img_s": bf16, **agree}, indent=2) + "\n")
+    print(f"bf16_speedup={bf16 / fp32:.2f} mean_cosine={agree['mean_cosine']:.4f} mean_iou={agree['mean_iou']:.3f} "
+          f"equal_objects={agree['equal_objects']:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--compare-bf16", action="store_true", help="fp32 vs bf16 autocast: speed and agreement")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating fp32/bf16 runs with --compare-bf16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--detector", default="vg-r101", help="network preset (tiny: a seconds-long smoke run)")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--keep", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.device, args.bf16, args.threads)
+        child(args.child, args.device, args.bf16, args.threads, args.keep, args.detector)
         return
+    if args.compare_bf16:
+        compare_bf16(args)
+        return
+    rows = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):
-        cmd = [sys.executable, __file__, "--child", str(bs), "--device", args.device, "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--child", str(bs), "--device", args.device, "--threads", str(args.threads),
+               "--detector", args.detector]
         res = json.loads(subprocess.run(cmd + (["--bf16"] if args.bf16 else []), capture_output=True, text=True,
                                         check=True).stdout.strip().splitlines()[-1])
+        rows.append({"batch": bs, "bf16": args.bf16, "img_s": res["images"] / res["seconds"], **res})
         print(f"batch {bs}: {res['images']} images in {res['seconds']:.1f} s = {res['images'] / res['seconds']:.3f} "
               f"img/s ({args.device}{', bf16' if args.bf16 else ''}, {args.threads} threads); peak RSS "
               f"{res['peak_rss_mb']:.0f} MB" + (f", GPU {res['gpu_mb']:.0f} MB" if res["gpu_mb"] else ""), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "detector": args.detector, "rows": rows},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

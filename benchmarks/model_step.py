@@ -1,4 +1,5 @@
-"""One full LXMERT pretraining step (forward + backward, all five losses), lxm vs transformers, side by side.
+"""One full LXMERT pretraining step (forward + backward, all five losses), lxm vs transformers, side by side, and
+how close each comes to the machine's own matrix-product limit (MFU).
 
 Both models get the identical config, weights and inputs (15 % word masking, 15 % box masking, matched/QA labels,
 train mode so dropout runs). Each measurement runs in a fresh child process (so one implementation's allocator
@@ -6,10 +7,19 @@ history cannot slow the other), and the children alternate transformers, lxm, tr
 drift hits both alike; the figures are medians over all timed steps. Peak memory: peak RSS during the steps minus
 RSS before them, per child.
 
-    python benchmarks/model_step.py                 # small and base, fp32 and bf16 autocast, 2 threads
-    python benchmarks/model_step.py --configs small --rounds 1 --no-bf16
+Modes: each implementation in fp32 and in bf16 autocast (`--set precision=bf16` of lxm's trainer); `--compile` adds
+lxm under torch.compile (`--set compile=true`). Batches: small 64 and base 32 (`--quick`: the old 8 and 4).
 
-The LAST line is `speedup_small=<x.xx> speedup_base=<y.yy>` (transformers time / lxm time, fp32).
+MFU = the step's model FLOPs (`lxm.model.flops.pretraining_step_flops`: the matrix products the five losses need,
+from the config and this batch's real token / box / masked counts; printed) / step time / the machine's peak matrix
+product rate in the mode's precision, measured in this run (a child process, same threads) at the model's own GEMM
+shapes — the best rate over them, in the three layouts a training step uses (forward, and the two gradients).
+
+    python benchmarks/model_step.py                 # small 64 and base 32, fp32 and bf16 autocast, 2 threads
+    python benchmarks/model_step.py --quick --configs small --rounds 1 --no-bf16
+
+The LAST line is `best_speedup_base=<x.xx> mfu_base=<y.yy> speedup_small=<a.aa> speedup_base=<b.bb>`: the best lxm
+mode vs the best transformers mode at base, lxm's best mode's MFU at base, and transformers time / lxm time in fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,12 +41,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lxm.model import LxmertConfig, LxmertForPreTraining, PretrainLabels, lxmert_base, lxmert_small  # noqa: E402
+from lxm.model import (LxmertConfig, LxmertForPreTraining, PretrainLabels, lxmert_base, lxmert_small,  # noqa: E402
+                       lxmert_tiny)
 from lxm.model.losses import pretraining_step_losses  # noqa: E402
+from lxm.model.flops import pretraining_step_flops  # noqa: E402
 from lxm.model.weights import load_into  # noqa: E402
 
-BATCH = {"small": 8, "base": 4}
-PRESET = {"small": lxmert_small, "base": lxmert_base}
+BATCH = {"small": 64, "base": 32, "tiny": 8}  # realistic batches (the paper: 256 over 4 GPUs, 64 a GPU); tiny: smoke
+QUICK_BATCH = {"small": 8, "base": 4, "tiny": 8}
+PRESET = {"small": lxmert_small, "base": lxmert_base, "tiny": lxmert_tiny}
 SEQ, BOXES = 20, 36
 
 
@@ -46,19 +60,24 @@ def hf_config(cfg: LxmertConfig):
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         intermediate_size=cfg.intermediate_size, l_layers=cfg.l_layers, x_layers=cfg.x_layers, r_layers=cfg.r_layers,
         visual_feat_dim=cfg.visual_feat_dim, num_object_labels=cfg.num_object_labels,
+        max_position_embeddings=cfg.max_position_embeddings,
         num_attr_labels=cfg.num_attr_labels, num_qa_labels=cfg.num_qa_labels,
         visual_loss_normalizer=1 / 0.15,  # the original constant, so both compute the same loss
     )
 
 
-def build(name: str, which: str):
+def build(name: str, which: str, batch: int, compiled: bool = False, device: str = "cpu"):
     """Return (model, step_fn) for `which` in {"lxm", "hf"}; both share seed-0 transformers weights."""
+    import dataclasses
+
     import transformers
 
     cfg = PRESET[name]()
     torch.manual_seed(0)
     hf = transformers.LxmertForPreTraining(hf_config(cfg)).train()
-    inputs, labels = make_batch(cfg, BATCH[name])
+    inputs, labels = make_batch(cfg, batch)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    labels = PretrainLabels(**{f.name: getattr(labels, f.name).to(device) for f in dataclasses.fields(labels)})
     if which == "hf":
         hf_labels = {
             "labels": labels.mlm_labels.masked_fill(labels.mlm_labels == -1, -100),
@@ -75,12 +94,14 @@ def build(name: str, which: str):
             out.loss.backward()
             return out.loss.detach()
 
-        return hf, hf_step
+        return hf.to(device), hf_step
     model = LxmertForPreTraining(cfg).train()
     load_into(model, hf.state_dict(), source="transformers (in memory)", fmt="hf")
+    model.to(device)
+    forward = torch.compile(model) if compiled else model
 
     def lxm_step():
-        losses, _ = pretraining_step_losses(model, labels, **inputs)
+        losses, _ = pretraining_step_losses(forward, labels, **inputs)
         loss = sum(losses.values())
         loss.backward()
         return loss.detach()
@@ -122,12 +143,19 @@ def make_batch(cfg: LxmertConfig, batch: int, seed: int = 0):
     return inputs, labels
 
 
-def timed(model, step, autocast: bool) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(model, step, autocast: bool, device: str = "cpu") -> float:
     model.zero_grad(set_to_none=True)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    _sync(device)
     t0 = time.perf_counter()
     with ctx:
         loss = step()
+    _sync(device)
     dt = time.perf_counter() - t0
     if not torch.isfinite(loss):
         raise RuntimeError("non-finite loss")
@@ -155,75 +183,170 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_top_pad, 256 << 20)
 
 
-def worker(name: str, which: str, threads: int, iters: int, warmup: int, autocast: bool, malloc: bool) -> None:
-    """Child process: step times, and peak RSS during the steps minus RSS before them."""
+def worker(name: str, which: str, batch: int, threads: int, iters: int, warmup: int, autocast: bool, malloc: bool,
+           compiled: bool, device: str) -> None:
+    """Child process: step times, and peak memory during the steps (CPU: peak RSS minus RSS before them; CUDA: peak
+    allocated device memory minus the memory held before them)."""
     if malloc:
         keep_freed_memory()
     torch.set_num_threads(threads)
-    model, step = build(name, which)
+    model, step = build(name, which, batch, compiled, device)
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak-RSS counter (VmHWM) so that building the models does not count
-    base = proc_status_mb("VmRSS")
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak-RSS counter (VmHWM) so that building the models does not count
+        base = proc_status_mb("VmRSS")
     for _ in range(warmup):
-        timed(model, step, autocast)
-    times = [timed(model, step, autocast) for _ in range(iters)]
-    print(json.dumps({"times_ms": times, "resident_mb": base, "step_peak_mb": proc_status_mb("VmHWM") - base}))
+        timed(model, step, autocast, device)
+    times = [timed(model, step, autocast, device) for _ in range(iters)]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else proc_status_mb("VmHWM")
+    print(json.dumps({"times_ms": times, "resident_mb": base, "step_peak_mb": peak - base}))
 
 
-def run_child(name: str, which: str, args, autocast: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", f"{name}:{which}", "--threads", str(args.threads),
-           "--iters", str(args.iters), "--warmup", str(args.warmup)] + (["--bf16-child"] if autocast else []) + \
-        (["--keep-freed-memory"] if args.keep_freed_memory else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
+def gemm_shapes(cfg: LxmertConfig, batch: int) -> list[tuple[int, int, int]]:
+    """(rows, fan_in, fan_out) of the step's matrix products: text rows, box rows, both (the cross layers' shared
+    projections), the MLM decoder at the masked tokens, the object head."""
+    inputs, labels = make_batch(cfg, batch)
+    tokens, boxes = int(inputs["attention_mask"].sum()), batch * BOXES
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    shapes = [(rows, a, b) for rows in (tokens, boxes, tokens + boxes) for a, b in ((h, h), (h, 3 * h), (h, i), (i, h))]
+    return shapes + [(int((labels.mlm_labels != -1).sum()), h, cfg.vocab_size), (boxes, h, cfg.num_object_labels)]
+
+
+def peak_worker(name: str, batch: int, threads: int, dtype_name: str, device: str) -> None:
+    """Child process: the best GFLOP/s over the model's GEMM shapes, each in the forward layout (x @ W^T) and the two
+    gradient layouts (g @ W, g^T @ x), in one precision."""
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the steps (torch's default)
+    best, per_shape = 0.0, {}
+    for rows, fan_in, fan_out in gemm_shapes(PRESET[name](), batch):
+        x, w, g = (torch.randn(*shape, dtype=dtype, device=device)
+                   for shape in ((rows, fan_in), (fan_out, fan_in), (rows, fan_out)))
+        rates = []
+        for fn in (lambda: x @ w.t(), lambda: g @ w, lambda: g.t() @ x):
+            for _ in range(2):
+                fn()
+            ts = []
+            for _ in range(7):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                ts.append(time.perf_counter() - t0)
+            rates.append(2 * rows * fan_in * fan_out / statistics.median(ts) / 1e9)
+        per_shape[f"{rows}x{fan_in}x{fan_out}"] = round(max(rates), 1)
+        best = max(best, *rates)
+    print(json.dumps({"peak_gflops": best, "per_shape": per_shape}))
+
+
+def run_child(args, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--iters", str(args.iters), "--warmup",
+           str(args.warmup), "--device", args.device, *(["--quick"] if args.quick else []),
+           *(["--keep-freed-memory"] if args.keep_freed_memory else []), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def step_flops(name: str, batch: int) -> int:
+    cfg = PRESET[name]()
+    inputs, labels = make_batch(cfg, batch)
+    return pretraining_step_flops(cfg, inputs["attention_mask"].sum(1).tolist(), BOXES,
+                                  int((labels.mlm_labels != -1).sum()), int((labels.feat_mask != 0).sum())).training
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="small,base")
+    ap.add_argument("--quick", action="store_true", help="the old toy batches (small 8, base 4)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating (transformers, lxm) child-process pairs")
     ap.add_argument("--iters", type=int, default=8, help="timed steps per child")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--json", help="also write every figure to this JSON file")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
+    ap.add_argument("--compile", action="store_true", help="add lxm under torch.compile (inductor; slow to compile)")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="tune glibc malloc in BOTH implementations' processes (see keep_freed_memory)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--peak", help=argparse.SUPPRESS)
     ap.add_argument("--bf16-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compiled-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    batches = QUICK_BATCH if args.quick else BATCH
     if args.worker:
         name, which = args.worker.split(":")
-        worker(name, which, args.threads, args.iters, args.warmup, args.bf16_child, args.keep_freed_memory)
+        worker(name, which, batches[name], args.threads, args.iters, args.warmup, args.bf16_child,
+               args.keep_freed_memory, args.compiled_child, args.device)
+        return
+    if args.peak:
+        name, dtype = args.peak.split(":")
+        peak_worker(name, batches[name], args.threads, dtype, args.device)
         return
     import platform
 
     import transformers
 
-    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} threads"
+    print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {args.device} ({where}), "
           f"{platform.machine()}, {os.cpu_count()} cpus; {args.rounds} rounds of one child process per "
-          f"implementation ({args.warmup} warm-up + {args.iters} timed steps each); medians over all timed steps"
-          + ("; glibc malloc keeps freed memory (both)" if args.keep_freed_memory else ""))
-    speedups = {}
+          f"implementation and mode ({args.warmup} warm-up + {args.iters} timed steps each); medians over all timed "
+          f"steps" + ("; glibc malloc keeps freed memory (both)" if args.keep_freed_memory else ""))
+    precisions = ("fp32",) if args.no_bf16 else ("fp32", "bf16")
+    modes = [(which, prec, False) for prec in precisions for which in ("hf", "lxm")]
+    if args.compile:
+        modes += [("lxm", prec, True) for prec in precisions]
+    label = {"hf": "transformers", "lxm": "lxm"}
+    speedups, best_speedup, best_mfu = {}, {}, {}
+    rows: list[dict] = []
     for name in args.configs.split(","):
-        for autocast in (False, True) if not args.no_bf16 else (False,):
-            times: dict[str, list[float]] = {"hf": [], "lxm": []}
-            peak: dict[str, list[float]] = {"hf": [], "lxm": []}
-            for _ in range(args.rounds):
-                for which in ("hf", "lxm"):
-                    res = run_child(name, which, args, autocast)
-                    times[which] += res["times_ms"]
-                    peak[which].append(res["step_peak_mb"])
-            t_hf, t_lx = statistics.median(times["hf"]), statistics.median(times["lxm"])
-            tag = "bf16-autocast" if autocast else "fp32"
-            print(f"{name:5s} batch {BATCH[name]} {tag:13s}: transformers {t_hf:8.1f} ms  lxm {t_lx:8.1f} ms  "
-                  f"speedup {t_hf / t_lx:.2f}x   peak step memory transformers {statistics.median(peak['hf']):6.0f} MB"
-                  f"  lxm {statistics.median(peak['lxm']):6.0f} MB", flush=True)
-            if not autocast:
-                speedups[name] = t_hf / t_lx
-    print(" ".join(f"speedup_{k}={v:.2f}" for k, v in speedups.items()))
+        batch = batches[name]
+        flops = step_flops(name, batch)
+        peaks = {prec: run_child(args, "--peak", f"{name}:{prec}") for prec in precisions}
+        print(f"{name} batch {batch}: {flops / 1e12:.3f} TFLOP per step (model FLOPs, forward + backward); peak GEMM "
+              + ", ".join(f"{prec} {peaks[prec]['peak_gflops']:.0f} GFLOP/s" for prec in precisions)
+              + f" (best of {json.dumps(peaks[precisions[-1]]['per_shape'])})", flush=True)
+        times: dict[tuple, list[float]] = {m: [] for m in modes}
+        peak_mem: dict[tuple, list[float]] = {m: [] for m in modes}
+        for _ in range(args.rounds):
+            for mode in modes:
+                which, prec, compiled = mode
+                res = run_child(args, "--worker", f"{name}:{which}", *(["--bf16-child"] if prec == "bf16" else []),
+                                *(["--compiled-child"] if compiled else []))
+                times[mode] += res["times_ms"]
+                peak_mem[mode].append(res["step_peak_mb"])
+        med = {m: statistics.median(t) for m, t in times.items()}
+        for mode in modes:
+            which, prec, compiled = mode
+            mfu = flops / (med[mode] / 1000) / (peaks[prec]["peak_gflops"] * 1e9)
+            tag = f"{label[which]} {prec}{' compiled' if compiled else ''}"
+            print(f"{name:5s} batch {batch} {tag:24s}: {med[mode]:8.1f} ms  {batch / med[mode] * 1000:7.1f} samples/s  "
+                  f"MFU {mfu:.2f}  peak step memory {statistics.median(peak_mem[mode]):6.0f} MB", flush=True)
+            rows.append({"config": name, "batch": batch, "implementation": label[which], "precision": prec,
+                         "compiled": compiled, "ms": med[mode], "samples_per_s": batch / med[mode] * 1000,
+                         "mfu": mfu, "tflop_per_step": flops / 1e12, "peak_gflops": peaks[prec]["peak_gflops"],
+                         "peak_step_memory_mb": statistics.median(peak_mem[mode])})
+        speedups[name] = med["hf", "fp32", False] / med["lxm", "fp32", False]
+        best_hf = min(t for (w, _, _), t in med.items() if w == "hf")
+        best_lxm_mode = min((m for m in modes if m[0] == "lxm"), key=med.__getitem__)
+        best_speedup[name] = best_hf / med[best_lxm_mode]
+        best_mfu[name] = flops / (med[best_lxm_mode] / 1000) / (peaks[best_lxm_mode[1]]["peak_gflops"] * 1e9)
+        print(f"{name}: best lxm mode {best_lxm_mode[1]}{' compiled' if best_lxm_mode[2] else ''} vs best "
+              f"transformers mode: {best_speedup[name]:.2f}x, MFU {best_mfu[name]:.2f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "rows": rows, "best_speedup": best_speedup,
+                                               "best_mfu": best_mfu, "speedup_fp32": speedups}, indent=2) + "\n")
+    # the format stays fixed when base was not run (--configs small): its values are then nan
+    print(f"best_speedup_base={best_speedup.get('base', math.nan):.2f} mfu_base={best_mfu.get('base', math.nan):.2f} "
+          f"speedup_small={speedups.get('small', math.nan):.2f} speedup_base={speedups.get('base', math.nan):.2f}")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,49 @@ def make_finetune_world(root: Path, train: int = 160, valid: int = 100, seed: in
     (corpus / "vocab" / "vqa_answers.json").write_text(json.dumps(VQA_ANSWERS))
     (corpus / "vocab" / "gqa_answers.json").write_text(json.dumps(VQA_ANSWERS))
     (corpus / "vocab" / "qa_answers.json").write_text(json.dumps([{"ans": c} for c in COLORS]))
+
+
+def make_custom_world(root: Path, train: int = 160, valid: int = 100, seed: int = 1) -> dict[str, Path]:
+    """`make_finetune_world` plus custom-dataset JSON lines files over its images (root/custom/*.jsonl).
+
+    qa: per image "what color is the <obj>?" and "what is the <colour> thing?", ten annotator answers each: 7-9
+    give the right one, the others another answer of the kind (annotators disagree; soft scores < 1 for them).
+    classify: per image two statements "a <colour> <obj>" labelled "true" (as shown), "colour" (another colour)
+    or "object" (another object), a third each. train / valid from the world's train / minival images; test = valid
+    without labels. Returns name -> path: qa_train, qa_valid, qa_test, classify_train, classify_valid, classify_test.
+    """
+    make_finetune_world(root, train=train, valid=valid, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    out = root / "custom"
+    out.mkdir()
+    paths = {}
+    for split, table in (("train", "train"), ("valid", "minival")):
+        rows = pq.read_table(root / "ft_corpus" / "finetune" / f"vqa_{table}.parquet").to_pylist()
+        shown = {}  # img_id -> (object, colour), read back from the world's two questions per image
+        for r in rows:
+            answer = r["label"][0][0]
+            kind = 1 if answer in COLORS else 0
+            shown.setdefault(r["img_id"], [None, None])[kind] = answer
+        qa, cls = [], []
+        for img, (obj, col) in shown.items():
+            for text, right, pool in ((f"what color is the {obj}?", col, COLORS),
+                                      (f"what is the {col} thing?", obj, OBJECTS)):
+                wrong = int(rng.integers(1, 4))
+                others = [a for a in pool if a != right]
+                answers = [right] * (10 - wrong) + [others[int(rng.integers(len(others)))] for _ in range(wrong)]
+                qa.append({"question_id": len(qa) + 1 + (0 if split == "train" else 100000), "img_id": img,
+                           "question": text, "answers": answers, "answer_type": "other"})
+            for k in range(2):
+                label = ("true", "colour", "object")[int(rng.integers(3))]
+                c = col if label != "colour" else [x for x in COLORS if x != col][int(rng.integers(len(COLORS) - 1))]
+                o = obj if label != "object" else [x for x in OBJECTS if x != obj][int(rng.integers(len(OBJECTS) - 1))]
+                cls.append({"id": f"{split}-{img}-{k}", "img_id": img, "text": f"a {c} {o}", "label": label})
+        for task, recs in (("qa", qa), ("classify", cls)):
+            paths[f"{task}_{split}"] = out / f"{task}_{split}.jsonl"
+            paths[f"{task}_{split}"].write_text("".join(json.dumps(r) + "\n" for r in recs))
+            if split == "valid":
+                drop = "answers" if task == "qa" else "label"
+                paths[f"{task}_test"] = out / f"{task}_test.jsonl"
+                paths[f"{task}_test"].write_text("".join(json.dumps({k: v for k, v in r.items() if k != drop}) + "\n"
+                                                         for r in recs))
+    return paths

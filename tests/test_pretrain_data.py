@@ -141,3 +141,26 @@ def test_batch_feeds_a_pretraining_step(world):
     assert set(losses) == {"mlm", "match", "obj", "attr", "feat", "qa"}
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_float16_features_stay_float16_until_the_device_and_arrive_unchanged(world, tmp_path):
+    root, answers = world
+    from lxm.features.store import FeatureStore
+
+    src = FeatureStore(root / "feats")
+    for dtype in ("float16", "float32"):  # the same float16-rounded values, stored both ways
+        with FeatureStoreWriter(tmp_path / dtype, num_boxes=N, feature_dim=F, dtype=dtype) as w:
+            for rec in src:
+                w.add(ImageFeatures(rec.img_id, rec.img_h, rec.img_w, rec.objects_id, rec.objects_conf, rec.attrs_id,
+                                    rec.attrs_conf, rec.boxes, rec.features.astype(np.float16).astype(np.float32)))
+    kw = dict(splits=("train", "nominival", "minival", "vgnococo"), obj_mask_rate=0.5)  # many boxes replaced
+    half = PretrainDataset(root / "corpus", [tmp_path / "float16"], BERT_VOCAB, answers, **kw)
+    full = PretrainDataset(root / "corpus", [tmp_path / "float32"], BERT_VOCAB, answers, **kw)
+    a = next(iter(DataLoader(half, batch_size=16, collate_fn=collate)))
+    b = next(iter(DataLoader(full, batch_size=16, collate_fn=collate)))
+    # half the bytes through the loader (and worker pipes), float32 once on the device, bit for bit
+    assert a.visual_feats.dtype == a.labels.feat_target.dtype == torch.float16
+    a, b = a.to("cpu"), b.to("cpu")
+    assert a.visual_feats.dtype == a.labels.feat_target.dtype == torch.float32
+    assert torch.equal(a.visual_feats, b.visual_feats) and torch.equal(a.labels.feat_target, b.labels.feat_target)
+    assert (a.labels.feat_mask.sum() > 0) and not torch.equal(a.visual_feats, a.labels.feat_target)

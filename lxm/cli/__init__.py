@@ -15,11 +15,11 @@ import click
 import typer
 import typer.core
 
-from lxm.cli import checkpoint, corpus, evaluate, extract, features, quickstart, train
+from lxm.cli import ask, checkpoint, corpus, evaluate, extract, features, gallery, quickstart, train
 
 # `lxm --help` lists the commands in this order (typer would list every command group after the plain commands)
 COMMANDS = ("quickstart", "extract", "convert", "export", "inspect", "show", "build-corpus", "pretrain", "finetune",
-            "predict", "evaluate", "plot", "convert-checkpoint")
+            "predict", "evaluate", "ask", "gallery", "plot", "convert-checkpoint")
 
 
 class _PipelineOrder(typer.core.TyperGroup):
@@ -54,6 +54,8 @@ app.command("pretrain")(train.pretrain_cmd)
 app.command("finetune")(train.finetune_cmd)
 app.command("predict")(train.predict_cmd)
 app.add_typer(evaluate.evaluate_app, name="evaluate")
+app.command("ask")(ask.ask_cmd)
+app.command("gallery")(gallery.gallery_cmd)
 app.command("plot")(train.plot_cmd)
 app.command("convert-checkpoint")(checkpoint.convert_checkpoint_cmd)
 

@@ -24,6 +24,23 @@ class FeatureDtype(str, Enum):
     float32 = "float32"
 
 
+# the detector choices of `lxm extract`, shared by `lxm ask` (which runs the same detector)
+class DetectorPreset(str, Enum):
+    vg_r101 = "vg-r101"
+    tiny = "tiny"
+
+
+class Engine(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    detectron2 = "detectron2"
+
+
+class SelectMode(str, Enum):
+    lxmert = "lxmert"
+    maxnms = "maxnms"
+
+
 def fail(exc: BaseException) -> NoReturn:
     """Bad input (an LxmError, or an OSError, which names its file) -> one line on stderr and exit code 1.
 

@@ -1,6 +1,7 @@
-"""`lxm evaluate vqa|gqa|nlvr2`: the official metrics of a predictions file, as JSON on stdout.
+"""`lxm evaluate vqa|gqa|nlvr2|qa|classify`: the metrics of a predictions file, as JSON on stdout.
 
-Thin wrappers over `lxm.eval.evaluate_vqa` / `evaluate_gqa` / `evaluate_nlvr2`, which a notebook calls directly.
+Thin wrappers over `lxm.eval.evaluate_vqa` / `evaluate_gqa` / `evaluate_nlvr2` / `evaluate_qa` /
+`evaluate_classify`, which a notebook calls directly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import typer
 
 from lxm.cli.common import USER_ERRORS, fail
 
-evaluate_app = typer.Typer(help="Score predictions with the official VQA / GQA / NLVR2 metrics (JSON to stdout).",
+evaluate_app = typer.Typer(help="Score predictions with the official VQA / GQA / NLVR2 metrics, or those of your own "
+                                "qa / classify data (JSON to stdout).",
                            no_args_is_help=True)
 
 
@@ -86,3 +88,45 @@ def evaluate_nlvr2_cmd(
     from lxm.eval import evaluate_nlvr2
 
     _print_scores(evaluate_nlvr2, annotations, predictions)
+
+
+@evaluate_app.command("qa")
+def evaluate_qa_cmd(
+    annotations: Path = typer.Option(..., "--annotations", exists=True, dir_okay=False,
+                                     help='Labelled JSON lines {"question_id", "img_id", "question", "answers"} '
+                                          '(the questions scored).'),
+    predictions: Path = typer.Option(..., "--predictions", exists=True, dir_okay=False,
+                                     help='[{"question_id", "answer"}, ...] (lxm predict qa).'),
+) -> None:
+    """Accuracy (0-100) of qa predictions: per question the official VQA accuracy for a list of annotator answers,
+    the given score of the predicted answer for {answer: score}; per answer_type too when the lines have one.
+
+    Predictions for other ids are ignored and counted (ignored_predictions); a scored question without one is an
+    error.
+
+    Example: lxm evaluate qa --annotations valid.jsonl --predictions valid_predict.json
+    """
+    from lxm.eval import evaluate_qa
+
+    _print_scores(evaluate_qa, annotations, predictions)
+
+
+@evaluate_app.command("classify")
+def evaluate_classify_cmd(
+    annotations: Path = typer.Option(..., "--annotations", exists=True, dir_okay=False,
+                                     help='Labelled JSON lines {"id", "img_id", "text", "label"} (the examples '
+                                          'scored).'),
+    predictions: Path = typer.Option(..., "--predictions", exists=True, dir_okay=False,
+                                     help="CSV id,label (lxm predict classify; the header line is optional)."),
+) -> None:
+    """Accuracy and macro-F1 (0-100; F1 per label averaged over the gold and predicted labels, as sklearn's
+    f1_score(average="macro")) of classification predictions.
+
+    Predictions for other ids are ignored and counted (ignored_predictions); a scored example without one is an
+    error.
+
+    Example: lxm evaluate classify --annotations valid.jsonl --predictions valid_predict.csv
+    """
+    from lxm.eval import evaluate_classify
+
+    _print_scores(evaluate_classify, annotations, predictions)

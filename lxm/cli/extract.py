@@ -4,29 +4,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import typer
 
-from lxm.cli.common import USER_ERRORS, FeatureDtype, err, fail, progress
+from lxm.cli.common import USER_ERRORS, DetectorPreset, Engine, FeatureDtype, SelectMode, err, fail, progress
 from lxm.errors import ConfigError
-
-
-class DetectorPreset(str, Enum):
-    vg_r101 = "vg-r101"
-    tiny = "tiny"
-
-
-class Engine(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    detectron2 = "detectron2"
-
-
-class SelectMode(str, Enum):
-    lxmert = "lxmert"
-    maxnms = "maxnms"
 
 
 def extract_cmd(
@@ -88,7 +71,8 @@ def extract_cmd(
             def show_progress(done: int, total: int, per_s: float) -> None:
                 if not tasks:
                     tasks.append(bar.add_task("", total=total))
-                bar.update(tasks[0], completed=done, total=total, description=f"extract {images.name} {per_s:.1f} img/s")
+                bar.update(tasks[0], completed=done, total=total,
+                           description=f"extract {images.name} {per_s:.1f} img/s")
 
             downloads: list = []
 

@@ -63,8 +63,32 @@ def pretrain_cmd(
     err.print(f"done: step {result['step']}, epoch {result['epoch']}; logs and checkpoints in {out}", highlight=False)
 
 
+_CUSTOM = ("qa", "classify")  # the tasks on the user's JSON lines files (lxm.train.config.CUSTOM_TASKS)
+
+
+def _data_overrides(task: str, train: Path | None, valid: Path | None, test: Path | None,
+                    min_answer_count: int | None) -> list[str]:
+    """--train/--valid/--test/--min-answer-count as overrides (data={...}, valid_split, min_answer_count)."""
+    given = {"train": train, "valid": valid, "test": test}
+    if task not in _CUSTOM:
+        if any(v is not None for v in given.values()) or min_answer_count is not None:
+            raise ConfigError(f"--train/--valid/--test/--min-answer-count are for lxm finetune qa|classify; {task} "
+                              f"reads the corpus (--corpus)")
+        return []
+    if min_answer_count is not None and task != "qa":
+        raise ConfigError("--min-answer-count is for lxm finetune qa (the answer table); classify takes every label")
+    out = [f"min_answer_count={min_answer_count}"] if min_answer_count is not None else []
+    if train is None:
+        if valid is not None or test is not None:
+            raise ConfigError("--valid / --test need --train (they replace the config's data files together)")
+        return out  # the config file may hold `data`; without a train file the config says so
+    out.append("data=" + json.dumps({k: str(v) for k, v in given.items() if v is not None}))
+    out.append(f"valid_split={'valid' if valid is not None else 'none'}")
+    return out
+
+
 def finetune_cmd(
-    task: str = typer.Argument(..., help="vqa, gqa or nlvr2."),
+    task: str = typer.Argument(..., help="vqa, gqa, nlvr2 (corpus tables), qa or classify (your JSON lines files)."),
     out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, log.jsonl, metrics.jsonl, best/, "
                                                 "predictions/, last.pt."),
     init: str = typer.Option(None, "--init", help="Pretrained weights: an lxm pretraining run directory, an "
@@ -73,24 +97,42 @@ def finetune_cmd(
                                                          "smoke test) or a YAML file of FinetuneConfig keys."),
     corpus: Path = typer.Option(None, "--corpus", help="Corpus directory from lxm build-corpus (overrides config)."),
     features: list[Path] = typer.Option(None, "--features", help="Feature store directories (override config)."),
+    train: Path = typer.Option(None, "--train", exists=True, dir_okay=False,
+                               help="qa / classify: the training JSON lines file (its answers / labels make the "
+                                    "head)."),
+    valid: Path = typer.Option(None, "--valid", exists=True, dir_okay=False,
+                               help="qa / classify: validation JSON lines file, scored after each epoch."),
+    test: Path = typer.Option(None, "--test", exists=True, dir_okay=False,
+                              help="qa / classify: JSON lines file (labels optional) predicted by the best model "
+                                   "into OUT/predictions/ after training."),
+    min_answer_count: int = typer.Option(None, "--min-answer-count", min=1,
+                                         help="qa: answers given by fewer training questions are left out of the "
+                                              "answer table (default 1)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set lr=1e-5 --set epochs=4."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last finished epoch."),
 ) -> None:
     """Finetune LXMERT on VQA, GQA or NLVR2 with the original recipes (batch 32, lr 5e-5 / 1e-5 / 5e-5, 4 epochs,
-    warm-up 10 %, clip 5.0).
+    warm-up 10 %, clip 5.0), or on your own data (qa, classify: the same recipe, lr 5e-5).
 
     VQA trains on train+nominival and validates on minival; GQA train+valid / testdev; NLVR2 train / dev. The
     answer head starts from the pretraining QA head by answer string (coverage printed). Each epoch appends the
     validation score to OUT/metrics.jsonl; the best epoch is kept in OUT/best/ with its predictions in
     OUT/predictions/ (official formats). Multi-process: torchrun --nproc_per_node 4 -m lxm.cli finetune ...
 
-    Example: lxm finetune vqa --init runs/lxmert --corpus corpus/ --features features/train2014 --features features/val2014 --out runs/vqa
+    Your own datasets are JSON lines files (--train, --valid, --test; images in --features). qa: {"question_id",
+    "img_id", "question", "answers": ["a", ...] (annotators: VQA soft scores and VQA accuracy) or {"a": score}};
+    the answer table comes from --train (--min-answer-count), predictions in the VQA format. classify: {"id",
+    "img_id", "text", "label"}; labels from --train, a fresh head on the pooled output, accuracy and macro-F1,
+    predictions as CSV id,label.
+
+    Example: lxm finetune qa --train train.jsonl --valid valid.jsonl --test test.jsonl --features features/mine --init runs/lxmert --out runs/myqa
     """
     from lxm.train.config import load_finetune_config
     from lxm.train.finetune import Finetuner
 
     try:
-        cfg = load_finetune_config(task, config, _overrides(set_, init=init, corpus=corpus, features=features))
+        cfg = load_finetune_config(task, config, _overrides(set_, init=init, corpus=corpus, features=features)
+                                   + _data_overrides(task, train, valid, test, min_answer_count))
         with progress("steps") as bar:
             bar_task = bar.add_task(f"finetune {task}", total=None)
 
@@ -109,16 +151,22 @@ def finetune_cmd(
             result = trainer.run()
     except USER_ERRORS as exc:
         fail(exc)
-    err.print(f"done: {result['epochs']} epochs; best {cfg.valid_split} accuracy {result['best']} (epoch "
-              f"{result['best_epoch']}); model in {out / 'best'}", highlight=False)
+    key = trainer.task.metric_names[0]
+    best = (f"best {cfg.valid_split} {key} {result['best']} (epoch {result['best_epoch']})" if cfg.valid_split
+            else f"no validation split: the last epoch ({result['best_epoch']}) kept")
+    err.print(f"done: {result['epochs']} epochs; {best}; model in {out / 'best'}"
+              + (f"; test predictions in {result['test_predictions']}" if "test_predictions" in result else ""),
+              highlight=False)
 
 
 def predict_cmd(
-    task: str = typer.Argument(..., help="vqa, gqa or nlvr2 (must match the run)."),
+    task: str = typer.Argument(..., help="vqa, gqa, nlvr2, qa or classify (must match the run)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="A finetuning run directory (lxm finetune --out)."),
     split: str = typer.Option(..., "--split", help="Table of the corpus to predict: vqa test/minival/testdev, "
-                                                   "gqa testdev/submit, nlvr2 dev/test1/test2."),
-    out: Path = typer.Option(..., "--out", help="Submission file to write (JSON for VQA/GQA, CSV for NLVR2)."),
+                                                   "gqa testdev/submit, nlvr2 dev/test1/test2; qa / classify: "
+                                                   "valid/test (the run's files) or a FILE.jsonl."),
+    out: Path = typer.Option(..., "--out", help="Submission file to write (JSON for VQA/GQA/qa, CSV for "
+                                                "NLVR2/classify)."),
     corpus: Path = typer.Option(None, "--corpus", help="Corpus directory (default: the run's)."),
     features: list[Path] = typer.Option(None, "--features", help="Feature stores (default: the run's)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Evaluation batch size (default: the run's)."),
@@ -130,8 +178,9 @@ def predict_cmd(
 ) -> None:
     """Write the official submission file of a split with the run's best model.
 
-    VQA [{"question_id", "answer"}], GQA [{"questionId", "prediction"}], NLVR2 CSV identifier,True|False. When the
-    split has labels, the local score is printed too (use lxm evaluate for the official one). GQA with --questions
+    VQA and qa [{"question_id", "answer"}], GQA [{"questionId", "prediction"}], NLVR2 CSV identifier,True|False,
+    classify CSV id,label. When the split has labels, the local score is printed too (use lxm evaluate for the
+    official one). GQA with --questions
     also prints every eval.py number of the written file as JSON, exactly as lxm evaluate gqa.
 
     Example: lxm predict vqa --checkpoint runs/vqa --split test --features features/test2015 --out test_predict.json

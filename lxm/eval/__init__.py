@@ -1,4 +1,5 @@
-"""Official evaluation: the VQA / GQA / NLVR2 metrics, readers of the official file formats, submission writers.
+"""Official evaluation: the VQA / GQA / NLVR2 metrics, readers of the official file formats, submission writers;
+and the metrics and JSON lines readers of the custom QA / classification datasets of `lxm finetune qa|classify`.
 
 Reproduces GT-Vision-Lab/VQA `vqaEval.py`, the GQA authors' `eval.py` and lil-lab/nlvr `nlvr2/eval/metrics.py`
 (see `metrics` and `formats` for what each computes and every deliberate difference). Imports no torch, so a
@@ -9,15 +10,18 @@ notebook scores a file without the training stack::
                           "minival_predict.json")   # {"overall": ..., "perAnswerType": ..., "perQuestionType": ...}
 """
 
-from lxm.eval.evaluate import evaluate_gqa, evaluate_nlvr2, evaluate_vqa
-from lxm.eval.formats import (gqa_predictions, nlvr2_labels, nlvr2_predictions, prediction_file_name, read_json,
-                              vqa_inputs, write_predictions)
-from lxm.eval.metrics import (MetricsInputError, PredictionError, gqa_metrics, nlvr2_metrics, vqa_accuracy,
-                              vqa_question_accuracy)
+from lxm.eval.evaluate import evaluate_classify, evaluate_gqa, evaluate_nlvr2, evaluate_qa, evaluate_vqa
+from lxm.eval.formats import (ClassifyRecord, QaRecord, classify_predictions, gqa_predictions, nlvr2_labels,
+                              nlvr2_predictions, prediction_file_name, qa_predictions, read_classify_jsonl, read_json,
+                              read_qa_jsonl, vqa_inputs, write_predictions)
+from lxm.eval.metrics import (MetricsInputError, PredictionError, classify_metrics, gqa_metrics, macro_f1,
+                              nlvr2_metrics, qa_metrics, qa_question_score, vqa_accuracy, vqa_question_accuracy)
 
 __all__ = [
-    "evaluate_vqa", "evaluate_gqa", "evaluate_nlvr2",
+    "evaluate_vqa", "evaluate_gqa", "evaluate_nlvr2", "evaluate_qa", "evaluate_classify",
     "read_json", "vqa_inputs", "gqa_predictions", "nlvr2_labels", "nlvr2_predictions", "write_predictions",
-    "prediction_file_name",
+    "prediction_file_name", "QaRecord", "ClassifyRecord", "read_qa_jsonl", "read_classify_jsonl", "qa_predictions",
+    "classify_predictions",
     "MetricsInputError", "PredictionError", "vqa_accuracy", "vqa_question_accuracy", "gqa_metrics", "nlvr2_metrics",
+    "qa_metrics", "qa_question_score", "classify_metrics", "macro_f1",
 ]

@@ -1,4 +1,4 @@
-"""Official evaluation from file paths: what `lxm evaluate vqa|gqa|nlvr2` prints, callable from Python.
+"""Official evaluation from file paths: what `lxm evaluate vqa|gqa|nlvr2|qa|classify` prints, callable from Python.
 
 Each function reads the official files (`lxm.eval.formats`) and scores them (`lxm.eval.metrics`); a file that cannot
 be used raises an `LxmError` whose one-line message starts with that file's path (an unreadable file raises the
@@ -12,8 +12,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from lxm.eval.formats import gqa_predictions, nlvr2_labels, nlvr2_predictions, read_json, vqa_inputs
-from lxm.eval.metrics import MetricsInputError, gqa_metrics, nlvr2_metrics, vqa_accuracy
+from lxm.eval.formats import (classify_predictions, gqa_predictions, nlvr2_labels, nlvr2_predictions, qa_predictions,
+                              read_classify_jsonl, read_json, read_qa_jsonl, vqa_inputs)
+from lxm.eval.metrics import MetricsInputError, classify_metrics, gqa_metrics, nlvr2_metrics, qa_metrics, vqa_accuracy
 
 PathLike = str | os.PathLike
 
@@ -72,3 +73,35 @@ def evaluate_nlvr2(annotations: PathLike, predictions: PathLike) -> dict:
     with naming_files(annotations=annotations, predictions=predictions):
         return nlvr2_metrics(nlvr2_labels(Path(annotations).read_text()),
                              nlvr2_predictions(Path(predictions).read_text()))
+
+
+def evaluate_qa(annotations: PathLike, predictions: PathLike) -> dict:
+    """Accuracy of custom QA predictions (`lxm finetune qa`) over the questions of a labelled JSON lines file.
+
+    Args:
+        annotations: the QA file (`{"question_id", "img_id", "question", "answers"}` lines): annotator answers
+            score with the official VQA accuracy, {answer: score} dicts with the given score.
+        predictions: `[{"question_id", "answer"}, ...]`; predictions for other ids are counted in
+            `ignored_predictions`.
+
+    Returns:
+        {"accuracy", ["perAnswerType",] "ignored_predictions"}: percent, 2 decimals.
+    """
+    with naming_files(annotations=annotations, predictions=predictions):
+        records = read_qa_jsonl(annotations, require_labels=True)
+        return qa_metrics({str(r.question_id): r.answers for r in records},
+                          qa_predictions(read_json(predictions, "predictions")),
+                          {str(r.question_id): r.answer_type for r in records if r.answer_type is not None})
+
+
+def evaluate_classify(annotations: PathLike, predictions: PathLike) -> dict:
+    """Accuracy and macro-F1 of classification predictions (`lxm finetune classify`).
+
+    Args:
+        annotations: the labelled JSON lines file (`{"id", "img_id", "text", "label"}` lines).
+        predictions: CSV `id,label` (header line optional); predictions for other ids are counted in
+            `ignored_predictions`.
+    """
+    with naming_files(annotations=annotations, predictions=predictions):
+        labels = {str(r.id): r.label for r in read_classify_jsonl(annotations, require_labels=True)}
+        return classify_metrics(labels, classify_predictions(Path(predictions).read_text()))

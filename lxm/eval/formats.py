@@ -13,6 +13,14 @@ they use (a bad record raises `MetricsInputError` naming the input, the record o
   `identifier` and `label`; predictions as CSV lines `identifier,prediction[,anything]`, of which only the first two
   fields count.
 
+- Custom datasets of `lxm finetune qa|classify` (lxm's own, no official reader): JSON lines, QA
+  `{"question_id": int|str, "img_id": str, "question": str, "answers": [str, ...] | {str: score in [0, 1]},
+  ["answer_type": str, "question_type": str]}`, classification `{"id": int|str, "img_id": str, "text": str,
+  "label": str|int|bool}` (a label is kept as its Python str: true -> "True"). The labels are optional (a test
+  file), but a file has them on every line or on none. Each bad line raises `FILE:LINE: field 'x': what is wrong`.
+  Predictions: QA `[{"question_id", "answer"}]` (the VQA results format, ids as in the data), classification CSV
+  `id,label` with that header line.
+
 Writers produce the submission formats the evaluation servers take (VQA and GQA JSON, NLVR2 CSV), atomically.
 
 Deliberate differences from the official readers, all where those crash, stop or silently guess:
@@ -31,13 +39,14 @@ import csv
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from lxm import atomic
 from lxm.eval.metrics import MetricsInputError, PredictionError
 
-TASKS = ("vqa", "gqa", "nlvr2")
+TASKS = ("vqa", "gqa", "nlvr2", "qa", "classify")
 
 
 def read_json(path: str | os.PathLike, source: str) -> object:
@@ -162,29 +171,233 @@ def nlvr2_labels(text: str) -> dict[str, str]:
     return labels
 
 
+# ---------------------------------------------------------------------------------------------------- custom tasks
+
+
+@dataclass(frozen=True)
+class QaRecord:
+    """One line of a custom QA file; `answers` None = unlabelled (a test file)."""
+
+    line: int
+    question_id: int | str
+    img_id: str
+    question: str
+    answers: list[str] | dict[str, float] | None
+    answer_type: str | None = None
+    question_type: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassifyRecord:
+    """One line of a custom classification file; `label` (as str) None = unlabelled (a test file)."""
+
+    line: int
+    id: int | str
+    img_id: str
+    text: str
+    label: str | None
+
+
+def _line_error(path: str | os.PathLike, n: int, message: str) -> MetricsInputError:
+    return MetricsInputError("annotations", f"{path}:{n}: {message}", path=str(path))
+
+
+def _jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, Mapping]]:
+    """(line number, JSON object) of every non-blank line."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise MetricsInputError("annotations", f"{path}: not UTF-8 text (a JSON lines file?)", path=str(path)) from None
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _line_error(path, n, f"not JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, Mapping):
+            raise _line_error(path, n, f"expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
+
+
+class _Checker:
+    """Field checks of one JSON lines file: ids unique, labels on every line or on none."""
+
+    def __init__(self, path: str | os.PathLike, id_field: str, label_field: str, require_labels: bool):
+        self.path, self.id_field, self.label_field, self.require_labels = path, id_field, label_field, require_labels
+        self.first_id: dict[str, int] = {}
+        self.labelled_at: tuple[bool, int] | None = None  # (first line labelled?, its number)
+
+    def bad(self, n: int, field: str, what: str) -> MetricsInputError:
+        return _line_error(self.path, n, f"field {field!r}: {what}")
+
+    def value(self, n: int, rec: Mapping, field: str, kinds: tuple[type, ...], *, optional: bool = False):
+        if field not in rec or (optional and rec[field] is None):
+            if optional:
+                return None
+            raise self.bad(n, field, "missing")
+        v = rec[field]
+        if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+            names = " or ".join({"str": "string", "int": "integer", "bool": "boolean", "list": "list",
+                                 "dict": "object"}[k.__name__] for k in kinds)
+            raise self.bad(n, field, f"expected {names}, got {json.dumps(v)[:60]}")
+        if isinstance(v, str) and not v.strip() and field not in ("question", "text"):
+            raise self.bad(n, field, "empty")
+        return v
+
+    def example_id(self, n: int, rec: Mapping) -> int | str:
+        v = self.value(n, rec, self.id_field, (int, str))
+        key = str(v)
+        if key in self.first_id:
+            raise self.bad(n, self.id_field, f"{key} again (first on line {self.first_id[key]})")
+        self.first_id[key] = n
+        return v
+
+    def labelled(self, n: int, rec: Mapping) -> bool:
+        has = rec.get(self.label_field) is not None
+        if not has and self.require_labels:
+            raise self.bad(n, self.label_field, "missing (this file must be labelled)")
+        if self.labelled_at is None:
+            self.labelled_at = (has, n)
+        elif self.labelled_at[0] != has:
+            first, at = self.labelled_at
+            raise self.bad(n, self.label_field, f"{'missing' if first else 'given'}, but line {at} "
+                                                f"{'has one' if first else 'has none'} (a file is labelled on every "
+                                                f"line or on none)")
+        return has
+
+    def done(self, count: int) -> None:
+        if count == 0:
+            raise MetricsInputError("annotations", f"{self.path}: no examples (empty file)", path=str(self.path))
+
+
+def _qa_answers(check: _Checker, n: int, rec: Mapping) -> list[str] | dict[str, float]:
+    answers = check.value(n, rec, "answers", (list, dict))
+    if not answers:
+        raise check.bad(n, "answers", "empty")
+    if isinstance(answers, list):
+        for a in answers:
+            if not isinstance(a, str):
+                raise check.bad(n, "answers", f"expected strings, got {json.dumps(a)[:60]}")
+        return list(answers)
+    out = {}
+    for a, score in answers.items():
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+            raise check.bad(n, "answers", f"the score of {a!r} must be a number in [0, 1], got "
+                                          f"{json.dumps(score)[:60]}")
+        out[a] = float(score)
+    return out
+
+
+def read_qa_jsonl(path: str | os.PathLike, *, require_labels: bool = False) -> list[QaRecord]:
+    """The checked lines of a custom QA file (see the module docstring); raises MetricsInputError naming
+    `FILE:LINE: field`."""
+    check = _Checker(path, "question_id", "answers", require_labels)
+    out = []
+    for n, rec in _jsonl_objects(path):
+        qid = check.example_id(n, rec)
+        img = check.value(n, rec, "img_id", (str,))
+        question = check.value(n, rec, "question", (str,))
+        answers = _qa_answers(check, n, rec) if check.labelled(n, rec) else None
+        out.append(QaRecord(n, qid, img, question, answers,
+                            check.value(n, rec, "answer_type", (str,), optional=True),
+                            check.value(n, rec, "question_type", (str,), optional=True)))
+    check.done(len(out))
+    return out
+
+
+def read_classify_jsonl(path: str | os.PathLike, *, require_labels: bool = False) -> list[ClassifyRecord]:
+    """The checked lines of a custom classification file (see the module docstring); raises MetricsInputError
+    naming `FILE:LINE: field`."""
+    check = _Checker(path, "id", "label", require_labels)
+    out = []
+    for n, rec in _jsonl_objects(path):
+        ident = check.example_id(n, rec)
+        img = check.value(n, rec, "img_id", (str,))
+        text = check.value(n, rec, "text", (str,))
+        label = str(check.value(n, rec, "label", (str, int, bool))) if check.labelled(n, rec) else None
+        out.append(ClassifyRecord(n, ident, img, text, label))
+    check.done(len(out))
+    return out
+
+
+def qa_predictions(records: object) -> dict[str, str]:
+    """The results array `[{"question_id": int|str, "answer": str}, ...]` -> question id (as str) -> answer."""
+    if not isinstance(records, list):
+        raise PredictionError('expected a JSON array of {"question_id": ..., "answer": str}')
+    preds: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for n, rec in enumerate(records, start=1):
+        if not isinstance(rec, Mapping) or "question_id" not in rec:
+            raise PredictionError(f"record {n}: no field 'question_id'")
+        if not isinstance(rec.get("answer"), str):
+            raise PredictionError(f"record {n}: no string field 'answer'")
+        qid = str(rec["question_id"])
+        if qid in first:
+            raise PredictionError(f"record {n}: question_id {qid} again (first in record {first[qid]})")
+        first[qid] = n
+        preds[qid] = rec["answer"]
+    return preds
+
+
+_CLASSIFY_HEADER = ["id", "label"]
+
+
+def classify_predictions(text: str) -> dict[str, str]:
+    """Parse a predictions CSV `id,label` (a first line `id,label` is the header; blank lines skipped; labels are
+    compared exactly, so the CSV quoting of `write_predictions` round-trips any label)."""
+    preds: dict[str, str] = {}
+    first: dict[str, int] = {}
+    rows = csv.reader(io.StringIO(text))
+    seen_row = False
+    for row in rows:
+        n = rows.line_num
+        if not any(f.strip() for f in row):
+            continue
+        if not seen_row:
+            seen_row = True
+            if [f.strip().lower() for f in row[:2]] == _CLASSIFY_HEADER:
+                continue
+        if len(row) < 2 or not row[0].strip():
+            raise PredictionError(f"line {n}: expected id,label, got {','.join(row)[:80]!r}")
+        ident = row[0].strip()
+        if ident in first:
+            raise PredictionError(f"line {n}: id {ident} again (first on line {first[ident]})")
+        first[ident] = n
+        preds[ident] = row[1]
+    return preds
+
+
 # ---------------------------------------------------------------------------------------------------- writers
 
 
 def prediction_file_name(task: str, split: str) -> str:
-    """`<split>_predict.json` (VQA, GQA) or `<split>_predict.csv` (NLVR2), the names the original wrote."""
-    return f"{split}_predict.csv" if task == "nlvr2" else f"{split}_predict.json"
+    """`<split>_predict.json` (VQA, GQA, custom QA) or `<split>_predict.csv` (NLVR2, classification), the names the
+    original wrote."""
+    return f"{split}_predict.csv" if task in ("nlvr2", "classify") else f"{split}_predict.json"
 
 
 def write_predictions(task: str, predictions: Mapping, path: str | os.PathLike) -> Path:
     """The official submission formats: VQA [{"question_id", "answer"}], GQA [{"questionId", "prediction"}],
-    NLVR2 CSV lines `identifier,True|False`. Written atomically.
+    NLVR2 CSV lines `identifier,True|False`; custom QA [{"question_id", "answer"}] with the ids as given,
+    classification CSV `id,label` after that header line. Written atomically.
 
     Args:
-        task: "vqa", "gqa" or "nlvr2".
+        task: "vqa", "gqa", "nlvr2", "qa" or "classify".
         predictions: question id / identifier -> predicted answer ("True"/"False" for NLVR2), in file order.
     """
     if task == "vqa":
         text = json.dumps([{"question_id": int(q), "answer": a} for q, a in predictions.items()])
     elif task == "gqa":
         text = json.dumps([{"questionId": str(q), "prediction": a} for q, a in predictions.items()])
-    elif task == "nlvr2":
+    elif task == "qa":
+        text = json.dumps([{"question_id": q, "answer": a} for q, a in predictions.items()])
+    elif task in ("nlvr2", "classify"):
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(predictions.items())
+        writer = csv.writer(buf, lineterminator="\n")
+        if task == "classify":
+            writer.writerow(_CLASSIFY_HEADER)
+        writer.writerows(predictions.items())
         text = buf.getvalue()
     else:
         raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")

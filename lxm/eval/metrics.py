@@ -18,6 +18,12 @@ both from file paths.
   validity / plausibility: prediction in `choices[qid]["valid"]` / `["plausible"]` (or in color/material/shape when
   `types.detailed` contains "Common"); distribution: per `groups.global` group the chi-square sum over the group's gold
   answers of (predicted count - gold count)^2 / gold count, averaged with the group sizes as weights, divided by 100.
+- Custom QA (`lxm finetune qa`, not an official benchmark): per question, with a list of annotator answers the
+  official VQA accuracy above; with a dict {answer: score} the given score of the predicted answer (exact string, 0
+  when absent); the mean x100 rounded to 2 decimals, also per answer_type when the annotations have one.
+- Custom classification (`lxm finetune classify`): accuracy (exact label match) and macro-F1 (per label
+  2TP / (2TP + FP + FN) averaged over the union of gold and predicted labels, so a label never predicted right has
+  F1 0: sklearn's `f1_score(average="macro")`), x100 rounded to 2 decimals.
 - NLVR2: lil-lab/nlvr `nlvr2/eval/metrics.py` (commit 70d13f6; datasets.md §7): the examples scored are those of the
   annotation file (so full dev predictions score a `balanced_dev.json` subset); accuracy (case-insensitive label
   match) and consistency (a group = identifier with the pair id blanked, `split-set--sentence`; consistent iff all
@@ -25,6 +31,9 @@ both from file paths.
 
 Deliberate differences from the official scripts, all where those crash, stop or silently guess (the differences in
 reading the files are listed in `lxm.eval.formats`):
+- Custom QA / classification, as NLVR2: missing predictions are an error naming how many and a few ids; predictions
+  for ids outside the annotations are counted in `ignored_predictions`. Ids are compared as strings (a CSV has no
+  types).
 - NLVR2: missing predictions are an error naming how many and a few ids (metrics.py lists them and exits with status
   0, or, when extra predictions make up the count, crashes with KeyError); predictions for identifiers outside the
   annotation file are counted in `ignored_predictions`; values are percent rounded to 2 decimals (metrics.py prints
@@ -280,3 +289,72 @@ def nlvr2_metrics(labels: Mapping[str, str], predictions: Mapping[str, str]) -> 
     return {"accuracy": round(100 * correct / len(labels), 2),
             "consistency": round(100 * sum(all(g) for g in groups.values()) / len(groups), 2),
             "ignored_predictions": sum(1 for ident in predictions if ident not in labels)}
+
+
+# ---------------------------------------------------------------------------------------------------- custom tasks
+
+
+def qa_question_score(prediction: str, answers: list[str] | Mapping[str, float]) -> float:
+    """One question of a custom QA file: annotator answers (a list) -> the official VQA accuracy; {answer: score}
+    -> the given score of `prediction` (0 when it is not a key). In [0, 1]."""
+    if isinstance(answers, Mapping):
+        return float(answers.get(prediction, 0.0))
+    return vqa_question_accuracy(prediction, list(answers))
+
+
+def _require_predictions(expected: Iterable[str], predictions: Mapping[str, str], what: str) -> None:
+    missing = [i for i in expected if i not in predictions]
+    if missing:
+        raise PredictionError(f"{len(missing)} annotated {what} without a prediction (e.g. {_examples(missing)})")
+
+
+def qa_metrics(annotations: Mapping[str, list[str] | Mapping[str, float]], predictions: Mapping[str, str],
+               answer_types: Mapping[str, str] | None = None) -> dict:
+    """annotations: question id (str) -> annotator answers or {answer: score}; predictions: question id (str) ->
+    answer; answer_types: question id -> answer type (those given get a per-type accuracy).
+
+    Returns {"accuracy", ["perAnswerType",] "ignored_predictions"}: percent, 2 decimals."""
+    if not annotations:
+        raise MetricsInputError("annotations", "no questions")
+    _require_predictions(annotations, predictions, "questions")
+    scores = {qid: qa_question_score(predictions[qid], answers) for qid, answers in annotations.items()}
+    out: dict = {"accuracy": round(100 * sum(scores.values()) / len(scores), 2)}
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for qid, kind in (answer_types or {}).items():
+        if qid in scores and kind is not None:
+            by_type[kind].append(scores[qid])
+    if by_type:
+        out["perAnswerType"] = {k: round(100 * sum(v) / len(v), 2) for k, v in by_type.items()}
+    out["ignored_predictions"] = sum(1 for qid in predictions if qid not in annotations)
+    return out
+
+
+def macro_f1(gold: list[str], predicted: list[str]) -> float:
+    """Macro-averaged F1 in [0, 1] over the union of the gold and predicted labels; a label with no true positive
+    has F1 0 (sklearn's f1_score(average="macro"), whose zero_division case cannot occur over that union)."""
+    tp: dict[str, int] = defaultdict(int)
+    fp: dict[str, int] = defaultdict(int)
+    fn: dict[str, int] = defaultdict(int)
+    for g, p in zip(gold, predicted, strict=True):
+        if g == p:
+            tp[g] += 1
+        else:
+            fp[p] += 1
+            fn[g] += 1
+    labels = set(gold) | set(predicted)
+    return sum(2 * tp[c] / (2 * tp[c] + fp[c] + fn[c]) for c in labels) / len(labels)
+
+
+def classify_metrics(labels: Mapping[str, str], predictions: Mapping[str, str]) -> dict:
+    """labels / predictions: example id (str) -> label (exact strings).
+
+    Scores the examples of `labels`; predictions for other ids are counted in `ignored_predictions`.
+    Returns {"accuracy", "macro_f1" (percent, 2 decimals), "ignored_predictions"}."""
+    if not labels:
+        raise MetricsInputError("annotations", "no examples")
+    _require_predictions(labels, predictions, "examples")
+    gold = list(labels.values())
+    predicted = [predictions[i] for i in labels]
+    correct = sum(g == p for g, p in zip(gold, predicted))
+    return {"accuracy": round(100 * correct / len(gold), 2), "macro_f1": round(100 * macro_f1(gold, predicted), 2),
+            "ignored_predictions": sum(1 for i in predictions if i not in labels)}

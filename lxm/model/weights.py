@@ -37,7 +37,7 @@ from torch import Tensor
 from lxm.atomic import atomic_path
 from lxm.errors import LxmError
 from lxm.model.config import LxmertConfig
-from lxm.model.modeling import LxmertForPreTraining, build_lxmert
+from lxm.model.modeling import LxmertForPreTraining, build_lxmert, is_task_model
 
 _logger = logging.getLogger(__name__)
 
@@ -220,8 +220,9 @@ def _download_hub(repo_id: str) -> Path:
         local = snapshot_download(repo_id=repo_id, allow_patterns=["config.json", "model.safetensors",
                                                                    "pytorch_model.bin"])
     except Exception as exc:  # offline, unknown repo, auth: all mean "cannot get it", say how to proceed
+        why = " ".join(str(exc).split())  # the hub's messages span lines; ours is one
         raise CheckpointError(
-            f"could not fetch '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: {exc}). Without network "
+            f"could not fetch '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: {why}). Without network "
             f"access, download the model directory (config.json + model.safetensors) on another machine and pass "
             f"its local path instead."
         ) from None
@@ -580,15 +581,23 @@ def save_hf(model: LxmertForPreTraining, out_dir: str | os.PathLike) -> Path:
 
 
 def save_original(model: LxmertForPreTraining, path: str | os.PathLike) -> Path:
-    """Write an airsplay-style `*_LXRT.pth` (`module.bert.*` ...) that the original code loads.
+    """Write the original code's layout: a pretraining model as `*_LXRT.pth` (`module.bert.*`, `module.<head>.*`),
+    a finetuned task model as the `BEST.pth` its task scripts save (`lxrt_encoder.model.bert.*` + `logit_fc.*`, the
+    VQA / GQA answer head or the NLVR2 pair head; src/tasks/{vqa,gqa,nlvr2}_model.py).
 
     The tied decoder is written under both names, as `torch.save` of the original's state_dict does.
     """
-    if model.config.task_nlvr2:
+    task = is_task_model(model.config)
+    if model.config.task_nlvr2 and not task:
         raise CheckpointError("the original pretraining checkpoint has no NLVR2 head; save in lxm format instead")
     sd = {}
     for key, value in model.state_dict().items():
-        name = "module.bert." + key[len("lxmert."):] if key.startswith("lxmert.") else "module." + key
+        if key.startswith("lxmert."):
+            name = ("lxrt_encoder.model.bert." if task else "module.bert.") + key[len("lxmert."):]
+        elif task:  # the one task head: answer_head.logit_fc.* or nlvr2_head.logit_fc.*
+            name = key.split(".", 1)[1]
+        else:
+            name = "module." + key
         sd[name] = value.detach().clone()
     with atomic_path(path) as tmp:
         torch.save(sd, tmp)

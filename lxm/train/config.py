@@ -16,7 +16,9 @@ OUT/config.yaml; that file loads back through `--config` unchanged.
 Pretraining defaults reproduce `run/lxmert_pretrain.bash` of airsplay/lxmert (lxmert.md §2.1, §2.5): batch 256, lr
 1e-4, BertAdam, warmup 5 %, 20 epochs, clip 1.0, seed 9595, masks 0.15 / 0.15, train on train + nominival +
 vgnococo, validate on minival, all five objectives with QA from the first epoch. Finetuning recipes reproduce
-`run/{vqa,gqa,nlvr2}_finetune.bash` and `src/tasks/{vqa,gqa,nlvr2}.py` (lxmert.md §5).
+`run/{vqa,gqa,nlvr2}_finetune.bash` and `src/tasks/{vqa,gqa,nlvr2}.py` (lxmert.md §5); the custom-dataset tasks
+(qa, classify: JSON lines files in `data`, no corpus) use VQA's / NLVR2's recipe (lr 5e-5) on data["train"],
+validated on data["valid"] when there is one.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def _check_optimisation(cfg: PretrainConfig | FinetuneConfig) -> None:
 # Finetuning
 
 
-FINETUNE_TASKS = ("vqa", "gqa", "nlvr2")
+FINETUNE_TASKS = ("vqa", "gqa", "nlvr2", "qa", "classify")
+CUSTOM_TASKS = ("qa", "classify")  # trained on the JSON lines files of `data`, not on a corpus
 
 
 @dataclass(kw_only=True)
@@ -141,16 +144,22 @@ class FinetuneConfig:
     (or `finetune_tiny`), never from a default that would be another task's.
     """
 
-    task: str  # vqa, gqa or nlvr2
-    corpus: str = ""  # required: directory written by `lxm build-corpus` (finetune/*.parquet, vocab/*_answers.json)
+    task: str  # vqa, gqa, nlvr2, qa or classify
+    corpus: str = ""  # vqa/gqa/nlvr2, required: directory of `lxm build-corpus` (finetune/*.parquet, vocab/)
+    # qa/classify only, "train" required: split name -> JSON lines file ("train", "valid", "test": what
+    # --train/--valid/--test set); splits below name its keys (or a .jsonl path); empty for vqa/gqa/nlvr2
+    data: dict[str, str] = field(default_factory=dict)
+    min_answer_count: int = 1  # qa: an answer enters the answer table when >= this many training questions give it
     features: list[str] = field(default_factory=list)  # required: feature store directories (all splits' images)
     vocab: str = "bert-base-uncased"  # WordPiece vocabulary (file, directory or Hub id)
     init: str | None = None  # pretrained weights (lxm run, *_LXRT.pth, transformers dir, Hub id); None: from_scratch
     from_scratch: bool = False  # no pretrained weights (the paper's Table 3 baseline); needs init=null
     model: str = "base"  # preset used only with from_scratch
     init_answers: str | None = None  # answer table of the init's 9500-way QA head; None: found next to the init
-    train_splits: list[str]  # corpus splits trained on (recipe: vqa train,nominival; gqa train,valid; nlvr2 train)
-    valid_split: str | None  # split scored after each epoch (recipe: vqa minival, gqa testdev, nlvr2 dev); None: none
+    train_splits: list[str]  # splits trained on (recipe: vqa train,nominival; gqa train,valid; nlvr2, qa, classify
+    #   train)
+    valid_split: str | None  # split scored after each epoch (recipe: vqa minival, gqa testdev, nlvr2 dev; qa and
+    #   classify valid, None when data has no "valid"); None: none
     max_length: int = 20  # tokens incl. [CLS]/[SEP]
     num_workers: int = 2  # DataLoader workers
     dropout: float | None = None  # hidden and attention dropout; None keeps the checkpoint's (0.1)
@@ -159,7 +168,7 @@ class FinetuneConfig:
     eval_batch_size: int = 256  # batch of the validation and prediction passes
     epochs: int = 4  # passes over the training examples
     optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
-    lr: float  # peak learning rate (recipe: vqa 5e-5, gqa 1e-5, nlvr2 5e-5)
+    lr: float  # peak learning rate (recipe: vqa 5e-5, gqa 1e-5, nlvr2 5e-5; qa and classify 5e-5)
     warmup: float = 0.1  # share of the steps with a linear warm-up
     weight_decay: float = 0.01  # decoupled weight decay (not on biases and LayerNorm)
     clip_grad_norm: float = 5.0  # max global gradient norm
@@ -171,8 +180,20 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.task not in FINETUNE_TASKS:
             raise ConfigError(f"config: 'task' must be one of {FINETUNE_TASKS}, got {self.task!r}")
-        if not self.corpus:
-            raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
+        if self.task in CUSTOM_TASKS:
+            if "train" not in self.data:
+                raise ConfigError(f"config: 'data' needs a 'train' file for {self.task} (lxm finetune {self.task} "
+                                  f"--train FILE.jsonl)")
+            for name in [*self.train_splits, *([self.valid_split] if self.valid_split is not None else [])]:
+                if name not in self.data and not name.endswith(".jsonl"):
+                    raise ConfigError(f"config: split {name!r} is not in 'data' (it has {', '.join(self.data)}) "
+                                      f"nor a .jsonl file")
+        else:
+            if self.data:
+                raise ConfigError(f"config: 'data' is for the custom-dataset tasks {CUSTOM_TASKS}; {self.task} reads "
+                                  f"the corpus")
+            if not self.corpus:
+                raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
         if not self.features:
             raise ConfigError("config: 'features' needs at least one feature store directory")
         if not self.train_splits:
@@ -186,7 +207,8 @@ class FinetuneConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "micro_batch_size", "eval_batch_size", "epochs", "log_every", "max_length"):
+        for name in ("batch_size", "micro_batch_size", "eval_batch_size", "epochs", "log_every", "max_length",
+                     "min_answer_count"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
         _check_optimisation(self)
@@ -196,8 +218,9 @@ class FinetuneConfig:
 
 
 # task -> (train splits, validation split, lr) of run/{task}_finetune.bash
+# (qa, classify: the custom datasets with VQA's / NLVR2's lr; "valid" becomes None when data has no valid file)
 _RECIPES = {"vqa": (["train", "nominival"], "minival", 5e-5), "gqa": (["train", "valid"], "testdev", 1e-5),
-            "nlvr2": (["train"], "dev", 5e-5)}
+            "nlvr2": (["train"], "dev", 5e-5), "qa": (["train"], "valid", 5e-5), "classify": (["train"], "valid", 5e-5)}
 
 
 def finetune_paper(task: str) -> FinetuneConfig:
@@ -235,6 +258,8 @@ def _type_name(hint: Any) -> str:
     inner, optional = _optional(hint)
     if typing.get_origin(inner) is list:
         name = "list of strings"
+    elif typing.get_origin(inner) is dict:
+        name = "mapping of strings to strings"
     elif typing.get_origin(inner) is Literal:
         name = "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
     else:
@@ -266,6 +291,11 @@ def _coerce(name: str, hint: Any, text: str, where: str | None = None) -> Any:
             return int(text)
         if inner is float:
             return float(text)
+        if origin is dict:
+            value = yaml.safe_load(text)
+            if not _string_dict(value):
+                raise ValueError(text)
+            return dict(value)
         if origin is list:
             value = yaml.safe_load(text)
             if not isinstance(value, list):
@@ -276,6 +306,10 @@ def _coerce(name: str, hint: Any, text: str, where: str | None = None) -> Any:
         return text
     except (ValueError, yaml.YAMLError):
         raise ConfigError(f"{at}: expected {_type_name(hint)}, got {text!r}") from None
+
+
+def _string_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
 def _typed(name: str, hint: Any, value: Any, where: str) -> Any:
@@ -293,6 +327,8 @@ def _typed(name: str, hint: Any, value: Any, where: str) -> Any:
         return float(value)
     if origin is list and isinstance(value, list) and all(isinstance(x, str) for x in value):
         return list(value)
+    if origin is dict and _string_dict(value):
+        return dict(value)
     if origin is None and isinstance(value, inner) and not (inner is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{where}: '{name}': expected {_type_name(hint)}, got {value!r}")
@@ -346,17 +382,31 @@ def _override(cls: type, changes: dict[str, Any], item: str) -> None:
 
 
 def _replace(base: Any, changes: dict[str, Any]) -> Any:
-    return dataclasses.replace(base, **{key: _replace(getattr(base, key), value) if isinstance(value, dict) else value
-                                        for key, value in changes.items()})
+    # a dict of changes is a nested section's (a dict-valued field such as `data` is replaced whole)
+    return dataclasses.replace(base, **{key: _replace(getattr(base, key), value)
+                                        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(base, key))
+                                        else value for key, value in changes.items()})
 
 
-def _resolve(base: Any, values: dict[Any, Any], overrides: list[str], where: str) -> Any:
-    """`base` (a preset) with the YAML `values`, then the `--set` items, set; validated."""
+def _resolve(base: Any, values: dict[Any, Any], overrides: list[str], where: str,
+             settle: Callable[[Any, dict[str, Any]], Any] | None = None) -> Any:
+    """`base` (a preset) with the YAML `values`, then the `--set` items, set; `settle(cfg, changes)` may then fill
+    what the preset left to the data; validated."""
     changes = _checked(type(base), values, where)
     for item in overrides:
         _override(type(base), changes, item)
     cfg = _replace(base, changes)
+    if settle is not None:
+        cfg = settle(cfg, changes)
     cfg.validate()
+    return cfg
+
+
+def _settle_custom_valid(cfg: FinetuneConfig, changes: dict[str, Any]) -> FinetuneConfig:
+    # the qa/classify recipe validates on data["valid"]; without a valid file (and no valid_split set): nothing
+    if (cfg.task in CUSTOM_TASKS and "valid_split" not in changes and cfg.valid_split == "valid"
+            and "valid" not in cfg.data):
+        return dataclasses.replace(cfg, valid_split=None)
     return cfg
 
 
@@ -409,4 +459,4 @@ def load_finetune_config(task: str, preset_or_path: str | None, overrides: list[
         base, values = finetune_paper(task), _read_yaml(name, ", ".join(FINETUNE_PRESETS))
     if values.get("task", task) != task:
         raise ConfigError(f"--config {preset_or_path}: task {values['task']!r} but finetuning {task!r}")
-    return _resolve(base, values, list(overrides), name)
+    return _resolve(base, values, list(overrides), name, _settle_custom_valid)

@@ -91,9 +91,9 @@ class PretrainExample:
     input_ids: np.ndarray  # [T] int64 after word masking
     attention_mask: np.ndarray  # [T] int64
     mlm_labels: np.ndarray  # [T] int64: original id where masked, -1 elsewhere
-    visual_feats: np.ndarray  # [N, F] float32 after object masking
+    visual_feats: np.ndarray  # [N, F] after object masking; the stores' dtype (float16 stays float16, see `_moved`)
     visual_boxes: np.ndarray  # [N, 4] float32, normalised
-    feat_target: np.ndarray  # [N, F] float32, the unmasked features
+    feat_target: np.ndarray  # [N, F] the unmasked features, dtype as visual_feats
     feat_mask: np.ndarray  # [N] float32, 1 where selected for masking
     obj_labels: np.ndarray  # [N] int64
     obj_conf: np.ndarray  # [N] float32
@@ -104,11 +104,26 @@ class PretrainExample:
 
 
 def _moved(value, device: torch.device | str, non_blocking: bool):
-    """A tensor, or a dataclass of tensors (PretrainLabels), on `device`; anything else (ids, None) as it is."""
+    """A tensor, or a dataclass of tensors (PretrainLabels), on `device`; anything else (ids, None) as it is.
+
+    float16 tensors (region features from a float16 store) become float32 there: features travel through the
+    loader, worker pipes and the host-to-device copy at half the bytes, and float16 -> float32 is exact, so the
+    model sees the values it would have seen converted on the host."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=non_blocking)
+        moved = value.to(device, non_blocking=non_blocking)
+        return moved.float() if moved.dtype == torch.float16 else moved
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{f.name: _moved(getattr(value, f.name), device, non_blocking)
+                                             for f in dataclasses.fields(value)})
+    return value
+
+
+def _pinned(value):
+    """`_moved`'s counterpart for DataLoader(pin_memory=True): tensors (and dataclasses of them) page-locked."""
+    if isinstance(value, torch.Tensor):
+        return value.pin_memory()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _pinned(getattr(value, f.name))
                                              for f in dataclasses.fields(value)})
     return value
 
@@ -121,11 +136,15 @@ class ModelInputs:
     input_ids: torch.Tensor  # [R, T] long
     attention_mask: torch.Tensor  # [R, T] long
     token_type_ids: torch.Tensor  # [R, T] long, zeros
-    visual_feats: torch.Tensor  # [R, N, F] float32 (masked in pretraining)
+    visual_feats: torch.Tensor  # [R, N, F] float32, or float16 until `to(device)` (masked in pretraining)
     visual_boxes: torch.Tensor  # [R, N, 4] float32, normalised (x1, y1, x2, y2)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelInputs)}
+
+    def pin_memory(self):
+        """What DataLoader(pin_memory=True) calls on a custom batch (CUDA only): every tensor pinned."""
+        return _pinned(self)
 
     def to(self, device: torch.device | str, non_blocking: bool = False):
         """A copy of the batch with every tensor (labels included) on `device`."""
@@ -201,6 +220,8 @@ class PretrainDataset(Dataset):
             raise PretrainDataError(f"{path}: no sentence of splits {sorted(keep_splits)} / sources "
                                     f"{sorted(keep_sources)} has features in {[str(f) for f in features]}")
         self.store_of = [where[i] for i in self.img_ids]
+        # float16 stores keep their features float16 up to the device (exact: masking copies or zeroes values)
+        self.feat_dtype = np.float16 if all(s.dtype == "float16" for s in self.stores) else np.float32
         self.several_images = len(set(self.img_ids)) > 1  # else no negative exists (a one-image toy corpus)
         self.tokenizer = LxmertTokenizer(vocab, max_length=max_length)
         self.word_mask_rate, self.obj_mask_rate = word_mask_rate, obj_mask_rate
@@ -238,7 +259,7 @@ class PretrainDataset(Dataset):
         attention = np.zeros(self.max_length, dtype=np.int64)
         attention[:length] = 1
         rec, boxes = self._features(index)
-        target = rec.features.astype(np.float32)
+        target = rec.features.astype(self.feat_dtype, copy=False)
         feats, feat_mask = self._mask_objects(target, rng)
         answer = IGNORE
         if matched and self.labels[index]:
@@ -285,6 +306,6 @@ class PretrainDataset(Dataset):
                 elif p < 0.9:  # the feature of a random box of a random sentence's image
                     j = int(rng.integers(len(self)))
                     other = self.stores[self.store_of[j]].get(self.img_ids[j])
-                    out[k] = other.features[int(rng.integers(other.num_boxes))].astype(np.float32)
+                    out[k] = other.features[int(rng.integers(other.num_boxes))]
                 mask[k] = 1.0
         return out, mask

@@ -1,5 +1,5 @@
-"""`lxm finetune {vqa,gqa,nlvr2}` and `lxm predict`: pretrained LXMERT -> task models (`LxmertForFinetuning`),
-validation, submission files.
+"""`lxm finetune {vqa,gqa,nlvr2,qa,classify}` and `lxm predict`: pretrained LXMERT -> task models
+(`LxmertForFinetuning`), validation, submission files.
 
 Reproduces airsplay/lxmert `src/tasks/{vqa,gqa,nlvr2}.py` (lxmert.md §5-6): the task's head on the encoder's pooled
 output (what differs per task — head, answer-head surgery, targets, loss, decoding, scores, submission format — is
@@ -17,7 +17,8 @@ here, and DDP needs no dummy loss term to see every parameter.
 
 Additions (the scaffold of `lxm.train.run`, shared with pretraining): DDP, gradient accumulation
 (`micro_batch_size`), exact resume at epoch boundaries (the logs rewound to it, a damaged last.pt named), a jsonl
-log and TensorBoard events, per-epoch metrics, predictions in the official formats (written by `lxm.eval.formats`).
+log and TensorBoard events, per-epoch metrics, predictions in the official formats (written by `lxm.eval.formats`);
+for the custom-dataset tasks (qa, classify) a `data["test"]` file is predicted by the best model after training.
 """
 
 from __future__ import annotations
@@ -162,6 +163,10 @@ class Finetuner:
         if cfg.valid_split is not None:
             self.valid_set = FinetuneDataset(self.task, cfg.corpus, [cfg.valid_split], cfg.features, cfg.vocab,
                                              max_length=cfg.max_length)
+        self.test_set = None  # read now: a bad test file must fail before training, not after it
+        if "test" in cfg.data:
+            self.test_set = FinetuneDataset(self.task, cfg.corpus, ["test"], cfg.features, cfg.vocab,
+                                            max_length=cfg.max_length)
         self.log(f"{cfg.task}: {len(self.train_set)} training examples ({'+'.join(cfg.train_splits)}; "
                  f"{self.train_set.dropped} without features dropped)"
                  + (f", {len(self.valid_set)} validation ({cfg.valid_split})" if self.valid_set else ""))
@@ -251,9 +256,22 @@ class Finetuner:
                 save_state(self.out / LAST, self._state())  # after best/: a crash never loses the best model
         summary = {"task": cfg.task, "epochs": self.epoch, "steps": self.step, "best_epoch": self.best_epoch,
                    "best": self.best, "valid_split": cfg.valid_split}
+        if self.dist.is_main and self.test_set is not None:
+            summary["test_predictions"] = str(self.predict_test())
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+    def predict_test(self) -> Path:
+        """Write the best model's predictions of the test set (labels optional) to OUT/predictions/."""
+        model = load_pretrained(self.out / BEST_DIR).to(self.device)
+        preds = predict(self.task, model, self.test_set, batch_size=self.cfg.eval_batch_size, device=self.device,
+                        precision=self.cfg.precision, num_workers=self.cfg.num_workers)
+        path = self.task.write_predictions(preds, self.out / "predictions" / self.task.prediction_file_name("test"))
+        self.log(f"test: predictions of {len(self.test_set)} examples by the best model ({self.test_set.dropped} "
+                 f"without features dropped) in {path}")
+        return path
 
 
 # ---------------------------------------------------------------------------------------------------- lxm predict

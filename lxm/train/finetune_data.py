@@ -1,10 +1,11 @@
-"""Finetuning data: the task tables of `lxm build-corpus` x memory-mapped region features -> typed batches.
+"""Finetuning data: the task tables of `lxm build-corpus` (or a custom task's JSON lines files) x memory-mapped
+region features -> typed batches.
 
 Reproduces the datasets of airsplay/lxmert `src/tasks/vqa_data.py`, `gqa_data.py` and `nlvr2_data.py`
 (lxmert.md §5): questions (or NLVR2 statements) whose images have features — the others are dropped and counted, as
 the original's `if img_id in imgid2img` filter — tokenised to 20 pieces, boxes normalised by the image size. What
-a row's label becomes is the task's (`lxm.train.tasks`): VQA / GQA a dense soft-score vector over the task's answer
-table, NLVR2 a 0/1 pair label; test splits have none.
+a row's label becomes is the task's (`lxm.train.tasks`): VQA / GQA / custom QA a dense soft-score vector over the
+task's answer table, NLVR2 a 0/1 pair label, classification a label index; test splits have none.
 
 An example may show several images (NLVR2: two); the batch holds one (image, sentence) row per image, pair i of an
 NLVR2 batch at rows 2i (img0) and 2i+1 (img1), as `nlvr2_model.py` flattens `[P, 2, N, F]`.
@@ -44,6 +45,7 @@ class FinetuneExample:
     visual_boxes: np.ndarray  # [I, N, 4] float32, normalised (x1, y1, x2, y2)
     answer_target: np.ndarray | None = None  # [A] float32 soft scores (answer tasks)
     pair_label: int | None = None  # 0 / 1 (NLVR2)
+    class_label: int | None = None  # label index (classify; -100, cross-entropy's ignore index: not a training label)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class FinetuneBatch(ModelInputs):
     answer_targets: torch.Tensor | None = None  # [B, A] float32 soft scores
     pair_labels: torch.Tensor | None = None  # [P] long 0/1
     ids: list = field(default_factory=list)  # question ids (VQA int, GQA str) or NLVR2 identifiers, one per example
+    class_labels: torch.Tensor | None = None  # [B] long label indices (classify)
 
 
 def table_path(corpus: str | os.PathLike, task: str, split: str) -> Path:
@@ -66,12 +69,13 @@ def table_path(corpus: str | os.PathLike, task: str, split: str) -> Path:
 
 
 class FinetuneDataset(Dataset):
-    """The rows of `<corpus>/finetune/<task>_<split>.parquet` (several splits concatenated) whose images have features.
+    """The rows of the task's splits (`task.read_split`: `<corpus>/finetune/<task>_<split>.parquet`, or a custom
+    task's JSON lines files; several splits concatenated) whose images have features.
 
     Args:
         task: the task (its table, id and image columns, targets; an answer task carries its answer table).
-        corpus: the corpus directory of `lxm build-corpus`.
-        splits: table names, e.g. ["train", "nominival"].
+        corpus: the corpus directory of `lxm build-corpus` (unused by the custom tasks).
+        splits: table names, e.g. ["train", "nominival"] (custom tasks: names in their data, or .jsonl paths).
         features: feature store directories.
         vocab: WordPiece vocabulary (file, directory or Hub id).
         max_length: tokens incl. [CLS] and [SEP] (20).
@@ -138,13 +142,15 @@ def collate_finetune(items: list[FinetuneExample]) -> FinetuneBatch:
     when every example has it (a labelled split), else None."""
     rows = [len(x.visual_feats) for x in items]
     input_ids = torch.from_numpy(np.repeat(np.stack([x.input_ids for x in items]), rows, axis=0))
-    answers = pairs = None
+    answers = pairs = classes = None
     if all(x.answer_target is not None for x in items):
         answers = torch.from_numpy(np.stack([x.answer_target for x in items]))
     if all(x.pair_label is not None for x in items):
         pairs = torch.tensor([x.pair_label for x in items], dtype=torch.long)
+    if all(x.class_label is not None for x in items):
+        classes = torch.tensor([x.class_label for x in items], dtype=torch.long)
     return FinetuneBatch(input_ids, torch.from_numpy(np.repeat(np.stack([x.attention_mask for x in items]), rows,
                                                                axis=0)),
                          torch.zeros_like(input_ids), torch.from_numpy(np.concatenate([x.visual_feats for x in items])),
                          torch.from_numpy(np.concatenate([x.visual_boxes for x in items])), answers, pairs,
-                         [x.id for x in items])
+                         [x.id for x in items], classes)

@@ -158,7 +158,8 @@ class Pretrainer:
             return {}
         self.model.eval()
         loader = DataLoader(self.valid_set, batch_size=self.micro, collate_fn=collate,
-                            num_workers=self.cfg.num_workers, generator=torch.Generator().manual_seed(self.cfg.seed))
+                            num_workers=self.cfg.num_workers, generator=torch.Generator().manual_seed(self.cfg.seed),
+                            pin_memory=self.device.type == "cuda")
         sums: dict[str, float] = {}
         hits: dict[str, list[int]] = {}  # per QA source: [correct, labelled]
         n = 0
@@ -195,8 +196,10 @@ class Pretrainer:
                                    start=self.position)
             # Own generator: creating the iterator must not draw from the global RNG (dropout), or a resumed run
             # would diverge from the uninterrupted one.
+            # pinned host memory lets `non_blocking` copies to the GPU overlap the step
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
-                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
+                                pin_memory=self.device.type == "cuda")
             t0 = time.perf_counter()
             for group in step_groups(loader, sampler.per_step):
                 last = train_step(self.ddp, group, self._loss_fn, self.optimizer, self.scheduler,

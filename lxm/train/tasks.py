@@ -12,24 +12,33 @@ own keys (every checkpoint format stays as it was).
 
 Adding a task = adding one class and its entry in `TASKS` (a dict, no registry): the abstract methods of
 `FinetuneTask` are what a task decides.
+
+Two tasks are lxm's own, for a user's datasets as JSON lines files (`lxm.eval.formats`; no corpus): `QaTask`
+("qa": VQA's answer head, targets and metric over an answer table built from the training file) and `ClassifyTask`
+("classify": image-text classification, a fresh softmax head on the pooled output, accuracy and macro-F1).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from lxm.corpus.answers import convert_ans
+from lxm.corpus.answers import convert_ans, normalize_vqa_answer, soft_score, vqa_soft_labels
 from lxm.errors import ConfigError
-from lxm.eval import nlvr2_metrics, prediction_file_name, write_predictions
+from lxm.eval import (classify_metrics, nlvr2_metrics, prediction_file_name, qa_metrics, read_classify_jsonl,
+                      read_qa_jsonl, write_predictions)
+from lxm.eval.formats import QaRecord
 from lxm.model import LxmertConfig, LxmertForPreTraining, LxmertOutput, pair_loss, soft_answer_loss
 from lxm.train.data import corpus_file, read_answer_table, read_corpus_table
 from lxm.train.run import BEST_DIR, MODEL_DIR
@@ -38,6 +47,8 @@ if TYPE_CHECKING:
     from lxm.train.config import FinetuneConfig
     from lxm.train.finetune_data import FinetuneBatch
 
+
+_logger = logging.getLogger(__name__)
 
 ANSWERS_FILE = "answers.json"  # a finetuning run's answer table (id = position), what `lxm predict` decodes with
 
@@ -296,7 +307,218 @@ class Nlvr2Task(FinetuneTask):
         return {name: scores[name] for name in self.metric_names}
 
 
-TASKS: dict[str, type[FinetuneTask]] = {"vqa": VqaTask, "gqa": GqaTask, "nlvr2": Nlvr2Task}
+# ---------------------------------------------------------------------------------------------------- custom datasets
+
+
+def _run_data(run: Path) -> dict[str, str]:
+    """The `data` files of a finetuning run's config.yaml (what `--split valid|test` names)."""
+    raw = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else None
+    data = raw.get("data") if isinstance(raw, dict) else None
+    return dict(data) if isinstance(data, dict) else {}
+
+
+def split_file(task: str, files: Mapping[str, str], split: str) -> Path:
+    """The JSON lines file of a custom task's split: a name in its data, else an existing .jsonl path."""
+    if split in files:
+        return Path(files[split])
+    if split.endswith(".jsonl") and Path(split).is_file():
+        return Path(split)
+    raise ConfigError(f"{task}: split {split!r} is neither one of the run's data files ("
+                      f"{', '.join(files) or 'none'}) nor an existing .jsonl file")
+
+
+def _file_stem(split: str) -> str:
+    return Path(split).stem if split.endswith(".jsonl") else split
+
+
+class QaLabel(NamedTuple):
+    """The kept label of a custom QA question: its targets over the answer table and what the metric scores."""
+
+    targets: list[tuple[int, float]]  # (answer id, soft score) of the answers in the table
+    answers: list[str] | dict[str, float]  # the annotators' answers (VQA accuracy) or {answer: given score}
+
+
+def qa_answer_table(records: Sequence[QaRecord], min_count: int = 1) -> list[str]:
+    """The answers given by >= `min_count` training questions, in order of first appearance (as
+    `lxm.corpus.answers.vqa_vocabulary`): annotator answers normalised as VQA's vocabulary is
+    (`normalize_vqa_answer`), the keys of {answer: score} (score > 0) as written."""
+    questions: Counter = Counter()
+    for rec in records:
+        if isinstance(rec.answers, list):
+            given = dict.fromkeys(normalize_vqa_answer(a) for a in rec.answers)
+        else:
+            given = dict.fromkeys(a for a, score in rec.answers.items() if score > 0)
+        questions.update(a for a in given if a)
+    return [a for a, n in questions.items() if n >= min_count]
+
+
+class QaTask(AnswerTask):
+    """Visual QA on a user's JSON lines files (`lxm finetune qa`): VQA's answer head, loss and decoding over an
+    answer table built from the training file; the head starts from the pretraining QA head for shared answers.
+
+    Targets as `lxm build-corpus --vqa` makes VQA's (`vqa_soft_labels`: annotator answers counted as written, soft
+    scores 0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / >= 4 of them, only answers in the table), or the given scores of
+    {answer: score}; answers outside the table are skipped. Metric: per question the official VQA accuracy
+    (annotator lists) or the given score of the predicted answer (dicts), mean x 100.
+
+    Args:
+        answers: the answer table (id = position).
+        files: split name -> JSON lines file (the config's `data`).
+    """
+
+    name = "qa"
+    info_columns = ("answer_type", "question_type")
+
+    def __init__(self, answers: Sequence[str] = (), files: Mapping[str, str] | None = None):
+        super().__init__(answers)
+        self.files = dict(files or {})
+
+    @classmethod
+    def from_corpus(cls, corpus):
+        raise ConfigError("qa reads JSON lines files (--train/--valid/--test), not a corpus")
+
+    @classmethod
+    def from_config(cls, cfg):
+        path = cfg.data["train"]
+        records = read_qa_jsonl(path, require_labels=True)
+        answers = qa_answer_table(records, cfg.min_answer_count)
+        if not answers:
+            raise ConfigError(f"{path}: no answer is given for >= {cfg.min_answer_count} questions "
+                              f"(min_answer_count)")
+        task = cls(answers, cfg.data)
+        untargeted = sum(not task.row_target({"label": r.answers}).targets for r in records)
+        if untargeted:  # annotator answers are matched as written, as VQA's: "Yes" is not the table's "yes"
+            _logger.warning("%s: %d of %d training questions have no answer in the %d-answer table (answers given "
+                            "by fewer than %d questions, or not written normalised)", path, untargeted, len(records),
+                            len(answers), cfg.min_answer_count)
+        return task
+
+    @classmethod
+    def from_run(cls, run):
+        return cls(read_answer_table(run / ANSWERS_FILE), _run_data(run))
+
+    def read_split(self, corpus, split):
+        recs = read_qa_jsonl(split_file(self.name, self.files, split), require_labels=split == "train")
+        return {"question_id": [r.question_id for r in recs], "img_id": [r.img_id for r in recs],
+                "sent": [r.question for r in recs], "label": [r.answers for r in recs],
+                "answer_type": [r.answer_type for r in recs], "question_type": [r.question_type for r in recs]}
+
+    def row_target(self, row):
+        answers = row["label"]
+        if answers is None:
+            return None
+        if isinstance(answers, Mapping):
+            pairs = [(self.ans2id[a], float(s)) for a, s in answers.items() if a in self.ans2id]
+        else:
+            pairs = [(self.ans2id[a], s) for a, s in vqa_soft_labels(answers, self.ans2id).items()]
+        return QaLabel(pairs, answers)
+
+    def example_target(self, target):
+        return super().example_target(target.targets)
+
+    def target_answers(self, target):
+        # every given answer, in the table or not (a person reads the ground truth, not the training target)
+        answers = target.answers
+        scored = (answers.items() if isinstance(answers, Mapping)
+                  else ((a, soft_score(n)) for a, n in Counter(answers).items()))
+        return sorted(((a, float(s)) for a, s in scored), key=lambda kv: -kv[1])
+
+    def score(self, ids, targets, predictions):
+        scores = qa_metrics({str(i): t.answers for i, t in zip(ids, targets)},
+                            {str(i): predictions[i] for i in ids})
+        return {"accuracy": scores["accuracy"]}
+
+    def prediction_file_name(self, split):
+        return super().prediction_file_name(_file_stem(split))
+
+
+class ClassifyTask(FinetuneTask):
+    """Image-text classification on a user's JSON lines files (`lxm finetune classify`; e.g. visual entailment,
+    meme classification): a fresh head of the answer head's shape (768 -> 1536 -> GeLU -> LN -> L labels) on the
+    pooled output — the checkpoint formats stay those of the answer tasks — trained with cross-entropy; softmax,
+    argmax decoding; accuracy and macro-F1. The labels (strings, sorted) come from the training file; a validation
+    label outside them counts, as a wrong prediction.
+
+    Args:
+        answers: the labels (id = position; RUN/answers.json).
+        files: split name -> JSON lines file (the config's `data`).
+    """
+
+    name = "classify"
+    id_column = "id"
+    image_columns = ("img_id",)
+    metric_names = ("accuracy", "macro_f1")
+
+    def __init__(self, answers: Sequence[str] = (), files: Mapping[str, str] | None = None):
+        super().__init__(answers)
+        self.label2id = {a: i for i, a in enumerate(self.answers)}
+        self.files = dict(files or {})
+
+    @classmethod
+    def from_corpus(cls, corpus):
+        raise ConfigError("classify reads JSON lines files (--train/--valid/--test), not a corpus")
+
+    @classmethod
+    def from_config(cls, cfg):
+        path = cfg.data["train"]
+        labels = sorted({r.label for r in read_classify_jsonl(path, require_labels=True)})
+        if len(labels) < 2:
+            raise ConfigError(f"{path}: every example has the label {labels[0]!r}; classification needs two or more")
+        return cls(labels, cfg.data)
+
+    @classmethod
+    def from_run(cls, run):
+        return cls(read_answer_table(run / ANSWERS_FILE), _run_data(run))
+
+    def read_split(self, corpus, split):
+        recs = read_classify_jsonl(split_file(self.name, self.files, split), require_labels=split == "train")
+        return {"id": [r.id for r in recs], "img_id": [r.img_id for r in recs], "sent": [r.text for r in recs],
+                "label": [r.label for r in recs]}
+
+    def model_config(self, base):
+        return base.replace(task_mask_lm=False, task_matched=False, task_obj_predict=False, task_qa=True,
+                            num_qa_labels=len(self.answers), task_nlvr2=False)
+
+    def init_head(self, pre, init, cfg, log):
+        # the pretraining QA head scores answers, not these labels: nothing in it maps to them
+        log(f"classification head: fresh init ({len(self.answers)} labels)")
+        return {}
+
+    def row_target(self, row):
+        return row["label"]
+
+    def example_target(self, target):
+        return {"class_label": self.label2id.get(target, -100)}  # -100: cross_entropy's ignore_index
+
+    def target_answers(self, target):
+        return [(target, 1.0)]
+
+    def loss(self, out, batch):
+        return {self.name: F.cross_entropy(out.answer_logits.float(), batch.class_labels)}
+
+    def logits(self, out):
+        return out.answer_logits
+
+    @property
+    def class_names(self):
+        return self.answers
+
+    def probabilities(self, logits):
+        return torch.softmax(logits, dim=-1)
+
+    def decode(self, logits):
+        return [self.answers[p] for p in logits.argmax(-1).tolist()]
+
+    def score(self, ids, targets, predictions):
+        scores = classify_metrics({str(i): t for i, t in zip(ids, targets)}, {str(i): predictions[i] for i in ids})
+        return {name: scores[name] for name in self.metric_names}
+
+    def prediction_file_name(self, split):
+        return super().prediction_file_name(_file_stem(split))
+
+
+TASKS: dict[str, type[FinetuneTask]] = {"vqa": VqaTask, "gqa": GqaTask, "nlvr2": Nlvr2Task, "qa": QaTask,
+                                        "classify": ClassifyTask}
 
 
 def task_class(name: str) -> type[FinetuneTask]:
@@ -325,7 +547,8 @@ def pretraining_answers(cfg: FinetuneConfig, init_path: str, rows: int) -> tuple
             candidates.append(Path(run_cfg["answers"]))
         elif run_cfg.get("corpus"):
             candidates.append(Path(run_cfg["corpus"]) / "vocab" / "qa_answers.json")
-    candidates.append(Path(cfg.corpus) / "vocab" / "qa_answers.json")
+    if cfg.corpus:  # the custom tasks have none
+        candidates.append(Path(cfg.corpus) / "vocab" / "qa_answers.json")
     for path in candidates:
         if path.exists():
             table = read_answer_table(path)
@@ -347,9 +570,9 @@ def answer_head_surgery(pre: LxmertForPreTraining, init: str, cfg: FinetuneConfi
         log(f"answer head: copied as is ({rows} answers: a finetuned {task} head)")
         return {**head, "answer_head.logit_fc.3.weight": w, "answer_head.logit_fc.3.bias": b}
     if found is None:
+        corpus = f", {Path(cfg.corpus) / 'vocab' / 'qa_answers.json'}" if cfg.corpus else ""
         raise ConfigError(f"{init}: its QA head has {rows} rows but no answer table of that size was found (the "
-                          f"init run's, {Path(cfg.corpus) / 'vocab' / 'qa_answers.json'}); pass --set "
-                          f"init_answers=PATH (LXMERT's all_ans.json)")
+                          f"init run's{corpus}); pass --set init_answers=PATH (LXMERT's all_ans.json)")
     table, where = found
     index = {a: i for i, a in enumerate(table)}
     new_w, new_b = torch.zeros(len(answers), w.shape[1], dtype=w.dtype), torch.zeros(len(answers), dtype=b.dtype)

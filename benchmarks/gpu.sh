@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One GPU session's figures in one go (issue 15): the base pretraining step (lxm and transformers; fp32 and bf16
+# autocast; lxm also under torch.compile), the loader next to the trainer at the achieved step rate, and extraction
+# at batch 1/4/8 in fp32 and bf16. Installs nothing beyond the project. Prints one table and writes OUT/gpu.json.
+#
+#   bash benchmarks/gpu.sh [--out DIR]            # on a CUDA machine: about 6-8 minutes on one H200
+#   bash benchmarks/gpu.sh --smoke [--out DIR]    # CPU, toy sizes, about a minute: checks the script runs (a test does)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+out=benchmarks/gpu-results
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --smoke) smoke=1 ;;
+        --out) out="$2"; shift ;;
+        *) echo "usage: bash benchmarks/gpu.sh [--smoke] [--out DIR]" >&2; exit 2 ;;
+    esac
+    shift
+done
+mkdir -p "$out"
+py=${PYTHON:-python3}
+
+if [ "$smoke" = 1 ]; then
+    device=cpu
+    step_args=(--configs tiny --rounds 1 --iters 2 --warmup 1 --compile)
+    loader_args=(--smoke)
+    extract_args=(--detector tiny --batch-sizes 4)
+else
+    device=cuda
+    "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: CUDA is not available (use --smoke on CPU)')"
+    "$py" -c "import torch; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__)"
+    step_args=(--configs base --rounds 1 --iters 20 --warmup 5 --compile)
+    loader_args=(--model base --precision bf16 --steps 300 --workers 0,1,2,4 --trainer-workers 4)
+    extract_args=(--batch-sizes 1,4,8)
+fi
+
+echo "== model step (${device})"
+"$py" benchmarks/model_step.py --device "$device" "${step_args[@]}" --json "$out/model_step.json"
+echo "== loader and trainer (${device})"
+"$py" benchmarks/pretrain_throughput.py --device "$device" "${loader_args[@]}" --json "$out/trainer.json"
+echo "== extraction (${device})"
+"$py" benchmarks/extract_throughput.py --device "$device" "${extract_args[@]}" --json "$out/extract_fp32.json"
+"$py" benchmarks/extract_throughput.py --device "$device" "${extract_args[@]}" --bf16 --json "$out/extract_bf16.json"
+"$py" benchmarks/gpu_report.py "$out"

@@ -1,0 +1,197 @@
+"""`lxm ask`: raw image(s) + a question or statement -> the finetuned model's answer (thin wrapper over `lxm.infer`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lxm.cli.common import USER_ERRORS, DetectorPreset, Engine, SelectMode, err, fail, progress
+from lxm.errors import ConfigError
+
+
+def _answer_line(answerer, reply) -> str:
+    name, prob = reply.prediction.top[0]
+    return f"{name} ({prob:.2f})"
+
+
+def _print_reply(answerer, reply, model: str, detector: str) -> None:
+    req = reply.request
+    typer.echo(f"{'Q' if req.field == 'question' else 'S'}: {req.text}")
+    if answerer.output == "answers":
+        width = max(len(a) for a, _ in reply.prediction.top)
+        for answer, prob in reply.prediction.top:
+            typer.echo(f"  {answer:<{width}}  {prob:.4f}")
+    else:
+        typer.echo(f"  {reply.prediction.top[0][0]}  {reply.prediction.top[0][1]:.4f}")
+    typer.echo(f"model: {model}")
+    typer.echo(f"detector: {detector}")
+
+
+def ask_cmd(
+    model: str = typer.Option(..., "--model", help="A finetuning run (lxm finetune --out), an original fine-tuned "
+                                                   "BEST.pth (with --answers), or a transformers LXMERT QA directory "
+                                                   "or Hub id (unc-nlp/lxmert-vqa-uncased, with --answers)."),
+    image: list[Path] = typer.Option(None, "--image", help="Image file; twice for NLVR2 (left, right)."),
+    question: str = typer.Option(None, "--question", help="The question (VQA / GQA models)."),
+    statement: str = typer.Option(None, "--statement", help="The statement (NLVR2, classification models)."),
+    questions: Path = typer.Option(None, "--questions", help="JSONL, one request per line: {\"image\": path or "
+                                                             "[left, right], \"question\" | \"statement\": text} "
+                                                             "(+ \"image_id\" with --features); relative paths are "
+                                                             "relative to the file. Answers one JSON line each."),
+    out: Path = typer.Option(None, "--out", help="With --questions: write the JSONL answers here (default stdout)."),
+    top: int = typer.Option(5, "--top", min=1, help="Answers shown (answer tasks) / labels kept (classification)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: {\"answers\": [{\"answer\", \"score\"}], "
+                                                       "\"model\", \"detector\"} ({\"label\": bool, \"score\"} for "
+                                                       "NLVR2)."),
+    answers: Path = typer.Option(None, "--answers", help="Answer table of a checkpoint's answer head (JSON list, "
+                                                         "e.g. trainval_label2ans.json); a run has its own."),
+    vocab: str = typer.Option(None, "--vocab", help="WordPiece vocabulary (default: the run's, else "
+                                                    "bert-base-uncased)."),
+    task: str = typer.Option(None, "--task", help="Task of a checkpoint's head: vqa (default), gqa, qa or classify "
+                                                  "for an answer head, nlvr2 for a pair head."),
+    detector_weights: str = typer.Option(None, "--detector-weights", help="Detector weights, as lxm extract "
+                                                                          "--weights (faster_rcnn_from_caffe_attr.pkl,"
+                                                                          " a URL or Hub id)."),
+    random_detector: bool = typer.Option(False, "--random-detector", help="Random detector weights (meaningless "
+                                                                          "features; for smoke tests; said in the "
+                                                                          "output)."),
+    detector: DetectorPreset = typer.Option(DetectorPreset.vg_r101, "--detector",
+                                            help="Network: the BUTD ResNet-101 detector, or 'tiny' (tests)."),
+    engine: Engine = typer.Option(Engine.auto, "--engine", help="As lxm extract: auto, torch or detectron2."),
+    mode: SelectMode = typer.Option(SelectMode.lxmert, "--mode", help="Box selection, as lxm extract."),
+    boxes: int = typer.Option(36, "--boxes", min=1, help="Boxes per image (the model was trained with 36)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-detector (lxm extract --weights random --seed)."),
+    features: list[Path] = typer.Option(None, "--features", help="Feature store(s) to read instead of running the "
+                                                                 "detector (with --image-id)."),
+    image_id: list[str] = typer.Option(None, "--image-id", help="img_id in --features; twice for NLVR2."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Requests per model call (--questions)."),
+    explain: Path = typer.Option(None, "--explain", help="Write a PNG: the image(s) shaded by the last cross "
+                                                         "layer's [CLS] -> boxes attention (mean over heads), the "
+                                                         "top boxes labelled, the question and answer on top."),
+    explain_dir: Path = typer.Option(None, "--explain-dir", help="With --questions: one such PNG per line "
+                                                                 "(LINE.png; its path added to the line's answer)."),
+    vocab_dir: Path = typer.Option(None, "--vocab-dir", help="Folder with objects_vocab.txt and "
+                                                             "attributes_vocab.txt, for the box labels of --explain "
+                                                             "(default: ids)."),
+    explain_boxes: int = typer.Option(5, "--explain-boxes", min=1, help="Boxes labelled per image in --explain."),
+) -> None:
+    """Answer a question (VQA / GQA) or judge a statement (NLVR2) about raw images with a finetuned model.
+
+    Runs the detector on the image as lxm extract does (Caffe preprocessing, 36 boxes; --detector-weights, or
+    --features STORE --image-id ID to reuse stored features), then the model, and prints the top answers with
+    their probabilities (sigmoid of the answer head, as it was trained) or True/False with its probability.
+    --questions FILE.jsonl answers many, in batches, the detector running once per distinct image.
+
+    --explain PNG shows which boxes the answer drew on: the attention of the [CLS] query over the boxes in the last
+    cross-modality layer's language->vision attention (the last place where the state the heads read looks at the
+    image), averaged over the heads; the strongest boxes are outlined and labelled "attribute object weight".
+
+    Example: lxm ask --model runs/vqa --image man.jpg --question "what is he holding?" --detector-weights frcnn.pkl
+    """
+    from lxm.atomic import atomic_path
+    from lxm.infer import ImageRef, Request, answer_requests, load_answerer, read_requests, reply_json
+    from lxm.infer.detect import Detector, StoredFeatures, detector_config, read_image
+    from lxm.infer.explain import read_names, render_attention, write_png
+    from lxm.train.finetune import pick_inference_device
+
+    single = question is not None or statement is not None
+    problems = [
+        (questions is not None and single, "give either --questions FILE or one --question / --statement"),
+        (questions is None and not single, "give --question (VQA / GQA), --statement (NLVR2) or --questions FILE"),
+        (question is not None and statement is not None, "give --question or --statement, not both"),
+        (out is not None and questions is None, "--out writes the answers of --questions"),
+        (explain is not None and questions is not None, "--explain draws one request; with --questions use "
+                                                        "--explain-dir"),
+        (explain_dir is not None and questions is None, "--explain-dir is for --questions (one request: --explain)"),
+        (bool(features) and (detector_weights is not None or random_detector),
+         "--features reads stored features: no detector runs (leave out --detector-weights / --random-detector)"),
+        (detector_weights is not None and random_detector, "give --detector-weights or --random-detector, not both"),
+        (not features and detector_weights is None and not random_detector,
+         "--detector-weights W is required (the Faster R-CNN weights, as lxm extract --weights), or --features STORE "
+         "--image-id ID for stored features, or --random-detector for a smoke test"),
+        (bool(image_id) and not features, "--image-id names a record of --features"),
+        (single and features and not image_id, "--features needs --image-id (twice for NLVR2)"),
+        (single and not features and not image, "--image IMG is required (twice for NLVR2)"),
+        (single and image and image_id and len(image) != len(image_id), "one --image-id per --image"),
+        ((explain is not None or explain_dir is not None) and features and single and not image,
+         "--explain draws on the image: give --image too"),
+    ]
+    for bad, message in problems:
+        if bad:
+            fail(ConfigError(message))
+    if questions is not None and not questions.is_file():
+        fail(ConfigError(f"{questions}: no such file"))
+    drawing = explain is not None or explain_dir is not None
+    try:
+        dev = pick_inference_device(device)
+        answerer = load_answerer(model, answers=answers, vocab=vocab, task=task).to(dev)
+        if single:
+            field, text = ("question", question) if question is not None else ("statement", statement)
+            count = len(image_id) if features else len(image)
+            refs = tuple(ImageRef(str(image[i]) if image else None, image_id[i] if image_id else None)
+                         for i in range(count))
+            requests = [Request(text, field, refs, "command line", {field: text})]
+        else:
+            requests = read_requests(questions)
+        for req in requests:  # before the detector loads: a wrong request fails at once
+            answerer.check_request(req.field, len(req.images), req.where)
+        if not features:
+            for req in requests:
+                for ref in req.images:
+                    if ref.path is None or not Path(ref.path).is_file():
+                        fail(ConfigError(f"{req.where}: {ref.path}: no such image file"))
+        names = read_names(vocab_dir) if drawing else (None, None)
+        if features:
+            source = StoredFeatures([str(f) for f in features])
+        else:
+            cfg = detector_config(detector_weights, detector=detector.value, engine=engine.value, device=dev.type,
+                                  num_boxes=boxes, mode=mode.value, seed=seed)
+            source = Detector(cfg, on_weights=lambda line: err.print(line, highlight=False))
+        described = source.describe()  # says RANDOM weights where they are (the weights loader warns too)
+
+        def picture(reply, path: Path) -> Path:
+            req = reply.request
+            if any(ref.path is None for ref in req.images):
+                raise ConfigError(f"{req.where}: field 'image': missing (--explain-dir draws on the image files)")
+            imgs = [read_image(ref.path) for ref in req.images]
+            pic = render_attention(imgs, reply.records, reply.prediction.attention, req.text,
+                                   _answer_line(answerer, reply), kind="Q" if req.field == "question" else "S",
+                                   objects=names[0], attributes=names[1], top=explain_boxes)
+            return write_png(pic, path)
+
+        if single:
+            reply = next(answer_requests(answerer, requests, source, stored=bool(features), k=top,
+                                         explain=drawing))
+            if explain is not None:
+                written = picture(reply, explain)
+                err.print(f"wrote {written}", highlight=False)
+            if as_json:
+                typer.echo(json.dumps({**reply_json(answerer, reply), "model": model, "detector": described}))
+            else:
+                _print_reply(answerer, reply, answerer.describe(), described)
+            return
+        err.print(f"model: {answerer.describe()}; detector: {described}", highlight=False)
+
+        def write_all(write) -> None:
+            with progress("questions") as bar:
+                bar_task = bar.add_task(f"ask {questions.name}", total=len(requests))
+                replies = answer_requests(answerer, requests, source, stored=bool(features), k=top,
+                                          batch_size=batch_size, explain=drawing,
+                                          on_progress=lambda done, total: bar.update(bar_task, completed=done))
+                for reply in replies:
+                    rec = {**reply.request.fields, **reply_json(answerer, reply)}
+                    if explain_dir is not None:
+                        rec["explain"] = str(picture(reply, explain_dir / f"{reply.request.line}.png"))
+                    write(json.dumps(rec))
+
+        if out is None:
+            write_all(typer.echo)
+        else:
+            with atomic_path(out) as tmp, open(tmp, "w") as handle:
+                write_all(lambda line: handle.write(line + "\n"))
+            err.print(f"wrote {len(requests)} answers to {out}", highlight=False)
+    except USER_ERRORS as exc:
+        fail(exc)

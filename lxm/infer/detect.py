@@ -1,0 +1,128 @@
+"""Region features for `lxm ask`: from raw images through the detector, or from feature stores.
+
+`Detector` runs exactly what `lxm extract` runs for one image (`lxm.extract.pipeline`): Caffe decoding and
+preprocessing (`load_bgr`, `caffe_blob`), the Faster R-CNN (`build_detector`, engine "auto" / "torch" /
+"detectron2"), LXMERT's 36-box selection (`select_lxmert`, or "maxnms") and the same record (`_record`), kept in
+memory in float32 (a float16 store rounds them; with `dtype="float32"` the store holds these very values). Equal-
+size images of one call share a backbone pass, as in `lxm extract`. `StoredFeatures` reads records that `lxm
+extract` (or `lxm convert`) already wrote.
+
+Random detector weights give meaningless features; they exist for smoke tests and are said in `describe()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from lxm.extract.images import ImageError, caffe_blob, load_bgr
+from lxm.extract.pipeline import ExtractConfig, _record, build_detector, choose_engine, detect
+from lxm.extract.select import select_lxmert, select_maxnms
+from lxm.extract.weights import RANDOM
+from lxm.features.records import ImageFeatures
+from lxm.features.store import FeatureStore, StoreError, store_index
+
+_logger = logging.getLogger(__name__)
+
+
+def detector_config(weights: str | None, *, detector: str = "vg-r101", engine: str = "auto", device: str = "cpu",
+                    num_boxes: int = 36, mode: str = "lxmert", seed: int = 0, batch_size: int = 4) -> ExtractConfig:
+    """The `ExtractConfig` of `lxm extract --weights W --detector D ...` for in-memory use (float32, no store);
+    `weights` None = random weights (seeded by `seed`)."""
+    return ExtractConfig(images="", out="", weights=weights or RANDOM, engine=engine, detector=detector, mode=mode,
+                         num_boxes=num_boxes, device=device, dtype="float32", batch_size=batch_size, seed=seed)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The BGR image of `path` as the detector decodes it; an ImageError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    try:
+        return load_bgr(path)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+
+
+class Detector:
+    """The detector of `lxm extract`, one call per group of images -> `ImageFeatures` (img_id = file stem).
+
+    Args:
+        cfg: as `lxm extract`'s (see `detector_config`); `images`, `out`, `dtype` and the store fields are unused.
+        on_weights: receives the weights loader's one-line report (default: logged).
+    """
+
+    def __init__(self, cfg: ExtractConfig, on_weights: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.det = cfg.detector_config()
+        self.engine = choose_engine(cfg.engine)
+        self.model, self.meta = build_detector(cfg, on_weights, self.engine)
+        self.device = torch.device(cfg.device)
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.meta["random_weights"])
+
+    def describe(self) -> str:
+        weights = ("RANDOM weights (meaningless features: a smoke test only)" if self.random_weights
+                   else f"weights {self.meta['weights']}")
+        return f"{self.cfg.detector} detector ({self.engine.name}), {weights}, {self.cfg.num_boxes} boxes"
+
+    def records(self, paths: Sequence[str | os.PathLike]) -> list[ImageFeatures]:
+        """The features of each image, in order (`cfg.batch_size` images per detector call)."""
+        out: list[ImageFeatures] = []
+        for start in range(0, len(paths), self.cfg.batch_size):
+            chunk = [Path(p) for p in paths[start:start + self.cfg.batch_size]]
+            blobs = []
+            for path in chunk:
+                img = read_image(path)
+                try:
+                    blob, scale = caffe_blob(img, self.det.pixel_mean_bgr, self.det.min_size, self.det.max_size)
+                except cv2.error as exc:
+                    raise ImageError(f"{path}: cannot preprocess ({str(exc).strip().splitlines()[-1]})") from None
+                blobs.append((blob, scale, img.shape[:2]))
+            with torch.no_grad():
+                dets = detect(self.model, blobs, self.device, self.cfg.bf16)
+            for path, det in zip(chunk, dets):
+                if det.proposals.shape[0] < self.cfg.num_boxes:
+                    raise ImageError(f"{path}: only {det.proposals.shape[0]} proposals, fewer than "
+                                     f"{self.cfg.num_boxes} boxes")
+                if self.cfg.mode == "lxmert":
+                    sel = select_lxmert(det.proposals, det.cls_prob, det.attr_prob, num_boxes=self.cfg.num_boxes)
+                else:
+                    sel = select_maxnms(det.proposals, det.pred_boxes, det.cls_prob, det.attr_prob,
+                                        num_boxes=self.cfg.num_boxes)
+                out.append(_record(path.stem, det, sel, det.image_size, np.float32))
+        return out
+
+
+class StoredFeatures:
+    """Records of feature stores by img_id (the first store that holds an id serves it)."""
+
+    def __init__(self, stores: Sequence[str | os.PathLike]):
+        self.roots = [str(s) for s in stores]
+        self.stores = [FeatureStore(s) for s in stores]
+        self.where = store_index(self.stores)
+
+    @property
+    def random_weights(self) -> bool:
+        return any(s.manifest.get("extractor", {}).get("random_weights") for s in self.stores)
+
+    def describe(self) -> str:
+        note = " (extracted with RANDOM detector weights: meaningless features)" if self.random_weights else ""
+        return f"stored features {', '.join(self.roots)}{note}"
+
+    def records(self, image_ids: Sequence[str]) -> list[ImageFeatures]:
+        out = []
+        for img_id in image_ids:
+            if img_id not in self.where:
+                raise StoreError(f"no image {img_id!r} in the feature store(s) {', '.join(self.roots)}")
+            out.append(self.stores[self.where[img_id]].get(img_id))
+        return out
+

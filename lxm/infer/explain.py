@@ -1,0 +1,291 @@
+"""Which boxes an answer drew on: the last cross layer's [CLS] -> vision attention, and a picture of it.
+
+What is shown: in LXMERT every task head reads the pooled output, tanh(W h_[CLS]) of the language stream after the
+last cross-modality layer (`LxmertPooler`); the only place where that [CLS] state reads the image directly in that
+layer is the layer's cross-attention, language -> vision (`x_layers[-1].visual_attention`, one module shared by both
+directions). Its attention probabilities from the [CLS] query over the N boxes, softmax(q_[CLS] . k_n / sqrt(d)) per
+head, averaged over the heads, are the weights shown ([N], summing to 1). They say where [CLS] looked in that last
+read, not a full attribution: the boxes also reach [CLS] through earlier layers and the self-attention after it.
+
+They are captured with forward hooks on the layer's query and key projections (`att.query`, `att.key`), which
+project the stacked sequence [language rows; vision rows] of `LxmertCrossAttentionLayer.both_ways`, and a pre-hook
+on the layer for the stream sizes; the hooks only read, so the logits are unchanged.
+
+The picture (`render_attention`): the image (upscaled to a long side of at least 800 pixels, as `lxm show`),
+darkened outside the boxes, each box brought back to full brightness in proportion to its weight (the strongest
+drawn last, on top); the top boxes outlined and labelled "attribute object weight" with the label placement of
+`lxm.extract.show` (next to the box, else at the nearest free place with a leader line; labels never overlap or
+leave the picture); a title band with the question or statement, the answer with its probability, and what the
+shading is. NLVR2's two images stand side by side.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lxm.errors import ConfigError
+from lxm.extract.images import ImageError
+from lxm.extract.show import FONT, LONG_SIDE, PAD, _nearest, _place, load_vocab
+from lxm.features.records import ImageFeatures
+
+_logger = logging.getLogger(__name__)
+
+SHADE = 0.3  # brightness of the picture outside every box
+GAP = 16  # pixels between the two images of an NLVR2 pair
+ATTENTION_NOTE = "shading: last cross layer, [CLS] -> boxes attention (mean over heads)"
+
+
+# ---------------------------------------------------------------------------------------------------- capture
+
+
+class CrossAttentionCapture:
+    """Forward hooks on the last cross layer of `model` that keep what `cls_to_vision` needs; a context manager
+    (the hooks are removed on exit)."""
+
+    def __init__(self, model: nn.Module):
+        self.layer = model.lxmert.encoder.x_layers[-1]
+        self.att = self.layer.visual_attention.att
+        self.q: Tensor | None = None
+        self.k: Tensor | None = None
+        self.inputs: tuple | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> CrossAttentionCapture:
+        def keep_inputs(_module, args):
+            lang, _lang_mask, visn, visn_mask, layout = args
+            self.inputs = (lang.shape[0], visn.shape, visn_mask, layout)
+
+        def keep(name):
+            def hook(_module, _args, output):
+                setattr(self, name, output.detach())
+            return hook
+
+        self._handles = [self.layer.register_forward_pre_hook(keep_inputs),
+                         self.att.query.register_forward_hook(keep("q")),
+                         self.att.key.register_forward_hook(keep("k"))]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def cls_to_vision(self) -> Tensor:
+        """[rows, N] float32: per batch row (an example's image), the [CLS] query's attention over the boxes,
+        averaged over heads (each row sums to 1)."""
+        if self.inputs is None or self.q is None or self.k is None:
+            raise RuntimeError("CrossAttentionCapture: no forward pass ran inside the context")
+        rows, (b, n, h), visn_mask, layout = self.inputs
+        heads, dim = self.att.num_heads, self.att.head_dim
+        q_cls = layout.padded(self.q[:rows])[:, 0].float().view(b, heads, dim)  # [B, heads, d]
+        k = self.k[rows:].float().view(b, n, heads, dim)  # [B, N, heads, d]
+        return cls_attention(q_cls, k, visn_mask)
+
+
+def cls_attention(q_cls: Tensor, k: Tensor, visn_mask: Tensor | None = None) -> Tensor:
+    """q_cls [B, heads, d], k [B, N, heads, d] (projected), optional bool "may attend" mask [B, 1, 1, N] ->
+    softmax(q . k / sqrt(d)) per head, averaged over heads: [B, N]."""
+    scores = torch.einsum("bhd,bnhd->bhn", q_cls, k) / math.sqrt(q_cls.shape[-1])
+    if visn_mask is not None:
+        scores = scores.masked_fill(~visn_mask[:, :, 0, :].to(torch.bool), float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------- picture
+
+
+@dataclass
+class PlacedLabel:
+    image: int  # which image of the request (NLVR2: 0 left, 1 right)
+    box: int  # index of the box in that image's record
+    text: str
+    weight: float
+    rect: tuple[int, int, int, int]  # x1, y1, x2, y2 in picture pixels, end exclusive
+    leader: bool  # placed away from its box, with a line to it
+
+
+@dataclass
+class AttentionPicture:
+    image: np.ndarray  # [H, W, 3] BGR
+    labels: list[PlacedLabel] = field(default_factory=list)
+    title: list[str] = field(default_factory=list)  # the lines of the title band
+    title_height: int = 0  # pixels of the band above the image(s)
+    panels: list[tuple[int, int, int, int]] = field(default_factory=list)  # each image's rect in the picture
+    unlabelled: list[tuple[int, int]] = field(default_factory=list)  # (image, box) of top boxes left without label
+
+
+def read_names(vocab_dir: str | os.PathLike | None) -> tuple[list[str] | None, list[str] | None]:
+    """(object names, attribute names) from a folder with BUTD's objects_vocab.txt / attributes_vocab.txt."""
+    if vocab_dir is None:
+        return None, None
+    folder = Path(vocab_dir)
+    names = []
+    for file in ("objects_vocab.txt", "attributes_vocab.txt"):
+        if not (folder / file).is_file():
+            raise ConfigError(f"{folder}: no {file} (the detector's class names, as in BUTD's data/genome/1600-400-20)")
+        names.append(load_vocab(folder / file))
+    return names[0], names[1]
+
+
+def _wrap(text: str, width: int, scale: float, thick: int) -> list[str]:
+    """Greedy word wrap to `width` pixels (a word longer than a line is cut)."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if cv2.getTextSize(trial, FONT, scale, thick)[0][0] <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+        while cv2.getTextSize(line, FONT, scale, thick)[0][0] > width and len(line) > 1:
+            cut = len(line) - 1
+            while cut > 1 and cv2.getTextSize(line[:cut], FONT, scale, thick)[0][0] > width:
+                cut -= 1
+            lines.append(line[:cut])
+            line = line[cut:]
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _shade(image: np.ndarray, boxes: list[tuple[int, int, int, int]], weights: np.ndarray) -> np.ndarray:
+    """Darken the image, then bring each box back with alpha = weight / max weight, weakest first."""
+    out = image.astype(np.float32) * SHADE
+    top = float(weights.max()) if weights.size else 0.0
+    for i in np.argsort(weights, kind="stable"):
+        x1, y1, x2, y2 = boxes[i]
+        alpha = float(weights[i]) / top if top > 0 else 0.0
+        region = out[y1:y2 + 1, x1:x2 + 1]
+        region[:] = alpha * image[y1:y2 + 1, x1:x2 + 1] + (1 - alpha) * region
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _colour(rank: int) -> tuple[int, int, int]:
+    # bright hues a golden-ratio step apart, as lxm show: neighbouring labels differ, black text reads on each
+    r, g, b = colorsys.hsv_to_rgb((rank * 0.618034) % 1.0, 0.55, 1.0)
+    return int(255 * b), int(255 * g), int(255 * r)
+
+
+def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures], weights: list[np.ndarray],
+                     text: str, answer: str, *, kind: str = "Q", objects: list[str] | None = None,
+                     attributes: list[str] | None = None, top: int = 5, long_side: int = LONG_SIDE
+                     ) -> AttentionPicture:
+    """The attention picture of one request (see the module docstring).
+
+    Args:
+        images_bgr: the request's images (one, or NLVR2's two), as decoded from their files.
+        records: their features (boxes in image pixels, object / attribute ids).
+        weights: per image the [N] box weights (`CrossAttentionCapture.cls_to_vision`).
+        text: the question or statement; `kind` its title prefix ("Q" / "S").
+        answer: the answer line, e.g. "frisbee (0.87)".
+        objects, attributes: class names (`read_names`); ids ("obj12", "attr3") without them.
+        top: boxes outlined and labelled per image, by weight.
+    """
+    for img, rec in zip(images_bgr, records):
+        if img.shape[:2] != (rec.img_h, rec.img_w):
+            raise ImageError(f"image is {img.shape[1]}x{img.shape[0]} but the features of {rec.img_id!r} were "
+                             f"extracted from a {rec.img_w}x{rec.img_h} image")
+        for what, names, ids in (("object", objects, rec.objects_id), ("attribute", attributes, rec.attrs_id)):
+            if names and int(ids.max(initial=0)) >= len(names):
+                raise ConfigError(f"--vocab-dir: {len(names)} {what} names, but image {rec.img_id!r} has {what} id "
+                                  f"{int(ids.max())} (a vocabulary of another detector?)")
+    # one height for all images: the largest any of them gets from the long-side rule of lxm show
+    height = max(round(r.img_h * max(1.0, long_side / max(r.img_h, r.img_w))) for r in records)
+    scales = [height / r.img_h for r in records]
+    size = max(sum(round(r.img_w * s) for r, s in zip(records, scales)), height) / LONG_SIDE
+    font, thick = 0.6 * max(1.0, size), max(1, round(size))
+    panels, placed, unlabelled = [], [], []
+    for k, (img, rec, w, scale) in enumerate(zip(images_bgr, records, weights, scales)):
+        width = round(rec.img_w * scale)
+        pic = cv2.resize(img, (width, height), interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+        boxes = []
+        for b in rec.boxes:
+            x1, y1, x2, y2 = (round(float(v) * scale) for v in b)
+            boxes.append((min(max(x1, 0), width - 1), min(max(y1, 0), height - 1),
+                          min(max(x2, 0), width - 1), min(max(y2, 0), height - 1)))
+        w = np.asarray(w, dtype=np.float64)
+        pic = _shade(pic, boxes, w)
+        order = [int(i) for i in np.argsort(-w, kind="stable")[:top]]
+        for rank, i in enumerate(order):  # outlines first: no outline is drawn over a label
+            cv2.rectangle(pic, boxes[i][:2], boxes[i][2:], _colour(rank), thick + 1)
+        taken: list = []
+        for rank, i in enumerate(order):
+            obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"
+            att = attributes[rec.attrs_id[i]] if attributes else f"attr{rec.attrs_id[i]}"
+            label, fs = f"{att} {obj} {w[i]:.3f}", font
+            (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+            while tw + 2 * PAD > width and fs > 0.3:  # narrower first, then shortened: never cut by the border
+                fs *= 0.9
+                (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+            while tw + 2 * PAD > width and len(obj) > 1:
+                obj = obj[:-1]
+                label = f"{att} {obj}... {w[i]:.3f}"
+                (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+            rect, away = _place(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
+            if rect is None:
+                unlabelled.append((k, i))
+                continue
+            taken.append(rect)
+            if away:
+                bx1, by1, bx2, by2 = boxes[i]
+                to = _nearest((bx1, by1, bx2 + 1, by2 + 1), (rect[0] + rect[2]) / 2, (rect[1] + rect[3]) / 2)
+                cv2.line(pic, _nearest(rect, *to), to, _colour(rank), thick, cv2.LINE_AA)
+            cv2.rectangle(pic, rect[:2], (rect[2] - 1, rect[3] - 1), _colour(rank), -1)
+            cv2.putText(pic, label, (rect[0] + PAD, rect[3] - PAD - base), FONT, fs, (0, 0, 0), thick, cv2.LINE_AA)
+            placed.append(PlacedLabel(k, i, label, float(w[i]), rect, away))
+        panels.append(pic)
+    total_w = sum(p.shape[1] for p in panels) + GAP * (len(panels) - 1)
+    # the title band: the text and the answer in a larger font, the note on the shading in a smaller grey one
+    title_font, title_thick = 0.85 * max(1.0, size), max(2, round(1.5 * size))
+    note_font = 0.55 * max(1.0, size)
+    lines = [(line, title_font, title_thick, (0, 0, 0)) for line in
+             _wrap(f"{kind}: {text}", total_w - 4 * PAD, title_font, title_thick)]
+    lines += [(line, title_font, title_thick, (0, 0, 140)) for line in
+              _wrap(f"A: {answer}", total_w - 4 * PAD, title_font, title_thick)]
+    lines += [(line, note_font, thick, (90, 90, 90)) for line in
+              _wrap(ATTENTION_NOTE, total_w - 4 * PAD, note_font, thick)]
+    heights = [cv2.getTextSize(t, FONT, f, th)[0][1] + cv2.getTextSize(t, FONT, f, th)[1] + 3 * PAD
+               for t, f, th, _ in lines]
+    band = sum(heights) + 4 * PAD
+    canvas = np.full((band + height, total_w, 3), 255, np.uint8)
+    y = 2 * PAD
+    for (t, f, th, colour), lh in zip(lines, heights):
+        base = cv2.getTextSize(t, FONT, f, th)[1]
+        cv2.putText(canvas, t, (2 * PAD, y + lh - base - PAD), FONT, f, colour, th, cv2.LINE_AA)
+        y += lh
+    x, rects = 0, []
+    for k, pic in enumerate(panels):
+        canvas[band:band + height, x:x + pic.shape[1]] = pic
+        rects.append((x, band, x + pic.shape[1], band + height))
+        for label in placed:
+            if label.image == k:
+                r = label.rect
+                label.rect = (r[0] + x, r[1] + band, r[2] + x, r[3] + band)
+        x += pic.shape[1] + GAP
+    if unlabelled:
+        _logger.warning("no room for the labels of %d top boxes (drawn without)", len(unlabelled))
+    return AttentionPicture(canvas, placed, [t for t, *_ in lines], band, rects, unlabelled)
+
+
+def write_png(picture: AttentionPicture, path: str | os.PathLike) -> Path:
+    """Write the picture as PNG (its folder is created)."""
+    from lxm.atomic import atomic_path
+
+    path = Path(path)
+    ok, data = cv2.imencode(".png", picture.image)
+    if not ok:
+        raise ImageError(f"{path}: the picture could not be encoded as PNG")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.tobytes())
+    return path

@@ -1,0 +1,254 @@
+"""The three kinds of model `lxm ask` answers with, loaded into one `Answerer` (task + model + tokenizer).
+
+Sources (tried in this order):
+
+1. an lxm finetuning run directory (`lxm finetune --out`): `lxm.train.finetune.load_run` gives its task (with the
+   run's answer table), its best model, and the vocabulary and max_length of its config;
+2. an original fine-tuned `BEST.pth` of airsplay/lxmert `src/tasks/{vqa,gqa,nlvr2}.py` ("original-finetuned"
+   format: `lxrt_encoder.model.bert.*` + `logit_fc.*`), read by `lxm.model.load_pretrained`; its answer head needs
+   the answer table it was trained with (`--answers data/vqa/trainval_label2ans.json`), a pair head is NLVR2;
+3. a transformers `LxmertForQuestionAnswering` directory or Hub id (`unc-nlp/lxmert-vqa-uncased`), with `--answers`
+   or, where its config.json has one name per answer row, the config's `id2label` (any lxm checkpoint directory
+   with one task head loads the same way).
+
+A checkpoint without a task head (a pretraining run, `*_LXRT.pth`, `unc-nlp/lxmert-base-uncased`) cannot answer:
+that is a one-line error pointing to `lxm finetune`. What the model is asked is decided by its task, never by the
+source: an answer task (`AnswerTask`) takes a question, any other task (NLVR2, classification) a statement, over as
+many images as the task has image columns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from lxm.errors import ConfigError, LxmError
+from lxm.features.records import ImageFeatures
+from lxm.model import LxmertForFinetuning, LxmertTokenizer, load_pretrained_with_report
+from lxm.train.data import read_answer_table
+from lxm.train.finetune import load_run
+from lxm.train.finetune_data import collate_finetune, encode_example
+from lxm.train.tasks import AnswerTask, FinetuneTask, Nlvr2Task, task_class
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_VOCAB = "bert-base-uncased"  # the WordPiece vocabulary every released LXMERT model was trained with
+DEFAULT_MAX_LENGTH = 20  # tokens incl. [CLS]/[SEP], as the original's finetuning (`max_seq_length=20`)
+
+
+class AskError(LxmError, ValueError):
+    """A model, an image or a request `lxm ask` cannot use; the message names it."""
+
+
+@dataclass
+class Prediction:
+    """What the model says about one request: its k best predictions, and (when asked for) what it looked at."""
+
+    top: list[tuple[str, float]]  # (prediction string, probability), best first (`FinetuneTask.top`)
+    attention: list[np.ndarray] | None = None  # per image [N] weights over its boxes, summing to 1 (lxm.infer.explain)
+
+
+@dataclass
+class Answerer:
+    """A task model ready to answer: the task (what is asked, how logits become answers), the model, the tokenizer.
+
+    `source` and `kind` say where it came from, for the output ("lxm run", "original-finetuned checkpoint",
+    "hf checkpoint", "lxm checkpoint").
+    """
+
+    task: FinetuneTask
+    model: LxmertForFinetuning
+    tokenizer: LxmertTokenizer
+    source: str
+    kind: str
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def text_field(self) -> str:
+        """"question" for an answer task, "statement" for every other (NLVR2, classification)."""
+        return "question" if isinstance(self.task, AnswerTask) else "statement"
+
+    @property
+    def num_images(self) -> int:
+        return len(self.task.image_columns)
+
+    @property
+    def output(self) -> str:
+        """The JSON shape of a prediction: "answers" (a ranked answer list), "boolean" (NLVR2's True/False) or
+        "label" (one of the task's class names)."""
+        if isinstance(self.task, AnswerTask):
+            return "answers"
+        return "boolean" if isinstance(self.task, Nlvr2Task) else "label"
+
+    def describe(self) -> str:
+        return f"{self.task.name} model, {self.kind} {self.source}"
+
+    def check_request(self, field: str, images: int, where: str) -> None:
+        """A request must ask what the task answers (question / statement) over the task's number of images."""
+        if field != self.text_field:
+            raise AskError(f"{where}: {self.source} is a {self.task.name} model; it takes a {self.text_field} "
+                           f"(--{self.text_field}), not a {field}")
+        if images != self.num_images:
+            how = "--image LEFT --image RIGHT" if self.num_images == 2 else "--image IMG"
+            raise AskError(f"{where}: a {self.task.name} model reads {self.num_images} image(s) ({how}), got {images}")
+
+    def to(self, device: torch.device | str) -> Answerer:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def predict(self, texts: Sequence[str], images: Sequence[Sequence[ImageFeatures]], k: int = 5,
+                explain: bool = False) -> list[Prediction]:
+        """One batch: texts [B] and each text's image records (`num_images` each) -> B predictions.
+
+        The inputs are built exactly as the finetuning dataset builds them (`encode_example` + `collate_finetune`),
+        so an image and a question give what `lxm predict` gives for them.
+        """
+        from lxm.infer.explain import CrossAttentionCapture
+
+        examples = [encode_example(i, text, [(rec, rec.normalized_boxes()) for rec in recs], self.tokenizer)
+                    for i, (text, recs) in enumerate(zip(texts, images))]
+        batch = collate_finetune(examples).to(self.device)
+        self.model.eval()
+        with torch.no_grad():
+            if explain:
+                with CrossAttentionCapture(self.model) as capture:
+                    out = self.model(**batch.model_inputs())
+                weights = capture.cls_to_vision().cpu().numpy()  # [rows, N]: row = (example, image)
+            else:
+                out = self.model(**batch.model_inputs())
+            tops = self.task.top(self.task.logits(out), k)
+        preds = [Prediction(top) for top in tops]
+        if explain:
+            per = self.num_images
+            for i, p in enumerate(preds):
+                p.attention = [weights[i * per + j] for j in range(per)]
+        return preds
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def _pretraining_run(path: Path) -> bool:
+    try:
+        raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except yaml.YAMLError:
+        return False  # load_run names the broken file
+    return isinstance(raw, dict) and "task" not in raw
+
+
+def _no_head(source: str) -> AskError:
+    return AskError(f"{source}: a pretraining model has no task head to answer with; finetune it first "
+                    f"(lxm finetune vqa --init {source} ...) and ask the finetuning run")
+
+
+def _config_json(source: str) -> dict:
+    """The config.json of a transformers / lxm directory or an already downloaded Hub id ({} if none)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        file = path / "config.json"
+    elif path.is_file():
+        file = path.with_name("config.json")
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # not a valid repo id: the checkpoint was read some other way, there is no config
+            cached = None
+        file = Path(cached) if isinstance(cached, str) else None
+    if file is None or not file.exists():
+        return {}
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _config_answers(meta: dict, rows: int) -> list[str] | None:
+    """The answer strings of a transformers config's `id2label`, when it names every answer row (the default
+    two-entry {0: "LABEL_0", 1: "LABEL_1"} of an unnamed head does not)."""
+    labels = meta.get("id2label")
+    if not isinstance(labels, dict) or len(labels) != rows:
+        return None
+    try:
+        table = {int(k): v for k, v in labels.items()}
+    except (TypeError, ValueError):
+        return None
+    if sorted(table) != list(range(rows)) or not all(isinstance(v, str) for v in table.values()):
+        return None
+    return [table[i] for i in range(rows)]
+
+
+def load_answerer(source: str | os.PathLike, answers: str | os.PathLike | None = None,
+                  vocab: str | os.PathLike | None = None, task: str | None = None,
+                  max_length: int | None = None) -> Answerer:
+    """The task model of `source` (see the module docstring for the three kinds), ready to answer.
+
+    Args:
+        source: an lxm finetuning run directory, an original fine-tuned `.pth`, a transformers / lxm checkpoint
+            directory or a Hub id.
+        answers: the answer table of a checkpoint's answer head (a JSON list of strings, `trainval_label2ans.json`,
+            or `{answer: id}`); its length must be the head's row count. A run has its own (RUN/answers.json).
+        vocab: WordPiece vocabulary (file, directory or Hub id); default the run's, else bert-base-uncased.
+        task: the task name of a checkpoint's head (default: vqa for an answer head, nlvr2 for a pair head; gqa,
+            qa or classify read an answer head too, `answers` then being their table or labels); a run has its
+            own and `task` must then match it.
+        max_length: tokens incl. [CLS]/[SEP]; default the run's, else 20.
+
+    Raises:
+        AskError / ConfigError / CheckpointError: a model without a task head, an answer table that does not fit
+            the head, a task that does not fit the head.
+    """
+    text = str(source)
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "config.yaml").exists():
+        if _pretraining_run(path):
+            raise _no_head(text)
+        cfg, task_obj, model = load_run(path, task)
+        if answers is not None and isinstance(task_obj, AnswerTask):
+            given = read_answer_table(answers)
+            if given != task_obj.answers:
+                raise AskError(f"{answers}: not the answer table of the run {text} (the run's own "
+                               f"{path / 'answers.json'} is used; leave out --answers)")
+        tokenizer = LxmertTokenizer(vocab or cfg.vocab, max_length=max_length or cfg.max_length)
+        return Answerer(task_obj, model, tokenizer, text, "lxm run")
+    model, report = load_pretrained_with_report(source)
+    if not isinstance(model, LxmertForFinetuning):
+        raise _no_head(text)
+    meta = _config_json(text)
+    if model.config.task_qa:
+        # the answer head: an answer task's answers, or a classification task's labels (same head shape)
+        name = task or "vqa"
+        cls = task_class(name)
+        if issubclass(cls, Nlvr2Task):
+            raise ConfigError(f"--task {name}: {text} has an answer head ({model.config.num_qa_labels} rows), not "
+                              f"the NLVR2 pair head")
+        rows = model.config.num_qa_labels
+        if answers is not None:
+            table = read_answer_table(answers)
+            if len(table) != rows:
+                raise AskError(f"{answers}: {len(table)} answers, but the answer head of {text} has {rows} rows "
+                               f"(the answer table it was trained with is needed)")
+        else:
+            table = _config_answers(meta, rows)
+            if table is None:
+                raise AskError(f"{text}: its answer head has {rows} rows but no answer names; give its answer "
+                               f"table with --answers (e.g. trainval_label2ans.json)")
+        task_obj: FinetuneTask = cls(table)
+    else:
+        name = task or "nlvr2"
+        if not issubclass(task_class(name), Nlvr2Task):
+            raise ConfigError(f"--task {name}: {text} has the NLVR2 pair head; only nlvr2 reads it")
+        task_obj = task_class(name)()
+    tokenizer = LxmertTokenizer(vocab or DEFAULT_VOCAB, max_length=max_length or DEFAULT_MAX_LENGTH)
+    return Answerer(task_obj, model, tokenizer, text, f"{report.format} checkpoint")

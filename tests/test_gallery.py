@@ -1,0 +1,343 @@
+"""`lxm gallery`: the records (top-1 = `lxm predict`'s answer, ground truth, right/wrong = the task's score), the
+page (escaping, relative assets only, no network reference, --only-wrong / --limit, missing images), the errors,
+and the page in a real browser (headless Chromium: example counts under the URL-hash filters, a screenshot).
+
+The world: real COCO images (the shared fixture) extracted with the tiny random detector, tiny VQA-, GQA- and
+NLVR2-like tables over their img_ids, and tiny models finetuned from scratch on them through the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import BERT_VOCAB, SHARED
+from typer.testing import CliRunner
+
+from lxm.cli import app
+from lxm.corpus.build import GQA_SCHEMA, NLVR2_SCHEMA, VQA_SCHEMA
+from lxm.gallery.build import GalleryConfig, load_records
+
+FIXTURE = SHARED / "fixtures" / "butd-coco-sample"
+ANSWERS = ["yes", "no", "2", "3", "red", "blue", "cat"]
+SCRIPT_QUESTION = "what is <script>alert('x')</script> & \"this\"?"
+# (text, label, answer_type, question_type), asked of every image
+QUESTIONS = [("is there a cat?", [("yes", 1.0), ("no", 0.3)], "yes/no", "is there a"),
+             ("how many people are there?", [("2", 0.9), ("3", 0.6)], "number", "how many"),
+             ("what color is the wall?", [("red", 1.0), ("blue", 0.3)], "other", "what color is the"),
+             ("is it sunny?", [("no", 1.0)], "yes/no", "is it")]
+STRUCTURAL = ["verify", "query", "query", "logical"]  # GQA-like types.structural of QUESTIONS
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _ok(*args):
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _finetune(world, task, out, *valid):
+    _ok("finetune", task, "--config", "tiny", "--set", "from_scratch=true", "--set", f"vocab={BERT_VOCAB}",
+        "--corpus", world["corpus"], "--features", world["store"], "--out", out, "--set", "train_splits=train",
+        "--set", "epochs=1", "--set", "batch_size=4", "--set", "lr=1e-3", *valid)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gallery")
+    images = root / "images" / "sub"  # a subfolder: searched recursively, as lxm extract
+    images.mkdir(parents=True)
+    for path in sorted((FIXTURE / "images").glob("*.jpg"))[:6]:
+        shutil.copy(path, images / path.name)
+    _ok("extract", "--images", root / "images", "--out", root / "store", "--detector", "tiny", "--weights", "random",
+        "--dtype", "float32", "--boxes", "10")
+    ids = sorted(p.stem for p in images.glob("*.jpg"))
+    corpus = root / "corpus"
+    (corpus / "finetune").mkdir(parents=True)
+    (corpus / "vocab").mkdir()
+    vqa, gqa, questions = {"train": [], "minival": []}, {"train": [], "testdev": []}, {}
+    qid = 0
+    for split in ("train", "minival"):
+        for img in ids:
+            for k, (text, label, atype, qtype) in enumerate(QUESTIONS):
+                qid += 1
+                if split == "minival" and img == ids[1] and k == 2:
+                    text = SCRIPT_QUESTION
+                vqa[split].append(dict(question_id=qid, img_id=img, sent=text, label=label, answer_type=atype,
+                                       question_type=qtype))
+                gsplit = "testdev" if split == "minival" else "train"
+                gqa[gsplit].append(dict(question_id=f"g{qid}", img_id=img, sent=text, label=[label[0]]))
+                questions[f"g{qid}"] = {"question": text, "answer": label[0][0], "types": {"structural": STRUCTURAL[k]}}
+    for split, rows in vqa.items():
+        pq.write_table(pa.Table.from_pylist(rows, schema=VQA_SCHEMA), corpus / "finetune" / f"vqa_{split}.parquet")
+    pq.write_table(pa.Table.from_pylist([{**r, "label": None} for r in vqa["minival"]], schema=VQA_SCHEMA),
+                   corpus / "finetune" / "vqa_test.parquet")
+    for split, rows in gqa.items():
+        pq.write_table(pa.Table.from_pylist(rows, schema=GQA_SCHEMA), corpus / "finetune" / f"gqa_{split}.parquet")
+    testdev = {r["question_id"] for r in gqa["testdev"]}
+    (root / "gqa_testdev_questions.json").write_text(json.dumps({q: v for q, v in questions.items() if q in testdev}))
+    nlvr2 = {}
+    for split in ("train", "dev"):
+        nlvr2[split] = [dict(identifier=f"{split}-{s}-{p}-0", img0=ids[(2 * s + p) % 6], img1=ids[(2 * s + p + 1) % 6],
+                             label=(s + p) % 2, sent=f"there are {s + p} dogs", uid=f"nlvr2_{split}_{s}_{p}")
+                        for s in range(6) for p in range(2)]
+        pq.write_table(pa.Table.from_pylist(nlvr2[split], schema=NLVR2_SCHEMA),
+                       corpus / "finetune" / f"nlvr2_{split}.parquet")
+    for task in ("vqa", "gqa"):
+        (corpus / "vocab" / f"{task}_answers.json").write_text(json.dumps(ANSWERS))
+    world = {"root": root, "images": root / "images", "ids": ids, "corpus": corpus, "store": root / "store",
+             "questions": root / "gqa_testdev_questions.json"}
+    world["vqa"] = _finetune(world, "vqa", root / "run-vqa")
+    world["nlvr2"] = _finetune(world, "nlvr2", root / "run-nlvr2")
+    world["gqa"] = _finetune(world, "gqa", root / "run-gqa")
+    return world
+
+
+class _Page(HTMLParser):
+    """The examples of a gallery page (or of a DOM dumped by the browser): their attributes and pictures."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.examples: list[dict] = []
+        self.notes = 0
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "article" and "ex" in (a.get("class") or "").split():
+            self.examples.append({**a, "imgs": [], "noimg": 0})
+        elif tag == "img" and self.examples:
+            self.examples[-1]["imgs"].append(a["src"])
+        elif tag == "div" and a.get("class") == "noimg" and self.examples:
+            self.examples[-1]["noimg"] += 1
+
+    @property
+    def shown(self) -> list[dict]:
+        return [e for e in self.examples if "hidden" not in e]
+
+
+def _fails(result, message):
+    """Exit code 1 with `message` in one `error:` line, the last of the output (no traceback)."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines[-1].startswith("error: ") and message in lines[-1], result.output
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in result.output
+
+
+def _gallery(world, task, out, *extra, images=None):
+    return _ok("gallery", world[task], "--split", {"vqa": "minival", "gqa": "testdev", "nlvr2": "dev"}[task],
+               "--images", images or world["images"], "--out", out, *extra)
+
+
+def _records(world, task, split, **kw):
+    return load_records(world[task], GalleryConfig(split=split, images=[str(world["images"])], **kw))
+
+
+# ---------------------------------------------------------------------------------------------------- records
+
+
+def test_vqa_records_are_predict_and_the_task_score(world, tmp_path):
+    data = _records(world, "vqa", "minival")
+    records, summary, task = data.records, data.summary, data.task
+    assert [r.id for r in records] == data.dataset.ids and len(records) == 6 * len(QUESTIONS)
+    # top-1 = lxm predict's answer
+    _ok("predict", "vqa", "--checkpoint", world["vqa"], "--split", "minival", "--out", tmp_path / "p.json")
+    predicted = {r["question_id"]: r["answer"] for r in json.loads((tmp_path / "p.json").read_text())}
+    assert {r.id: r.prediction for r in records} == predicted
+    # ground truth = the table's answers with their scores, best first; five predictions, probabilities descending
+    table = pq.read_table(world["corpus"] / "finetune" / "vqa_minival.parquet").to_pylist()
+    for r, row in zip(records, table):
+        assert r.truth == sorted(((a, s) for a, s in row["label"]), key=lambda kv: -kv[1])
+        assert r.types == {"answer_type": row["answer_type"], "question_type": row["question_type"]}
+        assert len(r.top) == 5 and [p for _, p in r.top] == sorted((p for _, p in r.top), reverse=True)
+        # the per-example score is the soft score of the predicted answer; right = any credit
+        assert r.score == round(100 * dict(r.truth).get(r.prediction, 0.0), 2) and r.right == (r.score > 0)
+    # the summary is the task's own score; the per-example scores add up to it
+    assert summary.metrics == task.score(data.dataset.ids, data.dataset.targets, predicted)
+    assert summary.metrics["accuracy"] == pytest.approx(sum(r.score for r in records) / len(records), abs=0.01)
+    assert summary.right == sum(r.right for r in records)
+    assert 0 < summary.right < len(records), "the world must have both right and wrong examples"
+    rows = {row.value: row for row in summary.by_type["answer_type"]}
+    assert {v: row.count for v, row in rows.items()} == {"yes/no": 12, "number": 6, "other": 6}
+    yes_no = [r for r in records if r.types["answer_type"] == "yes/no"]
+    assert rows["yes/no"].score == pytest.approx(sum(r.score for r in yes_no) / len(yes_no), abs=0.01)
+
+
+def test_nlvr2_records_and_summary(world):
+    data = _records(world, "nlvr2", "dev")
+    records, summary = data.records, data.summary
+    assert set(summary.metrics) == {"accuracy", "consistency"} and summary.by_type == {}
+    assert all(r.truth in ([("True", 1.0)], [("False", 1.0)]) and len(r.top) == 2 for r in records)
+    assert all(r.right == (r.prediction == r.truth[0][0]) and r.score in (0.0, 100.0) for r in records)
+    assert summary.metrics["accuracy"] == round(100 * summary.right / len(records), 2)
+    assert [r.images for r in records] == data.dataset.images and all(len(r.images) == 2 for r in records)
+
+
+# ---------------------------------------------------------------------------------------------------- the page
+
+
+def test_page_is_self_contained_and_escaped(world, tmp_path):
+    out = tmp_path / "g"
+    result = _gallery(world, "vqa", out, "--vocab-dir", FIXTURE / "vocab")
+    assert f"wrote {out / 'index.html'}" in result.output
+    html = (out / "index.html").read_text()
+    page = _Page(html)
+    records = _records(world, "vqa", "minival").records
+    assert [e["data-id"] for e in page.examples] == [str(r.id) for r in records]  # all shown, dataset order
+    assert [e["data-right"] for e in page.examples] == [str(int(r.right)) for r in records]
+    assert [e["data-answer-type"] for e in page.examples] == [r.types["answer_type"] for r in records]
+    # the question with markup in it is text, not markup: the only script is the page's own
+    assert html.count("<script") == 1 and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp;" in html
+    assert not any(s in html for s in ("http://", "https://", "//cdn", "src=\"/", "href=\"/"))
+    srcs = {src for e in page.examples for src in e["imgs"]}
+    assert srcs == {f"assets/{i}.jpg" for i in world["ids"]}  # each image drawn once, referenced relatively
+    for src in srcs:
+        assert (out / src).stat().st_size > 5000 and (out / src).read_bytes()[:2] == b"\xff\xd8"
+    assert sorted(p.name for p in out.iterdir()) == ["assets", "index.html"]
+    assert not list(tmp_path.glob(".g.*"))  # no temporary folder left beside it
+    # the summary at the top: the split's score and the per-type tables
+    data = _records(world, "vqa", "minival")
+    assert f"<b>{data.summary.right}</b> of {len(records)} right" in html
+    assert "<caption>answer type</caption>" in html and "<caption>question type</caption>" in html
+
+
+def test_only_wrong_limit_and_rerun_replaces(world, tmp_path):
+    records = _records(world, "vqa", "minival").records
+    out = tmp_path / "g"
+    result = _gallery(world, "vqa", out, "--only-wrong")
+    wrong = [r for r in records if not r.right]
+    page = _Page((out / "index.html").read_text())
+    assert [e["data-id"] for e in page.examples] == [str(r.id) for r in wrong]
+    assert f"{len(wrong)} wrong" in result.output
+    # a second run into OUT replaces the first: --limit keeps the first N in dataset order, with only their images
+    _gallery(world, "vqa", out, "--limit", "3")
+    page = _Page((out / "index.html").read_text())
+    assert [e["data-id"] for e in page.examples] == [str(r.id) for r in records[:3]]
+    assert sorted(p.name for p in (out / "assets").iterdir()) == [f"{records[0].images[0]}.jpg"]
+
+
+def test_nlvr2_page_shows_both_images(world, tmp_path):
+    out = tmp_path / "g"
+    _gallery(world, "nlvr2", out)
+    html = (out / "index.html").read_text()
+    page = _Page(html)
+    data = _records(world, "nlvr2", "dev")
+    assert [e["imgs"] for e in page.examples] == [[f"assets/{i}.jpg" for i in r.images] for r in data.records]
+    for name, value in data.summary.metrics.items():
+        assert f"{value:.2f}".rstrip("0").rstrip(".") in html and f"</b> {name}</span>" in html
+
+
+def test_gqa_structural_types_from_questions(world, tmp_path):
+    out = tmp_path / "g"
+    _gallery(world, "gqa", out)
+    html = (out / "index.html").read_text()
+    assert "No accuracy per structural type: pass --questions" in html and "data-structural" not in html
+    _gallery(world, "gqa", out, "--questions", world["questions"])
+    page = _Page((out / "index.html").read_text())
+    assert [e["data-structural"] for e in page.examples] == STRUCTURAL * 6
+    data = _records(world, "gqa", "testdev", questions=str(world["questions"]))
+    rows = {row.value: row.count for row in data.summary.by_type["structural"]}
+    assert rows == {"verify": 6, "query": 12, "logical": 6}
+
+
+def test_missing_images(world, tmp_path):
+    some = tmp_path / "some"
+    some.mkdir()
+    for img in world["ids"][1:]:
+        shutil.copy(world["images"] / "sub" / f"{img}.jpg", some)
+    out = tmp_path / "g"
+    result = _gallery(world, "vqa", out, images=some)
+    assert "warning:" in result.output and f"{len(QUESTIONS)} of the 24 shown examples have an image not found" \
+        in result.output
+    page = _Page((out / "index.html").read_text())
+    records = _records(world, "vqa", "minival").records
+    assert [e["noimg"] for e in page.examples] == [int(r.images[0] == world["ids"][0]) for r in records]
+    assert "image not found" in (out / "index.html").read_text()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(world["images"] / "sub" / f"{world['ids'][0]}.jpg", other / "unrelated.jpg")
+    result = _invoke("gallery", world["vqa"], "--split", "minival", "--images", other, "--out", tmp_path / "g2")
+    _fails(result, "none of the 6 images of the shown examples is there")
+    assert not (tmp_path / "g2").exists() and not list(tmp_path.glob(".g2.*"))
+
+
+def test_errors_are_one_line(world, tmp_path):
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / "config.yaml").write_text("word_mask_rate: 0.15\n")  # what tells a pretraining run's config apart
+    not_run = tmp_path / "empty"
+    not_run.mkdir()
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    cases = [([pre, "--split", "minival"], "a pretraining run"),
+             ([not_run, "--split", "minival"], "not an lxm finetuning run"),
+             ([world["vqa"], "--split", "nosuch"], "vqa_nosuch.parquet: no such table"),
+             ([world["vqa"], "--split", "test"], "has no labels"),
+             ([world["vqa"], "--split", "minival", "--questions", world["questions"]], "is a vqa run")]
+    for args, message in cases:
+        result = _invoke("gallery", *args, "--images", world["images"], "--out", tmp_path / "g")
+        _fails(result, message)
+        assert not (tmp_path / "g").exists()
+    result = _invoke("gallery", world["vqa"], "--split", "minival", "--images", world["images"], "--out", stranger)
+    _fails(result, "is not an lxm gallery")
+    result = _invoke("gallery", world["vqa"], "--split", "minival", "--images", tmp_path / "nowhere", "--out",
+                     tmp_path / "g")
+    _fails(result, "nowhere: not a directory")
+    assert (stranger / "notes.txt").read_text() == "keep me"
+
+
+def test_page_writer_needs_no_torch():
+    code = "import sys, lxm.gallery.page, lxm.gallery.records; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------------- browser
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    return found
+
+
+def _browse(chromium: str, page: Path, *flags: str, hash: str = "") -> str:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000", *flags,
+           page.resolve().as_uri() + hash]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_page_filters_in_a_browser(world, tmp_path):
+    chromium = _chromium()
+    out = tmp_path / "g"
+    _gallery(world, "vqa", out, "--vocab-dir", FIXTURE / "vocab")
+    records = _records(world, "vqa", "minival").records
+    index = out / "index.html"
+    wrong = [str(r.id) for r in records if not r.right]
+    yes_no = [str(r.id) for r in records if r.types["answer_type"] == "yes/no"]
+    both = [str(r.id) for r in records if not r.right and r.types["answer_type"] == "yes/no"]
+    for hash, expected in (("", [str(r.id) for r in records]), ("#wrong=1", wrong), ("#answer_type=yes/no", yes_no),
+                           ("#wrong=1&answer_type=yes%2Fno", both), ("#q=sunny", [str(r.id) for r in records
+                                                                                 if r.text == "is it sunny?"])):
+        text = _browse(chromium, index, "--dump-dom", hash=hash)
+        dom = _Page(text)
+        assert len(dom.examples) == len(records)
+        assert [e["data-id"] for e in dom.shown] == expected, hash
+        assert f"showing {len(expected)} of {len(records)}" in text
+    shot = tmp_path / "gallery.png"
+    _browse(chromium, index, f"--screenshot={shot}", "--window-size=1280,2000", hash="#wrong=1")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
