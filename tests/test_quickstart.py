@@ -1,10 +1,15 @@
 """Pipeline test: a shortened `lxm quickstart` runs every stage through the real commands and writes its report; its
-work is bounded in optimizer steps, and its pictures (boxes.png, losses.png, validation.png) read at a glance."""
+work is bounded in optimizer steps, its pictures (boxes.png, losses.png, validation.png, the ask --explain ones) read
+at a glance, `lxm ask` on the raw images answers as `lxm predict` did, and the galleries linked from the report are
+self-contained."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -28,7 +33,8 @@ def test_quickstart_runs_the_whole_chain(quickstart):
     assert "RANDOM weights" in output  # said plainly
     report = (out / "report.md").read_text()
     for stage in ("extract train2014", "build-corpus", "pretrain", "finetune vqa", "finetune nlvr2", "predict vqa",
-                  "evaluate vqa", "evaluate nlvr2", "show", "plot nlvr2"):
+                  "evaluate vqa", "evaluate nlvr2", "ask vqa", "ask nlvr2", "gallery vqa", "gallery nlvr2", "show",
+                  "plot nlvr2"):
         assert f"| {stage} |" in report, stage
     assert "seeded random weights" in report and "![boxes](pictures/boxes.png)" in report
     # the raw files are in the official formats: the corpus builder read them, the evaluators scored against them
@@ -125,3 +131,90 @@ def test_a_missing_detector_vocabulary_is_named_before_any_work(tmp_path):
                                       str(tmp_path / "vg")])
     assert result.exit_code == 1 and "attributes_vocab.txt" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "qs").exists()
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk of a real PNG file."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_ask_answers_the_raw_image_as_predict_did_and_explains(quickstart):
+    from lxm.train.tasks import task_class
+
+    out, _ = quickstart
+    report = (out / "report.md").read_text()
+    # the question asked: the first one of the first minival image in the raw VQA file
+    minival = json.loads((out / "raw" / "minival.json").read_text())
+    image = minival[0]["img_id"]
+    image_id = int(image.rsplit("_", 1)[1])
+    question = next(q for q in json.loads((out / "raw" / "vqa" / "minival_questions.json").read_text())["questions"]
+                    if q["image_id"] == image_id)
+    reply = json.loads((out / "predictions" / "ask_vqa.json").read_text())
+    assert "RANDOM" in reply["detector"] and Path(reply["model"]) == (out / "runs" / "vqa").resolve()
+    answers = reply["answers"]
+    assert len(answers) == 5 and len({a["answer"] for a in answers}) == 5
+    scores = [a["score"] for a in answers]
+    assert scores == sorted(scores, reverse=True) and all(0 < p <= 1 for p in scores)
+    assert {a["answer"] for a in answers} <= set(task_class("vqa").from_run(out / "runs" / "vqa").class_names)
+    # from the raw image, the detector run again: lxm predict's answer from the stored (float16) features
+    predicted = {r["question_id"]: r["answer"] for r in
+                 json.loads((out / "predictions" / "vqa_minival_predict.json").read_text())}
+    assert answers[0]["answer"] == predicted[question["question_id"]]
+    assert f"Q: *{question['question']}* (`{image}`, question_id {question['question_id']};" in report
+    assert f"`lxm predict` **{predicted[question['question_id']]}**" in report
+    for a in answers:
+        assert f"| {a['answer']} | {a['score']:.4f} |" in report
+    # NLVR2: the first dev pair's statement, judged as lxm predict judged it
+    pair = json.loads((out / "raw" / "nlvr2" / "dev.json").read_text().splitlines()[0])
+    judged = json.loads((out / "predictions" / "ask_nlvr2.json").read_text())
+    with open(out / "predictions" / "nlvr2_dev_predict.csv", newline="") as f:
+        labels = dict(csv.reader(f))
+    assert judged["label"] is (labels[pair["identifier"]] == "True") and 0.5 <= judged["score"] <= 1
+    assert f"S: *{pair['sentence']}* (pair `{pair['identifier']}`" in report
+    # the explain pictures: real PNGs, upscaled as lxm show's (the images are 128 pixels), the pair side by side
+    for name in ("ask_explain.png", "ask_explain_nlvr2.png"):
+        assert f"](pictures/{name})" in report
+        assert (out / "pictures" / name).stat().st_size > 10_000, name
+    width, height = _png_size(out / "pictures" / "ask_explain.png")
+    assert max(width, height) >= 800 and min(width, height) >= 400
+    pair_width, _ = _png_size(out / "pictures" / "ask_explain_nlvr2.png")
+    assert pair_width > width
+
+
+class _Refs(HTMLParser):
+    """The src / href attributes of a page, and its example articles."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.refs: list[str] = []
+        self.examples = 0
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.refs += [a[k] for k in ("src", "href") if a.get(k)]
+        self.examples += tag == "article" and "ex" in (a.get("class") or "").split()
+
+
+def test_galleries_are_linked_from_the_report_and_self_contained(quickstart):
+    out, _ = quickstart
+    report = (out / "report.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", report)  # markdown links and images
+    assert "gallery/vqa/index.html" in links and "gallery/nlvr2/index.html" in links
+    for link in links:  # every link of the report is relative and there
+        assert "://" not in link and not link.startswith("/") and (out / link).is_file(), link
+    minival = json.loads((out / "raw" / "vqa" / "minival_questions.json").read_text())["questions"]
+    dev = (out / "raw" / "nlvr2" / "dev.json").read_text().splitlines()
+    for task, examples, images in (("vqa", len(minival), len(json.loads((out / "raw" / "minival.json").read_text()))),
+                                   ("nlvr2", len(dev), 2 * len(dev))):
+        page = out / "gallery" / task / "index.html"
+        html = _Refs(page.read_text())
+        assert html.examples == examples, task  # the whole split shown
+        files = {ref for ref in html.refs if not ref.startswith("#")}
+        assert len(files) == images, task  # each image drawn once
+        for ref in files:  # relative, inside the gallery folder, there
+            assert "://" not in ref and not ref.startswith("/") and ".." not in ref, ref
+            assert (page.parent / ref).stat().st_size > 1_000, ref
+        assert f"| gallery {task} | {examples} {'questions' if task == 'vqa' else 'pairs'} |" in report

@@ -2,9 +2,14 @@
 
 It renders images of coloured shapes (Pillow), writes raw annotation files in the real COCO captions / VQA v2 /
 NLVR2 formats describing them (datasets.md), then runs the real commands in order — extract, build-corpus, pretrain,
-finetune vqa and nlvr2, predict, evaluate, show, plot — and writes report.md with the commands, their work and
-times, the metrics and the pictures. Nothing is downloaded: the detector has seeded random weights unless --weights is
-given, and the WordPiece vocabulary is trained on the world's own text unless --vocab is given.
+finetune vqa and nlvr2, predict, evaluate, ask, gallery, show, plot — and writes report.md with the commands, their
+work and times, the metrics and the pictures. Nothing is downloaded: the detector has seeded random weights unless
+--weights is given, and the WordPiece vocabulary is trained on the world's own text unless --vocab is given.
+
+The ask stages put a minival question and an NLVR2 dev statement to `lxm ask` about the raw image files: the detector
+runs again as the extract stage ran it, so the answers are `lxm predict`'s (up to the float16 rounding of the stored
+features), and report.md sets the two side by side. The gallery stages write `lxm gallery`'s pages of both splits,
+linked from report.md.
 
 It is part of the program, not of the library: it drives the `lxm` command group it is given (the command passes
 its own root, `typer.Context.find_root().command`), so it never imports `lxm.cli` and the package has no cycle.
@@ -13,6 +18,7 @@ its own root, `typer.Context.find_root().command`), so it never imports `lxm.cli
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import logging
@@ -38,6 +44,7 @@ SHAPES = ["circle", "square", "triangle"]
 COLORS = ["red", "green", "blue", "yellow"]
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 PRETRAIN_BATCH, FINETUNE_BATCH = 16, 8
+FIRST_VAL_ID = 1001  # image_id of the first val2014 image: a minival one, shown by `lxm show` and asked by `lxm ask`
 
 
 class QuickstartError(LxmError, RuntimeError):
@@ -82,6 +89,8 @@ class QuickstartResult:
     stages: list[Stage] = field(default_factory=list)
     load: tuple[float, float] | None = None  # 1-minute load average at the start and at the end
     metrics: dict = field(default_factory=dict)
+    # task -> what `lxm ask` was asked, its JSON reply, the ground truth and `lxm predict`'s answer for it
+    asked: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------- the world
@@ -120,7 +129,7 @@ def make_world(root: Path, cfg: QuickstartConfig) -> dict:
         (root / sub).mkdir(parents=True, exist_ok=True)
     counts = {}
     minival = []
-    for split, n, first in (("train2014", cfg.train_images, 1), ("val2014", cfg.val_images, 1001)):
+    for split, n, first in (("train2014", cfg.train_images, 1), ("val2014", cfg.val_images, FIRST_VAL_ID)):
         images, captions, questions, annotations = [], [], [], []
         for k in range(n):
             image_id = first + k
@@ -269,7 +278,10 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
     vocab = cfg.vocab or str(train_vocab(root))
     random_weights = cfg.weights == "random"
     detector = ["--detector", "tiny"] if random_weights else []
-    f = lambda *p: str(root.joinpath(*p))
+
+    def f(*parts: str) -> str:
+        return str(root.joinpath(*parts))
+
     splits = ("train2014", "val2014", "nlvr2")
     feats = [f("features", s) for s in splits]
     images = {s: len(list((root / "images" / s).iterdir())) for s in splits}
@@ -295,6 +307,13 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
                                                  "--set", f"epochs={cfg.finetune_epochs}",
                                                  "--set", f"batch_size={FINETUNE_BATCH}", "--set", "lr=3e-4"]))
     show_vocab = ["--vocab", cfg.detector_vocab] if cfg.detector_vocab else []
+    names = ["--vocab-dir", cfg.detector_vocab] if cfg.detector_vocab else []
+    shown = f"COCO_val2014_{FIRST_VAL_ID:012d}"
+    result.asked = asked = _ask_examples(root, shown)
+    # the extract stage's detector: the same network, weights and seed, so the features are the stored ones
+    ask = ["--random-detector", *detector] if random_weights else ["--detector-weights", cfg.weights]
+    ask += ["--seed", str(cfg.seed), "--top", "5", "--json", *names]
+    minival = len(json.loads((root / "raw" / "vqa" / "minival_questions.json").read_text())["questions"])
     stages += [
         Stage("predict vqa", ["predict", "vqa", "--checkpoint", f("runs", "vqa"), "--split", "minival",
                               "--out", f("predictions", "vqa_minival_predict.json")]),
@@ -305,9 +324,21 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
                                 "--out", f("predictions", "nlvr2_dev_predict.csv")]),
         Stage("evaluate nlvr2", ["evaluate", "nlvr2", "--annotations", f("raw", "nlvr2", "dev.json"),
                                  "--predictions", f("predictions", "nlvr2_dev_predict.csv")]),
-        Stage("show", ["show", f("features", "val2014"), "COCO_val2014_000000001001", "--image",
-                       f("images", "val2014", "COCO_val2014_000000001001.jpg"), "--out", f("pictures", "boxes.png"),
-                       "--top", "5", *show_vocab]),
+        Stage("ask vqa", ["ask", "--model", f("runs", "vqa"), "--image", f("images", "val2014", f"{shown}.jpg"),
+                          "--question", asked["vqa"]["question"], *ask, "--explain", f("pictures", "ask_explain.png")],
+              work="1 image, 1 question"),
+        Stage("ask nlvr2", ["ask", "--model", f("runs", "nlvr2"),
+                            *[x for img in asked["nlvr2"]["images"] for x in ("--image", f("images", "nlvr2", img))],
+                            "--statement", asked["nlvr2"]["statement"], *ask,
+                            "--explain", f("pictures", "ask_explain_nlvr2.png")], work="2 images, 1 statement"),
+        Stage("gallery vqa", ["gallery", f("runs", "vqa"), "--split", "minival", "--images", f("images", "val2014"),
+                              "--out", f("gallery", "vqa"), "--limit", str(minival), *names],
+              work=f"{minival} questions"),
+        Stage("gallery nlvr2", ["gallery", f("runs", "nlvr2"), "--split", "dev", "--images", f("images", "nlvr2"),
+                                "--out", f("gallery", "nlvr2"), "--limit", str(counts["nlvr2_dev"]), *names],
+              work=f"{counts['nlvr2_dev']} pairs"),
+        Stage("show", ["show", f("features", "val2014"), shown, "--image", f("images", "val2014", f"{shown}.jpg"),
+                       "--out", f("pictures", "boxes.png"), "--top", "5", *show_vocab]),
     ]
     stages += [Stage(f"plot {r}", ["plot", f("runs", r), "--out", f("pictures", r)]) for r in ("pretrain", "vqa",
                                                                                              "nlvr2")]
@@ -319,6 +350,16 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
             stage.work = f"{_steps(root / 'runs' / stage.name.split()[-1])} steps of {batch}"
         if stage.name.startswith("evaluate"):
             result.metrics[stage.name.split()[1]] = json.loads(output)
+        if stage.name.startswith("ask"):
+            task = stage.name.split()[1]
+            asked[task]["reply"] = json.loads(output)
+            # kept beside the predictions it is compared with (stdout of `lxm ask --json`)
+            (root / "predictions" / f"ask_{task}.json").write_text(output)
+    with open(root / "predictions" / "nlvr2_dev_predict.csv", newline="") as handle:
+        asked["nlvr2"]["predict"] = dict(csv.reader(handle))[asked["nlvr2"]["identifier"]]
+    vqa_predictions = json.loads((root / "predictions" / "vqa_minival_predict.json").read_text())
+    asked["vqa"]["predict"] = next(r["answer"] for r in vqa_predictions
+                                   if r["question_id"] == asked["vqa"]["question_id"])
     _, pre_valid = read_log(root / "runs" / "pretrain")
     result.metrics["pretrain_minival"] = pre_valid[-1]["valid"] if pre_valid else {}
     for task in ("vqa", "nlvr2"):
@@ -327,6 +368,47 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
         result.load = (load0, os.getloadavg()[0])
     write_report(result, cfg, counts, vocab, random_weights)
     return result
+
+
+def _ask_examples(root: Path, image: str) -> dict:
+    """What the ask stages ask, with the ground truth: the first question of minival image `image` in the raw VQA
+    file, and the statement of the first NLVR2 dev pair (with its two image files)."""
+    raw = root / "raw"
+    image_id = int(image.rsplit("_", 1)[1])
+    question = next(q for q in json.loads((raw / "vqa" / "minival_questions.json").read_text())["questions"]
+                    if q["image_id"] == image_id)
+    truth = next(a["multiple_choice_answer"]
+                 for a in json.loads((raw / "vqa" / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+                 if a["question_id"] == question["question_id"])
+    pair = json.loads((raw / "nlvr2" / "dev.json").read_text().splitlines()[0])
+    stem = pair["identifier"].rsplit("-", 1)[0]  # "dev-0-0-0" shows dev-0-0-img0.png and dev-0-0-img1.png
+    return {"vqa": {"question": question["question"], "question_id": question["question_id"], "image": image,
+                    "truth": truth},
+            "nlvr2": {"statement": pair["sentence"], "identifier": pair["identifier"],
+                      "images": [f"{stem}-img{k}.png" for k in range(2)], "truth": pair["label"]}}
+
+
+def _ask_lines(result: QuickstartResult) -> list[str]:
+    """The report's section on the ask stages: each request, the reply, the ground truth and predict's answer."""
+    if not result.asked:
+        return []
+    vqa, nlvr2 = result.asked["vqa"], result.asked["nlvr2"]
+    lines = ["", "## Asking the model", "",
+             ("`lxm ask` on the raw image files: the detector runs again as the extract stage ran it, so the answers "
+              "are `lxm predict`'s from the stored features, up to their float16 rounding. The `--json` replies are "
+              "in `predictions/ask_vqa.json` and `predictions/ask_nlvr2.json`."), "",
+             (f"Q: *{vqa['question']}* (`{vqa['image']}`, question_id {vqa['question_id']}; ground truth "
+              f"**{vqa['truth']}**, `lxm predict` **{vqa['predict']}**)"), "",
+             "| answer | probability |", "|---|---|"]
+    lines += [f"| {a['answer']} | {a['score']:.4f} |" for a in vqa.get("reply", {}).get("answers", [])]
+    reply = nlvr2.get("reply", {})
+    lines += ["", (f"S: *{nlvr2['statement']}* (pair `{nlvr2['identifier']}`; ground truth **{nlvr2['truth']}**, "
+                   f"`lxm predict` **{nlvr2['predict']}**): `lxm ask` says **{reply.get('label')}** with probability "
+                   f"{reply.get('score', float('nan')):.4f}."), "",
+              ("Where the answer looked (`lxm ask --explain`): each box lit by the last cross layer's [CLS] -> boxes "
+               "attention, the strongest labelled:"), "",
+              "![ask explain](pictures/ask_explain.png)", "", "![ask explain nlvr2](pictures/ask_explain_nlvr2.png)"]
+    return lines
 
 
 def write_report(result: QuickstartResult, cfg: QuickstartConfig, counts: dict, vocab: str, random_weights: bool
@@ -354,6 +436,11 @@ def write_report(result: QuickstartResult, cfg: QuickstartConfig, counts: dict, 
         best = m.get(f"{task}_best", {})
         lines.append(f"| {task} finetuning: best local validation accuracy (epoch) | {best.get('best')} "
                      f"({best.get('best_epoch')}) |")
+    lines += _ask_lines(result)
+    lines += ["", "## Gallery", "", ("Every minival question and NLVR2 dev pair with its boxes, ground truth, top-5 "
+                                     "predictions and right or wrong, the accuracy per type and filters (`lxm "
+                                     "gallery`; static pages, open them in a browser): "
+                                     "[VQA minival](gallery/vqa/index.html), [NLVR2 dev](gallery/nlvr2/index.html).")]
     lines += ["", "## Commands", "", "| stage | work | seconds | command |", "|---|---|---|---|"]
     for stage in result.stages:
         cmd = " ".join(shlex.quote(a) for a in ["lxm", *stage.command]).replace(str(result.out) + "/", "")
@@ -395,8 +482,10 @@ def quickstart_cmd(
                                                                     "and attributes_vocab.txt: names in boxes.png."),
 ) -> None:
     """Run the whole chain on a small synthetic world, offline: render images of coloured shapes with COCO / VQA /
-    NLVR2 annotation files, then extract, build-corpus, pretrain, finetune vqa and nlvr2, predict, evaluate, show and
-    plot, and write OUT/report.md (commands, work, times, metrics, pictures). About 25 s on 2 idle CPU cores.
+    NLVR2 annotation files, then extract, build-corpus, pretrain, finetune vqa and nlvr2, predict, evaluate, ask
+    (a question and a statement about raw images, with --explain pictures), gallery (OUT/gallery/{vqa,nlvr2}/
+    index.html), show and plot, and write OUT/report.md (commands, work, times, metrics, answers, pictures, links
+    to the galleries). About 25 s on 2 idle CPU cores.
 
     Example: lxm quickstart --out /tmp/lxm-quickstart
     """

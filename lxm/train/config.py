@@ -74,6 +74,7 @@ class PretrainConfig:
     weight_decay: float = 0.01  # decoupled weight decay (not on biases and LayerNorm)
     clip_grad_norm: float = 1.0  # max global gradient norm
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     seed: int = 9595  # seeds model init, masking and data order (the original's)
     # --- bookkeeping
     log_every: int = 10  # steps between log lines
@@ -173,6 +174,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01  # decoupled weight decay (not on biases and LayerNorm)
     clip_grad_norm: float = 5.0  # max global gradient norm
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     seed: int = 9595  # seeds the new head's init and the data order (the original's)
     log_every: int = 10  # steps between log lines
     device: str = "auto"  # "auto", "cpu", "cuda"

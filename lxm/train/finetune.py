@@ -39,8 +39,22 @@ from lxm.model import LxmertForFinetuning, load_pretrained, load_pretrained_with
 from lxm.model.weights import load_into
 from lxm.train.config import FinetuneConfig
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
-from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, build_optimizer, current_lr, mean_across_ranks,
-                           micro_batch_size, restore_newest, save_state, start_run, training_state, wrap_ddp)
+from lxm.train.run import (
+    BEST_DIR,
+    LAST,
+    MODEL_DIR,
+    RunLogger,
+    build_optimizer,
+    compiled,
+    current_lr,
+    mean_across_ranks,
+    micro_batch_size,
+    restore_newest,
+    save_state,
+    start_run,
+    training_state,
+    wrap_ddp,
+)
 from lxm.train.step import MicroBatches, autocast, step_groups, train_step
 from lxm.train.tasks import ANSWERS_FILE, FinetuneTask, task_class
 
@@ -179,6 +193,7 @@ class Finetuner:
                      f"their initial values, as in the original")
         self.model.to(self.device)
         self.ddp = wrap_ddp(self.model, self.dist, self.device)
+        self.step_model = compiled(self.ddp, cfg.compile)
         self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size  # drop_last, as the original loader
         if self.steps_per_epoch == 0:
@@ -223,10 +238,11 @@ class Finetuner:
         while self.epoch < cfg.epochs:
             sampler = MicroBatches(len(self.train_set), cfg.batch_size, self.micro, self.epoch, cfg.seed, self.dist)
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_finetune,
-                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
+                                pin_memory=self.device.type == "cuda")
             t0 = time.perf_counter()
             for group in step_groups(loader, sampler.per_step):
-                last = train_step(self.ddp, group, self._loss_fn, self.optimizer, self.scheduler,
+                last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision,
                                   device_type=self.device.type)
                 last = mean_across_ranks(last, self.dist)
@@ -261,7 +277,6 @@ class Finetuner:
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
-
 
     def predict_test(self) -> Path:
         """Write the best model's predictions of the test set (labels optional) to OUT/predictions/."""

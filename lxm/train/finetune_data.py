@@ -41,7 +41,7 @@ class FinetuneExample:
     id: int | str  # question id (VQA int, GQA str) or NLVR2 identifier
     input_ids: np.ndarray  # [T] int64
     attention_mask: np.ndarray  # [T] int64
-    visual_feats: np.ndarray  # [I, N, F] float32
+    visual_feats: np.ndarray  # [I, N, F] float32, or float16 from a float16 store (float32 once on the device)
     visual_boxes: np.ndarray  # [I, N, 4] float32, normalised (x1, y1, x2, y2)
     answer_target: np.ndarray | None = None  # [A] float32 soft scores (answer tasks)
     pair_label: int | None = None  # 0 / 1 (NLVR2)
@@ -132,7 +132,9 @@ def encode_example(example_id, text: str, images: list[tuple[ImageFeatures, np.n
     """One example from its text and its images' (record, normalised boxes), as the dataset and `lxm ask` build
     it; `target` is the task's `example_target` fields (None: unlabelled)."""
     enc = tokenizer.encode(text)
-    feats = np.stack([rec.features.astype(np.float32) for rec, _ in images])
+    feats = np.stack([rec.features for rec, _ in images])
+    if feats.dtype != np.float16:  # float16 (a float16 store) stays so until the device (ModelInputs.to)
+        feats = feats.astype(np.float32)
     boxes = np.stack([b for _, b in images])
     return FinetuneExample(example_id, enc.input_ids[0], enc.attention_mask[0], feats, boxes, **(target or {}))
 

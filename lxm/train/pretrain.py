@@ -25,13 +25,25 @@ from torch.utils.data import DataLoader
 
 from lxm.atomic import atomic_path
 from lxm.errors import ConfigError
-from lxm.model import (LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses,
-                       save_lxm)
+from lxm.model import LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses, save_lxm
 from lxm.train.config import PretrainConfig
 from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_table
-from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, build_optimizer, current_lr, mean_across_ranks,
-                           micro_batch_size, restore_newest, save_state, start_run, step_checkpoints, training_state,
-                           wrap_ddp)
+from lxm.train.run import (
+    CKPT_DIR,
+    MODEL_DIR,
+    RunLogger,
+    build_optimizer,
+    compiled,
+    current_lr,
+    mean_across_ranks,
+    micro_batch_size,
+    restore_newest,
+    save_state,
+    start_run,
+    step_checkpoints,
+    training_state,
+    wrap_ddp,
+)
 from lxm.train.step import MicroBatches, autocast, step_groups, train_step
 
 _logger = logging.getLogger(__name__)
@@ -104,6 +116,7 @@ class Pretrainer:
             main_log(init_from_bert(self.model, cfg.init_bert).summary())
         self.model = self.model.to(self.device)
         self.ddp = wrap_ddp(self.model, self.dist, self.device)
+        self.step_model = compiled(self.ddp, cfg.compile)
         self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -202,7 +215,7 @@ class Pretrainer:
                                 pin_memory=self.device.type == "cuda")
             t0 = time.perf_counter()
             for group in step_groups(loader, sampler.per_step):
-                last = train_step(self.ddp, group, self._loss_fn, self.optimizer, self.scheduler,
+                last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision,
                                   device_type=self.device.type)
                 last = mean_across_ranks(last, self.dist)  # the global batch's losses, not this process's share

@@ -253,6 +253,17 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
                                                      else None)
 
 
+def compiled(module: nn.Module, enabled: bool) -> nn.Module:
+    """The module the training steps call: `torch.compile(module)` when `enabled` (config `compile`), else itself.
+
+    Only the training forward and backward go through it; the parameters are the module's own (compiling wraps,
+    it copies nothing), so the optimizer, clipping, checkpoints (saved from the plain model: no `_orig_mod.` key
+    prefix) and evaluation are unchanged. Shapes vary from batch to batch (packed text rows, masked positions):
+    after the first recompilation torch marks them dynamic instead of compiling again for every batch.
+    """
+    return torch.compile(module) if enabled else module
+
+
 def micro_batch_size(batch_size: int, micro: int | None, info: DistInfo) -> int:
     """Per process per micro-step: `micro`, or (None) the process's whole share of the global batch."""
     if batch_size % info.world_size:
