@@ -23,7 +23,7 @@ py=${PYTHON:-python3}
 
 if [ "$smoke" = 1 ]; then
     device=cpu
-    step_args=(--configs tiny --rounds 1 --iters 2 --warmup 1 --compile)
+    step_args=(--configs tiny --rounds 1 --iters 2 --warmup 1)
     loader_args=(--smoke)
     extract_args=(--detector tiny --batch-sizes 4)
 else

@@ -1,0 +1,32 @@
+"""`benchmarks/gpu.sh --smoke`: the GPU session's one script runs end to end on CPU at toy sizes, so it is known to
+work when a device comes (the figures themselves are benchmarks, never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_smoke_mode_runs_every_step_and_writes_one_report(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^best_speedup_base=\S+ mfu_base=\S+ speedup_small=\S+ speedup_base=\S+$", out, re.MULTILINE)
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    modes = {(r["implementation"], r["precision"]) for r in report["model_step"]["rows"]}
+    assert modes == {(i, p) for i in ("transformers", "lxm") for p in ("fp32", "bf16")}
+    assert all(r["ms"] > 0 and 0 < r["mfu"] < 1 and r["tflop_per_step"] > 0 for r in report["model_step"]["rows"])
+    trainer = report["trainer"]
+    assert trainer["trainer"] > 0 and trainer["step"] > 0 and set(trainer["loader"]) == {"0", "1"}
+    assert {r["batch"] for d in report["extraction"].values() for r in d["rows"]} == {4}
+    assert set(report["checks"]) == {"extraction_img_s"}  # the GPU targets need a base bf16 run
+    for line in ("model step", "loader", "trainer", "extraction"):
+        assert line in out
