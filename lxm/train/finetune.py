@@ -39,22 +39,9 @@ from lxm.model import LxmertForFinetuning, load_pretrained, load_pretrained_with
 from lxm.model.weights import load_into
 from lxm.train.config import FinetuneConfig
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
-from lxm.train.run import (
-    BEST_DIR,
-    LAST,
-    MODEL_DIR,
-    RunLogger,
-    build_optimizer,
-    compiled,
-    current_lr,
-    mean_across_ranks,
-    micro_batch_size,
-    restore_newest,
-    save_state,
-    start_run,
-    training_state,
-    wrap_ddp,
-)
+from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, build_optimizer, compiled, current_lr,
+                           mean_across_ranks, micro_batch_size, restore_newest, save_state, start_run, training_state,
+                           wrap_ddp)
 from lxm.train.step import MicroBatches, autocast, step_groups, train_step
 from lxm.train.tasks import ANSWERS_FILE, FinetuneTask, task_class
 

@@ -28,22 +28,9 @@ from lxm.errors import ConfigError
 from lxm.model import LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses, save_lxm
 from lxm.train.config import PretrainConfig
 from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_table
-from lxm.train.run import (
-    CKPT_DIR,
-    MODEL_DIR,
-    RunLogger,
-    build_optimizer,
-    compiled,
-    current_lr,
-    mean_across_ranks,
-    micro_batch_size,
-    restore_newest,
-    save_state,
-    start_run,
-    step_checkpoints,
-    training_state,
-    wrap_ddp,
-)
+from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, build_optimizer, compiled, current_lr, mean_across_ranks,
+                           micro_batch_size, restore_newest, save_state, start_run, step_checkpoints, training_state,
+                           wrap_ddp)
 from lxm.train.step import MicroBatches, autocast, step_groups, train_step
 
 _logger = logging.getLogger(__name__)

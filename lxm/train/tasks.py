@@ -352,7 +352,34 @@ def qa_answer_table(records: Sequence[QaRecord], min_count: int = 1) -> list[str
     return [a for a, n in questions.items() if n >= min_count]
 
 
-class QaTask(AnswerTask):
+class JsonlTask:
+    """What the custom tasks share (mixed in before their base task): their splits are JSON lines files (the
+    config's `data`, split name -> file; `split_file`), not corpus tables, and their label table is RUN/answers.json.
+
+    Args:
+        answers: the answer or label table (id = position).
+        files: split name -> JSON lines file.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, answers: Sequence[str] = (), files: Mapping[str, str] | None = None):
+        super().__init__(answers)
+        self.files = dict(files or {})
+
+    @classmethod
+    def from_corpus(cls, corpus):
+        raise ConfigError(f"{cls.name} reads JSON lines files (--train/--valid/--test), not a corpus")
+
+    @classmethod
+    def from_run(cls, run):
+        return cls(read_answer_table(run / ANSWERS_FILE), _run_data(run))
+
+    def prediction_file_name(self, split):
+        return super().prediction_file_name(_file_stem(split))
+
+
+class QaTask(JsonlTask, AnswerTask):
     """Visual QA on a user's JSON lines files (`lxm finetune qa`): VQA's answer head, loss and decoding over an
     answer table built from the training file; the head starts from the pretraining QA head for shared answers.
 
@@ -369,14 +396,6 @@ class QaTask(AnswerTask):
     name = "qa"
     info_columns = ("answer_type", "question_type")
 
-    def __init__(self, answers: Sequence[str] = (), files: Mapping[str, str] | None = None):
-        super().__init__(answers)
-        self.files = dict(files or {})
-
-    @classmethod
-    def from_corpus(cls, corpus):
-        raise ConfigError("qa reads JSON lines files (--train/--valid/--test), not a corpus")
-
     @classmethod
     def from_config(cls, cfg):
         path = cfg.data["train"]
@@ -392,10 +411,6 @@ class QaTask(AnswerTask):
                             "by fewer than %d questions, or not written normalised)", path, untargeted, len(records),
                             len(answers), cfg.min_answer_count)
         return task
-
-    @classmethod
-    def from_run(cls, run):
-        return cls(read_answer_table(run / ANSWERS_FILE), _run_data(run))
 
     def read_split(self, corpus, split):
         recs = read_qa_jsonl(split_file(self.name, self.files, split), require_labels=split == "train")
@@ -428,11 +443,8 @@ class QaTask(AnswerTask):
                             {str(i): predictions[i] for i in ids})
         return {"accuracy": scores["accuracy"]}
 
-    def prediction_file_name(self, split):
-        return super().prediction_file_name(_file_stem(split))
 
-
-class ClassifyTask(FinetuneTask):
+class ClassifyTask(JsonlTask, FinetuneTask):
     """Image-text classification on a user's JSON lines files (`lxm finetune classify`; e.g. visual entailment,
     meme classification): a fresh head of the answer head's shape (768 -> 1536 -> GeLU -> LN -> L labels) on the
     pooled output — the checkpoint formats stay those of the answer tasks — trained with cross-entropy; softmax,
@@ -450,13 +462,8 @@ class ClassifyTask(FinetuneTask):
     metric_names = ("accuracy", "macro_f1")
 
     def __init__(self, answers: Sequence[str] = (), files: Mapping[str, str] | None = None):
-        super().__init__(answers)
+        super().__init__(answers, files)
         self.label2id = {a: i for i, a in enumerate(self.answers)}
-        self.files = dict(files or {})
-
-    @classmethod
-    def from_corpus(cls, corpus):
-        raise ConfigError("classify reads JSON lines files (--train/--valid/--test), not a corpus")
 
     @classmethod
     def from_config(cls, cfg):
@@ -465,10 +472,6 @@ class ClassifyTask(FinetuneTask):
         if len(labels) < 2:
             raise ConfigError(f"{path}: every example has the label {labels[0]!r}; classification needs two or more")
         return cls(labels, cfg.data)
-
-    @classmethod
-    def from_run(cls, run):
-        return cls(read_answer_table(run / ANSWERS_FILE), _run_data(run))
 
     def read_split(self, corpus, split):
         recs = read_classify_jsonl(split_file(self.name, self.files, split), require_labels=split == "train")
@@ -512,9 +515,6 @@ class ClassifyTask(FinetuneTask):
     def score(self, ids, targets, predictions):
         scores = classify_metrics({str(i): t for i, t in zip(ids, targets)}, {str(i): predictions[i] for i in ids})
         return {name: scores[name] for name in self.metric_names}
-
-    def prediction_file_name(self, split):
-        return super().prediction_file_name(_file_stem(split))
 
 
 TASKS: dict[str, type[FinetuneTask]] = {"vqa": VqaTask, "gqa": GqaTask, "nlvr2": Nlvr2Task, "qa": QaTask,
