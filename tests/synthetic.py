@@ -174,3 +174,23 @@ def make_custom_world(root: Path, train: int = 160, valid: int = 100, seed: int 
                 paths[f"{task}_test"].write_text("".join(json.dumps({k: v for k, v in r.items() if k != drop}) + "\n"
                                                          for r in recs))
     return paths
+
+
+def one_and_two_process_losses(args, tmp_path: Path, port: int) -> tuple[dict[int, float], dict[int, float]]:
+    """Per-step losses of one `lxm` command (args(out) -> its arguments) run as one process and under torchrun with
+    two (gloo on CPU), each into its own run directory below tmp_path."""
+    import subprocess
+    import sys
+
+    one = subprocess.run([sys.executable, "-m", "lxm.cli", *args(tmp_path / "one")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "-m", "lxm.cli", *args(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    return losses(tmp_path / "one"), losses(tmp_path / "two")

@@ -20,7 +20,7 @@ from lxm.eval import (MetricsInputError, PredictionError, classify_metrics, macr
 from lxm.train.config import load_finetune_config
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.tasks import ClassifyTask, QaTask, VqaTask, qa_answer_table
-from synthetic import COLORS, OBJECTS, make_custom_world
+from synthetic import COLORS, OBJECTS, make_custom_world, one_and_two_process_losses
 
 
 @pytest.fixture(scope="module")
@@ -279,9 +279,6 @@ def test_a_validation_label_outside_the_training_labels_counts_as_wrong(world, t
 
 
 def test_two_process_ddp_classify_matches_one_process(world, tmp_path):
-    import subprocess
-    import sys
-
     root, paths = world
 
     def args(out):
@@ -290,18 +287,7 @@ def test_two_process_ddp_classify_matches_one_process(world, tmp_path):
                 "--set", f"vocab={BERT_VOCAB}", "--set", "batch_size=64", "--set", "dropout=0", "--set", "epochs=1",
                 "--set", "log_every=1"]
 
-    one = subprocess.run([sys.executable, "-m", "lxm.cli", *args(tmp_path / "one")], capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29547", "-m", "lxm.cli", *args(tmp_path / "two")], capture_output=True, text=True,
-                         timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
-                if "loss" in r}
-
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    a, b = one_and_two_process_losses(args, tmp_path, 29547)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]  # 320 statements // 64
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step

@@ -22,7 +22,7 @@ from lxm.train.config import load_finetune_config
 from lxm.train.finetune import build_task_model
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.tasks import TASKS, Nlvr2Task, VqaTask
-from synthetic import COLORS, F, VQA_ANSWERS, make_finetune_world
+from synthetic import COLORS, F, VQA_ANSWERS, make_finetune_world, one_and_two_process_losses
 
 
 @pytest.fixture(scope="module")
@@ -304,27 +304,13 @@ def test_resume_logs_each_step_and_epoch_once_and_names_a_damaged_checkpoint(tmp
 
 
 def test_two_process_ddp_finetuning_matches_one_process(world, tmp_path):
-    import subprocess
-    import sys
-
     def args(out):
         return ["finetune", "nlvr2", "--set", "from_scratch=true", "--config", "tiny", "--corpus",
                 str(world / "ft_corpus"), "--features", str(world / "ft_feats"), "--out", str(out),
                 "--set", f"vocab={BERT_VOCAB}", "--set", "batch_size=32", "--set", "dropout=0", "--set", "epochs=1",
                 "--set", "log_every=1"]
 
-    one = subprocess.run([sys.executable, "-m", "lxm.cli", *args(tmp_path / "one")], capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29541", "-m", "lxm.cli", *args(tmp_path / "two")], capture_output=True, text=True,
-                         timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
-                if "loss" in r}
-
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    a, b = one_and_two_process_losses(args, tmp_path, 29541)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]  # 160 pairs // 32
     for step in a:  # same global batches, each process half of each, gradients averaged by DDP
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
