@@ -483,9 +483,9 @@ def quickstart_cmd(
 ) -> None:
     """Run the whole chain on a small synthetic world, offline: render images of coloured shapes with COCO / VQA /
     NLVR2 annotation files, then extract, build-corpus, pretrain, finetune vqa and nlvr2, predict, evaluate, ask
-    (a question and a statement about raw images, with --explain pictures), gallery (OUT/gallery/{vqa,nlvr2}/
-    index.html), show and plot, and write OUT/report.md (commands, work, times, metrics, answers, pictures, links
-    to the galleries). About 25 s on 2 idle CPU cores.
+    (a question and a statement about raw images, with --explain pictures), gallery
+    (OUT/gallery/{vqa,nlvr2}/index.html), show and plot, and write OUT/report.md (commands, work, times, metrics,
+    answers, pictures, links to the galleries). About 25 s on 2 idle CPU cores.
 
     Example: lxm quickstart --out /tmp/lxm-quickstart
     """
