@@ -243,6 +243,16 @@ class DetectorOutput:
     image_size: tuple[int, int] = field(default=(0, 0))  # (height, width) of the original image
 
 
+def in_layout_of(x: Tensor, module: nn.Module) -> Tensor:
+    """`x` in the memory layout of `module`'s first convolution: ROIPool returns NCHW, and a channels-last res5
+    (`--bf16`) would otherwise reorder its input on every call."""
+    # a 1x1 kernel is both contiguous and channels-last: ask the first larger one
+    weight = next(m.weight for m in module.modules() if isinstance(m, nn.Conv2d) and m.weight[0, 0].numel() > 1)
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 class GeneralizedRCNN(nn.Module):
     """backbone -> proposal_generator -> roi_heads, with detectron2's top-level names."""
 
@@ -316,7 +326,7 @@ class GeneralizedRCNN(nn.Module):
         pooled, cls, deltas, attrs = [], [], [], []
         for start in range(0, rois.shape[0], self.cfg.roi_chunk):
             x = self.roi_heads.pooler(feat32, rois[start:start + self.cfg.roi_chunk].float())
-            p = self.roi_heads.res5(x).mean(dim=(2, 3))
+            p = self.roi_heads.res5(in_layout_of(x, self.roi_heads.res5)).mean(dim=(2, 3))
             c, d, a = self.roi_heads.box_predictor(p)
             pooled.append(p), cls.append(c), deltas.append(d), attrs.append(a)
         return torch.cat(pooled), torch.cat(cls), torch.cat(deltas), torch.cat(attrs)

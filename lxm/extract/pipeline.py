@@ -63,7 +63,7 @@ class ExtractConfig:
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "float16"  # stored feature precision
     batch_size: int = 4  # images decoded and run together
-    bf16: bool = False  # bfloat16 autocast for the network (changes features slightly; off by default)
+    bf16: bool = False  # bfloat16 autocast (and channels-last layout) for the network; changes features slightly, off
     prefetch: bool = True  # decode + preprocess the next batch in a thread while the detector runs this one
     seed: int = 0  # random-weights seed
     shard: int = 0  # this worker's index ...
@@ -205,7 +205,10 @@ def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None 
         d2 = Detectron2Detector(det_cfg, cfg.device)
         d2.load_from(model)
         model = d2
-    return model.to(_device(cfg.device)), {**engine.manifest(), "weights": report.source,
+    model = model.to(_device(cfg.device))
+    if cfg.bf16:  # oneDNN's bf16 convolutions (AMX) run fastest on NHWC; fp32 keeps the reference layout bit for bit
+        model = model.to(memory_format=torch.channels_last)
+    return model, {**engine.manifest(), "weights": report.source,
                                            "weights_sha256": report.sha256, "random_weights": cfg.weights == RANDOM,
                                            "detector": asdict(det_cfg)}
 
@@ -220,6 +223,8 @@ def detect(model: torch.nn.Module, blobs: list[tuple[np.ndarray, float, tuple[in
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for (h, w), members in groups.items():
         images = torch.from_numpy(np.stack([blobs[i][0] for i in members])).to(device)
+        if bf16:
+            images = images.contiguous(memory_format=torch.channels_last)
         with ctx:
             res = model(images, [(h, w)] * len(members), [blobs[i][1] for i in members],
                         [blobs[i][2] for i in members])
