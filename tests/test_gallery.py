@@ -182,6 +182,39 @@ def test_nlvr2_records_and_summary(world):
     assert [r.images for r in records] == data.dataset.images and all(len(r.images) == 2 for r in records)
 
 
+def test_custom_tasks_show_in_the_gallery(world, tmp_path):
+    """qa and classify runs (JSON lines over the same images) through the same records and page."""
+    qa, cls = [], []
+    for n, img in enumerate(world["ids"]):
+        for k, (text, label, atype, qtype) in enumerate(QUESTIONS):
+            qa.append({"question_id": 10 * n + k, "img_id": img, "question": text, "answer_type": atype,
+                       "answers": [label[0][0]] * 8 + [label[-1][0]] * 2})
+        cls += [{"id": f"{img}-{k}", "img_id": img, "text": t, "label": lab}
+                for k, (t, lab) in enumerate((("a cat", "no"), ("a room", "yes")))]
+    files = {}
+    for task, rows in (("qa", qa), ("classify", cls)):
+        files[task] = tmp_path / f"{task}.jsonl"
+        files[task].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run = tmp_path / f"run-{task}"
+        _ok("finetune", task, "--config", "tiny", "--set", "from_scratch=true", "--set", f"vocab={BERT_VOCAB}",
+            "--train", files[task], "--valid", files[task], "--features", world["store"], "--out", run,
+            "--set", "epochs=1", "--set", "batch_size=4", "--set", "lr=1e-3")
+        data = load_records(run, GalleryConfig(split="valid", images=[str(world["images"])]))
+        assert len(data.records) == len(rows) and data.summary.task == task
+        _ok("predict", task, "--checkpoint", run, "--split", "valid", "--out", tmp_path / f"{task}.out")
+        metrics = json.loads(_ok("evaluate", task, "--annotations", files[task], "--predictions",
+                                 tmp_path / f"{task}.out").output)
+        assert data.summary.metrics["accuracy"] == pytest.approx(metrics["accuracy"], abs=0.01)
+        if task == "qa":  # soft VQA accuracy per question, the truth with its soft scores, per answer type
+            assert {row.value for row in data.summary.by_type["answer_type"]} == {"yes/no", "number", "other"}
+            assert all(r.truth[0][1] == 1.0 for r in data.records)
+        else:
+            assert set(data.summary.metrics) == {"accuracy", "macro_f1"}
+            assert all(r.truth in ([("yes", 1.0)], [("no", 1.0)]) and r.score in (0.0, 100.0) for r in data.records)
+        _ok("gallery", run, "--split", "valid", "--images", world["images"], "--out", tmp_path / f"g-{task}")
+        assert len(_Page((tmp_path / f"g-{task}" / "index.html").read_text()).examples) == len(rows)
+
+
 # ---------------------------------------------------------------------------------------------------- the page
 
 
