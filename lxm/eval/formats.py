@@ -104,22 +104,33 @@ def vqa_inputs(questions: object, annotations: object, predictions: object) -> t
 # ---------------------------------------------------------------------------------------------------- GQA
 
 
-def gqa_predictions(records: object) -> dict[str, str]:
-    """The submission array `[{"questionId": str, "prediction": str}, ...]` -> questionId (as str) -> prediction."""
+def _keyed_predictions(records: object, id_key: str, value_key: str, shape: str, *, string_values: bool
+                       ) -> dict[str, str]:
+    """A JSON array of {id_key, value_key} records -> id (as str) -> value; a repeated id is an error naming both
+    records. `string_values`: the value must be a string (else only present)."""
     if not isinstance(records, list):
-        raise PredictionError('expected a JSON array of {"questionId": str, "prediction": str}')
+        raise PredictionError(f"expected a JSON array of {shape}")
     preds: dict[str, str] = {}
     first: dict[str, int] = {}
     for n, rec in enumerate(records, start=1):
-        for key in ("questionId", "prediction"):
-            if not isinstance(rec, Mapping) or key not in rec:
-                raise PredictionError(f"record {n}: no field {key!r}")
-        qid = str(rec["questionId"])
+        if not isinstance(rec, Mapping) or id_key not in rec:
+            raise PredictionError(f"record {n}: no field {id_key!r}")
+        if string_values and not isinstance(rec.get(value_key), str):
+            raise PredictionError(f"record {n}: no string field {value_key!r}")
+        if value_key not in rec:
+            raise PredictionError(f"record {n}: no field {value_key!r}")
+        qid = str(rec[id_key])
         if qid in first:
-            raise PredictionError(f"record {n}: questionId {qid} again (first in record {first[qid]})")
+            raise PredictionError(f"record {n}: {id_key} {qid} again (first in record {first[qid]})")
         first[qid] = n
-        preds[qid] = rec["prediction"]
+        preds[qid] = rec[value_key]
     return preds
+
+
+def gqa_predictions(records: object) -> dict[str, str]:
+    """The submission array `[{"questionId": str, "prediction": str}, ...]` -> questionId (as str) -> prediction."""
+    return _keyed_predictions(records, "questionId", "prediction", '{"questionId": str, "prediction": str}',
+                              string_values=False)
 
 
 # ---------------------------------------------------------------------------------------------------- NLVR2
@@ -323,21 +334,8 @@ def read_classify_jsonl(path: str | os.PathLike, *, require_labels: bool = False
 
 def qa_predictions(records: object) -> dict[str, str]:
     """The results array `[{"question_id": int|str, "answer": str}, ...]` -> question id (as str) -> answer."""
-    if not isinstance(records, list):
-        raise PredictionError('expected a JSON array of {"question_id": ..., "answer": str}')
-    preds: dict[str, str] = {}
-    first: dict[str, int] = {}
-    for n, rec in enumerate(records, start=1):
-        if not isinstance(rec, Mapping) or "question_id" not in rec:
-            raise PredictionError(f"record {n}: no field 'question_id'")
-        if not isinstance(rec.get("answer"), str):
-            raise PredictionError(f"record {n}: no string field 'answer'")
-        qid = str(rec["question_id"])
-        if qid in first:
-            raise PredictionError(f"record {n}: question_id {qid} again (first in record {first[qid]})")
-        first[qid] = n
-        preds[qid] = rec["answer"]
-    return preds
+    return _keyed_predictions(records, "question_id", "answer", '{"question_id": ..., "answer": str}',
+                              string_values=True)
 
 
 _CLASSIFY_HEADER = ["id", "label"]

@@ -121,19 +121,26 @@ def build_task_model(cfg: FinetuneConfig, task: FinetuneTask, vocab_size: int, f
 # ---------------------------------------------------------------------------------------------------- predictions
 
 
-def predict(task: FinetuneTask, model: LxmertForFinetuning, dataset: FinetuneDataset, *, batch_size: int = 256,
-            device: torch.device | str = "cpu", precision: str = "fp32", num_workers: int = 0) -> dict:
-    """id -> the task's prediction string (VQA/GQA the argmax answer, NLVR2 "True"/"False")."""
+def batch_logits(task: FinetuneTask, model: LxmertForFinetuning, dataset: FinetuneDataset, *, batch_size: int = 256,
+                 device: torch.device | str = "cpu", precision: str = "fp32", num_workers: int = 0):
+    """(example ids, the task's logits) per batch of `dataset`, in order, under no_grad in eval mode."""
     model.eval()
-    out: dict = {}
     device = torch.device(device)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_finetune, num_workers=num_workers)
     with torch.no_grad():
         for batch in loader:
             batch = batch.to(device)
             with autocast(precision, device.type):
-                logits = task.logits(model(**batch.model_inputs()))
-            out.update(zip(batch.ids, task.decode(logits)))
+                yield batch.ids, task.logits(model(**batch.model_inputs()))
+
+
+def predict(task: FinetuneTask, model: LxmertForFinetuning, dataset: FinetuneDataset, *, batch_size: int = 256,
+            device: torch.device | str = "cpu", precision: str = "fp32", num_workers: int = 0) -> dict:
+    """id -> the task's prediction string (VQA/GQA the argmax answer, NLVR2 "True"/"False")."""
+    out: dict = {}
+    for ids, logits in batch_logits(task, model, dataset, batch_size=batch_size, device=device, precision=precision,
+                                    num_workers=num_workers):
+        out.update(zip(ids, task.decode(logits)))
     return out
 
 
@@ -314,16 +321,9 @@ def predict_top(task: FinetuneTask, model: LxmertForFinetuning, dataset: Finetun
                 batch_size: int = 256, device: torch.device | str = "cpu", precision: str = "fp32") -> dict:
     """id -> the k most probable predictions [(prediction string, probability)], best first (`FinetuneTask.top`);
     the first is `predict`'s."""
-    model.eval()
     out: dict = {}
-    device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_finetune)
-    with torch.no_grad():
-        for batch in loader:
-            batch = batch.to(device)
-            with autocast(precision, device.type):
-                logits = task.logits(model(**batch.model_inputs()))
-            out.update(zip(batch.ids, task.top(logits, k)))
+    for ids, logits in batch_logits(task, model, dataset, batch_size=batch_size, device=device, precision=precision):
+        out.update(zip(ids, task.top(logits, k)))
     return out
 
 

@@ -138,10 +138,11 @@ class FinetuneTask(ABC):
     def class_names(self) -> list[str]:
         """The prediction string of each logit column (answers; "False"/"True" for NLVR2)."""
 
-    @abstractmethod
     def probabilities(self, logits: Tensor) -> Tensor:
-        """Logits [B, C] -> what the head's loss makes of them as probabilities [B, C] (sigmoid for the BCE-trained
-        answer heads: each answer's own probability of being right; softmax for the cross-entropy heads)."""
+        """Logits [B, C] -> what the head's loss makes of them as probabilities [B, C]: softmax for a cross-entropy
+        head (the BCE-trained answer heads override it with a sigmoid: each answer's own probability of being
+        right)."""
+        return torch.softmax(logits, dim=-1)
 
     def top(self, logits: Tensor, k: int) -> list[list[tuple[str, float]]]:
         """The k most probable predictions per example, (prediction string, probability), best first; ties keep
@@ -153,9 +154,11 @@ class FinetuneTask(ABC):
         names = self.class_names
         return [[(names[j], float(p[j])) for j in row] for p, row in zip(probs.tolist(), order.tolist())]
 
-    @abstractmethod
     def decode(self, logits: Tensor) -> list[str]:
-        """Logits [B, C] -> one prediction string per example, as the submission files hold them."""
+        """Logits [B, C] -> one prediction string per example (the argmax's class name), as the submission files
+        hold them."""
+        names = self.class_names
+        return [names[p] for p in logits.argmax(-1).tolist()]
 
     @abstractmethod
     def score(self, ids: Sequence, targets: Sequence, predictions: Mapping) -> dict[str, float]:
@@ -230,9 +233,6 @@ class AnswerTask(FinetuneTask):
     def probabilities(self, logits):
         return torch.sigmoid(logits)
 
-    def decode(self, logits):
-        return [self.answers[p] for p in logits.argmax(-1).tolist()]
-
     def score(self, ids, targets, predictions):
         # VQA: the soft accuracy of the prediction; GQA: its labels hold one answer scored 1 (exact match)
         total = sum(dict(target).get(self.ans2id[predictions[qid]], 0.0) for qid, target in zip(ids, targets))
@@ -294,12 +294,6 @@ class Nlvr2Task(FinetuneTask):
     @property
     def class_names(self):
         return ["False", "True"]
-
-    def probabilities(self, logits):
-        return torch.softmax(logits, dim=-1)
-
-    def decode(self, logits):
-        return ["True" if p == 1 else "False" for p in logits.argmax(-1).tolist()]
 
     def score(self, ids, targets, predictions):
         labels = {i: "True" if t == 1 else "False" for i, t in zip(ids, targets)}
@@ -505,12 +499,6 @@ class ClassifyTask(JsonlTask, FinetuneTask):
     @property
     def class_names(self):
         return self.answers
-
-    def probabilities(self, logits):
-        return torch.softmax(logits, dim=-1)
-
-    def decode(self, logits):
-        return [self.answers[p] for p in logits.argmax(-1).tolist()]
 
     def score(self, ids, targets, predictions):
         scores = classify_metrics({str(i): t for i, t in zip(ids, targets)}, {str(i): predictions[i] for i in ids})
