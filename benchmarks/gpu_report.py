@@ -35,7 +35,7 @@ def main(folder: str) -> None:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, width)))
     checks = {}
-    base = [r for r in step["rows"] if r["config"] == "base" and r["precision"] == "bf16"]
+    base = [r for r in step["rows"] if r["config"] == "base" and r["precision"].startswith("bf16")]
     if base:
         hf = max(r["samples_per_s"] for r in base if r["implementation"] == "transformers")
         lx = max(base, key=lambda r: r["samples_per_s"] if r["implementation"] == "lxm" else -1)

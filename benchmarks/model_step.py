@@ -7,8 +7,12 @@ history cannot slow the other), and the children alternate transformers, lxm, tr
 drift hits both alike; the figures are medians over all timed steps. Peak memory: peak RSS during the steps minus
 RSS before them, per child.
 
-Modes: each implementation in fp32 and in bf16 autocast (`--set precision=bf16` of lxm's trainer); `--compile` adds
-lxm under torch.compile (`--set compile=true`). Batches: small 64 and base 32 (`--quick`: the old 8 and 4).
+Modes: each implementation in fp32 and in bf16 autocast (lxm: `--set precision=bf16-autocast`), and lxm's
+`--set precision=bf16`: a bf16 copy of the model computes, the fp32 master weights are what the optimizer updates
+(`lxm.train.precision.Bf16Replica`). Its timed step includes what that mode adds to a step: the bf16 gradients
+copied into the fp32 master gradients and the master weights copied back into the bf16 copy (the optimizer update
+itself, the same fp32 work in every mode, is in no row). `--compile` adds lxm under torch.compile
+(`--set compile=true`) in fp32 and bf16. Batches: small 64 and base 32 (`--quick`: the old 8 and 4).
 
 MFU = the step's model FLOPs (`lxm.model.flops.pretraining_step_flops`: the matrix products the five losses need,
 from the config and this batch's real token / box / masked counts; printed) / step time / the machine's peak matrix
@@ -46,6 +50,7 @@ from lxm.model import (LxmertConfig, LxmertForPreTraining, PretrainLabels, lxmer
 from lxm.model.losses import pretraining_step_losses  # noqa: E402
 from lxm.model.flops import pretraining_step_flops  # noqa: E402
 from lxm.model.weights import load_into  # noqa: E402
+from lxm.train.precision import Bf16Replica  # noqa: E402
 
 BATCH = {"small": 64, "base": 32, "tiny": 8}  # realistic batches (the paper: 256 over 4 GPUs, 64 a GPU); tiny: smoke
 QUICK_BATCH = {"small": 8, "base": 4, "tiny": 8}
@@ -66,8 +71,9 @@ def hf_config(cfg: LxmertConfig):
     )
 
 
-def build(name: str, which: str, batch: int, compiled: bool = False, device: str = "cpu"):
-    """Return (model, step_fn) for `which` in {"lxm", "hf"}; both share seed-0 transformers weights."""
+def build(name: str, which: str, batch: int, compiled: bool = False, device: str = "cpu", replica: bool = False):
+    """Return (model, step_fn) for `which` in {"lxm", "hf"}; both share seed-0 transformers weights. `replica`: lxm's
+    precision "bf16" (a bf16 copy computes; its gradients go to the fp32 model, whose weights come back)."""
     import dataclasses
 
     import transformers
@@ -98,12 +104,17 @@ def build(name: str, which: str, batch: int, compiled: bool = False, device: str
     model = LxmertForPreTraining(cfg).train()
     load_into(model, hf.state_dict(), source="transformers (in memory)", fmt="hf")
     model.to(device)
-    forward = torch.compile(model) if compiled else model
+    bf16_copy = Bf16Replica(model) if replica else None
+    forward = bf16_copy.module if bf16_copy else model
+    forward = torch.compile(forward) if compiled else forward
 
     def lxm_step():
         losses, _ = pretraining_step_losses(forward, labels, **inputs)
         loss = sum(losses.values())
         loss.backward()
+        if bf16_copy is not None:
+            bf16_copy.accumulate_grads()
+            bf16_copy.sync()  # in training: after the optimizer update of the masters
         return loss.detach()
 
     return model, lxm_step
@@ -183,14 +194,15 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_top_pad, 256 << 20)
 
 
-def worker(name: str, which: str, batch: int, threads: int, iters: int, warmup: int, autocast: bool, malloc: bool,
+def worker(name: str, which: str, batch: int, threads: int, iters: int, warmup: int, precision: str, malloc: bool,
            compiled: bool, device: str) -> None:
     """Child process: step times, and peak memory during the steps (CPU: peak RSS minus RSS before them; CUDA: peak
     allocated device memory minus the memory held before them)."""
     if malloc:
         keep_freed_memory()
     torch.set_num_threads(threads)
-    model, step = build(name, which, batch, compiled, device)
+    model, step = build(name, which, batch, compiled, device, replica=precision == "bf16")
+    autocast = precision == "bf16-autocast"
     gc.collect()
     cuda = device.startswith("cuda")
     if cuda:
@@ -272,19 +284,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", help="also write every figure to this JSON file")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
     ap.add_argument("--compile", action="store_true", help="add lxm under torch.compile (inductor; slow to compile)")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="tune glibc malloc in BOTH implementations' processes (see keep_freed_memory)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--peak", help=argparse.SUPPRESS)
-    ap.add_argument("--bf16-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--precision-child", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--compiled-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = QUICK_BATCH if args.quick else BATCH
     if args.worker:
         name, which = args.worker.split(":")
-        worker(name, which, batches[name], args.threads, args.iters, args.warmup, args.bf16_child,
+        worker(name, which, batches[name], args.threads, args.iters, args.warmup, args.precision_child,
                args.keep_freed_memory, args.compiled_child, args.device)
         return
     if args.peak:
@@ -300,26 +312,29 @@ def main() -> None:
           f"{platform.machine()}, {os.cpu_count()} cpus; {args.rounds} rounds of one child process per "
           f"implementation and mode ({args.warmup} warm-up + {args.iters} timed steps each); medians over all timed "
           f"steps" + ("; glibc malloc keeps freed memory (both)" if args.keep_freed_memory else ""))
-    precisions = ("fp32",) if args.no_bf16 else ("fp32", "bf16")
-    modes = [(which, prec, False) for prec in precisions for which in ("hf", "lxm")]
+    dtypes = ("fp32",) if args.no_bf16 else ("fp32", "bf16")  # of the peak GEMM rates
+    modes = [("hf", "fp32", False), ("lxm", "fp32", False)]
+    if not args.no_bf16:
+        modes += [("hf", "bf16-autocast", False), ("lxm", "bf16-autocast", False), ("lxm", "bf16", False)]
     if args.compile:
-        modes += [("lxm", prec, True) for prec in precisions]
+        modes += [("lxm", prec, True) for prec in ("fp32",) + (() if args.no_bf16 else ("bf16",))]
     label = {"hf": "transformers", "lxm": "lxm"}
     speedups, best_speedup, best_mfu = {}, {}, {}
     rows: list[dict] = []
     for name in args.configs.split(","):
         batch = batches[name]
         flops = step_flops(name, batch)
-        peaks = {prec: run_child(args, "--peak", f"{name}:{prec}") for prec in precisions}
+        peaks = {dt: run_child(args, "--peak", f"{name}:{dt}") for dt in dtypes}
+        peaks["bf16-autocast"] = peaks.get("bf16")
         print(f"{name} batch {batch}: {flops / 1e12:.3f} TFLOP per step (model FLOPs, forward + backward); peak GEMM "
-              + ", ".join(f"{prec} {peaks[prec]['peak_gflops']:.0f} GFLOP/s" for prec in precisions)
-              + f" (best of {json.dumps(peaks[precisions[-1]]['per_shape'])})", flush=True)
+              + ", ".join(f"{dt} {peaks[dt]['peak_gflops']:.0f} GFLOP/s" for dt in dtypes)
+              + f" (best of {json.dumps(peaks[dtypes[-1]]['per_shape'])})", flush=True)
         times: dict[tuple, list[float]] = {m: [] for m in modes}
         peak_mem: dict[tuple, list[float]] = {m: [] for m in modes}
         for _ in range(args.rounds):
             for mode in modes:
                 which, prec, compiled = mode
-                res = run_child(args, "--worker", f"{name}:{which}", *(["--bf16-child"] if prec == "bf16" else []),
+                res = run_child(args, "--worker", f"{name}:{which}", "--precision-child", prec,
                                 *(["--compiled-child"] if compiled else []))
                 times[mode] += res["times_ms"]
                 peak_mem[mode].append(res["step_peak_mb"])
@@ -328,7 +343,7 @@ def main() -> None:
             which, prec, compiled = mode
             mfu = flops / (med[mode] / 1000) / (peaks[prec]["peak_gflops"] * 1e9)
             tag = f"{label[which]} {prec}{' compiled' if compiled else ''}"
-            print(f"{name:5s} batch {batch} {tag:24s}: {med[mode]:8.1f} ms  {batch / med[mode] * 1000:7.1f} samples/s  "
+            print(f"{name:5s} batch {batch} {tag:30s}: {med[mode]:8.1f} ms  {batch / med[mode] * 1000:7.1f} samples/s  "
                   f"MFU {mfu:.2f}  peak step memory {statistics.median(peak_mem[mode]):6.0f} MB", flush=True)
             rows.append({"config": name, "batch": batch, "implementation": label[which], "precision": prec,
                          "compiled": compiled, "ms": med[mode], "samples_per_s": batch / med[mode] * 1000,

@@ -48,7 +48,7 @@ from lxm.model import LxmertForPreTraining, preset, pretraining_step_losses  # n
 from lxm.train.config import load_config  # noqa: E402
 from lxm.train.data import PretrainDataset, collate  # noqa: E402
 from lxm.train.pretrain import Pretrainer  # noqa: E402
-from lxm.train.run import build_optimizer, save_state, training_state  # noqa: E402
+from lxm.train.run import DistInfo, build_optimizer, save_state, training_modules, training_state  # noqa: E402
 from lxm.train.step import train_step  # noqa: E402
 
 BATCH = 32
@@ -103,6 +103,7 @@ def bare_step_rate(ds, cfg, train_cfg, device: torch.device, steps: int) -> tupl
     torch.manual_seed(0)
     model = LxmertForPreTraining(cfg).to(device).train()
     optimizer, scheduler = build_optimizer(model, train_cfg, 1000)
+    replica, step_model = training_modules(model, train_cfg, DistInfo(), device)  # the trainer's bf16 copy, if any
     batches = [b.to(device) for b in itertools.islice(DataLoader(ds, batch_size=BATCH, collate_fn=collate), steps + 2)]
 
     def loss_fn(m, batch):
@@ -113,8 +114,8 @@ def bare_step_rate(ds, cfg, train_cfg, device: torch.device, steps: int) -> tupl
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        train_step(model, [b], loss_fn, optimizer, scheduler, clip_grad_norm=train_cfg.clip_grad_norm,
-                   precision=train_cfg.precision, device_type=device.type)
+        train_step(step_model, [b], loss_fn, optimizer, scheduler, clip_grad_norm=train_cfg.clip_grad_norm,
+                   precision=train_cfg.precision, device_type=device.type, replica=replica)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

@@ -402,3 +402,19 @@ def test_tasks_rank_their_predictions_by_the_probability_their_loss_defines():
     top = nlvr2.top(torch.tensor([[0.0, 1.0]]), 5)  # k beyond the classes: all of them
     assert [a for a, _ in top[0]] == ["True", "False"] and sum(p for _, p in top[0]) == pytest.approx(1.0)
     assert nlvr2.target_answers(0) == [("False", 1.0)]
+
+
+def test_bf16_finetuning_follows_fp32_and_accumulates_in_fp32(tmp_path):
+    world = tmp_path / "world"
+    make_finetune_world(world, train=20, valid=4)
+    fp32 = {r["step"]: r for r in _small_run(world, tmp_path / "fp32", "batch_size=8", "epochs=3") if "loss" in r}
+    bf16 = {r["step"]: r for r in _small_run(world, tmp_path / "bf16", "batch_size=8", "epochs=3", "precision=bf16")
+            if "loss" in r}
+    acc = {r["step"]: r for r in _small_run(world, tmp_path / "acc", "batch_size=8", "epochs=3", "precision=bf16",
+                                            "micro_batch_size=4") if "loss" in r}
+    assert sorted(fp32) == sorted(bf16) == sorted(acc) == list(range(1, 16))
+    for step in fp32:  # bf16 compute, fp32 masters: the fp32 curve to bf16 rounding
+        assert bf16[step]["loss"] == pytest.approx(fp32[step]["loss"], rel=0.02), step
+        # two micro-batches of 4 added in fp32 = the batch of 8 (to bf16 rounding of the two halves' activations)
+        assert acc[step]["loss"] == pytest.approx(bf16[step]["loss"], rel=0.01), step
+    assert (tmp_path / "bf16" / "best").exists()

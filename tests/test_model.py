@@ -289,3 +289,29 @@ def test_bf16_autocast_forward_backward_is_finite():
     total.backward()
     assert torch.isfinite(total)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_attention_with_dropout_is_the_written_out_product_and_eval_is_sdpa():
+    from lxm.model.modeling import LxmertAttention, dropout_scaled_mask
+
+    torch.manual_seed(0)
+    att = LxmertAttention(32, 4, 0.1)
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    keys = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keys[1, ..., 4:] = False
+
+    def heads(x):
+        return x.view(2, -1, 4, 8).transpose(1, 2)
+
+    scores = heads(q) @ heads(k).transpose(-1, -2) / 8 ** 0.5
+    probs = scores.masked_fill(~keys, float("-inf")).softmax(-1)
+    torch.manual_seed(3)
+    out = att.train().attend(q, k, v, keys)
+    torch.manual_seed(3)
+    mask = dropout_scaled_mask((2, 4, 5, 7), 0.1, torch.float32, "cpu")  # the draw Dropout makes, in the same order
+    expected = ((probs * mask) @ heads(v)).transpose(1, 2).reshape(2, 5, 32)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert not torch.allclose(out, (probs @ heads(v)).transpose(1, 2).reshape(2, 5, 32), atol=1e-3)  # it drops
+    # eval: no dropout, SDPA, the same product
+    assert torch.allclose(att.eval().attend(q, k, v, keys), (probs @ heads(v)).transpose(1, 2).reshape(2, 5, 32),
+                          atol=1e-6)

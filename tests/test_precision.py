@@ -1,9 +1,14 @@
-"""lxm's bf16 path (`--set precision=bf16`: bf16 autocast, fp32 weights, optimizer and losses) trains as fp32 does:
-200 steps of the tiny model from the same seed, the two loss curves compared."""
+"""lxm's bf16 paths train as fp32 does: 200 steps of the tiny model from the same seed, the loss curves compared.
+
+`precision=bf16`: a bf16 copy of the model computes, fp32 master weights / gradients / optimizer (lxm.train.precision);
+`precision=bf16-autocast`: autocast around the fp32 model. Also: the bf16 replica's moves (gradients into the master,
+weights back) and exact resume in bf16."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from lxm.cli import app
@@ -22,9 +27,19 @@ def _curve(data, out, precision):  # noqa: F811
     return np.array([r["loss"] for r in log]), {k: np.array([r[k] for r in log]) for k in ("mlm", "match", "qa")}
 
 
-def test_bf16_training_follows_the_fp32_loss_curve(data, tmp_path):  # noqa: F811
-    fp32, fp32_terms = _curve(data, tmp_path / "fp32", "fp32")
-    bf16, bf16_terms = _curve(data, tmp_path / "bf16", "bf16")
+_FP32: list = []  # the fp32 curve, run once for both bf16 modes
+
+
+def _fp32_curve(data, out):  # noqa: F811
+    if not _FP32:
+        _FP32.append(_curve(data, out, "fp32"))
+    return _FP32[0]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-autocast"])
+def test_bf16_training_follows_the_fp32_loss_curve(data, tmp_path_factory, precision):  # noqa: F811
+    fp32, fp32_terms = _fp32_curve(data, tmp_path_factory.getbasetemp() / "fp32-curve")
+    bf16, bf16_terms = _curve(data, tmp_path_factory.mktemp(precision), precision)
 
     def smooth(x):  # per-step losses are noisy (masking, negatives): compare 20-step means
         return x.reshape(-1, 20).mean(1)
@@ -39,3 +54,138 @@ def test_bf16_training_follows_the_fp32_loss_curve(data, tmp_path):  # noqa: F81
     for name in fp32_terms:  # each objective, not only the sum
         x, y = smooth(fp32_terms[name]), smooth(bf16_terms[name])
         assert np.max(np.abs(y - x)) < 0.1 * np.max(x), name
+
+
+def test_a_resumed_bf16_run_continues_exactly(data, tmp_path):  # noqa: F811
+    # with dropout on: the replica's dropout draws from the restored RNG exactly as the uninterrupted run did
+    sets = ("epochs=2", "checkpoint_every=1", "precision=bf16", "valid_split=null", "log_every=1")
+    result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / "full", *sets)])
+    assert result.exit_code == 0, result.output
+    reference = {r["step"]: (r["loss"], r["grad_norm"]) for r in _log(tmp_path / "full") if "loss" in r}
+    cut = tmp_path / "cut"
+    result = CliRunner().invoke(app, ["pretrain", *_args(data, cut, *sets, "max_steps=5")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["pretrain", *_args(data, cut, *sets), "--resume"])
+    assert result.exit_code == 0, result.output
+    resumed = {r["step"]: (r["loss"], r["grad_norm"]) for r in _log(cut) if "loss" in r}
+    assert sorted(resumed) == sorted(reference) == list(range(1, 9))
+    assert resumed == reference  # bit-exact: the checkpoint holds the fp32 masters, the bf16 copy is derived
+    # the saved weights are the fp32 masters, not the bf16 copy
+    state = torch.load(cut / "checkpoints" / "step-8.pt", weights_only=True)
+    weights = state["model"]
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    assert any((v != v.bfloat16().float()).any() for v in weights.values() if v.is_floating_point())
+
+
+def _tiny_model(seed=0):
+    from lxm.model import LxmertForPreTraining, lxmert_tiny
+
+    torch.manual_seed(seed)
+    return LxmertForPreTraining(lxmert_tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _batch(cfg, seed):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from model_step import make_batch
+
+    return make_batch(cfg, 4, seed=seed)
+
+
+def test_bf16_replica_moves_gradients_into_fp32_masters_and_weights_back():
+    from lxm.model.losses import pretraining_step_losses
+    from lxm.train.precision import Bf16Replica
+
+    master = _tiny_model()
+    master.lxmert.encoder.x_layers[-1].visn_output.dense.weight.requires_grad_(False)  # a frozen one
+    replica = Bf16Replica(master)
+    r = replica.module
+    # structure: bf16 copy, same names, tied decoder kept tied, frozen flags copied, values = bf16 of the master
+    assert [n for n, _ in r.named_parameters()] == [n for n, _ in master.named_parameters()]
+    assert all(p.dtype == torch.bfloat16 for p in r.parameters())
+    assert r.cls.predictions.decoder.weight is r.lxmert.embeddings.word_embeddings.weight
+    assert not r.lxmert.encoder.x_layers[-1].visn_output.dense.weight.requires_grad
+    for p32, p16 in zip(master.parameters(), r.parameters()):
+        assert torch.equal(p16, p32.detach().bfloat16())
+
+    grads = []
+    for seed in (1, 2):  # two micro-batches: the fp32 master gradient is the sum of the two bf16 ones
+        inputs, labels = _batch(master.config, seed)
+        losses, _ = pretraining_step_losses(r, labels, **inputs)
+        sum(losses.values()).backward()
+        assert next(iter(losses.values())).dtype == torch.float32  # losses in fp32
+        grads.append({n: p.grad.clone() for n, p in r.named_parameters() if p.grad is not None})
+        replica.accumulate_grads()
+        assert all(p.grad is None for p in r.parameters())
+    named = dict(master.named_parameters())
+    assert "lxmert.encoder.x_layers.1.visn_output.dense.weight" not in grads[0]
+    assert named["lxmert.encoder.x_layers.1.visn_output.dense.weight"].grad is None
+    for name, g in grads[0].items():
+        expected = g.float() + grads[1][name].float()
+        assert named[name].grad.dtype == torch.float32
+        assert torch.equal(named[name].grad, expected), name
+
+    # an update of the masters reaches the copy after sync, rounded once
+    with torch.no_grad():
+        for p in master.parameters():
+            p.add_(1e-3)
+    replica.sync()
+    for p32, p16 in zip(master.parameters(), r.parameters()):
+        assert torch.equal(p16, p32.detach().bfloat16())
+    # a fresh step after zero_grad(set_to_none) starts from the new micro-batch's gradient, reusing the buffer
+    buffer = named["cls.predictions.bias"].grad
+    master.zero_grad(set_to_none=True)
+    inputs, labels = _batch(master.config, 3)
+    losses, _ = pretraining_step_losses(r, labels, **inputs)
+    sum(losses.values()).backward()
+    g = r.cls.predictions.bias.grad.float()
+    replica.accumulate_grads()
+    assert named["cls.predictions.bias"].grad is buffer and torch.equal(buffer, g)
+
+
+def test_bf16_replica_refuses_a_non_fp32_master():
+    from lxm.train.precision import Bf16Replica
+
+    with pytest.raises(ValueError, match="expected float32"):
+        Bf16Replica(_tiny_model().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_drops_at_rate_p_keeps_the_expectation_and_passes_the_gradient(dtype):
+    from lxm.model.modeling import Dropout
+
+    drop = Dropout(0.1)
+    x = torch.randn(1000, 1001, dtype=dtype, requires_grad=True)  # odd size: the last 64-bit draw is cut
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.0015  # 1M draws: 5 sigma = 0.0015
+    scale = torch.tensor(1 / (1 - 6554 / 65536), dtype=dtype)  # p rounded to 2**-16; the scale in x's dtype
+    assert torch.equal(y[kept], x[kept] * scale)
+    # the four 16-bit fields of each 64-bit draw are independent: neighbours are dropped together at rate p**2
+    d = ~kept.reshape(-1)[: 1000 * 1000].reshape(-1, 4)
+    assert all(abs((d[:, i] & d[:, i + 1]).float().mean().item() - 0.01) < 0.0015 for i in range(3))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the global RNG decides: resumable runs stay exact
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.to(dtype) * scale)
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
+    assert torch.equal(Dropout(1.0).train()(x.detach()), torch.zeros_like(x))
+    assert abs(Dropout(0.5).train()(torch.ones(100_000)).mean().item() - 1.0) < 0.02  # expectation kept
+
+
+def test_two_process_bf16_ddp_matches_one_process_with_accumulation(data, tmp_path):  # noqa: F811
+    from synthetic import one_and_two_process_losses
+
+    def args(out, micro=()):
+        return ["pretrain", *_args(data, out, "epochs=1", "dropout=0", "valid_split=none", "precision=bf16", *micro)]
+
+    def either(out):  # one process accumulates two micro-batches of 2; two processes take 2 each
+        return args(out, ("micro_batch_size=2",) if out.name == "one" else ())
+
+    one, two = one_and_two_process_losses(either, tmp_path, port=29541)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:  # DDP averages bf16 gradients (one rounding), one process adds them in fp32
+        assert two[step] == pytest.approx(one[step], rel=2e-3), step

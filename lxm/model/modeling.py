@@ -11,14 +11,19 @@ transformers checkpoint loads with the identity map and an original `*_LXRT.pth`
 on all three text embeddings, visual input `(LN(W_f f) + LN(W_b b)) / 2`, one cross-attention module shared by both
 directions, tanh pooler on [CLS] after the last cross layer.
 
-Two things differ in *how* it is computed, not in what: attention runs through
-`torch.nn.functional.scaled_dot_product_attention`, and the shared cross-attention projects the language and vision
-streams in one matrix product (same weights, so the same values up to float rounding).
+Three things differ in *how* it is computed, not in what: attention runs through
+`torch.nn.functional.scaled_dot_product_attention` (training with attention dropout: written out, see
+`LxmertAttention._attend_with_dropout`), the shared cross-attention projects the language and vision streams in one
+matrix product (same weights, so the same values up to float rounding), and dropout draws its mask from 16 random
+bits an element (`dropout_scaled_mask`: the drop probability p to within 7.6e-6, scaled to keep the expectation;
+cheaper on CPU than `nn.Dropout`). The model computes in the dtype of its parameters: a bf16 copy
+(`lxm.train.precision`) casts the float inputs (region features, boxes) to bf16 itself.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +51,48 @@ def _key_padding_mask(mask: Tensor | None) -> Tensor | None:
     if mask is None:
         return None
     return mask[:, None, None, :].to(torch.bool)
+
+
+def dropout_scaled_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype, device) -> Tensor:
+    """A dropout mask: 0 with probability p', else 1 / (1 - p'), where p' is p rounded to a multiple of 2**-16.
+
+    Each element is decided by 16 random bits, four per 64-bit draw of the global generator (so seeding and resume
+    work as for any torch op): 2.7x faster on CPU than `torch.rand` (one draw an element), 4.8x faster than
+    `bernoulli_`. p' differs from p by at most 7.6e-6 (0.1 -> 0.100006), and scaling by 1 / (1 - p') keeps the
+    expectation exactly x. The scale is rounded to `dtype`, as `nn.Dropout` does.
+    """
+    n = math.prod(shape)
+    drops = round(p * 65536)  # of the 65536 values of 16 bits
+    bits = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2**63, 2**63 - 1)
+    keep = bits.view(torch.int16)[:n].view(shape) >= drops - 32768
+    return keep.to(dtype).mul_(1.0 / (1.0 - drops / 65536))
+
+
+class _DropoutFunction(torch.autograd.Function):
+    """x * mask (`dropout_scaled_mask`), keeping only the mask (in x's dtype) for backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        mask = dropout_scaled_mask(x.shape, p, x.dtype, x.device)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` (same `p` attribute, train/eval behaviour, no parameters) with `dropout_scaled_mask`'s cheaper
+    draw; the drop probability is p to within 7.6e-6."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return x * 0.0
+        return _DropoutFunction.apply(x, self.p)
 
 
 class TextLayout:
@@ -93,7 +140,7 @@ class LxmertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size, padding_idx=0)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """input_ids/token_type_ids [B, T] -> [B, T, H]."""
@@ -141,13 +188,28 @@ class LxmertAttention(nn.Module):
             q = q_layout.padded(q)
         if kv_layout is not None:
             k, v = kv_layout.padded(k), kv_layout.padded(v)
-        out = F.scaled_dot_product_attention(
-            self._heads(q), self._heads(k), self._heads(v), attn_mask=mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        )
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.training and self.dropout_p > 0:
+            out = self._attend_with_dropout(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         b, _, s, _ = out.shape
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return out if q_layout is None else q_layout.rows(out)
+
+    def _attend_with_dropout(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """softmax(q k^T / sqrt(d), masked) -> dropout -> @ v, written out (the original's order of operations).
+
+        With dropout, SDPA on CPU falls back to its math path, which scales q and k separately, copies them and
+        draws the dropout mask with bernoulli_; written out, the scale goes on the (smaller) scores and the mask
+        comes from `Dropout`'s cheaper draw: ~9 % of a base bf16 training step on CPU (A/B in one process).
+        A masked key gets the dtype's lowest value, which softmax turns into exactly 0, as the original's -10000.
+        """
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.head_dim ** -0.5)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = _DropoutFunction.apply(torch.softmax(scores, dim=-1), self.dropout_p)
+        return torch.matmul(probs, v)
 
 
 class LxmertResidualOutput(nn.Module):
@@ -160,7 +222,7 @@ class LxmertResidualOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
@@ -269,11 +331,12 @@ class LxmertVisualFeatureEncoder(nn.Module):
         self.visn_layer_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.box_fc = nn.Linear(pos_dim, hidden_size)
         self.box_layer_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, feats: Tensor, boxes: Tensor) -> Tensor:
-        x = self.visn_layer_norm(self.visn_fc(feats))
-        y = self.box_layer_norm(self.box_fc(boxes))
+        dtype = self.visn_fc.weight.dtype  # a bf16 model takes fp32/fp16 features as they are stored
+        x = self.visn_layer_norm(self.visn_fc(feats.to(dtype)))
+        y = self.box_layer_norm(self.box_fc(boxes.to(dtype)))
         return self.dropout((x + y) / 2)
 
 

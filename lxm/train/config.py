@@ -35,6 +35,7 @@ import yaml
 
 from lxm.errors import ConfigError
 from lxm.model.losses import PretrainLossConfig
+from lxm.train.precision import PRECISIONS
 
 # The label value lxm.train.data writes for "no target"; the losses must ignore the same one.
 DATA_IGNORE_INDEX = -1
@@ -73,7 +74,7 @@ class PretrainConfig:
     warmup: float = 0.05  # share of the steps with a linear warm-up
     weight_decay: float = 0.01  # decoupled weight decay (not on biases and LayerNorm)
     clip_grad_norm: float = 1.0  # max global gradient norm
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     seed: int = 9595  # seeds model init, masking and data order (the original's)
     # --- bookkeeping
@@ -87,7 +88,7 @@ class PretrainConfig:
             raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
         if not self.features:
             raise ConfigError("config: 'features' needs at least one feature store directory")
-        choices = {"optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+        choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS, "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
@@ -173,7 +174,7 @@ class FinetuneConfig:
     warmup: float = 0.1  # share of the steps with a linear warm-up
     weight_decay: float = 0.01  # decoupled weight decay (not on biases and LayerNorm)
     clip_grad_norm: float = 5.0  # max global gradient norm
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     seed: int = 9595  # seeds the new head's init and the data order (the original's)
     log_every: int = 10  # steps between log lines
@@ -205,7 +206,7 @@ class FinetuneConfig:
                               "without them")
         if self.init is not None and self.from_scratch:
             raise ConfigError("config: 'init' and from_scratch=true exclude each other")
-        choices = {"optimizer": ("bert", "adamw"), "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda")}
+        choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS, "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")

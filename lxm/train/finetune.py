@@ -39,10 +39,11 @@ from lxm.model import LxmertForFinetuning, load_pretrained, load_pretrained_with
 from lxm.model.weights import load_into
 from lxm.train.config import FinetuneConfig
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
-from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, build_optimizer, compiled, current_lr,
+from lxm.train.precision import autocast
+from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, build_optimizer, current_lr,
                            mean_across_ranks, micro_batch_size, restore_newest, save_state, start_run, training_state,
-                           wrap_ddp)
-from lxm.train.step import MicroBatches, autocast, step_groups, train_step
+                           training_modules)
+from lxm.train.step import MicroBatches, step_groups, train_step
 from lxm.train.tasks import ANSWERS_FILE, FinetuneTask, task_class
 
 _logger = logging.getLogger(__name__)
@@ -186,8 +187,7 @@ class Finetuner:
             self.log(f"{frozen} parameters that no task head depends on (the last cross layer's vision branch) keep "
                      f"their initial values, as in the original")
         self.model.to(self.device)
-        self.ddp = wrap_ddp(self.model, self.dist, self.device)
-        self.step_model = compiled(self.ddp, cfg.compile)
+        self.replica, self.step_model = training_modules(self.model, cfg, self.dist, self.device)
         self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size  # drop_last, as the original loader
         if self.steps_per_epoch == 0:
@@ -196,6 +196,8 @@ class Finetuner:
         self.epoch, self.step, self.best, self.best_epoch = 0, 0, -1.0, -1
         if resume:
             self._resume()
+            if self.replica is not None:
+                self.replica.sync()
 
     def _state(self) -> dict[str, Any]:
         return training_state(self.model, self.optimizer, self.scheduler, epoch=self.epoch, step=self.step,
@@ -229,6 +231,8 @@ class Finetuner:
     def run(self) -> dict[str, Any]:
         cfg, key = self.cfg, self.task.metric_names[0]
         self.model.train()
+        if self.replica is not None:
+            self.replica.train()
         while self.epoch < cfg.epochs:
             sampler = MicroBatches(len(self.train_set), cfg.batch_size, self.micro, self.epoch, cfg.seed, self.dist)
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_finetune,
@@ -238,7 +242,7 @@ class Finetuner:
             for group in step_groups(loader, sampler.per_step):
                 last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision,
-                                  device_type=self.device.type)
+                                  device_type=self.device.type, replica=self.replica)
                 last = mean_across_ranks(last, self.dist)
                 self.logger.check_finite(last, self.step, ids=[str(i) for b in group for i in b.ids])
                 self.step += 1

@@ -28,10 +28,11 @@ from lxm.errors import ConfigError
 from lxm.model import LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses, save_lxm
 from lxm.train.config import PretrainConfig
 from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_table
-from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, build_optimizer, compiled, current_lr, mean_across_ranks,
+from lxm.train.precision import autocast
+from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, build_optimizer, current_lr, mean_across_ranks,
                            micro_batch_size, restore_newest, save_state, start_run, step_checkpoints, training_state,
-                           wrap_ddp)
-from lxm.train.step import MicroBatches, autocast, step_groups, train_step
+                           training_modules)
+from lxm.train.step import MicroBatches, step_groups, train_step
 
 _logger = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ class Pretrainer:
 
             main_log(init_from_bert(self.model, cfg.init_bert).summary())
         self.model = self.model.to(self.device)
-        self.ddp = wrap_ddp(self.model, self.dist, self.device)
-        self.step_model = compiled(self.ddp, cfg.compile)
+        self.replica, self.step_model = training_modules(self.model, cfg, self.dist, self.device)
         self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -117,6 +117,8 @@ class Pretrainer:
         self.logger = RunLogger(self.out, self.dist.is_main, on_record)
         if resume:
             self._resume()
+            if self.replica is not None:
+                self.replica.sync()
 
     # ---- checkpoints
     def _state(self) -> dict[str, Any]:
@@ -189,6 +191,8 @@ class Pretrainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         self.model.train()
+        if self.replica is not None:
+            self.replica.train()
         last: dict[str, float] = {}
         while self.step < self.total_steps and self.epoch < cfg.epochs:
             self.train_set.set_epoch(self.epoch)
@@ -204,7 +208,7 @@ class Pretrainer:
             for group in step_groups(loader, sampler.per_step):
                 last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision,
-                                  device_type=self.device.type)
+                                  device_type=self.device.type, replica=self.replica)
                 last = mean_across_ranks(last, self.dist)  # the global batch's losses, not this process's share
                 self.logger.check_finite(last, self.step, uids=[u for b in group for u in b.uids])
                 self.step += 1

@@ -31,6 +31,7 @@ from lxm.atomic import atomic_path
 from lxm.errors import ConfigError
 from lxm.model import CheckpointError
 from lxm.train.optim import make_optimizer
+from lxm.train.precision import Bf16Replica
 
 _logger = logging.getLogger(__name__)
 
@@ -251,6 +252,24 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if device.type == "cuda"
                                                      else None)
+
+
+def training_modules(model: nn.Module, cfg, info: DistInfo, device: torch.device
+                     ) -> tuple[Bf16Replica | None, nn.Module]:
+    """(bf16 replica or None, the module the training steps call) for `model` (fp32, on `device`) under `cfg`
+    (precision, compile): DDP around the module that computes (the replica under precision "bf16"), then compile.
+
+    Under DDP with a replica, rank 0's master weights are broadcast first: DDP's own start-up broadcast then
+    covers only the replica, and every rank's master must start equal too.
+    """
+    replica = None
+    if cfg.precision == "bf16":
+        if info.world_size > 1:
+            with torch.no_grad():
+                for tensor in model.state_dict().values():
+                    dist.broadcast(tensor, 0)
+        replica = Bf16Replica(model)
+    return replica, compiled(wrap_ddp(replica.module if replica else model, info, device), cfg.compile)
 
 
 def compiled(module: nn.Module, enabled: bool) -> nn.Module:

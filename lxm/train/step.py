@@ -2,9 +2,10 @@
 
 One optimizer step = the micro-batches of one global batch: forward + backward of each (gradient synchronisation
 skipped with `no_sync` on all but the last when the model is DDP-wrapped), gradient clipping, optimizer and
-scheduler step. nanoGPT / open_clip style: explicit, no trainer framework (style.md §8.9). Gradient accumulation
-and the per-process shares of a global batch are additions: airsplay/lxmert (`src/pretrain/lxmert_pretrain.py`,
-`src/tasks/*.py`) ran one batch per step on one process.
+scheduler step; with a bf16 replica (`lxm.train.precision`) the gradients move into the fp32 master after each
+micro-batch and the updated weights back after the step. nanoGPT / open_clip style: explicit, no trainer framework
+(style.md §8.9). Gradient accumulation and the per-process shares of a global batch are additions: airsplay/lxmert
+(`src/pretrain/lxmert_pretrain.py`, `src/tasks/*.py`) ran one batch per step on one process.
 """
 
 from __future__ import annotations
@@ -17,13 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from lxm.train.precision import Bf16Replica, training_autocast
 from lxm.train.run import DistInfo
-
-
-def autocast(precision: str, device_type: str):
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class MicroBatches(Sampler):
@@ -65,26 +61,35 @@ def step_groups(micro_batches: Iterable, per_step: int) -> Iterator[list]:
 
 def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.Module, object], dict[str, Tensor]],
                optimizer: torch.optim.Optimizer, scheduler=None, *, clip_grad_norm: float = 0.0,
-               precision: str = "fp32", device_type: str = "cpu") -> dict[str, float]:
+               precision: str = "fp32", device_type: str = "cpu", replica: Bf16Replica | None = None
+               ) -> dict[str, float]:
     """One optimizer step over `micro_batches`; returns the averaged named losses, 'loss' and 'grad_norm'.
 
     `loss_fn(model, batch)` returns named losses whose plain sum is the objective (each already a batch mean); the
     micro-batch objectives are averaged, so accumulation over k micro-batches equals one batch k times larger.
+    With `replica` (precision "bf16"), `model` is (a wrapper of) `replica.module` and `optimizer` holds the master's
+    parameters: each micro-batch's gradients are synchronised (DDP) and added into the fp32 master gradients, since
+    accumulating them in bf16 would lose the small ones.
     """
     n = len(micro_batches)
     totals: dict[str, float] = {}
     for k, batch in enumerate(micro_batches):
-        sync = k == n - 1 or not hasattr(model, "no_sync")
+        sync = k == n - 1 or not hasattr(model, "no_sync") or replica is not None
         with (contextlib.nullcontext() if sync else model.no_sync()):
-            with autocast(precision, device_type):
+            with training_autocast(precision, device_type):
                 losses = loss_fn(model, batch)
             loss = sum(losses.values()) / n
             loss.backward()
+        if replica is not None:
+            replica.accumulate_grads()
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = [p for p in (replica.master_params() if replica is not None else model.parameters())
+              if p.grad is not None]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)) if clip_grad_norm > 0 else 0.0
     optimizer.step()
+    if replica is not None:
+        replica.sync()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
