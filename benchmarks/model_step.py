@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import math
@@ -51,6 +50,7 @@ from lxm.model.losses import pretraining_step_losses  # noqa: E402
 from lxm.model.flops import pretraining_step_flops  # noqa: E402
 from lxm.model.weights import load_into  # noqa: E402
 from lxm.train.precision import Bf16Replica  # noqa: E402
+from lxm.train.run import keep_freed_memory  # noqa: E402
 
 BATCH = {"small": 64, "base": 32, "tiny": 8}  # realistic batches (the paper: 256 over 4 GPUs, 64 a GPU); tiny: smoke
 QUICK_BATCH = {"small": 8, "base": 4, "tiny": 8}
@@ -181,19 +181,6 @@ def proc_status_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def keep_freed_memory() -> None:
-    """glibc: serve every allocation from the heap and never hand freed memory back to the kernel.
-
-    By default each step's gradients (0.9 GB at base size) are fresh mmap'd pages that the kernel must fault in and
-    zero; with this setting the next step reuses them. A process-level setting that helps any PyTorch CPU training.
-    """
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-    libc.mallopt(m_top_pad, 256 << 20)
-
-
 def worker(name: str, which: str, batch: int, threads: int, iters: int, warmup: int, precision: str, malloc: bool,
            compiled: bool, device: str) -> None:
     """Child process: step times, and peak memory during the steps (CPU: peak RSS minus RSS before them; CUDA: peak
@@ -287,7 +274,8 @@ def main() -> None:
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
     ap.add_argument("--compile", action="store_true", help="add lxm under torch.compile (inductor; slow to compile)")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="tune glibc malloc in BOTH implementations' processes (see keep_freed_memory)")
+                    help="tune glibc malloc in BOTH implementations' processes (lxm.train.run.keep_freed_memory, "
+                         "what lxm's trainer does on CPU)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--peak", help=argparse.SUPPRESS)
     ap.add_argument("--precision-child", default="fp32", help=argparse.SUPPRESS)

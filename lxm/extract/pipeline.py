@@ -206,7 +206,8 @@ def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None 
         d2.load_from(model)
         model = d2
     model = model.to(_device(cfg.device))
-    if cfg.bf16:  # oneDNN's bf16 convolutions (AMX) run fastest on NHWC; fp32 keeps the reference layout bit for bit
+    if cfg.bf16:  # oneDNN's bf16 convolutions (AVX512-BF16, AMX) run fastest on NHWC; fp32 keeps the reference
+        # layout bit for bit
         model = model.to(memory_format=torch.channels_last)
     return model, {**engine.manifest(), "weights": report.source,
                                            "weights_sha256": report.sha256, "random_weights": cfg.weights == RANDOM,
