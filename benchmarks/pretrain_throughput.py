@@ -7,7 +7,7 @@ run measures
   float16 until the device, pinned memory on CUDA, as the trainer loads them), samples/s and per worker;
 - the bare step: forward + backward + clipping + BertAdam + scheduler (`lxm.train.step.train_step`, what the
   trainer calls) on batches already on the device;
-- the trainer: `Pretrainer.run` (the code `lxm pretrain` runs: loader workers, logging every 10 steps, a checkpoint
+- the trainer: `Pretrainer.run` (the code `lxm pretrain` runs: its loader, logging every 10 steps, a checkpoint
   every `--steps / 2` steps) over `--steps` steps, timed from its first log record to its last;
 
 and prints the trainer's rate as a share of the bare step's (target >= 90 %), and where the rest goes (the
@@ -48,7 +48,8 @@ from lxm.model import LxmertForPreTraining, preset, pretraining_step_losses  # n
 from lxm.train.config import load_config  # noqa: E402
 from lxm.train.data import PretrainDataset, collate  # noqa: E402
 from lxm.train.pretrain import Pretrainer  # noqa: E402
-from lxm.train.run import DistInfo, build_optimizer, save_state, training_modules, training_state  # noqa: E402
+from lxm.train.run import (DistInfo, build_optimizer, keep_freed_memory, save_state, training_modules,  # noqa: E402
+                           training_state)
 from lxm.train.step import train_step  # noqa: E402
 
 BATCH = 32
@@ -126,7 +127,7 @@ def bare_step_rate(ds, cfg, train_cfg, device: torch.device, steps: int) -> tupl
     return BATCH / statistics.median(times[2:]), ckpt
 
 
-def trainer_rate(root: Path, model: str, device: str, precision: str, steps: int, workers: int
+def trainer_rate(root: Path, model: str, device: str, precision: str, steps: int, workers: int | None
                  ) -> tuple[float, int]:
     """(samples/s of Pretrainer.run between its first and last log record, checkpoints written in that span)."""
     stamps: list[tuple[float, int]] = []
@@ -134,7 +135,8 @@ def trainer_rate(root: Path, model: str, device: str, precision: str, steps: int
     cfg = load_config("base", [f"corpus={root / 'corpus'}", f"features=[{root / 'feats'}]", f"vocab={VOCAB}",
                                f"model={model}", f"batch_size={BATCH}", f"max_steps={steps}", "log_every=10",
                                f"checkpoint_every={every}", "keep_last=1", "valid_split=null",
-                               "train_splits=[train]", f"num_workers={workers}", f"precision={precision}",
+                               "train_splits=[train]", f"num_workers={'null' if workers is None else workers}",
+                               f"precision={precision}",
                                f"device={device}", "epochs=1"])
     with tempfile.TemporaryDirectory() as out:
         trainer = Pretrainer(cfg, out, log=lambda _m: None,
@@ -153,12 +155,15 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--steps", type=int, default=200, help="trainer steps (its rate is timed between log records)")
     ap.add_argument("--workers", default="0,1,2,4", help="loader worker counts to time")
-    ap.add_argument("--trainer-workers", type=int, default=2, help="num_workers of the trainer run (its default)")
+    ap.add_argument("--trainer-workers", type=int, default=None,
+                    help="num_workers of the trainer run (default: the trainer's own, 0 on CPU, a few with CUDA)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny model, small world, few steps: checks it runs")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cpu":  # as the trainer's start-up does on CPU (keep_freed_memory=true): the bare step too
+        keep_freed_memory()
     device = torch.device(args.device)
     if args.smoke:
         args.model, args.steps, args.workers, args.trainer_workers = "tiny", 20, "0,1", 0
@@ -182,7 +187,8 @@ def main() -> None:
                                             args.trainer_workers)
     share = trainer / step
     gap_s = args.steps * BATCH / trainer - args.steps * BATCH / step
-    print(f"trainer ({args.steps} steps, {args.trainer_workers} loader workers): {trainer:7.1f} samples/s = "
+    shown = "default" if args.trainer_workers is None else args.trainer_workers
+    print(f"trainer ({args.steps} steps, {shown} loader workers): {trainer:7.1f} samples/s = "
           f"{100 * share:.0f} % of the bare step (target >= 90 %); of the {max(gap_s, 0):.1f} s it spends beyond the "
           f"bare steps, {checkpoints} checkpoint write(s) take ~{checkpoints * ckpt_s:.1f} s, the rest is loader "
           f"waits, logging and the per-step loss read-back", flush=True)

@@ -122,3 +122,20 @@ def test_a_run_writes_and_uses_the_nested_losses(data, tmp_path):  # noqa: F811
         first = next(json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"feat"' in line)
         feat[kind] = first
     assert feat["smoothl1"]["mlm"] == feat["l2"]["mlm"] and feat["smoothl1"]["feat"] != feat["l2"]["feat"]
+
+
+def test_loader_workers_default_to_in_process_on_cpu_and_a_few_with_cuda():
+    import os
+
+    import torch
+
+    from lxm.train.run import loader_workers
+
+    assert load_config("tiny", REQUIRED).num_workers == 0  # the tiny preset's
+    assert load_config("base", REQUIRED).num_workers is None  # automatic
+    assert loader_workers(None, torch.device("cpu")) == 0  # the step's threads use every core
+    assert loader_workers(None, torch.device("cuda")) == max(0, min(4, (os.cpu_count() or 1) - 1))
+    assert loader_workers(3, torch.device("cpu")) == 3
+    with pytest.raises(ConfigError, match="'num_workers' must be >= 0"):
+        load_config("base", [*REQUIRED, "num_workers=-1"]).validate()
+    assert load_config("base", [*REQUIRED, "num_workers=null"]).num_workers is None

@@ -56,7 +56,7 @@ class PretrainConfig:
     max_length: int = 20  # tokens incl. [CLS]/[SEP]
     word_mask_rate: float = 0.15  # share of words masked for MLM (BERT's rate)
     obj_mask_rate: float = 0.15  # share of boxes masked for the visual objectives (same rate as the words)
-    num_workers: int = 2  # DataLoader workers per process
+    num_workers: int | None = None  # DataLoader workers per process; None: 0 on CPU, min(4, cores - 1) with CUDA
     # --- model
     model: str = "base"  # preset (base, small, tiny) or a checkpoint for load_pretrained
     dropout: float | None = None  # hidden and attention dropout; None keeps the model's (0.1)
@@ -89,6 +89,8 @@ class PretrainConfig:
             raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
         if not self.features:
             raise ConfigError("config: 'features' needs at least one feature store directory")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"config: 'num_workers' must be >= 0 (or null: automatic), got {self.num_workers}")
         choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS, "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -164,7 +166,7 @@ class FinetuneConfig:
     valid_split: str | None  # split scored after each epoch (recipe: vqa minival, gqa testdev, nlvr2 dev; qa and
     #   classify valid, None when data has no "valid"); None: none
     max_length: int = 20  # tokens incl. [CLS]/[SEP]
-    num_workers: int = 2  # DataLoader workers
+    num_workers: int | None = None  # DataLoader workers; None: 0 on CPU, min(4, cores - 1) with CUDA
     dropout: float | None = None  # hidden and attention dropout; None keeps the checkpoint's (0.1)
     batch_size: int = 32  # global training batch (all processes, all accumulation micro-steps)
     micro_batch_size: int | None = None  # per process per micro-step; None: batch_size / world size (no accumulation)
@@ -208,6 +210,8 @@ class FinetuneConfig:
                               "without them")
         if self.init is not None and self.from_scratch:
             raise ConfigError("config: 'init' and from_scratch=true exclude each other")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"config: 'num_workers' must be >= 0 (or null: automatic), got {self.num_workers}")
         choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS, "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -42,7 +42,7 @@ from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.precision import autocast
 from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, build_optimizer, current_lr,
                            mean_across_ranks, micro_batch_size, restore_newest, save_state, start_run, training_state,
-                           training_modules)
+                           loader_workers, training_modules)
 from lxm.train.step import MicroBatches, step_groups, train_step
 from lxm.train.tasks import ANSWERS_FILE, FinetuneTask, task_class
 
@@ -188,6 +188,7 @@ class Finetuner:
                      f"their initial values, as in the original")
         self.model.to(self.device)
         self.replica, self.step_model = training_modules(self.model, cfg, self.dist, self.device)
+        self.workers = loader_workers(cfg.num_workers, self.device)
         self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size  # drop_last, as the original loader
         if self.steps_per_epoch == 0:
@@ -224,7 +225,7 @@ class Finetuner:
         if self.valid_set is None:
             return {}, {}
         preds = predict(self.task, self.model, self.valid_set, batch_size=self.cfg.eval_batch_size,
-                        device=self.device, precision=self.cfg.precision, num_workers=self.cfg.num_workers)
+                        device=self.device, precision=self.cfg.precision, num_workers=self.workers)
         self.model.train()
         return (evaluate(self.task, self.valid_set, preds) if self.valid_set.labelled else {}), preds
 
@@ -236,7 +237,7 @@ class Finetuner:
         while self.epoch < cfg.epochs:
             sampler = MicroBatches(len(self.train_set), cfg.batch_size, self.micro, self.epoch, cfg.seed, self.dist)
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_finetune,
-                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
+                                num_workers=self.workers, generator=torch.Generator().manual_seed(cfg.seed),
                                 pin_memory=self.device.type == "cuda")
             t0 = time.perf_counter()
             for group in step_groups(loader, sampler.per_step):
@@ -280,7 +281,7 @@ class Finetuner:
         """Write the best model's predictions of the test set (labels optional) to OUT/predictions/."""
         model = load_pretrained(self.out / BEST_DIR).to(self.device)
         preds = predict(self.task, model, self.test_set, batch_size=self.cfg.eval_batch_size, device=self.device,
-                        precision=self.cfg.precision, num_workers=self.cfg.num_workers)
+                        precision=self.cfg.precision, num_workers=self.workers)
         path = self.task.write_predictions(preds, self.out / "predictions" / self.task.prediction_file_name("test"))
         self.log(f"test: predictions of {len(self.test_set)} examples by the best model ({self.test_set.dropped} "
                  f"without features dropped) in {path}")

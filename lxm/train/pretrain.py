@@ -31,7 +31,7 @@ from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_ta
 from lxm.train.precision import autocast
 from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, build_optimizer, current_lr, mean_across_ranks,
                            micro_batch_size, restore_newest, save_state, start_run, step_checkpoints, training_state,
-                           training_modules)
+                           loader_workers, training_modules)
 from lxm.train.step import MicroBatches, step_groups, train_step
 
 _logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class Pretrainer:
             main_log(init_from_bert(self.model, cfg.init_bert).summary())
         self.model = self.model.to(self.device)
         self.replica, self.step_model = training_modules(self.model, cfg, self.dist, self.device)
+        self.workers = loader_workers(cfg.num_workers, self.device)
         self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
         self.steps_per_epoch = len(self.train_set) // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -160,7 +161,7 @@ class Pretrainer:
             return {}
         self.model.eval()
         loader = DataLoader(self.valid_set, batch_size=self.micro, collate_fn=collate,
-                            num_workers=self.cfg.num_workers, generator=torch.Generator().manual_seed(self.cfg.seed),
+                            num_workers=self.workers, generator=torch.Generator().manual_seed(self.cfg.seed),
                             pin_memory=self.device.type == "cuda")
         sums: dict[str, float] = {}
         hits: dict[str, list[int]] = {}  # per QA source: [correct, labelled]
@@ -202,7 +203,7 @@ class Pretrainer:
             # would diverge from the uninterrupted one.
             # pinned host memory lets `non_blocking` copies to the GPU overlap the step
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
-                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
+                                num_workers=self.workers, generator=torch.Generator().manual_seed(cfg.seed),
                                 pin_memory=self.device.type == "cuda")
             t0 = time.perf_counter()
             for group in step_groups(loader, sampler.per_step):

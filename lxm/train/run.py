@@ -86,6 +86,18 @@ def keep_freed_memory() -> bool:
     return True
 
 
+def loader_workers(num_workers: int | None, device: torch.device) -> int:
+    """DataLoader workers per process: `num_workers`, or (None) 0 when the model runs on the CPU — the step's
+    threads use every core, and workers competing with them cost more than loading in process (small bf16 on 2
+    cores: the trainer at 96 % of the bare step with 2 workers, 103 % with 0; fp32 87 % vs 99 %) — and
+    min(4, cores - 1) with CUDA, where the loader must keep up with the GPU."""
+    if num_workers is not None:
+        return num_workers
+    if device.type != "cuda":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def pick_device(device: str, dist: DistInfo) -> torch.device:
     """"auto" -> this rank's GPU when CUDA is available, else CPU; "cuda" without CUDA is an error."""
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
