@@ -91,16 +91,22 @@ def _nearest(rect, x: float, y: float) -> tuple[int, int]:
     return int(min(max(x, rect[0]), rect[2] - 1)), int(min(max(y, rect[1]), rect[3] - 1))
 
 
-def render(image_bgr: np.ndarray, rec: ImageFeatures, objects: list[str] | None = None,
-           attributes: list[str] | None = None, max_boxes: int | None = None, long_side: int = LONG_SIDE) -> Drawing:
-    """Boxes with "attribute object conf" labels, strongest first, on a copy of the image upscaled to `long_side`."""
+def check_drawable(image_bgr: np.ndarray, rec: ImageFeatures, objects: list[str] | None,
+                   attributes: list[str] | None, option: str = "--vocab") -> None:
+    """The image is the one the features were extracted from, and the class names (from `option`) cover its ids."""
     if image_bgr.shape[:2] != (rec.img_h, rec.img_w):
         raise ImageError(f"image is {image_bgr.shape[1]}x{image_bgr.shape[0]} but the features of {rec.img_id!r} "
                          f"were extracted from a {rec.img_w}x{rec.img_h} image")
     for kind, names, ids in (("object", objects, rec.objects_id), ("attribute", attributes, rec.attrs_id)):
         if names and int(ids.max(initial=0)) >= len(names):
-            raise ConfigError(f"--vocab: {len(names)} {kind} names, but image {rec.img_id!r} has {kind} id "
+            raise ConfigError(f"{option}: {len(names)} {kind} names, but image {rec.img_id!r} has {kind} id "
                               f"{int(ids.max())} (a vocabulary of another detector?)")
+
+
+def render(image_bgr: np.ndarray, rec: ImageFeatures, objects: list[str] | None = None,
+           attributes: list[str] | None = None, max_boxes: int | None = None, long_side: int = LONG_SIDE) -> Drawing:
+    """Boxes with "attribute object conf" labels, strongest first, on a copy of the image upscaled to `long_side`."""
+    check_drawable(image_bgr, rec, objects, attributes)
     scale = max(1.0, long_side / max(rec.img_h, rec.img_w))
     height, width = round(rec.img_h * scale), round(rec.img_w * scale)
     out = cv2.resize(image_bgr, (width, height), interpolation=cv2.INTER_CUBIC) if scale > 1 else image_bgr.copy()

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lxm.errors import ConfigError
 from lxm.extract.images import ImageError
-from lxm.extract.show import FONT, LONG_SIDE, PAD, _nearest, _place, load_vocab
+from lxm.extract.show import FONT, LONG_SIDE, PAD, _nearest, _place, check_drawable, load_vocab
 from lxm.features.records import ImageFeatures
 
 _logger = logging.getLogger(__name__)
@@ -193,13 +193,7 @@ def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures],
         top: boxes outlined and labelled per image, by weight.
     """
     for img, rec in zip(images_bgr, records):
-        if img.shape[:2] != (rec.img_h, rec.img_w):
-            raise ImageError(f"image is {img.shape[1]}x{img.shape[0]} but the features of {rec.img_id!r} were "
-                             f"extracted from a {rec.img_w}x{rec.img_h} image")
-        for what, names, ids in (("object", objects, rec.objects_id), ("attribute", attributes, rec.attrs_id)):
-            if names and int(ids.max(initial=0)) >= len(names):
-                raise ConfigError(f"--vocab-dir: {len(names)} {what} names, but image {rec.img_id!r} has {what} id "
-                                  f"{int(ids.max())} (a vocabulary of another detector?)")
+        check_drawable(img, rec, objects, attributes, option="--vocab-dir")
     # one height for all images: the largest any of them gets from the long-side rule of lxm show
     height = max(round(r.img_h * max(1.0, long_side / max(r.img_h, r.img_w))) for r in records)
     scales = [height / r.img_h for r in records]

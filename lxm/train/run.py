@@ -108,8 +108,9 @@ def pick_device(device: str, dist: DistInfo) -> torch.device:
 
 
 def start_run(cfg, out: Path, *dirs: str) -> tuple[DistInfo, torch.device]:
-    """Join torchrun's group, pick the device, seed per rank and (rank 0) write OUT/config.yaml — the resolved
-    config — before anything else runs. `cfg` has `device`, `seed` and `to_yaml()`."""
+    """Join torchrun's group, pick the device, keep freed memory on CPU (`keep_freed_memory`), seed per rank and
+    (rank 0) write OUT/config.yaml — the resolved config — before anything else runs. `cfg` has `device`,
+    `keep_freed_memory`, `seed` and `to_yaml()`."""
     dist = init_distributed("cuda" if cfg.device == "cuda" else "cpu")
     device = pick_device(cfg.device, dist)
     if device.type == "cpu" and cfg.keep_freed_memory:
