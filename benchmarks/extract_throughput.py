@@ -1,7 +1,9 @@
 """Feature extraction throughput of the torch engine: the 10 fixture images, batch 1 vs 4, on this machine.
 
 Runs `lxm.extract.pipeline.extract` (real BUTD ResNet-101 architecture, seeded random weights: the cost is the
-same as with the released weights) in a fresh child process per setting; reports images/s and peak RSS.
+same as with the released weights) in a fresh child process per setting; reports images/s in steady state (from the
+end of the first batch to the end of the last: building the detector, setting its weights and the first call's kernel
+set-up excluded, which a 100K-image run never notices), images/s over the whole call, and peak RSS.
 
     python benchmarks/extract_throughput.py                     # CPU, 2 threads, batch 1 and 4
     python benchmarks/extract_throughput.py --device cuda --batch-sizes 1,4,8 [--bf16]
@@ -11,6 +13,9 @@ same as with the released weights) in a fresh child process per setting; reports
 box the bf16 box of highest IoU (mean IoU over the 36), whether its object and attribute labels are equal, and the
 cosine of their 2048-d features. With seeded random weights (all this machine has) the class scores are nearly flat,
 so which boxes win is far more fragile than with the released weights: the agreement figures are a lower bound.
+It also profiles one image in each precision (`--conv-profile` children: torch.profiler with FLOP counting) and
+prints the convolutions' share of the image time and their GFLOP/s -- against the machine's matrix-product peak
+(`model_step.py` prints it) that says how much faster any precision could go.
 The last line is `bf16_speedup=<x.xx> mean_cosine=<c.cccc> mean_iou=<i.iii> equal_objects=<o.ooo>`.
 """
 
@@ -37,17 +42,69 @@ def child(batch: int, device: str, bf16: bool, threads: int, keep: str | None = 
     from lxm.extract.pipeline import ExtractConfig, extract
 
     torch.set_num_threads(threads)
+    marks: list[tuple[float, int]] = []  # (time, images handled) after each batch
+
+    def progress(done: int, total: int, rate: float) -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        marks.append((time.perf_counter(), done))
+
     with tempfile.TemporaryDirectory() as tmp:
         out = keep or tmp
         t0 = time.perf_counter()
         summary = extract(ExtractConfig(images=str(IMAGES), out=out, weights="random", batch_size=batch,
                                         device=device, bf16=bf16, engine="torch", dtype="float32",
-                                        detector=detector))
+                                        detector=detector), on_progress=progress)
         dt = time.perf_counter() - t0
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0
-    print(json.dumps({"images": summary["extracted"], "seconds": dt, "peak_rss_mb": peak, "gpu_mb": gpu}))
+    # steady state: from the end of the first batch (detector built, weights set, kernels warm) to the last
+    batches = [m for m in marks if m[1] > 0]
+    steady = (batches[-1][1] - batches[0][1], batches[-1][0] - batches[0][0]) if len(batches) > 1 else (0, 0.0)
+    print(json.dumps({"images": summary["extracted"], "seconds": dt, "steady_images": steady[0],
+                      "steady_seconds": steady[1], "peak_rss_mb": peak, "gpu_mb": gpu}))
+
+
+def conv_profile(device: str, bf16: bool, threads: int, detector: str) -> None:
+    """One warm image under torch.profiler: wall time, convolution FLOPs, time, GFLOP/s and share of the op time."""
+    import torch
+    from torch.profiler import profile
+
+    from lxm.extract.images import caffe_blob, load_bgr
+    from lxm.extract.pipeline import ExtractConfig, _device, build_detector, detect
+    from lxm.memory import keep_freed_memory
+
+    torch.set_num_threads(threads)
+    cfg = ExtractConfig(images=str(IMAGES), out="-", weights="random", device=device, bf16=bf16, engine="torch",
+                        detector=detector)
+    if device == "cpu":
+        keep_freed_memory()  # as extract() does
+    model, _ = build_detector(cfg, on_weights=lambda line: None)
+    det, dev = cfg.detector_config(), _device(device)
+    img = load_bgr(min(IMAGES.glob("*.jpg")))
+    blob, scale = caffe_blob(img, det.pixel_mean_bgr, det.min_size, det.max_size)
+    blobs = [(blob, scale, img.shape[:2])]
+    detect(model, blobs, dev, bf16)  # warm
+    t0 = time.perf_counter()
+    with profile(with_flops=True) as prof:
+        detect(model, blobs, dev, bf16)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    flops = sum(e.flops for e in events if e.key == "aten::conv2d")
+    conv_s = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mkldnn_convolution",
+                                                                   "aten::cudnn_convolution")) / 1e6
+    total_s = sum(e.self_cpu_time_total for e in events) / 1e6
+    print(json.dumps({"wall_s": wall, "conv_tflop": flops / 1e12, "conv_s": conv_s,
+                      "conv_gflops": flops / conv_s / 1e9 if conv_s else 0.0,
+                      "conv_share": conv_s / total_s if total_s else 0.0}))
+
+
+def rate(res: dict) -> float:
+    """Images/s in steady state (after the first batch), or over the whole call when there is one batch."""
+    if res["steady_images"]:
+        return res["steady_images"] / res["steady_seconds"]
+    return res["images"] / res["seconds"]
 
 
 def _iou(a, b):
@@ -97,9 +154,19 @@ def compare_bf16(args) -> None:
                        str(args.threads), "--keep", keep, "--detector", args.detector] + (["--bf16"] if bf16 else [])
                 res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True)
                                  .stdout.strip().splitlines()[-1])
-                rates[bf16].append(res["images"] / res["seconds"])
+                rates[bf16].append(rate(res))
         fp32, bf16 = statistics.median(rates[False]), statistics.median(rates[True])
         agree = agreement(str(Path(tmp) / "fp32-0"), str(Path(tmp) / "bf16-0"))
+    profiles = {}
+    for bf16_child in (False, True):
+        cmd = [sys.executable, __file__, "--conv-profile", "--device", args.device, "--threads", str(args.threads),
+               "--detector", args.detector] + (["--bf16"] if bf16_child else [])
+        prof = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+                          .splitlines()[-1])
+        profiles["bf16" if bf16_child else "fp32"] = prof
+        print(f"one warm image, {'bf16' if bf16_child else 'fp32'}: {prof['wall_s']:.2f} s (profiled); convolutions "
+              f"{prof['conv_tflop']:.3f} TFLOP in {prof['conv_s']:.2f} s = {prof['conv_gflops']:.0f} GFLOP/s, "
+              f"{prof['conv_share'] * 100:.1f} % of the op time", flush=True)
     print(f"batch {bs}, {args.device}, {args.threads} threads, {args.rounds} rounds: fp32 {fp32:.3f} img/s, bf16 "
           f"autocast {bf16:.3f} img/s ({bf16 / fp32:.2f}x); over {agree['boxes']} boxes: mean IoU "
           f"{agree['mean_iou']:.3f}, equal objects {agree['equal_objects']:.3f}, equal attributes "
@@ -107,7 +174,7 @@ def compare_bf16(args) -> None:
           f"{agree['min_cosine']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"batch": bs, "device": args.device, "fp32_img_s": fp32,
-                                               "bf16_img_s": bf16, **agree}, indent=2) + "\n")
+                                               "bf16_img_s": bf16, "profiles": profiles, **agree}, indent=2) + "\n")
     print(f"bf16_speedup={bf16 / fp32:.2f} mean_cosine={agree['mean_cosine']:.4f} mean_iou={agree['mean_iou']:.3f} "
           f"equal_objects={agree['equal_objects']:.3f}")
 
@@ -124,7 +191,11 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this JSON file")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--keep", help=argparse.SUPPRESS)
+    ap.add_argument("--conv-profile", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.conv_profile:
+        conv_profile(args.device, args.bf16, args.threads, args.detector)
+        return
     if args.child:
         child(args.child, args.device, args.bf16, args.threads, args.keep, args.detector)
         return
@@ -137,9 +208,10 @@ def main() -> None:
                "--detector", args.detector]
         res = json.loads(subprocess.run(cmd + (["--bf16"] if args.bf16 else []), capture_output=True, text=True,
                                         check=True).stdout.strip().splitlines()[-1])
-        rows.append({"batch": bs, "bf16": args.bf16, "img_s": res["images"] / res["seconds"], **res})
-        print(f"batch {bs}: {res['images']} images in {res['seconds']:.1f} s = {res['images'] / res['seconds']:.3f} "
-              f"img/s ({args.device}{', bf16' if args.bf16 else ''}, {args.threads} threads); peak RSS "
+        rows.append({"batch": bs, "bf16": args.bf16, "img_s": rate(res), **res})
+        print(f"batch {bs}: {rate(res):.3f} img/s after the first batch ({res['images']} images in "
+              f"{res['seconds']:.1f} s with start-up = {res['images'] / res['seconds']:.3f} img/s; "
+              f"{args.device}{', bf16' if args.bf16 else ''}, {args.threads} threads); peak RSS "
               f"{res['peak_rss_mb']:.0f} MB" + (f", GPU {res['gpu_mb']:.0f} MB" if res["gpu_mb"] else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "detector": args.detector, "rows": rows},

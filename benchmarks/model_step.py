@@ -50,7 +50,7 @@ from lxm.model.losses import pretraining_step_losses  # noqa: E402
 from lxm.model.flops import pretraining_step_flops  # noqa: E402
 from lxm.model.weights import load_into  # noqa: E402
 from lxm.train.precision import Bf16Replica  # noqa: E402
-from lxm.train.run import keep_freed_memory  # noqa: E402
+from lxm.memory import keep_freed_memory  # noqa: E402
 
 BATCH = {"small": 64, "base": 32, "tiny": 8}  # realistic batches (the paper: 256 over 4 GPUs, 64 a GPU); tiny: smoke
 QUICK_BATCH = {"small": 8, "base": 4, "tiny": 8}
@@ -274,7 +274,7 @@ def main() -> None:
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
     ap.add_argument("--compile", action="store_true", help="add lxm under torch.compile (inductor; slow to compile)")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="tune glibc malloc in BOTH implementations' processes (lxm.train.run.keep_freed_memory, "
+                    help="tune glibc malloc in BOTH implementations' processes (lxm.memory.keep_freed_memory, "
                          "what lxm's trainer does on CPU)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--peak", help=argparse.SUPPRESS)

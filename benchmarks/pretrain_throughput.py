@@ -48,8 +48,8 @@ from lxm.model import LxmertForPreTraining, preset, pretraining_step_losses  # n
 from lxm.train.config import load_config  # noqa: E402
 from lxm.train.data import PretrainDataset, collate  # noqa: E402
 from lxm.train.pretrain import Pretrainer  # noqa: E402
-from lxm.train.run import (DistInfo, build_optimizer, keep_freed_memory, save_state, training_modules,  # noqa: E402
-                           training_state)
+from lxm.memory import keep_freed_memory  # noqa: E402
+from lxm.train.run import DistInfo, build_optimizer, save_state, training_modules, training_state  # noqa: E402
 from lxm.train.step import train_step  # noqa: E402
 
 BATCH = 32

@@ -30,3 +30,22 @@ def test_gpu_script_smoke_mode_runs_every_step_and_writes_one_report(tmp_path):
     assert set(report["checks"]) == {"extraction_img_s"}  # the GPU targets need a base bf16 run
     for line in ("model step", "loader", "trainer", "extraction"):
         assert line in out
+
+
+def test_extraction_bf16_comparison_reports_speed_agreement_and_the_convolutions_share(tmp_path):
+    """`extract_throughput.py --compare-bf16` on the tiny detector: steady-state rates, agreement, and the profiled
+    convolution rate of each precision (the figures are not asserted, only that they are measured and sane)."""
+    out = tmp_path / "compare.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract_throughput.py"), "--compare-bf16",
+                             "--detector", "tiny", "--batch-sizes", "4", "--rounds", "1", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^bf16_speedup=\d+\.\d\d mean_cosine=0\.\d{4} mean_iou=\d\.\d{3} equal_objects=\d\.\d{3}$",
+                     result.stdout, re.MULTILINE)
+    report = json.loads(out.read_text())
+    assert report["fp32_img_s"] > 0 and report["bf16_img_s"] > 0 and report["boxes"] == 360
+    assert report["mean_cosine"] > 0.9  # bf16 features of the same detector: close to fp32
+    for precision in ("fp32", "bf16"):
+        prof = report["profiles"][precision]
+        assert prof["conv_tflop"] > 0 and prof["conv_gflops"] > 0 and 0 < prof["conv_share"] < 1
+        assert f"one warm image, {precision}:" in result.stdout

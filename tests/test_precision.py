@@ -198,7 +198,7 @@ def test_keep_freed_memory_keeps_a_freed_tensors_pages_for_reuse():
 
     code = """
 import sys, torch
-from lxm.train.run import keep_freed_memory
+from lxm.memory import keep_freed_memory
 if sys.argv[1] == "1":
     assert keep_freed_memory()
 def rss():

@@ -48,7 +48,7 @@ except ImportError as exc:  # tests/test_engines.py hides detectron2 to exercise
         f"README), or use the torch engine (--engine torch or auto). ({exc})"
     ) from None
 
-from lxm.extract.detector import DetectorConfig, DetectorOutput, detector_outputs, in_layout_of
+from lxm.extract.detector import DetectorConfig, DetectorOutput, detector_outputs, in_layout_of, mean_pool
 
 
 def add_butd_config(cfg: CfgNode) -> None:
@@ -173,7 +173,7 @@ class BUTDRes5ROIHeads(Res5ROIHeads):
             sel = slice(start, start + chunk)
             rois = torch.cat([owners[sel, None].to(flat.tensor.dtype), flat.tensor[sel]], dim=1)
             x = self.pooler.level_poolers[0](feat, rois)
-            p = self.res5(in_layout_of(x, self.res5)).mean(dim=(2, 3))
+            p = mean_pool(self.res5(in_layout_of(x, self.res5)))
             c, d = pred(p)
             pooled.append(p), cls.append(c), deltas.append(d), attrs.append(pred.attributes(p, c))
         return torch.cat(pooled), torch.cat(cls), torch.cat(deltas), torch.cat(attrs)

@@ -11,7 +11,6 @@ weights only and could not resume; none of this has a counterpart there.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lxm import atomic
+from lxm.memory import keep_freed_memory
 from lxm.atomic import atomic_path
 from lxm.errors import ConfigError
 from lxm.model import CheckpointError
@@ -64,26 +64,6 @@ def init_distributed(device: str) -> DistInfo:
     if device == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
-
-
-def keep_freed_memory() -> bool:
-    """glibc malloc: serve every allocation from the heap and never hand freed memory back to the kernel.
-
-    By default each large tensor (a step's activations and gradients: GBs at base size) is a fresh mmap whose pages
-    the kernel must fault in and zero, every step; with this the next step reuses them. The cost: the process's RSS
-    stays at its peak. Process-wide and irreversible; what PyTorch's CPU tuning guides get from jemalloc/tcmalloc.
-    Returns False (and does nothing) where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    mallopt(m_mmap_max, 0)
-    mallopt(m_trim_threshold, 2**31 - 1)
-    mallopt(m_top_pad, 256 << 20)
-    return True
 
 
 def loader_workers(num_workers: int | None, device: torch.device) -> int:
