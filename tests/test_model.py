@@ -146,6 +146,42 @@ def test_packed_losses_equal_dense_losses():
         torch.testing.assert_close(packed[name], dense[name], atol=1e-6, rtol=1e-6)
 
 
+def test_the_last_layer_runs_the_language_side_only_where_the_heads_read():
+    """pretraining_step_losses passes mlm_positions with pack_text: the last cross layer's language queries, output
+    and FFN run at the masked tokens and [CLS] only; outputs there, losses and every gradient equal a dense step."""
+    torch.manual_seed(0)
+    cfg = lxmert_tiny()
+    model = randomize_(LxmertForPreTraining(cfg), 7).eval()
+    inputs, raw = make_inputs(cfg, pad=(0, 3, 7, 10))
+    labels = PretrainLabels(**raw)
+    mlm = raw["mlm_labels"] != -1
+    read = mlm.clone()
+    read[:, 0] = True
+    assert 0 < read.sum() < inputs["attention_mask"].sum() / 2  # most rows are skipped
+    with torch.no_grad():
+        dense = model(**inputs)
+        pruned = model(**inputs, mlm_positions=mlm, pack_text=True)
+    torch.testing.assert_close(pruned.language_output[read], dense.language_output[read], atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(pruned.language_output[~read]) == 0  # not computed
+    torch.testing.assert_close(pruned.mlm_logits, dense.mlm_logits[mlm], atol=1e-6, rtol=1e-6)
+    for name in ("pooled_output", "match_logits", "answer_logits", "vision_output", "obj_logits"):
+        torch.testing.assert_close(getattr(pruned, name), getattr(dense, name), atol=1e-6, rtol=1e-6)
+
+    def grads(step) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        sum(step().values()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full = grads(lambda: pretraining_losses(model(**inputs), labels))
+    packed = grads(lambda: pretraining_step_losses(model, labels, **inputs)[0])
+    assert full.keys() == packed.keys()
+    for name in full:
+        torch.testing.assert_close(packed[name], full[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="lang_outputs needs pack_text"):
+        model.lxmert(inputs["input_ids"], inputs["attention_mask"], None, inputs["visual_feats"],
+                     inputs["visual_boxes"], lang_outputs=read)
+
+
 def _manual_visual_losses(out, lab, normalizer):
     """The original's loop (modeling.py L954-975), written out per box."""
     b, n = lab["obj_labels"].shape
