@@ -11,13 +11,15 @@ transformers checkpoint loads with the identity map and an original `*_LXRT.pth`
 on all three text embeddings, visual input `(LN(W_f f) + LN(W_b b)) / 2`, one cross-attention module shared by both
 directions, tanh pooler on [CLS] after the last cross layer.
 
-Three things differ in *how* it is computed, not in what: attention runs through
+Four things differ in *how* it is computed, not in what: attention runs through
 `torch.nn.functional.scaled_dot_product_attention` (training with attention dropout: written out, see
 `LxmertAttention._attend_with_dropout`), the shared cross-attention projects the language and vision streams in one
-matrix product (same weights, so the same values up to float rounding), and dropout draws its mask from 16 random
-bits an element (`dropout_scaled_mask`: the drop probability p to within 7.6e-6, scaled to keep the expectation;
-cheaper on CPU than `nn.Dropout`). The model computes in the dtype of its parameters: a bf16 copy
-(`lxm.train.precision`) casts the float inputs (region features, boxes) to bf16 itself.
+matrix product (same weights, so the same values up to float rounding), dropout draws its mask from 16 random bits
+an element (`dropout_scaled_mask`: the drop probability p to within 7.6e-6, scaled to keep the expectation; cheaper
+on CPU than `nn.Dropout`), and in training (`pack_text` with `mlm_positions`) the last cross layer's language side
+runs only at the positions the heads read (`LxmertModel.forward`'s `lang_outputs`). The model computes in the dtype
+of its parameters: a bf16 copy (`lxm.train.precision`) casts the float inputs (region features, boxes) to bf16
+itself.
 """
 
 from __future__ import annotations
@@ -539,7 +541,9 @@ class LxmertForPreTraining(nn.Module):
                 only needs the ~15 % masked tokens asks for just those; the loss value is unchanged.
             feat_positions: [B, N] bool; if given, the feature regression is computed only there (packed [K, F]).
             pack_text: skip padded text positions inside the encoder (exact for every real position; the padded
-                positions of language_output and dense mlm_logits are then meaningless). Training uses it.
+                positions of language_output and dense mlm_logits are then meaningless). Training uses it. With
+                `mlm_positions` (or no MLM head) the last cross layer's language side then also runs only where the
+                heads read (those positions and [CLS]): language_output is 0 at every other position.
         """
         if visual_feats is None or visual_boxes is None:
             raise ValueError("LxmertForPreTraining.forward needs visual_feats [B, N, F] and visual_boxes [B, N, 4]")
