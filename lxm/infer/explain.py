@@ -62,7 +62,7 @@ class CrossAttentionCapture:
 
     def __enter__(self) -> CrossAttentionCapture:
         def keep_inputs(_module, args):
-            lang, _lang_mask, visn, visn_mask, layout = args
+            lang, _lang_mask, visn, visn_mask, layout = args[:5]  # then lang_queries (last layer)
             self.inputs = (lang.shape[0], visn.shape, visn_mask, layout)
 
         def keep(name):
