@@ -261,6 +261,15 @@ def _c_round(v: Tensor) -> Tensor:
     return (t + ((v - t).abs() >= 0.5).to(v.dtype) * v.sign()).long()
 
 
+def _window_max(t: Tensor, dim: int, half: int) -> Tensor:
+    """t's windows of 2 * half along `dim` from windows of `half`: out[i] = max(t[i], t[i + half]) (the last `half`
+    entries, whose windows would pass the edge, are copied and never read)."""
+    n = t.shape[dim] - half
+    out = t.clone()
+    torch.maximum(t.narrow(dim, 0, n), t.narrow(dim, half, n), out=out.narrow(dim, 0, n))
+    return out
+
+
 def roi_pool(feat: Tensor, rois: Tensor, size: int, spatial_scale: float) -> Tensor:
     """`torchvision.ops.roi_pool(feat, rois, size, spatial_scale)`, value for value, computed with range-max tables.
 
@@ -300,35 +309,28 @@ def roi_pool(feat: Tensor, rois: Tensor, size: int, spatial_scale: float) -> Ten
     owners = rois[:, 0].long()
     for img in owners.unique().tolist():
         sel = (owners == img).nonzero().squeeze(1)
-        # tables[a][b][y, x] = max of the map over [y, y + 2^a) x [x, x + 2^b) (entries past the edge unused)
-        rows = [torch.fmax(feat[img].permute(1, 2, 0).contiguous(), floor)]  # [H, W, C]; fmax: NaN ignored, >= -FLT_MAX
+        i_hs, i_he, i_ws, i_we, i_kh, i_kw = (t[sel] for t in (hs, he, ws, we, kh, kw))
+        # tables[a * (kw_max + 1) + b][y, x] = max of the map over [y, y + 2^a) x [x, x + 2^b) (past the edge: unused)
+        base = torch.fmax(feat[img].permute(1, 2, 0).contiguous(), floor)  # [H, W, C]; NaN ignored, >= -FLT_MAX
+        rows = [base]
         for k in range(1, kw_max + 1):
-            prev, half = rows[-1], 1 << (k - 1)
-            nxt = prev.clone()
-            torch.maximum(prev[:, : w - half], prev[:, half:], out=nxt[:, : w - half])
-            rows.append(nxt)
-        tables = [rows]
+            rows.append(_window_max(rows[-1], 1, 1 << (k - 1)))
+        tables = list(rows)
         for k in range(1, kh_max + 1):
-            half = 1 << (k - 1)
-            level = []
-            for prev in tables[-1]:
-                nxt = prev.clone()
-                torch.maximum(prev[: h - half], prev[half:], out=nxt[: h - half])
-                level.append(nxt)
-            tables.append(level)
-        flat = torch.stack([t for level in tables for t in level]).reshape(-1, c)  # [(a, b, y, x), C]
-        a, b = kh[sel][:, :, None], kw[sel][:, None, :]  # [S, size, 1] per bin row, [S, 1, size] per bin column
-        t0 = (a * (kw_max + 1) + b) * h  # [S, size, size]: first row of each bin's table
-        y0, y1_ = hs[sel][:, :, None], (he[sel] - (1 << kh[sel]))[:, :, None]
-        x0, x1_ = ws[sel][:, None, :], (we[sel] - (1 << kw[sel]))[:, None, :]
-        corners = [((t0 + y) * w + x).clamp(0, flat.shape[0] - 1).reshape(-1) for y in (y0, y1_) for x in (x0, x1_)]
+            rows = [_window_max(t, 0, 1 << (k - 1)) for t in rows]
+            tables += rows
+        flat = torch.stack(tables).reshape(-1, c)  # [(a, b, y, x), C]
+        t0 = (i_kh[:, :, None] * (kw_max + 1) + i_kw[:, None, :]) * h  # [S, size, size]: each bin's table
+        ys = (i_hs[:, :, None], (i_he - (1 << i_kh))[:, :, None])  # the two windows' first rows, per bin row
+        xs = (i_ws[:, None, :], (i_we - (1 << i_kw))[:, None, :])  # and first columns, per bin column
+        corners = [((t0 + y) * w + x).clamp(0, flat.shape[0] - 1).reshape(-1) for y in ys for x in xs]
         whole = sel.numel() == r  # one image: gather straight into the output
         m = out.view(-1, c) if whole else feat.new_empty(sel.numel() * size * size, c)
         torch.index_select(flat, 0, corners[0], out=m)
         other = torch.empty_like(m)  # two buffers for the four corners: large fresh tensors cost page faults
         for idx in corners[1:]:
             torch.maximum(m, torch.index_select(flat, 0, idx, out=other), out=m)
-        empty = ((he[sel] <= hs[sel])[:, :, None] | (we[sel] <= ws[sel])[:, None, :]).reshape(-1, 1)
+        empty = ((i_he <= i_hs)[:, :, None] | (i_we <= i_ws)[:, None, :]).reshape(-1, 1)
         if bool(empty.any()):
             m.masked_fill_(empty, 0)
         if not whole:
@@ -372,17 +374,15 @@ def prepare_bf16(model: nn.Module) -> nn.Module:
     detectron2. Linear layers and embeddings are untouched (autocast casts them, as before).
     """
     for module in model.modules():
-        norm = getattr(module, "norm", None)
-        if isinstance(module, nn.Conv2d) and norm is not None and not isinstance(norm, nn.Identity):
+        if not isinstance(module, nn.Conv2d):
+            continue
+        weight, bias, norm = module.weight, module.bias, getattr(module, "norm", None)
+        if norm is not None and not isinstance(norm, nn.Identity):
             weight, bias = fold_frozen_bn(module, norm)
-            module.weight = nn.Parameter(weight, requires_grad=False)
-            module.bias = nn.Parameter(bias, requires_grad=False)
             module.norm = nn.Identity()  # ours calls it; detectron2's Conv2d calls a non-None norm
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            module.weight.data = module.weight.data.to(torch.bfloat16, memory_format=torch.channels_last)
-            if module.bias is not None:
-                module.bias.data = module.bias.data.to(torch.bfloat16)
+        module.weight = nn.Parameter(weight.to(torch.bfloat16, memory_format=torch.channels_last), requires_grad=False)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
     return model
 
 

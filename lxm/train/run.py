@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lxm import atomic
-from lxm.memory import keep_freed_memory
 from lxm.atomic import atomic_path
 from lxm.errors import ConfigError
+from lxm.memory import keep_freed_memory
 from lxm.model import CheckpointError
 from lxm.train.optim import make_optimizer
 from lxm.train.precision import Bf16Replica
