@@ -3,9 +3,13 @@ how close each comes to the machine's own matrix-product limit (MFU).
 
 Both models get the identical config, weights and inputs (15 % word masking, 15 % box masking, matched/QA labels,
 train mode so dropout runs). Each measurement runs in a fresh child process (so one implementation's allocator
-history cannot slow the other), and the children alternate transformers, lxm, transformers, lxm, ... so that machine
-drift hits both alike; the figures are medians over all timed steps. Peak memory: peak RSS during the steps minus
-RSS before them, per child.
+history cannot slow the other), and the children alternate transformers, lxm, transformers, lxm, ... (every other
+round in reverse order, so that a drift within a round hits both alike); the figures are medians over all timed
+steps. The "paired" speedup is the median over rounds of each round's own ratio (best transformers mode / best lxm
+mode, both measured minutes apart), which cancels this VM's slow speed drifts between rounds. Every child tells
+glibc to keep freed memory for reuse (`lxm.memory.keep_freed_memory`: what lxm's trainer does on CPU; applied to
+both implementations; `--default-malloc`: neither). Peak memory: peak RSS during the steps minus RSS before them,
+per child.
 
 Modes: each implementation in fp32 and in bf16 autocast (lxm: `--set precision=bf16-autocast`), and lxm's
 `--set precision=bf16`: a bf16 copy of the model computes, the fp32 master weights are what the optimizer updates
@@ -247,7 +251,7 @@ def peak_worker(name: str, batch: int, threads: int, dtype_name: str, device: st
 def run_child(args, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--iters", str(args.iters), "--warmup",
            str(args.warmup), "--device", args.device, *(["--quick"] if args.quick else []),
-           *(["--keep-freed-memory"] if args.keep_freed_memory else []), *extra]
+           *([] if args.keep_freed_memory else ["--default-malloc"]), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -273,9 +277,11 @@ def main() -> None:
     ap.add_argument("--json", help="also write every figure to this JSON file")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
     ap.add_argument("--compile", action="store_true", help="add lxm under torch.compile (inductor; slow to compile)")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="tune glibc malloc in BOTH implementations' processes (lxm.memory.keep_freed_memory, "
-                         "what lxm's trainer does on CPU)")
+    ap.add_argument("--keep-freed-memory", action="store_true", default=True,
+                    help="(the default) tune glibc malloc in BOTH implementations' processes "
+                         "(lxm.memory.keep_freed_memory, what lxm's trainer does on CPU)")
+    ap.add_argument("--default-malloc", dest="keep_freed_memory", action="store_false",
+                    help="leave glibc malloc as it is in both implementations' processes")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--peak", help=argparse.SUPPRESS)
     ap.add_argument("--precision-child", default="fp32", help=argparse.SUPPRESS)
@@ -299,7 +305,7 @@ def main() -> None:
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {args.device} ({where}), "
           f"{platform.machine()}, {os.cpu_count()} cpus; {args.rounds} rounds of one child process per "
           f"implementation and mode ({args.warmup} warm-up + {args.iters} timed steps each); medians over all timed "
-          f"steps" + ("; glibc malloc keeps freed memory (both)" if args.keep_freed_memory else ""))
+          f"steps; glibc malloc " + ("keeps freed memory (both)" if args.keep_freed_memory else "as it is"))
     dtypes = ("fp32",) if args.no_bf16 else ("fp32", "bf16")  # of the peak GEMM rates
     modes = [("hf", "fp32", False), ("lxm", "fp32", False)]
     if not args.no_bf16:
@@ -307,7 +313,7 @@ def main() -> None:
     if args.compile:
         modes += [("lxm", prec, True) for prec in ("fp32",) + (() if args.no_bf16 else ("bf16",))]
     label = {"hf": "transformers", "lxm": "lxm"}
-    speedups, best_speedup, best_mfu = {}, {}, {}
+    speedups, best_speedup, best_mfu, paired = {}, {}, {}, {}
     rows: list[dict] = []
     for name in args.configs.split(","):
         batch = batches[name]
@@ -319,13 +325,18 @@ def main() -> None:
               + f" (best of {json.dumps(peaks[dtypes[-1]]['per_shape'])})", flush=True)
         times: dict[tuple, list[float]] = {m: [] for m in modes}
         peak_mem: dict[tuple, list[float]] = {m: [] for m in modes}
-        for _ in range(args.rounds):
-            for mode in modes:
+        round_ratios = []
+        for r in range(args.rounds):
+            this_round = {}
+            for mode in (modes if r % 2 == 0 else modes[::-1]):
                 which, prec, compiled = mode
                 res = run_child(args, "--worker", f"{name}:{which}", "--precision-child", prec,
                                 *(["--compiled-child"] if compiled else []))
                 times[mode] += res["times_ms"]
                 peak_mem[mode].append(res["step_peak_mb"])
+                this_round[mode] = statistics.median(res["times_ms"])
+            round_ratios.append(min(t for (w, _, _), t in this_round.items() if w == "hf")
+                                / min(t for (w, _, _), t in this_round.items() if w == "lxm"))
         med = {m: statistics.median(t) for m, t in times.items()}
         for mode in modes:
             which, prec, compiled = mode
@@ -342,11 +353,15 @@ def main() -> None:
         best_lxm_mode = min((m for m in modes if m[0] == "lxm"), key=med.__getitem__)
         best_speedup[name] = best_hf / med[best_lxm_mode]
         best_mfu[name] = flops / (med[best_lxm_mode] / 1000) / (peaks[best_lxm_mode[1]]["peak_gflops"] * 1e9)
+        paired[name] = statistics.median(round_ratios)
         print(f"{name}: best lxm mode {best_lxm_mode[1]}{' compiled' if best_lxm_mode[2] else ''} vs best "
-              f"transformers mode: {best_speedup[name]:.2f}x, MFU {best_mfu[name]:.2f}", flush=True)
+              f"transformers mode: {best_speedup[name]:.2f}x, MFU {best_mfu[name]:.2f}; paired (each round's best "
+              f"vs best): {', '.join(f'{x:.2f}' for x in round_ratios)} -> median {paired[name]:.2f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "rows": rows, "best_speedup": best_speedup,
-                                               "best_mfu": best_mfu, "speedup_fp32": speedups}, indent=2) + "\n")
+                                               "best_mfu": best_mfu, "speedup_fp32": speedups,
+                                               "paired_best_speedup": paired,
+                                               "keep_freed_memory": args.keep_freed_memory}, indent=2) + "\n")
     # the format stays fixed when base was not run (--configs small): its values are then nan
     print(f"best_speedup_base={best_speedup.get('base', math.nan):.2f} mfu_base={best_mfu.get('base', math.nan):.2f} "
           f"speedup_small={speedups.get('small', math.nan):.2f} speedup_base={speedups.get('base', math.nan):.2f}")

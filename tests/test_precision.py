@@ -152,7 +152,7 @@ def test_bf16_replica_refuses_a_non_fp32_master():
         Bf16Replica(_tiny_model().to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dropout_drops_at_rate_p_keeps_the_expectation_and_passes_the_gradient(dtype):
     from lxm.model.modeling import Dropout
 
