@@ -6,10 +6,10 @@ train mode so dropout runs). Each measurement runs in a fresh child process (so 
 history cannot slow the other), and the children alternate transformers, lxm, transformers, lxm, ... (every other
 round in reverse order, so that a drift within a round hits both alike); the figures are medians over all timed
 steps. The "paired" speedup is the median over rounds of each round's own ratio (best transformers mode / best lxm
-mode, both measured minutes apart), which cancels this VM's slow speed drifts between rounds. Every child tells
-glibc to keep freed memory for reuse (`lxm.memory.keep_freed_memory`: what lxm's trainer does on CPU; applied to
-both implementations; `--default-malloc`: neither). Peak memory: peak RSS during the steps minus RSS before them,
-per child.
+mode, both measured minutes apart), which cancels this VM's slow speed drifts between rounds.
+`--keep-freed-memory` tells glibc in every child, both implementations', to keep freed memory for reuse
+(`lxm.memory.keep_freed_memory`: what lxm's trainer does on CPU); by default malloc is left as it is. Peak memory:
+peak RSS during the steps minus RSS before them, per child.
 
 Modes: each implementation in fp32 and in bf16 autocast (lxm: `--set precision=bf16-autocast`), and lxm's
 `--set precision=bf16`: a bf16 copy of the model computes, the fp32 master weights are what the optimizer updates
@@ -251,7 +251,7 @@ def peak_worker(name: str, batch: int, threads: int, dtype_name: str, device: st
 def run_child(args, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--iters", str(args.iters), "--warmup",
            str(args.warmup), "--device", args.device, *(["--quick"] if args.quick else []),
-           *([] if args.keep_freed_memory else ["--default-malloc"]), *extra]
+           *(["--keep-freed-memory"] if args.keep_freed_memory else []), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -277,11 +277,9 @@ def main() -> None:
     ap.add_argument("--json", help="also write every figure to this JSON file")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
     ap.add_argument("--compile", action="store_true", help="add lxm under torch.compile (inductor; slow to compile)")
-    ap.add_argument("--keep-freed-memory", action="store_true", default=True,
-                    help="(the default) tune glibc malloc in BOTH implementations' processes "
-                         "(lxm.memory.keep_freed_memory, what lxm's trainer does on CPU)")
-    ap.add_argument("--default-malloc", dest="keep_freed_memory", action="store_false",
-                    help="leave glibc malloc as it is in both implementations' processes")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="tune glibc malloc in BOTH implementations' processes (lxm.memory.keep_freed_memory, "
+                         "what lxm's trainer does on CPU)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--peak", help=argparse.SUPPRESS)
     ap.add_argument("--precision-child", default="fp32", help=argparse.SUPPRESS)

@@ -24,6 +24,9 @@ def test_gpu_script_smoke_mode_runs_every_step_and_writes_one_report(tmp_path):
     modes = {(r["implementation"], r["precision"]) for r in report["model_step"]["rows"]}
     assert modes == {(i, p) for i in ("transformers", "lxm") for p in ("fp32", "bf16-autocast")} | {("lxm", "bf16")}
     assert all(r["ms"] > 0 and 0 < r["mfu"] < 1 and r["tflop_per_step"] > 0 for r in report["model_step"]["rows"])
+    # one paired (same-round) ratio per config run, beside the pooled one
+    assert set(report["model_step"]["paired_best_speedup"]) == set(report["model_step"]["best_speedup"])
+    assert all(x > 0 for x in report["model_step"]["paired_best_speedup"].values())
     trainer = report["trainer"]
     assert trainer["trainer"] > 0 and trainer["step"] > 0 and set(trainer["loader"]) == {"0", "1"}
     assert {r["batch"] for d in report["extraction"].values() for r in d["rows"]} == {4}
