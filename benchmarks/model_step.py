@@ -265,6 +265,11 @@ def step_flops(name: str, batch: int) -> int:
                                   int((labels.mlm_labels != -1).sum()), int((labels.feat_mask != 0).sum())).training
 
 
+def best_mode(times: dict[tuple, float], which: str) -> tuple:
+    """The fastest (implementation, precision, compiled) mode of `which` ("hf" or "lxm") in `times`."""
+    return min((m for m in times if m[0] == which), key=times.__getitem__)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="small,base")
@@ -333,8 +338,7 @@ def main() -> None:
                 times[mode] += res["times_ms"]
                 peak_mem[mode].append(res["step_peak_mb"])
                 this_round[mode] = statistics.median(res["times_ms"])
-            round_ratios.append(min(t for (w, _, _), t in this_round.items() if w == "hf")
-                                / min(t for (w, _, _), t in this_round.items() if w == "lxm"))
+            round_ratios.append(this_round[best_mode(this_round, "hf")] / this_round[best_mode(this_round, "lxm")])
         med = {m: statistics.median(t) for m, t in times.items()}
         for mode in modes:
             which, prec, compiled = mode
@@ -347,9 +351,8 @@ def main() -> None:
                          "mfu": mfu, "tflop_per_step": flops / 1e12, "peak_gflops": peaks[prec]["peak_gflops"],
                          "peak_step_memory_mb": statistics.median(peak_mem[mode])})
         speedups[name] = med["hf", "fp32", False] / med["lxm", "fp32", False]
-        best_hf = min(t for (w, _, _), t in med.items() if w == "hf")
-        best_lxm_mode = min((m for m in modes if m[0] == "lxm"), key=med.__getitem__)
-        best_speedup[name] = best_hf / med[best_lxm_mode]
+        best_lxm_mode = best_mode(med, "lxm")
+        best_speedup[name] = med[best_mode(med, "hf")] / med[best_lxm_mode]
         best_mfu[name] = flops / (med[best_lxm_mode] / 1000) / (peaks[best_lxm_mode[1]]["peak_gflops"] * 1e9)
         paired[name] = statistics.median(round_ratios)
         print(f"{name}: best lxm mode {best_lxm_mode[1]}{' compiled' if best_lxm_mode[2] else ''} vs best "

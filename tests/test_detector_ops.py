@@ -14,6 +14,7 @@ from lxm.extract.detector import (
     Conv2d,
     FrozenBatchNorm2d,
     GeneralizedRCNN,
+    RangeMaxPool,
     detector_tiny,
     fold_frozen_bn,
     mean_pool,
@@ -75,6 +76,22 @@ def test_roi_pool_of_no_rois_and_of_one_image():
     assert roi_pool(feat, torch.zeros(0, 5), 14, 1 / 16).shape == (0, 8, 14, 14)
     rois = torch.tensor([[0, 3.0, 4.0, 100.0, 60.0], [0, 0.0, 0.0, 143.0, 95.0]])
     assert torch.equal(roi_pool(feat, rois, 4, 1 / 16), tv_roi_pool(feat, rois, 4, 1 / 16))
+
+
+def test_range_max_pool_in_slices_equals_torchvision_and_builds_each_images_tables_once():
+    # what the detector does: ROIs grouped by image, pooled in chunks that cross image boundaries
+    g = torch.Generator().manual_seed(3)
+    feat = torch.randn(3, 16, 38, 50, generator=g)
+    rois = _rois(g, 150)
+    rois[:, 0] = torch.randint(0, 3, (len(rois),), generator=g).float()
+    rois = rois[rois[:, 0].argsort(stable=True)]
+    pooler = RangeMaxPool(feat, rois, 7, 1 / 16)
+    built = []
+    build = pooler._build
+    pooler._build = lambda img: built.append(img) or build(img)
+    out = torch.cat([pooler.pool(start, min(start + 64, len(rois))) for start in range(0, len(rois), 64)])
+    assert torch.equal(out, tv_roi_pool(feat, rois, 7, 1 / 16))
+    assert built == [0, 1, 2]  # each image's tables built once, on its first slice, reused by the next ones
 
 
 def test_mean_pool_fp32_is_the_mean_and_bf16_is_within_one_rounding():

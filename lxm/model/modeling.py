@@ -70,9 +70,7 @@ def dropout_scaled_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: to
     bits = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2**63, None)
     keep = bits.view(torch.int16)[:n].view(shape) >= drops - 32768
     scale = torch.tensor(1.0 / (1.0 - drops / 65536), dtype=dtype)
-    same_width = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(scale.element_size())
-    if same_width is None:  # pragma: no cover - no float dtype of another width trains
-        return keep.to(dtype).mul_(scale.item())
+    same_width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[scale.element_size()]
     # 0 or the scale's bit pattern, read as `dtype`: the same values as keep.to(dtype) * scale, but bool -> int is
     # one vectorised pass on CPU where bool -> bf16 / fp32 is 2-3x the whole mask's other work
     return keep.to(same_width).mul_(scale.view(same_width).item()).view(dtype)
