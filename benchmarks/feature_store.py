@@ -28,7 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SAMPLE = Path(os.environ.get("LXM_SHARED") or ROOT.parent / "shared") / "fixtures" / "butd-coco-sample" / "train2014_obj36.tsv"
+SHARED = Path(os.environ.get("LXM_SHARED") or ROOT.parent / "shared")
+SAMPLE = SHARED / "fixtures" / "butd-coco-sample" / "train2014_obj36.tsv"
 FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes",
           "features"]
 BATCH = 256
