@@ -181,7 +181,7 @@ def main() -> None:
         train_cfg = load_config("base", ["corpus=x", "features=[x]", f"precision={args.precision}"])
         # 30 steps: on AMX CPUs oneDNN compiles a kernel for each new batch shape (token counts vary), so a
         # handful of steps times mostly that compilation, which the trainer's 200 steps amortise
-        step, ckpt_s = bare_step_rate(ds, cfg, train_cfg, device, 30 if args.steps >= 100 else 6)
+        step, ckpt_s = bare_step_rate(ds, cfg, train_cfg, device, 6 if args.smoke else 30)
         print(f"bare step ({args.model}, {args.precision}, {device}): {step:7.1f} samples/s; one checkpoint "
               f"{ckpt_s * 1000:.0f} ms", flush=True)
         trainer, checkpoints = trainer_rate(root, args.model, args.device, args.precision, args.steps,
