@@ -221,9 +221,14 @@ def gemm_shapes(cfg: LxmertConfig, batch: int) -> list[tuple[int, int, int]]:
 
 
 def peak_worker(name: str, batch: int, threads: int, dtype_name: str, device: str) -> None:
-    """Child process: the best GFLOP/s over the model's GEMM shapes, each in the forward layout (x @ W^T) and the two
-    gradient layouts (g @ W, g^T @ x), in one precision."""
+    """Child process: `peak_rates` as JSON."""
     torch.set_num_threads(threads)
+    print(json.dumps(peak_rates(name, batch, dtype_name, device)))
+
+
+def peak_rates(name: str, batch: int, dtype_name: str, device: str) -> dict:
+    """The best GFLOP/s over the model's GEMM shapes, each in the forward layout (x @ W^T) and the two gradient
+    layouts (g @ W, g^T @ x), in one precision: {"peak_gflops": best, "per_shape": {shape: its best}}."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the steps (torch's default)
@@ -245,7 +250,7 @@ def peak_worker(name: str, batch: int, threads: int, dtype_name: str, device: st
             rates.append(2 * rows * fan_in * fan_out / statistics.median(ts) / 1e9)
         per_shape[f"{rows}x{fan_in}x{fan_out}"] = round(max(rates), 1)
         best = max(best, *rates)
-    print(json.dumps({"peak_gflops": best, "per_shape": per_shape}))
+    return {"peak_gflops": best, "per_shape": per_shape}
 
 
 def run_child(args, *extra: str) -> dict:

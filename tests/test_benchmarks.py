@@ -52,3 +52,23 @@ def test_extraction_bf16_comparison_reports_speed_agreement_and_the_convolutions
         prof = report["profiles"][precision]
         assert prof["conv_tflop"] > 0 and prof["conv_gflops"] > 0 and 0 < prof["conv_share"] < 1
         assert f"one warm image, {precision}:" in result.stdout
+
+
+def test_gemm_bound_records_the_steps_matrix_products_and_bounds_mfu(tmp_path):
+    """`gemm_bound.py` on the tiny config: the recorded products carry the step's model FLOPs (plus the attention lxm
+    runs over padded positions), each is replayed alone, and the bound sits above the step's own MFU."""
+    out = tmp_path / "bound.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gemm_bound.py"), "--config", "tiny",
+                             "--steps", "2", "--scan", "--scan-rows", "32:97:32", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"mfu_step=\d\.\d\d mfu_bound=\d+\.\d\d gemm_in_place_s=\d+\.\d{3} gemm_alone_s=\d+\.\d{3} "
+                        r"step_s=\d+\.\d{3}", last), last
+    report = json.loads(out.read_text())
+    assert 1.0 <= report["gemm_tflop"] / report["model_tflop"] < 1.1
+    assert {p["op"] for p in report["products"]} == {"mm", "addmm", "bmm"}
+    assert all(p["calls"] >= 1 and p["alone_s"] > 0 and p["in_place_s"] > 0 for p in report["products"])
+    assert report["gemm_alone_s"] < report["step_s"] and report["mfu_bound"] > report["mfu_step"] > 0
+    assert [r["rows"] for r in report["row_scan"]] == [32, 64, 96]
+    assert all(r["whole_gflops"] > 0 and r["halves_gflops"] > 0 for r in report["row_scan"])
