@@ -72,3 +72,20 @@ def test_gemm_bound_records_the_steps_matrix_products_and_bounds_mfu(tmp_path):
     assert report["gemm_alone_s"] < report["step_s"] and report["mfu_bound"] > report["mfu_step"] > 0
     assert [r["rows"] for r in report["row_scan"]] == [32, 64, 96]
     assert all(r["whole_gflops"] > 0 and r["halves_gflops"] > 0 for r in report["row_scan"])
+
+
+def test_train_step_parts_times_every_part_for_each_optimizer(tmp_path):
+    """`train_step_parts.py` on the tiny config: each optimizer's step split into its five parts, all measured."""
+    out = tmp_path / "parts.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step_parts.py"), "--config", "tiny",
+                             "--steps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"optimizer_eager_ms=\d+\.\d optimizer_fused_ms=\d+\.\d fused_speedup=\d+\.\d\d "
+                        r"step_eager_ms=\d+\.\d step_fused_ms=\d+\.\d", last), last
+    medians = json.loads(out.read_text())["medians_ms"]
+    assert set(medians) == {"BertAdam eager", "BertAdam fused", "AdamW (torch default)", "AdamW fused"}
+    for parts in medians.values():
+        assert set(parts) == {"forward_backward", "grad_copy", "clip", "optimizer", "sync"}
+        assert all(ms > 0 for ms in parts.values())

@@ -67,3 +67,65 @@ def test_adamw_option_has_the_same_schedule_and_spares_norms():
     assert lrs == pytest.approx([0.0, 0.5, 1.0, 17 / 18])
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer(model, "sgd", 1.0, 10, 0.1)
+
+
+def _train(params, grads, opt):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+def test_fused_bertadam_matches_the_original_update_rule_and_compiles_once():
+    """`fused=True` (the update under torch.compile): the original's arithmetic to rounding, on parameters of several
+    sizes (the small ones and a non-contiguous one take the eager path), the schedule's new lr each step compiling
+    nothing."""
+    from torch._dynamo.utils import counters
+
+    from lxm.train import optim
+
+    torch.manual_seed(0)
+    shapes = [(5, 3), (7,), (300, 250), (70001,)]
+    assert max(a * b for a, b in (s + (1,) if len(s) == 1 else s for s in shapes)) >= optim.FUSED_MIN_NUMEL
+    p0 = [torch.randn(*s) for s in shapes] + [torch.randn(300, 260).t()]
+    grads = [[torch.randn_like(p) for p in p0] for _ in range(12)]
+    params = [torch.nn.Parameter(p.clone()) for p in p0[:-1]] + [torch.nn.Parameter(p0[-1].clone().t().t())]
+    assert not params[-1].is_contiguous()
+    opt = BertAdam(params, lr=1e-2, warmup=0.25, t_total=12, fused=True)
+    _train(params, grads[:1], opt)
+    assert optim._compiled_update is not None
+    graphs = counters["stats"]["unique_graphs"]
+    _train(params, grads[1:], opt)
+    assert counters["stats"]["unique_graphs"] == graphs  # 11 more steps, 11 new learning rates: no new graph
+    for k, (p, start) in enumerate(zip(params, p0)):
+        reference = _reference_steps(start, [g[k] for g in grads], 1e-2, 0.25, 12)
+        torch.testing.assert_close(p.data, reference, rtol=1e-6, atol=1e-7)
+    assert [opt.state[p]["step"] for p in params] == [12] * len(params)
+
+
+def test_fused_and_eager_bertadam_share_their_state():
+    """A checkpoint of the fused optimizer resumes in the eager one (and so the reverse): same keys, same moments."""
+    torch.manual_seed(1)
+    p0 = [torch.randn(400, 190), torch.randn(9)]
+    grads = [[torch.randn_like(p) for p in p0] for _ in range(6)]
+    runs = {}
+    for first, second in ((True, False), (False, True), (False, False)):
+        params = [torch.nn.Parameter(p.clone()) for p in p0]
+        opt = BertAdam(params, lr=1e-2, warmup=0.2, t_total=6, fused=first)
+        _train(params, grads[:3], opt)
+        state = opt.state_dict()
+        opt = BertAdam(params, lr=1e-2, warmup=0.2, t_total=6, fused=second)
+        opt.load_state_dict(state)
+        _train(params, grads[3:], opt)
+        runs[first, second] = [p.data for p in params]
+    for k in range(len(p0)):
+        torch.testing.assert_close(runs[True, False][k], runs[False, False][k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(runs[False, True][k], runs[False, False][k], rtol=1e-6, atol=1e-7)
+
+
+def test_fused_optimizer_option_reaches_both_optimizers():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    bert, _ = make_optimizer(model, "bert", lr=1.0, t_total=20, warmup=0.1, fused=True)
+    adamw, _ = make_optimizer(model, "adamw", lr=1.0, t_total=20, warmup=0.1, fused=True)
+    plain, _ = make_optimizer(model, "adamw", lr=1.0, t_total=20, warmup=0.1)
+    assert bert.fused and adamw.defaults["fused"] and not plain.defaults["fused"]

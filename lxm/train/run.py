@@ -307,8 +307,10 @@ def micro_batch_size(batch_size: int, micro: int | None, info: DistInfo) -> int:
 
 
 def build_optimizer(model: nn.Module, cfg, steps_per_epoch: int):
-    """(optimizer, scheduler) of `cfg` (optimizer, lr, warmup, weight_decay), the schedule over all epochs."""
-    return make_optimizer(model, cfg.optimizer, cfg.lr, steps_per_epoch * cfg.epochs, cfg.warmup, cfg.weight_decay)
+    """(optimizer, scheduler) of `cfg` (optimizer, lr, warmup, weight_decay, fused_optimizer), the schedule over all
+    epochs."""
+    return make_optimizer(model, cfg.optimizer, cfg.lr, steps_per_epoch * cfg.epochs, cfg.warmup, cfg.weight_decay,
+                          fused=cfg.fused_optimizer)
 
 
 def current_lr(optimizer, scheduler) -> float:

@@ -1,0 +1,113 @@
+"""Where a whole training step goes — forward + backward, the bf16 copy's moves, clipping, the optimizer — and the
+optimizer eager vs fused (`--set fused_optimizer=true`), side by side in one process.
+
+model_step.py times forward + backward only (the optimizer is the same fp32 work in every mode there); this script
+times the rest of what `lxm.train.step.train_step` does in one optimizer step, in its order: forward + backward of
+lxm's pretraining losses, the bf16 gradients into the fp32 master gradients (`Bf16Replica.accumulate_grads`; bf16
+precision only), `clip_grad_norm_` (1.0, as pretraining), the optimizer step, the master weights back into the bf16
+copy (`Bf16Replica.sync`). Steps alternate between optimizers over the same parameters, each with its own state:
+BertAdam eager (the original's arithmetic, lxm's default), BertAdam fused (its update compiled,
+`lxm.train.optim.compiled_update`), and for reference torch's AdamW with its default (per-tensor) and fused CPU
+kernel. Medians over `--steps` timed steps per optimizer after 2 warm-up steps each (the first allocates the
+moments). glibc keeps freed memory, as lxm's trainer does on CPU (`--malloc-as-is`: not).
+
+    python benchmarks/train_step_parts.py                     # base batch 32, bf16, 2 threads (~2 min)
+    python benchmarks/train_step_parts.py --precision fp32 --config small
+
+The LAST line is `optimizer_eager_ms=<a> optimizer_fused_ms=<b> fused_speedup=<x.xx> step_eager_ms=<c>
+step_fused_ms=<d>` (BertAdam; a step = all the parts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_step import BATCH, PRESET, make_batch  # noqa: E402
+
+from lxm.memory import keep_freed_memory  # noqa: E402
+from lxm.model import LxmertForPreTraining, PretrainLabels, pretraining_step_losses  # noqa: E402
+from lxm.train.optim import BertAdam  # noqa: E402
+from lxm.train.precision import Bf16Replica  # noqa: E402
+
+PARTS = ("forward_backward", "grad_copy", "clip", "optimizer", "sync")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="base", choices=sorted(BATCH))
+    ap.add_argument("--batch", type=int, help="default: model_step.py's batch for the config")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per optimizer (after 2 warm-up steps)")
+    ap.add_argument("--malloc-as-is", action="store_true", help="do not apply lxm.memory.keep_freed_memory")
+    ap.add_argument("--json", help="also write every figure to this JSON file")
+    args = ap.parse_args()
+    if not args.malloc_as_is:
+        keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    cfg = PRESET[args.config]()
+    batch = args.batch or BATCH[args.config]
+    torch.manual_seed(0)
+    model = LxmertForPreTraining(cfg).train()
+    replica = Bf16Replica(model) if args.precision == "bf16" else None
+    forward = replica.module if replica is not None else model
+    params = replica.master_params() if replica is not None else [p for p in model.parameters() if p.requires_grad]
+    inputs, labels = make_batch(cfg, batch)
+    labels = PretrainLabels(**vars(labels))
+    optimizers = {
+        "BertAdam eager": BertAdam(params, lr=1e-4, warmup=0.05, t_total=1000),
+        "BertAdam fused": BertAdam(params, lr=1e-4, warmup=0.05, t_total=1000, fused=True),
+        "AdamW (torch default)": torch.optim.AdamW(params, lr=1e-4, eps=1e-6),
+        "AdamW fused": torch.optim.AdamW(params, lr=1e-4, eps=1e-6, fused=True),
+    }
+    times: dict[str, dict[str, list[float]]] = {name: {part: [] for part in PARTS} for name in optimizers}
+    for i in range(2 + args.steps):
+        for name, opt in optimizers.items():
+            marks = [time.perf_counter()]
+            losses, _ = pretraining_step_losses(forward, labels, **inputs)
+            sum(losses.values()).backward()
+            marks.append(time.perf_counter())
+            if replica is not None:
+                replica.accumulate_grads()
+            marks.append(time.perf_counter())
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
+            marks.append(time.perf_counter())
+            opt.step()
+            marks.append(time.perf_counter())
+            if replica is not None:
+                replica.sync()
+            marks.append(time.perf_counter())
+            opt.zero_grad(set_to_none=True)
+            if i >= 2:
+                for part, t0, t1 in zip(PARTS, marks, marks[1:]):
+                    times[name][part].append((t1 - t0) * 1000)
+    med = {name: {part: statistics.median(ts) for part, ts in parts.items()} for name, parts in times.items()}
+    print(f"# torch {torch.__version__}, {args.threads} threads, {args.config} batch {batch}, lxm {args.precision}, "
+          f"{sum(p.numel() for p in params) / 1e6:.1f} M trained parameters, glibc malloc "
+          f"{'as it is' if args.malloc_as_is else 'keeps freed memory'}; medians of {args.steps} steps, ms")
+    print(f"{'optimizer':24s}" + "".join(f"{part:>18s}" for part in PARTS) + f"{'step':>10s}{'optimizer share':>17s}")
+    for name, parts in med.items():
+        total = sum(parts.values())
+        print(f"{name:24s}" + "".join(f"{parts[part]:18.1f}" for part in PARTS)
+              + f"{total:10.1f}{parts['optimizer'] / total:16.0%}")
+    eager, fused = med["BertAdam eager"], med["BertAdam fused"]
+    speedup = eager["optimizer"] / fused["optimizer"]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config, "batch": batch, "precision": args.precision,
+                                               "threads": args.threads, "keep_freed_memory": not args.malloc_as_is,
+                                               "medians_ms": med}, indent=2) + "\n")
+    print(f"optimizer_eager_ms={eager['optimizer']:.1f} optimizer_fused_ms={fused['optimizer']:.1f} "
+          f"fused_speedup={speedup:.2f} step_eager_ms={sum(eager.values()):.1f} "
+          f"step_fused_ms={sum(fused.values()):.1f}")
+
+
+if __name__ == "__main__":
+    main()
