@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's figures in one go (issue 15): the base pretraining step (lxm and transformers; fp32 and bf16
-# autocast; lxm also under torch.compile), the loader next to the trainer at the achieved step rate, and extraction
-# at batch 1/4/8 in fp32 and bf16. Installs nothing beyond the project. Prints one table and writes OUT/gpu.json.
+# autocast; lxm also under torch.compile), the whole optimizer step's parts with eager and fused optimizers, the
+# loader next to the trainer at the achieved step rate, and extraction at batch 1/4/8 in fp32 and bf16. Installs
+# nothing beyond the project. Prints one table and writes OUT/gpu.json.
 #
 #   bash benchmarks/gpu.sh [--out DIR]            # on a CUDA machine: about 6-8 minutes on one H200
 #   bash benchmarks/gpu.sh --smoke [--out DIR]    # CPU, toy sizes, about a minute: checks the script runs (a test does)
@@ -26,6 +27,7 @@ if [ "$smoke" = 1 ]; then
     step_args=(--configs tiny --rounds 1 --iters 2 --warmup 1)
     loader_args=(--smoke)
     extract_args=(--detector tiny --batch-sizes 4)
+    parts_args=(--config tiny --steps 1)
 else
     device=cuda
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: CUDA is not available (use --smoke on CPU)')"
@@ -33,10 +35,13 @@ else
     step_args=(--configs base --rounds 1 --iters 20 --warmup 5 --compile)
     loader_args=(--model base --precision bf16 --steps 300 --workers 0,1,2,4 --trainer-workers 4)
     extract_args=(--batch-sizes 1,4,8)
+    parts_args=(--config base --precision bf16 --steps 6)
 fi
 
 echo "== model step (${device})"
 "$py" benchmarks/model_step.py --device "$device" "${step_args[@]}" --json "$out/model_step.json"
+echo "== the whole optimizer step, eager and fused optimizers (${device})"
+"$py" benchmarks/train_step_parts.py --device "$device" "${parts_args[@]}" --json "$out/train_step_parts.json"
 echo "== loader and trainer (${device})"
 "$py" benchmarks/pretrain_throughput.py --device "$device" "${loader_args[@]}" --json "$out/trainer.json"
 echo "== extraction (${device})"

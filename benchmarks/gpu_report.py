@@ -16,6 +16,7 @@ def main(folder: str) -> None:
     root = Path(folder)
     step = json.loads((root / "model_step.json").read_text())
     trainer = json.loads((root / "trainer.json").read_text())
+    parts = json.loads((root / "train_step_parts.json").read_text())
     extract = {k: json.loads((root / f"extract_{k}.json").read_text()) for k in ("fp32", "bf16")}
     rows = [("what", "setting", "figure")]
     for r in step["rows"]:
@@ -23,6 +24,10 @@ def main(folder: str) -> None:
                      + (" compiled" if r["compiled"] else ""),
                      f"{r['ms']:.1f} ms, {r['samples_per_s']:.0f} samples/s, MFU {r['mfu']:.2f}, "
                      f"{r['peak_step_memory_mb']:.0f} MB"))
+    for name, ms in parts["medians_ms"].items():
+        rows.append(("optimizer step", f"{parts['config']} batch {parts['batch']} {parts['precision']}, {name}",
+                     f"{sum(ms.values()):.1f} ms (optimizer {ms['optimizer']:.1f}, forward + backward "
+                     f"{ms['forward_backward']:.1f})"))
     for w, rate in trainer["loader"].items():
         rows.append(("loader", f"{w} workers", f"{rate:.0f} samples/s"))
     rows.append(("trainer", f"{trainer['model']} {trainer['precision']}",
@@ -44,7 +49,8 @@ def main(folder: str) -> None:
     checks["extraction_img_s"] = (max(r["img_s"] for d in extract.values() for r in d["rows"]), 30.0)
     for name, (value, target) in checks.items():
         print(f"{name}={value:.2f} (target >= {target}: {'met' if value >= target else 'NOT met'})")
-    (root / "gpu.json").write_text(json.dumps({"model_step": step, "trainer": trainer, "extraction": extract,
+    (root / "gpu.json").write_text(json.dumps({"model_step": step, "train_step_parts": parts, "trainer": trainer,
+                                               "extraction": extract,
                                                "checks": {k: {"value": v, "target": t}
                                                           for k, (v, t) in checks.items()}}, indent=2) + "\n")
     print(f"wrote {root / 'gpu.json'}")

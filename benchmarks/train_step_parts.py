@@ -13,6 +13,7 @@ moments). glibc keeps freed memory, as lxm's trainer does on CPU (`--malloc-as-i
 
     python benchmarks/train_step_parts.py                     # base batch 32, bf16, 2 threads (~2 min)
     python benchmarks/train_step_parts.py --precision fp32 --config small
+    python benchmarks/train_step_parts.py --device cuda            # on a GPU (benchmarks/gpu.sh runs it)
 
 The LAST line is `optimizer_eager_ms=<a> optimizer_fused_ms=<b> fused_speedup=<x.xx> step_eager_ms=<c>
 step_fused_ms=<d>` (BertAdam; a step = all the parts).
@@ -46,22 +47,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="default: model_step.py's batch for the config")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per optimizer (after 2 warm-up steps)")
     ap.add_argument("--malloc-as-is", action="store_true", help="do not apply lxm.memory.keep_freed_memory")
     ap.add_argument("--json", help="also write every figure to this JSON file")
     args = ap.parse_args()
-    if not args.malloc_as_is:
+    cuda = args.device.startswith("cuda")
+    if not args.malloc_as_is and not cuda:
         keep_freed_memory()
     torch.set_num_threads(args.threads)
     cfg = PRESET[args.config]()
     batch = args.batch or BATCH[args.config]
     torch.manual_seed(0)
-    model = LxmertForPreTraining(cfg).train()
+    model = LxmertForPreTraining(cfg).train().to(args.device)
     replica = Bf16Replica(model) if args.precision == "bf16" else None
     forward = replica.module if replica is not None else model
     params = replica.master_params() if replica is not None else [p for p in model.parameters() if p.requires_grad]
     inputs, labels = make_batch(cfg, batch)
-    labels = PretrainLabels(**vars(labels))
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
+    labels = PretrainLabels(**{k: v.to(args.device) for k, v in vars(labels).items()})
+
+    def mark() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
     optimizers = {
         "BertAdam eager": BertAdam(params, lr=1e-4, warmup=0.05, t_total=1000),
         "BertAdam fused": BertAdam(params, lr=1e-4, warmup=0.05, t_total=1000, fused=True),
@@ -71,28 +80,29 @@ def main() -> None:
     times: dict[str, dict[str, list[float]]] = {name: {part: [] for part in PARTS} for name in optimizers}
     for i in range(2 + args.steps):
         for name, opt in optimizers.items():
-            marks = [time.perf_counter()]
+            marks = [mark()]
             losses, _ = pretraining_step_losses(forward, labels, **inputs)
             sum(losses.values()).backward()
-            marks.append(time.perf_counter())
+            marks.append(mark())
             if replica is not None:
                 replica.accumulate_grads()
-            marks.append(time.perf_counter())
+            marks.append(mark())
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
-            marks.append(time.perf_counter())
+            marks.append(mark())
             opt.step()
-            marks.append(time.perf_counter())
+            marks.append(mark())
             if replica is not None:
                 replica.sync()
-            marks.append(time.perf_counter())
+            marks.append(mark())
             opt.zero_grad(set_to_none=True)
             if i >= 2:
                 for part, t0, t1 in zip(PARTS, marks, marks[1:]):
                     times[name][part].append((t1 - t0) * 1000)
     med = {name: {part: statistics.median(ts) for part, ts in parts.items()} for name, parts in times.items()}
-    print(f"# torch {torch.__version__}, {args.threads} threads, {args.config} batch {batch}, lxm {args.precision}, "
+    where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
+    print(f"# torch {torch.__version__}, {where}, {args.config} batch {batch}, lxm {args.precision}, "
           f"{sum(p.numel() for p in params) / 1e6:.1f} M trained parameters, glibc malloc "
-          f"{'as it is' if args.malloc_as_is else 'keeps freed memory'}; medians of {args.steps} steps, ms")
+          f"{'as it is' if args.malloc_as_is or cuda else 'keeps freed memory'}; medians of {args.steps} steps, ms")
     print(f"{'optimizer':24s}" + "".join(f"{part:>18s}" for part in PARTS) + f"{'step':>10s}{'optimizer share':>17s}")
     for name, parts in med.items():
         total = sum(parts.values())
@@ -102,7 +112,8 @@ def main() -> None:
     speedup = eager["optimizer"] / fused["optimizer"]
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "batch": batch, "precision": args.precision,
-                                               "threads": args.threads, "keep_freed_memory": not args.malloc_as_is,
+                                               "device": args.device, "threads": args.threads,
+                                               "keep_freed_memory": not (args.malloc_as_is or cuda),
                                                "medians_ms": med}, indent=2) + "\n")
     print(f"optimizer_eager_ms={eager['optimizer']:.1f} optimizer_fused_ms={fused['optimizer']:.1f} "
           f"fused_speedup={speedup:.2f} step_eager_ms={sum(eager.values()):.1f} "

@@ -31,7 +31,9 @@ def test_gpu_script_smoke_mode_runs_every_step_and_writes_one_report(tmp_path):
     assert trainer["trainer"] > 0 and trainer["step"] > 0 and set(trainer["loader"]) == {"0", "1"}
     assert {r["batch"] for d in report["extraction"].values() for r in d["rows"]} == {4}
     assert set(report["checks"]) == {"extraction_img_s"}  # the GPU targets need a base bf16 run
-    for line in ("model step", "loader", "trainer", "extraction"):
+    assert set(report["train_step_parts"]["medians_ms"]) == {"BertAdam eager", "BertAdam fused",
+                                                             "AdamW (torch default)", "AdamW fused"}
+    for line in ("model step", "optimizer step", "loader", "trainer", "extraction"):
         assert line in out
 
 
