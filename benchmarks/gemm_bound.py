@@ -124,7 +124,7 @@ def main() -> None:
         keep_freed_memory()
     torch.set_num_threads(args.threads)
     batch = args.batch or BATCH[args.config]
-    model, step = build(args.config, "lxm", batch, replica=args.precision == "bf16")
+    model, step, _ = build(args.config, "lxm", batch, replica=args.precision == "bf16")
     flops = step_flops(args.config, batch)
     peak = peak_rates(args.config, batch, args.precision, "cpu")["peak_gflops"] * 1e9
 

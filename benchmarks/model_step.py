@@ -15,8 +15,12 @@ Modes: each implementation in fp32 and in bf16 autocast (lxm: `--set precision=b
 `--set precision=bf16`: a bf16 copy of the model computes, the fp32 master weights are what the optimizer updates
 (`lxm.train.precision.Bf16Replica`). Its timed step includes what that mode adds to a step: the bf16 gradients
 copied into the fp32 master gradients and the master weights copied back into the bf16 copy (the optimizer update
-itself, the same fp32 work in every mode, is in no row). `--compile` adds lxm under torch.compile
-(`--set compile=true`) in fp32 and bf16. Batches: small 64 and base 32 (`--quick`: the old 8 and 4).
+itself, the same fp32 work in every mode, is in no row). lxm's "bf16+fused-optimizer" is that mode as `train_step`
+runs it with one micro-batch and `--set fused_optimizer=true`: the fused BertAdam itself reads the bf16 gradients and
+writes the bf16 weights, so the step is forward + backward, plus what the update then costs beyond the same fused
+update on fp32 gradients (measured in the same child after the timed steps, added to each). `--compile` adds lxm
+under torch.compile (`--set compile=true`) in fp32 and bf16. Batches: small 64 and base 32 (`--quick`: the old 8
+and 4).
 
 MFU = the step's model FLOPs (`lxm.model.flops.pretraining_step_flops`: the matrix products the five losses need,
 from the config and this batch's real token / box / masked counts; printed) / step time / the machine's peak matrix
@@ -56,6 +60,7 @@ from lxm.model.weights import load_into  # noqa: E402
 from lxm.train.precision import Bf16Replica  # noqa: E402
 from lxm.memory import keep_freed_memory  # noqa: E402
 
+FUSED = "bf16+fused-optimizer"  # lxm bf16 with fused_optimizer=true: the bf16 moves inside the update
 BATCH = {"small": 64, "base": 32, "tiny": 8}  # realistic batches (the paper: 256 over 4 GPUs, 64 a GPU); tiny: smoke
 QUICK_BATCH = {"small": 8, "base": 4, "tiny": 8}
 PRESET = {"small": lxmert_small, "base": lxmert_base, "tiny": lxmert_tiny}
@@ -75,9 +80,14 @@ def hf_config(cfg: LxmertConfig):
     )
 
 
-def build(name: str, which: str, batch: int, compiled: bool = False, device: str = "cpu", replica: bool = False):
-    """Return (model, step_fn) for `which` in {"lxm", "hf"}; both share seed-0 transformers weights. `replica`: lxm's
-    precision "bf16" (a bf16 copy computes; its gradients go to the fp32 model, whose weights come back)."""
+def build(name: str, which: str, batch: int, compiled: bool = False, device: str = "cpu", replica: bool = False,
+          moves_in_optimizer: bool = False):
+    """Return (model, step_fn, extra_fn) for `which` in {"lxm", "hf"}; both share seed-0 transformers weights.
+    `replica`: lxm's precision "bf16" (a bf16 copy computes; its gradients go to the fp32 model, whose weights come
+    back). `moves_in_optimizer`: with it, the step is forward + backward only, as `train_step` runs it with one
+    micro-batch and `fused_optimizer=true` (the fused BertAdam reads the bf16 gradients and writes the bf16
+    weights); `extra_fn()` then measures what that costs the update beyond the same fused update reading fp32
+    gradients (ms, to be added to each step), else it is None."""
     import dataclasses
 
     import transformers
@@ -104,7 +114,7 @@ def build(name: str, which: str, batch: int, compiled: bool = False, device: str
             out.loss.backward()
             return out.loss.detach()
 
-        return hf.to(device), hf_step
+        return hf.to(device), hf_step, None
     model = LxmertForPreTraining(cfg).train()
     load_into(model, hf.state_dict(), source="transformers (in memory)", fmt="hf")
     model.to(device)
@@ -113,15 +123,45 @@ def build(name: str, which: str, batch: int, compiled: bool = False, device: str
     forward = torch.compile(forward) if compiled else forward
 
     def lxm_step():
+        if moves_in_optimizer:  # the update cleared them in training (it is not in the timed step)
+            for p in bf16_copy.module.parameters():
+                p.grad = None
         losses, _ = pretraining_step_losses(forward, labels, **inputs)
         loss = sum(losses.values())
         loss.backward()
-        if bf16_copy is not None:
+        if bf16_copy is not None and not moves_in_optimizer:
             bf16_copy.accumulate_grads()
             bf16_copy.sync()  # in training: after the optimizer update of the masters
         return loss.detach()
 
-    return model, lxm_step
+    def extra_ms(reps: int = 3) -> float:
+        """median(bf16_clip + step_from_bf16) - median(clip_grad_norm_ + fused step on the fp32 gradients), each
+        after a fresh forward + backward; the first call of each compiles and is not counted."""
+        from lxm.train.optim import BertAdam
+        from lxm.train.step import bf16_clip
+
+        masters = bf16_copy.master_params()
+        direct, fp32 = (BertAdam(masters, lr=1e-4, warmup=0.05, t_total=1000, fused=True) for _ in range(2))
+        times: dict[str, list[float]] = {"direct": [], "fp32": []}
+        for k in range(reps + 1):
+            for kind in times:
+                model.zero_grad(set_to_none=True)
+                lxm_step()
+                if kind == "fp32":
+                    bf16_copy.accumulate_grads()
+                _sync(device)
+                t0 = time.perf_counter()
+                if kind == "direct":
+                    direct.step_from_bf16(bf16_copy.pairs, bf16_clip(bf16_copy, 1.0)[1])
+                else:
+                    torch.nn.utils.clip_grad_norm_([p for p in masters if p.grad is not None], 1.0)
+                    fp32.step()
+                _sync(device)
+                if k:
+                    times[kind].append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times["direct"]) - statistics.median(times["fp32"])
+
+    return model, lxm_step, (extra_ms if moves_in_optimizer else None)
 
 
 def make_batch(cfg: LxmertConfig, batch: int, seed: int = 0):
@@ -192,7 +232,8 @@ def worker(name: str, which: str, batch: int, threads: int, iters: int, warmup: 
     if malloc:
         keep_freed_memory()
     torch.set_num_threads(threads)
-    model, step = build(name, which, batch, compiled, device, replica=precision == "bf16")
+    model, step, extra = build(name, which, batch, compiled, device, replica=precision in ("bf16", FUSED),
+                               moves_in_optimizer=precision == FUSED)
     autocast = precision == "bf16-autocast"
     gc.collect()
     cuda = device.startswith("cuda")
@@ -207,7 +248,9 @@ def worker(name: str, which: str, batch: int, threads: int, iters: int, warmup: 
         timed(model, step, autocast, device)
     times = [timed(model, step, autocast, device) for _ in range(iters)]
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else proc_status_mb("VmHWM")
-    print(json.dumps({"times_ms": times, "resident_mb": base, "step_peak_mb": peak - base}))
+    added = extra() if extra is not None else 0.0
+    print(json.dumps({"times_ms": [t + added for t in times], "resident_mb": base, "step_peak_mb": peak - base,
+                      "optimizer_extra_ms": added}))
 
 
 def gemm_shapes(cfg: LxmertConfig, batch: int) -> list[tuple[int, int, int]]:
@@ -317,7 +360,8 @@ def main() -> None:
     dtypes = ("fp32",) if args.no_bf16 else ("fp32", "bf16")  # of the peak GEMM rates
     modes = [("hf", "fp32", False), ("lxm", "fp32", False)]
     if not args.no_bf16:
-        modes += [("hf", "bf16-autocast", False), ("lxm", "bf16-autocast", False), ("lxm", "bf16", False)]
+        modes += [("hf", "bf16-autocast", False), ("lxm", "bf16-autocast", False), ("lxm", "bf16", False),
+                  ("lxm", FUSED, False)]
     if args.compile:
         modes += [("lxm", prec, True) for prec in ("fp32",) + (() if args.no_bf16 else ("bf16",))]
     label = {"hf": "transformers", "lxm": "lxm"}
@@ -327,12 +371,13 @@ def main() -> None:
         batch = batches[name]
         flops = step_flops(name, batch)
         peaks = {dt: run_child(args, "--peak", f"{name}:{dt}") for dt in dtypes}
-        peaks["bf16-autocast"] = peaks.get("bf16")
+        peaks["bf16-autocast"] = peaks[FUSED] = peaks.get("bf16")
         print(f"{name} batch {batch}: {flops / 1e12:.3f} TFLOP per step (model FLOPs, forward + backward); peak GEMM "
               + ", ".join(f"{dt} {peaks[dt]['peak_gflops']:.0f} GFLOP/s" for dt in dtypes)
               + f" (best of {json.dumps(peaks[dtypes[-1]]['per_shape'])})", flush=True)
         times: dict[tuple, list[float]] = {m: [] for m in modes}
         peak_mem: dict[tuple, list[float]] = {m: [] for m in modes}
+        added: dict[tuple, list[float]] = {m: [] for m in modes}
         round_ratios = []
         for r in range(args.rounds):
             this_round = {}
@@ -342,6 +387,7 @@ def main() -> None:
                                 *(["--compiled-child"] if compiled else []))
                 times[mode] += res["times_ms"]
                 peak_mem[mode].append(res["step_peak_mb"])
+                added[mode].append(res["optimizer_extra_ms"])
                 this_round[mode] = statistics.median(res["times_ms"])
             round_ratios.append(this_round[best_mode(this_round, "hf")] / this_round[best_mode(this_round, "lxm")])
         med = {m: statistics.median(t) for m, t in times.items()}
@@ -350,11 +396,14 @@ def main() -> None:
             mfu = flops / (med[mode] / 1000) / (peaks[prec]["peak_gflops"] * 1e9)
             tag = f"{label[which]} {prec}{' compiled' if compiled else ''}"
             print(f"{name:5s} batch {batch} {tag:30s}: {med[mode]:8.1f} ms  {batch / med[mode] * 1000:7.1f} samples/s  "
-                  f"MFU {mfu:.2f}  peak step memory {statistics.median(peak_mem[mode]):6.0f} MB", flush=True)
+                  f"MFU {mfu:.2f}  peak step memory {statistics.median(peak_mem[mode]):6.0f} MB"
+                  + (f"  (incl. {statistics.median(added[mode]):+.1f} ms: the update's extra for the moves)"
+                     if prec == FUSED else ""), flush=True)
             rows.append({"config": name, "batch": batch, "implementation": label[which], "precision": prec,
                          "compiled": compiled, "ms": med[mode], "samples_per_s": batch / med[mode] * 1000,
                          "mfu": mfu, "tflop_per_step": flops / 1e12, "peak_gflops": peaks[prec]["peak_gflops"],
-                         "peak_step_memory_mb": statistics.median(peak_mem[mode])})
+                         "peak_step_memory_mb": statistics.median(peak_mem[mode]),
+                         "optimizer_extra_ms": statistics.median(added[mode])})
         speedups[name] = med["hf", "fp32", False] / med["lxm", "fp32", False]
         best_lxm_mode = best_mode(med, "lxm")
         best_speedup[name] = med[best_mode(med, "hf")] / med[best_lxm_mode]

@@ -7,9 +7,11 @@ lxm's pretraining losses, the bf16 gradients into the fp32 master gradients (`Bf
 precision only), `clip_grad_norm_` (1.0, as pretraining), the optimizer step, the master weights back into the bf16
 copy (`Bf16Replica.sync`). Steps alternate between optimizers over the same parameters, each with its own state:
 BertAdam eager (the original's arithmetic, lxm's default), BertAdam fused (its update compiled,
-`lxm.train.optim.compiled_update`), and for reference torch's AdamW with its default (per-tensor) and fused CPU
-kernel. Medians over `--steps` timed steps per optimizer after 2 warm-up steps each (the first allocates the
-moments). glibc keeps freed memory, as lxm's trainer does on CPU (`--malloc-as-is`: not).
+`lxm.train.optim.compiled_update`), the same reading the bf16 copy's gradients and writing its weights inside the
+update (`BertAdam.step_from_bf16`, clipped by `lxm.train.step.bf16_clip`: what `train_step` does with bf16, one
+micro-batch and `fused_optimizer=true`; bf16 only), and for reference torch's AdamW with its default (per-tensor)
+and fused CPU kernel. Medians over `--steps` timed steps per optimizer after 2 warm-up steps each (the first
+allocates the moments). glibc keeps freed memory, as lxm's trainer does on CPU (`--malloc-as-is`: not).
 
     python benchmarks/train_step_parts.py                     # base batch 32, bf16, 2 threads (~2 min)
     python benchmarks/train_step_parts.py --precision fp32 --config small
@@ -37,8 +39,10 @@ from lxm.memory import keep_freed_memory  # noqa: E402
 from lxm.model import LxmertForPreTraining, PretrainLabels, pretraining_step_losses  # noqa: E402
 from lxm.train.optim import BertAdam  # noqa: E402
 from lxm.train.precision import Bf16Replica  # noqa: E402
+from lxm.train.step import bf16_clip  # noqa: E402
 
 PARTS = ("forward_backward", "grad_copy", "clip", "optimizer", "sync")
+MOVES = "BertAdam fused, bf16 moves in the update"
 
 
 def main() -> None:
@@ -77,6 +81,8 @@ def main() -> None:
         "AdamW (torch default)": torch.optim.AdamW(params, lr=1e-4, eps=1e-6),
         "AdamW fused": torch.optim.AdamW(params, lr=1e-4, eps=1e-6, fused=True),
     }
+    if replica is not None:  # what train_step does with one micro-batch, bf16 and fused_optimizer=true
+        optimizers[MOVES] = BertAdam(params, lr=1e-4, warmup=0.05, t_total=1000, fused=True)
     times: dict[str, dict[str, list[float]]] = {name: {part: [] for part in PARTS} for name in optimizers}
     for i in range(2 + args.steps):
         for name, opt in optimizers.items():
@@ -84,16 +90,24 @@ def main() -> None:
             losses, _ = pretraining_step_losses(forward, labels, **inputs)
             sum(losses.values()).backward()
             marks.append(mark())
-            if replica is not None:
-                replica.accumulate_grads()
-            marks.append(mark())
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
-            marks.append(mark())
-            opt.step()
-            marks.append(mark())
-            if replica is not None:
-                replica.sync()
-            marks.append(mark())
+            if name == MOVES:
+                marks.append(mark())  # no gradient move: the update reads the bf16 gradients
+                _, scale = bf16_clip(replica, 1.0)
+                marks.append(mark())
+                opt.step_from_bf16(replica.pairs, scale)
+                marks.append(mark())
+                marks.append(mark())  # no weight move: the update wrote the bf16 weights
+            else:
+                if replica is not None:
+                    replica.accumulate_grads()
+                marks.append(mark())
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
+                marks.append(mark())
+                opt.step()
+                marks.append(mark())
+                if replica is not None:
+                    replica.sync()
+                marks.append(mark())
             opt.zero_grad(set_to_none=True)
             if i >= 2:
                 for part, t0, t1 in zip(PARTS, marks, marks[1:]):
@@ -103,10 +117,10 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {where}, {args.config} batch {batch}, lxm {args.precision}, "
           f"{sum(p.numel() for p in params) / 1e6:.1f} M trained parameters, glibc malloc "
           f"{'as it is' if args.malloc_as_is or cuda else 'keeps freed memory'}; medians of {args.steps} steps, ms")
-    print(f"{'optimizer':24s}" + "".join(f"{part:>18s}" for part in PARTS) + f"{'step':>10s}{'optimizer share':>17s}")
+    print(f"{'optimizer':42s}" + "".join(f"{part:>18s}" for part in PARTS) + f"{'step':>10s}{'optimizer share':>17s}")
     for name, parts in med.items():
         total = sum(parts.values())
-        print(f"{name:24s}" + "".join(f"{parts[part]:18.1f}" for part in PARTS)
+        print(f"{name:42s}" + "".join(f"{parts[part]:18.1f}" for part in PARTS)
               + f"{total:10.1f}{parts['optimizer'] / total:16.0%}")
     eager, fused = med["BertAdam eager"], med["BertAdam fused"]
     speedup = eager["optimizer"] / fused["optimizer"]

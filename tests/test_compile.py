@@ -51,14 +51,17 @@ def test_a_resumed_compiled_run_continues_exactly(data, tmp_path):  # noqa: F811
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
 
 
-def test_the_fused_optimizer_trains_as_the_eager_one_and_resumes_exactly(data, tmp_path, monkeypatch):  # noqa: F811
-    """`--set fused_optimizer=true` (BertAdam's update compiled): `lxm pretrain` gives the eager optimizer's losses to
-    float32 rounding, and a run cut after step 5 and resumed continues exactly as the uninterrupted fused run. Every
-    parameter takes the compiled update here (the tiny model's are mostly below the size where it pays)."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fused_optimizer_trains_as_the_eager_one_and_resumes_exactly(data, tmp_path, monkeypatch,  # noqa: F811
+                                                                         precision):
+    """`--set fused_optimizer=true` (BertAdam's update compiled; in bf16 it also reads the copy's gradients and
+    writes its weights): `lxm pretrain` gives the eager optimizer's losses to float32 rounding, and a run cut after
+    step 5 and resumed continues exactly as the uninterrupted fused run. Every parameter takes the compiled update
+    here (the tiny model's are mostly below the size where it pays)."""
     from lxm.train import optim
 
     monkeypatch.setattr(optim, "FUSED_MIN_NUMEL", 1)
-    sets = ("epochs=2", "checkpoint_every=1", "dropout=0")
+    sets = ("epochs=2", "checkpoint_every=1", "dropout=0", f"precision={precision}")
     losses = {}
     for name, extra in (("eager", ()), ("fused", ("fused_optimizer=true",))):
         result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / name, *sets, *extra)])

@@ -213,3 +213,45 @@ print(before - rss())
     freed = {flag: int(subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True,
                                       check=True).stdout) for flag in "01"}
     assert freed["0"] > 150 and freed["1"] < 20, freed
+
+
+@pytest.mark.parametrize("compiled", [True, False])  # every parameter through the compiled loop / none (eager)
+@pytest.mark.parametrize("clip", [1e3, 1e-3])  # the norm under the limit (no clipping) / far above it
+def test_a_fused_optimizer_updates_the_masters_from_the_bf16_copy_as_the_separate_moves_do(clip, compiled,
+                                                                                           monkeypatch):
+    """precision=bf16 + fused BertAdam, one micro-batch: `train_step` lets the optimizer read the copy's bf16
+    gradients and write its weights (`BertAdam.step_from_bf16`, clipped by `bf16_clip`); the masters, the reported
+    norm and the copy come out as from the separate moves + clipping + eager update, to float32 rounding."""
+    from lxm.model.losses import pretraining_step_losses
+    from lxm.train import optim
+    from lxm.train.optim import BertAdam
+
+    monkeypatch.setattr(optim, "FUSED_MIN_NUMEL", 1 if compiled else 2**62)
+    from lxm.train.precision import Bf16Replica
+    from lxm.train.step import train_step
+
+    initial = _tiny_model().state_dict()
+    results = []
+    for fused in (False, True):
+        master = _tiny_model()
+        replica = Bf16Replica(master)
+        opt = BertAdam(master.parameters(), lr=1e-3, fused=fused)  # constant lr: the first update moves
+        inputs, labels = _batch(master.config, 5)
+
+        def loss_fn(model, batch):
+            return pretraining_step_losses(model, labels, **inputs)[0]
+
+        out = train_step(replica.module, [None], loss_fn, opt, clip_grad_norm=clip, precision="bf16",
+                         replica=replica)
+        assert all(p.grad is None for p in [*master.parameters(), *replica.module.parameters()])
+        assert (replica._buffers is None) == fused  # fused: no fp32 gradient buffers were ever needed
+        for p32, p16 in zip(master.parameters(), replica.module.parameters()):
+            assert torch.equal(p16, p32.detach().bfloat16())  # the copy holds the new weights, rounded once
+        results.append((out["grad_norm"], {n: p.detach().clone() for n, p in master.named_parameters()}))
+    (norm_sep, sep), (norm_fused, fused_params) = results
+    assert norm_fused == pytest.approx(norm_sep, rel=1e-6)
+    changed = 0
+    for name, p in sep.items():
+        torch.testing.assert_close(fused_params[name], p, rtol=1e-6, atol=1e-8, msg=name)
+        changed += not torch.equal(p, initial[name])
+    assert changed > 0

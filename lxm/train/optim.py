@@ -36,18 +36,28 @@ def _update(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Tensor, b1: float
     p.sub_(update * lr)
 
 
-_compiled_update = None
+def _update_bf16(p: Tensor, grad16: Tensor, m: Tensor, v: Tensor, lr: Tensor, scale: Tensor, p16: Tensor,
+                 b1: float, b2: float, e: float, weight_decay: float) -> None:
+    """`_update` of an fp32 master from its bf16 copy's gradient times `scale` (the clip coefficient), writing the
+    new weight into the copy as well: what `Bf16Replica.accumulate_grads`, clipping and `Bf16Replica.sync` do in
+    three passes of their own, inside the update's one loop. The loop moves as many bytes as the fp32 update
+    (reads a 2-byte gradient instead of 4, writes the 2-byte copy)."""
+    _update(p, grad16.float() * scale, m, v, lr, b1, b2, e, weight_decay)
+    p16.copy_(p)
+
+
+_compiled: dict[str, object] = {}
 # smaller parameters (biases, LayerNorm) stay eager: a compiled call's fixed cost (~20 us on CPU) exceeds their update
 FUSED_MIN_NUMEL = 1 << 16
 
 
-def compiled_update():
-    """`_update` under torch.compile (inductor), compiled once per process for any parameter size (dynamic
-    shapes; the learning rate is a tensor, so the schedule's new value each step compiles nothing new)."""
-    global _compiled_update
-    if _compiled_update is None:
-        _compiled_update = torch.compile(_update, dynamic=True)
-    return _compiled_update
+def compiled_update(kind: str = "fp32"):
+    """`_update` ("fp32") or `_update_bf16` ("bf16") under torch.compile (inductor), compiled once per process for
+    any parameter size (dynamic shapes; learning rate and clip coefficient are tensors, so the schedule's new value
+    each step compiles nothing new)."""
+    if kind not in _compiled:
+        _compiled[kind] = torch.compile({"fp32": _update, "bf16": _update_bf16}[kind], dynamic=True)
+    return _compiled[kind]
 
 
 class BertAdam(Optimizer):
@@ -102,35 +112,64 @@ class BertAdam(Optimizer):
         for group in self.param_groups:
             lrs: dict[tuple, Tensor] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("BertAdam does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["next_m"] = torch.zeros_like(p)
-                    state["next_v"] = torch.zeros_like(p)
-                m, v = state["next_m"], state["next_v"]
-                if (self.fused and p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous() and grad.is_contiguous()
-                        and grad.dtype == p.dtype):
-                    key = (state["step"], p.dtype, p.device)
-                    if key not in lrs:  # one small tensor per group and step, not per parameter
-                        lrs[key] = torch.tensor(self._scheduled(group, state["step"]), dtype=p.dtype, device=p.device)
-                    lr = lrs[key]
-                    compiled_update()(p.detach().view(-1), grad.view(-1), m.view(-1), v.view(-1), lr, group["b1"],
-                                      group["b2"], group["e"], group["weight_decay"])
-                    state["step"] += 1
-                    continue
-                m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
-                v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
-                update = m / (v.sqrt() + group["e"])
-                if group["weight_decay"] > 0.0:
-                    update.add_(p, alpha=group["weight_decay"])
-                p.add_(update, alpha=-self._scheduled(group, state["step"]))
-                state["step"] += 1
+                if p.grad is not None:
+                    self._update_one(group, lrs, p, p.grad)
         return loss
+
+    @torch.no_grad()
+    def step_from_bf16(self, pairs, grad_scale: Tensor) -> None:
+        """One update of fp32 master parameters from their bf16 copies (`Bf16Replica.pairs`): each copy's gradient
+        times `grad_scale` (a 0-d fp32 tensor: the clip coefficient, 1 when not clipping) is the master's gradient,
+        and the updated master weight is written back into the copy; the copies' gradients are cleared. Equal, to
+        rounding, to `accumulate_grads`, clipping, `step` and `sync`; the compiled loop (`fused`) does it in one
+        pass over each large parameter. Masters whose copy has no gradient are left alone, as `step` leaves those
+        without one."""
+        if not self.fused:
+            raise RuntimeError("BertAdam.step_from_bf16 needs fused=True (the eager step keeps the moves apart)")
+        copies = {id(p32): p16 for p32, p16 in pairs}
+        for group in self.param_groups:
+            lrs: dict[tuple, Tensor] = {}
+            for p in group["params"]:
+                p16 = copies.get(id(p))
+                if p16 is not None and p16.grad is not None:
+                    self._update_one(group, lrs, p, p16.grad, p16, grad_scale)
+                    p16.grad = None
+
+    def _update_one(self, group: dict, lrs: dict[tuple, Tensor], p: Tensor, grad: Tensor, p16: Tensor | None = None,
+                    grad_scale: Tensor | None = None) -> None:
+        """Update `p` from `grad` (fp32, or with `p16` its bf16 copy's gradient, scaled, and the copy written)."""
+        if grad.is_sparse:
+            raise RuntimeError("BertAdam does not support sparse gradients")
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["next_m"] = torch.zeros_like(p)
+            state["next_v"] = torch.zeros_like(p)
+        m, v = state["next_m"], state["next_v"]
+        if (self.fused and p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous() and grad.is_contiguous()
+                and (p16 is not None or grad.dtype == p.dtype) and (p16 is None or p16.is_contiguous())):
+            key = (state["step"], p.dtype, p.device)
+            if key not in lrs:  # one small tensor per group and step, not per parameter
+                lrs[key] = torch.tensor(self._scheduled(group, state["step"]), dtype=p.dtype, device=p.device)
+            hyper = (group["b1"], group["b2"], group["e"], group["weight_decay"])
+            flat = (p.detach().view(-1), grad.view(-1), m.view(-1), v.view(-1), lrs[key])
+            if p16 is None:
+                compiled_update("fp32")(*flat, *hyper)
+            else:
+                compiled_update("bf16")(*flat, grad_scale, p16.detach().view(-1), *hyper)
+            state["step"] += 1
+            return
+        if p16 is not None:
+            grad = grad.float() * grad_scale  # what the master's gradient is after accumulate_grads and clipping
+        m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
+        v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
+        update = m / (v.sqrt() + group["e"])
+        if group["weight_decay"] > 0.0:
+            update.add_(p, alpha=group["weight_decay"])
+        p.add_(update, alpha=-self._scheduled(group, state["step"]))
+        state["step"] += 1
+        if p16 is not None:
+            p16.copy_(p)
 
 
 def warmup_linear_lambda(t_total: int, warmup: float):

@@ -59,6 +59,19 @@ def step_groups(micro_batches: Iterable, per_step: int) -> Iterator[list]:
             group = []
 
 
+def bf16_clip(replica: Bf16Replica, max_norm: float) -> tuple[Tensor, Tensor]:
+    """(total gradient norm, clip coefficient) of the bf16 copy's gradients, as `clip_grad_norm_` computes them on
+    their fp32 copies: per-tensor norms accumulated in fp32, the 2-norm of those, coefficient max_norm / (norm +
+    1e-6) capped at 1 (1 when `max_norm` <= 0: no clipping)."""
+    grads = [p16.grad for _, p16 in replica.pairs if p16.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros((), device=device)
+    if max_norm <= 0:
+        return total, torch.ones((), device=device)
+    return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
 def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.Module, object], dict[str, Tensor]],
                optimizer: torch.optim.Optimizer, scheduler=None, *, clip_grad_norm: float = 0.0,
                precision: str = "fp32", device_type: str = "cpu", replica: Bf16Replica | None = None
@@ -69,9 +82,14 @@ def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.
     micro-batch objectives are averaged, so accumulation over k micro-batches equals one batch k times larger.
     With `replica` (precision "bf16"), `model` is (a wrapper of) `replica.module` and `optimizer` holds the master's
     parameters: each micro-batch's gradients are synchronised (DDP) and added into the fp32 master gradients, since
-    accumulating them in bf16 would lose the small ones.
+    accumulating them in bf16 would lose the small ones. With one micro-batch and a fused BertAdam
+    (`fused_optimizer=true`) the optimizer itself reads the bf16 gradients and writes the bf16 weights
+    (`BertAdam.step_from_bf16`, clipping by `bf16_clip`): the same update to rounding, without the two moves.
     """
     n = len(micro_batches)
+    # one micro-batch, bf16 copy, fused BertAdam: the optimizer reads the copy's gradients and writes its weights
+    direct = replica is not None and n == 1 and getattr(optimizer, "fused", False) and hasattr(optimizer,
+                                                                                               "step_from_bf16")
     totals: dict[str, float] = {}
     for k, batch in enumerate(micro_batches):
         sync = k == n - 1 or not hasattr(model, "no_sync") or replica is not None
@@ -80,16 +98,21 @@ def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.
                 losses = loss_fn(model, batch)
             loss = sum(losses.values()) / n
             loss.backward()
-        if replica is not None:
+        if replica is not None and not direct:
             replica.accumulate_grads()
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
-    params = [p for p in (replica.master_params() if replica is not None else model.parameters())
-              if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)) if clip_grad_norm > 0 else 0.0
-    optimizer.step()
-    if replica is not None:
-        replica.sync()
+    if direct:
+        norm, scale = bf16_clip(replica, clip_grad_norm)
+        grad_norm = float(norm) if clip_grad_norm > 0 else 0.0
+        optimizer.step_from_bf16(replica.pairs, scale)
+    else:
+        params = [p for p in (replica.master_params() if replica is not None else model.parameters())
+                  if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)) if clip_grad_norm > 0 else 0.0
+        optimizer.step()
+        if replica is not None:
+            replica.sync()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
