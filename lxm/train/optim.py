@@ -46,17 +46,24 @@ def _update_bf16(p: Tensor, grad16: Tensor, m: Tensor, v: Tensor, lr: Tensor, sc
     p16.copy_(p)
 
 
+def _fp32_norm(grad: Tensor) -> Tensor:
+    """2-norm of a (bf16) gradient accumulated in fp32; compiled, one pass over the 2-byte values (eager
+    `vector_norm(dtype=float32)` first writes an fp32 copy of the whole tensor)."""
+    return torch.linalg.vector_norm(grad.float(), 2.0)
+
+
 _compiled: dict[str, object] = {}
 # smaller parameters (biases, LayerNorm) stay eager: a compiled call's fixed cost (~20 us on CPU) exceeds their update
 FUSED_MIN_NUMEL = 1 << 16
 
 
 def compiled_update(kind: str = "fp32"):
-    """`_update` ("fp32") or `_update_bf16` ("bf16") under torch.compile (inductor), compiled once per process for
-    any parameter size (dynamic shapes; learning rate and clip coefficient are tensors, so the schedule's new value
-    each step compiles nothing new)."""
+    """`_update` ("fp32"), `_update_bf16` ("bf16") or `_fp32_norm` ("norm") under torch.compile (inductor), compiled
+    once per process for any parameter size (dynamic shapes; learning rate and clip coefficient are tensors, so the
+    schedule's new value each step compiles nothing new)."""
     if kind not in _compiled:
-        _compiled[kind] = torch.compile({"fp32": _update, "bf16": _update_bf16}[kind], dynamic=True)
+        _compiled[kind] = torch.compile({"fp32": _update, "bf16": _update_bf16, "norm": _fp32_norm}[kind],
+                                        dynamic=True)
     return _compiled[kind]
 
 
@@ -133,7 +140,8 @@ class BertAdam(Optimizer):
                 p16 = copies.get(id(p))
                 if p16 is not None and p16.grad is not None:
                     self._update_one(group, lrs, p, p16.grad, p16, grad_scale)
-                    p16.grad = None
+        for _, p16 in pairs:  # also those of parameters this optimizer does not hold, as accumulate_grads does
+            p16.grad = None
 
     def _update_one(self, group: dict, lrs: dict[tuple, Tensor], p: Tensor, grad: Tensor, p16: Tensor | None = None,
                     grad_scale: Tensor | None = None) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from lxm.train import optim
 from lxm.train.precision import Bf16Replica, training_autocast
 from lxm.train.run import DistInfo
 
@@ -61,11 +62,12 @@ def step_groups(micro_batches: Iterable, per_step: int) -> Iterator[list]:
 
 def bf16_clip(replica: Bf16Replica, max_norm: float) -> tuple[Tensor, Tensor]:
     """(total gradient norm, clip coefficient) of the bf16 copy's gradients, as `clip_grad_norm_` computes them on
-    their fp32 copies: per-tensor norms accumulated in fp32, the 2-norm of those, coefficient max_norm / (norm +
-    1e-6) capped at 1 (1 when `max_norm` <= 0: no clipping)."""
+    their fp32 copies: per-tensor norms accumulated in fp32 (compiled for the large ones, as the fused update), the
+    2-norm of those, coefficient max_norm / (norm + 1e-6) capped at 1 (1 when `max_norm` <= 0: no clipping)."""
     grads = [p16.grad for _, p16 in replica.pairs if p16.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
-    norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
+    norms = [optim.compiled_update("norm")(g) if g.numel() >= optim.FUSED_MIN_NUMEL and g.is_contiguous()
+             else torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros((), device=device)
     if max_norm <= 0:
         return total, torch.ones((), device=device)
