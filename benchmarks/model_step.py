@@ -18,9 +18,9 @@ copied into the fp32 master gradients and the master weights copied back into th
 itself, the same fp32 work in every mode, is in no row). lxm's "bf16+fused-optimizer" is that mode as `train_step`
 runs it with one micro-batch and `--set fused_optimizer=true`: the fused BertAdam itself reads the bf16 gradients and
 writes the bf16 weights, so the step is forward + backward, plus what the update then costs beyond the same fused
-update on fp32 gradients (measured in the same child after the timed steps, added to each; never below 0). `--compile` adds lxm
-under torch.compile (`--set compile=true`) in fp32 and bf16. Batches: small 64 and base 32 (`--quick`: the old 8
-and 4).
+update on fp32 gradients (measured in the same child after the timed steps, added to each; never below 0).
+`--compile` adds lxm under torch.compile (`--set compile=true`) in fp32 and bf16. Batches: small 64 and base 32
+(`--quick`: the old 8 and 4).
 
 MFU = the step's model FLOPs (`lxm.model.flops.pretraining_step_flops`: the matrix products the five losses need,
 from the config and this batch's real token / box / masked counts; printed) / step time / the machine's peak matrix
