@@ -34,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_step import BATCH, PRESET, build, peak_rates, step_flops  # noqa: E402
+from model_step import BATCH, add_step_arguments, PRESET, build, peak_rates, step_flops  # noqa: E402
 
 from lxm.memory import keep_freed_memory  # noqa: E402
 
@@ -109,10 +109,7 @@ def row_scan(hidden: int, rows: list[int], dtype: torch.dtype) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="base", choices=sorted(BATCH))
-    ap.add_argument("--batch", type=int, help="default: model_step.py's batch for the config")
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    ap.add_argument("--threads", type=int, default=2)
+    add_step_arguments(ap)
     ap.add_argument("--steps", type=int, default=5, help="timed steps without the dispatch mode (after 3 warm-up)")
     ap.add_argument("--keep-freed-memory", action="store_true", help="lxm.memory.keep_freed_memory first")
     ap.add_argument("--scan", action="store_true", help="also the projection's rate over row counts")

@@ -165,6 +165,15 @@ def build(name: str, which: str, batch: int, compiled: bool = False, device: str
     return model, lxm_step, (extra_ms if moves_in_optimizer else None)
 
 
+def add_step_arguments(ap: argparse.ArgumentParser) -> None:
+    """--config / --batch / --precision / --threads of the scripts that time one lxm step (gemm_bound.py,
+    train_step_parts.py)."""
+    ap.add_argument("--config", default="base", choices=sorted(BATCH))
+    ap.add_argument("--batch", type=int, help="default: model_step.py's batch for the config")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--threads", type=int, default=2)
+
+
 def make_batch(cfg: LxmertConfig, batch: int, seed: int = 0):
     """Sentence lengths 8..20 padded to 20, 36 boxes, masking and labels as LXMERT pretraining draws them."""
     g = torch.Generator().manual_seed(seed)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_step import BATCH, PRESET, make_batch  # noqa: E402
+from model_step import BATCH, add_step_arguments, PRESET, make_batch  # noqa: E402
 
 from lxm.memory import keep_freed_memory  # noqa: E402
 from lxm.model import LxmertForPreTraining, PretrainLabels, pretraining_step_losses  # noqa: E402
@@ -47,10 +47,7 @@ MOVES = "BertAdam fused, bf16 moves in the update"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="base", choices=sorted(BATCH))
-    ap.add_argument("--batch", type=int, help="default: model_step.py's batch for the config")
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    ap.add_argument("--threads", type=int, default=2)
+    add_step_arguments(ap)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per optimizer (after 2 warm-up steps)")
     ap.add_argument("--malloc-as-is", action="store_true", help="do not apply lxm.memory.keep_freed_memory")
