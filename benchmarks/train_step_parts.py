@@ -7,7 +7,7 @@ lxm's pretraining losses, the bf16 gradients into the fp32 master gradients (`Bf
 precision only), `clip_grad_norm_` (1.0, as pretraining), the optimizer step, the master weights back into the bf16
 copy (`Bf16Replica.sync`). Steps alternate between optimizers over the same parameters, each with its own state:
 BertAdam eager (the original's arithmetic, lxm's default), BertAdam fused (its update compiled,
-`lxm.train.optim.compiled_update`), the same reading the bf16 copy's gradients and writing its weights inside the
+`lxm.train.optim.compiled_kernel`), the same reading the bf16 copy's gradients and writing its weights inside the
 update (`BertAdam.step_from_bf16`, clipped by `lxm.train.step.bf16_clip`: what `train_step` does with bf16, one
 micro-batch and `fused_optimizer=true`; bf16 only), and for reference torch's AdamW with its default (per-tensor)
 and fused CPU kernel. Medians over `--steps` timed steps per optimizer after 2 warm-up steps each (the first

@@ -77,7 +77,7 @@ class PretrainConfig:
     precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     fused_optimizer: bool = False  # the update as one compiled loop per parameter (BertAdam(fused=True), AdamW's
-    # fused kernel): ~1.5x faster on CPU at base size, same state; off: the original's eager arithmetic
+    # fused kernel): 2.6-3.1x faster update on CPU at base size, same state; off: the original's eager arithmetic
     seed: int = 9595  # seeds model init, masking and data order (the original's)
     # --- bookkeeping
     log_every: int = 10  # steps between log lines
@@ -182,7 +182,7 @@ class FinetuneConfig:
     precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     fused_optimizer: bool = False  # the update as one compiled loop per parameter (BertAdam(fused=True), AdamW's
-    # fused kernel): ~1.5x faster on CPU at base size, same state; off: the original's eager arithmetic
+    # fused kernel): 2.6-3.1x faster update on CPU at base size, same state; off: the original's eager arithmetic
     seed: int = 9595  # seeds the new head's init and the data order (the original's)
     log_every: int = 10  # steps between log lines
     device: str = "auto"  # "auto", "cpu", "cuda"

@@ -57,7 +57,7 @@ _compiled: dict[str, object] = {}
 FUSED_MIN_NUMEL = 1 << 16
 
 
-def compiled_update(kind: str = "fp32"):
+def compiled_kernel(kind: str):
     """`_update` ("fp32"), `_update_bf16` ("bf16") or `_fp32_norm` ("norm") under torch.compile (inductor), compiled
     once per process for any parameter size (dynamic shapes; learning rate and clip coefficient are tensors, so the
     schedule's new value each step compiles nothing new)."""
@@ -78,7 +78,7 @@ class BertAdam(Optimizer):
         b1, b2, e: Adam constants (0.9, 0.999, 1e-6).
         weight_decay: 0.01, applied to all parameters.
         fused: each parameter's update (of those with >= FUSED_MIN_NUMEL elements) as one compiled loop
-            (`compiled_update`; needs what torch.compile needs, a C++ compiler on CPU); the same arithmetic up to
+            (`compiled_kernel`; needs what torch.compile needs, a C++ compiler on CPU); the same arithmetic up to
             rounding, the same state (a checkpoint of either resumes in the other). Off: the eager step, operation
             for operation the original's.
     """
@@ -154,17 +154,17 @@ class BertAdam(Optimizer):
             state["next_m"] = torch.zeros_like(p)
             state["next_v"] = torch.zeros_like(p)
         m, v = state["next_m"], state["next_v"]
-        if (self.fused and p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous() and grad.is_contiguous()
-                and (p16 is not None or grad.dtype == p.dtype) and (p16 is None or p16.is_contiguous())):
+        copy_ok = grad.dtype == p.dtype if p16 is None else p16.is_contiguous()
+        if self.fused and p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous() and grad.is_contiguous() and copy_ok:
             key = (state["step"], p.dtype, p.device)
             if key not in lrs:  # one small tensor per group and step, not per parameter
                 lrs[key] = torch.tensor(self._scheduled(group, state["step"]), dtype=p.dtype, device=p.device)
             hyper = (group["b1"], group["b2"], group["e"], group["weight_decay"])
             flat = (p.detach().view(-1), grad.view(-1), m.view(-1), v.view(-1), lrs[key])
             if p16 is None:
-                compiled_update("fp32")(*flat, *hyper)
+                compiled_kernel("fp32")(*flat, *hyper)
             else:
-                compiled_update("bf16")(*flat, grad_scale, p16.detach().view(-1), *hyper)
+                compiled_kernel("bf16")(*flat, grad_scale, p16.detach().view(-1), *hyper)
             state["step"] += 1
             return
         if p16 is not None:

@@ -63,14 +63,14 @@ def step_groups(micro_batches: Iterable, per_step: int) -> Iterator[list]:
 def bf16_clip(replica: Bf16Replica, max_norm: float) -> tuple[Tensor, Tensor]:
     """(total gradient norm, clip coefficient) of the bf16 copy's gradients, as `clip_grad_norm_` computes them on
     their fp32 copies: per-tensor norms accumulated in fp32 (compiled for the large ones, as the fused update), the
-    2-norm of those, coefficient max_norm / (norm + 1e-6) capped at 1 (1 when `max_norm` <= 0: no clipping)."""
+    2-norm of those, coefficient max_norm / (norm + 1e-6) capped at 1. `max_norm` <= 0 (no clipping): (0, 1)."""
     grads = [p16.grad for _, p16 in replica.pairs if p16.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
-    norms = [optim.compiled_update("norm")(g) if g.numel() >= optim.FUSED_MIN_NUMEL and g.is_contiguous()
+    if max_norm <= 0:  # not clipping: train_step reports no norm, so none is computed
+        return torch.zeros((), device=device), torch.ones((), device=device)
+    norms = [optim.compiled_kernel("norm")(g) if g.numel() >= optim.FUSED_MIN_NUMEL and g.is_contiguous()
              else torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros((), device=device)
-    if max_norm <= 0:
-        return total, torch.ones((), device=device)
     return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
@@ -90,8 +90,7 @@ def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.
     """
     n = len(micro_batches)
     # one micro-batch, bf16 copy, fused BertAdam: the optimizer reads the copy's gradients and writes its weights
-    direct = replica is not None and n == 1 and getattr(optimizer, "fused", False) and hasattr(optimizer,
-                                                                                               "step_from_bf16")
+    direct = replica is not None and n == 1 and isinstance(optimizer, optim.BertAdam) and optimizer.fused
     totals: dict[str, float] = {}
     for k, batch in enumerate(micro_batches):
         sync = k == n - 1 or not hasattr(model, "no_sync") or replica is not None
