@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lxm.model.matmul import Linear
+
 
 class GeLU(nn.Module):
     """Exact (erf) GELU as a module, so that `logit_fc.1` holds no parameters, as in the original checkpoints."""
@@ -25,7 +27,7 @@ class PredictionHeadTransform(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = Linear(hidden_size, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -40,7 +42,7 @@ class LMPredictionHead(nn.Module):
         # Registered before the submodules so that `cls.predictions.bias` comes first in state_dict order, as HF.
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         self.transform = PredictionHeadTransform(hidden_size, eps)
-        self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.decoder = Linear(hidden_size, vocab_size, bias=False)
 
     def forward(self, hidden: Tensor) -> Tensor:
         h = self.transform(hidden)
@@ -58,7 +60,7 @@ class PreTrainingHeads(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, eps: float, *, mlm: bool, matched: bool):
         super().__init__()
         self.predictions = LMPredictionHead(hidden_size, vocab_size, eps) if mlm else None
-        self.seq_relationship = nn.Linear(hidden_size, 2) if matched else None
+        self.seq_relationship = Linear(hidden_size, 2) if matched else None
 
 
 class VisualObjHead(nn.Module):
@@ -67,7 +69,7 @@ class VisualObjHead(nn.Module):
     def __init__(self, hidden_size: int, sizes: dict[str, int], eps: float):
         super().__init__()
         self.transform = PredictionHeadTransform(hidden_size, eps)
-        self.decoder_dict = nn.ModuleDict({name: nn.Linear(hidden_size, n) for name, n in sizes.items()})
+        self.decoder_dict = nn.ModuleDict({name: Linear(hidden_size, n) for name, n in sizes.items()})
 
     def forward(self, visn: Tensor, *, feat_positions: Tensor | None = None) -> dict[str, Tensor]:
         """visn [B, N, H] -> {"obj": [B,N,1600], "attr": [B,N,400], "feat": [B,N,2048] or [K,2048]}."""
@@ -84,8 +86,8 @@ class AnswerHead(nn.Module):
     def __init__(self, hidden_size: int, num_answers: int, eps: float):
         super().__init__()
         self.logit_fc = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size * 2), GeLU(), nn.LayerNorm(hidden_size * 2, eps=eps),
-            nn.Linear(hidden_size * 2, num_answers),
+            Linear(hidden_size, hidden_size * 2), GeLU(), nn.LayerNorm(hidden_size * 2, eps=eps),
+            Linear(hidden_size * 2, num_answers),
         )
 
     def forward(self, pooled: Tensor) -> Tensor:
@@ -101,8 +103,8 @@ class Nlvr2PairHead(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.logit_fc = nn.Sequential(
-            nn.Linear(hidden_size * 2, hidden_size * 2), GeLU(), nn.LayerNorm(hidden_size * 2, eps=eps),
-            nn.Linear(hidden_size * 2, 2),
+            Linear(hidden_size * 2, hidden_size * 2), GeLU(), nn.LayerNorm(hidden_size * 2, eps=eps),
+            Linear(hidden_size * 2, 2),
         )
 
     def forward(self, pooled: Tensor) -> Tensor:

@@ -11,10 +11,13 @@ transformers checkpoint loads with the identity map and an original `*_LXRT.pth`
 on all three text embeddings, visual input `(LN(W_f f) + LN(W_b b)) / 2`, one cross-attention module shared by both
 directions, tanh pooler on [CLS] after the last cross layer.
 
-Four things differ in *how* it is computed, not in what: attention runs through
+Six things differ in *how* it is computed, not in what: attention runs through
 `torch.nn.functional.scaled_dot_product_attention` (training with attention dropout: written out, see
-`LxmertAttention._attend_with_dropout`), the shared cross-attention projects the language and vision streams in one
-matrix product (same weights, so the same values up to float rounding), dropout draws its mask from 16 random bits
+`LxmertAttention._attend_with_dropout`), each attention's query, key and value projections run as one matrix product
+over their concatenated weights (`LxmertAttention.project`), the shared cross-attention projects the language and
+vision streams in one matrix product (same weights, so the same values up to float rounding), the linear layers
+compute through `lxm.model.matmul.linear` (on a CPU in bf16, products that this machine runs faster as two row halves
+are computed so), dropout draws its mask from 16 random bits
 an element (`dropout_scaled_mask`: the drop probability p to within 7.6e-6, scaled to keep the expectation; cheaper
 on CPU than `nn.Dropout`), and in training (`pack_text` with `mlm_positions`) the last cross layer's language side
 runs only at the positions the heads read (`LxmertModel.forward`'s `lang_outputs`). The model computes in the dtype
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 
 from lxm.errors import ConfigError
 from lxm.model.config import LxmertConfig
+from lxm.model.matmul import Linear, linear
 from lxm.model.heads import (
     AnswerHead,
     Nlvr2PairHead,
@@ -183,10 +187,21 @@ class LxmertAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
+        self.query = Linear(hidden_size, hidden_size)
+        self.key = Linear(hidden_size, hidden_size)
+        self.value = Linear(hidden_size, hidden_size)
         self.dropout_p = dropout
+
+    def project(self, x: Tensor, which: str = "qkv") -> tuple[Tensor, ...]:
+        """The projections named by `which` ("qkv" or "kv") of x [..., H], as one matrix product.
+
+        One product 3H wide instead of three H wide: wider outputs run at a higher rate (AMX bf16, 1152 rows: ~2.5
+        vs ~1.1 TFLOP/s), the input gradient is one product instead of three plus two additions, and the weights'
+        concatenation (3H x H, once a forward) costs less than that saves (benchmarks/README.md)."""
+        mods = [getattr(self, {"q": "query", "k": "key", "v": "value"}[c]) for c in which]
+        weight = torch.cat([m.weight for m in mods])
+        bias = torch.cat([m.bias for m in mods])
+        return linear(x, weight, bias).split([m.out_features for m in mods], dim=-1)
 
     def _heads(self, x: Tensor) -> Tensor:
         b, s, _ = x.shape
@@ -235,7 +250,7 @@ class LxmertResidualOutput(nn.Module):
 
     def __init__(self, in_features: int, hidden_size: int, dropout: float, eps: float):
         super().__init__()
-        self.dense = nn.Linear(in_features, hidden_size)
+        self.dense = Linear(in_features, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = Dropout(dropout)
 
@@ -257,13 +272,11 @@ class LxmertSelfAttentionLayer(nn.Module):
         from those rows only (keys and values still from every row) and return only them."""
         att = self.self
         if queries is None:
-            ctx = att.attend(att.query(hidden), att.key(hidden), att.value(hidden), mask, q_layout=layout,
-                             kv_layout=layout)
+            ctx = att.attend(*att.project(hidden), mask, q_layout=layout, kv_layout=layout)
             return self.output(ctx, hidden)
         q_layout, rows = queries
         kept = hidden.index_select(0, rows)
-        ctx = att.attend(att.query(kept), att.key(hidden), att.value(hidden), mask, q_layout=q_layout,
-                         kv_layout=layout)
+        ctx = att.attend(att.query(kept), *att.project(hidden, "kv"), mask, q_layout=q_layout, kv_layout=layout)
         return self.output(ctx, kept)
 
 
@@ -289,8 +302,7 @@ class LxmertCrossAttentionLayer(nn.Module):
         both = torch.cat([lang, visn.reshape(-1, shape[-1])], dim=0)
         # split, not two slices: its backward is one concatenation, where each slice's would zero-fill a full-size
         # gradient and the two would then be added
-        (q_l, q_v), (k_l, k_v), (v_l, v_v) = (proj(both).split(sizes) for proj in (self.att.query, self.att.key,
-                                                                                   self.att.value))
+        (q_l, q_v), (k_l, k_v), (v_l, v_v) = (x.split(sizes) for x in self.att.project(both))
         lang_ctx = self.att.attend(q_l, k_v.view(shape), v_v.view(shape), visn_mask, q_layout=layout)
         visn_ctx = self.att.attend(q_v.view(shape), k_l, v_l, lang_mask, kv_layout=layout)
         out_l, out_v = self.output(torch.cat([lang_ctx, visn_ctx.reshape(-1, shape[-1])], dim=0), both).split(sizes)
@@ -302,7 +314,7 @@ class LxmertIntermediate(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, intermediate_size)
+        self.dense = Linear(hidden_size, intermediate_size)
 
     def forward(self, hidden: Tensor) -> Tensor:
         # F.gelu's default is the erf form the original hand-writes; bit-exact with transformers' port.
@@ -356,9 +368,9 @@ class LxmertVisualFeatureEncoder(nn.Module):
 
     def __init__(self, feat_dim: int, pos_dim: int, hidden_size: int, dropout: float, eps: float):
         super().__init__()
-        self.visn_fc = nn.Linear(feat_dim, hidden_size)
+        self.visn_fc = Linear(feat_dim, hidden_size)
         self.visn_layer_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.box_fc = nn.Linear(pos_dim, hidden_size)
+        self.box_fc = Linear(pos_dim, hidden_size)
         self.box_layer_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = Dropout(dropout)
 
@@ -409,7 +421,7 @@ class LxmertPooler(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = Linear(hidden_size, hidden_size)
 
     def forward(self, lang: Tensor) -> Tensor:
         return torch.tanh(self.dense(lang[:, 0]))
