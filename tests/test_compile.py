@@ -55,7 +55,7 @@ def test_a_resumed_compiled_run_continues_exactly(data, tmp_path):  # noqa: F811
 def test_the_fused_optimizer_trains_as_the_eager_one_and_resumes_exactly(data, tmp_path, monkeypatch,  # noqa: F811
                                                                          precision):
     """`--set fused_optimizer=true` (BertAdam's update compiled; in bf16 it also reads the copy's gradients and
-    writes its weights): `lxm pretrain` gives the eager optimizer's losses to float32 rounding, and a run cut after
+    writes its weights): `lxm pretrain` gives the eager optimizer's losses to rounding, and a run cut after
     step 5 and resumed continues exactly as the uninterrupted fused run. Every parameter takes the compiled update
     here (the tiny model's are mostly below the size where it pays)."""
     from lxm.train import optim
@@ -69,8 +69,11 @@ def test_the_fused_optimizer_trains_as_the_eager_one_and_resumes_exactly(data, t
         losses[name] = {r["step"]: r["loss"] for r in _log(tmp_path / name) if "loss" in r}
     assert sorted(losses["fused"]) == sorted(losses["eager"]) == list(range(1, 9))
     assert "fused_optimizer: true" in (tmp_path / "fused" / "config.yaml").read_text()
+    # fp32: float32 rounding. bf16: the masters differ by float32 rounding, and where that moves a weight across a
+    # bf16 rounding boundary the copy differs by one bf16 step (seen: steps 1-5 equal, then 3.5e-5 relative)
+    rel = 1e-5 if precision == "fp32" else 2e-4
     for step, loss in losses["eager"].items():
-        assert losses["fused"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+        assert losses["fused"][step] == pytest.approx(loss, rel=rel, abs=1e-6), step
     cut = tmp_path / "cut"
     result = CliRunner().invoke(app, ["pretrain", *_args(data, cut, *sets, "fused_optimizer=true", "max_steps=5")])
     assert result.exit_code == 0, result.output

@@ -90,6 +90,9 @@ def test_linear_takes_the_split_path_only_where_halves_were_measured_faster(monk
     assert type(matmul.linear(x.float(), w.float(), b.float()).grad_fn).__name__ == "AddmmBackward0"  # fp32
     with torch.no_grad():
         assert matmul.linear(x[:4], w, b).shape == (4, 24)  # few rows: F.linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 activations: autocast's own F.linear
+        out = matmul.linear(x, w.float(), b.float())
+    assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ == "AddmmBackward0"
 
 
 def _step_grads(model, inputs, labels):
@@ -134,3 +137,16 @@ def test_the_fused_qkv_projection_equals_three_projections():
     k2, v2 = att.project(x, "kv")
     torch.testing.assert_close(k2, k)
     torch.testing.assert_close(v2, v)
+
+
+def test_an_fp32_model_under_bf16_autocast_keeps_autocasts_products(monkeypatch):
+    monkeypatch.setattr(matmul, "MIN_ROWS", 1)
+    monkeypatch.setattr(matmul, "MARGIN", 0.0)
+    cfg = lxmert_tiny()
+    model = randomize_(LxmertForPreTraining(cfg), 13).eval()
+    inputs, raw = make_inputs(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, _ = pretraining_step_losses(model, PretrainLabels(**raw), **inputs)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert matmul.decisions() == {}  # nothing went through the row-split path

@@ -351,3 +351,41 @@ def test_attention_with_dropout_is_the_written_out_product_and_eval_is_sdpa():
     # eval: no dropout, SDPA, the same product
     assert torch.allclose(att.eval().attend(q, k, v, keys), (probs @ heads(v)).transpose(1, 2).reshape(2, 5, 32),
                           atol=1e-6)
+
+
+def test_the_tied_word_table_gets_the_dense_gradient_of_a_dense_lookup():
+    """The lookup's gradient comes sparse (added into the decoder's dense one); `.grad` is dense and equals what a
+    dense lookup gives, also when the decoder's output is not in the loss, and across accumulated backwards."""
+    torch.manual_seed(0)
+    cfg = lxmert_tiny()
+    model = randomize_(LxmertForPreTraining(cfg), 14).eval()
+    inputs, raw = make_inputs(cfg)
+    labels = PretrainLabels(**raw)
+    words = model.lxmert.embeddings.word_embeddings.weight
+
+    def grad(loss_of, sparse: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        for _ in range(2):  # two accumulated backwards
+            if sparse:
+                loss = loss_of(model(**inputs))
+            else:  # the same forward with a dense lookup
+                emb = model.lxmert.embeddings
+                orig = emb.forward
+                emb.forward = lambda ids, types=None, **kw: orig(ids, types)
+                try:
+                    loss = loss_of(model(**inputs))
+                finally:
+                    del emb.forward
+            loss.backward()
+        assert words.grad.layout == torch.strided
+        return words.grad.clone()
+
+    def everything(out):
+        return sum(pretraining_losses(out, labels).values())
+
+    def match_only(out):  # the decoder's output is not in this loss: only the lookup contributes
+        return pretraining_losses(out, labels)["match"] + 0 * out.pooled_output.sum()
+
+    for loss_of in (everything, match_only):
+        torch.testing.assert_close(grad(loss_of, True), grad(loss_of, False), atol=1e-7, rtol=1e-6)
+    assert torch.count_nonzero(grad(match_only, True).sum(1)) <= inputs["input_ids"].unique().numel()

@@ -14,8 +14,8 @@ flip between runs). The decisions are kept per process (`decisions()`).
 Exactness: each output row is computed from the same inputs by the same kernel family; with K = 768 the halves are
 bit-identical to the whole product here, with K = 2304 or 3072 they differ by at most one bf16 rounding step
 (oneDNN blocks the reduction differently for different M). The weight gradient (`g^T x`, the rows summed over) is
-always one product: halving it measured slower. Under `torch.compile`, on GPUs, in fp32 and with small inputs
-every product is `F.linear`'s own.
+always one product: halving it measured slower. Under `torch.compile` or autocast, on GPUs, in fp32 and with
+small inputs every product is `F.linear`'s own.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ class _RowSplitLinear(torch.autograd.Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`, with row-halved products where they measured faster (see the module doc)."""
-    if x.dim() < 2 or x.device.type != "cpu" or x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)
+    if (x.dim() < 2 or x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
+            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+        return F.linear(x, weight, bias)  # autocast casts inside F.linear, which a custom Function would bypass
     rows = x.reshape(-1, x.shape[-1])
     forward = halves_pay(rows, weight.t())
     backward = False

@@ -161,8 +161,10 @@ class LxmertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = Dropout(dropout)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        """input_ids/token_type_ids [B, T] -> [B, T, H]."""
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, *,
+                sparse_word_grad: bool = False) -> Tensor:
+        """input_ids/token_type_ids [B, T] -> [B, T, H]. `sparse_word_grad`: the word table's gradient from this
+        lookup comes as a sparse tensor (the looked-up rows; see `LxmertForPreTraining.forward`)."""
         seq_len = input_ids.shape[1]
         if seq_len > self.position_embeddings.num_embeddings:
             raise ValueError(
@@ -172,8 +174,9 @@ class LxmertEmbeddings(nn.Module):
         positions = torch.arange(seq_len, device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        emb = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + \
-            self.token_type_embeddings(token_type_ids)
+        words = F.embedding(input_ids, self.word_embeddings.weight, self.word_embeddings.padding_idx,
+                            sparse=sparse_word_grad)
+        emb = words + self.position_embeddings(positions)[None] + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(emb))
 
 
@@ -439,7 +442,8 @@ class LxmertModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
                 visual_feats: Tensor, visual_boxes: Tensor, visual_attention_mask: Tensor | None = None,
-                *, pack_text: bool = False, lang_outputs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                *, pack_text: bool = False, lang_outputs: Tensor | None = None,
+                sparse_word_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (language_output [B,T,H], vision_output [B,N,H], pooled_output [B,H]).
 
         `pack_text` skips padded text positions inside the encoder (see TextLayout); language_output is then 0 at
@@ -447,9 +451,9 @@ class LxmertModel(nn.Module):
         positions of language_output the caller reads; the last cross layer's language self-attention queries,
         attention output and FFN run there only ([CLS] is always added, for the pooler): exact at those positions,
         0 at the others. In pretraining the losses read the masked tokens and [CLS], ~20 % of the tokens, so this
-        saves ~1.3 % of a base step's matrix products.
+        saves ~1.3 % of a base step's matrix products. `sparse_word_grad`: see `LxmertEmbeddings.forward`.
         """
-        lang = self.embeddings(input_ids, token_type_ids)
+        lang = self.embeddings(input_ids, token_type_ids, sparse_word_grad=sparse_word_grad)
         layout = TextLayout.build(attention_mask, lang.shape[0], lang.shape[1], pack_text)
         lang_mask = _key_padding_mask(attention_mask)
         visn_mask = _key_padding_mask(visual_attention_mask)
@@ -571,8 +575,19 @@ class LxmertForPreTraining(nn.Module):
         lang_outputs = None
         if pack_text and not reads_all:
             lang_outputs = mlm_positions if mlm_positions is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        words = self.lxmert.embeddings.word_embeddings.weight
+        # Tied and the decoder runs: in backward the decoder's dense [V, H] weight gradient arrives first and the
+        # lookup's sparse one (its B x T rows) is added into it in place, where a dense lookup gradient would be a
+        # zero-filled [V, H] tensor plus a [V, H] addition (~1-2 % of a base bf16 step on CPU). The hook keeps
+        # `.grad` dense should the decoder's output not be in the loss.
+        sparse = (self.cls.predictions is not None and self.cls.predictions.decoder.weight is words
+                  and words.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+        if sparse and not getattr(words, "_lxm_keeps_grad_dense", False):
+            words.register_post_accumulate_grad_hook(_dense_grad)
+            words._lxm_keeps_grad_dense = True
         lang, visn, pooled = self.lxmert(input_ids, attention_mask, token_type_ids, visual_feats, visual_boxes,
-                                         visual_attention_mask, pack_text=pack_text, lang_outputs=lang_outputs)
+                                         visual_attention_mask, pack_text=pack_text, lang_outputs=lang_outputs,
+                                         sparse_word_grad=sparse)
         out = LxmertOutput(language_output=lang, vision_output=visn, pooled_output=pooled)
         if self.cls.predictions is not None:
             out.mlm_logits = self.cls.predictions(lang if mlm_positions is None else lang[mlm_positions])
@@ -590,6 +605,12 @@ class LxmertForPreTraining(nn.Module):
     def num_parameters(self) -> int:
         """Unique parameters (the tied decoder counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _dense_grad(param: Tensor) -> None:
+    """Post-accumulate hook: a sparse `.grad` (only the lookup contributed) becomes dense, as optimizers expect."""
+    if param.grad is not None and param.grad.is_sparse:
+        param.grad = param.grad.to_dense()
 
 
 def is_task_model(cfg: LxmertConfig) -> bool:
