@@ -7,9 +7,10 @@ directions). Its attention probabilities from the [CLS] query over the N boxes, 
 head, averaged over the heads, are the weights shown ([N], summing to 1). They say where [CLS] looked in that last
 read, not a full attribution: the boxes also reach [CLS] through earlier layers and the self-attention after it.
 
-They are captured with forward hooks on the layer's query and key projections (`att.query`, `att.key`), which
-project the stacked sequence [language rows; vision rows] of `LxmertCrossAttentionLayer.both_ways`, and a pre-hook
-on the layer for the stream sizes; the hooks only read, so the logits are unchanged.
+They are computed from the layer's inputs, kept by a forward pre-hook on the layer: the [CLS] rows of the language
+stream through the query projection and the vision rows through the key projection (`att.query`, `att.key`, the
+modules whose weights `LxmertCrossAttentionLayer.both_ways` applies, fused with the value projection, to the
+stacked sequence [language rows; vision rows]); the hook only reads, so the logits are unchanged.
 
 The picture (`render_attention`): the image (upscaled to a long side of at least 800 pixels, as `lxm show`),
 darkened outside the boxes, each box brought back to full brightness in proportion to its weight (the strongest
@@ -55,24 +56,15 @@ class CrossAttentionCapture:
     def __init__(self, model: nn.Module):
         self.layer = model.lxmert.encoder.x_layers[-1]
         self.att = self.layer.visual_attention.att
-        self.q: Tensor | None = None
-        self.k: Tensor | None = None
         self.inputs: tuple | None = None
         self._handles: list = []
 
     def __enter__(self) -> CrossAttentionCapture:
         def keep_inputs(_module, args):
             lang, _lang_mask, visn, visn_mask, layout = args[:5]  # then lang_queries (last layer)
-            self.inputs = (lang.shape[0], visn.shape, visn_mask, layout)
+            self.inputs = (lang.detach(), visn.detach(), visn_mask, layout)
 
-        def keep(name):
-            def hook(_module, _args, output):
-                setattr(self, name, output.detach())
-            return hook
-
-        self._handles = [self.layer.register_forward_pre_hook(keep_inputs),
-                         self.att.query.register_forward_hook(keep("q")),
-                         self.att.key.register_forward_hook(keep("k"))]
+        self._handles = [self.layer.register_forward_pre_hook(keep_inputs)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -83,12 +75,13 @@ class CrossAttentionCapture:
     def cls_to_vision(self) -> Tensor:
         """[rows, N] float32: per batch row (an example's image), the [CLS] query's attention over the boxes,
         averaged over heads (each row sums to 1)."""
-        if self.inputs is None or self.q is None or self.k is None:
+        if self.inputs is None:
             raise RuntimeError("CrossAttentionCapture: no forward pass ran inside the context")
-        rows, (b, n, h), visn_mask, layout = self.inputs
-        heads, dim = self.att.num_heads, self.att.head_dim
-        q_cls = layout.padded(self.q[:rows])[:, 0].float().view(b, heads, dim)  # [B, heads, d]
-        k = self.k[rows:].float().view(b, n, heads, dim)  # [B, N, heads, d]
+        lang, visn, visn_mask, layout = self.inputs
+        (b, n, _), heads, dim = visn.shape, self.att.num_heads, self.att.head_dim
+        with torch.no_grad():
+            q_cls = self.att.query(layout.padded(lang)[:, 0]).float().view(b, heads, dim)  # [B, heads, d]
+            k = self.att.key(visn).float().view(b, n, heads, dim)  # [B, N, heads, d]
         return cls_attention(q_cls, k, visn_mask)
 
 
