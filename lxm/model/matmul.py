@@ -54,13 +54,24 @@ def _product(a: Tensor, b: Tensor, bias: Tensor | None, halves: bool) -> Tensor:
     return out
 
 
+def _key(m: int, k: int, n: int, a_stride: tuple, b: Tensor) -> tuple | None:
+    """The decision key of a [M, K] (strides `a_stride`) @ b [K, N], or None when the product cannot gain (too few
+    rows, too wide an output; callers have checked CPU and bf16)."""
+    if m < MIN_ROWS or n > MAX_WIDTH:
+        return None
+    return (m, k, n, a_stride, b.stride(), b.dtype, torch.get_num_threads())
+
+
 def halves_pay(a: Tensor, b: Tensor) -> bool:
     """Whether a [M, K] @ b [K, N] runs faster as two row halves on this machine: measured once per shape, layout,
     dtype and thread count; False for every product that cannot gain (not CPU bf16, too few rows, too wide)."""
-    if not (a.device.type == "cpu" and a.dtype == torch.bfloat16 and a.shape[0] >= MIN_ROWS
-            and b.shape[1] <= MAX_WIDTH):
+    if a.device.type != "cpu" or a.dtype != torch.bfloat16:
         return False
-    key = (*a.shape, b.shape[1], a.stride(), b.stride(), a.dtype, torch.get_num_threads())
+    key = _key(*a.shape, b.shape[1], a.stride(), b)
+    return False if key is None else _decide(key, a, b)
+
+
+def _decide(key: tuple, a: Tensor, b: Tensor) -> bool:
     choice = _decided.get(key)
     if choice is None:
         choice = _decided[key] = _measure(a, b)
@@ -113,12 +124,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])
     forward = halves_pay(rows, weight.t())
     backward = False
-    if x.requires_grad and torch.is_grad_enabled() and rows.shape[0] >= MIN_ROWS:
+    if x.requires_grad and torch.is_grad_enabled():
         # the input gradient g [M, out] @ W [out, in], g as autograd hands it (contiguous): decided on zeros of
         # that shape the first time, from the cache after
-        key = (rows.shape[0], weight.shape[0], weight.shape[1], (weight.shape[0], 1), weight.stride(), x.dtype,
-               torch.get_num_threads())
-        backward = _decided[key] if key in _decided else halves_pay(rows.new_zeros(key[:2]), weight)
+        m, out = rows.shape[0], weight.shape[0]
+        key = _key(m, out, weight.shape[1], (out, 1), weight)
+        if key is not None:
+            backward = _decided[key] if key in _decided else _decide(key, rows.new_zeros(m, out), weight)
     if not (forward or backward):
         return F.linear(x, weight, bias)
     return _RowSplitLinear.apply(x, weight, bias, forward)

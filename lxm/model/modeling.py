@@ -201,7 +201,7 @@ class LxmertAttention(nn.Module):
         One product 3H wide instead of three H wide: wider outputs run at a higher rate (AMX bf16, 1152 rows: ~2.5
         vs ~1.1 TFLOP/s), the input gradient is one product instead of three plus two additions, and the weights'
         concatenation (3H x H, once a forward) costs less than that saves (benchmarks/README.md)."""
-        mods = [getattr(self, {"q": "query", "k": "key", "v": "value"}[c]) for c in which]
+        mods = (self.query, self.key, self.value) if which == "qkv" else (self.key, self.value)
         weight = torch.cat([m.weight for m in mods])
         bias = torch.cat([m.bias for m in mods])
         return linear(x, weight, bias).split([m.out_features for m in mods], dim=-1)
