@@ -389,3 +389,22 @@ def test_the_tied_word_table_gets_the_dense_gradient_of_a_dense_lookup():
     for loss_of in (everything, match_only):
         torch.testing.assert_close(grad(loss_of, True), grad(loss_of, False), atol=1e-7, rtol=1e-6)
     assert torch.count_nonzero(grad(match_only, True).sum(1)) <= inputs["input_ids"].unique().numel()
+
+
+def test_the_lookup_gradient_is_added_into_the_decoder_gradient_in_place():
+    """No [V, H] tensor is allocated to add the tied word table's two gradients: the dense decoder gradient takes
+    the sparse lookup gradient in place (autograd does so only when the sparse one arrives first). As training
+    computes the step: MLM logits at the masked tokens only."""
+    torch.manual_seed(0)
+    cfg = lxmert_tiny()
+    model = randomize_(LxmertForPreTraining(cfg), 14).train()
+    inputs, raw = make_inputs(cfg)
+    loss = sum(pretraining_step_losses(model, PretrainLabels(**raw), **inputs)[0].values())
+    table = [cfg.vocab_size, cfg.hidden_size]
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    # aten::add_ runs as aten::add with out=; an aten::add of its own is an out-of-place addition
+    adds = [(e.name, e.input_shapes) for e in prof.events()
+            if e.name in ("aten::add", "aten::add_") and getattr(e.cpu_parent, "name", None) != "aten::add_"]
+    assert ("aten::add_", [table, table, []]) in adds
+    assert not [a for a in adds if a[0] == "aten::add" and table in a[1]]

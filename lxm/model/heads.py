@@ -44,14 +44,17 @@ class LMPredictionHead(nn.Module):
         self.transform = PredictionHeadTransform(hidden_size, eps)
         self.decoder = Linear(hidden_size, vocab_size, bias=False)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, *, decoder_weight: Tensor | None = None) -> Tensor:
+        """hidden [..., H] -> logits [..., V]. `decoder_weight`: the decoder's (tied) weight as the caller passes
+        it on (`LxmertForPreTraining.forward`); None = `decoder.weight`."""
         h = self.transform(hidden)
+        weight = self.decoder.weight if decoder_weight is None else decoder_weight
         if h.dim() == 2:
-            # (W @ h^T)^T instead of h @ W^T: the weight gradient then comes out as a fresh contiguous tensor, into
-            # which autograd adds the tied embedding's gradient in place (h @ W^T yields a transposed view, which
-            # forces an out-of-place [V, H] add).
-            return torch.addmm(self.bias[:, None], self.decoder.weight, h.t()).t()
-        return F.linear(h, self.decoder.weight, self.bias)
+            # (W @ h^T)^T instead of h @ W^T: the weight gradient then comes out as a fresh contiguous tensor, which
+            # autograd adds the tied lookup's gradient into in place and keeps as `.grad` (h @ W^T yields a
+            # transposed view, copied into the weight's layout).
+            return torch.addmm(self.bias[:, None], weight, h.t()).t()
+        return F.linear(h, weight, self.bias)
 
 
 class PreTrainingHeads(nn.Module):

@@ -576,21 +576,30 @@ class LxmertForPreTraining(nn.Module):
         if pack_text and not reads_all:
             lang_outputs = mlm_positions if mlm_positions is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         words = self.lxmert.embeddings.word_embeddings.weight
-        # Tied and the decoder runs: in backward the decoder's dense [V, H] weight gradient arrives first and the
-        # lookup's sparse one (its B x T rows) is added into it in place, where a dense lookup gradient would be a
-        # zero-filled [V, H] tensor plus a [V, H] addition (~1-2 % of a base bf16 step on CPU). The hook keeps
-        # `.grad` dense should the decoder's output not be in the loss.
+        # Tied and the decoder runs: the lookup's gradient comes sparse (its B x T rows) and is added into the
+        # decoder's dense [V, H] one in place, where a dense lookup gradient would be a zero-filled [V, H] tensor
+        # plus a [V, H] addition. autograd adds dense + sparse in place only into the dense tensor when the sparse
+        # one arrived first (torch/csrc/autograd/input_buffer.cpp), and backward reaches the decoder long before
+        # the lookup: the decoder therefore reads the table through `_LateGradient`, made here before the lookup,
+        # so that autograd, which runs later-made nodes first, hands the decoder's gradient on only after the
+        # lookup's. (Sparse vs dense lookup gradient: ~1 % of a base bf16 step on CPU; in place vs out of place:
+        # one [V, H] temporary less, time within noise.) The hook keeps `.grad` dense should the decoder's output
+        # not be in the loss.
         sparse = (self.cls.predictions is not None and self.cls.predictions.decoder.weight is words
                   and words.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling())
-        if sparse and not getattr(words, "_lxm_keeps_grad_dense", False):
-            words.register_post_accumulate_grad_hook(_dense_grad)
-            words._lxm_keeps_grad_dense = True
+        decoder_weight = None
+        if sparse:
+            if not getattr(words, "_lxm_keeps_grad_dense", False):
+                words.register_post_accumulate_grad_hook(_dense_grad)
+                words._lxm_keeps_grad_dense = True
+            decoder_weight = _LateGradient.apply(words)
         lang, visn, pooled = self.lxmert(input_ids, attention_mask, token_type_ids, visual_feats, visual_boxes,
                                          visual_attention_mask, pack_text=pack_text, lang_outputs=lang_outputs,
                                          sparse_word_grad=sparse)
         out = LxmertOutput(language_output=lang, vision_output=visn, pooled_output=pooled)
         if self.cls.predictions is not None:
-            out.mlm_logits = self.cls.predictions(lang if mlm_positions is None else lang[mlm_positions])
+            out.mlm_logits = self.cls.predictions(lang if mlm_positions is None else lang[mlm_positions],
+                                                  decoder_weight=decoder_weight)
         if self.cls.seq_relationship is not None:
             out.match_logits = self.cls.seq_relationship(pooled)
         if self.obj_predict_head is not None:
@@ -605,6 +614,19 @@ class LxmertForPreTraining(nn.Module):
     def num_parameters(self) -> int:
         """Unique parameters (the tied decoder counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+class _LateGradient(torch.autograd.Function):
+    """The identity (a view of the same tensor), as a node of its own in the autograd graph: its gradient is
+    passed on when autograd reaches the point of the forward where it was made (see `LxmertForPreTraining`)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor) -> Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
 
 
 def _dense_grad(param: Tensor) -> None:
