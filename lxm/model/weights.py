@@ -34,8 +34,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lxm.atomic import atomic_path
 from lxm.errors import LxmError
+from lxm.integrity import IntegrityError, checksummed_path, verify_checksum
 from lxm.model.config import LxmertConfig
 from lxm.model.modeling import LxmertForPreTraining, build_lxmert, is_task_model
 
@@ -123,9 +123,20 @@ class RawCheckpoint:
     hf_config: dict | None = None  # from a transformers config.json
 
 
+def verified(path: str | os.PathLike) -> None:
+    """Compare a file lxm wrote with its recorded checksum (`NAME.sha256`, `lxm.integrity`); a file without one is
+    used as it is. Raises CheckpointError naming the file when it was damaged after it was written (neither torch's
+    zip reader nor safetensors checks the content)."""
+    try:
+        verify_checksum(path)
+    except IntegrityError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def load_torch_file(path: str | os.PathLike):
     """`torch.load(path, weights_only=True)` on the CPU; a file that needs arbitrary unpickling, or is damaged, is a
     CheckpointError naming it (torch's own UnpicklingError text is many lines of advice about allow-lists)."""
+    verified(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -162,6 +173,7 @@ def _safetensors_load(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    verified(path)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
@@ -196,9 +208,10 @@ def _read_dir(path: Path) -> RawCheckpoint:
             f"{path}: expected config.json and model.safetensors (or pytorch_model.bin) in this directory; "
             f"found {found}"
         )
+    verified(cfg_path)
     try:
         meta = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
     sd = _safetensors_load(weights[0]) if weights[0].suffix == ".safetensors" else _torch_load(weights[0])[0]
     if meta.get("format") == LXM_FORMAT_TAG:
@@ -551,7 +564,7 @@ def _atomic_dir_write(out_dir: Path, files: dict[str, bytes | dict[str, Tensor]]
     from safetensors.torch import save_file
 
     for name, content in files.items():
-        with atomic_path(out_dir / name) as tmp:
+        with checksummed_path(out_dir / name) as tmp:  # NAME.sha256 beside each file: damage is refused on load
             if isinstance(content, bytes):
                 tmp.write_bytes(content)
             else:
@@ -599,7 +612,7 @@ def save_original(model: LxmertForPreTraining, path: str | os.PathLike) -> Path:
         else:
             name = "module." + key
         sd[name] = value.detach().clone()
-    with atomic_path(path) as tmp:
+    with checksummed_path(path) as tmp:
         torch.save(sd, tmp)
     return Path(path)
 
