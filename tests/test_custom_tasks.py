@@ -147,8 +147,11 @@ def test_macro_f1_against_a_hand_computation():
     ("qa", {"question_id": 2, "img_id": "i", "question": "q", "answers": [1]}, "field 'answers': expected strings"),
     ("qa", {"question_id": 2, "img_id": "i", "question": "q"}, "field 'answers': missing, but line 1 has one"),
     ("qa", '{"question_id": 2,', "not JSON"),
-    ("classify", {"id": "b", "img_id": "i", "text": "t", "label": 1.5}, "field 'label': expected string or integer or "
-                                                                        "boolean, got 1.5"),
+    ("classify", {"id": "b", "img_id": "i", "text": "t", "label": [1.5]}, "field 'label': expected string, number "
+                                                                          "or boolean, got [1.5]"),
+    ("classify", {"id": "b", "img_id": "i", "text": "t", "label": "true"}, "field 'label': \"true\", but line 1 "
+                                                                           "writes the label 'true' as a number or "
+                                                                           "boolean"),
     ("classify", {"id": "b", "img_id": "", "text": "t", "label": "x"}, "field 'img_id': empty"),
     ("classify", {"id": "a", "img_id": "i", "text": "t", "label": "x"}, "field 'id': a again"),
 ])
@@ -165,7 +168,7 @@ def test_bad_lines_are_named_by_file_line_and_field(tmp_path, reader, line, mess
 def test_labels_are_kept_as_strings_and_unlabelled_files_read(tmp_path):
     recs = read_classify_jsonl(_jsonl(tmp_path / "c.jsonl", [{"id": 1, "img_id": "i", "text": "t", "label": True},
                                                              {"id": 2, "img_id": "i", "text": "t", "label": 3}]))
-    assert [r.label for r in recs] == ["True", "3"]
+    assert [r.label for r in recs] == ["true", "3"]  # JSON's spelling, not Python's "True"
     test = read_qa_jsonl(_jsonl(tmp_path / "t.jsonl", [{"question_id": "x", "img_id": "i", "question": "q"}]))
     assert test[0].answers is None
     with pytest.raises(MetricsInputError, match=r"t.jsonl:1: field 'answers': missing \(this file must be labelled"):

@@ -56,15 +56,21 @@ def test_extracts_every_fixture_image_into_a_valid_store(tmp_path, caplog):
 
 
 def test_batched_equals_single_image_results(tmp_path):
-    for bs in (1, 4):
+    """README: a store's rows are bit-identical whatever --batch-size (each image runs through the detector on its
+    own; a shared backbone pass of equal-size images moved the tiny detector's features by an fp16 ulp)."""
+    det = detector_tiny()
+    sizes = [tuple(round(v * caffe_scale(*im.shape[:2], det.min_size, det.max_size)) for v in im.shape[:2])
+             for im in (cv2.imread(str(p)) for p in sorted(IMAGES.glob("*.jpg")))]
+    assert len(set(sizes)) < len(sizes)  # one batch of all holds images of one size: the case that differed
+    for bs in (1, len(sizes)):
         assert _extract("--images", IMAGES, "--out", tmp_path / f"b{bs}", "--batch-size", bs, "--dtype", "float32",
                         *TINY).exit_code == 0
-    one, four = FeatureStore(tmp_path / "b1"), FeatureStore(tmp_path / "b4")
+    one, four = FeatureStore(tmp_path / "b1"), FeatureStore(tmp_path / f"b{len(sizes)}")
+    assert one.ids() == four.ids()
     for img_id in one.ids():
         a, b = one.get(img_id), four.get(img_id)
-        np.testing.assert_array_equal(a.objects_id, b.objects_id)
-        np.testing.assert_allclose(a.boxes, b.boxes, rtol=1e-5, atol=1e-3)
-        np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-4)
+        for name in ("objects_id", "objects_conf", "attrs_id", "attrs_conf", "boxes", "features"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{img_id} {name}")
 
 
 def _bad_images(folder):
@@ -188,7 +194,8 @@ def test_progress_reports_the_total_and_rate_from_the_start(tmp_path):
     assert events[0] == ("progress", 0, 10, 0.0)  # the total is known before the weights load
     assert events[1][0] == "weights" and "random(seed=0)" in events[1][1]
     steps = [e for e in events if e[0] == "progress"][1:]
-    assert [e[1] for e in steps] == [3, 6, 9, 10] and all(e[2] == 10 and e[3] > 0 for e in steps)
+    # per image, not per batch: with the full detector a batch takes minutes (issue 27: a log got nothing for 16 min)
+    assert [e[1] for e in steps] == list(range(1, 11)) and all(e[2] == 10 and e[3] > 0 for e in steps)
     assert summary["extracted"] == 10
     result = _extract("--images", IMAGES, "--out", tmp_path / "s2", *TINY)
     assert result.exit_code == 0 and "img/s" in result.output and "10/10" in result.output
@@ -204,9 +211,9 @@ def test_images_are_decoded_ahead_in_a_loader_thread_with_the_same_results(tmp_p
     decoded_in = []
     real_load = pipeline.load_bgr
 
-    def recording_load(path):  # the real decoder, noting which thread runs it
+    def recording_load(path, **limits):  # the real decoder, noting which thread runs it
         decoded_in.append(threading.current_thread().name)
-        return real_load(path)
+        return real_load(path, **limits)
 
     monkeypatch.setattr(pipeline, "load_bgr", recording_load)
     stores = {}

@@ -282,9 +282,11 @@ def test_resume_logs_each_step_and_epoch_once_and_names_a_damaged_checkpoint(tmp
             "--set", "batch_size=16", "--set", "train_splits=train", "--set", "log_every=1"]
     assert CliRunner().invoke(app, args).exit_code == 0
     shutil.copy(run / "last.pt", tmp_path / "epoch1.pt")
+    shutil.copy(run / "last.pt.sha256", tmp_path / "epoch1.pt.sha256")
     assert CliRunner().invoke(app, [*args, "--resume", "--set", "epochs=2"]).exit_code == 0
     # a crash after epoch 2 was logged but before its last.pt replaced epoch 1's, and a killed last.pt write
     shutil.copy(tmp_path / "epoch1.pt", run / "last.pt")
+    shutil.copy(tmp_path / "epoch1.pt.sha256", run / "last.pt.sha256")
     gone = subprocess.Popen(["true"])
     gone.wait()
     (run / f".last.pt.tmp-{gone.pid}").write_bytes(b"x" * 1000)

@@ -104,22 +104,27 @@ def world(tmp_path_factory):
 
 
 class _Page(HTMLParser):
-    """The examples of a gallery page (or of a DOM dumped by the browser): their attributes and pictures."""
+    """The examples of a gallery page (or of a DOM dumped by the browser): their attributes and the pictures of
+    their card (one card per image, its pictures before its examples)."""
 
     def __init__(self, text: str):
         super().__init__()
         self.examples: list[dict] = []
-        self.notes = 0
+        self.cards: list[dict] = []
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
-        if tag == "article" and "ex" in (a.get("class") or "").split():
-            self.examples.append({**a, "imgs": [], "noimg": 0})
-        elif tag == "img" and self.examples:
-            self.examples[-1]["imgs"].append(a["src"])
-        elif tag == "div" and a.get("class") == "noimg" and self.examples:
-            self.examples[-1]["noimg"] += 1
+        if tag == "section" and a.get("class") == "card":
+            self.cards.append({**a, "imgs": [], "noimg": 0, "examples": []})
+        elif tag == "article" and "ex" in (a.get("class") or "").split():
+            card = self.cards[-1]
+            self.examples.append({**a, "imgs": card["imgs"], "noimg": card["noimg"]})
+            card["examples"].append(self.examples[-1])
+        elif tag == "img" and self.cards:
+            self.cards[-1]["imgs"].append(a["src"])
+        elif tag == "div" and a.get("class") == "noimg" and self.cards:
+            self.cards[-1]["noimg"] += 1
 
     @property
     def shown(self) -> list[dict]:
@@ -159,13 +164,16 @@ def test_vqa_records_are_predict_and_the_task_score(world, tmp_path):
         assert r.truth == sorted(((a, s) for a, s in row["label"]), key=lambda kv: -kv[1])
         assert r.types == {"answer_type": row["answer_type"], "question_type": row["question_type"]}
         assert len(r.top) == 5 and [p for _, p in r.top] == sorted((p for _, p in r.top), reverse=True)
-        # the per-example score is the soft score of the predicted answer; right = any credit
-        assert r.score == round(100 * dict(r.truth).get(r.prediction, 0.0), 2) and r.right == (r.score > 0)
+        # the per-example score is the soft score of the predicted answer; right = full credit, partly = some
+        assert r.score == round(100 * dict(r.truth).get(r.prediction, 0.0), 2)
+        assert r.bucket == ("right" if r.score == 100 else "partial" if r.score > 0 else "wrong")
     # the summary is the task's own score; the per-example scores add up to it
     assert summary.metrics == task.score(data.dataset.ids, data.dataset.targets, predicted)
     assert summary.metrics["accuracy"] == pytest.approx(sum(r.score for r in records) / len(records), abs=0.01)
-    assert summary.right == sum(r.right for r in records)
-    assert 0 < summary.right < len(records), "the world must have both right and wrong examples"
+    assert (summary.right, summary.partial, summary.wrong) == tuple(
+        sum(r.bucket == b for r in records) for b in ("right", "partial", "wrong"))
+    assert summary.right + summary.partial + summary.wrong == len(records)
+    assert 0 < summary.wrong < len(records), "the world must have both right and wrong examples"
     rows = {row.value: row for row in summary.by_type["answer_type"]}
     assert {v: row.count for v, row in rows.items()} == {"yes/no": 12, "number": 6, "other": 6}
     yes_no = [r for r in records if r.types["answer_type"] == "yes/no"]
@@ -177,7 +185,9 @@ def test_nlvr2_records_and_summary(world):
     records, summary = data.records, data.summary
     assert set(summary.metrics) == {"accuracy", "consistency"} and summary.by_type == {}
     assert all(r.truth in ([("True", 1.0)], [("False", 1.0)]) and len(r.top) == 2 for r in records)
-    assert all(r.right == (r.prediction == r.truth[0][0]) and r.score in (0.0, 100.0) for r in records)
+    assert all((r.bucket == "right") == (r.prediction == r.truth[0][0]) and r.score in (0.0, 100.0)
+               for r in records)
+    assert summary.partial == 0 and summary.right + summary.wrong == len(records)
     assert summary.metrics["accuracy"] == round(100 * summary.right / len(records), 2)
     assert [r.images for r in records] == data.dataset.images and all(len(r.images) == 2 for r in records)
 
@@ -226,20 +236,24 @@ def test_page_is_self_contained_and_escaped(world, tmp_path):
     page = _Page(html)
     records = _records(world, "vqa", "minival").records
     assert [e["data-id"] for e in page.examples] == [str(r.id) for r in records]  # all shown, dataset order
-    assert [e["data-right"] for e in page.examples] == [str(int(r.right)) for r in records]
+    assert [e["data-bucket"] for e in page.examples] == [r.bucket for r in records]
     assert [e["data-answer-type"] for e in page.examples] == [r.types["answer_type"] for r in records]
     # the question with markup in it is text, not markup: the only script is the page's own
     assert html.count("<script") == 1 and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp;" in html
     assert not any(s in html for s in ("http://", "https://", "//cdn", "src=\"/", "href=\"/"))
-    srcs = {src for e in page.examples for src in e["imgs"]}
-    assert srcs == {f"assets/{i}.jpg" for i in world["ids"]}  # each image drawn once, referenced relatively
+    srcs = [src for card in page.cards for src in card["imgs"]]  # one card per image, drawn once
+    assert sorted(srcs) == sorted(f"assets/{i}.jpg" for i in world["ids"])  # referenced relatively
+    assert [len(card["examples"]) for card in page.cards] == [len(QUESTIONS)] * 6
     for src in srcs:
         assert (out / src).stat().st_size > 5000 and (out / src).read_bytes()[:2] == b"\xff\xd8"
-    assert sorted(p.name for p in out.iterdir()) == ["assets", "index.html"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".lxm-gallery.json", "assets", "index.html"]
     assert not list(tmp_path.glob(".g.*"))  # no temporary folder left beside it
     # the summary at the top: the split's score and the per-type tables
     data = _records(world, "vqa", "minival")
-    assert f"<b>{data.summary.right}</b> of {len(records)} right" in html
+    s = data.summary
+    assert (f'<b>{s.right}</b> right</span> (score 100) · <span class="b-partial"><b>{s.partial}</b> partly right'
+            f'</span> (0 &lt; score &lt; 100) · <span class="b-wrong"><b>{s.wrong}</b> wrong</span> (score 0) of '
+            f'<b>{len(records)}</b> examples') in html
     assert "<caption>answer type</caption>" in html and "<caption>question type</caption>" in html
 
 
@@ -247,7 +261,7 @@ def test_only_wrong_limit_and_rerun_replaces(world, tmp_path):
     records = _records(world, "vqa", "minival").records
     out = tmp_path / "g"
     result = _gallery(world, "vqa", out, "--only-wrong")
-    wrong = [r for r in records if not r.right]
+    wrong = [r for r in records if r.wrong]
     page = _Page((out / "index.html").read_text())
     assert [e["data-id"] for e in page.examples] == [str(r.id) for r in wrong]
     assert f"{len(wrong)} wrong" in result.output
@@ -264,7 +278,10 @@ def test_nlvr2_page_shows_both_images(world, tmp_path):
     html = (out / "index.html").read_text()
     page = _Page(html)
     data = _records(world, "nlvr2", "dev")
-    assert [e["imgs"] for e in page.examples] == [[f"assets/{i}.jpg" for i in r.images] for r in data.records]
+    # one card per image pair, holding every statement about that pair
+    assert {e["data-id"]: e["imgs"] for e in page.examples} == \
+        {str(r.id): [f"assets/{i}.jpg" for i in r.images] for r in data.records}
+    assert len(page.cards) == len({r.images for r in data.records}) < len(data.records)
     for name, value in data.summary.metrics.items():
         assert f"{value:.2f}".rstrip("0").rstrip(".") in html and f"</b> {name}</span>" in html
 
@@ -323,7 +340,7 @@ def test_errors_are_one_line(world, tmp_path):
         _fails(result, message)
         assert not (tmp_path / "g").exists()
     result = _invoke("gallery", world["vqa"], "--split", "minival", "--images", world["images"], "--out", stranger)
-    _fails(result, "is not an lxm gallery")
+    _fails(result, "holds no lxm gallery")
     result = _invoke("gallery", world["vqa"], "--split", "minival", "--images", tmp_path / "nowhere", "--out",
                      tmp_path / "g")
     _fails(result, "nowhere: not a directory")
@@ -360,9 +377,9 @@ def test_page_filters_in_a_browser(world, tmp_path):
     _gallery(world, "vqa", out, "--vocab-dir", FIXTURE / "vocab")
     records = _records(world, "vqa", "minival").records
     index = out / "index.html"
-    wrong = [str(r.id) for r in records if not r.right]
+    wrong = [str(r.id) for r in records if r.wrong]
     yes_no = [str(r.id) for r in records if r.types["answer_type"] == "yes/no"]
-    both = [str(r.id) for r in records if not r.right and r.types["answer_type"] == "yes/no"]
+    both = [str(r.id) for r in records if r.wrong and r.types["answer_type"] == "yes/no"]
     for hash, expected in (("", [str(r.id) for r in records]), ("#wrong=1", wrong), ("#answer_type=yes/no", yes_no),
                            ("#wrong=1&answer_type=yes%2Fno", both), ("#q=sunny", [str(r.id) for r in records
                                                                                  if r.text == "is it sunny?"])):

@@ -114,7 +114,8 @@ def test_plot_of_one_epoch_has_whole_epoch_ticks(tmp_path):
 
 
 def test_plot_keeps_three_coinciding_scores_distinct_and_merges_equal_losses(tmp_path):
-    scores = [{"accuracy": a, "consistency": a, "qa_acc_vqa": a} for a in (40.0, 55.0, 55.0)]
+    # pretraining logs qa_acc as a fraction: drawn in percent, on the accuracies' scale
+    scores = [{"accuracy": a, "consistency": a, "qa_acc_vqa": a / 100} for a in (40.0, 55.0, 55.0)]
     losses = [{"loss": 3.0 - e, "mlm": 3.0 - e, "obj": 0.0} for e in range(3)]  # obj 0: nothing to draw on a log axis
     records = [{"step": 10 * (e + 1), "epoch": e, "loss": 1.0 / (e + 1), "mlm": 1.0 / (e + 1), "match": 0.5}
                for e in range(3)]

@@ -119,6 +119,8 @@ def test_resume_skips_a_damaged_checkpoint_removes_stale_temp_files_and_logs_eac
     ckpts = run / "checkpoints"
     newest = ckpts / "step-4.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # as a crash during the write-back leaves
+    for path in ckpts.glob("epoch-00.pt*"):  # the epoch's checkpoint is a resume point of step 4 too: gone here
+        path.unlink()
     gone = subprocess.Popen(["true"])
     gone.wait()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -143,7 +145,7 @@ def test_resume_skips_a_damaged_checkpoint_removes_stale_temp_files_and_logs_eac
     assert [r["epoch"] for r in log if "valid" in r] == [0]
     assert {r["step"]: r["loss"] for r in log if "loss" in r}[4] == pytest.approx(before[4], rel=1e-5)
 
-    for path in ckpts.glob("step-*.pt"):  # every step checkpoint damaged: a one-line error
+    for path in [*ckpts.glob("step-*.pt"), *ckpts.glob("epoch-*.pt")]:  # every checkpoint damaged: one line
         path.write_bytes(b"")
     result = CliRunner().invoke(app, [*args, "--resume"])
     assert result.exit_code == 1 and "no intact checkpoint" in result.output and "Traceback" not in result.output

@@ -43,7 +43,13 @@ def test_quickstart_runs_the_whole_chain(quickstart):
     assert sorted(r["question_id"] for r in vqa) == sorted(q["question_id"] for q in minival_q)
     rows = list(csv.reader((out / "predictions" / "nlvr2_dev_predict.csv").open()))
     assert rows and all(label in ("True", "False") for _, label in rows)
-    assert "| VQA minival, official accuracy (overall) | " in report
+    assert "| VQA minival, official accuracy (overall, %) | " in report
+    # the console says what the report says: the scores of the evaluate stages and the answers of the ask stages
+    overall = re.search(r"\| VQA minival, official accuracy \(overall, %\) \| (\S+) \|", report).group(1)
+    assert f"evaluate vqa: overall {overall} %" in output and "evaluate nlvr2: accuracy " in output
+    top = json.loads((out / "predictions" / "ask_vqa.json").read_text())["answers"][0]
+    assert "ask vqa: " in output and f"-> {top['answer']} {top['score']:.4g}" in output
+    assert "ask nlvr2: " in output
     for png in ("boxes.png", "pretrain/losses.png", "vqa/validation.png", "nlvr2/losses.png"):
         assert (out / "pictures" / png).stat().st_size > 2_000, png
     again = CliRunner().invoke(app, ["quickstart", "--out", str(out)])
@@ -165,7 +171,7 @@ def test_ask_answers_the_raw_image_as_predict_did_and_explains(quickstart):
     assert f"Q: *{question['question']}* (`{image}`, question_id {question['question_id']};" in report
     assert f"`lxm predict` **{predicted[question['question_id']]}**" in report
     for a in answers:
-        assert f"| {a['answer']} | {a['score']:.4f} |" in report
+        assert f"| {a['answer']} | {a['score']:.4g} |" in report
     # NLVR2: the first dev pair's statement, judged as lxm predict judged it
     pair = json.loads((out / "raw" / "nlvr2" / "dev.json").read_text().splitlines()[0])
     judged = json.loads((out / "predictions" / "ask_nlvr2.json").read_text())

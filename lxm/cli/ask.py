@@ -19,7 +19,7 @@ def _answer_line(answerer, reply) -> str:
 def _print_reply(answerer, reply, model: str, detector: str) -> None:
     req = reply.request
     typer.echo(f"{'Q' if req.field == 'question' else 'S'}: {req.text}")
-    if answerer.output == "answers":
+    if answerer.output in ("answers", "label"):  # --top answers / labels, as --json gives them
         width = max(len(a) for a, _ in reply.prediction.top)
         for answer, prob in reply.prediction.top:
             typer.echo(f"  {answer:<{width}}  {prob:.4f}")
@@ -27,6 +27,19 @@ def _print_reply(answerer, reply, model: str, detector: str) -> None:
         typer.echo(f"  {reply.prediction.top[0][0]}  {reply.prediction.top[0][1]:.4f}")
     typer.echo(f"model: {model}")
     typer.echo(f"detector: {detector}")
+
+
+def _warn(message: str) -> None:
+    err.print(f"warning: {message}", highlight=False, markup=False)
+
+
+def _text_warnings(answerer, requests, most: int = 5) -> None:
+    """Say what the model will not read of the requests' texts (cut at max_length, all [UNK]); at most `most`."""
+    notes = [f"{req.where}: {note}" for req in requests for note in answerer.text_warnings(req.text)]
+    for note in notes[:most]:
+        _warn(note)
+    if len(notes) > most:
+        _warn(f"... and {len(notes) - most} more such warnings")
 
 
 def ask_cmd(
@@ -41,7 +54,7 @@ def ask_cmd(
                                                              "(+ \"image_id\" with --features); relative paths are "
                                                              "relative to the file. Answers one JSON line each."),
     out: Path = typer.Option(None, "--out", help="With --questions: write the JSONL answers here (default stdout)."),
-    top: int = typer.Option(5, "--top", min=1, help="Answers shown (answer tasks) / labels kept (classification)."),
+    top: int = typer.Option(5, "--top", min=1, help="Answers (answer tasks) / labels (classification) shown."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON: {\"answers\": [{\"answer\", \"score\"}], "
                                                        "\"model\", \"detector\"} ({\"label\": bool, \"score\"} for "
                                                        "NLVR2)."),
@@ -66,7 +79,8 @@ def ask_cmd(
     features: list[Path] = typer.Option(None, "--features", help="Feature store(s) to read instead of running the "
                                                                  "detector (with --image-id)."),
     image_id: list[str] = typer.Option(None, "--image-id", help="img_id in --features; twice for NLVR2."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto (this machine's GPU when CUDA is available, else the "
+                                                        "CPU), cpu, cuda or cuda:N (an error without CUDA)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Requests per model call (--questions)."),
     explain: Path = typer.Option(None, "--explain", help="Write a PNG: the image(s) shaded by the last cross "
                                                          "layer's [CLS] -> boxes attention (mean over heads), the "
@@ -83,7 +97,9 @@ def ask_cmd(
     Runs the detector on the image as lxm extract does (Caffe preprocessing, 36 boxes; --detector-weights, or
     --features STORE --image-id ID to reuse stored features), then the model, and prints the top answers with
     their probabilities (sigmoid of the answer head, as it was trained) or True/False with its probability.
-    --questions FILE.jsonl answers many, in batches, the detector running once per distinct image.
+    --questions FILE.jsonl answers many, in batches, the detector running once per distinct image. The detector
+    must give the feature size the model reads (2048: --detector vg-r101; 128: --detector tiny, as the quickstart's
+    models with random detector weights); that, the device, the outputs and the images are checked before it runs.
 
     --explain PNG shows which boxes the answer drew on: the attention of the [CLS] query over the boxes in the last
     cross-modality layer's language->vision attention (the last place where the state the heads read looks at the
@@ -92,12 +108,16 @@ def ask_cmd(
     Example: lxm ask --model runs/vqa --image man.jpg --question "what is he holding?" --detector-weights frcnn.pkl
     """
     from lxm.atomic import atomic_path
+    from lxm.devices import resolve_device
     from lxm.infer import ImageRef, Request, answer_requests, load_answerer, read_requests, reply_json
-    from lxm.infer.detect import Detector, StoredFeatures, detector_config, read_image
+    from lxm.infer.detect import (Detector, StoredFeatures, check_image_file, detector_config, detectors_for,
+                                  feature_dim, read_image)
+    from lxm.extract.show import detector_classes
     from lxm.infer.explain import read_names, render_attention, write_png
-    from lxm.train.finetune import pick_inference_device
+    from lxm.infer.outputs import check_output_dir, check_output_file
 
     single = question is not None or statement is not None
+    given = question if question is not None else statement
     problems = [
         (questions is not None and single, "give either --questions FILE or one --question / --statement"),
         (questions is None and not single, "give --question (VQA / GQA), --statement (NLVR2) or --questions FILE"),
@@ -109,10 +129,12 @@ def ask_cmd(
         (bool(features) and (detector_weights is not None or random_detector),
          "--features reads stored features: no detector runs (leave out --detector-weights / --random-detector)"),
         (detector_weights is not None and random_detector, "give --detector-weights or --random-detector, not both"),
+        (bool(image_id) and not features, "--image-id needs --features STORE (it names a record of a feature store)"),
         (not features and detector_weights is None and not random_detector,
          "--detector-weights W is required (the Faster R-CNN weights, as lxm extract --weights), or --features STORE "
          "--image-id ID for stored features, or --random-detector for a smoke test"),
-        (bool(image_id) and not features, "--image-id names a record of --features"),
+        (single and given is not None and not given.strip(),
+         f"--{'question' if question is not None else 'statement'}: empty text (give the words to ask about)"),
         (single and features and not image_id, "--features needs --image-id (twice for NLVR2)"),
         (single and not features and not image, "--image IMG is required (twice for NLVR2)"),
         (single and image and image_id and len(image) != len(image_id), "one --image-id per --image"),
@@ -122,34 +144,61 @@ def ask_cmd(
     for bad, message in problems:
         if bad:
             fail(ConfigError(message))
+    if questions is not None and questions.is_dir():
+        fail(ConfigError(f"--questions {questions}: is a directory (give a JSONL file)"))
     if questions is not None and not questions.is_file():
         fail(ConfigError(f"{questions}: no such file"))
     drawing = explain is not None or explain_dir is not None
     try:
-        dev = pick_inference_device(device)
-        answerer = load_answerer(model, answers=answers, vocab=vocab, task=task).to(dev)
+        # everything a user can get wrong is checked before the model loads and the detector runs (minutes with
+        # the full detector): the outputs, the device, the requests and images, the feature size
+        if explain is not None:
+            check_output_file(explain, "--explain")
+        if out is not None:
+            check_output_file(out, "--out")
+        if explain_dir is not None:
+            check_output_dir(explain_dir, "--explain-dir")
+        dev = resolve_device(device)
         if single:
-            field, text = ("question", question) if question is not None else ("statement", statement)
+            field = "question" if question is not None else "statement"
             count = len(image_id) if features else len(image)
             refs = tuple(ImageRef(str(image[i]) if image else None, image_id[i] if image_id else None)
                          for i in range(count))
-            requests = [Request(text, field, refs, "command line", {field: text})]
+            requests = [Request(given, field, refs, "command line", {field: given})]
         else:
             requests = read_requests(questions)
-        for req in requests:  # before the detector loads: a wrong request fails at once
-            answerer.check_request(req.field, len(req.images), req.where)
         if not features:
             for req in requests:
                 for ref in req.images:
-                    if ref.path is None or not Path(ref.path).is_file():
-                        fail(ConfigError(f"{req.where}: {ref.path}: no such image file"))
-        names = read_names(vocab_dir) if drawing else (None, None)
+                    if ref.path is None:
+                        fail(ConfigError(f"{req.where}: field 'image': missing"))
+                    try:
+                        check_image_file(ref.path)
+                    except USER_ERRORS as exc:
+                        fail(ConfigError(f"{req.where}: {exc}"))
+        answerer = load_answerer(model, answers=answers, vocab=vocab, task=task).to(dev)
+        for req in requests:  # before the detector loads: a wrong request fails at once
+            answerer.check_request(req.field, len(req.images), req.where)
+        _text_warnings(answerer, requests)
         if features:
             source = StoredFeatures([str(f) for f in features])
+            for store, root in zip(source.stores, source.roots):
+                answerer.check_features(store.feature_dim, f"--features {root}",
+                                        "give a store extracted with the detector the model was trained on")
         else:
-            cfg = detector_config(detector_weights, detector=detector.value, engine=engine.value, device=dev.type,
+            dim = feature_dim(detector.value)
+            fits = detectors_for(answerer.feature_dim)
+            answerer.check_features(dim, f"--detector {detector.value}",
+                                    f"use --detector {fits[0]}" if fits else
+                                    "no detector preset gives that size; use --features with the model's features")
+            cfg = detector_config(detector_weights, detector=detector.value, engine=engine.value, device=str(dev),
                                   num_boxes=boxes, mode=mode.value, seed=seed)
             source = Detector(cfg, on_weights=lambda line: err.print(line, highlight=False))
+        if drawing:  # the names of the detector that made the features, or ids (another detector's: a warning)
+            made_by = source.stores[0].manifest if features else cfg.detector_config()
+            names = read_names(vocab_dir, detector_classes(made_by))
+        else:
+            names = (None, None)
         described = source.describe()  # says RANDOM weights where they are (the weights loader warns too)
 
         def picture(reply, path: Path) -> Path:

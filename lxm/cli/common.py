@@ -5,16 +5,20 @@ The command modules import this module only (never `lxm.cli` itself), so the pac
 
 from __future__ import annotations
 
+import datetime
+import time
 from enum import Enum
 from typing import NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from lxm.errors import LxmError
 
-err = Console(stderr=True, soft_wrap=True)  # messages name paths; never wrap them mid-path
+# Messages name paths; never wrap them mid-path. No markup: a path such as `st[/red]` prints as it is (colour comes
+# from `Text` styles, as in `fail` and `warn`).
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 USER_ERRORS = (LxmError, OSError)  # what the commands report in one line; everything else is a bug
 
@@ -52,12 +56,28 @@ def fail(exc: BaseException) -> NoReturn:
         text = f"{exc.filename}: {exc.strerror}"  # the file first, as every LxmError message
     else:
         text = str(exc)
-    err.print(f"[red]error:[/red] {escape(text)}", highlight=False)
+    err.print(Text.assemble(("error:", "red"), " ", text), highlight=False)
     raise typer.Exit(code=1)
 
 
-def progress(unit: str = "bytes"):
-    """A progress bar on stderr: byte counts and speed for files, item counts otherwise."""
+def warn(text: str) -> None:
+    """One warning line on stderr, the text exactly as given (no markup)."""
+    err.print(Text.assemble(("warning:", "yellow"), " ", text), highlight=False)
+
+
+def progress(unit: str = "bytes", *, every_s: float = 60.0, console: Console | None = None):
+    """Progress on stderr for `unit`s ("bytes": sizes and speed; anything else, e.g. "steps" or "images": counts).
+
+    On a terminal: a rich `Progress` bar (description, bar, done/total, ETA; the elapsed time once finished). Without
+    one (stderr not a TTY: CI, `lxm ... > log 2>&1`) a bar would write nothing for the whole job, so the returned
+    object, with the same calls (a context manager with `add_task`, `update`, `advance`), prints plain lines
+    instead: `DESCRIPTION: DONE/TOTAL UNIT (P %), ELAPSED elapsed, ETA T`, one whenever another tenth of the total
+    is done or `every_s` seconds have passed, and one with the final count when the task completes or the block
+    ends.
+    """
+    console = console or err
+    if not console.is_terminal:
+        return LineProgress(unit, every_s=every_s, console=console)
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -69,7 +89,94 @@ def progress(unit: str = "bytes"):
     )
 
     amount = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
-    return Progress(TextColumn("{task.description}"), BarColumn(), *amount, TimeRemainingColumn(), console=err)
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), *amount,  # descriptions name files
+                    TimeRemainingColumn(elapsed_when_finished=True), console=console)
+
+
+class LineProgress:
+    """`progress()` without a terminal: the calls of rich's Progress that lxm uses, printed as plain lines."""
+
+    def __init__(self, unit: str, *, every_s: float = 60.0, console: Console | None = None):
+        self.unit, self.every_s, self.console = unit, every_s, console or err
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for task_id in self.tasks:  # where each task stopped, unless its last line already said so
+            self._line(task_id, final=True)
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, visible: bool = True,
+                 **_fields) -> int:
+        task_id = len(self.tasks)
+        now = time.monotonic()
+        self.tasks[task_id] = {"description": description, "total": total, "completed": completed,
+                               "visible": visible, "start": now, "start_completed": completed, "printed_at": now,
+                               "printed": None, "tenth": self._tenth(completed, total)}
+        return task_id
+
+    def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, description: str | None = None, visible: bool | None = None,
+               **_fields) -> None:
+        task = self.tasks[task_id]
+        now = time.monotonic()
+        if description is not None:
+            task["description"] = description
+        if visible is not None:
+            task["visible"] = visible
+        if completed is not None or advance is not None:
+            task["completed"] = completed if completed is not None else task["completed"] + advance
+        if total is not None and total != task["total"]:
+            # the job's size is known from here (a resumed run starts part-way): rate and ETA count from now
+            task.update(total=total, start=now, start_completed=task["completed"], printed_at=now,
+                        tenth=self._tenth(task["completed"], total))
+        elif completed is not None or advance is not None:
+            tenth = self._tenth(task["completed"], task["total"])
+            done = task["total"] is not None and task["completed"] >= task["total"]
+            if ((done and task["printed"] != (task["completed"], task["total"])) or tenth > task["tenth"]
+                    or now - task["printed_at"] >= self.every_s):
+                task["tenth"] = tenth
+                self._line(task_id)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    @staticmethod
+    def _tenth(completed: float, total: float | None) -> int:
+        return int(10 * completed // total) if total else 0
+
+    def _amount(self, value: float) -> str:
+        if self.unit != "bytes":
+            return f"{value:g}"
+        for size in ("B", "KB", "MB", "GB"):
+            if abs(value) < 1000 or size == "GB":
+                return f"{value:.0f} {size}" if size == "B" else f"{value:.1f} {size}"
+            value /= 1000
+        return f"{value}"
+
+    def _line(self, task_id: int, final: bool = False) -> None:
+        task = self.tasks[task_id]
+        state = (task["completed"], task["total"])
+        if not task["visible"] or (final and task["printed"] == state) or (final and task["printed"] is None
+                                                                            and not task["completed"]):
+            return
+        now = time.monotonic()
+        elapsed = now - task["start"]
+        total, done = task["total"], task["completed"]
+        unit = "" if self.unit == "bytes" else f" {self.unit}"
+        text = f"{task['description']}: {self._amount(done)}"
+        if total:
+            text += f"/{self._amount(total)}{unit} ({100 * done / total:.0f} %)"
+        else:
+            text += unit
+        text += f", {datetime.timedelta(seconds=round(elapsed))} elapsed"
+        rate = (done - task["start_completed"]) / elapsed if elapsed > 0 else 0.0
+        if total and done < total:
+            eta = datetime.timedelta(seconds=round((total - done) / rate)) if rate > 0 else "unknown"
+            text += f", ETA {eta}"
+        self.console.print(text, highlight=False, markup=False)
+        task["printed"], task["printed_at"] = state, now
 
 
 def advancing(items, bar, task):

@@ -27,9 +27,12 @@ def extract_cmd(
                                                             "proposals, score >= 0.2, exactly N); maxnms: airsplay's "
                                                             "detectron2 demo rule."),
     boxes: int = typer.Option(36, "--boxes", min=1, help="Boxes per image."),
-    device: str = typer.Option("cpu", help="cpu or cuda (fails if CUDA is absent)."),
+    device: str = typer.Option("cpu", help="cpu, auto (this process's GPU if CUDA is available, else the CPU), "
+                                           "cuda or cuda:N (an error if CUDA is absent; under torchrun, cuda is "
+                                           "cuda:LOCAL_RANK)."),
     dtype: FeatureDtype = typer.Option(FeatureDtype.float16, help="Stored feature precision."),
-    batch_size: int = typer.Option(4, min=1, help="Images per step; equal-size images share a backbone pass."),
+    batch_size: int = typer.Option(4, min=1, help="Images claimed and decoded ahead per step; the detector takes "
+                                                  "them one at a time, so results do not depend on it."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 network (frozen BN folded into bf16 convolutions, "
                               "autocast): on CPU ~4.3x faster with AMX, 2.2-2.7x with AVX512-BF16 (GPU: not measured); "
                               "features drift slightly (cosine ~0.99), so keep it off to match the released features."),
@@ -41,6 +44,11 @@ def extract_cmd(
                                                     "list (default: torchrun's RANK/WORLD_SIZE, else 0/1)."),
     seed: int = typer.Option(0, help="Seed for --weights random."),
     rows_per_shard: int = typer.Option(1024, min=1, help="Images per Arrow shard (a crash loses at most one shard)."),
+    max_pixels: int = typer.Option(None, "--max-pixels", min=1,
+                                   help="Refuse (as a failure in failures.jsonl) images with more pixels than this, "
+                                        "from their header, before decoding (default: $LXM_MAX_IMAGE_PIXELS, else "
+                                        "100000000; decoding costs ~14 bytes per pixel). Files over "
+                                        "$LXM_MAX_IMAGE_BYTES (default 1 GiB) are not read."),
 ) -> None:
     """Extract 36-box Visual Genome Faster R-CNN region features from a folder of images into a feature store.
 
@@ -65,7 +73,8 @@ def extract_cmd(
     cfg = ExtractConfig(images=str(images), out=str(out), weights=weights, engine=engine.value,
                         detector=detector.value, mode=mode.value,
                         num_boxes=boxes, device=device, dtype=dtype.value, batch_size=batch_size, bf16=bf16,
-                        prefetch=prefetch, seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard)
+                        prefetch=prefetch, seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard,
+                        max_pixels=max_pixels)
     try:
         with progress("images") as bar:
             tasks: list = []  # the bar appears with its total, once the images are listed (not before an error)

@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
-from lxm.cli.common import USER_ERRORS, FeatureDtype, advancing, err, fail, progress
+from lxm.cli.common import USER_ERRORS, FeatureDtype, advancing, err, fail, progress, warn
 from lxm.errors import ConfigError
 
 convert_app = typer.Typer(help="Import region features from other formats into an lxm feature store.",
@@ -47,8 +46,7 @@ def convert_tsv_cmd(
               f"manifest: {summary['manifest']}", highlight=False)
     if summary["failed"]:
         lines = "1 line" if summary["failed"] == 1 else f"{summary['failed']} lines"
-        err.print(f"[yellow]warning:[/yellow] {lines} could not be converted; see {escape(summary['failures_file'])}",
-                  highlight=False)
+        warn(f"{lines} could not be converted; see {summary['failures_file']}")
 
 
 @export_app.command("tsv")
@@ -152,16 +150,25 @@ def show_cmd(
     """
     import cv2
 
-    from lxm.extract.images import load_bgr
-    from lxm.extract.show import draw, load_vocab
+    from lxm.extract.images import ImageError, load_bgr
+    from lxm.extract.show import detector_classes, draw, fit_names, load_vocab
     from lxm.features.store import FeatureStore
 
+    if out.is_dir():  # before any drawing; cv2 would fail on it with a traceback
+        fail(ConfigError(f"--out {out}: is a directory; give the PNG file to write"))
     try:
-        rec = FeatureStore(src).get(img_id)
+        store = FeatureStore(src)
+        rec = store.get(img_id)
         objects = attributes = None
         if vocab is not None:
             objects, attributes = load_vocab(vocab / "objects_vocab.txt"), load_vocab(vocab / "attributes_vocab.txt")
-        picture = draw(load_bgr(image), rec, objects, attributes, top)
+            objects, attributes = fit_names(objects, attributes, detector_classes(store.manifest),
+                                            option=f"--vocab {vocab}", source=f"the features in {src}")
+        try:
+            bgr = load_bgr(image)
+        except ImageError as exc:
+            raise ImageError(f"{image}: {exc}") from None
+        picture = draw(bgr, rec, objects, attributes, top)
         out.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(out), picture):
             raise OSError(f"{out}: could not write the image")
@@ -190,27 +197,61 @@ def _read_id_list(path: Path) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def inspect_cmd(src: Path = typer.Argument(..., help="Feature store directory.")) -> None:
-    """Print a feature store's counts, dtype, shards and extractor metadata.
+def inspect_cmd(
+    src: Path = typer.Argument(..., help="Feature store directory."),
+    verify: bool = typer.Option(False, "--verify", help="Also read every shard and the index whole and compare "
+                                "their sha256 with what the writer recorded; damaged files are listed and the exit "
+                                "code is 1. Slow: reads every byte."),
+    repair: bool = typer.Option(False, "--repair", help="First rebuild index.arrow and manifest.json from the "
+                                "finished shards (a damaged or missing manifest or index; the shards themselves "
+                                "are not changed)."),
+) -> None:
+    """Print a feature store's counts, dtype, shards and extractor metadata, and whether writers are filling it.
 
-    Example: lxm inspect features/train2014
+    Example: lxm inspect features/train2014 --verify
     """
     import json
 
-    from lxm.features.store import FeatureStore
+    from rich.text import Text
+
+    from lxm.features.store import FeatureStore, StoreError, live_writers, rebuild_store
 
     try:
+        if not src.is_dir():
+            raise StoreError(f"{src}: no such directory")
+        running = live_writers(src)
+        if repair:
+            m = rebuild_store(src)
+            err.print(f"rebuilt {src}/index.arrow and manifest.json from {len(m['shards'])} shards "
+                      f"({m['num_images']} images)", highlight=False)
         store = FeatureStore(src)
         store.verify()  # a truncated index or shard is reported here, naming the file
         m = store.manifest
         size = sum((src / s["file"]).stat().st_size for s in m["shards"])
         rec = store.at(0) if len(store) else None
+        checked = None
+        if verify:
+            with progress("files") as bar:
+                task = bar.add_task("verify", total=len(m["shards"]))
+                checked = store.verify_checksums(on_file=lambda name: bar.advance(task))
     except USER_ERRORS as exc:
         fail(exc)
     typer.echo(f"{src}: {m['num_images']} images x {m['num_boxes']} boxes x {m['feature_dim']} features "
                f"({m['dtype']}), {len(m['shards'])} shards, {size / 2**20:.1f} MiB")
+    if running:
+        typer.echo(f"{running} writer{' is' if running == 1 else 's are'} running: this is the store as of their "
+                   f"last finished run; it grows until they finish")
     typer.echo(f"lxm version {m.get('lxm_version', '?')}, updated {m.get('updated', '?')}")
     typer.echo("extractor: " + json.dumps(m.get("extractor", {}), sort_keys=True))
     if rec is not None:
         typer.echo(f"first image: {rec.img_id} ({rec.img_w}x{rec.img_h}), objects {rec.objects_id[:5].tolist()}..., "
                    f"features mean {float(rec.features.astype('float32').mean()):.4f}")
+    if checked is not None:
+        unchecked = (f"; {len(checked['unchecked'])} without a recorded checksum (written before lxm recorded "
+                     f"them), not checked: {', '.join(checked['unchecked'][:3])}"
+                     f"{' ...' if len(checked['unchecked']) > 3 else ''}") if checked["unchecked"] else ""
+        typer.echo(f"verify: {len(checked['ok'])} file(s) match their recorded sha256{unchecked}")
+        if checked["damaged"]:
+            for line in checked["damaged"]:
+                err.print(Text.assemble(("damaged:", "red"), " ", line), highlight=False)
+            raise typer.Exit(code=1)

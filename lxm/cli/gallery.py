@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
-from lxm.cli.common import USER_ERRORS, err, fail, progress
+from lxm.cli.common import USER_ERRORS, err, fail, progress, warn
 
 
 def gallery_cmd(
@@ -18,11 +17,13 @@ def gallery_cmd(
     images: list[Path] = typer.Option(..., "--images", help="Folder of the raw images, searched recursively (img_id "
                                                             "= file name without suffix, as lxm extract); "
                                                             "repeatable."),
-    out: Path = typer.Option(..., "--out", help="Folder to write: index.html + assets/ (an earlier gallery there is "
-                                                "replaced)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: index.html + assets/. An earlier gallery there "
+                                                "is replaced, the folder's other files are kept; a folder that is "
+                                                "not empty and holds no gallery is refused."),
     limit: int = typer.Option(200, "--limit", min=1, help="Show the first N examples (after --only-wrong), in the "
                                                           "split's order."),
-    only_wrong: bool = typer.Option(False, "--only-wrong", help="Show only the examples the model gets wrong."),
+    only_wrong: bool = typer.Option(False, "--only-wrong", help="Show only the examples the model gets wrong "
+                                                                "(score 0)."),
     boxes: int = typer.Option(5, "--boxes", min=1, help="Boxes drawn per image, most confident first."),
     vocab_dir: Path = typer.Option(None, "--vocab-dir", exists=True, file_okay=False,
                                    help="Folder with objects_vocab.txt and attributes_vocab.txt (BUTD names); "
@@ -37,11 +38,18 @@ def gallery_cmd(
 ) -> None:
     """Write a self-contained HTML page of what a finetuned model gets right and wrong on a split.
 
-    Per example: the image(s) with their most confident boxes drawn, the question or statement, the ground truth
-    (VQA answers with their scores), the top-5 predictions with probabilities, right or wrong. At the top: the
-    split's scores (VQA per answer and question type, GQA per structural type with --questions, NLVR2 accuracy and
-    consistency) and filters (wrong only, per type, text search; also settable in the URL, e.g.
-    index.html#wrong=1&answer_type=yes/no). Nothing is fetched from the network: open OUT/index.html in a browser.
+    One card per image (NLVR2: per image pair) with its most confident boxes drawn and all its shown examples:
+    the question or statement, the verdict (right = score 100, partly right = 0 < score < 100, VQA's soft credit,
+    wrong = score 0) and the score, the ground truth with scores, the top-5 predictions with probabilities and the
+    score each would earn. At the top: the split's scores in percent (the accuracy is the mean score; the right /
+    partly right / wrong counts beside it), per answer and question type (VQA), per structural type (GQA, with
+    --questions), precision and recall per label (classify, NLVR2). Filters (verdict, per type, text search) and
+    the order (dataset order, or most / least confident first) are also settable in the URL, e.g.
+    index.html#verdict=wrong&answer_type=yes/no&sort=confident. Nothing is fetched from the network: open
+    OUT/index.html in a browser. The page reflows down to a phone's width.
+
+    OUT holds index.html, assets/ and two hidden files: .lock (a second lxm gallery into OUT while one writes fails
+    at once) and .lxm-gallery.json (the files the gallery wrote: a later gallery replaces only those).
 
     Example: lxm gallery runs/vqa --split minival --images coco/val2014 --out gallery/vqa --only-wrong
     """
@@ -59,20 +67,21 @@ def gallery_cmd(
             def advance(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total, visible=True)
 
-            result = make_gallery(run, out, cfg, log=lambda m: err.print(m, highlight=False), on_progress=advance)
+            result = make_gallery(run, out, cfg, log=lambda m: err.print(m, highlight=False),
+                                  on_progress=advance)
     except USER_ERRORS as exc:
         fail(exc)
     s = result.summary
-    scores = ", ".join(f"{k} {v:g}" for k, v in s.metrics.items())
-    err.print(f"{s.task} {s.split}: {scores} over {s.examples} examples ({s.examples - s.right} wrong)",
-              highlight=False)
+    scores = ", ".join(f"{k} {v:g}%" for k, v in s.metrics.items())
+    partial = f", {s.partial} partly right" if s.partial else ""
+    err.print(f"{s.task} {s.split}: {scores} over {s.examples} examples ({s.right} right{partial}, "
+              f"{s.wrong} wrong; the {s.metric} is the mean score)", highlight=False)
     if result.missing:
         images = f"{len(result.missing)} image" + ("s" if len(result.missing) > 1 else "")
-        err.print(f"[yellow]warning:[/yellow] {result.missing_examples} of the {result.shown} shown examples have "
-                  f"an image not found under --images ({images}, e.g. {escape(result.missing[0])}); they show a note",
-                  highlight=False)
+        warn(f"{result.missing_examples} of the {result.shown} shown examples have an image not found under "
+             f"--images ({images}, e.g. {result.missing[0]}); they show a note")
     if result.failed:
         img, why = next(iter(result.failed.items()))
-        err.print(f"[yellow]warning:[/yellow] {len(result.failed)} images could not be drawn (e.g. {escape(img)}: "
-                  f"{escape(why)})", highlight=False)
-    err.print(f"wrote {result.page} ({result.shown} examples shown, {result.shown_wrong} wrong)", highlight=False)
+        warn(f"{len(result.failed)} images could not be drawn (e.g. {img}: {why})")
+    err.print(f"wrote {result.page} ({result.shown} examples shown on {result.cards} cards, "
+              f"{result.shown_wrong} wrong)", highlight=False)

@@ -350,9 +350,11 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
             stage.work = f"{_steps(root / 'runs' / stage.name.split()[-1])} steps of {batch}"
         if stage.name.startswith("evaluate"):
             result.metrics[stage.name.split()[1]] = json.loads(output)
+            log(f"{stage.name}: {_scores_line(result.metrics[stage.name.split()[1]])}")  # stdout went to the report
         if stage.name.startswith("ask"):
             task = stage.name.split()[1]
             asked[task]["reply"] = json.loads(output)
+            log(f"{stage.name}: {_ask_line(asked[task])}")
             # kept beside the predictions it is compared with (stdout of `lxm ask --json`)
             (root / "predictions" / f"ask_{task}.json").write_text(output)
     with open(root / "predictions" / "nlvr2_dev_predict.csv", newline="") as handle:
@@ -368,6 +370,32 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
         result.load = (load0, os.getloadavg()[0])
     write_report(result, cfg, counts, vocab, random_weights)
     return result
+
+
+def _num(value) -> str:
+    """A number for people: 4 significant digits, so that 6.85e-06 stays 6.85e-06 (":.4f" made it 0.0000)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def _scores_line(scores: dict) -> str:
+    """`lxm evaluate`'s scores in one line, in percent as it gives them: overall / accuracy first, then per type."""
+    parts = [f"{k} {_num(v)} %" for k, v in scores.items() if k in ("overall", "accuracy", "consistency")]
+    for atype, v in sorted((scores.get("perAnswerType") or {}).items()):
+        parts.append(f"{atype} {_num(v)} %")
+    return ", ".join(parts) or json.dumps(scores)
+
+
+def _ask_line(asked: dict) -> str:
+    """What `lxm ask` was asked and answered, with the ground truth."""
+    reply = asked.get("reply", {})
+    text = asked.get("question") or asked.get("statement")
+    if "answers" in reply:
+        said = ", ".join(f"{a['answer']} {_num(a['score'])}" for a in reply["answers"])
+    else:
+        said = f"{reply.get('label')} {_num(reply.get('score'))}"
+    return f"{text!r} -> {said} (probabilities; ground truth {asked.get('truth')})"
 
 
 def _ask_examples(root: Path, image: str) -> dict:
@@ -400,11 +428,11 @@ def _ask_lines(result: QuickstartResult) -> list[str]:
              (f"Q: *{vqa['question']}* (`{vqa['image']}`, question_id {vqa['question_id']}; ground truth "
               f"**{vqa['truth']}**, `lxm predict` **{vqa['predict']}**)"), "",
              "| answer | probability |", "|---|---|"]
-    lines += [f"| {a['answer']} | {a['score']:.4f} |" for a in vqa.get("reply", {}).get("answers", [])]
+    lines += [f"| {a['answer']} | {_num(a['score'])} |" for a in vqa.get("reply", {}).get("answers", [])]
     reply = nlvr2.get("reply", {})
     lines += ["", (f"S: *{nlvr2['statement']}* (pair `{nlvr2['identifier']}`; ground truth **{nlvr2['truth']}**, "
                    f"`lxm predict` **{nlvr2['predict']}**): `lxm ask` says **{reply.get('label')}** with probability "
-                   f"{reply.get('score', float('nan')):.4f}."), "",
+                   f"{_num(reply.get('score', float('nan')))}."), "",
               ("Where the answer looked (`lxm ask --explain`): each box lit by the last cross layer's [CLS] -> boxes "
                "attention, the strongest labelled:"), "",
               "![ask explain](pictures/ask_explain.png)", "", "![ask explain nlvr2](pictures/ask_explain_nlvr2.png)"]
@@ -423,18 +451,23 @@ def write_report(result: QuickstartResult, cfg: QuickstartConfig, counts: dict, 
     lines += [(f"World: {counts['train2014']} train2014 + {counts['val2014']} val2014 images of coloured shapes "
                f"(captions and VQA questions), NLVR2 pairs train {counts['nlvr2_train']} / dev {counts['nlvr2_dev']} "
                f"/ test1 {counts['nlvr2_test1']}. Vocabulary: `{vocab}`."), "",
-              "## Metrics", "",
+              "## Metrics", "", "Accuracies and consistency in percent; losses as logged.", "",
               "| what | value |", "|---|---|"]
     vqa, nlvr2 = m.get("vqa", {}), m.get("nlvr2", {})
-    lines.append(f"| VQA minival, official accuracy (overall) | {vqa.get('overall')} |")
+    lines.append(f"| VQA minival, official accuracy (overall, %) | {_num(vqa.get('overall'))} |")
     for atype, value in sorted(vqa.get("perAnswerType", {}).items()):
-        lines.append(f"| VQA minival, answer type {atype} | {value} |")
-    lines.append(f"| NLVR2 dev accuracy / consistency | {nlvr2.get('accuracy')} / {nlvr2.get('consistency')} |")
+        lines.append(f"| VQA minival, answer type {atype} (%) | {_num(value)} |")
+    lines.append(f"| NLVR2 dev accuracy / consistency (%) | {_num(nlvr2.get('accuracy'))} / "
+                 f"{_num(nlvr2.get('consistency'))} |")
     for key, value in sorted(m.get("pretrain_minival", {}).items()):
-        lines.append(f"| pretraining minival {key} (last epoch) | {value:.4f} |")
+        if key.startswith("qa_acc") and isinstance(value, (int, float)):  # pretraining logs it as a fraction
+            lines.append(f"| pretraining minival {key} (last epoch, %) | {_num(100 * value)} |")
+        else:
+            lines.append(f"| pretraining minival {'total' if key == 'loss' else key} loss (last epoch) | "
+                         f"{_num(value)} |")
     for task in ("vqa", "nlvr2"):
         best = m.get(f"{task}_best", {})
-        lines.append(f"| {task} finetuning: best local validation accuracy (epoch) | {best.get('best')} "
+        lines.append(f"| {task} finetuning: best local validation accuracy (%, epoch) | {_num(best.get('best'))} "
                      f"({best.get('best_epoch')}) |")
     lines += _ask_lines(result)
     lines += ["", "## Gallery", "", ("Every minival question and NLVR2 dev pair with its boxes, ground truth, top-5 "

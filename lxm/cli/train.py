@@ -24,40 +24,94 @@ def _overrides(set_: list[str] | None, *, init: str | None = None, corpus: Path 
     return out
 
 
+def _run_config(out: Path, resume: bool, config: str | None, overrides: list[str], load, task: str | None = None):
+    """The command's config: with --resume and no --config, the run's own recipe (OUT/config.yaml) with the command's
+    overrides (the trainer refuses any that change the recipe, lxm.train.config.RESUMABLE_KEYS); otherwise
+    `load(--config or its default preset, overrides)`. `task`: the finetuning task of the command (None: pretrain),
+    which must be the run's."""
+    if resume and config is None and (out / "config.yaml").is_file():
+        from lxm.train.config import FinetuneConfig, load_run_config
+
+        path = out / "config.yaml"
+        cfg = load_run_config(path, overrides)
+        if not isinstance(cfg, FinetuneConfig) and task is not None:
+            raise ConfigError(f"{path}: a pretraining run; resume it with lxm pretrain --out {out} --resume")
+        if isinstance(cfg, FinetuneConfig) and cfg.task != task:
+            raise ConfigError(f"{path}: a {cfg.task} finetuning run; resume it with lxm finetune {cfg.task} --out "
+                              f"{out} --resume")
+        return cfg
+    return load(config, overrides)
+
+
+def _print_plan(plan: dict) -> None:
+    """`--dry-run`: what the run would do, one `key: value` line each, on stdout."""
+    for key, value in plan.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
+        typer.echo(f"{key}: {value}")
+
+
+def _stopped(exc) -> None:
+    """A run stopped by SIGINT / SIGTERM: where, and the command that continues it; exit 130 / 143."""
+    # err prints no markup: a path prints as it is; soft_wrap: no line break inside the command to copy
+    err.print(str(exc), highlight=False, soft_wrap=True)
+    raise typer.Exit(code=exc.exit_code)
+
+
+_RESUME_HELP = ("Continue the run in --out: its own recipe (OUT/config.yaml; give no other option, or only --set "
+                "epochs=N and other keys that do not change the recipe) from its latest checkpoint.")
+_OVERWRITE_HELP = ("Start afresh in an --out that holds a run: its lxm files (config.yaml, logs, checkpoints, best/, "
+                   "predictions/, ...) are removed once the new run's inputs are checked; other files stay.")
+_DRY_RUN_HELP = "Read and check every input, print what the run would do, write nothing."
+
+
 def pretrain_cmd(
     out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, log.jsonl, checkpoints/."),
-    config: str = typer.Option("base", "--config", help="Preset (base = the original recipe, tiny = smoke test) or a "
-                                                       "YAML file of PretrainConfig keys."),
+    config: str = typer.Option(None, "--config", help="Preset (base = the original recipe, the default; tiny = smoke "
+                                                      "test) or a YAML file of PretrainConfig keys.",
+                               show_default=False),
     corpus: Path = typer.Option(None, "--corpus", help="Corpus directory from lxm build-corpus (overrides config)."),
     features: list[Path] = typer.Option(None, "--features", help="Feature store directories (override config)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set lr=5e-5 --set epochs=12."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
 ) -> None:
     """Pretrain LXMERT (MLM, matching, object/attribute/feature prediction, QA) as the original recipe by default.
 
-    Writes OUT/config.yaml (resolved) first, a jsonl log of every loss term, checkpoints every N steps and each epoch
-    (atomically; --resume continues exactly), and best.pt by minival loss. Multi-process:
+    Reads and checks every input, then writes OUT/config.yaml (resolved), a jsonl log of every loss term, checkpoints
+    every N steps and each epoch (atomically, with sha256 sidecars; --resume continues exactly), and best.pt by
+    minival loss. OUT must be new or empty (or --resume / --overwrite); one process at a time. SIGINT / SIGTERM stop
+    after the current step with a checkpoint and print the resume command. Multi-process:
     torchrun --nproc_per_node 4 -m lxm.cli pretrain ... (DDP; gloo on CPU, nccl on GPU).
 
     Example: lxm pretrain --corpus corpus/ --features features/train2014 --features features/val2014 --features features/vg --out runs/lxmert
     """
     from lxm.train.config import load_config
     from lxm.train.pretrain import Pretrainer
+    from lxm.train.run import RunStopped
 
     try:
-        cfg = load_config(config, _overrides(set_, corpus=corpus, features=features))
+        cfg = _run_config(out, resume, config, _overrides(set_, corpus=corpus, features=features), load_config)
+        if dry_run:
+            _print_plan(Pretrainer(cfg, out, resume=resume, overwrite=overwrite, dry_run=True,
+                                   log=lambda m: err.print(m, highlight=False)).plan())
+            return
         with progress("steps") as bar:
             task = bar.add_task("pretrain", total=None)
 
             def advance(record):
                 if "loss" in record:
-                    bar.update(task, completed=record["step"], description=f"pretrain loss {record['loss']:.3f} "
-                               f"{record.get('samples_per_s', 0):.0f} samples/s")
+                    bar.update(task, description=f"pretrain loss {record['loss']:.3f} "
+                                                 f"{record.get('samples_per_s', 0):.0f} samples/s")
 
-            trainer = Pretrainer(cfg, out, resume=resume, log=lambda m: err.print(m, highlight=False),
-                                 on_record=advance)
+            trainer = Pretrainer(cfg, out, resume=resume, overwrite=overwrite,
+                                 log=lambda m: err.print(m, highlight=False),
+                                 on_record=advance, on_step=lambda step, _: bar.update(task, completed=step))
             bar.update(task, total=trainer.total_steps, completed=trainer.step)
             result = trainer.run()
+    except RunStopped as exc:
+        _stopped(exc)
     except USER_ERRORS as exc:
         fail(exc)
     err.print(f"done: step {result['step']}, epoch {result['epoch']}; logs and checkpoints in {out}", highlight=False)
@@ -69,6 +123,10 @@ _CUSTOM = ("qa", "classify")  # the tasks on the user's JSON lines files (lxm.tr
 def _data_overrides(task: str, train: Path | None, valid: Path | None, test: Path | None,
                     min_answer_count: int | None) -> list[str]:
     """--train/--valid/--test/--min-answer-count as overrides (data={...}, valid_split, min_answer_count)."""
+    from lxm.train.config import FINETUNE_TASKS
+
+    if task not in FINETUNE_TASKS:  # before anything else: "foo reads the corpus" would send the user astray
+        raise ConfigError(f"unknown task {task!r} ({', '.join(FINETUNE_TASKS)})")
     given = {"train": train, "valid": valid, "test": test}
     if task not in _CUSTOM:
         if any(v is not None for v in given.values()) or min_answer_count is not None:
@@ -93,8 +151,9 @@ def finetune_cmd(
                                                 "predictions/, last.pt."),
     init: str = typer.Option(None, "--init", help="Pretrained weights: an lxm pretraining run directory, an "
                                                   "original *_LXRT.pth, a transformers LXMERT directory or Hub id."),
-    config: str = typer.Option("paper", "--config", help="Preset (paper = the original recipe of the task, tiny = "
-                                                         "smoke test) or a YAML file of FinetuneConfig keys."),
+    config: str = typer.Option(None, "--config", help="Preset (paper = the original recipe of the task, the "
+                                                      "default; tiny = smoke test) or a YAML file of FinetuneConfig "
+                                                      "keys.", show_default=False),
     corpus: Path = typer.Option(None, "--corpus", help="Corpus directory from lxm build-corpus (overrides config)."),
     features: list[Path] = typer.Option(None, "--features", help="Feature store directories (override config)."),
     train: Path = typer.Option(None, "--train", exists=True, dir_okay=False,
@@ -109,7 +168,9 @@ def finetune_cmd(
                                          help="qa: answers given by fewer training questions are left out of the "
                                               "answer table (default 1)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a config key: --set lr=1e-5 --set epochs=4."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out after its last finished epoch."),
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
 ) -> None:
     """Finetune LXMERT on VQA, GQA or NLVR2 with the original recipes (batch 32, lr 5e-5 / 1e-5 / 5e-5, 4 epochs,
     warm-up 10 %, clip 5.0), or on your own data (qa, classify: the same recipe, lr 5e-5).
@@ -129,29 +190,48 @@ def finetune_cmd(
     """
     from lxm.train.config import load_finetune_config
     from lxm.train.finetune import Finetuner
+    from lxm.train.run import RunStopped
 
     try:
-        cfg = load_finetune_config(task, config, _overrides(set_, init=init, corpus=corpus, features=features)
-                                   + _data_overrides(task, train, valid, test, min_answer_count))
+        overrides = (_overrides(set_, init=init, corpus=corpus, features=features)
+                     + _data_overrides(task, train, valid, test, min_answer_count))
+        cfg = _run_config(out, resume, config, overrides, lambda name, items: load_finetune_config(task, name, items),
+                          task)
+        if dry_run:
+            _print_plan(Finetuner(cfg, out, resume=resume, overwrite=overwrite, dry_run=True,
+                                  log=lambda m: err.print(m, highlight=False)).plan())
+            return
         with progress("steps") as bar:
             bar_task = bar.add_task(f"finetune {task}", total=None)
 
             def advance(record):
                 if "loss" in record:
-                    bar.update(bar_task, completed=record["step"],
-                               description=f"{task} epoch {record['epoch']} loss {record['loss']:.3f} "
-                                           f"{record.get('samples_per_s', 0):.0f} samples/s")
+                    bar.update(bar_task, description=f"{task} epoch {record['epoch']} loss {record['loss']:.3f} "
+                                                     f"{record.get('samples_per_s', 0):.0f} samples/s")
                 elif "valid" in record and record["valid"]:
                     err.print(f"epoch {record['epoch']}: {cfg.valid_split} "
                               + ", ".join(f"{k} {v}" for k, v in record["valid"].items()), highlight=False)
 
-            trainer = Finetuner(cfg, out, resume=resume, log=lambda m: err.print(m, highlight=False),
-                                on_record=advance)
+            trainer = Finetuner(cfg, out, resume=resume, overwrite=overwrite,
+                                log=lambda m: err.print(m, highlight=False),
+                                on_record=advance, on_step=lambda step, _: bar.update(bar_task, completed=step))
             bar.update(bar_task, total=trainer.steps_per_epoch * cfg.epochs, completed=trainer.step)
             result = trainer.run()
+    except RunStopped as exc:
+        _stopped(exc)
     except USER_ERRORS as exc:
         fail(exc)
     key = trainer.task.metric_names[0]
+    if "report" in result:  # the best epoch's validation predictions, read closer (summary.json "report")
+        from lxm.train.report import report_lines
+
+        err.print(f"best epoch {result['best_epoch']} on {cfg.valid_split}:", highlight=False)
+        for line in report_lines(result["report"], key):
+            err.print(f"  {line}", highlight=False)
+    seconds = result.get("epoch_seconds") or {}
+    if seconds:
+        err.print("wall time per epoch: " + ", ".join(f"{e}: {s:.1f} s" for e, s in sorted(seconds.items())),
+                  highlight=False)
     best = (f"best {cfg.valid_split} {key} {result['best']} (epoch {result['best_epoch']})" if cfg.valid_split
             else f"no validation split: the last epoch ({result['best_epoch']}) kept")
     err.print(f"done: {result['epochs']} epochs; {best}; model in {out / 'best'}"
@@ -169,7 +249,10 @@ def predict_cmd(
                                                 "NLVR2/classify)."),
     corpus: Path = typer.Option(None, "--corpus", help="Corpus directory (default: the run's)."),
     features: list[Path] = typer.Option(None, "--features", help="Feature stores (default: the run's)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Evaluation batch size (default: the run's)."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1,
+                                   help="Evaluation batch size, at least 1 (default: the run's)."),
+    device: str = typer.Option("auto", "--device", help="auto (this machine's GPU when CUDA is available, else the "
+                                                        "CPU), cpu, cuda or cuda:N (an error without CUDA)."),
     questions: Path = typer.Option(None, "--questions", exists=True, dir_okay=False,
                                    help="GQA only: the split's questions with answers (e.g. "
                                         "testdev_balanced_questions.json); prints lxm evaluate gqa's table."),
@@ -185,16 +268,21 @@ def predict_cmd(
 
     Example: lxm predict vqa --checkpoint runs/vqa --split test --features features/test2015 --out test_predict.json
     """
+    from lxm.infer.outputs import check_output_file
+    from lxm.train.config import FINETUNE_TASKS
     from lxm.train.finetune import predict_run
 
+    if task not in FINETUNE_TASKS:
+        fail(ConfigError(f"unknown task {task!r} ({', '.join(FINETUNE_TASKS)})"))
     if (questions or choices) and task != "gqa":
         fail(ConfigError(f"--questions / --choices score GQA predictions; this is {task}"))
     if choices and not questions:
         fail(ConfigError("--choices needs --questions"))
     try:
+        check_output_file(out, "--out")  # before the model runs: its predictions would be lost
         path, scores = predict_run(checkpoint, task, split, out, corpus=str(corpus) if corpus else None,
                                    features=[str(f) for f in features] if features else None, batch_size=batch_size,
-                                   log=lambda m: err.print(m, highlight=False))
+                                   device=device, log=lambda m: err.print(m, highlight=False))
     except USER_ERRORS as exc:
         fail(exc)
     err.print(f"wrote {path}" + (f" (local {split} " + ", ".join(f"{k} {v}" for k, v in scores.items()) + ")"

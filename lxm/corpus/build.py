@@ -85,14 +85,24 @@ def _find(folder: Path, name: str, required: bool = True) -> Path | None:
     return None
 
 
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
+    """The one-line message for the bytes `data` of `path` that are not UTF-8."""
+    line = data.count(b"\n", 0, exc.start) + 1
+    return (f"{path}: not UTF-8 text at byte {exc.start} (line {line}: {exc.reason}); annotation files are "
+            f"UTF-8 JSON: re-download the file or re-save it as UTF-8")
+
+
 def _load_json(path: Path) -> Any:
     try:
-        with path.open("rb") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CorpusError(f"{path}: not valid JSON ({exc})") from None
+        data = path.read_bytes()
     except OSError as exc:
         raise CorpusError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"{path}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:  # json decodes UTF-8 (or a UTF-16/32 file) itself: offsets are the file's
+        raise CorpusError(_not_utf8(path, data, exc)) from None
 
 
 def _get(rec: Any, name: str, path: Path, index: int | str, kind: type | tuple[type, ...]) -> Any:
@@ -437,8 +447,15 @@ class CorpusBuilder:
                     continue
                 raise CorpusError(f"{data}: expected NLVR2 file {split}.json")
             rows = self.ft(f"nlvr2_{split}")
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
+            with path.open("rb") as f:
+                offset = 0  # of the line in the file
+                for lineno, raw in enumerate(f, start=1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise CorpusError(f"{path}:{lineno}: not UTF-8 text at byte {offset + exc.start} "
+                                          f"({exc.reason}); NLVR2 files are UTF-8 JSON lines") from None
+                    offset += len(raw)
                     if not line.strip():
                         continue
                     ident, label, sent = _nlvr2_line(line, path, lineno, unlabelled_ok=split == "test2")

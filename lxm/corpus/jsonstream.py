@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,9 @@ class JSONStreamError(LxmError, ValueError):
 class _Reader:
     def __init__(self, path: Path):
         self.path = path
-        self.f = path.open("r", encoding="utf-8")
+        self.f = path.open("rb")  # decoded here, so that a byte that is not UTF-8 is named by its file offset
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.read = 0  # bytes read from the file
         self.buf = ""
         self.pos = 0
         self.eof = False
@@ -37,8 +40,16 @@ class _Reader:
     def _more(self) -> bool:
         if self.eof:
             return False
-        data = self.f.read(_CHUNK)
-        if not data:
+        raw = self.f.read(_CHUNK)
+        start = self.read - len(self.utf8.getstate()[0])  # file offset of the bytes decoded now (a cut character)
+        self.read += len(raw)
+        try:
+            data = self.utf8.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            raise JSONStreamError(f"{self.path}: not UTF-8 text at byte {start + exc.start} ({exc.reason}); "
+                                  f"annotation files are UTF-8 JSON: re-download the file or re-save it as UTF-8"
+                                  ) from None
+        if not raw:
             self.eof = True
             return False
         self.buf = self.buf[self.pos:] + data

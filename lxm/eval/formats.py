@@ -16,7 +16,9 @@ they use (a bad record raises `MetricsInputError` naming the input, the record o
 - Custom datasets of `lxm finetune qa|classify` (lxm's own, no official reader): JSON lines, QA
   `{"question_id": int|str, "img_id": str, "question": str, "answers": [str, ...] | {str: score in [0, 1]},
   ["answer_type": str, "question_type": str]}`, classification `{"id": int|str, "img_id": str, "text": str,
-  "label": str|int|bool}` (a label is kept as its Python str: true -> "True"). The labels are optional (a test
+  "label": str|number|bool}` (a label is compared as its text: a string as written, a number or boolean as its JSON
+  spelling, true -> "true", 1 -> "1", 1.0 -> "1.0"; a file that writes one label both ways, "1" and 1, is refused).
+  The labels are optional (a test
   file), but a file has them on every line or on none. Each bad line raises `FILE:LINE: field 'x': what is wrong`.
   Predictions: QA `[{"question_id", "answer"}]` (the VQA results format, ids as in the data), classification CSV
   `id,label` with that header line.
@@ -38,6 +40,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -317,16 +320,37 @@ def read_qa_jsonl(path: str | os.PathLike, *, require_labels: bool = False) -> l
     return out
 
 
+def _label_text(check: _Checker, n: int, rec: Mapping, spelled: dict[str, tuple[bool, int]]) -> str:
+    """A classification label as its text: a string as written, a number or boolean as JSON spells it (true ->
+    "true", not Python's "True"). One text written as a string on one line and as a number or boolean on another
+    ("1" and 1) is refused: the two would silently be one label."""
+    v = rec["label"]  # present: `check.labelled` said so
+    if not isinstance(v, (str, int, float)):  # bool is an int
+        raise check.bad(n, "label", f"expected string, number or boolean, got {json.dumps(v)[:60]}")
+    if isinstance(v, str) and not v.strip():
+        raise check.bad(n, "label", "empty")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise check.bad(n, "label", f"expected a finite number, got {json.dumps(v)}")
+    text = v if isinstance(v, str) else json.dumps(v)
+    is_string, first = spelled.setdefault(text, (isinstance(v, str), n))
+    if is_string != isinstance(v, str):
+        raise check.bad(n, "label", f"{json.dumps(v)}, but line {first} writes the label {text!r} as "
+                                    f"{'a string' if is_string else 'a number or boolean'}; write each label one way "
+                                    f"(labels are compared as text)")
+    return text
+
+
 def read_classify_jsonl(path: str | os.PathLike, *, require_labels: bool = False) -> list[ClassifyRecord]:
     """The checked lines of a custom classification file (see the module docstring); raises MetricsInputError
     naming `FILE:LINE: field`."""
     check = _Checker(path, "id", "label", require_labels)
     out = []
+    spelled: dict[str, tuple[bool, int]] = {}  # label text -> (written as a JSON string?, first line)
     for n, rec in _jsonl_objects(path):
         ident = check.example_id(n, rec)
         img = check.value(n, rec, "img_id", (str,))
         text = check.value(n, rec, "text", (str,))
-        label = str(check.value(n, rec, "label", (str, int, bool))) if check.labelled(n, rec) else None
+        label = _label_text(check, n, rec, spelled) if check.labelled(n, rec) else None
         out.append(ClassifyRecord(n, ident, img, text, label))
     check.done(len(out))
     return out

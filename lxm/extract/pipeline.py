@@ -3,9 +3,10 @@
 Per image: decode and preprocess as Caffe did (`lxm.extract.images`), run the detector (engine "torch",
 `lxm.extract.detector`, or "detectron2", `lxm.extract.engine_d2`; "auto" takes detectron2 when it imports, see
 `choose_engine`), choose the boxes (`lxm.extract.select`, mode "lxmert" by default), and append an
-`ImageFeatures` record to the store (`lxm.features.store`). Images with the same preprocessed size share one backbone
-pass (no padding, so batched results equal single-image results); the ROI head runs over all their proposals at once
-in chunks. A bad image never stops the run: it is written to failures.jsonl with the reason.
+`ImageFeatures` record to the store (`lxm.features.store`). Each image runs through the detector on its own (see
+`detect`), so a store's rows are bit-identical whatever `--batch-size` and whoever extracted them; a batch is the
+unit of claiming and of decoding ahead. A bad image never stops the run: it is written to failures.jsonl with the
+reason.
 
 Images are found in the folder and its subfolders (Visual Genome's `VG_100K/`, `VG_100K_2/`); the img_id is the file
 stem. Workers split the sorted list disjointly (`--shard i/n`), and any number of runs may write one store at once:
@@ -25,7 +26,7 @@ import os
 import re
 import subprocess
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -35,9 +36,10 @@ import cv2
 import numpy as np
 import torch
 
+from lxm.devices import resolve_device
 from lxm.errors import ConfigError, MissingDependencyError
 from lxm.extract.detector import DetectorConfig, GeneralizedRCNN, detector_tiny, prepare_bf16, vg_r101
-from lxm.extract.images import IMAGE_SUFFIXES, ImageError, caffe_blob, list_images, load_bgr
+from lxm.extract.images import IMAGE_SUFFIXES, ImageError, caffe_blob, image_limits, list_images, load_bgr
 from lxm.extract.select import select_lxmert, select_maxnms
 from lxm.extract.weights import RANDOM, load_detector_weights
 from lxm.features.records import ImageFeatures
@@ -61,9 +63,9 @@ class ExtractConfig:
     detector: str = "vg-r101"  # network preset: "vg-r101" (BUTD) or "tiny" (tests)
     mode: str = "lxmert"  # box selection: "lxmert" (released TSVs) or "maxnms" (airsplay detectron2 demo)
     num_boxes: int = 36  # boxes per image
-    device: str = "cpu"  # "cpu" or "cuda"
+    device: str = "cpu"  # "auto", "cpu", "cuda" or "cuda:N" (lxm.devices.resolve_device)
     dtype: str = "float16"  # stored feature precision
-    batch_size: int = 4  # images decoded and run together
+    batch_size: int = 4  # images claimed and decoded ahead together (the detector takes them one at a time)
     bf16: bool = False  # bf16 network (prepare_bf16: BN folded, channels-last) under autocast; features drift, off
     prefetch: bool = True  # decode + preprocess the next batch in a thread while the detector runs this one
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (lxm.memory; ~9 % faster per image)
@@ -73,6 +75,7 @@ class ExtractConfig:
     rows_per_shard: int = 1024  # images per Arrow shard file
     min_size: int | None = None  # override the detector preset's scale rule (short side) ...
     max_size: int | None = None  # ... and long-side cap
+    max_pixels: int | None = None  # larger images are failures, refused from their header (None: image_limits())
 
     def detector_config(self) -> DetectorConfig:
         if self.detector not in DETECTORS:
@@ -86,9 +89,8 @@ class ExtractConfig:
 
 
 def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but CUDA is not available on this machine")
-    return torch.device(name)
+    # the one rule of every command (lxm.devices): "auto"/"cuda" take cuda:LOCAL_RANK under torchrun, no silent CPU
+    return resolve_device(name)
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None 
     if engine.name == "detectron2":
         from lxm.extract.engine_d2 import Detectron2Detector
 
-        d2 = Detectron2Detector(det_cfg, cfg.device)
+        d2 = Detectron2Detector(det_cfg, str(_device(cfg.device)))
         d2.load_from(model)
         model = d2
     model = model.to(_device(cfg.device))
@@ -217,21 +219,20 @@ def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None 
 
 def detect(model: torch.nn.Module, blobs: list[tuple[np.ndarray, float, tuple[int, int]]], device: torch.device,
            bf16: bool = False):
-    """Run the detector on preprocessed images; equal-size images share a backbone pass. Returns outputs in order."""
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, (blob, _, _) in enumerate(blobs):
-        groups[blob.shape[1:]].append(i)
-    outs: list = [None] * len(blobs)
+    """Run the detector on preprocessed images, each on its own (a batch of one). Returns outputs in order.
+
+    Not one backbone pass per group of equal-size images: convolution libraries pick their algorithm per batch size,
+    so a shared pass changed the tiny detector's features by an fp16 ulp (the full one's happened to agree). One
+    image at a time, an image's rows never depend on --batch-size, on its neighbours, or on how runs split the work.
+    """
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    for (h, w), members in groups.items():
-        images = torch.from_numpy(np.stack([blobs[i][0] for i in members])).to(device)
+    outs = []
+    for blob, scale, size in blobs:
+        image = torch.from_numpy(blob[None]).to(device)
         if bf16:
-            images = images.contiguous(memory_format=torch.channels_last)
+            image = image.contiguous(memory_format=torch.channels_last)
         with ctx:
-            res = model(images, [(h, w)] * len(members), [blobs[i][1] for i in members],
-                        [blobs[i][2] for i in members])
-        for i, r in zip(members, res):
-            outs[i] = r
+            outs.extend(model(image, [tuple(blob.shape[1:])], [scale], [size]))
     return outs
 
 
@@ -246,7 +247,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
 
     Args:
         on_progress: called as (images handled, images to do, images extracted per second) before the detector is
-            built and after each batch; "to do" excludes the images stored before this run began.
+            built and after each image; "to do" excludes the images stored before this run began.
         on_weights: called with the one-line report of the detector weights once they are loaded (default: logged).
         on_engine: called with the engine's one-line description (`EngineChoice.summary`) once it is chosen, before
             the weights load (default: logged). Neither is called when there is nothing left to extract.
@@ -267,12 +268,13 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
         raise ConfigError(f"unknown selection mode {cfg.mode!r}; 'lxmert' or 'maxnms'")
     if cfg.engine not in ENGINES:
         raise ConfigError(f"unknown engine {cfg.engine!r}; one of {', '.join(ENGINES)}")
+    device = _device(cfg.device)  # a wrong --device fails before the folder is listed
+    image_limits()  # a wrong $LXM_MAX_IMAGE_PIXELS / _BYTES too
     every = list_images(cfg.images)
     if not every:
         raise ImageError(f"{cfg.images}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files in it and "
                          f"its subfolders)")
     paths = every[cfg.shard::cfg.num_shards]
-    device = _device(cfg.device)
     if device.type == "cpu" and cfg.keep_freed_memory:
         keep_freed_memory()  # process-wide, as the CPU trainer does: each image's 200 MB activations reuse pages
     det = cfg.detector_config()
@@ -302,7 +304,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
             summary["engine"] = engine.name
             model, meta = build_detector(cfg, on_weights, engine, on_download)
             writer.metadata = {
-                "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": cfg.device,
+                "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": str(device),
                 "bf16": cfg.bf16,
                 "scale_rule": f"short side {det.min_size}, long side <= {det.max_size} (Caffe, cv2 float resize)",
                 "nms": "per-class 0.3, Caffe cpu_nms (+1, >=)" if cfg.mode == "lxmert" else "class-agnostic maxnms",
@@ -315,10 +317,10 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
             out: list[tuple[Path, tuple | str]] = []
             for path in (by_id[i] for i in ids):
                 try:
-                    img = load_bgr(path)
+                    img = load_bgr(path, max_pixels=cfg.max_pixels)
                     blob, scale = caffe_blob(img, det.pixel_mean_bgr, det.min_size, det.max_size)
                     out.append((path, (blob, scale, img.shape[:2])))
-                except (ImageError, cv2.error) as exc:
+                except (ImageError, cv2.error) as exc:  # out of memory included (an ImageError): one image's failure
                     out.append((path, str(exc)))
             return out
 
@@ -336,32 +338,26 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
             while pending is not None:
                 decoded = pending[1].result()
                 pending = claim_and_decode()  # decodes while the detector runs on `decoded`
-                batch, blobs = [], []
-                for path, item in decoded:
+                # handled before this batch: all taken from `candidates` but this batch and the one decoded ahead
+                before = total - len(candidates) - len(decoded) - (pending[0] if pending is not None else 0)
+                for k, (path, item) in enumerate(decoded):
                     if isinstance(item, str):
                         fail(path, item)
-                    else:
-                        batch.append(path)
-                        blobs.append(item)
-                outs = detect(model, blobs, device, cfg.bf16) if blobs else []
-                for path, out in zip(batch, outs):
-                    if out.proposals.shape[0] < cfg.num_boxes:
+                    elif (out := detect(model, [item], device, cfg.bf16)[0]).proposals.shape[0] < cfg.num_boxes:
                         fail(path, f"only {out.proposals.shape[0]} proposals, fewer than {cfg.num_boxes} boxes")
-                        continue
-                    if cfg.mode == "lxmert":
-                        sel = select_lxmert(out.proposals, out.cls_prob, out.attr_prob, num_boxes=cfg.num_boxes)
                     else:
-                        sel = select_maxnms(out.proposals, out.pred_boxes, out.cls_prob, out.attr_prob,
-                                            num_boxes=cfg.num_boxes)
-                    writer.add(_record(path.stem, out, sel, out.image_size, np_dtype))
-                    summary["extracted"] += 1
+                        if cfg.mode == "lxmert":
+                            sel = select_lxmert(out.proposals, out.cls_prob, out.attr_prob, num_boxes=cfg.num_boxes)
+                        else:
+                            sel = select_maxnms(out.proposals, out.pred_boxes, out.cls_prob, out.attr_prob,
+                                                num_boxes=cfg.num_boxes)
+                        writer.add(_record(path.stem, out, sel, out.image_size, np_dtype))
+                        summary["extracted"] += 1
+                    if on_progress is not None:  # per image: the full detector takes many seconds for each
+                        on_progress(before + k + 1, total, summary["extracted"] / (time.perf_counter() - t0))
                 if len(failures) > merged[0] and writer.written > merged[1]:  # visible during a long run, per shard
                     writer.update_failures(attempted, failures)
                     merged = (len(failures), writer.written)
-                if on_progress is not None:  # the batch decoded ahead is not handled yet
-                    ahead = pending[0] if pending is not None else 0
-                    on_progress(total - len(candidates) - ahead, total,
-                                summary["extracted"] / (time.perf_counter() - t0))
         finally:
             if loader is not None:
                 loader.shutdown(wait=True, cancel_futures=True)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import colorsys
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -55,6 +57,43 @@ class Drawing:
 def load_vocab(path: str | os.PathLike) -> list[str]:
     """BUTD vocabulary file: line i names class i; synonyms after a comma are dropped (spec §3)."""
     return [line.split(",")[0].strip() for line in Path(path).read_text().splitlines()]
+
+
+def detector_classes(manifest: Mapping[str, Any] | Any | None) -> tuple[int, int] | None:
+    """(object classes, attributes) of the detector that made a store's features, as its manifest records them
+    (`lxm extract` writes the detector's config under "extractor"), or of a `DetectorConfig` (features made in
+    memory, `lxm ask`); None where the manifest does not say (features imported from a TSV or HDF5 file)."""
+    if manifest is not None and not isinstance(manifest, Mapping):
+        return int(manifest.num_classes), int(manifest.num_attrs)
+    det = ((manifest or {}).get("extractor") or {}).get("detector")
+    if isinstance(det, dict):
+        n_obj, n_att = det.get("num_classes"), det.get("num_attrs")
+        if isinstance(n_obj, int) and isinstance(n_att, int):
+            return n_obj, n_att
+    return None
+
+
+def fit_names(objects: list[str] | None, attributes: list[str] | None, classes: tuple[int, int] | None, *,
+              option: str = "--vocab", source: str = "the features", strict: bool = True
+              ) -> tuple[list[str] | None, list[str] | None]:
+    """The class names to label boxes with: `objects` / `attributes` when they are the vocabulary of the detector
+    with `classes` = (object classes, attributes) (`detector_classes`; None: not known, the names are taken and
+    `check_drawable` checks the ids against them).
+
+    Names of another detector would label every box wrongly (the tiny detector's 20 classes named from BUTD's 1600:
+    "red microwave"): `strict` raises a ConfigError naming both sizes; otherwise a warning is logged and (None, None)
+    returned, so the boxes are labelled with their ids.
+    """
+    if objects is None or attributes is None or classes is None:
+        return objects, attributes
+    if (len(objects), len(attributes)) == tuple(classes):
+        return objects, attributes
+    problem = (f"{option} has {len(objects)} object and {len(attributes)} attribute names, but {source} come from "
+               f"a detector with {classes[0]} object classes and {classes[1]} attributes (another detector's names)")
+    if strict:
+        raise ConfigError(f"{problem}; leave out {option} to label the boxes with ids")
+    _logger.warning("%s; the boxes are labelled with ids", problem)
+    return None, None
 
 
 def _overlaps(a, b) -> bool:

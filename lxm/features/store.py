@@ -7,9 +7,13 @@ Replaces LXMERT's practice of decoding whole base64 TSVs into Python lists in RA
   named as the TSV fields: `img_id` string, `img_h`/`img_w`/`num_boxes` int32, `objects_id`/`attrs_id` int64[N],
   `objects_conf`/`attrs_conf` float32[N], `boxes` float32[N][4], `features` float16|float32[N][D] (fixed-size lists,
   so a row is addressable without offsets). Record batches of `batch_rows` rows (64 × 288 KiB ≈ 18 MB).
+- `part-*.arrow.sha256`: each shard's sha256 (`sha256sum` format, `lxm.integrity`), written by its writer before
+  the shard appears; a store written before checksums has none and reads as before.
 - `index.arrow`: img_id -> (shard, row), in shard-name order, so the merge of many writers is deterministic.
-- `manifest.json`: format, dtype, N, D, counts, shard list and the extractor's metadata (engine, mode, weights
-  sha256, scale rule, ...).
+- `manifest.json`: format, dtype, N, D, counts, shard list (with each shard's sha256), the index's sha256 and the
+  extractor's metadata (engine, mode, weights sha256, scale rule, ...). Readers do not hash the shards (large,
+  memory-mapped); `FeatureStore.verify_checksums` (`lxm inspect --verify`) does. A damaged manifest or index is
+  rebuilt from the shards by `rebuild_store` (`lxm inspect --repair`) or by the next writer.
 - `failures.jsonl`: one record per image (or TSV line) that could not be used, and why.
 - `LOCK` (an empty file for `fcntl.flock`) and, while writers run, one `.writer-<id>` file per writer.
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -32,14 +37,14 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from lxm import atomic
+from lxm import atomic, integrity
 from lxm.errors import LxmError
 from lxm.features.records import ImageFeatures, RecordError
 
@@ -87,6 +92,18 @@ def _open_stream(path: Path) -> pa.Table:
         return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
     except (pa.ArrowInvalid, OSError) as exc:
         raise StoreError(f"{path}: not a readable Arrow IPC stream ({exc})") from None
+
+
+def repair_hint(root: str | os.PathLike) -> str:
+    """What rebuilds a store's index.arrow and manifest.json from its finished shards (`rebuild_store`)."""
+    return f"`lxm inspect --repair {root}` rebuilds it from the shards"
+
+
+def _strings(column: pa.Array | pa.ChunkedArray, path: Path, name: str = "img_id") -> list[str]:
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:  # Arrow checks no UTF-8 when it maps a file: damage shows only here
+        raise StoreError(f"{path}: column '{name}' holds bytes that are not UTF-8 (the file is damaged)") from None
 
 
 def finished_shards(root: Path) -> list[Path]:
@@ -193,7 +210,11 @@ class FeatureStoreWriter:
         path = self.root / MANIFEST
         if not path.exists():
             return
-        old = _read_manifest(path)  # a damaged manifest is a StoreError naming it, as for readers
+        try:
+            old = _read_manifest(path)
+        except StoreError as exc:  # rebuilt from the shards at close; their schema is checked against this writer's
+            _logger.warning("%s; this writer rebuilds it from the shards when it finishes", exc)
+            return
         mine = {"num_boxes": self.num_boxes, "feature_dim": self.feature_dim, "dtype": self.dtype}
         clash = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
         if clash:
@@ -209,7 +230,7 @@ class FeatureStoreWriter:
             if table.schema != self.schema:
                 raise StoreError(f"{shard}: schema differs from this writer's (N={self.num_boxes}, "
                                  f"D={self.feature_dim}, {self.dtype}); write into a new directory")
-            self.done.update(table.column("img_id").to_pylist())
+            self.done.update(_strings(table.column("img_id"), shard))
             self._read.add(shard.name)
 
     def _live_writers(self) -> dict[str, Path]:
@@ -324,6 +345,9 @@ class FeatureStoreWriter:
                     writer.write_batch(self._batch(self._buffer[start:start + self.batch_rows]))
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            # the checksum first: a shard is never visible without it (a kill in between leaves only a sidecar
+            # of a name the next writer reuses)
+            integrity.record_checksum(self.root / name, integrity.sha256_file(tmp))
             os.replace(tmp, self.root / name)
         finally:
             tmp.unlink(missing_ok=True)
@@ -405,7 +429,7 @@ def _finalize(root: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
             schema = table.schema
         elif table.schema != schema:
             raise StoreError(f"{shard}: schema differs from {shards[0].name}")
-        shard_ids = table.column("img_id").to_pylist()
+        shard_ids = _strings(table.column("img_id"), shard)
         for j, img_id in enumerate(shard_ids):
             if img_id in seen:
                 repeats.append((img_id, seen[img_id], shard.name))
@@ -414,7 +438,11 @@ def _finalize(root: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
             ids.append(img_id)
             shard_col.append(i)
             row_col.append(j)
-        entries.append({"file": shard.name, "rows": len(shard_ids)})
+        entry = {"file": shard.name, "rows": len(shard_ids)}
+        digest = integrity.recorded_checksum(shard)  # recorded when its writer finished it (none in older stores)
+        if digest is not None:
+            entry["sha256"] = digest
+        entries.append(entry)
     if repeats:
         img_id, first, again = repeats[0]
         _logger.warning("%s: %d rows repeat an image stored earlier (e.g. %r in %s and %s); indexed once, from the "
@@ -428,16 +456,22 @@ def _finalize(root: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, index.schema) as writer:
         writer.write_table(index)
-    atomic.write_bytes(root / INDEX, sink.getvalue().to_pybytes())
-    old = {}
+    index_bytes = sink.getvalue().to_pybytes()
+    atomic.write_bytes(root / INDEX, index_bytes)
+    old: dict[str, Any] = {}
     if (root / MANIFEST).exists():
-        old = json.loads((root / MANIFEST).read_text())
+        try:
+            old = _read_manifest(root / MANIFEST)
+        except StoreError as exc:
+            _logger.warning("%s; rebuilt from the shards%s", exc,
+                            "" if metadata else " (the extractor's metadata it held is lost)")
     from lxm import __version__
 
     manifest = {
         "format": STORE_FORMAT, "version": STORE_VERSION, "lxm_version": __version__,
         "num_images": len(ids), "num_boxes": num_boxes, "feature_dim": feature_dim, "dtype": dtype,
-        "shards": entries, "extractor": metadata if metadata else old.get("extractor", {}),
+        "shards": entries, "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
+        "extractor": metadata if metadata else old.get("extractor", {}),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     atomic.write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
@@ -446,14 +480,15 @@ def _finalize(root: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     """manifest.json, checked field by field: a damaged one is a StoreError naming it, never a KeyError later."""
+    hint = repair_hint(path.parent)
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise StoreError(f"{path}: not valid JSON ({exc}); re-run the writer to rebuild it") from None
+        raise StoreError(f"{path}: not valid JSON ({exc}); {hint}") from None
     except UnicodeDecodeError:
-        raise StoreError(f"{path}: not UTF-8 text; re-run the writer to rebuild it") from None
+        raise StoreError(f"{path}: not UTF-8 text; {hint}") from None
     if not isinstance(manifest, dict):
-        raise StoreError(f"{path}: expected a JSON object")
+        raise StoreError(f"{path}: expected a JSON object; {hint}")
     if manifest.get("format") != STORE_FORMAT:
         raise StoreError(f"{path}: format is {manifest.get('format')!r}, not {STORE_FORMAT!r}")
     for name in ("num_images", "num_boxes", "feature_dim"):
@@ -464,8 +499,26 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
                                                and isinstance(e.get("rows"), int) for e in shards):
-        raise StoreError(f"{path}: field 'shards' must be a list of {{'file': name, 'rows': count}}")
+        raise StoreError(f"{path}: field 'shards' must be a list of {{'file': name, 'rows': count}}; {hint}")
+    if sum(e["rows"] for e in shards) < manifest["num_images"]:
+        raise StoreError(f"{path}: lists {len(shards)} shard(s) with {sum(e['rows'] for e in shards)} rows for "
+                         f"{manifest['num_images']} images; {hint}")
     return manifest
+
+
+def live_writers(root: str | os.PathLike) -> int:
+    """How many writers are filling the store now (each holds the flock of its `.writer-<id>` file while it runs)."""
+    return sum(_writer_alive(p) for p in Path(root).glob(f"{WRITER_FILE}*"))
+
+
+def rebuild_store(root: str | os.PathLike) -> dict[str, Any]:
+    """Rebuild index.arrow and manifest.json from the finished shards (a damaged or missing manifest or index:
+    `lxm inspect --repair`); the extractor's metadata is kept when the old manifest still reads. Safe while writers
+    run: they finalize the same way, under the same lock. Returns the new manifest."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"{root}: no such directory")
+    return finalize_store(root)
 
 
 class FeatureStore:
@@ -479,8 +532,13 @@ class FeatureStore:
         self.root = Path(root)
         path = self.root / MANIFEST
         if not path.exists():
-            hint = " (shards exist: the writer did not finish; re-run the same command to resume)" \
-                if self.root.is_dir() and finished_shards(self.root) else ""
+            hint = ""
+            if self.root.is_dir() and (running := live_writers(self.root)):
+                hint = (f" ({running} writer{' is' if running == 1 else 's are'} running and fill it: it is "
+                        f"readable once they finish)")
+            elif self.root.is_dir() and finished_shards(self.root):
+                hint = (f" (shards exist: the writer did not finish; re-run the same command to resume, or "
+                        f"{repair_hint(self.root)})")
             raise StoreError(f"{self.root}: not a feature store: {MANIFEST} missing{hint}")
         self.manifest = _read_manifest(path)
         self._ids: list[str] | None = None
@@ -519,10 +577,18 @@ class FeatureStore:
             raise StoreError(f"{path}: columns {table.column_names}, expected img_id, shard, row")
         if table.num_rows != self.manifest["num_images"]:  # a stream cut at a batch boundary still reads
             raise StoreError(f"{path}: has {table.num_rows} images, {MANIFEST} says {self.manifest['num_images']} "
-                             f"(truncated? re-run the writer to rebuild it)")
-        self._ids = table.column("img_id").to_pylist()
-        self._shard_of = table.column("shard").to_numpy()
-        self._row_of = table.column("row").to_numpy()
+                             f"(truncated? {repair_hint(self.root)})")
+        ids = _strings(table.column("img_id"), path)
+        shard_of = table.column("shard").to_numpy()
+        row_of = table.column("row").to_numpy()
+        rows = np.array([e["rows"] for e in self.manifest["shards"]] + [0], np.int64)  # last: no shard, no row
+        listed = (shard_of >= 0) & (shard_of < len(rows) - 1)
+        bad = ~listed | (row_of < 0) | (row_of >= rows[np.where(listed, shard_of, -1)])
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise StoreError(f"{path}: image {ids[i]!r} points at shard {int(shard_of[i])} row {int(row_of[i])}, "
+                             f"which {MANIFEST} does not list (damaged; {repair_hint(self.root)})")
+        self._ids, self._shard_of, self._row_of = ids, shard_of, row_of
         self._pos = {img_id: i for i, img_id in enumerate(self._ids)}
 
     def ids(self) -> list[str]:
@@ -566,8 +632,9 @@ class FeatureStore:
                     arr = arr.flatten()
                 return arr.to_numpy(zero_copy_only=True).reshape(-1, *shape)
 
+            path = self.root / self.manifest["shards"][shard]["file"]
             views[chunk] = {
-                "img_id": table.column("img_id").chunk(chunk).to_pylist(),
+                "img_id": _strings(table.column("img_id").chunk(chunk), path),
                 "img_h": table.column("img_h").chunk(chunk).to_numpy(),
                 "img_w": table.column("img_w").chunk(chunk).to_numpy(),
                 "objects_id": flat("objects_id", n), "objects_conf": flat("objects_conf", n),
@@ -605,6 +672,50 @@ class FeatureStore:
         self._load_index()
         for i in range(len(self.manifest["shards"])):
             self._shard(i)
+
+    def verify_checksums(self, on_file: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+        """Read every shard and the index whole and compare their sha256 with what the writer recorded (the shard's
+        `NAME.sha256` sidecar and the manifest; the index's in the manifest). Slow: it reads every byte.
+
+        Returns {"ok": [...], "damaged": ["FILE: why", ...], "unchecked": [...]} by file name; "unchecked" are files
+        without a recorded checksum (written by an lxm that recorded none). `on_file(name)` follows the progress.
+        """
+        report: dict[str, list[str]] = {"ok": [], "damaged": [], "unchecked": []}
+        index = self.root / INDEX
+        want = self.manifest.get("index_sha256")
+        if not isinstance(want, str):
+            report["unchecked"].append(INDEX)
+        elif not index.is_file():
+            report["damaged"].append(f"{index}: missing ({repair_hint(self.root)})")
+        elif (have := integrity.sha256_file(index)) != want:
+            report["damaged"].append(f"{index}: sha256 {have[:12]}... differs from the {want[:12]}... in {MANIFEST} "
+                                     f"({repair_hint(self.root)})")
+        else:
+            report["ok"].append(INDEX)
+        for entry in self.manifest["shards"]:
+            kind, line = self._check_shard(entry)
+            report[kind].append(line)
+            if on_file is not None:
+                on_file(entry["file"])
+        return report
+
+    def _check_shard(self, entry: dict[str, Any]) -> tuple[str, str]:
+        path = self.root / entry["file"]
+        try:
+            recorded = integrity.recorded_checksum(path)
+            want = entry.get("sha256") or recorded
+            if want is None:
+                return "unchecked", entry["file"]
+            have = integrity.sha256_file(path)
+        except integrity.IntegrityError as exc:
+            return "damaged", str(exc)
+        except OSError as exc:
+            return "damaged", f"{path}: {exc.strerror or exc}"
+        if have != want or (recorded is not None and recorded != want):
+            return "damaged", (f"{path}: damaged after it was written: sha256 {have[:12]}... differs from the "
+                               f"{want[:12]}... recorded (delete it and re-run the writer: its images are extracted "
+                               f"again)")
+        return "ok", entry["file"]
 
     def __iter__(self) -> Iterator[ImageFeatures]:
         for i in range(len(self)):

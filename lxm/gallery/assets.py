@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from lxm.extract.images import ImageError, list_images, load_bgr
-from lxm.extract.show import load_vocab, render
+from lxm.extract.show import fit_names, load_vocab, render
 from lxm.features.records import ImageFeatures
 
 LONG_SIDE = 480  # pixels of an asset's long side (smaller images are enlarged to it, as lxm show does)
@@ -38,13 +38,16 @@ def index_images(folders: Sequence[str | os.PathLike]) -> dict[str, Path]:
     return where
 
 
-def read_names(vocab_dir: str | os.PathLike | None) -> tuple[list[str] | None, list[str] | None]:
+def read_names(vocab_dir: str | os.PathLike | None, classes: tuple[int, int] | None = None
+               ) -> tuple[list[str] | None, list[str] | None]:
     """(object names, attribute names) from a folder with objects_vocab.txt / attributes_vocab.txt; (None, None)
-    without one (labels are ids)."""
+    without one, or with a logged warning when they are not the vocabulary of the detector with `classes` (labels
+    are ids then; `lxm.extract.show.fit_names`)."""
     if vocab_dir is None:
         return None, None
     folder = Path(vocab_dir)
-    return load_vocab(folder / "objects_vocab.txt"), load_vocab(folder / "attributes_vocab.txt")
+    return fit_names(load_vocab(folder / "objects_vocab.txt"), load_vocab(folder / "attributes_vocab.txt"), classes,
+                     option=f"--vocab-dir {folder}", strict=False)
 
 
 def asset_name(img_id: str) -> str:

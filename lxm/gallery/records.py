@@ -5,6 +5,12 @@ Everything here goes through the task interface (`lxm.train.tasks.FinetuneTask`)
 metric: VQA the soft accuracy 0/30/60/90/100, GQA and NLVR2 0 or 100), and the summary is `task.score` over the whole
 split and over each type value. A task added later is shown without a change here. Plain Python (no torch): the
 predictions come in as `predict_top`'s id -> top-k lists.
+
+Every score is a percent. An example is *right* with score 100 (full credit), *partly right* with 0 < score < 100
+(a VQA answer only some annotators gave), *wrong* with score 0; the accuracy is the mean score over the split, so
+the three counts and the accuracy agree (all right = 100, all wrong = 0; NLVR2, GQA and classify have no partial
+credit and their accuracy is right / examples). Where every example has one label (classify, NLVR2, a small answer
+set), the summary also holds each label's precision and recall.
 """
 
 from __future__ import annotations
@@ -36,13 +42,26 @@ class GalleryRecord:
     images: tuple[str, ...]  # img_ids, in the task's image column order (NLVR2: img0, img1)
     truth: list[tuple[str, float]]  # ground truth (prediction string, score), best first: task.target_answers
     top: list[tuple[str, float]]  # the k most probable predictions (string, probability), best first
-    score: float  # the task's first metric on this example alone (VQA soft accuracy x 100)
-    right: bool  # score > 0: a VQA answer with a partial score counts as right (its score is shown)
+    score: float  # the task's first metric on this example alone, percent (VQA soft accuracy x 100)
     types: dict[str, str] = field(default_factory=dict)  # type field -> value (answer_type, structural, ...)
 
     @property
     def prediction(self) -> str:
         return self.top[0][0]
+
+    @property
+    def confidence(self) -> float:
+        """The model's probability of its prediction (softmax, or sigmoid for the VQA-style answer heads)."""
+        return self.top[0][1]
+
+    @property
+    def bucket(self) -> str:
+        """The verdict: "right" (score 100), "partial" (0 < score < 100) or "wrong" (score 0)."""
+        return bucket(self.score)
+
+    @property
+    def wrong(self) -> bool:
+        return self.score <= 0
 
 
 @dataclass
@@ -53,17 +72,48 @@ class TypeRow:
 
 
 @dataclass
+class LabelRow:
+    """One label of a single-label task: how often it is the truth and the prediction, and how often both."""
+
+    label: str
+    support: int  # examples whose truth is this label
+    predicted: int  # examples predicted as this label
+    correct: int  # both
+
+    @property
+    def precision(self) -> float | None:  # percent; None when never predicted
+        return 100 * self.correct / self.predicted if self.predicted else None
+
+    @property
+    def recall(self) -> float | None:  # percent; None when never the truth
+        return 100 * self.correct / self.support if self.support else None
+
+
+@dataclass
 class Summary:
     """The split's scores, over all its examples (not only those shown)."""
 
     task: str
     split: str
     examples: int
-    right: int  # examples with score > 0
+    right: int  # examples with score 100
+    partial: int  # examples with 0 < score < 100
+    wrong: int  # examples with score 0
+    partial_credit: bool  # whether the labels give partial credit (a truth scored between 0 and 1: VQA)
     metric: str  # the task's first metric: what `score` and the type rows hold
-    metrics: dict[str, float]  # task.score over the split (keys: the task's metric_names)
+    metrics: dict[str, float]  # task.score over the split (keys: the task's metric_names), percent
     by_type: dict[str, list[TypeRow]] = field(default_factory=dict)  # field -> rows, most frequent value first
+    by_label: list[LabelRow] = field(default_factory=list)  # single-label tasks: per label, most frequent first
     notes: list[str] = field(default_factory=list)  # said on the page (e.g. why a per-type table is missing)
+
+
+BUCKETS = {"right": "right", "partial": "partly right", "wrong": "wrong"}  # bucket -> what the page calls it
+LABEL_TABLE_MAX = 50  # per-label precision / recall only for tasks with at most this many labels in play
+
+
+def bucket(score: float) -> str:
+    """A per-example score (percent) -> "right" (100), "partial" (between) or "wrong" (0)."""
+    return "right" if score >= 100 else "partial" if score > 0 else "wrong"
 
 
 def field_label(name: str) -> str:
@@ -115,7 +165,7 @@ def build_records(task: Any, ids: Sequence, texts: Sequence[str], images: Sequen
         best = top[i]
         score = float(task.score([i], [target], {i: best[0][0]})[metric])
         out.append(GalleryRecord(id=i, text=text, images=tuple(imgs), truth=list(task.target_answers(target)),
-                                 top=[(str(p), float(q)) for p, q in best], score=score, right=score > 0,
+                                 top=[(str(p), float(q)) for p, q in best], score=score,
                                  types={f: values[n] for f, values in types.items()}))
     return out
 
@@ -137,14 +187,32 @@ def summarize(task: Any, split: str, records: Sequence[GalleryRecord], targets: 
             rows.append(TypeRow(value, count, float(score)))
         by_type[name] = rows
     metrics = task.score(ids, list(targets), predictions)
-    return Summary(task=task.name, split=split, examples=len(records), right=sum(r.right for r in records),
-                   metric=metric, metrics={k: float(metrics[k]) for k in task.metric_names}, by_type=by_type,
-                   notes=list(notes))
+    counts = Counter(r.bucket for r in records)
+    return Summary(task=task.name, split=split, examples=len(records), right=counts["right"],
+                   partial=counts["partial"], wrong=counts["wrong"],
+                   partial_credit=any(0 < s < 1 for r in records for _, s in r.truth), metric=metric,
+                   metrics={k: float(metrics[k]) for k in task.metric_names}, by_type=by_type,
+                   by_label=label_rows(records), notes=list(notes))
+
+
+def label_rows(records: Sequence[GalleryRecord]) -> list[LabelRow]:
+    """Precision and recall per label where every example has exactly one true label (classify, NLVR2, GQA) and
+    at most LABEL_TABLE_MAX labels occur as truth or prediction; else [] (VQA's soft labels have no single truth)."""
+    if not records or any(len(r.truth) != 1 or r.truth[0][1] != 1.0 for r in records):
+        return []
+    truth = Counter(r.truth[0][0] for r in records)
+    predicted = Counter(r.prediction for r in records)
+    correct = Counter(r.prediction for r in records if r.prediction == r.truth[0][0])
+    labels = set(truth) | set(predicted)
+    if len(labels) > LABEL_TABLE_MAX:
+        return []
+    order = sorted(labels, key=lambda a: (-truth[a], -predicted[a], a))
+    return [LabelRow(a, truth[a], predicted[a], correct[a]) for a in order]
 
 
 def select(records: Sequence[GalleryRecord], *, only_wrong: bool = False, limit: int | None = None
            ) -> list[GalleryRecord]:
     """The records the page shows: the first `limit` (None: all) in dataset order, after keeping only the wrong
-    ones if asked."""
-    kept = [r for r in records if not (only_wrong and r.right)]
+    ones (score 0) if asked."""
+    kept = [r for r in records if not (only_wrong and not r.wrong)]
     return kept if limit is None else kept[:limit]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lxm.extract.images import ImageError, caffe_blob, load_bgr
-from lxm.extract.pipeline import ExtractConfig, _record, build_detector, choose_engine, detect
+from lxm.extract.pipeline import DETECTORS, ExtractConfig, _record, build_detector, choose_engine, detect
 from lxm.extract.select import select_lxmert, select_maxnms
 from lxm.extract.weights import RANDOM
 from lxm.features.records import ImageFeatures
@@ -39,11 +39,31 @@ def detector_config(weights: str | None, *, detector: str = "vg-r101", engine: s
                          num_boxes=num_boxes, device=device, dtype="float32", batch_size=batch_size, seed=seed)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The BGR image of `path` as the detector decodes it; an ImageError naming the file otherwise."""
+def feature_dim(detector: str) -> int:
+    """The size of the region features detector preset `detector` gives (its res5 channels: 2048 for vg-r101),
+    known without building it; ConfigError for an unknown preset."""
+    return detector_config(None, detector=detector).detector_config().res2_channels * 8
+
+
+def detectors_for(dim: int) -> list[str]:
+    """The detector presets whose region features have `dim` values (what a model reading `dim` needs)."""
+    return [name for name in DETECTORS if feature_dim(name) == dim]
+
+
+def check_image_file(path: str | os.PathLike) -> Path:
+    """`path` is an image file to read (an ImageError naming it otherwise: missing, a directory)."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory (give an image file)")
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
+    return path
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The BGR image of `path` as the detector decodes it; an ImageError naming the file otherwise (missing, a
+    directory, undecodable, larger than the limits of `lxm.extract.images.load_bgr`)."""
+    path = check_image_file(path)
     try:
         return load_bgr(path)
     except ImageError as exc:

@@ -13,11 +13,13 @@ modules whose weights `LxmertCrossAttentionLayer.both_ways` applies, fused with 
 stacked sequence [language rows; vision rows]); the hook only reads, so the logits are unchanged.
 
 The picture (`render_attention`): the image (upscaled to a long side of at least 800 pixels, as `lxm show`),
-darkened outside the boxes, each box brought back to full brightness in proportion to its weight (the strongest
-drawn last, on top); the top boxes outlined and labelled "attribute object weight" with the label placement of
-`lxm.extract.show` (next to the box, else at the nearest free place with a leader line; labels never overlap or
-leave the picture); a title band with the question or statement, the answer with its probability, and what the
-shading is. NLVR2's two images stand side by side.
+darkened outside the boxes, each box brought back towards full brightness by its weight relative to uniform
+attention 1/N (`shade_levels`: the strongest box full, a box at 1/N half, the weakest dark; the strongest drawn last,
+on top), so that near-uniform attention still shows which boxes got more; the top boxes outlined and labelled
+"attribute object weight" (with as many decimals as tell them apart) with the label placement of `lxm.extract.show`
+(next to the box, else at the nearest free place with a leader line; labels never overlap or leave the picture); a
+title band with the question or statement, the answer with its probability, what the shading is, and per image the
+weights' range and entropy (`weight_summary`: how far from uniform they are). NLVR2's two images stand side by side.
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ from torch import Tensor, nn
 
 from lxm.errors import ConfigError
 from lxm.extract.images import ImageError
-from lxm.extract.show import FONT, LONG_SIDE, PAD, _nearest, _place, check_drawable, load_vocab
+from lxm.extract.show import FONT, LONG_SIDE, PAD, _nearest, _place, check_drawable, fit_names, load_vocab
 from lxm.features.records import ImageFeatures
 
 _logger = logging.getLogger(__name__)
 
 SHADE = 0.3  # brightness of the picture outside every box
 GAP = 16  # pixels between the two images of an NLVR2 pair
-ATTENTION_NOTE = "shading: last cross layer, [CLS] -> boxes attention (mean over heads)"
+ATTENTION_NOTE = ("shading: last cross layer, [CLS] -> boxes attention (mean over heads); brightest = max weight, "
+                  "half = uniform 1/N, darkest = min weight")
 
 
 # ---------------------------------------------------------------------------------------------------- capture
@@ -117,8 +120,11 @@ class AttentionPicture:
     unlabelled: list[tuple[int, int]] = field(default_factory=list)  # (image, box) of top boxes left without label
 
 
-def read_names(vocab_dir: str | os.PathLike | None) -> tuple[list[str] | None, list[str] | None]:
-    """(object names, attribute names) from a folder with BUTD's objects_vocab.txt / attributes_vocab.txt."""
+def read_names(vocab_dir: str | os.PathLike | None, classes: tuple[int, int] | None = None
+               ) -> tuple[list[str] | None, list[str] | None]:
+    """(object names, attribute names) from a folder with BUTD's objects_vocab.txt / attributes_vocab.txt; (None,
+    None), so ids, with a logged warning when they are not the vocabulary of the detector with `classes` = (object
+    classes, attributes) (`lxm.extract.show.fit_names`)."""
     if vocab_dir is None:
         return None, None
     folder = Path(vocab_dir)
@@ -127,7 +133,7 @@ def read_names(vocab_dir: str | os.PathLike | None) -> tuple[list[str] | None, l
         if not (folder / file).is_file():
             raise ConfigError(f"{folder}: no {file} (the detector's class names, as in BUTD's data/genome/1600-400-20)")
         names.append(load_vocab(folder / file))
-    return names[0], names[1]
+    return fit_names(names[0], names[1], classes, option=f"--vocab-dir {folder}", strict=False)
 
 
 def _wrap(text: str, width: int, scale: float, thick: int) -> list[str]:
@@ -152,13 +158,51 @@ def _wrap(text: str, width: int, scale: float, thick: int) -> list[str]:
     return lines
 
 
+def shade_levels(weights: np.ndarray) -> np.ndarray:
+    """How much of each box is brought back to full brightness (0..1), relative to uniform attention 1/N: the
+    strongest box 1, a box at exactly 1/N one half, the weakest 0, linear in between on each side of 1/N.
+
+    Alpha = weight / max weight (the first drawing) made every box of near-uniform attention (all about 1/36) equally
+    bright; measured from 1/N, a difference of 1e-3 between two boxes is as visible as a large one, and the title's
+    range and entropy say how far from uniform the weights are."""
+    w = np.asarray(weights, dtype=np.float64)
+    if not w.size:
+        return w
+    uniform, hi, lo = 1.0 / w.size, float(w.max()), float(w.min())
+    above = 0.5 + 0.5 * (w - uniform) / (hi - uniform) if hi > uniform else np.full_like(w, 0.5)
+    below = 0.5 - 0.5 * (uniform - w) / (uniform - lo) if lo < uniform else np.full_like(w, 0.5)
+    return np.clip(np.where(w >= uniform, above, below), 0.0, 1.0)
+
+
+def decimals(values, least: int = 3, most: int = 8) -> int:
+    """The fewest decimals (at least `least`) that print distinct values distinctly (at most `most`)."""
+    values = [float(v) for v in values]
+    for d in range(least, most):
+        if len({f"{v:.{d}f}" for v in values}) == len(set(values)):
+            return d
+    return most
+
+
+def weight_summary(weights: np.ndarray, digits: int | None = None) -> str:
+    """The title line of one image's weights: their range, uniform 1/N and the entropy (also as a fraction of
+    ln N, the entropy of uniform attention: 1.000 = uniform, near 0 = one box)."""
+    w = np.asarray(weights, dtype=np.float64)
+    n = w.size
+    digits = digits or decimals([w.min(), w.max(), 1.0 / n])
+    p = w[w > 0]
+    entropy = max(0.0, float(-(p * np.log(p)).sum()))  # never "-0.000" for one box holding all
+    norm = entropy / math.log(n) if n > 1 else 1.0
+    return (f"weights min {w.min():.{digits}f} max {w.max():.{digits}f} (uniform 1/{n} = {1.0 / n:.{digits}f}); "
+            f"entropy {entropy:.3f} nats = {norm:.3f} of uniform")
+
+
 def _shade(image: np.ndarray, boxes: list[tuple[int, int, int, int]], weights: np.ndarray) -> np.ndarray:
-    """Darken the image, then bring each box back with alpha = weight / max weight, weakest first."""
+    """Darken the image, then bring each box back by its `shade_levels` alpha, weakest first."""
     out = image.astype(np.float32) * SHADE
-    top = float(weights.max()) if weights.size else 0.0
+    levels = shade_levels(weights)
     for i in np.argsort(weights, kind="stable"):
         x1, y1, x2, y2 = boxes[i]
-        alpha = float(weights[i]) / top if top > 0 else 0.0
+        alpha = float(levels[i])
         region = out[y1:y2 + 1, x1:x2 + 1]
         region[:] = alpha * image[y1:y2 + 1, x1:x2 + 1] + (1 - alpha) * region
     return np.clip(out, 0, 255).astype(np.uint8)
@@ -192,7 +236,7 @@ def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures],
     scales = [height / r.img_h for r in records]
     size = max(sum(round(r.img_w * s) for r, s in zip(records, scales)), height) / LONG_SIDE
     font, thick = 0.6 * max(1.0, size), max(1, round(size))
-    panels, placed, unlabelled = [], [], []
+    panels, placed, unlabelled, summaries = [], [], [], []
     for k, (img, rec, w, scale) in enumerate(zip(images_bgr, records, weights, scales)):
         width = round(rec.img_w * scale)
         pic = cv2.resize(img, (width, height), interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
@@ -204,20 +248,22 @@ def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures],
         w = np.asarray(w, dtype=np.float64)
         pic = _shade(pic, boxes, w)
         order = [int(i) for i in np.argsort(-w, kind="stable")[:top]]
+        digits = decimals([w[i] for i in order] + [w.min(), w.max(), 1.0 / w.size])  # the labels tell boxes apart
+        summaries.append(weight_summary(w, digits))
         for rank, i in enumerate(order):  # outlines first: no outline is drawn over a label
             cv2.rectangle(pic, boxes[i][:2], boxes[i][2:], _colour(rank), thick + 1)
         taken: list = []
         for rank, i in enumerate(order):
             obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"
             att = attributes[rec.attrs_id[i]] if attributes else f"attr{rec.attrs_id[i]}"
-            label, fs = f"{att} {obj} {w[i]:.3f}", font
+            label, fs = f"{att} {obj} {w[i]:.{digits}f}", font
             (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
             while tw + 2 * PAD > width and fs > 0.3:  # narrower first, then shortened: never cut by the border
                 fs *= 0.9
                 (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
             while tw + 2 * PAD > width and len(obj) > 1:
                 obj = obj[:-1]
-                label = f"{att} {obj}... {w[i]:.3f}"
+                label = f"{att} {obj}... {w[i]:.{digits}f}"
                 (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
             rect, away = _place(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
             if rect is None:
@@ -242,6 +288,10 @@ def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures],
               _wrap(f"A: {answer}", total_w - 4 * PAD, title_font, title_thick)]
     lines += [(line, note_font, thick, (90, 90, 90)) for line in
               _wrap(ATTENTION_NOTE, total_w - 4 * PAD, note_font, thick)]
+    sides = ["left: ", "right: "] if len(summaries) == 2 else [""] * len(summaries)
+    for side, summary in zip(sides, summaries):
+        lines += [(line, note_font, thick, (90, 90, 90)) for line in
+                  _wrap(side + summary, total_w - 4 * PAD, note_font, thick)]
     heights = [cv2.getTextSize(t, FONT, f, th)[0][1] + cv2.getTextSize(t, FONT, f, th)[1] + 3 * PAD
                for t, f, th, _ in lines]
     band = sum(heights) + 4 * PAD

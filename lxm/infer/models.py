@@ -15,6 +15,11 @@ A checkpoint without a task head (a pretraining run, `*_LXRT.pth`, `unc-nlp/lxme
 that is a one-line error pointing to `lxm finetune`. What the model is asked is decided by its task, never by the
 source: an answer task (`AnswerTask`) takes a question, any other task (NLVR2, classification) a statement, over as
 many images as the task has image columns.
+
+What the model was trained with is checked against what it is given, as `lxm predict` checks it
+(`lxm.train.finetune.check_*`): the answer table against the answer head's rows (and for answers named twice), the
+vocabulary against the word-embedding rows, the region features' size against the visual encoder's input
+(`Answerer.check_features`, before a detector runs). Any of them wrong gives wrong answers with no error otherwise.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from lxm.errors import ConfigError, LxmError
 from lxm.features.records import ImageFeatures
 from lxm.model import LxmertForFinetuning, LxmertTokenizer, load_pretrained_with_report
 from lxm.train.data import read_answer_table
-from lxm.train.finetune import load_run
+from lxm.train.finetune import check_answer_table, check_feature_dim, check_vocabulary, load_run
 from lxm.train.finetune_data import collate_finetune, encode_example
 from lxm.train.tasks import AnswerTask, FinetuneTask, Nlvr2Task, task_class
 
@@ -42,6 +47,7 @@ _logger = logging.getLogger(__name__)
 
 DEFAULT_VOCAB = "bert-base-uncased"  # the WordPiece vocabulary every released LXMERT model was trained with
 DEFAULT_MAX_LENGTH = 20  # tokens incl. [CLS]/[SEP], as the original's finetuning (`max_seq_length=20`)
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 class AskError(LxmError, ValueError):
@@ -100,6 +106,29 @@ class Answerer:
             how = "--image LEFT --image RIGHT" if self.num_images == 2 else "--image IMG"
             raise AskError(f"{where}: a {self.task.name} model reads {self.num_images} image(s) ({how}), got {images}")
 
+    def check_features(self, dim: int, what: str, fix: str = "") -> None:
+        """The features `what` gives (`dim` per box) must be the size the model reads; checked before a detector
+        runs (minutes with the full one) rather than failing in the model's first matrix product."""
+        check_feature_dim(self.model, dim, what, self.source, fix)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.visual_feat_dim
+
+    def text_warnings(self, text: str) -> list[str]:
+        """What the model will not see of `text`: the word pieces cut at max_length, or words all unknown to the
+        vocabulary (the model then reads only [UNK]s). Empty when it reads the text whole."""
+        pieces = self.tokenizer.tokenize(text)
+        keep = self.tokenizer.max_length - 2  # [CLS] and [SEP]
+        notes = []
+        if len(pieces) > keep:
+            notes.append(f"the {self.text_field} is cut to {keep} of its {len(pieces)} word pieces (max_length "
+                         f"{self.tokenizer.max_length} counts [CLS] and [SEP]); the model reads only those {keep}")
+        if pieces and all(p == "[UNK]" for p in pieces[:keep]):
+            notes.append(f"every word piece of the {self.text_field} is [UNK] (not in the vocabulary "
+                         f"{self.tokenizer.vocab_path}): the model reads no words")
+        return notes
+
     def to(self, device: torch.device | str) -> Answerer:
         self.device = torch.device(device)
         self.model.to(self.device)
@@ -143,6 +172,17 @@ def _pretraining_run(path: Path) -> bool:
     except yaml.YAMLError:
         return False  # load_run names the broken file
     return isinstance(raw, dict) and "task" not in raw
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether `--model NAME` can only mean a local path: a Hub id is "name" or "owner/name", so a name starting
+    with /, . or ~, with a backslash or two slashes, with a checkpoint file's suffix, or whose "owner" is a folder
+    here (runs/nope, with runs/ present) is a path."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if Path(name).suffix.lower() in CHECKPOINT_SUFFIXES:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
 
 
 def _no_head(source: str) -> AskError:
@@ -211,6 +251,10 @@ def load_answerer(source: str | os.PathLike, answers: str | os.PathLike | None =
     """
     text = str(source)
     path = Path(source).expanduser()
+    if not path.exists() and looks_like_a_path(text):  # a Hub lookup of "runs/nope" would take 20 s to fail
+        kind = "file" if path.suffix.lower() in CHECKPOINT_SUFFIXES else "directory"
+        raise AskError(f"{text}: no such {kind} (--model takes an lxm finetuning run, a checkpoint file or "
+                       f"directory, or a Hub id)")
     if path.is_dir() and (path / "config.yaml").exists():
         if _pretraining_run(path):
             raise _no_head(text)
@@ -221,6 +265,7 @@ def load_answerer(source: str | os.PathLike, answers: str | os.PathLike | None =
                 raise AskError(f"{answers}: not the answer table of the run {text} (the run's own "
                                f"{path / 'answers.json'} is used; leave out --answers)")
         tokenizer = LxmertTokenizer(vocab or cfg.vocab, max_length=max_length or cfg.max_length)
+        check_vocabulary(model, tokenizer.vocab_size, tokenizer.vocab_path, text)
         return Answerer(task_obj, model, tokenizer, text, "lxm run")
     model, report = load_pretrained_with_report(source)
     if not isinstance(model, LxmertForFinetuning):
@@ -236,14 +281,13 @@ def load_answerer(source: str | os.PathLike, answers: str | os.PathLike | None =
         rows = model.config.num_qa_labels
         if answers is not None:
             table = read_answer_table(answers)
-            if len(table) != rows:
-                raise AskError(f"{answers}: {len(table)} answers, but the answer head of {text} has {rows} rows "
-                               f"(the answer table it was trained with is needed)")
+            check_answer_table(table, model, answers, text)
         else:
             table = _config_answers(meta, rows)
             if table is None:
                 raise AskError(f"{text}: its answer head has {rows} rows but no answer names; give its answer "
                                f"table with --answers (e.g. trainval_label2ans.json)")
+            check_answer_table(table, model, f"{text} config.json id2label", text)
         task_obj: FinetuneTask = cls(table)
     else:
         name = task or "nlvr2"
@@ -251,4 +295,5 @@ def load_answerer(source: str | os.PathLike, answers: str | os.PathLike | None =
             raise ConfigError(f"--task {name}: {text} has the NLVR2 pair head; only nlvr2 reads it")
         task_obj = task_class(name)()
     tokenizer = LxmertTokenizer(vocab or DEFAULT_VOCAB, max_length=max_length or DEFAULT_MAX_LENGTH)
+    check_vocabulary(model, tokenizer.vocab_size, tokenizer.vocab_path, text)
     return Answerer(task_obj, model, tokenizer, text, f"{report.format} checkpoint")

@@ -54,9 +54,10 @@ def _resolve_vocab(source: str | os.PathLike) -> Path:
         return Path(hf_hub_download(repo_id=text, filename=VOCAB_FILE))
     except Exception as exc:  # offline / unknown repo: tell the user what to do instead
         raise TokenizerError(
-            f"could not fetch {VOCAB_FILE} of '{text}' from the Hugging Face Hub ({type(exc).__name__}). "
-            f"Offline, pass a local vocabulary instead: a vocab.txt file (one WordPiece per line, e.g. "
-            f"bert-base-uncased's 30,522-line vocab) or a directory containing it."
+            f"could not fetch {VOCAB_FILE} of '{text}' from the Hugging Face Hub ({type(exc).__name__}); pass a "
+            f"local vocabulary instead: --set vocab=PATH/vocab.txt (lxm pretrain / finetune; lxm ask: --vocab "
+            f"PATH/vocab.txt), a file of one WordPiece per line (e.g. bert-base-uncased's 30,522) or a directory "
+            f"holding one"
         ) from None
 
 

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lxm.atomic import atomic_path
 from lxm.errors import LxmError
 from lxm.integrity import IntegrityError, checksummed_path, verify_checksum
 from lxm.model.config import LxmertConfig
@@ -208,7 +209,6 @@ def _read_dir(path: Path) -> RawCheckpoint:
             f"{path}: expected config.json and model.safetensors (or pytorch_model.bin) in this directory; "
             f"found {found}"
         )
-    verified(cfg_path)
     try:
         meta = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -564,10 +564,11 @@ def _atomic_dir_write(out_dir: Path, files: dict[str, bytes | dict[str, Tensor]]
     from safetensors.torch import save_file
 
     for name, content in files.items():
-        with checksummed_path(out_dir / name) as tmp:  # NAME.sha256 beside each file: damage is refused on load
-            if isinstance(content, bytes):
+        if isinstance(content, bytes):  # config.json: text users may edit (id2label), not checksummed
+            with atomic_path(out_dir / name) as tmp:
                 tmp.write_bytes(content)
-            else:
+        else:  # the weights get NAME.sha256 beside them: damage is refused on load
+            with checksummed_path(out_dir / name) as tmp:
                 save_file(content, str(tmp), metadata=metadata)
 
 

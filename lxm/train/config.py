@@ -24,6 +24,7 @@ validated on data["valid"] when there is one.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -83,7 +84,7 @@ class PretrainConfig:
     log_every: int = 10  # steps between log lines
     checkpoint_every: int = 1000  # steps between checkpoints (and one at each epoch end)
     keep_last: int = 3  # step checkpoints kept, and epoch checkpoints kept (plus best.pt, a copy of the best epoch)
-    device: str = "auto"  # "auto", "cpu", "cuda"
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (lxm.devices.resolve_device)
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (faster steps; RSS stays at its peak)
 
     def validate(self) -> None:
@@ -93,7 +94,8 @@ class PretrainConfig:
             raise ConfigError("config: 'features' needs at least one feature store directory")
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"config: 'num_workers' must be >= 0 (or null: automatic), got {self.num_workers}")
-        choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS, "device": ("auto", "cpu", "cuda")}
+        _check_device(self.device)
+        choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
@@ -123,6 +125,12 @@ def pretrain_tiny() -> PretrainConfig:
 
 
 PRETRAIN_PRESETS: dict[str, Callable[[], PretrainConfig]] = {"base": pretrain_base, "tiny": pretrain_tiny}
+
+
+def _check_device(device: str) -> None:
+    # lxm.devices.resolve_device's forms; whether CUDA is there is checked when the run starts
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
+        raise ConfigError(f"config: 'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def _check_optimisation(cfg: PretrainConfig | FinetuneConfig) -> None:
@@ -158,10 +166,11 @@ class FinetuneConfig:
     data: dict[str, str] = field(default_factory=dict)
     min_answer_count: int = 1  # qa: an answer enters the answer table when >= this many training questions give it
     features: list[str] = field(default_factory=list)  # required: feature store directories (all splits' images)
-    vocab: str = "bert-base-uncased"  # WordPiece vocabulary (file, directory or Hub id)
+    vocab: str = "bert-base-uncased"  # WordPiece vocabulary (file, directory or Hub id); unset with an lxm run as
+    #   init: that run's (lxm.train.inits)
     init: str | None = None  # pretrained weights (lxm run, *_LXRT.pth, transformers dir, Hub id); None: from_scratch
     from_scratch: bool = False  # no pretrained weights (the paper's Table 3 baseline); needs init=null
-    model: str = "base"  # preset used only with from_scratch
+    model: str = "base"  # preset used only with from_scratch; unset with an lxm init: the init's size, recorded
     init_answers: str | None = None  # answer table of the init's 9500-way QA head; None: found next to the init
     train_splits: list[str]  # splits trained on (recipe: vqa train,nominival; gqa train,valid; nlvr2, qa, classify
     #   train)
@@ -185,7 +194,7 @@ class FinetuneConfig:
     # fused kernel): 2.6-3.1x faster update on CPU at base size, same state; off: the original's eager arithmetic
     seed: int = 9595  # seeds the new head's init and the data order (the original's)
     log_every: int = 10  # steps between log lines
-    device: str = "auto"  # "auto", "cpu", "cuda"
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (lxm.devices.resolve_device)
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (faster steps; RSS stays at its peak)
 
     def validate(self) -> None:
@@ -216,7 +225,8 @@ class FinetuneConfig:
             raise ConfigError("config: 'init' and from_scratch=true exclude each other")
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"config: 'num_workers' must be >= 0 (or null: automatic), got {self.num_workers}")
-        choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS, "device": ("auto", "cpu", "cuda")}
+        _check_device(self.device)
+        choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
@@ -416,6 +426,9 @@ def _resolve(base: Any, values: dict[Any, Any], overrides: list[str], where: str
 
 
 def _settle_custom_valid(cfg: FinetuneConfig, changes: dict[str, Any]) -> FinetuneConfig:
+    from lxm.train.inits import settle_from_init  # the init run's vocabulary and model size, when not set
+
+    cfg = settle_from_init(cfg, changes)
     # the qa/classify recipe validates on data["valid"]; without a valid file (and no valid_split set): nothing
     if (cfg.task in CUSTOM_TASKS and "valid_split" not in changes and cfg.valid_split == "valid"
             and "valid" not in cfg.data):
@@ -473,3 +486,80 @@ def load_finetune_config(task: str, preset_or_path: str | None, overrides: list[
     if values.get("task", task) != task:
         raise ConfigError(f"--config {preset_or_path}: task {values['task']!r} but finetuning {task!r}")
     return _resolve(base, values, list(overrides), name, _settle_custom_valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders: the recipe a run was started with, and what a resume may change
+
+
+# Keys a resumed run may give new values: how long it goes on (the learning-rate schedule is rebuilt over the new
+# total, lxm.train.run._apply_state) and how it runs, not what it computes. Any other difference is refused:
+# a resumed run trains on the recipe its checkpoints were made with.
+RESUMABLE_KEYS = ("epochs", "max_steps", "num_workers", "device", "keep_freed_memory", "log_every", "checkpoint_every",
+                  "keep_last", "eval_batch_size", "micro_batch_size", "compile", "fused_optimizer")
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig | FinetuneConfig:
+    """The resolved config a run wrote (OUT/config.yaml; a finetuning run's has `task`), then `key=value` overrides.
+
+    The file must be whole: a run's config.yaml lists every key, so a missing key means a damaged file (truncated),
+    not a default. Every problem (not UTF-8, not YAML, a missing key, `max_length: twenty`) is a one-line ConfigError
+    naming the file."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (not an lxm run folder?)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text: the run's config is damaged") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}{_yaml_position(exc)}: not valid YAML ({_yaml_problem(exc)}): the run's config is "
+                          f"damaged") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: not a run's config (expected a mapping of config keys): damaged?")
+    task = loaded.get("task")
+    if "task" in loaded:
+        if task not in FINETUNE_TASKS:
+            raise ConfigError(f"{path}: 'task' must be one of {FINETUNE_TASKS}, got {task!r}")
+        base: Any = finetune_paper(task)
+    else:
+        base = pretrain_base()
+    missing = [f.name for f in dataclasses.fields(base) if f.name not in loaded]
+    if missing:
+        raise ConfigError(f"{path}: incomplete run config (no {', '.join(missing[:5])}"
+                          f"{', ...' if len(missing) > 5 else ''}): the file is damaged (truncated?)")
+    return _resolve(base, loaded, list(overrides), str(path))
+
+
+def flat_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """key -> value of a config, nested sections as dotted keys (`losses.feat_loss`)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_config(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def resume_changes(run_cfg: Any, cfg: Any, where: str | Path) -> dict[str, tuple[Any, Any]]:
+    """key -> (run's value, new value) of what `cfg` changes in the run's recipe `run_cfg` (read from `where`).
+
+    Only `RESUMABLE_KEYS` may change; any other difference is a ConfigError naming the keys and both values."""
+    if type(run_cfg) is not type(cfg):
+        how = (f"a {run_cfg.task} finetuning run; resume it with lxm finetune {run_cfg.task}"
+               if isinstance(run_cfg, FinetuneConfig) else "a pretraining run; resume it with lxm pretrain")
+        raise ConfigError(f"{where}: {how} --out RUN --resume")
+    if isinstance(run_cfg, FinetuneConfig) and run_cfg.task != cfg.task:
+        raise ConfigError(f"{where}: a {run_cfg.task} run, not {cfg.task}; resume it with lxm finetune {run_cfg.task}"
+                          f" --out RUN --resume")
+    old, new = flat_config(run_cfg), flat_config(cfg)
+    changes = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
+    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
+    if refused:
+        shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(f"{where}: --resume keeps the run's recipe, but this command changes {shown}; resume with "
+                          f"--out RUN --resume alone (only {', '.join(k for k in RESUMABLE_KEYS if k in old)} may "
+                          f"change), or start a new run in another --out")
+    return changes

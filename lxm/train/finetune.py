@@ -16,9 +16,10 @@ original their `.grad` stays None, BertAdam skips them and they end at their ini
 here, and DDP needs no dummy loss term to see every parameter.
 
 Additions (the scaffold of `lxm.train.run`, shared with pretraining): DDP, gradient accumulation
-(`micro_batch_size`), exact resume at epoch boundaries (the logs rewound to it, a damaged last.pt named), a jsonl
-log and TensorBoard events, per-epoch metrics, predictions in the official formats (written by `lxm.eval.formats`);
-for the custom-dataset tasks (qa, classify) a `data["test"]` file is predicted by the best model after training.
+(`micro_batch_size`), exact resume at epoch boundaries and, after SIGINT / SIGTERM, within an epoch (the logs rewound
+to it, a damaged or checksum-mismatching last.pt named), a jsonl log and TensorBoard events, per-epoch metrics,
+predictions in the official formats (written by `lxm.eval.formats`); for the custom-dataset tasks (qa, classify) a
+`data["test"]` file is predicted by the best model after training.
 """
 
 from __future__ import annotations
@@ -34,15 +35,18 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from lxm import atomic
 from lxm.errors import ConfigError
 from lxm.model import LxmertForFinetuning, load_pretrained, load_pretrained_with_report, preset, save_lxm
 from lxm.model.weights import load_into
-from lxm.train.config import FinetuneConfig
-from lxm.train.finetune_data import FinetuneDataset, collate_finetune
+from lxm.train.config import CUSTOM_TASKS, FinetuneConfig, load_run_config, resume_changes
+from lxm.train.finetune_data import FinetuneDataset, collate_finetune, steps_per_epoch
 from lxm.train.precision import autocast
-from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, build_optimizer, current_lr,
-                           mean_across_ranks, micro_batch_size, restore_newest, save_state, start_run, training_state,
-                           loader_workers, training_modules)
+from lxm.train.report import epoch_seconds, unseen_labels_warning, validation_report
+from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLock, RunLogger, RunStopped, StopSignals, build_optimizer,
+                           check_run_folder, current_lr, loader_workers, mean_across_ranks, micro_batch_size,
+                           open_run_folder, restore_newest, save_state, start_process, stop_message, training_modules,
+                           training_state)
 from lxm.train.step import MicroBatches, step_groups, train_step
 from lxm.train.tasks import ANSWERS_FILE, FinetuneTask, task_class
 
@@ -56,6 +60,7 @@ def resolve_init(source: str) -> str:
     """An lxm pretraining/finetuning run directory -> its model directory; anything else is passed through."""
     path = Path(source).expanduser()
     if path.is_dir() and (path / "config.yaml").exists():
+        load_run_config(path / "config.yaml")  # a damaged run config is named here (one line), not met later
         for name in (MODEL_DIR, BEST_DIR):
             if (path / name / "config.json").exists():
                 return str(path / name)
@@ -155,23 +160,58 @@ def evaluate(task: FinetuneTask, dataset: FinetuneDataset, predictions: dict) ->
 
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, out: str | os.PathLike, *, task: FinetuneTask | None = None,
-                 resume: bool = False, log=None, on_record=None):
-        """`task` defaults to cfg.task's class with the corpus's answer table; `log` receives messages (default:
-        logged); `on_record` every log record (after it is written)."""
+                 resume: bool = False, overwrite: bool = False, dry_run: bool = False, log=None, on_record=None,
+                 on_step=None):
+        """Read and check everything the run needs (data, features, vocabulary, init weights, the checkpoint to
+        resume from), then — unless `dry_run` — write OUT/config.yaml and answers.json: a failure before that leaves
+        OUT as it was. The run folder is held (`RunLock`) from the start. `resume`: continue the run in OUT (its
+        recipe: only `lxm.train.config.RESUMABLE_KEYS` may change, the schedule follows the new total);
+        `overwrite`: replace lxm's files of the run in OUT (`check_run_folder`).
+        `task` defaults to cfg.task's class with the corpus's answer table; `log` receives messages (default:
+        logged); `on_record` every log record (after it is written); `on_step(step, epoch)` is called after every
+        optimizer step in the main process (a progress bar: log records come only every `log_every` steps)."""
         self.cfg, self.out, self.log = cfg, Path(out), log or _logger.info
-        self.dist, self.device = start_run(cfg, self.out)
+        self.on_step = on_step
+        self.dry_run, self.changes, self.resumed_from = dry_run, {}, None
+        self.dist, self.device = start_process(cfg)
+        self._lock = None
+        if self.dist.is_main and not dry_run:  # first: a second process into the same OUT fails at once
+            self._lock = RunLock(self.out).acquire()
+        try:
+            self._setup(cfg, task, resume, overwrite, on_record)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (the end of `run`, or a failed start)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _setup(self, cfg: FinetuneConfig, task: FinetuneTask | None, resume: bool, overwrite: bool,
+               on_record) -> None:
+        if self.dist.is_main:  # the other ranks write nothing; rank 0 may be writing config.yaml while they look
+            check_run_folder(self.out, resume=resume, overwrite=overwrite)
+        if resume and (self.out / "config.yaml").exists():  # a resume keeps the run's recipe
+            path = self.out / "config.yaml"
+            self.changes = resume_changes(load_run_config(path), cfg, path)
         self.task = task or task_class(cfg.task).from_config(cfg)
         self.logger = RunLogger(self.out, self.dist.is_main, on_record)
-        if self.dist.is_main and self.task.answers:
-            (self.out / ANSWERS_FILE).write_text(json.dumps(self.task.answers) + "\n")
         self.train_set = FinetuneDataset(self.task, cfg.corpus, cfg.train_splits, cfg.features, cfg.vocab,
                                          max_length=cfg.max_length)
-        if not self.train_set.labelled:
-            raise ConfigError(f"{cfg.task} splits {cfg.train_splits}: some examples have no label (a test split?)")
+        self.train_set.require_labels("training", "a test split? train on labelled splits")
         self.valid_set = None
         if cfg.valid_split is not None:
             self.valid_set = FinetuneDataset(self.task, cfg.corpus, [cfg.valid_split], cfg.features, cfg.vocab,
                                              max_length=cfg.max_length)
+            self.valid_set.require_labels(
+                "validation", "--valid takes a labelled file; predict an unlabelled one with --test"
+                if cfg.task in CUSTOM_TASKS else "--set valid_split=SPLIT names a labelled split, or none")
+            unseen = self.task.unseen_labels(self.valid_set.targets)
+            if unseen and self.dist.is_main:  # logged: lxm prints warnings; a notebook's logging shows them
+                _logger.warning("%s: %s", self.task.split_source(cfg.corpus, cfg.valid_split),
+                                unseen_labels_warning(unseen, len(self.valid_set)))
         self.test_set = None  # read now: a bad test file must fail before training, not after it
         if "test" in cfg.data:
             self.test_set = FinetuneDataset(self.task, cfg.corpus, ["test"], cfg.features, cfg.vocab,
@@ -179,6 +219,8 @@ class Finetuner:
         self.log(f"{cfg.task}: {len(self.train_set)} training examples ({'+'.join(cfg.train_splits)}; "
                  f"{self.train_set.dropped} without features dropped)"
                  + (f", {len(self.valid_set)} validation ({cfg.valid_split})" if self.valid_set else ""))
+        self.steps_per_epoch, plan = steps_per_epoch(len(self.train_set), cfg.batch_size)
+        self.log(plan)
         feat_dim = self.train_set.stores[0].feature_dim
         self.model = build_task_model(cfg, self.task, self.train_set.tokenizer.vocab_size, feat_dim,
                                       log=self.log if self.dist.is_main else (lambda *_: None))
@@ -190,31 +232,68 @@ class Finetuner:
         self.replica, self.step_model = training_modules(self.model, cfg, self.dist, self.device)
         self.workers = loader_workers(cfg.num_workers, self.device)
         self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
-        self.steps_per_epoch = len(self.train_set) // cfg.batch_size  # drop_last, as the original loader
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(self.train_set)} training examples are fewer than one batch of {cfg.batch_size}")
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.steps_per_epoch)
         self.epoch, self.step, self.best, self.best_epoch = 0, 0, -1.0, -1
+        self.position = 0  # optimizer steps done in the current epoch (a run stopped by a signal resumes there)
         if resume:
             self._resume()
             if self.replica is not None:
                 self.replica.sync()
+        if self.dry_run:
+            return
+        # every input read and checked: from here on OUT is written
+        if self.dist.is_main:
+            open_run_folder(cfg, self.out, overwrite=overwrite)
+            if self.task.answers:
+                atomic.write_text(self.out / ANSWERS_FILE, json.dumps(self.task.answers) + "\n")
+        if resume:  # a crash after the last epoch's logs but before last.pt must not log that epoch twice
+            self.logger.resume_at(self.step, self.epoch)
+        if self.changes:
+            shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.changes.items())
+            self.log(f"resumed with {shown}: the learning-rate schedule now spans "
+                     f"{self.steps_per_epoch * cfg.epochs} steps (recorded in config.yaml)")
+            self.logger.log({"step": self.step, "epoch": self.epoch,
+                             "resume_changes": {k: list(v) for k, v in self.changes.items()}})
+
+    def plan(self) -> dict[str, Any]:
+        """What the run would do (`lxm finetune --dry-run`): data, steps, optimisation, device, head, init, start."""
+        cfg = self.cfg
+        labels = getattr(self.task, "answers", None) or []
+        return {"task": cfg.task, "out": str(self.out), "train_examples": len(self.train_set),
+                "train_without_features": self.train_set.dropped,
+                "valid_examples": len(self.valid_set) if self.valid_set is not None else 0,
+                "valid_split": cfg.valid_split,
+                "test_examples": len(self.test_set) if self.test_set is not None else 0,
+                "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.epochs,
+                "total_steps": self.steps_per_epoch * cfg.epochs, "batch_size": cfg.batch_size,
+                "micro_batch_size": self.micro, "lr": cfg.lr, "warmup": cfg.warmup, "optimizer": cfg.optimizer,
+                "precision": cfg.precision, "device": str(self.device), "processes": self.dist.world_size,
+                "init": f"from scratch ({cfg.model} preset)" if cfg.from_scratch else cfg.init,
+                "vocab": cfg.vocab, "answers": len(labels), "first_answers": list(labels[:10]),
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "start": ({"from": str(self.resumed_from), "epoch": self.epoch, "step": self.step}
+                          if self.resumed_from else {"from": "fresh", "epoch": 0, "step": 0}),
+                "changes_on_resume": {k: list(v) for k, v in self.changes.items()}}
 
     def _state(self) -> dict[str, Any]:
         return training_state(self.model, self.optimizer, self.scheduler, epoch=self.epoch, step=self.step,
-                              best=self.best, best_epoch=self.best_epoch)
+                              position=self.position, best=self.best, best_epoch=self.best_epoch)
 
     def _resume(self) -> None:
         path = self.out / LAST
         if not path.exists():
             self.log(f"{self.out}: nothing to resume from; starting fresh")
-        else:  # one checkpoint only: a damaged last.pt is an error naming it, never a silent fresh start
-            _, state = restore_newest([path], self.model, self.optimizer, self.scheduler)
-            self.epoch, self.step, self.best, self.best_epoch = (state["epoch"], state["step"], state["best"],
-                                                                  state["best_epoch"])
-            self.log(f"resumed from {path}: {self.epoch} epoch(s) done, best {self.best} (epoch {self.best_epoch})")
-        # a crash after the last epoch's logs but before last.pt must not log that epoch twice
-        self.logger.resume_at(self.step, self.epoch)
+            return
+        # one checkpoint only: a damaged (or checksum-mismatching) last.pt is an error naming it, never a silent
+        # fresh start
+        _, state = restore_newest([path], self.model, self.optimizer, self.scheduler)
+        self.epoch, self.step, self.best, self.best_epoch = (state["epoch"], state["step"], state["best"],
+                                                              state["best_epoch"])
+        self.position = state.get("position", 0)  # last.pt of an older lxm: epoch boundaries only
+        self.resumed_from = path
+        within = f", {self.position} step(s) into epoch {self.epoch}" if self.position else ""
+        self.log(f"resumed from {path}: {self.epoch} epoch(s) done{within}, best {self.best} "
+                 f"(epoch {self.best_epoch})")
 
     def _loss_fn(self, model, batch) -> dict[str, torch.Tensor]:
         # the parameters no head reads are frozen (freeze_unused): DDP-safe without a dummy loss term
@@ -230,12 +309,26 @@ class Finetuner:
         return (evaluate(self.task, self.valid_set, preds) if self.valid_set.labelled else {}), preds
 
     def run(self) -> dict[str, Any]:
+        """Train the remaining epochs (or to a SIGINT / SIGTERM: last.pt at that step, then RunStopped), predict the
+        test file; releases the run folder."""
+        if self.dry_run:
+            raise RuntimeError("Finetuner(dry_run=True) only plans; build it without dry_run to train")
+        try:
+            with StopSignals(self.dist, self.device) as stop:
+                return self._train(stop)
+        finally:
+            self.close()
+
+    def _train(self, stop: StopSignals) -> dict[str, Any]:
         cfg, key = self.cfg, self.task.metric_names[0]
         self.model.train()
         if self.replica is not None:
             self.replica.train()
+        best_preds = None  # the best epoch's validation predictions, for the report
         while self.epoch < cfg.epochs:
-            sampler = MicroBatches(len(self.train_set), cfg.batch_size, self.micro, self.epoch, cfg.seed, self.dist)
+            epoch_start = time.perf_counter()
+            sampler = MicroBatches(len(self.train_set), cfg.batch_size, self.micro, self.epoch, cfg.seed, self.dist,
+                                   start=self.position)
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_finetune,
                                 num_workers=self.workers, generator=torch.Generator().manual_seed(cfg.seed),
                                 pin_memory=self.device.type == "cuda")
@@ -247,6 +340,9 @@ class Finetuner:
                 last = mean_across_ranks(last, self.dist)
                 self.logger.check_finite(last, self.step, ids=[str(i) for b in group for i in b.ids])
                 self.step += 1
+                self.position += 1
+                if self.on_step is not None and self.dist.is_main:
+                    self.on_step(self.step, self.epoch)
                 if self.step % cfg.log_every == 0:
                     dt = time.perf_counter() - t0
                     self.logger.log({"step": self.step, "epoch": self.epoch,
@@ -254,23 +350,45 @@ class Finetuner:
                                      "samples_per_s": cfg.batch_size * cfg.log_every / max(dt, 1e-9),
                                      **{k: round(v, 6) for k, v in last.items()}})
                     t0 = time.perf_counter()
+                if (signum := stop.requested()) is not None:
+                    if self.dist.is_main:
+                        save_state(self.out / LAST, self._state())
+                    raise RunStopped(stop_message(
+                        signum, f"at step {self.step} (epoch {self.epoch}, step {self.position} of "
+                                f"{self.steps_per_epoch})", self.out / LAST,
+                        f"lxm finetune {cfg.task} --out {self.out} --resume"), signum)
             metrics, preds = self.validate()
-            self.epoch += 1
+            self.epoch, self.position = self.epoch + 1, 0
             if self.dist.is_main:
                 self.logger.metrics({"epoch": self.epoch - 1, "step": self.step, "valid_split": cfg.valid_split,
                                      **metrics})
-                self.logger.log({"step": self.step, "epoch": self.epoch - 1, "valid": metrics})
+                self.logger.log({"step": self.step, "epoch": self.epoch - 1, "valid": metrics,
+                                 "epoch_seconds": round(time.perf_counter() - epoch_start, 3)})
                 # without a labelled validation split the last epoch is kept as best/
                 improved = key not in metrics or metrics[key] > self.best or self.best_epoch < 0
                 if improved:
                     self.best, self.best_epoch = metrics.get(key, -1.0), self.epoch - 1
                     save_lxm(self.model, self.out / BEST_DIR)
+                    best_preds = preds
                     if preds:
                         self.task.write_predictions(preds, self.out / "predictions" / self.task.prediction_file_name(
                             cfg.valid_split))
                 save_state(self.out / LAST, self._state())  # after best/: a crash never loses the best model
+            if self.epoch < cfg.epochs and (signum := stop.requested()) is not None:  # e.g. during validation
+                raise RunStopped(stop_message(signum, f"after epoch {self.epoch - 1} (step {self.step})",
+                                              self.out / LAST, f"lxm finetune {cfg.task} --out {self.out} --resume"),
+                                 signum)
         summary = {"task": cfg.task, "epochs": self.epoch, "steps": self.step, "best_epoch": self.best_epoch,
                    "best": self.best, "valid_split": cfg.valid_split}
+        if self.dist.is_main:
+            summary["epoch_seconds"] = epoch_seconds(self.out / "log.jsonl")
+            if self.valid_set is not None and self.best_epoch >= 0:
+                if not best_preds:  # the best epoch ran before a resume: its model predicts again
+                    best_preds = predict(self.task, load_pretrained(self.out / BEST_DIR).to(self.device),
+                                         self.valid_set, batch_size=cfg.eval_batch_size, device=self.device,
+                                         precision=cfg.precision, num_workers=self.workers)
+                summary["report"] = validation_report(self.task, self.valid_set.ids, self.valid_set.targets,
+                                                      best_preds, self.train_set.targets, self.valid_set.info)
         if self.dist.is_main and self.test_set is not None:
             summary["test_predictions"] = str(self.predict_test())
         if self.dist.is_main:
@@ -298,6 +416,10 @@ def load_run(run: str | os.PathLike, task: str | None = None) -> tuple[FinetuneC
     Raises ConfigError / FileNotFoundError naming the run when it is not a finished finetuning run (a pretraining
     run, a run before its first epoch, another task's run)."""
     run = Path(run)
+    if not run.exists():
+        raise FileNotFoundError(f"{run}: no such directory (expected the --out directory of lxm finetune)")
+    if not run.is_dir():
+        raise ConfigError(f"{run}: not a directory (expected the --out directory of lxm finetune)")
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: not an lxm finetuning run (no config.yaml)")
     try:
@@ -315,11 +437,45 @@ def load_run(run: str | os.PathLike, task: str | None = None) -> tuple[FinetuneC
     model_dir = run / BEST_DIR
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{run}: no {BEST_DIR}/ model yet (the run has not finished an epoch)")
-    return cfg, task_class(cfg.task).from_run(run), load_pretrained(model_dir)
+    task_obj, model = task_class(cfg.task).from_run(run), load_pretrained(model_dir)
+    check_answer_table(getattr(task_obj, "answers", None), model, run / ANSWERS_FILE, str(model_dir))
+    return cfg, task_obj, model
 
 
-def pick_inference_device(device: str = "auto") -> torch.device:
-    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+def check_answer_table(answers: list[str] | None, model: LxmertForFinetuning, file: str | os.PathLike,
+                       source: str) -> None:
+    """An answer table (answers, or a classification task's labels) must name each row of `model`'s answer head
+    once: a table one short or long, or with an answer twice, maps logits to the wrong strings without any error.
+    `file` is the table's file and `source` the model, for the message; `answers` None (NLVR2) checks nothing."""
+    if answers is None:
+        return
+    seen: set[str] = set()
+    for answer in answers:
+        if answer in seen:
+            raise ConfigError(f"{file}: the answer {answer!r} is in the table twice (each answer names one row of "
+                              f"the answer head)")
+        seen.add(answer)
+    rows = model.config.num_qa_labels if model.config.task_qa else 0
+    if len(answers) != rows:
+        raise ConfigError(f"{file}: {len(answers)} answers, but the answer head of {source} has {rows} rows (the "
+                          f"answer table the model was trained with is needed)")
+
+
+def check_vocabulary(model: LxmertForFinetuning, vocab_size: int, vocab: str | os.PathLike, source: str) -> None:
+    """The vocabulary must be the one the model's word embeddings were trained with: another one (a file cut short,
+    another model's) maps words to the wrong rows and gives wrong answers without any error."""
+    rows = model.config.vocab_size
+    if vocab_size != rows:
+        raise ConfigError(f"{vocab}: a vocabulary of {vocab_size} word pieces, but the model {source} has word "
+                          f"embeddings for {rows} (use the vocabulary it was trained with)")
+
+
+def check_feature_dim(model: LxmertForFinetuning, dim: int, what: str, source: str, fix: str = "") -> None:
+    """The region features `what` gives (`dim` per box) must be the size the model's visual encoder reads."""
+    want = model.config.visual_feat_dim
+    if dim != want:
+        raise ConfigError(f"{what}: {dim}-dim region features, but the model {source} reads {want}-dim features"
+                          + (f" ({fix})" if fix else ""))
 
 
 def predict_top(task: FinetuneTask, model: LxmertForFinetuning, dataset: FinetuneDataset, k: int = 5, *,
@@ -339,12 +495,21 @@ def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.Pat
     `log` receives messages (default: logged).
 
     Returns (path written, scores when the split is labelled else {})."""
+    from lxm.devices import resolve_device
+
     log = log or _logger.info
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    dev = resolve_device(device)
     cfg, task_obj, model = load_run(run, task)
-    dev = pick_inference_device(device)
-    model.to(dev)
+    model_dir = str(Path(run) / BEST_DIR)
     data = FinetuneDataset(task_obj, corpus or cfg.corpus, [split], features or cfg.features, cfg.vocab,
                            max_length=cfg.max_length)
+    check_vocabulary(model, data.tokenizer.vocab_size, data.tokenizer.vocab_path, model_dir)
+    for store in data.stores:
+        check_feature_dim(model, store.feature_dim, str(store.root), model_dir,
+                          "give --features extracted with the detector the model was trained on")
+    model.to(dev)
     log(f"{cfg.task} {split}: {len(data)} examples ({data.dropped} without features dropped)")
     preds = predict(task_obj, model, data, batch_size=batch_size or cfg.eval_batch_size, device=dev,
                     precision=cfg.precision)

@@ -109,12 +109,23 @@ class FinetuneDataset(Dataset):
             raise FinetuneDataError(f"{task.name} splits {splits}: no example has its image(s) in the feature "
                                     f"stores {[str(f) for f in features]} ({self.dropped} dropped)")
         self.labelled = all(t is not None for t in self.targets)
+        self.corpus, self.splits = corpus, list(splits)
         self.store_of = where
         self.tokenizer = LxmertTokenizer(vocab, max_length=max_length)
         self.max_length = max_length
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def require_labels(self, role: str, fix: str) -> None:
+        """FinetuneDataError naming the split's file(s) when an example has no label: `role` says what needs the
+        labels (training, validation), `fix` what to do instead; checked before any training step."""
+        if self.labelled:
+            return
+        missing = sum(t is None for t in self.targets)
+        where = ", ".join(self.task.split_source(self.corpus, s) for s in self.splits)
+        raise FinetuneDataError(f"{where}: {missing} of {len(self)} examples have no label, but {role} scores "
+                                f"labelled examples ({fix})")
 
     def record(self, img_id: str) -> ImageFeatures:
         """The stored features of one image (its boxes, labels and size: what `lxm gallery` draws)."""
@@ -125,6 +136,26 @@ class FinetuneDataset(Dataset):
         target = self.targets[index]
         return encode_example(self.ids[index], self.texts[index], recs, self.tokenizer,
                               None if target is None else self.task.example_target(target))
+
+
+def steps_per_epoch(examples: int, batch_size: int) -> tuple[int, str]:
+    """(optimizer steps per epoch, a line saying how many examples an epoch uses) of a training set.
+
+    Every epoch trains on whole batches only (drop_last, as the original's loader, and the same batches in any
+    number of processes): the last `examples % batch_size` examples of each epoch's shuffled order are left out —
+    different ones each epoch. A set smaller than one batch is a FinetuneDataError naming `--set batch_size=N`.
+    """
+    steps = examples // batch_size
+    if steps == 0:
+        raise FinetuneDataError(f"{examples} training examples are fewer than one batch of {batch_size}; use a "
+                                f"smaller batch: --set batch_size=N with N <= {examples}")
+    left = examples - steps * batch_size
+    line = f"each epoch: {steps} steps of {batch_size} examples"
+    if left:
+        line += (f", {steps * batch_size} of the {examples} training examples ({left} left out, different ones each "
+                 f"epoch: whole batches only, as the original; --set batch_size=N with N dividing {examples} uses "
+                 f"all)")
+    return steps, line
 
 
 def encode_example(example_id, text: str, images: list[tuple[ImageFeatures, np.ndarray]],

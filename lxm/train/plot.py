@@ -1,8 +1,13 @@
 """`lxm plot RUN_DIR`: loss curves and validation metrics of a pretraining or finetuning run as PNG files.
 
 Reads only the run's logs (`log.jsonl`: one record per logged step, validation records carry "valid"), so it works
-on a run that is still going or that crashed. matplotlib is imported here only, through its object API (`Figure`,
-Agg canvas): no display and no pyplot global state.
+on a run that is still going or that crashed; a damaged line (not UTF-8, not JSON) is skipped with a warning.
+matplotlib is imported here only, through its object API (`Figure`, Agg canvas): no display and no pyplot global
+state.
+
+Each kind of value has its own panel: losses on a log scale, scores (accuracy, consistency, macro-F1, pretraining's
+QA accuracy) in percent on a linear scale, anything else on its own linear panel. A series of one point is drawn as a
+marker.
 
 Two rules keep the pictures honest. A series identical to one already drawn (a finetuning run's total `loss` is its
 single task loss) is drawn once, labelled with both names, so nothing looks like two curves that agree. Distinct
@@ -13,13 +18,23 @@ with its own line style and marker, the later ones thinner on top, so both stay 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from lxm.errors import LxmError
 
+_logger = logging.getLogger(__name__)
+
 SKIP = {"step", "epoch", "lr", "samples_per_s", "grad_norm", "loss"}
-SCORES = ("accuracy", "consistency", "qa_acc")
+# The kinds of validation value, by name. Losses: the total and lxm.model.losses.LOSS_NAMES (pretraining); scores:
+# the finetuning tasks' metric_names and pretraining's qa_acc_SOURCE. A name that is neither gets a panel of its own.
+LOSSES = ("loss", "mlm", "match", "obj", "attr", "feat", "qa")
+SCORES = ("accuracy", "consistency", "macro_f1", "f1", "precision", "recall", "qa_acc")
+FRACTIONS = ("qa_acc",)  # pretraining logs its QA accuracy as a fraction, as the original printed it: drawn x 100
+PANELS = {"loss": ("validation loss (log scale)", "loss (log scale)"),
+          "score": ("validation scores (%)", "score (%)"),
+          "other": ("other validation values", "value")}
 # The training log rounds losses to 6 decimals: below that a log axis would only show rounding.
 LOG_FLOOR = 1e-6
 # (linestyle, marker, linewidth, markersize): each later series thinner and smaller, so one drawn over an equal one
@@ -31,32 +46,54 @@ class PlotError(LxmError, ValueError):
     """The run directory has nothing to plot."""
 
 
+def _log_every(run: Path) -> str:
+    """"every N steps" from RUN/config.yaml, or "every log_every steps" when it cannot be read."""
+    try:
+        import yaml
+
+        n = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")).get("log_every")
+    except Exception:  # only for a hint in a message: a missing or damaged config.yaml is reported by other commands
+        n = None
+    return f"every {n} steps" if isinstance(n, int) and not isinstance(n, bool) else "every log_every steps"
+
+
 def read_log(run: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """(training records by step, validation records by epoch) of RUN/log.jsonl; unreadable lines name their line
-    number. A step (epoch) logged twice, as by a resumed run that redid it, counts once: its last record."""
+    """(training records by step, validation records by epoch) of RUN/log.jsonl. A line that is not a UTF-8 JSON
+    object is skipped, with one warning naming the lines (a crash can cut the last line: skipped quietly).
+    A step (epoch) logged twice, as by a resumed run that redid it, counts once: its last record."""
     path = Path(run) / "log.jsonl"
     if not path.exists():
         raise PlotError(f"{path}: no such file (is {run} an lxm pretrain / finetune run directory?)")
     train, valid = {}, {}
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
+    skipped: dict[str, list[int]] = {}
+    lines = path.read_bytes().splitlines()
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if n == len(lines):  # a crash can cut the last line; the rest is fine
-                break
-            raise PlotError(f"{path}: line {n}: not valid JSON ({exc})") from None
-        if "valid" in rec:
-            if rec["valid"]:
-                valid[rec.get("epoch")] = rec
-        elif "loss" in rec and "step" in rec:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped.setdefault("not UTF-8", []).append(n)
+            continue
+        except json.JSONDecodeError:
+            if n < len(lines):  # a crash can cut the last line; the rest is fine
+                skipped.setdefault("not JSON", []).append(n)
+            continue
+        if not isinstance(rec, dict):
+            skipped.setdefault("not a JSON object", []).append(n)
+        elif "valid" in rec:
+            if isinstance(rec["valid"], dict) and rec["valid"] and _number(rec.get("epoch")):
+                valid[rec["epoch"]] = rec
+        elif "loss" in rec and _number(rec.get("step")):  # other records (a non-finite loss's) are not drawn
             train[rec["step"]] = rec
+    if skipped:
+        _logger.warning("%s: skipped %s", path, "; ".join(
+            f"{len(ns)} line{'s' if len(ns) > 1 else ''} {why} (line{'s' if len(ns) > 1 else ''} "
+            f"{', '.join(map(str, ns[:5]))}{', ...' if len(ns) > 5 else ''})" for why, ns in skipped.items()))
     if not train and not valid:
-        raise PlotError(f"{path}: no training or validation records yet")
-    return (sorted(train.values(), key=lambda r: r["step"]),
-            sorted(valid.values(), key=lambda r: r.get("epoch") or 0))
+        raise PlotError(f"{path}: no training or validation records yet (training steps are logged "
+                        f"{_log_every(Path(run))}, validation after each epoch)")
+    return (sorted(train.values(), key=lambda r: r["step"]), sorted(valid.values(), key=lambda r: r["epoch"]))
 
 
 def _number(value) -> bool:
@@ -83,13 +120,31 @@ def _draw(ax, series: dict[str, list[tuple]], first_width: float = 1.8) -> None:
     for k, (name, pts) in enumerate(series.items()):
         group = groups[tuple(pts)]
         if len(group) == 1:
-            ax.plot(*zip(*pts), label=name, marker="o", markersize=4, linewidth=first_width if k == 0 else 1.8)
+            ax.plot(*zip(*pts), label=name, marker="o", markersize=4 if len(pts) > 1 else 7,
+                    linewidth=first_width if k == 0 else 1.8)
             continue
         j = group.index(name)
         style, marker, width, size = STYLES[j % len(STYLES)]
         label = f"{name} (= {', '.join(group[:j])})" if j else name
         ax.plot(*zip(*pts), label=label, linestyle=style, linewidth=width, marker=marker, markersize=size,
                 markerfacecolor="none" if j == 0 else None)
+
+
+def value_kind(name: str) -> str:
+    """"loss", "score" or "other": the panel a validation value is drawn on."""
+    if name.startswith(SCORES) or name.endswith(("accuracy", "_acc", "_f1")):
+        return "score"
+    return "loss" if name in LOSSES or name.endswith("loss") else "other"
+
+
+def _frame(ax, series: dict[str, list[tuple]], what: str) -> None:
+    """One point spans a whole unit either side (matplotlib would zoom to a fraction of it); no point at all says
+    why, rather than leaving an empty frame."""
+    xs = sorted({x for pts in series.values() for x, _ in pts})
+    if len(xs) == 1:
+        ax.set_xlim(xs[0] - 1, xs[0] + 1)
+    if not series:
+        ax.text(0.5, 0.5, f"no {what} to draw", transform=ax.transAxes, ha="center", va="center", color="0.4")
 
 
 def _log_axis(ax, series: dict[str, list[tuple]]) -> None:
@@ -113,36 +168,39 @@ def losses_figure(train: list[dict], title: str):
     series = _merge_identical(series)
     fig = Figure(figsize=(9, 4.5))
     ax = fig.subplots()
-    for k, (name, pts) in enumerate(series.items()):
-        ax.plot(*zip(*pts), label=name, linewidth=2.4 if k == 0 else 1.3)  # the total (first) stands out
+    for k, (name, pts) in enumerate(series.items()):  # the total (first) stands out; few points get markers
+        ax.plot(*zip(*pts), label=name, linewidth=2.4 if k == 0 else 1.3, marker="o" if len(pts) <= 40 else "",
+                markersize=5 if k == 0 else 3.5)
     if series:
         _log_axis(ax, series)
+    _frame(ax, series, "positive loss values (a log scale shows none)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (log scale)")
     ax.set_title(f"{title}: training losses")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))
+    if series:
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
 
 def validation_figure(valid: list[dict], title: str):
-    """Validation values by epoch (as log.jsonl counts them, from 0): a loss panel (log scale) and a score panel."""
+    """Validation values by epoch (as log.jsonl counts them, from 0), one panel per kind (`value_kind`): losses on a
+    log scale, scores in percent, other values linear."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     names = sorted({k for r in valid for k, v in r["valid"].items() if _number(v)}, key=lambda n: (n != "loss", n))
-    scores = [n for n in names if n.startswith(SCORES)]
-    panels = [(t, g) for t, g in (("validation loss", [n for n in names if n not in scores]),
-                                  ("validation score", scores)) if g]
+    panels = [(kind, group) for kind in PANELS if (group := [n for n in names if value_kind(n) == kind])]
     fig = Figure(figsize=(6.5 * len(panels) + 0.5, 4.5))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (panel, group) in zip(axes, panels):
-        loss = panel == "validation loss"
+    for ax, (kind, group) in zip(axes, panels):
+        loss = kind == "loss"
         series = {}
         for name in group:
-            pts = [(r["epoch"], r["valid"][name]) for r in valid
+            percent = name.startswith(FRACTIONS)  # rounded: 0.55 x 100 must equal an accuracy of 55.0
+            pts = [(r["epoch"], round(r["valid"][name] * 100, 9) if percent else r["valid"][name]) for r in valid
                    if _number(r["valid"].get(name)) and (r["valid"][name] > 0 or not loss)]
             if pts:
                 series[name] = pts
@@ -151,14 +209,14 @@ def validation_figure(valid: list[dict], title: str):
         _draw(ax, series, first_width=2.4 if loss and "loss" in series else 1.8)
         if loss and series:
             _log_axis(ax, series)
-        epochs = sorted({x for pts in series.values() for x, _ in pts})
-        if len(epochs) == 1:  # one point: matplotlib would span a fraction of an epoch around it
-            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+        _frame(ax, series, "positive loss values (a log scale shows none)" if loss else "values")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch (from 0)")
-        ax.set_ylabel(panel + (" (log scale)" if loss else ""))
+        ax.set_title(PANELS[kind][0], fontsize=10)
+        ax.set_ylabel(PANELS[kind][1])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the data, never over it
+        if series:
+            ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the data, never over it
     fig.suptitle(f"{title}: validation")
     fig.tight_layout()
     return fig
@@ -166,8 +224,17 @@ def validation_figure(valid: list[dict], title: str):
 
 def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> list[Path]:
     """Write OUT/losses.png (total and every named loss by step, log scale) and OUT/validation.png (each validation
-    value by epoch); OUT defaults to RUN/plots. Returns the files written."""
+    value by epoch); OUT defaults to RUN/plots. Returns the files written; one that cannot be drawn yet is logged
+    with the reason (a run shorter than log_every has no step record, a run before its first epoch's end no
+    validation)."""
     train, valid = read_log(run)
+    log = Path(run) / "log.jsonl"
+    if not train:
+        _logger.warning("%s: no training step logged (steps are logged %s and the run has not reached one): "
+                        "no losses.png; --set log_every=1 logs every step", log, _log_every(Path(run)))
+    if not valid:
+        _logger.warning("%s: no validation record (none is logged before the first epoch ends, or without a "
+                        "validation split): no validation.png", log)
     out = Path(out) if out else Path(run) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []

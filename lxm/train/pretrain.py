@@ -3,10 +3,11 @@
 Reproduces the loop of airsplay/lxmert `src/pretrain/lxmert_pretrain.py` (`LXMERT.train`): per step the summed losses
 of MLM, matching, object / attribute / feature prediction and QA (lxm.model.losses), BertAdam with 5 % warm-up over
 `len(loader) * epochs`, clipping at 1.0, validation loss on minival each epoch, per-epoch and best checkpoints.
-Additions the original lacked: gradient accumulation, DistributedDataParallel, exact resume (model, optimizer,
-scheduler, RNG, data position; a damaged newest checkpoint is set aside with a warning and the next older one used,
-the logs are rewound so that redone steps appear once), step checkpoints written atomically and fsynced, a jsonl log
-of every loss term, NaN guard.
+Additions the original lacked: gradient accumulation, DistributedDataParallel, exact resume from the newest step or
+epoch checkpoint (model, optimizer, scheduler, RNG, data position; a damaged or checksum-mismatching newest checkpoint
+is set aside with a warning and the next older one used, the logs are rewound so that redone steps appear once;
+`--set epochs=N` on resume stretches the schedule), step checkpoints written atomically, fsynced and checksummed, a
+step checkpoint on SIGINT / SIGTERM, a jsonl log of every loss term, NaN guard, `--dry-run` (`Pretrainer.plan`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from lxm.atomic import atomic_path
 from lxm.errors import ConfigError
 from lxm.model import LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses, save_lxm
-from lxm.train.config import PretrainConfig
+from lxm.train.config import PretrainConfig, load_run_config, resume_changes
 from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_table
 from lxm.train.precision import autocast
-from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, build_optimizer, current_lr, mean_across_ranks,
-                           micro_batch_size, restore_newest, save_state, start_run, step_checkpoints, training_state,
-                           loader_workers, training_modules)
+from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLock, RunLogger, RunStopped, StopSignals, build_optimizer,
+                           check_run_folder, copy_checkpoint, current_lr, loader_workers, mean_across_ranks,
+                           micro_batch_size, open_run_folder, remove_checkpoint, restore_newest, save_state,
+                           start_process, stop_message, training_modules, training_state)
 from lxm.train.step import MicroBatches, step_groups, train_step
 
 _logger = logging.getLogger(__name__)
@@ -75,13 +76,60 @@ def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers
     return LxmertForPreTraining(model_cfg)
 
 
+_CKPT_NAME = re.compile(r"^(step|epoch)-(\d+)\.pt$")
+
+
+def resume_candidates(out: Path, steps_per_epoch: int) -> list[Path]:
+    """The checkpoints a run can resume from, newest first: OUT/checkpoints/step-N.pt (after N steps) and
+    epoch-E.pt (after epoch E, i.e. (E + 1) * steps_per_epoch steps; a run killed before its first step checkpoint
+    resumes from there); at equal steps the step checkpoint first."""
+    found = []
+    for path in (out / CKPT_DIR).glob("*.pt"):
+        m = _CKPT_NAME.match(path.name)
+        if m is not None:
+            n = int(m.group(2))
+            found.append(((n, 1) if m.group(1) == "step" else ((n + 1) * steps_per_epoch, 0), path.name, path))
+    return [path for *_, path in sorted(found, reverse=True)]
+
+
 class Pretrainer:
-    def __init__(self, cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = False, log=None,
-                 on_record=None):
-        """`log` receives messages (default: logged); `on_record` every log record (after it is written), e.g. for a
-        progress bar."""
+    def __init__(self, cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                 dry_run: bool = False, log=None, on_record=None, on_step=None):
+        """Read and check everything the run needs (data, vocabulary, model, the checkpoint to resume from), then —
+        unless `dry_run` — write OUT/config.yaml: a failure before that leaves OUT as it was. The run folder is held
+        (`RunLock`) from the start. `resume`: continue the run in OUT (its recipe: only
+        `lxm.train.config.RESUMABLE_KEYS` may change, the schedule follows the new total); `overwrite`: replace lxm's
+        files of the run in OUT (`check_run_folder`).
+        `log` receives messages (default: logged); `on_record` every log record (after it is written);
+        `on_step(step, epoch)` is called after every optimizer step in the main process (a progress bar: log records
+        come only every `log_every` steps)."""
         self.cfg, self.out, self.log, self.on_record = cfg, Path(out), log or _logger.info, on_record
-        self.dist, self.device = start_run(cfg, self.out, CKPT_DIR)
+        self.on_step = on_step
+        self.dry_run, self.changes = dry_run, {}
+        self.resumed_from: Path | None = None
+        self.dist, self.device = start_process(cfg)
+        self._lock = None
+        if self.dist.is_main and not dry_run:  # first: a second process into the same OUT fails at once
+            self._lock = RunLock(self.out).acquire()
+        try:
+            self._setup(cfg, resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (the end of `run`, or a failed start)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _setup(self, cfg: PretrainConfig, resume: bool, overwrite: bool) -> None:
+        if self.dist.is_main:  # the other ranks write nothing; rank 0 may be writing config.yaml while they look
+            check_run_folder(self.out, resume=resume, overwrite=overwrite)
+        if resume and (self.out / "config.yaml").exists():  # a resume keeps the run's recipe
+            path = self.out / "config.yaml"
+            self.changes = resume_changes(load_run_config(path), cfg, path)
+        has_checkpoint = resume and any(_CKPT_NAME.match(p.name) for p in (self.out / CKPT_DIR).glob("*.pt"))
         answers = _answers(cfg)
         common = dict(word_mask_rate=cfg.word_mask_rate, obj_mask_rate=cfg.obj_mask_rate, max_length=cfg.max_length,
                       sources=cfg.sources)
@@ -98,7 +146,7 @@ class Pretrainer:
         main_log = self.log if self.dist.is_main else (lambda *_: None)  # reports once, not once per process
         self.model = build_model(cfg, self.train_set.tokenizer.vocab_size, feat_dim, len(answers),
                                  detector_label_counts(self.train_set.stores), log=main_log)
-        if cfg.init_bert and not resume:
+        if cfg.init_bert and not has_checkpoint:
             from lxm.model.weights import init_from_bert
 
             main_log(init_from_bert(self.model, cfg.init_bert).summary())
@@ -115,11 +163,39 @@ class Pretrainer:
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.steps_per_epoch)
         self.loss_cfg = cfg.losses
         self.step, self.epoch, self.position, self.best = 0, 0, 0, float("inf")
-        self.logger = RunLogger(self.out, self.dist.is_main, on_record)
+        self.logger = RunLogger(self.out, self.dist.is_main, self.on_record)
         if resume:
             self._resume()
             if self.replica is not None:
                 self.replica.sync()
+        if self.dry_run:
+            return
+        # every input read and checked: from here on OUT is written
+        if self.dist.is_main:
+            open_run_folder(cfg, self.out, CKPT_DIR, overwrite=overwrite)
+        if resume:
+            self.logger.resume_at(self.step, self.epoch)  # the steps redone from here must not appear twice in the logs
+        if self.changes:
+            shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.changes.items())
+            self.log(f"resumed with {shown}: the learning-rate schedule now spans {self.steps_per_epoch * cfg.epochs} "
+                     f"steps (recorded in config.yaml)")
+            self.logger.log({"step": self.step, "epoch": self.epoch,
+                             "resume_changes": {k: list(v) for k, v in self.changes.items()}})
+
+    def plan(self) -> dict[str, Any]:
+        """What the run would do (`lxm pretrain --dry-run`): data, steps, optimisation, device, model, start point."""
+        cfg = self.cfg
+        return {"out": str(self.out), "sentences": len(self.train_set),
+                "valid_sentences": len(self.valid_set) if self.valid_set is not None else 0,
+                "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.epochs, "total_steps": self.total_steps,
+                "batch_size": cfg.batch_size, "micro_batch_size": self.micro, "lr": cfg.lr, "warmup": cfg.warmup,
+                "optimizer": cfg.optimizer, "precision": cfg.precision, "device": str(self.device),
+                "processes": self.dist.world_size, "model": cfg.model,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "answers": self.model.config.num_qa_labels,
+                "start": ({"from": str(self.resumed_from), "step": self.step, "epoch": self.epoch}
+                          if self.resumed_from else {"from": "fresh", "step": 0, "epoch": 0}),
+                "changes_on_resume": {k: list(v) for k, v in self.changes.items()}}
 
     # ---- checkpoints
     def _state(self) -> dict[str, Any]:
@@ -128,25 +204,28 @@ class Pretrainer:
                               config=json.loads(json.dumps(dataclasses.asdict(self.cfg))))
 
     def _resume(self) -> None:
-        candidates = step_checkpoints(self.out)
+        candidates = resume_candidates(self.out, self.steps_per_epoch)
         if not candidates:
             self.log(f"{self.out}: no checkpoint to resume from; starting fresh")
-        else:  # a damaged newest checkpoint is set aside (named in a warning), the next older one is used
-            path, state = restore_newest(candidates, self.model, self.optimizer, self.scheduler,
-                                         set_aside=self.dist.is_main)
-            self.step, self.epoch = state["step"], state["epoch"]
-            self.position, self.best = state["position"], state["best"]
-            self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
-        self.logger.resume_at(self.step, self.epoch)  # the steps redone from here must not appear twice in the logs
+            return
+        # a damaged (or checksum-mismatching) newest checkpoint is set aside (named in a warning), the next older one
+        # is used; a dry run only reads
+        path, state = restore_newest(candidates, self.model, self.optimizer, self.scheduler,
+                                     set_aside=self.dist.is_main and not self.dry_run)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.position, self.best = state["position"], state["best"]
+        self.resumed_from = path
+        self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
 
     def _checkpoint(self, name: str) -> None:
         if not self.dist.is_main:
             return
         save_state(self.out / CKPT_DIR / name, self._state())
         for kind in ("step", "epoch"):  # keep the last K of each (best.pt is a separate copy)
-            found = sorted((self.out / CKPT_DIR).glob(f"{kind}-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+            found = sorted((p for p in (self.out / CKPT_DIR).glob(f"{kind}-*.pt") if _CKPT_NAME.match(p.name)),
+                           key=lambda p: int(p.stem.split("-")[1]))
             for old in found[: -self.cfg.keep_last]:
-                old.unlink()
+                remove_checkpoint(old)
 
     # ---- loop
     def _loss_fn(self, model, batch) -> dict[str, torch.Tensor]:
@@ -190,6 +269,16 @@ class Pretrainer:
         return result
 
     def run(self) -> dict[str, Any]:
+        """Train to the end (or to a SIGINT / SIGTERM: a step checkpoint, then RunStopped); releases the run folder."""
+        if self.dry_run:
+            raise RuntimeError("Pretrainer(dry_run=True) only plans; build it without dry_run to train")
+        try:
+            with StopSignals(self.dist, self.device) as stop:
+                return self._train(stop)
+        finally:
+            self.close()
+
+    def _train(self, stop: StopSignals) -> dict[str, Any]:
         cfg = self.cfg
         self.model.train()
         if self.replica is not None:
@@ -214,6 +303,8 @@ class Pretrainer:
                 self.logger.check_finite(last, self.step, uids=[u for b in group for u in b.uids])
                 self.step += 1
                 self.position += 1
+                if self.on_step is not None and self.dist.is_main:
+                    self.on_step(self.step, self.epoch)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     dt = time.perf_counter() - t0
                     self.logger.log({"step": self.step, "epoch": self.epoch,
@@ -223,6 +314,14 @@ class Pretrainer:
                     t0 = time.perf_counter()
                 if self.step % cfg.checkpoint_every == 0:
                     self._checkpoint(f"step-{self.step}.pt")
+                if (signum := stop.requested()) is not None:
+                    if self.step % cfg.checkpoint_every:
+                        self._checkpoint(f"step-{self.step}.pt")
+                    raise RunStopped(stop_message(
+                        signum, f"at step {self.step} of {self.total_steps} (epoch {self.epoch}, batch "
+                                f"{self.position} of {self.steps_per_epoch})",
+                        self.out / CKPT_DIR / f"step-{self.step}.pt", f"lxm pretrain --out {self.out} --resume"),
+                        signum)
                 if self.step >= self.total_steps:
                     break
             if self.position >= self.steps_per_epoch:  # epoch finished
@@ -233,8 +332,12 @@ class Pretrainer:
                 self._checkpoint(f"epoch-{self.epoch - 1:02d}.pt")
                 if valid and valid["loss"] < self.best and self.dist.is_main:
                     self.best = valid["loss"]
-                    with atomic_path(self.out / CKPT_DIR / "best.pt") as tmp:  # a killed copy leaves no half file
-                        shutil.copyfile(self.out / CKPT_DIR / f"epoch-{self.epoch - 1:02d}.pt", tmp)
+                    copy_checkpoint(self.out / CKPT_DIR / f"epoch-{self.epoch - 1:02d}.pt",
+                                    self.out / CKPT_DIR / "best.pt")
+                if self.epoch < cfg.epochs and (signum := stop.requested()) is not None:  # e.g. during validation
+                    raise RunStopped(stop_message(signum, f"after epoch {self.epoch - 1} (step {self.step})",
+                                                  self.out / CKPT_DIR / f"epoch-{self.epoch - 1:02d}.pt",
+                                                  f"lxm pretrain --out {self.out} --resume"), signum)
         self._checkpoint(f"step-{self.step}.pt")
         if self.dist.is_main:  # the final weights as an lxm model directory: what `lxm finetune --init RUN` reads
             save_lxm(self.model, self.out / MODEL_DIR)

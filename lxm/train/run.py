@@ -1,21 +1,32 @@
 """The scaffold both recipes (`pretrain`, `finetune`) stand on: one run directory, one process group.
 
-Start-up (`start_run`: process group, device, seed, the resolved config, removal of temp files left by killed
-checkpoint writes), DDP wrapping and the per-process micro-batch size, optimizer construction, checkpoint state
-save / discovery / restore (a damaged checkpoint is named and the next older one used), the non-finite-loss guard,
-and the run logger (OUT/log.jsonl, OUT/metrics.jsonl, OUT/tensorboard, rewound to the step a resumed run continues
-from). The original (airsplay/lxmert `src/pretrain/lxmert_pretrain.py`, `src/tasks/*.py`) printed to stdout, saved
-weights only and could not resume; none of this has a counterpart there.
+Start-up in two halves: `start_process` (process group, device, seed) writes nothing, so that a recipe reads and
+checks every input before `open_run_folder` writes into OUT (a command that fails leaves a run as it was); the run
+folder's rules (`check_run_folder`: a new run needs an empty OUT, `--resume` continues one, `--overwrite` replaces
+lxm's own files; `RunLock`: one process per run folder; a resume keeps the run's recipe,
+`lxm.train.config.resume_changes`), removal of lxm's temp files left by killed writes, DDP wrapping and the
+per-process micro-batch size, optimizer construction, checkpoint state save (checksummed) / discovery / restore (a
+damaged or mismatching checkpoint is named and the next older one used; the learning-rate schedule is the resumed
+config's), the non-finite-loss guard, the stop on SIGINT / SIGTERM (`StopSignals`), and the run logger
+(OUT/log.jsonl, OUT/metrics.jsonl, OUT/tensorboard, rewound to the step a resumed run continues from). The original
+(airsplay/lxmert `src/pretrain/lxmert_pretrain.py`, `src/tasks/*.py`) printed to stdout, saved weights only and could
+not resume; none of this has a counterpart there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
+import math
 import os
 import pickle
 import re
+import shutil
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +39,12 @@ from torch import nn
 
 from lxm import atomic
 from lxm.atomic import atomic_path
-from lxm.errors import ConfigError
+from lxm.devices import resolve_device
+from lxm.errors import ConfigError, LxmError
+from lxm.integrity import IntegrityError, record_checksum, sidecar, verify_checksum
 from lxm.memory import keep_freed_memory
 from lxm.model import CheckpointError
-from lxm.train.optim import make_optimizer
+from lxm.train.optim import BertAdam, make_optimizer
 from lxm.train.precision import Bf16Replica
 
 _logger = logging.getLogger(__name__)
@@ -40,6 +53,22 @@ CKPT_DIR = "checkpoints"  # pretraining: OUT/checkpoints/{step,epoch}-N.pt and b
 BEST_DIR = "best"  # finetuning: lxm model directory of the best epoch (what `lxm predict` loads)
 LAST = "last.pt"  # finetuning: model + optimizer + epoch + RNG, what --resume reads
 MODEL_DIR = "model"  # pretraining: the final weights as an lxm model directory (what `lxm finetune --init` reads)
+LOCK = ".lock"  # held (flock) by the process training into the run folder; holds its pid
+# What lxm writes into a run folder: `--overwrite` removes exactly these (nothing else of the folder), and only the
+# temp files of these names are lxm's (`remove_stale_temp_files`). answers.json: lxm.train.tasks.ANSWERS_FILE;
+# plots: `lxm plot`'s default output.
+RUN_FILES = ("config.yaml", "log.jsonl", "metrics.jsonl", "summary.json", LAST, LAST + ".sha256", LAST + ".damaged",
+             "answers.json")
+RUN_DIRS = (CKPT_DIR, BEST_DIR, MODEL_DIR, "predictions", "tensorboard", "plots")
+# per folder of a run, the names lxm writes there (NAME of a `.NAME.tmp-PID` temp file, lxm.atomic); predictions/
+# holds only the submission files lxm writes (named after the split)
+_OWN_NAMES = {
+    ".": re.compile(r"^(config\.yaml|log\.jsonl|metrics\.jsonl|summary\.json|answers\.json|last\.pt)(\.sha256)?$"),
+    CKPT_DIR: re.compile(r"^(best\.pt|step-\d+\.pt|epoch-\d+\.pt)(\.sha256)?$"),
+    BEST_DIR: re.compile(r"^(config\.json|model\.safetensors)(\.sha256)?$"),
+    MODEL_DIR: re.compile(r"^(config\.json|model\.safetensors)(\.sha256)?$"),
+    "predictions": re.compile(r"^[^/]+\.(json|csv)$"),
+}
 
 
 @dataclass
@@ -54,7 +83,8 @@ class DistInfo:
 
 
 def init_distributed(device: str) -> DistInfo:
-    """Join torchrun's process group (RANK / WORLD_SIZE / LOCAL_RANK); gloo on CPU, nccl on GPU."""
+    """Join torchrun's process group (RANK / WORLD_SIZE / LOCAL_RANK); gloo on CPU, nccl on GPU (`device` is the
+    device type, "cpu" or "cuda")."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistInfo()
@@ -79,33 +109,121 @@ def loader_workers(num_workers: int | None, device: torch.device) -> int:
 
 
 def pick_device(device: str, dist: DistInfo) -> torch.device:
-    """"auto" -> this rank's GPU when CUDA is available, else CPU; "cuda" without CUDA is an error."""
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("config: device=cuda but CUDA is not available on this machine")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
+    """The config's `device` for this process (`lxm.devices.resolve_device`: "auto" is this rank's GPU when CUDA is
+    available, else the CPU; "cuda" without CUDA and anything unknown are errors naming the value)."""
+    return resolve_device(device, local_rank=dist.local_rank, what="config: 'device'")
 
 
-def start_run(cfg, out: Path, *dirs: str) -> tuple[DistInfo, torch.device]:
-    """Join torchrun's group, pick the device, keep freed memory on CPU (`keep_freed_memory`), seed per rank and
-    (rank 0) write OUT/config.yaml — the resolved config — before anything else runs. `cfg` has `device`,
-    `keep_freed_memory`, `seed` and `to_yaml()`."""
-    dist = init_distributed("cuda" if cfg.device == "cuda" else "cpu")
+def start_process(cfg) -> tuple[DistInfo, torch.device]:
+    """Join torchrun's group, pick the device, keep freed memory on CPU (`keep_freed_memory`), seed per rank; writes
+    nothing (`open_run_folder` does, once every input is checked). `cfg` has `device`, `keep_freed_memory`, `seed`."""
+    # the device first: a bad `device` fails before joining a group, and "auto" on a GPU machine needs nccl
+    device_type = resolve_device(cfg.device, what="config: 'device'").type
+    dist = init_distributed(device_type)
     device = pick_device(cfg.device, dist)
     if device.type == "cpu" and cfg.keep_freed_memory:
         keep_freed_memory()
     torch.manual_seed(cfg.seed + dist.rank)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in dirs:
-            (out / name).mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out)
-        (out / "config.yaml").write_text(cfg.to_yaml())
     return dist, device
 
 
-_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")  # lxm.atomic's `.NAME.tmp-PID`
+class RunFolderError(LxmError):
+    """The run folder cannot be used as asked (busy, holds another run, not a run); the message names it."""
+
+
+def _folder_entries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+
+
+def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """The run folder rules, checked before any input is read (nothing written):
+
+    - a new run (neither flag) needs OUT absent or empty: a finished or running run there is never mixed into;
+    - `resume` continues the run in OUT (config.yaml); an OUT that is neither empty nor a run is refused;
+    - `overwrite` starts afresh in OUT: lxm's own run files (`RUN_FILES`, `RUN_DIRS`) are removed, once the new run's
+      inputs are checked, and any other file is left where it is.
+    """
+    if resume and overwrite:
+        raise RunFolderError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out}: not a directory (--out names the run folder)")
+    entries = _folder_entries(out)
+    if not entries or overwrite:
+        return
+    if resume:
+        if not set(entries) & {*RUN_FILES, *RUN_DIRS}:
+            raise RunFolderError(f"{out}: not an lxm run (no config.yaml, log or checkpoint) and not empty: nothing "
+                                 f"to resume; choose another --out")
+        return
+    what = "already holds a run (config.yaml)" if "config.yaml" in entries else (
+        f"is not empty ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
+    raise RunFolderError(f"{out}: {what}; continue it with --resume, replace lxm's run files with --overwrite, or "
+                         f"choose another --out")
+
+
+class RunLock:
+    """An exclusive `flock` on OUT/.lock for the life of a run, so that two processes never train into one folder.
+
+    The file holds the holder's pid (for the message); the lock itself dies with the process, so a killed run leaves
+    no stale lock (the file stays, harmless). Under torchrun only rank 0 takes it (the other ranks write nothing).
+    """
+
+    def __init__(self, out: Path):
+        self.path, self._fd = Path(out) / LOCK, None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderError(f"{self.path.parent}: another lxm process (pid {holder}) is training into this run "
+                                 f"folder; wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def clear_run_files(out: Path) -> list[str]:
+    """Remove lxm's own run files and folders from OUT (`--overwrite`); returns the names removed."""
+    removed = []
+    for name in (*RUN_FILES, *RUN_DIRS):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def open_run_folder(cfg, out: Path, *dirs: str, overwrite: bool = False) -> None:
+    """Rank 0, after every input was read and checked: (with `overwrite`) remove lxm's files of the run that was in
+    OUT, create OUT and `dirs`, remove temp files of killed writes, and write OUT/config.yaml — the resolved config,
+    atomically (on resume the run's recipe, with the new values of `RESUMABLE_KEYS` it was given)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        removed = clear_run_files(out)
+        if removed:
+            _logger.warning("%s: --overwrite removed the earlier run's %s", out, ", ".join(removed))
+    for name in dirs:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    atomic.write_text(out / "config.yaml", cfg.to_yaml())
+
+
+_TEMP_NAME = re.compile(r"^\.(.+)\.tmp-(\d+)$")  # lxm.atomic's `.NAME.tmp-PID`
 
 
 def _pid_alive(pid: int) -> bool:
@@ -123,19 +241,26 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temp_files(out: Path) -> list[Path]:
-    """Delete the temporary files of atomic writes (`.step-N.pt.tmp-PID`, ...) in `out` and its direct
-    subdirectories whose writer process is gone; a killed checkpoint write leaves one of full checkpoint size.
-    A file whose PID is alive is kept: another process may still be writing into this run directory."""
+    """Delete the temporary files that lxm's own atomic writes in a run folder leave when killed (`.NAME.tmp-PID`,
+    NAME one of the files lxm writes there: config.yaml, the logs, last.pt, checkpoints/step-N.pt, epoch-N.pt,
+    best.pt, the model files of best/ and model/ and their .sha256, the files of predictions/), whose writer process
+    is gone; a killed checkpoint write leaves one of full checkpoint size. Anything else is not lxm's and is left
+    alone (another program's `.notes.txt.tmp-123`), and so is a file whose PID is alive: another process may still be
+    writing it."""
     removed = []
-    for folder in [out, *(d for d in out.iterdir() if d.is_dir())]:
+    for sub, own in _OWN_NAMES.items():
+        folder = out / sub
+        if not folder.is_dir() or folder.is_symlink():
+            continue
         for path in folder.iterdir():
             m = _TEMP_NAME.match(path.name)
-            if m is None or not path.is_file() or _pid_alive(int(m.group(1))):
+            if (m is None or own.match(m.group(1)) is None or not path.is_file() or path.is_symlink()
+                    or _pid_alive(int(m.group(2)))):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
-                _logger.info("removed %s, left by a killed write (process %s is gone)", path, m.group(1))
+                _logger.info("removed %s, left by a killed write (process %s is gone)", path, m.group(2))
     return removed
 
 
@@ -149,8 +274,15 @@ def training_state(model: nn.Module, optimizer, scheduler, **extra: Any) -> dict
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """torch.load of a `training_state` file; a file that cannot be read (truncated, not a checkpoint) raises a
-    CheckpointError naming it (torch's own messages name no file)."""
+    """torch.load of a `training_state` file; a file that cannot be read (truncated, not a checkpoint) or that differs
+    from the checksum recorded when it was written (`save_state`; torch's zip reader checks no CRC, so flipped bytes
+    would load) raises a CheckpointError naming it (torch's own messages name no file)."""
+    try:
+        verify_checksum(path)
+    except IntegrityError as exc:  # its message starts with the path
+        raise CheckpointError(str(exc).replace(f"{path}: ", f"{path}: damaged checkpoint, ", 1)) from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint, cannot be read ({exc.strerror or exc})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
@@ -179,6 +311,8 @@ def restore_newest(paths: Sequence[Path], model: nn.Module, optimizer, scheduler
                 with contextlib.suppress(OSError):
                     path.rename(path.with_name(path.name + ".damaged"))
                     note = f" (renamed to {path.name}.damaged)"
+                with contextlib.suppress(OSError):
+                    sidecar(path).rename(sidecar(path.with_name(path.name + ".damaged")))
             if k == len(paths) - 1:
                 older = f"; the older ones ({', '.join(p.name for p in paths[:-1])}) too" if k else ""
                 raise CheckpointError(f"{exc}{note}{older}: no intact checkpoint to resume from") from None
@@ -197,10 +331,21 @@ def restore_state(path: Path, model: nn.Module, optimizer, scheduler) -> dict[st
 
 
 def _apply_state(state: dict[str, Any], model: nn.Module, optimizer, scheduler) -> None:
+    """Model, optimizer moments and step counts, schedule position and RNGs from `state`; the schedule's shape (peak
+    lr, warm-up, total steps) stays the one `optimizer` / `scheduler` were built with from the resumed config:
+    `load_state_dict` would bring back the checkpoint's `t_total`, and a run resumed to more epochs would train at
+    lr 0 after the old end (a changed lr or warm-up is refused before this, `resume_config`)."""
     model.load_state_dict(state["model"])
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    if isinstance(optimizer, BertAdam):  # its schedule lives in the param groups
+        for group, built in zip(optimizer.param_groups, fresh):
+            group.update({k: built[k] for k in ("lr", "warmup", "t_total")})
     if scheduler is not None and state["scheduler"]:
-        scheduler.load_state_dict(state["scheduler"])
+        scheduler.load_state_dict(state["scheduler"])  # the position; the lr lambdas stay the fresh ones
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # the next update's lr, on the fresh schedule
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -216,9 +361,21 @@ def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, flo
     return {k: float(v) / info.world_size for k, v in zip(names, vals)}
 
 
+def _strict(value: Any) -> Any:
+    """`value` with every non-finite float as a string ("nan", "inf", "-inf"): log lines stay strict JSON (json.dumps
+    would write bare NaN, which jq and JSON.parse refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(_strict(record), allow_nan=False) + "\n")
 
 
 def rewind_logs(out: Path, step: int, epoch: int) -> None:
@@ -227,26 +384,32 @@ def rewind_logs(out: Path, step: int, epoch: int) -> None:
 
     Kept: step records up to `step`, validation / metrics records of epochs before `epoch` (the validation of the
     checkpoint's own epoch is redone when the checkpoint predates it), error records of steps before `step`.
-    A last line cut by a crash is dropped; any other unreadable line is kept as it was.
+    A last line cut by a crash is dropped; any other unreadable line (not JSON, not UTF-8) is kept as it was, with a
+    warning: a damaged log never stops a resume.
     """
     for name, keep in (("log.jsonl", lambda r: _log_record_kept(r, step, epoch)),
                        ("metrics.jsonl", lambda r: r.get("epoch", -1) < epoch)):
         path = out / name
         if not path.exists():
             continue
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().splitlines()
         kept = []
+        bad = []
         for n, line in enumerate(lines, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 if n < len(lines):
                     kept.append(line)
+                    bad.append(n)
                 continue
             if not isinstance(record, dict) or keep(record):
                 kept.append(line)
+        if bad:
+            _logger.warning("%s: line(s) %s are not JSON records (damaged?); kept as they are and skipped", path,
+                            ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
         if len(kept) != len(lines):
-            atomic.write_text(path, "".join(line + "\n" for line in kept))
+            atomic.write_bytes(path, b"".join(line + b"\n" for line in kept))
             _logger.info("%s: %d record(s) after step %d dropped (the resumed run redoes them)", path,
                          len(lines) - len(kept), step)
 
@@ -254,9 +417,7 @@ def rewind_logs(out: Path, step: int, epoch: int) -> None:
 def _log_record_kept(record: dict[str, Any], step: int, epoch: int) -> bool:
     if "valid" in record:
         return record.get("epoch", -1) < epoch
-    if "error" in record:  # logged with the step count before the failed step
-        return record.get("step", 0) < step
-    return record.get("step", 0) <= step
+    return record.get("step", 0) <= step  # an error record carries the number of the step that failed
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -320,11 +481,41 @@ def current_lr(optimizer, scheduler) -> float:
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
+class DiskFullError(LxmError, OSError):
+    """A checkpoint could not be written for want of space; the message names the file."""
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """torch.save, atomically and synced to disk before the rename: a checkpoint is either complete or absent, also
-    after a power loss (without the fsync the renamed file can come back truncated)."""
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save(state, tmp)
+    after a power loss (without the fsync the renamed file can come back truncated). Its sha256 goes to the sidecar
+    NAME.sha256 (`lxm.integrity`), checked on resume. The old sidecar of a replaced file (last.pt, best.pt) is
+    removed before the rename, so that a crash between rename and new sidecar leaves an unchecked file, never a
+    false mismatch. A full disk is a DiskFullError naming the file (torch's own error names no file)."""
+    try:
+        with atomic_path(path, fsync=True) as tmp:
+            with open(tmp, "wb") as f:  # a Python file: a failed write raises OSError(ENOSPC), not torch's "pos" error
+                torch.save(state, f)
+            sidecar(path).unlink(missing_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{path}: disk full while writing the checkpoint; free space on its file system, "
+                                f"then continue with --resume") from None
+        raise
+    record_checksum(path)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint and its checksum sidecar (pruning old checkpoints)."""
+    path.unlink(missing_ok=True)
+    sidecar(path).unlink(missing_ok=True)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a checkpoint (e.g. epoch-N.pt -> best.pt) atomically, with its checksum sidecar."""
+    sidecar(dst).unlink(missing_ok=True)
+    with atomic_path(dst) as tmp:  # a killed copy leaves no half file
+        shutil.copyfile(src, tmp)
+    record_checksum(dst)
 
 
 def step_checkpoints(out: Path) -> list[Path]:
@@ -338,6 +529,61 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------- logs
+
+
+class RunStopped(LxmError):
+    """Training stopped on SIGINT / SIGTERM after a checkpoint; the message says where and how to resume.
+    `exit_code` is the shell's convention for the signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While active (a context manager), SIGINT and SIGTERM ask the training loop to stop after the step in
+    progress (`requested`) instead of killing it mid-step: the loop then writes a checkpoint and raises RunStopped.
+    A second SIGINT interrupts at once (KeyboardInterrupt). Under torchrun every process stops at the same step:
+    the request is combined across processes each step (a scheduler's SIGTERM may reach them at different times).
+    Signal handlers can be set only in the main thread; elsewhere the signals keep their handlers."""
+
+    def __init__(self, info: DistInfo, device: torch.device):
+        self.info, self.device = info, device
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> int | None:
+        """The signal number that asks to stop (any process's, under torchrun), or None."""
+        if self.info.world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+def stop_message(signum: int, where: str, checkpoint: Path, resume: str) -> str:
+    return (f"stopped by {signal.Signals(signum).name} {where}; state saved in {checkpoint}; continue with: "
+            f"{resume}")
+
+
+class NonFiniteLossError(LxmError, FloatingPointError):
+    """The loss of a training step is NaN or infinite; the message names the step and where its batch is logged."""
 
 
 class RunLogger:
@@ -379,11 +625,17 @@ class RunLogger:
             append_jsonl(self.out / "metrics.jsonl", record)
 
     def check_finite(self, values: dict[str, float], step: int, **batch: list) -> None:
-        """The non-finite-loss guard: log the step's values and the batch (e.g. uids=[...]) and stop the run."""
+        """The non-finite-loss guard: log the step's values and the batch (e.g. uids=[...]) and stop the run with a
+        NonFiniteLossError naming the step (counted from 1, as the step records) and where the batch is logged."""
         if np.isfinite(values["loss"]):
             return
-        self.log({"step": step, "error": "non-finite loss", "losses": values, **batch})
-        raise FloatingPointError(f"non-finite loss at step {step}; batch {' '.join(batch)} logged in {self.path}")
+        self.log({"step": step + 1, "error": "non-finite loss", "losses": values, **batch})
+        bad = ", ".join(f"{k} {v}" for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+        ids = [str(i) for ids in batch.values() for i in ids]
+        shown = " ".join(ids[:5]) + (f" ... ({len(ids)} in all)" if len(ids) > 5 else "")
+        raise NonFiniteLossError(f"non-finite loss at step {step + 1} ({bad}); its batch ({shown}) is logged in "
+                                 f"{self.path}; resume from the last checkpoint with a lower lr, or check those "
+                                 f"examples")
 
     def _tensorboard(self):
         if self._tb is False:

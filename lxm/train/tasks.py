@@ -94,6 +94,10 @@ class FinetuneTask(ABC):
         table = read_corpus_table(table_path(corpus, self.name, split))
         return {c: table.column(c).to_pylist() for c in table.column_names}
 
+    def split_source(self, corpus: str | os.PathLike, split: str) -> str:
+        """The file `read_split` reads for `split` (what an error about the split names)."""
+        return str(corpus_file(corpus, "finetune") / f"{self.name}_{split}.parquet")
+
     # ---- model
     @abstractmethod
     def model_config(self, base: LxmertConfig) -> LxmertConfig:
@@ -108,6 +112,12 @@ class FinetuneTask(ABC):
     @abstractmethod
     def row_target(self, row: Mapping[str, Any]) -> Any:
         """The label of one corpus-table row, kept by the dataset (compact: scored as is); None = unlabelled."""
+
+    def unseen_labels(self, targets: Sequence) -> Counter:
+        """The labels among `targets` (kept labels of a split) that the head has no class for, with their counts:
+        every example with one is scored wrong whatever the model does. Empty for a task whose head covers every
+        label (VQA, GQA, NLVR2: fixed tables)."""
+        return Counter()
 
     @abstractmethod
     def example_target(self, target: Any) -> dict[str, Any]:
@@ -372,6 +382,9 @@ class JsonlTask:
     def prediction_file_name(self, split):
         return super().prediction_file_name(_file_stem(split))
 
+    def split_source(self, corpus, split):
+        return str(split_file(self.name, self.files, split))
+
 
 class QaTask(JsonlTask, AnswerTask):
     """Visual QA on a user's JSON lines files (`lxm finetune qa`): VQA's answer head, loss and decoding over an
@@ -442,8 +455,9 @@ class ClassifyTask(JsonlTask, FinetuneTask):
     """Image-text classification on a user's JSON lines files (`lxm finetune classify`; e.g. visual entailment,
     meme classification): a fresh head of the answer head's shape (768 -> 1536 -> GeLU -> LN -> L labels) on the
     pooled output — the checkpoint formats stay those of the answer tasks — trained with cross-entropy; softmax,
-    argmax decoding; accuracy and macro-F1. The labels (strings, sorted) come from the training file; a validation
-    label outside them counts, as a wrong prediction.
+    argmax decoding; accuracy and macro-F1. The labels (strings, sorted: a JSON number or boolean as JSON spells it,
+    `lxm.eval.formats`) come from the training file; a validation label outside them counts, as a wrong prediction
+    (`unseen_labels`: warned before training and in the report).
 
     Args:
         answers: the labels (id = position; RUN/answers.json).
@@ -483,6 +497,9 @@ class ClassifyTask(JsonlTask, FinetuneTask):
 
     def row_target(self, row):
         return row["label"]
+
+    def unseen_labels(self, targets):
+        return Counter(t for t in targets if t is not None and t not in self.label2id)
 
     def example_target(self, target):
         return {"class_label": self.label2id.get(target, -100)}  # -100: cross_entropy's ignore_index
