@@ -23,6 +23,25 @@ if importlib.util.find_spec("detectron2") is None and (VENDORED_DETECTRON2 / "de
     sys.path.append(str(VENDORED_DETECTRON2))  # appended: its setup.py must not shadow anything
 
 
+FIXTURE = SHARED / "fixtures" / "butd-coco-sample"  # 10 COCO images + their rows of LXMERT's released TSV
+
+
+def tiny_fixture_store(root: Path, stems) -> None:
+    """root/images: links to the fixture's COCO images `stems`; root/store: their features by `lxm extract` with the
+    tiny random-weight detector (what `lxm ask --detector tiny --random-detector` computes for the same files)."""
+    from typer.testing import CliRunner
+
+    from lxm.cli import app
+
+    (root / "images").mkdir()
+    for stem in stems:
+        (root / "images" / f"{stem}.jpg").symlink_to(FIXTURE / "images" / f"{stem}.jpg")
+    result = CliRunner().invoke(app, ["extract", "--images", str(root / "images"), "--out", str(root / "store"),
+                                      "--detector", "tiny", "--weights", "random", "--dtype", "float32",
+                                      "--engine", "torch"])
+    assert result.exit_code == 0, result.output
+
+
 def pytest_configure(config):
     if not (SHARED / "vocab").is_dir() or not (SHARED / "fixtures").is_dir():
         pytest.exit(f"the shared test fixtures are not at {SHARED}: the tests read ../shared beside the checkout "

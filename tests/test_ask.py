@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BERT_VOCAB, SHARED
+from conftest import BERT_VOCAB, FIXTURE, tiny_fixture_store
 from typer.testing import CliRunner
 
 from lxm.cli import app
@@ -32,7 +32,6 @@ from lxm.model.weights import read_checkpoint
 from lxm.train.finetune import load_run, predict_top
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune, encode_example
 
-FIXTURE = SHARED / "fixtures" / "butd-coco-sample"
 STEMS = ["COCO_train2014_000000084002", "COCO_train2014_000000131486", "COCO_train2014_000000132417",
          "COCO_train2014_000000201446"]
 ANSWERS = ["red", "blue", "dog", "cat", "two", "yes"]
@@ -59,12 +58,7 @@ def _finetune(root: Path, task: str, valid: str, *extra) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ask")
-    (root / "images").mkdir()
-    for stem in STEMS:
-        (root / "images" / f"{stem}.jpg").symlink_to(FIXTURE / "images" / f"{stem}.jpg")
-    result = _invoke(["extract", "--images", root / "images", "--out", root / "store", "--detector", "tiny",
-                      "--weights", "random", "--dtype", "float32", "--engine", "torch"])
-    assert result.exit_code == 0, result.output
+    tiny_fixture_store(root, STEMS)
     rng = np.random.default_rng(0)
     vqa, qid = [], 0
     for stem in STEMS:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import BERT_VOCAB, SHARED
+from conftest import BERT_VOCAB, tiny_fixture_store
 from typer.testing import CliRunner
 
 from lxm.cli import app
@@ -30,7 +30,6 @@ from lxm.infer.explain import render_attention, shade_levels, weight_summary
 from lxm.model import LxmertForFinetuning, save_lxm
 from lxm.train.finetune import load_run, predict_run
 
-FIXTURE = SHARED / "fixtures" / "butd-coco-sample"
 STEMS = ["COCO_train2014_000000084002", "COCO_train2014_000000131486"]
 ANSWERS = ["red", "blue", "dog", "cat"]
 QUESTIONS = ["what is in the picture?", "what color is it?", "how many are there?"]
@@ -68,12 +67,7 @@ def _finetune(root: Path, task: str, *extra) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ask_inputs")
-    (root / "images").mkdir()
-    for stem in STEMS:
-        (root / "images" / f"{stem}.jpg").symlink_to(FIXTURE / "images" / f"{stem}.jpg")
-    result = _invoke(["extract", "--images", root / "images", "--out", root / "store", "--detector", "tiny",
-                      "--weights", "random", "--dtype", "float32", "--engine", "torch"])
-    assert result.exit_code == 0, result.output
+    tiny_fixture_store(root, STEMS)
     vqa = [dict(question_id=i + 1, img_id=STEMS[i % 2], sent=QUESTIONS[i % 3], label=[(ANSWERS[i % 4], 1.0)],
                 answer_type="other", question_type="what") for i in range(6)]
     ft = root / "corpus" / "finetune"

@@ -1,5 +1,8 @@
 """`benchmarks/gpu.sh --smoke`: the GPU session's one script runs end to end on CPU at toy sizes, so it is known to
-work when a device comes (the figures themselves are benchmarks, never asserted here)."""
+work when a device comes (the figures themselves are benchmarks, never asserted here).
+
+Tier `bench` (2.5-4 min on the 2-core machine): not in the default run; `python -m pytest -q -m bench` runs it, and
+`.ci/run` does after the default run."""
 
 from __future__ import annotations
 
@@ -9,6 +12,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bench
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from lxm.cli import app
 from lxm.corpus.build import GQA_SCHEMA, NLVR2_SCHEMA, VQA_SCHEMA
 from lxm.gallery.build import GalleryConfig, load_records
+from lxm.train.config import load_config
 
 FIXTURE = SHARED / "fixtures" / "butd-coco-sample"
 ANSWERS = ["yes", "no", "2", "3", "red", "blue", "cat"]
@@ -324,7 +325,8 @@ def test_missing_images(world, tmp_path):
 def test_errors_are_one_line(world, tmp_path):
     pre = tmp_path / "pre"
     pre.mkdir()
-    (pre / "config.yaml").write_text("word_mask_rate: 0.15\n")  # what tells a pretraining run's config apart
+    # a pretraining run's config: whole, with no field 'task'
+    (pre / "config.yaml").write_text(load_config("tiny", ["corpus=c", "features=[f]"]).to_yaml())
     not_run = tmp_path / "empty"
     not_run.mkdir()
     stranger = tmp_path / "mine"

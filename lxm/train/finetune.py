@@ -32,21 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from lxm import atomic
 from lxm.errors import ConfigError
 from lxm.model import LxmertForFinetuning, load_pretrained, load_pretrained_with_report, preset, save_lxm
 from lxm.model.weights import load_into
-from lxm.train.config import CUSTOM_TASKS, FinetuneConfig, load_run_config, resume_changes
+from lxm.train.config import CUSTOM_TASKS, FinetuneConfig, load_run_config
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune, steps_per_epoch
 from lxm.train.precision import autocast
 from lxm.train.report import epoch_seconds, unseen_labels_warning, validation_report
-from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLock, RunLogger, RunStopped, StopSignals, build_optimizer,
-                           check_run_folder, current_lr, loader_workers, mean_across_ranks, micro_batch_size,
-                           open_run_folder, restore_newest, save_state, start_process, stop_message, training_modules,
-                           training_state)
+from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, RunStopped, StopSignals, build_optimizer,
+                           claim_run_folder, current_lr, loader_workers, mean_across_ranks, micro_batch_size,
+                           open_run_folder, report_resume_changes, restore_newest, save_state, start_process,
+                           stop_message, training_modules, training_state)
 from lxm.train.step import MicroBatches, step_groups, train_step
 from lxm.train.tasks import ANSWERS_FILE, FinetuneTask, task_class
 
@@ -172,11 +171,10 @@ class Finetuner:
         optimizer step in the main process (a progress bar: log records come only every `log_every` steps)."""
         self.cfg, self.out, self.log = cfg, Path(out), log or _logger.info
         self.on_step = on_step
-        self.dry_run, self.changes, self.resumed_from = dry_run, {}, None
+        self.dry_run, self.resumed_from = dry_run, None
         self.dist, self.device = start_process(cfg)
-        self._lock = None
-        if self.dist.is_main and not dry_run:  # first: a second process into the same OUT fails at once
-            self._lock = RunLock(self.out).acquire()
+        self._lock, self.changes = claim_run_folder(cfg, self.out, self.dist, resume=resume, overwrite=overwrite,
+                                                    dry_run=dry_run)
         try:
             self._setup(cfg, task, resume, overwrite, on_record)
         except BaseException:
@@ -191,11 +189,6 @@ class Finetuner:
 
     def _setup(self, cfg: FinetuneConfig, task: FinetuneTask | None, resume: bool, overwrite: bool,
                on_record) -> None:
-        if self.dist.is_main:  # the other ranks write nothing; rank 0 may be writing config.yaml while they look
-            check_run_folder(self.out, resume=resume, overwrite=overwrite)
-        if resume and (self.out / "config.yaml").exists():  # a resume keeps the run's recipe
-            path = self.out / "config.yaml"
-            self.changes = resume_changes(load_run_config(path), cfg, path)
         self.task = task or task_class(cfg.task).from_config(cfg)
         self.logger = RunLogger(self.out, self.dist.is_main, on_record)
         self.train_set = FinetuneDataset(self.task, cfg.corpus, cfg.train_splits, cfg.features, cfg.vocab,
@@ -248,12 +241,8 @@ class Finetuner:
                 atomic.write_text(self.out / ANSWERS_FILE, json.dumps(self.task.answers) + "\n")
         if resume:  # a crash after the last epoch's logs but before last.pt must not log that epoch twice
             self.logger.resume_at(self.step, self.epoch)
-        if self.changes:
-            shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.changes.items())
-            self.log(f"resumed with {shown}: the learning-rate schedule now spans "
-                     f"{self.steps_per_epoch * cfg.epochs} steps (recorded in config.yaml)")
-            self.logger.log({"step": self.step, "epoch": self.epoch,
-                             "resume_changes": {k: list(v) for k, v in self.changes.items()}})
+        report_resume_changes(self.changes, self.steps_per_epoch * cfg.epochs, self.step, self.epoch, self.log,
+                              self.logger)
 
     def plan(self) -> dict[str, Any]:
         """What the run would do (`lxm finetune --dry-run`): data, steps, optimisation, device, head, init, start."""
@@ -422,16 +411,11 @@ def load_run(run: str | os.PathLike, task: str | None = None) -> tuple[FinetuneC
         raise ConfigError(f"{run}: not a directory (expected the --out directory of lxm finetune)")
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: not an lxm finetuning run (no config.yaml)")
-    try:
-        raw = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{run / 'config.yaml'}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or "task" not in raw:
-        # a pretraining run has a config.yaml too, and FinetuneConfig's default task would pass for it
-        kind = "a pretraining run" if isinstance(raw, dict) and "word_mask_rate" in raw else "not a finetuning run"
-        raise ConfigError(f"{run / 'config.yaml'}: {kind} (no field 'task'); this needs the --out directory "
-                          f"of lxm finetune")
-    cfg = FinetuneConfig(**{k: v for k, v in raw.items() if k in FinetuneConfig.__dataclass_fields__})
+    # every key read and checked (a damaged file -- not UTF-8, truncated, `max_length: twenty` -- is one line)
+    cfg = load_run_config(run / "config.yaml")
+    if not isinstance(cfg, FinetuneConfig):  # a pretraining run has a config.yaml too
+        raise ConfigError(f"{run / 'config.yaml'}: a pretraining run (no field 'task'); this needs the --out "
+                          f"directory of lxm finetune")
     if task is not None and cfg.task != task:
         raise ConfigError(f"{run} is a {cfg.task} run, not {task}")
     model_dir = run / BEST_DIR

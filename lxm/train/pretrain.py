@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader
 
 from lxm.errors import ConfigError
 from lxm.model import LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses, save_lxm
-from lxm.train.config import PretrainConfig, load_run_config, resume_changes
+from lxm.train.config import PretrainConfig
 from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_table
 from lxm.train.precision import autocast
-from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLock, RunLogger, RunStopped, StopSignals, build_optimizer,
-                           check_run_folder, copy_checkpoint, current_lr, loader_workers, mean_across_ranks,
-                           micro_batch_size, open_run_folder, remove_checkpoint, restore_newest, save_state,
+from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, RunStopped, StopSignals, build_optimizer, claim_run_folder,
+                           copy_checkpoint, current_lr, loader_workers, mean_across_ranks, micro_batch_size,
+                           open_run_folder, remove_checkpoint, report_resume_changes, restore_newest, save_state,
                            start_process, stop_message, training_modules, training_state)
 from lxm.train.step import MicroBatches, step_groups, train_step
 
@@ -105,12 +105,11 @@ class Pretrainer:
         come only every `log_every` steps)."""
         self.cfg, self.out, self.log, self.on_record = cfg, Path(out), log or _logger.info, on_record
         self.on_step = on_step
-        self.dry_run, self.changes = dry_run, {}
+        self.dry_run = dry_run
         self.resumed_from: Path | None = None
         self.dist, self.device = start_process(cfg)
-        self._lock = None
-        if self.dist.is_main and not dry_run:  # first: a second process into the same OUT fails at once
-            self._lock = RunLock(self.out).acquire()
+        self._lock, self.changes = claim_run_folder(cfg, self.out, self.dist, resume=resume, overwrite=overwrite,
+                                                    dry_run=dry_run)
         try:
             self._setup(cfg, resume, overwrite)
         except BaseException:
@@ -124,11 +123,6 @@ class Pretrainer:
             self._lock = None
 
     def _setup(self, cfg: PretrainConfig, resume: bool, overwrite: bool) -> None:
-        if self.dist.is_main:  # the other ranks write nothing; rank 0 may be writing config.yaml while they look
-            check_run_folder(self.out, resume=resume, overwrite=overwrite)
-        if resume and (self.out / "config.yaml").exists():  # a resume keeps the run's recipe
-            path = self.out / "config.yaml"
-            self.changes = resume_changes(load_run_config(path), cfg, path)
         has_checkpoint = resume and any(_CKPT_NAME.match(p.name) for p in (self.out / CKPT_DIR).glob("*.pt"))
         answers = _answers(cfg)
         common = dict(word_mask_rate=cfg.word_mask_rate, obj_mask_rate=cfg.obj_mask_rate, max_length=cfg.max_length,
@@ -175,12 +169,8 @@ class Pretrainer:
             open_run_folder(cfg, self.out, CKPT_DIR, overwrite=overwrite)
         if resume:
             self.logger.resume_at(self.step, self.epoch)  # the steps redone from here must not appear twice in the logs
-        if self.changes:
-            shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.changes.items())
-            self.log(f"resumed with {shown}: the learning-rate schedule now spans {self.steps_per_epoch * cfg.epochs} "
-                     f"steps (recorded in config.yaml)")
-            self.logger.log({"step": self.step, "epoch": self.epoch,
-                             "resume_changes": {k: list(v) for k, v in self.changes.items()}})
+        report_resume_changes(self.changes, self.steps_per_epoch * cfg.epochs, self.step, self.epoch, self.log,
+                              self.logger)
 
     def plan(self) -> dict[str, Any]:
         """What the run would do (`lxm pretrain --dry-run`): data, steps, optimisation, device, model, start point."""

@@ -193,6 +193,27 @@ class RunLock:
             self._fd = None
 
 
+def claim_run_folder(cfg, out: Path, dist: DistInfo, *, resume: bool, overwrite: bool, dry_run: bool
+                     ) -> tuple[RunLock | None, dict[str, tuple[Any, Any]]]:
+    """What a trainer does first, writing nothing: (rank 0, not a dry run) take the folder's lock, so a second
+    process into the same OUT fails at once; check the folder rules (`check_run_folder`); on resume, compare `cfg`
+    with the run's recipe (`lxm.train.config.resume_changes`: only `RESUMABLE_KEYS` may change).
+    Returns (the lock or None, the changed keys: key -> (run's value, new value)); the lock is released on failure."""
+    from lxm.train.config import load_run_config, resume_changes
+
+    lock = RunLock(out).acquire() if dist.is_main and not dry_run else None
+    try:
+        if dist.is_main:  # the other ranks write nothing; rank 0 may be writing config.yaml while they look
+            check_run_folder(out, resume=resume, overwrite=overwrite)
+        path = out / "config.yaml"
+        changes = resume_changes(load_run_config(path), cfg, path) if resume and path.exists() else {}
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock, changes
+
+
 def clear_run_files(out: Path) -> list[str]:
     """Remove lxm's own run files and folders from OUT (`--overwrite`); returns the names removed."""
     removed = []
@@ -359,6 +380,17 @@ def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, flo
     vals = torch.tensor([values[k] for k in names], dtype=torch.float64)
     dist.all_reduce(vals)
     return {k: float(v) / info.world_size for k, v in zip(names, vals)}
+
+
+def report_resume_changes(changes: dict[str, tuple[Any, Any]], total_steps: int, step: int, epoch: int,
+                          log: Callable[[str], None], logger: RunLogger) -> None:
+    """Say which keys a resume changed (`lxm.train.config.RESUMABLE_KEYS`: key -> (run's value, new value)) and
+    record them in log.jsonl, so the run's history shows where its schedule was stretched."""
+    if not changes:
+        return
+    shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+    log(f"resumed with {shown}: the learning-rate schedule now spans {total_steps} steps (recorded in config.yaml)")
+    logger.log({"step": step, "epoch": epoch, "resume_changes": {k: list(v) for k, v in changes.items()}})
 
 
 def _strict(value: Any) -> Any:
