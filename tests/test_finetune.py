@@ -256,7 +256,8 @@ def test_gqa_run_and_resume(world, tmp_path):
     result = CliRunner().invoke(app, [*args[:args.index("--out") + 1], str(tmp_path / "noval"), *args[args.index(
         "--out") + 2:], "--set", "epochs=2", "--set", "valid_split=none"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "noval" / "summary.json").read_text())["best_epoch"] == 1
+    noval = json.loads((tmp_path / "noval" / "summary.json").read_text())
+    assert noval["best_epoch"] == 1 and noval["best"] is None  # nothing scored: no score, not -1.0
     preds = json.loads((run / "predictions" / "testdev_predict.json").read_text())
     assert set(preds[0]) == {"questionId", "prediction"} and preds[0]["questionId"].startswith("g")
 

@@ -25,7 +25,7 @@ from lxm.features.store import FeatureStoreWriter
 from lxm.train.finetune_data import FinetuneDataError, steps_per_epoch
 from lxm.train.report import (confusion_matrix, epoch_seconds, few_answers_warning, histogram, majority_prediction,
                               per_group_scores, per_label_scores, report_lines, validation_report)
-from lxm.train.tasks import ClassifyTask, Nlvr2Task, VqaTask
+from lxm.train.tasks import ClassifyTask, Nlvr2Task, QaLabel, QaTask, VqaTask
 from synthetic import COLORS, F, OBJECTS, image
 from test_pretrain import _args, data  # noqa: F401  (the module fixture `data`: a corpus and its features)
 
@@ -126,6 +126,20 @@ def test_unlabelled_validation_and_too_small_sets_are_refused_before_training(mi
     assert not (out / "best").exists() and not (out / "summary.json").exists()
     result = _finetune(root, files, tmp_path / "r2", "--init", str(run), "--set", "batch_size=64")
     assert result.exit_code == 1 and "--set batch_size=N with N <= 30" in result.output.replace("\n", "")
+
+
+def test_qa_questions_without_an_answer_in_the_table_are_warned_about():
+    """qa: a validation question none of whose answers is in the answer table scores 0 whatever the model says; the
+    report (and the start of the run) says how many and which answers."""
+    task = QaTask(["yes", "no"])
+    targets = [task.row_target({"label": a}) for a in (["maybe", "maybe", "yes"], ["blue"] * 3, ["no"],
+                                                        {"green": 1.0}, {"yes": 0.5})]
+    assert [bool(t.targets) for t in targets] == [True, False, True, False, True]
+    assert task.unseen_labels(targets) == {"blue": 1, "green": 1}
+    assert task.unseen_labels([QaLabel([(0, 1.0)], ["yes"]), None]) == {}
+    report = validation_report(task, list(range(5)), targets, dict.fromkeys(range(5), "yes"), targets)
+    assert any(w.startswith("2 of 5 validation examples have no answer in the answer table ('blue' (1), "
+                            "'green' (1))") for w in report["warnings"])
 
 
 def test_steps_per_epoch_says_what_an_epoch_uses():

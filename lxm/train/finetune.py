@@ -204,7 +204,7 @@ class Finetuner:
             unseen = self.task.unseen_labels(self.valid_set.targets)
             if unseen and self.dist.is_main:  # logged: lxm prints warnings; a notebook's logging shows them
                 _logger.warning("%s: %s", self.task.split_source(cfg.corpus, cfg.valid_split),
-                                unseen_labels_warning(unseen, len(self.valid_set)))
+                                unseen_labels_warning(unseen, len(self.valid_set), phrase=self.task.unseen_phrase))
         self.test_set = None  # read now: a bad test file must fail before training, not after it
         if "test" in cfg.data:
             self.test_set = FinetuneDataset(self.task, cfg.corpus, ["test"], cfg.features, cfg.vocab,
@@ -368,7 +368,8 @@ class Finetuner:
                                               self.out / LAST, f"lxm finetune {cfg.task} --out {self.out} --resume"),
                                  signum)
         summary = {"task": cfg.task, "epochs": self.epoch, "steps": self.step, "best_epoch": self.best_epoch,
-                   "best": self.best, "valid_split": cfg.valid_split}
+                   "best": self.best if self.valid_set is not None else None,  # None: nothing was scored
+                   "valid_split": cfg.valid_split}
         if self.dist.is_main:
             summary["epoch_seconds"] = epoch_seconds(self.out / "log.jsonl")
             if self.valid_set is not None and self.best_epoch >= 0:

@@ -136,7 +136,7 @@ def validation_report(task: FinetuneTask, ids: Sequence, targets: Sequence, pred
         out["warnings"].append(warning)
     unseen = task.unseen_labels(targets)
     if unseen:
-        out["warnings"].append(unseen_labels_warning(unseen, len(ids)))
+        out["warnings"].append(unseen_labels_warning(unseen, len(ids), phrase=task.unseen_phrase))
     types = (info or {}).get("answer_type")
     if gold is None and types is not None and any(t is not None for t in types):
         out["per_answer_type"] = per_group_scores(task, ids, targets, predictions, types)
@@ -148,11 +148,13 @@ def validation_report(task: FinetuneTask, ids: Sequence, targets: Sequence, pred
     return out
 
 
-def unseen_labels_warning(unseen: Mapping[str, int], total: int, split: str = "validation") -> str:
-    """The line saying which labels of a split the head has no class for (its examples are always scored wrong)."""
+def unseen_labels_warning(unseen: Mapping[str, int], total: int, split: str = "validation",
+                          phrase: str = "a label that no training example has") -> str:
+    """The line saying which labels of a split the head has no class for (its examples are always scored wrong);
+    `phrase` is the task's `unseen_phrase`."""
     n = sum(unseen.values())
     shown = ", ".join(f"{label!r} ({count})" for label, count in Counter(unseen).most_common(5))
-    return (f"{n} of {total} {split} examples have a label that no training example has ({shown}"
+    return (f"{n} of {total} {split} examples have {phrase} ({shown}"
             f"{', ...' if len(unseen) > 5 else ''}): they count as wrong whatever the model predicts")
 
 

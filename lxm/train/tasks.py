@@ -113,6 +113,9 @@ class FinetuneTask(ABC):
     def row_target(self, row: Mapping[str, Any]) -> Any:
         """The label of one corpus-table row, kept by the dataset (compact: scored as is); None = unlabelled."""
 
+    # what `unseen_labels` finds, as the warning says it (lxm.train.report.unseen_labels_warning)
+    unseen_phrase = "a label that no training example has"
+
     def unseen_labels(self, targets: Sequence) -> Counter:
         """The labels among `targets` (kept labels of a split) that the head has no class for, with their counts:
         every example with one is scored wrong whatever the model does. Empty for a task whose head covers every
@@ -434,6 +437,15 @@ class QaTask(JsonlTask, AnswerTask):
         else:
             pairs = [(self.ans2id[a], s) for a, s in vqa_soft_labels(answers, self.ans2id).items()]
         return QaLabel(pairs, answers)
+
+    unseen_phrase = "no answer in the answer table"
+
+    def unseen_labels(self, targets):
+        """The most given answer of each question none of whose answers is in the table (its best score is 0), with
+        counts: answers of the validation file that no training question gave often enough."""
+        return Counter(Counter(t.answers).most_common(1)[0][0] if not isinstance(t.answers, Mapping)
+                       else max(t.answers, key=t.answers.get)
+                       for t in targets if t is not None and not t.targets and t.answers)
 
     def example_target(self, target):
         return super().example_target(target.targets)
