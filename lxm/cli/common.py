@@ -65,19 +65,19 @@ def warn(text: str) -> None:
     err.print(Text.assemble(("warning:", "yellow"), " ", text), highlight=False)
 
 
-def progress(unit: str = "bytes", *, every_s: float = 60.0, console: Console | None = None):
+def progress(unit: str = "bytes", *, every_s: float = 60.0, min_gap_s: float = 5.0, console: Console | None = None):
     """Progress on stderr for `unit`s ("bytes": sizes and speed; anything else, e.g. "steps" or "images": counts).
 
     On a terminal: a rich `Progress` bar (description, bar, done/total, ETA; the elapsed time once finished). Without
     one (stderr not a TTY: CI, `lxm ... > log 2>&1`) a bar would write nothing for the whole job, so the returned
     object, with the same calls (a context manager with `add_task`, `update`, `advance`), prints plain lines
     instead: `DESCRIPTION: DONE/TOTAL UNIT (P %), ELAPSED elapsed, ETA T`, one whenever another tenth of the total
-    is done or `every_s` seconds have passed, and one with the final count when the task completes or the block
-    ends.
+    is done (at least `min_gap_s` seconds after the last line: a job of seconds gets no ten lines) or `every_s`
+    seconds have passed, and one with the final count when the task completes or the block ends.
     """
     console = console or err
     if not console.is_terminal:
-        return LineProgress(unit, every_s=every_s, console=console)
+        return LineProgress(unit, every_s=every_s, min_gap_s=min_gap_s, console=console)
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -96,8 +96,8 @@ def progress(unit: str = "bytes", *, every_s: float = 60.0, console: Console | N
 class LineProgress:
     """`progress()` without a terminal: the calls of rich's Progress that lxm uses, printed as plain lines."""
 
-    def __init__(self, unit: str, *, every_s: float = 60.0, console: Console | None = None):
-        self.unit, self.every_s, self.console = unit, every_s, console or err
+    def __init__(self, unit: str, *, every_s: float = 60.0, min_gap_s: float = 5.0, console: Console | None = None):
+        self.unit, self.every_s, self.min_gap_s, self.console = unit, every_s, min_gap_s, console or err
         self.tasks: dict[int, dict] = {}
 
     def __enter__(self) -> LineProgress:
@@ -134,8 +134,9 @@ class LineProgress:
         elif completed is not None or advance is not None:
             tenth = self._tenth(task["completed"], task["total"])
             done = task["total"] is not None and task["completed"] >= task["total"]
-            if ((done and task["printed"] != (task["completed"], task["total"])) or tenth > task["tenth"]
-                    or now - task["printed_at"] >= self.every_s):
+            since = now - task["printed_at"]
+            if ((done and task["printed"] != (task["completed"], task["total"]))
+                    or (tenth > task["tenth"] and since >= self.min_gap_s) or since >= self.every_s):
                 task["tenth"] = tenth
                 self._line(task_id)
 
