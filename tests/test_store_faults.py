@@ -184,10 +184,14 @@ def test_a_folder_link_to_the_root_of_the_file_system_is_not_walked(tmp_path):
     (tmp_path / "imgs" / "sub" / "again").symlink_to(tmp_path / "imgs")  # a loop inside the folder
     cv2.imwrite(str(tmp_path / "imgs" / "sub" / "b.png"), np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "imgs" / "inside").symlink_to(tmp_path / "imgs" / "sub")  # a link within the folder is followed
+    (tmp_path / "elsewhere").mkdir()  # a dataset linked in from another place (another disk) is followed too
+    cv2.imwrite(str(tmp_path / "elsewhere" / "c.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "imgs" / "vg").symlink_to(tmp_path / "elsewhere")
     t0 = time.perf_counter()
     found = list_images(tmp_path / "imgs")
     assert time.perf_counter() - t0 < 2
-    assert sorted(p.relative_to(tmp_path / "imgs").as_posix() for p in found) == ["a.png", "inside/b.png"]
+    assert sorted(p.relative_to(tmp_path / "imgs").as_posix() for p in found) == ["a.png", "inside/b.png",
+                                                                                  "vg/c.png"]
 
 
 # --- item 28: image size limits -----------------------------------------------------------------------------------

@@ -44,9 +44,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
     Subfolders are searched because the datasets ship that way (Visual Genome unpacks to `VG_100K/` and
     `VG_100K_2/`). Names starting with "." (`.ipynb_checkpoints/`, macOS `._x.jpg`) are skipped. Symlinked folders
-    are followed when they lead to a folder inside `folder` (each real folder once); a link that leads outside it
-    (a link to `/` would walk the whole file system) is skipped with a logged warning: give that folder itself
-    (`folder` may be a link). Linked image files are read wherever they lead. The img_id is the file stem, so two
+    are followed, each real folder once (a dataset linked in from another disk, `images/VG_100K -> /data/VG_100K`,
+    is found), except a link to `folder` itself or to a folder above it (a link to `/` would walk the whole file
+    system; a link to `..` everything beside the images): those are skipped with a logged warning. Linked image
+    files are read wherever they lead. The img_id is the file stem, so two
     files with one stem are an error naming both: which one LXMERT's annotations mean cannot be told.
     """
     folder = Path(folder)
@@ -67,9 +68,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
                 continue
             link = os.path.join(top, d)
             target = os.path.realpath(link)
-            if os.path.islink(link) and os.path.commonpath([root, target]) != root:
-                _logger.warning("%s: a link to %s, outside %s: not followed (give that folder itself)", link,
-                                target, folder)
+            if os.path.islink(link) and os.path.commonpath([root, target]) == target:
+                _logger.warning("%s: a link to %s, which holds %s itself: not followed", link, target, folder)
                 continue
             kept.append(d)
         dirs[:] = kept
