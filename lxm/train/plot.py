@@ -17,12 +17,12 @@ with its own line style and marker, the later ones thinner on top, so both stay 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 from lxm.errors import LxmError
+from lxm.train.logs import jsonl_lines
 
 _logger = logging.getLogger(__name__)
 
@@ -66,18 +66,13 @@ def read_log(run: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         raise PlotError(f"{path}: no such file (is {run} an lxm pretrain / finetune run directory?)")
     train, valid = {}, {}
     skipped: dict[str, list[int]] = {}
-    lines = path.read_bytes().splitlines()
-    for n, raw in enumerate(lines, start=1):
+    lines = list(jsonl_lines(path))
+    for n, raw, rec, why in lines:
         if not raw.strip():
             continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            skipped.setdefault("not UTF-8", []).append(n)
-            continue
-        except json.JSONDecodeError:
-            if n < len(lines):  # a crash can cut the last line; the rest is fine
-                skipped.setdefault("not JSON", []).append(n)
+        if why is not None:
+            if why != "not JSON" or n < len(lines):  # a crash can cut the last line; the rest is fine
+                skipped.setdefault(why, []).append(n)
             continue
         if not isinstance(rec, dict):
             skipped.setdefault("not a JSON object", []).append(n)

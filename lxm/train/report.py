@@ -14,11 +14,12 @@ Plain functions over predictions and kept labels (no model, no torch): `validati
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lxm.train.logs import jsonl_lines
 
 if TYPE_CHECKING:
     from lxm.train.tasks import FinetuneTask
@@ -165,11 +166,7 @@ def epoch_seconds(log_path: str | Path) -> dict[int, float]:
     path = Path(log_path)
     if not path.exists():
         return out
-    for raw in path.read_bytes().splitlines():
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
+    for _, _, rec, _ in jsonl_lines(path):
         if isinstance(rec, dict) and "valid" in rec and isinstance(rec.get("epoch_seconds"), (int, float)):
             out[int(rec["epoch"])] = float(rec["epoch_seconds"])
     return out

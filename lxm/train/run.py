@@ -44,6 +44,7 @@ from lxm.errors import ConfigError, LxmError
 from lxm.integrity import IntegrityError, record_checksum, sidecar, verify_checksum
 from lxm.memory import keep_freed_memory
 from lxm.model import CheckpointError
+from lxm.train.logs import jsonl_lines
 from lxm.train.optim import BertAdam, make_optimizer
 from lxm.train.precision import Bf16Replica
 
@@ -424,13 +425,11 @@ def rewind_logs(out: Path, step: int, epoch: int) -> None:
         path = out / name
         if not path.exists():
             continue
-        lines = path.read_bytes().splitlines()
+        lines = list(jsonl_lines(path))
         kept = []
         bad = []
-        for n, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+        for n, line, record, why in lines:
+            if why is not None:
                 if n < len(lines):
                     kept.append(line)
                     bad.append(n)
