@@ -38,10 +38,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lxm import atomic
-from lxm.atomic import atomic_path
 from lxm.devices import resolve_device
 from lxm.errors import ConfigError, LxmError
-from lxm.integrity import IntegrityError, record_checksum, sidecar, verify_checksum
+from lxm.integrity import IntegrityError, checksummed_path, sidecar, verify_checksum
 from lxm.memory import keep_freed_memory
 from lxm.model import CheckpointError
 from lxm.train.logs import jsonl_lines
@@ -523,16 +522,14 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     removed before the rename, so that a crash between rename and new sidecar leaves an unchecked file, never a
     false mismatch. A full disk is a DiskFullError naming the file (torch's own error names no file)."""
     try:
-        with atomic_path(path, fsync=True) as tmp:
+        with checksummed_path(path, fsync=True) as tmp:
             with open(tmp, "wb") as f:  # a Python file: a failed write raises OSError(ENOSPC), not torch's "pos" error
                 torch.save(state, f)
-            sidecar(path).unlink(missing_ok=True)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(f"{path}: disk full while writing the checkpoint; free space on its file system, "
                                 f"then continue with --resume") from None
         raise
-    record_checksum(path)
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -543,10 +540,8 @@ def remove_checkpoint(path: Path) -> None:
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
     """Copy a checkpoint (e.g. epoch-N.pt -> best.pt) atomically, with its checksum sidecar."""
-    sidecar(dst).unlink(missing_ok=True)
-    with atomic_path(dst) as tmp:  # a killed copy leaves no half file
+    with checksummed_path(dst) as tmp:  # a killed copy leaves no half file
         shutil.copyfile(src, tmp)
-    record_checksum(dst)
 
 
 def step_checkpoints(out: Path) -> list[Path]:
