@@ -26,7 +26,8 @@ from lxm.cli import app
 from lxm.extract.detector import GeneralizedRCNN, detector_tiny
 from lxm.extract.images import caffe_blob, caffe_scale
 from lxm.extract.pipeline import ExtractConfig, extract
-from lxm.extract.weights import WeightsError, download, load_detector_weights, save_pickle_weights, sha256_file
+from lxm.extract.weights import WeightsError, download, load_detector_weights, save_pickle_weights
+from lxm.integrity import sha256_file
 from lxm.features.store import FeatureStore
 
 IMAGES = SHARED / "fixtures" / "butd-coco-sample" / "images"

@@ -13,7 +13,6 @@ them) must equal the generated ones.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -28,6 +27,7 @@ import torch
 
 from lxm.errors import LxmError
 from lxm.extract.detector import GeneralizedRCNN
+from lxm.integrity import sha256_file
 
 _logger = logging.getLogger(__name__)
 
@@ -95,14 +95,6 @@ def load_torch_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors")
     return obj
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, sha256: str | None = None, *, chunk: int = 1 << 20,
