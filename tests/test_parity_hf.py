@@ -210,3 +210,33 @@ def test_base_config_parity(tmp_path):
     assert model.num_parameters() == 228_051_752
     inputs, _ = make_inputs(model.config, batch=2, seq=20, boxes=36)
     _assert_outputs_match(model, hf, inputs)
+
+
+def test_attentions_are_transformers_attentions(tmp_path, hf_tiny, inputs):
+    """`output_attentions=True`: every layer's probabilities equal transformers' (`language_attentions`,
+    `vision_attentions`, `cross_encoder_attentions`), and asking for them changes no other output."""
+    hf_tiny.save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf").eval()
+    x = dict(inputs[0])
+    visual_mask = torch.ones(x["visual_feats"].shape[:2], dtype=torch.long)
+    visual_mask[1, 3:] = 0  # padded boxes: they get exactly 0
+    with torch.no_grad():
+        ref = hf_tiny.lxmert(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
+                             token_type_ids=x["token_type_ids"], visual_feats=x["visual_feats"],
+                             visual_pos=x["visual_boxes"], visual_attention_mask=visual_mask, output_attentions=True)
+        out = model(**x, visual_attention_mask=visual_mask, output_attentions=True)
+        plain = model(**x, visual_attention_mask=visual_mask)
+    for ours, theirs, n in ((out.language_attentions, ref.language_attentions, model.config.l_layers),
+                            (out.vision_attentions, ref.vision_attentions, model.config.r_layers),
+                            (out.cross_attentions, ref.cross_encoder_attentions, model.config.x_layers)):
+        assert len(ours) == len(theirs) == n
+        for got, want in zip(ours, theirs):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    b, t = x["input_ids"].shape
+    n_boxes = x["visual_feats"].shape[1]
+    assert out.cross_attentions[-1].shape == (b, model.config.num_attention_heads, t, n_boxes)
+    assert torch.count_nonzero(out.cross_attentions[-1][1, :, :, 3:]) == 0
+    torch.testing.assert_close(out.cross_attentions[-1].sum(-1), torch.ones(b, model.config.num_attention_heads, t))
+    for name in ("pooled_output", "mlm_logits", "answer_logits", "vision_output"):
+        torch.testing.assert_close(getattr(out, name), getattr(plain, name), atol=ATOL, rtol=RTOL)  # SDPA vs written out
+    assert plain.cross_attentions is None and plain.language_attentions is None

@@ -3,11 +3,8 @@
 Counts the matrix products a step needs — 2 FLOPs per multiply-add, as MFU figures conventionally do (PaLM, appendix
 B) — from the config and the batch's real sizes: each sentence's real tokens (padding needs no work), N boxes per
 image, the masked tokens the MLM decoder is needed at and the masked boxes the feature regression is needed at (what
-the five losses read; `pretraining_step_losses` computes exactly that), and in the last cross layer the language
-query / output projections and FFN at the positions the heads read only (masked tokens and [CLS]: `lang_outputs` of
-`LxmertModel.forward`). Attention is counted as computed: over each sentence's real tokens, and in that last layer
-for every query (the scores of the unread queries are a few MFLOPs). Elementwise work (LayerNorm, GeLU, softmax,
-dropout) is not counted.
+the five losses read; `pretraining_step_losses` computes exactly that). Attention is counted as computed: over
+each sentence's real tokens. Elementwise work (LayerNorm, GeLU, softmax, dropout) is not counted.
 
 Training = forward + backward; the backward of a matrix product costs twice its forward (the gradients of both
 operands), except where one operand needs no gradient: the visual feature and box projections (their inputs are
@@ -44,7 +41,7 @@ class StepFlops:
 
 
 def pretraining_step_flops(cfg: LxmertConfig, lengths: Sequence[int], num_boxes: int, masked_tokens: int,
-                           masked_boxes: int, read_tokens: int | None = None) -> StepFlops:
+                           masked_boxes: int) -> StepFlops:
     """FLOPs of one pretraining step of `cfg` on a batch of len(lengths) (sentence, image) rows.
 
     Args:
@@ -52,9 +49,6 @@ def pretraining_step_flops(cfg: LxmertConfig, lengths: Sequence[int], num_boxes:
         num_boxes: boxes per image (36).
         masked_tokens: tokens with an MLM label in the batch (the decoder runs there only).
         masked_boxes: boxes with a feature-regression target (the feature decoder runs there only).
-        read_tokens: language positions the heads read, where the last cross layer's language side runs (None:
-            masked_tokens + one [CLS] per row with an MLM head, as `pretraining_step_losses` masks; [CLS] only
-            without).
     """
     h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     b, n = len(lengths), num_boxes
@@ -77,11 +71,6 @@ def pretraining_step_flops(cfg: LxmertConfig, lengths: Sequence[int], num_boxes:
     cross_att = attention(tn) * 2  # lang -> vision and vision -> lang, one shared projection
     cross = (linear(tokens + boxes, h, 3 * h) + linear(tokens + boxes, h, h) + cross_att
              + lang + obj)  # then each stream's self-attention and FFN, as the single-modality layers
-    if read_tokens is None:
-        read_tokens = (masked_tokens if cfg.task_mask_lm else 0) + b
-    # the last cross layer's language self-attention: keys and values from every token, the rest at the read ones
-    last_lang = (linear(tokens, h, 2 * h) + linear(read_tokens, h, h) + lang_att + linear(read_tokens, h, h)
-                 + linear(read_tokens, h, i) + linear(read_tokens, i, h))
     visual = linear(boxes, cfg.visual_feat_dim, h) + linear(boxes, cfg.visual_pos_dim, h)
     heads = linear(b, h, h)  # pooler
     if cfg.task_mask_lm:
@@ -100,6 +89,5 @@ def pretraining_step_flops(cfg: LxmertConfig, lengths: Sequence[int], num_boxes:
         heads += linear(b, h, 2 * h) + linear(b, 2 * h, cfg.num_qa_labels)
     attention_total = cfg.l_layers * lang_att + cfg.r_layers * obj_att + cfg.x_layers * (cross_att + lang_att
                                                                                          + obj_att)
-    cross_layers = cfg.x_layers * cross - (lang - last_lang if cfg.x_layers else 0)
     return StepFlops(visual_encoder=visual, language_layers=cfg.l_layers * lang, object_layers=cfg.r_layers * obj,
-                     cross_layers=cross_layers, heads=heads, attention=attention_total)
+                     cross_layers=cfg.x_layers * cross, heads=heads, attention=attention_total)

@@ -12,26 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lxm.model.matmul import Linear
-
-
-class GeLU(nn.Module):
-    """Exact (erf) GELU as a module, so that `logit_fc.1` holds no parameters, as in the original checkpoints."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(x)
-
-
 class PredictionHeadTransform(nn.Module):
     """dense -> GELU -> LayerNorm, shared by the MLM head and the visual heads."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
-        self.dense = Linear(hidden_size, hidden_size)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.transform_act_fn = nn.GELU()  # exact (erf) form, as the original
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.LayerNorm(F.gelu(self.dense(x)))
+        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
 
 
 class LMPredictionHead(nn.Module):
@@ -42,19 +33,11 @@ class LMPredictionHead(nn.Module):
         # Registered before the submodules so that `cls.predictions.bias` comes first in state_dict order, as HF.
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         self.transform = PredictionHeadTransform(hidden_size, eps)
-        self.decoder = Linear(hidden_size, vocab_size, bias=False)
+        self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
 
-    def forward(self, hidden: Tensor, *, decoder_weight: Tensor | None = None) -> Tensor:
-        """hidden [..., H] -> logits [..., V]. `decoder_weight`: the decoder's (tied) weight as the caller passes
-        it on (`LxmertForPreTraining.forward`); None = `decoder.weight`."""
-        h = self.transform(hidden)
-        weight = self.decoder.weight if decoder_weight is None else decoder_weight
-        if h.dim() == 2:
-            # (W @ h^T)^T instead of h @ W^T: the weight gradient then comes out as a fresh contiguous tensor, which
-            # autograd adds the tied lookup's gradient into in place and keeps as `.grad` (h @ W^T yields a
-            # transposed view, copied into the weight's layout).
-            return torch.addmm(self.bias[:, None], weight, h.t()).t()
-        return F.linear(h, weight, self.bias)
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden [..., H] -> logits [..., V]: `F.linear` over the decoder's (tied) weight, plus the head's bias."""
+        return F.linear(self.transform(hidden), self.decoder.weight, self.bias)
 
 
 class PreTrainingHeads(nn.Module):
@@ -63,7 +46,7 @@ class PreTrainingHeads(nn.Module):
     def __init__(self, hidden_size: int, vocab_size: int, eps: float, *, mlm: bool, matched: bool):
         super().__init__()
         self.predictions = LMPredictionHead(hidden_size, vocab_size, eps) if mlm else None
-        self.seq_relationship = Linear(hidden_size, 2) if matched else None
+        self.seq_relationship = nn.Linear(hidden_size, 2) if matched else None
 
 
 class VisualObjHead(nn.Module):
@@ -72,7 +55,7 @@ class VisualObjHead(nn.Module):
     def __init__(self, hidden_size: int, sizes: dict[str, int], eps: float):
         super().__init__()
         self.transform = PredictionHeadTransform(hidden_size, eps)
-        self.decoder_dict = nn.ModuleDict({name: Linear(hidden_size, n) for name, n in sizes.items()})
+        self.decoder_dict = nn.ModuleDict({name: nn.Linear(hidden_size, n) for name, n in sizes.items()})
 
     def forward(self, visn: Tensor, *, feat_positions: Tensor | None = None) -> dict[str, Tensor]:
         """visn [B, N, H] -> {"obj": [B,N,1600], "attr": [B,N,400], "feat": [B,N,2048] or [K,2048]}."""
@@ -89,8 +72,8 @@ class AnswerHead(nn.Module):
     def __init__(self, hidden_size: int, num_answers: int, eps: float):
         super().__init__()
         self.logit_fc = nn.Sequential(
-            Linear(hidden_size, hidden_size * 2), GeLU(), nn.LayerNorm(hidden_size * 2, eps=eps),
-            Linear(hidden_size * 2, num_answers),
+            nn.Linear(hidden_size, hidden_size * 2), nn.GELU(), nn.LayerNorm(hidden_size * 2, eps=eps),
+            nn.Linear(hidden_size * 2, num_answers),
         )
 
     def forward(self, pooled: Tensor) -> Tensor:
@@ -106,8 +89,8 @@ class Nlvr2PairHead(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.logit_fc = nn.Sequential(
-            Linear(hidden_size * 2, hidden_size * 2), GeLU(), nn.LayerNorm(hidden_size * 2, eps=eps),
-            Linear(hidden_size * 2, 2),
+            nn.Linear(hidden_size * 2, hidden_size * 2), nn.GELU(), nn.LayerNorm(hidden_size * 2, eps=eps),
+            nn.Linear(hidden_size * 2, 2),
         )
 
     def forward(self, pooled: Tensor) -> Tensor:

@@ -3,32 +3,33 @@
 Reproduces `src/lxrt/modeling.py` of airsplay/lxmert @ 0db1182 (`BertEmbeddings` L264-292, `BertAttention` L295-347,
 `BertLayer` L418-429, `LXRTXLayer` L439-488, `VisualFeatEncoder` L491-517, `LXRTEncoder` L546-566, `BertPooler`
 L569-581, `LXRTModel` L845-886, `LXRTPretraining` L889-989) and the task models of `src/tasks/{vqa,gqa,nlvr2}_model.py`;
-paper §2 (model), §3.1 (pretraining heads) and §4 (finetuning).
+paper §2 (model), §3.1 (pretraining heads) and §4 (finetuning). Read beside transformers' `modeling_lxmert.py`: the
+same modules, parameter names and outputs (`output_attentions` included).
 
 Module and parameter names are those of the Hugging Face port (`lxmert.` where the original has `bert.`), so a
 transformers checkpoint loads with the identity map and an original `*_LXRT.pth` with a prefix rename (see
 `lxm.model.weights`). Numerics follow the original: post-LN, exact (erf) GELU, LayerNorm eps 1e-12, `padding_idx=0`
 on all three text embeddings, visual input `(LN(W_f f) + LN(W_b b)) / 2`, one cross-attention module shared by both
-directions, tanh pooler on [CLS] after the last cross layer.
+directions, tanh pooler on [CLS] after the last cross layer, the MLM decoder tied to the word embeddings.
 
-Six things differ in *how* it is computed, not in what: attention runs through
-`torch.nn.functional.scaled_dot_product_attention` (training with attention dropout: written out, see
-`LxmertAttention._attend_with_dropout`), each attention's query, key and value projections run as one matrix product
-over their concatenated weights (`LxmertAttention.project`), the shared cross-attention projects the language and
-vision streams in one matrix product (same weights, so the same values up to float rounding), the linear layers
-compute through `lxm.model.matmul.linear` (on a CPU in bf16, products that this machine runs faster as two row halves
-are computed so), dropout draws its mask from 16 random bits
-an element (`dropout_scaled_mask`: the drop probability p to within 7.6e-6, scaled to keep the expectation; cheaper
-on CPU than `nn.Dropout`), and in training (`pack_text` with `mlm_positions`) the last cross layer's language side
-runs only at the positions the heads read (`LxmertModel.forward`'s `lang_outputs`). The model computes in the dtype
-of its parameters: a bf16 copy (`lxm.train.precision`) casts the float inputs (region features, boxes) to bf16
-itself.
+The model is `torch.nn` modules and `F.scaled_dot_product_attention`. What differs from the original in *how* it is
+computed, not in what:
+- masks are boolean key-padding masks, built once per forward (`_key_padding_mask`);
+- packed text (`pack_text`, training): the language stream carries only the real tokens (`TextLayout`), so padding
+  costs no matrix product;
+- each attention's query, key and value projections run as one product over their concatenated weights
+  (`LxmertAttention.project`), and the shared cross-attention projects both streams in one product
+  (`LxmertCrossAttentionLayer.both_ways`: same weights, so the same values up to float rounding);
+- the heads that need only some positions get only those (`mlm_positions`, `feat_positions`).
+On CPU tensors the dropout draw and attention with dropout use `lxm.model.cpu_kernels` (a setting and
+`LXM_CPU_KERNELS` switch them; off, and on every other device by default, the plain modules compute). The model
+computes in the dtype of its parameters: a bf16 copy (`lxm.train.precision`) casts the float inputs (region
+features, boxes) to bf16 itself.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lxm.errors import ConfigError
+from lxm.model import cpu_kernels
 from lxm.model.config import LxmertConfig
-from lxm.model.matmul import Linear, linear
 from lxm.model.heads import (
     AnswerHead,
     Nlvr2PairHead,
@@ -59,52 +60,11 @@ def _key_padding_mask(mask: Tensor | None) -> Tensor | None:
     return mask[:, None, None, :].to(torch.bool)
 
 
-def dropout_scaled_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype, device) -> Tensor:
-    """A dropout mask: 0 with probability p', else 1 / (1 - p'), where p' is p rounded to a multiple of 2**-16.
-
-    Each element is decided by 16 random bits, four per 64-bit draw of the global generator (so seeding and resume
-    work as for any torch op): 2.7x faster on CPU than `torch.rand` (one draw an element), 4.8x faster than
-    `bernoulli_`. p' differs from p by at most 7.6e-6 (0.1 -> 0.100006), and scaling by 1 / (1 - p') keeps the
-    expectation exactly x. The scale is rounded to `dtype`, as `nn.Dropout` does.
-    """
-    n = math.prod(shape)
-    drops = round(p * 65536)  # of the 65536 values of 16 bits
-    # `to=None` from the lowest int64: the full 64-bit range, raw draws (a bounded range takes each modulo it: 15 %
-    # slower on CPU)
-    bits = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2**63, None)
-    keep = bits.view(torch.int16)[:n].view(shape) >= drops - 32768
-    scale = torch.tensor(1.0 / (1.0 - drops / 65536), dtype=dtype)
-    same_width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[scale.element_size()]
-    # 0 or the scale's bit pattern, read as `dtype`: the same values as keep.to(dtype) * scale, but bool -> int is
-    # one vectorised pass on CPU where bool -> bf16 / fp32 is 2-3x the whole mask's other work
-    return keep.to(same_width).mul_(scale.view(same_width).item()).view(dtype)
-
-
-class _DropoutFunction(torch.autograd.Function):
-    """x * mask (`dropout_scaled_mask`), keeping only the mask (in x's dtype) for backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:
-        mask = dropout_scaled_mask(x.shape, p, x.dtype, x.device)
-        ctx.save_for_backward(mask)
-        return x * mask
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
-
-
-class Dropout(nn.Dropout):
-    """`nn.Dropout` (same `p` attribute, train/eval behaviour, no parameters) with `dropout_scaled_mask`'s cheaper
-    draw; the drop probability is p to within 7.6e-6."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if self.p == 1.0:
-            return x * 0.0
-        return _DropoutFunction.apply(x, self.p)
+def _dropout(module: nn.Dropout, x: Tensor, kernels: bool | None) -> Tensor:
+    """`module(x)`, or in training the CPU kernel's draw where `cpu_kernels.active(kernels, x)`."""
+    if module.training and module.p > 0 and cpu_kernels.active(kernels, x):
+        return cpu_kernels.dropout(x, module.p)
+    return module(x)
 
 
 class TextLayout:
@@ -131,13 +91,6 @@ class TextLayout:
         flat = x.reshape(self.batch * self.seq, x.shape[-1])
         return flat if self.index is None else flat.index_select(0, self.index)
 
-    def subset(self, positions: Tensor) -> tuple["TextLayout", Tensor]:
-        """The layout of the rows at `positions` ([B, T] bool, real tokens only) and their indices among this
-        layout's rows."""
-        flat = positions.reshape(-1).nonzero().squeeze(1)
-        rows = flat if self.index is None else torch.searchsorted(self.index, flat)
-        return TextLayout(self.batch, self.seq, flat), rows
-
     def padded(self, rows: Tensor) -> Tensor:
         """[rows, H] -> [B, T, H]; packed layouts put zeros at padded positions."""
         if self.index is not None:
@@ -159,12 +112,11 @@ class LxmertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size, padding_idx=0)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.cpu_kernels = cpu_kernels.configured(None)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, *,
-                sparse_word_grad: bool = False) -> Tensor:
-        """input_ids/token_type_ids [B, T] -> [B, T, H]. `sparse_word_grad`: the word table's gradient from this
-        lookup comes as a sparse tensor (the looked-up rows; see `LxmertForPreTraining.forward`)."""
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """input_ids/token_type_ids [B, T] -> [B, T, H]."""
         seq_len = input_ids.shape[1]
         if seq_len > self.position_embeddings.num_embeddings:
             raise ValueError(
@@ -174,10 +126,9 @@ class LxmertEmbeddings(nn.Module):
         positions = torch.arange(seq_len, device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        words = F.embedding(input_ids, self.word_embeddings.weight, self.word_embeddings.padding_idx,
-                            sparse=sparse_word_grad)
-        emb = words + self.position_embeddings(positions)[None] + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.LayerNorm(emb))
+        emb = (self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+               + self.token_type_embeddings(token_type_ids))
+        return _dropout(self.dropout, self.LayerNorm(emb), self.cpu_kernels)
 
 
 class LxmertAttention(nn.Module):
@@ -190,59 +141,58 @@ class LxmertAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.query = Linear(hidden_size, hidden_size)
-        self.key = Linear(hidden_size, hidden_size)
-        self.value = Linear(hidden_size, hidden_size)
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
         self.dropout_p = dropout
+        self.cpu_kernels = cpu_kernels.configured(None)
 
     def project(self, x: Tensor, which: str = "qkv") -> tuple[Tensor, ...]:
-        """The projections named by `which` ("qkv" or "kv") of x [..., H], as one matrix product.
-
-        One product 3H wide instead of three H wide: wider outputs run at a higher rate (AMX bf16, 1152 rows: ~2.5
-        vs ~1.1 TFLOP/s), the input gradient is one product instead of three plus two additions, and the weights'
-        concatenation (3H x H, once a forward) costs less than that saves (benchmarks/README.md)."""
+        """The projections named by `which` ("qkv" or "kv") of x [..., H], as one matrix product over the
+        concatenated weights (one wide product and, in backward, one input-gradient product instead of three plus
+        two additions; the weights' concatenation is 3H x H a forward)."""
         mods = (self.query, self.key, self.value) if which == "qkv" else (self.key, self.value)
         weight = torch.cat([m.weight for m in mods])
         bias = torch.cat([m.bias for m in mods])
-        return linear(x, weight, bias).split([m.out_features for m in mods], dim=-1)
+        return F.linear(x, weight, bias).split([m.out_features for m in mods], dim=-1)
 
     def _heads(self, x: Tensor) -> Tensor:
         b, s, _ = x.shape
         return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, q_layout: TextLayout | None = None,
-               kv_layout: TextLayout | None = None) -> Tensor:
-        """Attention over projected q [B,Sq,H] and k/v [B,Sk,H]; mask [B,1,1,Sk] bool -> context like q.
+               kv_layout: TextLayout | None = None, output_attentions: bool = False
+               ) -> tuple[Tensor, Tensor | None]:
+        """Attention over projected q [B,Sq,H] and k/v [B,Sk,H]; mask [B,1,1,Sk] bool -> (context like q, the
+        attention probabilities [B, heads, Sq, Sk] when `output_attentions`, else None).
 
         A tensor given with a layout is in [rows, H] form and is laid out as [B, S, H] for the attention; the
-        context comes back in q's form.
+        context comes back in q's form. The probabilities are those the values are weighted with: after dropout in
+        training, as transformers' LXMERT returns them.
         """
         if q_layout is not None:
             q = q_layout.padded(q)
         if kv_layout is not None:
             k, v = kv_layout.padded(k), kv_layout.padded(v)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        if self.training and self.dropout_p > 0:
-            out = self._attend_with_dropout(q, k, v, mask)
+        p = self.dropout_p if self.training else 0.0
+        probs = None
+        if output_attentions:  # SDPA does not return the probabilities: written out
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1)
+            if p > 0:
+                probs = (cpu_kernels.dropout(probs, p) if cpu_kernels.active(self.cpu_kernels, probs)
+                         else F.dropout(probs, p))
+            out = torch.matmul(probs, v)
+        elif p > 0 and cpu_kernels.active(self.cpu_kernels, q):
+            out = cpu_kernels.attention_with_dropout(q, k, v, mask, p)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         b, _, s, _ = out.shape
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-        return out if q_layout is None else q_layout.rows(out)
-
-    def _attend_with_dropout(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """softmax(q k^T / sqrt(d), masked) -> dropout -> @ v, written out (the original's order of operations).
-
-        With dropout, SDPA on CPU falls back to its math path, which scales q and k separately, copies them and
-        draws the dropout mask with bernoulli_; written out, the scale goes on the (smaller) scores and the mask
-        comes from `Dropout`'s cheaper draw: ~9 % of a base bf16 training step on CPU (A/B in one process).
-        A masked key gets the dtype's lowest value, which softmax turns into exactly 0, as the original's -10000.
-        """
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.head_dim ** -0.5)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = _DropoutFunction.apply(torch.softmax(scores, dim=-1), self.dropout_p)
-        return torch.matmul(probs, v)
+        return (out if q_layout is None else q_layout.rows(out)), probs
 
 
 class LxmertResidualOutput(nn.Module):
@@ -253,12 +203,13 @@ class LxmertResidualOutput(nn.Module):
 
     def __init__(self, in_features: int, hidden_size: int, dropout: float, eps: float):
         super().__init__()
-        self.dense = Linear(in_features, hidden_size)
+        self.dense = nn.Linear(in_features, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.cpu_kernels = cpu_kernels.configured(None)
 
     def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+        return self.LayerNorm(_dropout(self.dropout, self.dense(hidden), self.cpu_kernels) + residual)
 
 
 class LxmertSelfAttentionLayer(nn.Module):
@@ -270,17 +221,12 @@ class LxmertSelfAttentionLayer(nn.Module):
         self.output = LxmertResidualOutput(hidden_size, hidden_size, dropout, eps)
 
     def forward(self, hidden: Tensor, mask: Tensor | None, layout: TextLayout | None = None,
-                queries: tuple[TextLayout, Tensor] | None = None) -> Tensor:
-        """hidden [B, S, H], or [rows, H] with its layout. `queries` (a `TextLayout.subset` of `layout`): attend
-        from those rows only (keys and values still from every row) and return only them."""
-        att = self.self
-        if queries is None:
-            ctx = att.attend(*att.project(hidden), mask, q_layout=layout, kv_layout=layout)
-            return self.output(ctx, hidden)
-        q_layout, rows = queries
-        kept = hidden.index_select(0, rows)
-        ctx = att.attend(att.query(kept), *att.project(hidden, "kv"), mask, q_layout=q_layout, kv_layout=layout)
-        return self.output(ctx, kept)
+                output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+        """hidden [B, S, H], or [rows, H] with its layout -> (the same form, probabilities [B, heads, S, S] or
+        None)."""
+        ctx, probs = self.self.attend(*self.self.project(hidden), mask, q_layout=layout, kv_layout=layout,
+                                      output_attentions=output_attentions)
+        return self.output(ctx, hidden), probs
 
 
 class LxmertCrossAttentionLayer(nn.Module):
@@ -298,18 +244,20 @@ class LxmertCrossAttentionLayer(nn.Module):
         self.output = LxmertResidualOutput(hidden_size, hidden_size, dropout, eps)
 
     def both_ways(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None,
-                  layout: TextLayout) -> tuple[Tensor, Tensor]:
-        """lang rows [R, H] attend to visn [B,N,H] and visn to lang, from the same inputs -> (lang', visn')."""
+                  layout: TextLayout, output_attentions: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """lang rows [R, H] attend to visn [B,N,H] and visn to lang, from the same inputs -> (lang', visn', the
+        language -> vision probabilities [B, heads, T, N] when `output_attentions`, as transformers returns)."""
         r, shape = lang.shape[0], visn.shape
         sizes = [r, shape[0] * shape[1]]
         both = torch.cat([lang, visn.reshape(-1, shape[-1])], dim=0)
         # split, not two slices: its backward is one concatenation, where each slice's would zero-fill a full-size
         # gradient and the two would then be added
         (q_l, q_v), (k_l, k_v), (v_l, v_v) = (x.split(sizes) for x in self.att.project(both))
-        lang_ctx = self.att.attend(q_l, k_v.view(shape), v_v.view(shape), visn_mask, q_layout=layout)
-        visn_ctx = self.att.attend(q_v.view(shape), k_l, v_l, lang_mask, kv_layout=layout)
+        lang_ctx, probs = self.att.attend(q_l, k_v.view(shape), v_v.view(shape), visn_mask, q_layout=layout,
+                                          output_attentions=output_attentions)
+        visn_ctx, _ = self.att.attend(q_v.view(shape), k_l, v_l, lang_mask, kv_layout=layout)
         out_l, out_v = self.output(torch.cat([lang_ctx, visn_ctx.reshape(-1, shape[-1])], dim=0), both).split(sizes)
-        return out_l, out_v.view(shape)
+        return out_l, out_v.view(shape), probs
 
 
 class LxmertIntermediate(nn.Module):
@@ -317,11 +265,11 @@ class LxmertIntermediate(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.dense = Linear(hidden_size, intermediate_size)
+        self.dense = nn.Linear(hidden_size, intermediate_size)
+        self.intermediate_act_fn = nn.GELU()  # erf form, as the original hand-writes; no parameters, no key
 
     def forward(self, hidden: Tensor) -> Tensor:
-        # F.gelu's default is the erf form the original hand-writes; bit-exact with transformers' port.
-        return F.gelu(self.dense(hidden))
+        return self.intermediate_act_fn(self.dense(hidden))
 
 
 class LxmertLayer(nn.Module):
@@ -334,9 +282,10 @@ class LxmertLayer(nn.Module):
         self.intermediate = LxmertIntermediate(hidden_size, intermediate_size)
         self.output = LxmertResidualOutput(intermediate_size, hidden_size, dropout, eps)
 
-    def forward(self, hidden: Tensor, mask: Tensor | None, layout: TextLayout | None = None) -> Tensor:
-        hidden = self.attention(hidden, mask, layout)
-        return self.output(self.intermediate(hidden), hidden)
+    def forward(self, hidden: Tensor, mask: Tensor | None, layout: TextLayout | None = None,
+                output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+        hidden, probs = self.attention(hidden, mask, layout, output_attentions)
+        return self.output(self.intermediate(hidden), hidden), probs
 
 
 class LxmertXLayer(nn.Module):
@@ -354,16 +303,16 @@ class LxmertXLayer(nn.Module):
         self.visn_output = LxmertResidualOutput(intermediate_size, hidden_size, dropout, eps)
 
     def forward(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None,
-                layout: TextLayout, lang_queries: tuple[TextLayout, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """lang rows [R, H] (see TextLayout), visn [B, N, H]. `lang_queries`: the language self-attention, output
-        and FFN run at those rows only (the last layer, whose other language rows nothing reads); the returned lang
-        rows are then those."""
-        lang, visn = self.visual_attention.both_ways(lang, lang_mask, visn, visn_mask, layout)
-        lang = self.lang_self_att(lang, lang_mask, layout, queries=lang_queries)
-        visn = self.visn_self_att(visn, visn_mask)
+                layout: TextLayout, output_attentions: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """lang rows [R, H] (see TextLayout), visn [B, N, H] -> (lang rows, visn, the cross-attention's language ->
+        vision probabilities [B, heads, T, N] or None)."""
+        lang, visn, probs = self.visual_attention.both_ways(lang, lang_mask, visn, visn_mask, layout,
+                                                            output_attentions)
+        lang, _ = self.lang_self_att(lang, lang_mask, layout)
+        visn, _ = self.visn_self_att(visn, visn_mask)
         lang = self.lang_output(self.lang_inter(lang), lang)
         visn = self.visn_output(self.visn_inter(visn), visn)
-        return lang, visn
+        return lang, visn, probs
 
 
 class LxmertVisualFeatureEncoder(nn.Module):
@@ -371,17 +320,33 @@ class LxmertVisualFeatureEncoder(nn.Module):
 
     def __init__(self, feat_dim: int, pos_dim: int, hidden_size: int, dropout: float, eps: float):
         super().__init__()
-        self.visn_fc = Linear(feat_dim, hidden_size)
+        self.visn_fc = nn.Linear(feat_dim, hidden_size)
         self.visn_layer_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.box_fc = Linear(pos_dim, hidden_size)
+        self.box_fc = nn.Linear(pos_dim, hidden_size)
         self.box_layer_norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.cpu_kernels = cpu_kernels.configured(None)
 
     def forward(self, feats: Tensor, boxes: Tensor) -> Tensor:
         dtype = self.visn_fc.weight.dtype  # a bf16 model takes fp32/fp16 features as they are stored
         x = self.visn_layer_norm(self.visn_fc(feats.to(dtype)))
         y = self.box_layer_norm(self.box_fc(boxes.to(dtype)))
-        return self.dropout((x + y) / 2)
+        return _dropout(self.dropout, (x + y) / 2, self.cpu_kernels)
+
+
+# the modules whose forward consults a `cpu_kernels` setting (`LxmertForPreTraining.set_cpu_kernels`)
+_KERNEL_USERS = (LxmertEmbeddings, LxmertAttention, LxmertResidualOutput, LxmertVisualFeatureEncoder)
+
+
+@dataclass
+class Attentions:
+    """Attention probabilities of every layer, as transformers' LXMERT returns them with `output_attentions=True`
+    (its `language_attentions`, `vision_attentions`, `cross_encoder_attentions`). heads = num_attention_heads; rows
+    at padded text positions are meaningless."""
+
+    language: tuple[Tensor, ...]  # per language layer [B, heads, T, T]
+    vision: tuple[Tensor, ...]  # per object-relationship layer [B, heads, N, N]
+    cross: tuple[Tensor, ...]  # per cross layer, language -> vision [B, heads, T, N] (queries: text positions)
 
 
 class LxmertEncoder(nn.Module):
@@ -402,21 +367,23 @@ class LxmertEncoder(nn.Module):
         self.r_layers = nn.ModuleList([LxmertLayer(*args) for _ in range(cfg.r_layers)])
 
     def forward(self, lang: Tensor, lang_mask: Tensor | None, feats: Tensor, boxes: Tensor,
-                visn_mask: Tensor | None, layout: TextLayout, lang_outputs: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
-        """lang [B, T, H] embeddings -> (lang [B, T, H], visn [B, N, H]). `lang_outputs` ([B, T] bool, real tokens):
-        the only positions of the returned lang that are computed (0 elsewhere; see `LxmertModel.forward`)."""
+                visn_mask: Tensor | None, layout: TextLayout, output_attentions: bool = False
+                ) -> tuple[Tensor, Tensor, Attentions | None]:
+        """lang [B, T, H] embeddings -> (lang [B, T, H], visn [B, N, H], attentions when asked)."""
         visn = self.visn_fc(feats, boxes)
         lang = layout.rows(lang)
+        seen: dict[str, list[Tensor]] = {"language": [], "vision": [], "cross": []}
         for layer in self.layer:
-            lang = layer(lang, lang_mask, layout)
+            lang, probs = layer(lang, lang_mask, layout, output_attentions)
+            seen["language"].append(probs)
         for layer in self.r_layers:
-            visn = layer(visn, visn_mask)
-        last = len(self.x_layers) - 1
-        queries = layout.subset(lang_outputs) if lang_outputs is not None and last >= 0 else None
-        for j, layer in enumerate(self.x_layers):
-            lang, visn = layer(lang, lang_mask, visn, visn_mask, layout, queries if j == last else None)
-        return (layout if queries is None else queries[0]).padded(lang), visn
+            visn, probs = layer(visn, visn_mask, None, output_attentions)
+            seen["vision"].append(probs)
+        for layer in self.x_layers:
+            lang, visn, probs = layer(lang, lang_mask, visn, visn_mask, layout, output_attentions)
+            seen["cross"].append(probs)
+        attentions = Attentions(**{k: tuple(v) for k, v in seen.items()}) if output_attentions else None
+        return layout.padded(lang), visn, attentions
 
 
 class LxmertPooler(nn.Module):
@@ -424,10 +391,11 @@ class LxmertPooler(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.dense = Linear(hidden_size, hidden_size)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.activation = nn.Tanh()
 
     def forward(self, lang: Tensor) -> Tensor:
-        return torch.tanh(self.dense(lang[:, 0]))
+        return self.activation(self.dense(lang[:, 0]))
 
 
 class LxmertModel(nn.Module):
@@ -442,38 +410,27 @@ class LxmertModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
                 visual_feats: Tensor, visual_boxes: Tensor, visual_attention_mask: Tensor | None = None,
-                *, pack_text: bool = False, lang_outputs: Tensor | None = None,
-                sparse_word_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (language_output [B,T,H], vision_output [B,N,H], pooled_output [B,H]).
+                *, pack_text: bool = False, output_attentions: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor, Attentions | None]:
+        """Returns (language_output [B,T,H], vision_output [B,N,H], pooled_output [B,H], attentions or None).
 
         `pack_text` skips padded text positions inside the encoder (see TextLayout); language_output is then 0 at
-        padded positions, every other value is unchanged. `lang_outputs` ([B, T] bool; with `pack_text`): the
-        positions of language_output the caller reads; the last cross layer's language self-attention queries,
-        attention output and FFN run there only ([CLS] is always added, for the pooler): exact at those positions,
-        0 at the others. In pretraining the losses read the masked tokens and [CLS], ~20 % of the tokens, so this
-        saves ~1.3 % of a base step's matrix products. `sparse_word_grad`: see `LxmertEmbeddings.forward`.
+        padded positions, every other value is unchanged.
         """
-        lang = self.embeddings(input_ids, token_type_ids, sparse_word_grad=sparse_word_grad)
+        lang = self.embeddings(input_ids, token_type_ids)
         layout = TextLayout.build(attention_mask, lang.shape[0], lang.shape[1], pack_text)
-        lang_mask = _key_padding_mask(attention_mask)
-        visn_mask = _key_padding_mask(visual_attention_mask)
-        if lang_outputs is not None:
-            if not pack_text:
-                raise ValueError("lang_outputs needs pack_text=True")
-            lang_outputs = lang_outputs.clone()
-            lang_outputs[:, 0] = True
-            if attention_mask is not None:
-                lang_outputs &= attention_mask.bool()
-        lang, visn = self.encoder(lang, lang_mask, visual_feats, visual_boxes, visn_mask, layout, lang_outputs)
-        return lang, visn, self.pooler(lang)
+        lang, visn, attentions = self.encoder(lang, _key_padding_mask(attention_mask), visual_feats, visual_boxes,
+                                              _key_padding_mask(visual_attention_mask), layout, output_attentions)
+        return lang, visn, self.pooler(lang), attentions
 
 
 @dataclass
 class LxmertOutput:
     """What `LxmertForPreTraining.forward` returns. A head that the model lacks gives None.
 
-    Shapes: B batch, T tokens, N boxes, H hidden, V vocab. When `mlm_positions` / `feat_positions` are passed to
-    forward, `mlm_logits` is packed to [M, V] (M = number of True positions, row-major) and `feat_pred` to [K, F].
+    Shapes: B batch, T tokens, N boxes, H hidden, V vocab, h heads. When `mlm_positions` / `feat_positions` are
+    passed to forward, `mlm_logits` is packed to [M, V] (M = number of True positions, row-major) and `feat_pred` to
+    [K, F]. The attentions are set only with `output_attentions=True` (transformers' names in brackets).
     """
 
     language_output: Tensor  # [B, T, H]
@@ -486,15 +443,20 @@ class LxmertOutput:
     feat_pred: Tensor | None = None  # [B, N, visual_feat_dim] or packed [K, visual_feat_dim]
     answer_logits: Tensor | None = None  # [B, num_qa_labels]
     pair_logits: Tensor | None = None  # [B/2, 2] NLVR2 logits when the pair head exists (rows 2i, 2i+1 = one pair)
+    language_attentions: tuple[Tensor, ...] | None = None  # per language layer [B, h, T, T] (language_attentions)
+    vision_attentions: tuple[Tensor, ...] | None = None  # per object layer [B, h, N, N] (vision_attentions)
+    # per cross layer, the shared cross-attention language -> vision [B, h, T, N] (cross_encoder_attentions)
+    cross_attentions: tuple[Tensor, ...] | None = None
 
 
 class LxmertForPreTraining(nn.Module):
     """Backbone plus the heads its config switches on (original `LXRTPretraining`; HF `LxmertForPreTraining`).
 
     `cls.predictions.decoder.weight` IS `lxmert.embeddings.word_embeddings.weight` (tied, as the original).
+    `cpu_kernels`: see `set_cpu_kernels`.
     """
 
-    def __init__(self, cfg: LxmertConfig, *, init_weights: bool = True):
+    def __init__(self, cfg: LxmertConfig, *, init_weights: bool = True, cpu_kernels: bool | None = None):
         super().__init__()
         self.config = cfg
         self.lxmert = LxmertModel(cfg)
@@ -516,6 +478,21 @@ class LxmertForPreTraining(nn.Module):
         self.nlvr2_head = Nlvr2PairHead(h, eps) if cfg.task_nlvr2 else None
         if init_weights:
             self.apply(self._init_module)
+        self.set_cpu_kernels(cpu_kernels)
+
+    def set_cpu_kernels(self, setting: bool | None) -> None:
+        """Whether training forwards use `lxm.model.cpu_kernels`: None = on for CPU tensors, off on every other
+        device; True / False force it. `LXM_CPU_KERNELS=0|1` in the environment overrides `setting`
+        (`cpu_kernels.configured`). Changes how dropout and attention with dropout are computed, not what."""
+        resolved = cpu_kernels.configured(setting)
+        for module in self.modules():
+            if isinstance(module, _KERNEL_USERS):
+                module.cpu_kernels = resolved
+
+    @property
+    def cpu_kernels(self) -> bool | None:
+        """The setting in force (None = by device)."""
+        return self.lxmert.embeddings.cpu_kernels
 
     def _init_module(self, module: nn.Module) -> None:
         """init_bert_weights (original L688-699): N(0, 0.02) weights, zero biases, LayerNorm (1, 0).
@@ -548,6 +525,7 @@ class LxmertForPreTraining(nn.Module):
         mlm_positions: Tensor | None = None,
         feat_positions: Tensor | None = None,
         pack_text: bool = False,
+        output_attentions: bool = False,
     ) -> LxmertOutput:
         """Encode a batch of (sentence, image) pairs and apply every head.
 
@@ -563,43 +541,21 @@ class LxmertForPreTraining(nn.Module):
                 only needs the ~15 % masked tokens asks for just those; the loss value is unchanged.
             feat_positions: [B, N] bool; if given, the feature regression is computed only there (packed [K, F]).
             pack_text: skip padded text positions inside the encoder (exact for every real position; the padded
-                positions of language_output and dense mlm_logits are then meaningless). Training uses it. With
-                `mlm_positions` (or no MLM head) the last cross layer's language side then also runs only where the
-                heads read (those positions and [CLS]): language_output is 0 at every other position.
+                positions of language_output and dense mlm_logits are then meaningless). Training uses it.
+            output_attentions: also return every layer's attention probabilities (`LxmertOutput.*_attentions`,
+                as transformers' LXMERT); their attention is then computed written out instead of by SDPA.
         """
         if visual_feats is None or visual_boxes is None:
             raise ValueError("LxmertForPreTraining.forward needs visual_feats [B, N, F] and visual_boxes [B, N, 4]")
-        # with pack_text, the language positions read are known: the MLM head's (all, unless mlm_positions) and
-        # the pooler's [CLS] (LxmertModel adds it)
-        reads_all = self.cls.predictions is not None and mlm_positions is None
-        lang_outputs = None
-        if pack_text and not reads_all:
-            lang_outputs = mlm_positions if mlm_positions is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-        words = self.lxmert.embeddings.word_embeddings.weight
-        # Tied and the decoder runs: the lookup's gradient comes sparse (its B x T rows) and is added into the
-        # decoder's dense [V, H] one in place, where a dense lookup gradient would be a zero-filled [V, H] tensor
-        # plus a [V, H] addition. autograd adds dense + sparse in place only into the dense tensor when the sparse
-        # one arrived first (torch/csrc/autograd/input_buffer.cpp), and backward reaches the decoder long before
-        # the lookup: the decoder therefore reads the table through `_LateGradient`, made here before the lookup,
-        # so that autograd, which runs later-made nodes first, hands the decoder's gradient on only after the
-        # lookup's. (Sparse vs dense lookup gradient: ~1 % of a base bf16 step on CPU; in place vs out of place:
-        # one [V, H] temporary less, time within noise.) The hook keeps `.grad` dense should the decoder's output
-        # not be in the loss.
-        sparse = (self.cls.predictions is not None and self.cls.predictions.decoder.weight is words
-                  and words.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling())
-        decoder_weight = None
-        if sparse:
-            if not getattr(words, "_lxm_keeps_grad_dense", False):
-                words.register_post_accumulate_grad_hook(_dense_grad)
-                words._lxm_keeps_grad_dense = True
-            decoder_weight = _LateGradient.apply(words)
-        lang, visn, pooled = self.lxmert(input_ids, attention_mask, token_type_ids, visual_feats, visual_boxes,
-                                         visual_attention_mask, pack_text=pack_text, lang_outputs=lang_outputs,
-                                         sparse_word_grad=sparse)
+        lang, visn, pooled, attentions = self.lxmert(input_ids, attention_mask, token_type_ids, visual_feats,
+                                                     visual_boxes, visual_attention_mask, pack_text=pack_text,
+                                                     output_attentions=output_attentions)
         out = LxmertOutput(language_output=lang, vision_output=visn, pooled_output=pooled)
+        if attentions is not None:
+            out.language_attentions, out.vision_attentions = attentions.language, attentions.vision
+            out.cross_attentions = attentions.cross
         if self.cls.predictions is not None:
-            out.mlm_logits = self.cls.predictions(lang if mlm_positions is None else lang[mlm_positions],
-                                                  decoder_weight=decoder_weight)
+            out.mlm_logits = self.cls.predictions(lang if mlm_positions is None else lang[mlm_positions])
         if self.cls.seq_relationship is not None:
             out.match_logits = self.cls.seq_relationship(pooled)
         if self.obj_predict_head is not None:
@@ -616,25 +572,6 @@ class LxmertForPreTraining(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-class _LateGradient(torch.autograd.Function):
-    """The identity (a view of the same tensor), as a node of its own in the autograd graph: its gradient is
-    passed on when autograd reaches the point of the forward where it was made (see `LxmertForPreTraining`)."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor) -> Tensor:
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
-
-
-def _dense_grad(param: Tensor) -> None:
-    """Post-accumulate hook: a sparse `.grad` (only the lookup contributed) becomes dense, as optimizers expect."""
-    if param.grad is not None and param.grad.is_sparse:
-        param.grad = param.grad.to_dense()
-
-
 def is_task_model(cfg: LxmertConfig) -> bool:
     """Exactly one finetuning head (answer or NLVR2 pair) and no pretraining head: what finetuning trains."""
     return not (cfg.task_mask_lm or cfg.task_matched or cfg.task_obj_predict) and cfg.task_qa != cfg.task_nlvr2
@@ -649,17 +586,18 @@ class LxmertForFinetuning(LxmertForPreTraining):
     the same in every format; `load_pretrained` builds this class for such a config.
     """
 
-    def __init__(self, cfg: LxmertConfig, *, init_weights: bool = True):
+    def __init__(self, cfg: LxmertConfig, *, init_weights: bool = True, cpu_kernels: bool | None = None):
         if not is_task_model(cfg):
             raise ConfigError("a finetuning model has exactly one of task_qa / task_nlvr2 and none of task_mask_lm, "
                               f"task_matched, task_obj_predict; got task_qa={cfg.task_qa}, "
                               f"task_nlvr2={cfg.task_nlvr2}, task_mask_lm={cfg.task_mask_lm}, "
                               f"task_matched={cfg.task_matched}, task_obj_predict={cfg.task_obj_predict}")
-        super().__init__(cfg, init_weights=init_weights)
+        super().__init__(cfg, init_weights=init_weights, cpu_kernels=cpu_kernels)
 
 
-def build_lxmert(cfg: LxmertConfig, *, init_weights: bool = True) -> LxmertForPreTraining:
+def build_lxmert(cfg: LxmertConfig, *, init_weights: bool = True, cpu_kernels: bool | None = None
+                 ) -> LxmertForPreTraining:
     """The model `cfg` describes: `LxmertForFinetuning` for a task head set (`is_task_model`), else
-    `LxmertForPreTraining`."""
+    `LxmertForPreTraining`. `cpu_kernels`: see `LxmertForPreTraining.set_cpu_kernels`."""
     cls = LxmertForFinetuning if is_task_model(cfg) else LxmertForPreTraining
-    return cls(cfg, init_weights=init_weights)
+    return cls(cfg, init_weights=init_weights, cpu_kernels=cpu_kernels)
