@@ -79,7 +79,7 @@ def conv_profile(device: str, bf16: bool, threads: int, detector: str) -> None:
     cfg = ExtractConfig(images=str(IMAGES), out="-", weights="random", device=device, bf16=bf16, engine="torch",
                         detector=detector)
     if device == "cpu":
-        keep_freed_memory()  # as extract() does
+        keep_freed_memory()  # as `lxm extract` does on CPU
     model, _ = build_detector(cfg, on_weights=lambda line: None)
     det, dev = cfg.detector_config(), _device(device)
     img = load_bgr(min(IMAGES.glob("*.jpg")))

@@ -14,7 +14,7 @@ library. `--scan` adds the hidden x hidden projection's forward rate over row co
 (on the AMX machine oneDNN's rate depends on the row count in steps, not smoothly; see benchmarks/README.md).
 
     python benchmarks/gemm_bound.py                                  # base batch 32, bf16, 2 threads
-    python benchmarks/gemm_bound.py --keep-freed-memory --scan       # what lxm's trainer does on CPU; + the scan
+    python benchmarks/gemm_bound.py --keep-freed-memory --scan       # what `lxm pretrain` does on CPU; + the scan
 
 The LAST line is `mfu_step=<x.xx> mfu_bound=<y.yy> gemm_in_place_s=<a.aaa> gemm_alone_s=<b.bbb> step_s=<c.ccc>`.
 """

@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.device == "cpu":  # as the trainer's start-up does on CPU (keep_freed_memory=true): the bare step too
+    if args.device == "cpu":  # as `lxm pretrain` does on CPU (keep_freed_memory=true): the bare step too
         keep_freed_memory()
     device = torch.device(args.device)
     if args.smoke:

@@ -7,11 +7,11 @@ lxm's pretraining losses, the bf16 gradients into the fp32 master gradients (`Bf
 precision only), `clip_grad_norm_` (1.0, as pretraining), the optimizer step, the master weights back into the bf16
 copy (`Bf16Replica.sync`). Steps alternate between optimizers over the same parameters, each with its own state:
 BertAdam eager (the original's arithmetic, lxm's default), BertAdam fused (its update compiled,
-`lxm.train.optim.compiled_kernel`), the same reading the bf16 copy's gradients and writing its weights inside the
-update (`BertAdam.step_from_bf16`, clipped by `lxm.train.step.bf16_clip`: what `train_step` does with bf16, one
+`lxm.train.optim.compiled_update`), the same reading the bf16 copy's gradients and writing its weights inside the
+update (`lxm.train.precision.step_from_bf16`, clipped by `bf16_clip`: what `train_step` does with bf16, one
 micro-batch and `fused_optimizer=true`; bf16 only), and for reference torch's AdamW with its default (per-tensor)
 and fused CPU kernel. Medians over `--steps` timed steps per optimizer after 2 warm-up steps each (the first
-allocates the moments). glibc keeps freed memory, as lxm's trainer does on CPU (`--malloc-as-is`: not).
+allocates the moments). glibc keeps freed memory, as `lxm pretrain` has it do on CPU (`--malloc-as-is`: not).
 
     python benchmarks/train_step_parts.py                     # base batch 32, bf16, 2 threads (~2 min)
     python benchmarks/train_step_parts.py --precision fp32 --config small
@@ -38,8 +38,7 @@ from model_step import BATCH, add_step_arguments, PRESET, make_batch  # noqa: E4
 from lxm.memory import keep_freed_memory  # noqa: E402
 from lxm.model import LxmertForPreTraining, PretrainLabels, pretraining_step_losses  # noqa: E402
 from lxm.train.optim import BertAdam  # noqa: E402
-from lxm.train.precision import Bf16Replica  # noqa: E402
-from lxm.train.step import bf16_clip  # noqa: E402
+from lxm.train.precision import Bf16Replica, bf16_clip, step_from_bf16  # noqa: E402
 
 PARTS = ("forward_backward", "grad_copy", "clip", "optimizer", "sync")
 MOVES = "BertAdam fused, bf16 moves in the update"
@@ -91,7 +90,7 @@ def main() -> None:
                 marks.append(mark())  # no gradient move: the update reads the bf16 gradients
                 _, scale = bf16_clip(replica, 1.0)
                 marks.append(mark())
-                opt.step_from_bf16(replica.pairs, scale)
+                step_from_bf16(opt, replica, scale)
                 marks.append(mark())
                 marks.append(mark())  # no weight move: the update wrote the bf16 weights
             else:

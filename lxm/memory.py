@@ -1,4 +1,16 @@
-"""Process-wide memory tuning shared by training and extraction on CPU."""
+"""Process-wide memory tuning for CPU training and extraction: a program's setting, never a library call's.
+
+`lxm pretrain`, `lxm finetune` and `lxm extract` call `keep_freed_memory()` once, before their work starts, when the
+config's `keep_freed_memory` is true (the default) and the work runs on the CPU (`lxm.cli.common`). The library does
+not: building a `Pretrainer` / `Finetuner` or calling `lxm.extract.pipeline.extract()` leaves malloc as it is, so a
+notebook or a test process keeps its own. A script that trains or extracts on CPU through the library gets the
+commands' behaviour by calling it first:
+
+    from lxm.memory import keep_freed_memory
+    keep_freed_memory()
+
+torchtune's recipes apply their process settings the same way (`training/memory.py`, called from the recipe).
+"""
 
 from __future__ import annotations
 

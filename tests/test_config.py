@@ -139,3 +139,20 @@ def test_loader_workers_default_to_in_process_on_cpu_and_a_few_with_cuda():
     with pytest.raises(ConfigError, match="'num_workers' must be >= 0"):
         load_config("base", [*REQUIRED, "num_workers=-1"]).validate()
     assert load_config("base", [*REQUIRED, "num_workers=null"]).num_workers is None
+
+
+def test_an_older_runs_config_without_the_later_keys_loads_with_their_defaults(tmp_path):
+    """A run written before `cpu_kernels` existed resumes (the key takes its default); any other missing key is
+    still a damaged file."""
+    from lxm.train.config import ADDED_LATER, load_run_config
+
+    path = tmp_path / "config.yaml"
+    written = yaml.safe_load(pretrain_tiny().to_yaml()) | {"corpus": "c", "features": ["f"]}
+    older = {k: v for k, v in written.items() if k not in ADDED_LATER}
+    assert older != written
+    path.write_text(yaml.safe_dump(older))
+    assert load_run_config(path).cpu_kernels is None
+    del older["seed"]
+    path.write_text(yaml.safe_dump(older))
+    with pytest.raises(ConfigError, match="incomplete run config .no seed"):
+        load_run_config(path)

@@ -157,21 +157,3 @@ def test_prepare_bf16_folds_every_bn_and_keeps_the_detector_close_to_fp32():
     assert len(pooled16) == len(props[0]) > 10
     for a, b in ((feat, feat16), (pooled, pooled16)):  # a few bf16 roundings deep: measured 0.3 %
         assert ((a - b.float()).norm() / a.norm()).item() < 0.01
-
-
-@pytest.mark.parametrize("keep", [True, False])
-def test_extract_on_cpu_keeps_freed_memory_as_configured(tmp_path, monkeypatch, keep):
-    """The wiring only (the glibc effect itself: tests/test_precision.py, in a subprocess)."""
-    import shutil
-
-    from lxm.extract import pipeline
-
-    calls = []
-    monkeypatch.setattr(pipeline, "keep_freed_memory", lambda: calls.append(1) or True)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    shutil.copy(min(IMAGES.glob("*.jpg")), folder)
-    summary = pipeline.extract(pipeline.ExtractConfig(images=str(folder), out=str(tmp_path / "s"), weights="random",
-                                                      detector="tiny", num_boxes=10, engine="torch",
-                                                      keep_freed_memory=keep))
-    assert summary["extracted"] == 1 and calls == ([1] if keep else [])

@@ -152,30 +152,6 @@ def test_bf16_replica_refuses_a_non_fp32_master():
         Bf16Replica(_tiny_model().to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_dropout_drops_at_rate_p_keeps_the_expectation_and_passes_the_gradient(dtype):
-    from lxm.model.modeling import Dropout
-
-    drop = Dropout(0.1)
-    x = torch.randn(1000, 1001, dtype=dtype, requires_grad=True)  # odd size: the last 64-bit draw is cut
-    torch.manual_seed(0)
-    y = drop(x)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.0015  # 1M draws: 5 sigma = 0.0015
-    scale = torch.tensor(1 / (1 - 6554 / 65536), dtype=dtype)  # p rounded to 2**-16; the scale in x's dtype
-    assert torch.equal(y[kept], x[kept] * scale)
-    # the four 16-bit fields of each 64-bit draw are independent: neighbours are dropped together at rate p**2
-    d = ~kept.reshape(-1)[: 1000 * 1000].reshape(-1, 4)
-    assert all(abs((d[:, i] & d[:, i + 1]).float().mean().item() - 0.01) < 0.0015 for i in range(3))
-    torch.manual_seed(0)
-    assert torch.equal(drop(x), y)  # the global RNG decides: resumable runs stay exact
-    y.sum().backward()
-    assert torch.equal(x.grad, kept.to(dtype) * scale)
-    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
-    assert torch.equal(Dropout(1.0).train()(x.detach()), torch.zeros_like(x))
-    assert abs(Dropout(0.5).train()(torch.ones(100_000)).mean().item() - 1.0) < 0.02  # expectation kept
-
-
 def test_two_process_bf16_ddp_matches_one_process_with_accumulation(data, tmp_path):  # noqa: F811
     from synthetic import one_and_two_process_losses
 
@@ -215,12 +191,33 @@ print(before - rss())
     assert freed["0"] > 150 and freed["1"] < 20, freed
 
 
+def test_step_from_bf16_needs_a_fused_bertadam_and_advances_its_state_as_step_does():
+    """`lxm.train.precision.step_from_bf16` drives BertAdam's own state (moments, step count: what checkpoints
+    hold), so an update from the bf16 copy is the optimizer's next step; the eager optimizer is refused."""
+    from lxm.train.optim import BertAdam
+    from lxm.train.precision import Bf16Replica, step_from_bf16
+
+    torch.manual_seed(0)
+    master = torch.nn.Linear(4, 3)
+    replica = Bf16Replica(master)
+    replica.module(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()
+    with pytest.raises(RuntimeError, match="fused=True"):
+        step_from_bf16(BertAdam(master.parameters(), lr=0.1), replica, torch.ones(()))
+    opt = BertAdam(master.parameters(), lr=0.1, fused=True)
+    step_from_bf16(opt, replica, torch.ones(()))
+    assert [opt.state[p]["step"] for p in master.parameters()] == [1, 1]
+    assert all(p16.grad is None for p16 in replica.module.parameters())
+    eager = BertAdam(master.parameters(), lr=0.1)
+    eager.load_state_dict(opt.state_dict())  # the fused optimizer's checkpoint resumes in the eager one
+    assert eager.current_lr() == [0.1]
+
+
 @pytest.mark.parametrize("compiled", [True, False])  # every parameter through the compiled loop / none (eager)
 @pytest.mark.parametrize("clip", [1e3, 1e-3])  # the norm under the limit (no clipping) / far above it
 def test_a_fused_optimizer_updates_the_masters_from_the_bf16_copy_as_the_separate_moves_do(clip, compiled,
                                                                                            monkeypatch):
-    """precision=bf16 + fused BertAdam, one micro-batch: `train_step` lets the optimizer read the copy's bf16
-    gradients and write its weights (`BertAdam.step_from_bf16`, clipped by `bf16_clip`); the masters, the reported
+    """precision=bf16 + fused BertAdam, one micro-batch: `train_step` lets the update read the copy's bf16 gradients
+    and write its weights (`lxm.train.precision.step_from_bf16`, clipped by `bf16_clip`); the masters, the reported
     norm and the copy come out as from the separate moves + clipping + eager update, to float32 rounding."""
     from lxm.model.losses import pretraining_step_losses
     from lxm.train import optim

@@ -1,4 +1,5 @@
-"""What every `lxm` command shares: the stderr console, one-line errors for bad input, progress bars.
+"""What every `lxm` command shares: the stderr console, one-line errors for bad input, progress bars, and the
+process-wide settings a command (never the library) applies.
 
 The command modules import this module only (never `lxm.cli` itself), so the package has no import cycle.
 """
@@ -58,6 +59,20 @@ def fail(exc: BaseException) -> NoReturn:
         text = str(exc)
     err.print(Text.assemble(("error:", "red"), " ", text), highlight=False)
     raise typer.Exit(code=1)
+
+
+def keep_freed_memory_on_cpu(enabled: bool, device: str, what: str) -> None:
+    """What `lxm pretrain`, `lxm finetune` and `lxm extract` do once before their work: with `enabled` (the config's
+    `keep_freed_memory`) and `device` (the config's, read by `lxm.devices.resolve_device`; `what` names it in the
+    error of a bad one) on the CPU, have glibc keep freed memory for reuse (`lxm.memory.keep_freed_memory`).
+    Process-wide, so the command applies it, never the library (trainers and `extract()` leave malloc alone)."""
+    if not enabled:
+        return
+    from lxm.devices import resolve_device  # here: `lxm --help` does not import torch
+    from lxm.memory import keep_freed_memory
+
+    if resolve_device(device, what=what).type == "cpu":
+        keep_freed_memory()
 
 
 def warn(text: str) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from lxm.cli.common import USER_ERRORS, DetectorPreset, Engine, FeatureDtype, SelectMode, err, fail, progress
+from lxm.cli.common import (USER_ERRORS, DetectorPreset, Engine, FeatureDtype, SelectMode, err, fail,
+                            keep_freed_memory_on_cpu, progress)
 from lxm.errors import ConfigError
 
 
@@ -76,6 +77,7 @@ def extract_cmd(
                         prefetch=prefetch, seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard,
                         max_pixels=max_pixels)
     try:
+        keep_freed_memory_on_cpu(cfg.keep_freed_memory, cfg.device, "--device")
         with progress("images") as bar:
             tasks: list = []  # the bar appears with its total, once the images are listed (not before an error)
 

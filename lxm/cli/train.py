@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from lxm.cli.common import USER_ERRORS, err, fail, progress
+from lxm.cli.common import USER_ERRORS, err, fail, keep_freed_memory_on_cpu, progress
 from lxm.errors import ConfigError
 
 
@@ -97,6 +97,7 @@ def pretrain_cmd(
             _print_plan(Pretrainer(cfg, out, resume=resume, overwrite=overwrite, dry_run=True,
                                    log=lambda m: err.print(m, highlight=False)).plan())
             return
+        keep_freed_memory_on_cpu(cfg.keep_freed_memory, cfg.device, "config: 'device'")
         with progress("steps") as bar:
             task = bar.add_task("pretrain", total=None)
 
@@ -201,6 +202,7 @@ def finetune_cmd(
             _print_plan(Finetuner(cfg, out, resume=resume, overwrite=overwrite, dry_run=True,
                                   log=lambda m: err.print(m, highlight=False)).plan())
             return
+        keep_freed_memory_on_cpu(cfg.keep_freed_memory, cfg.device, "config: 'device'")
         with progress("steps") as bar:
             bar_task = bar.add_task(f"finetune {task}", total=None)
 

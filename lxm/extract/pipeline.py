@@ -44,7 +44,6 @@ from lxm.extract.select import select_lxmert, select_maxnms
 from lxm.extract.weights import RANDOM, load_detector_weights
 from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStoreWriter
-from lxm.memory import keep_freed_memory
 
 _logger = logging.getLogger(__name__)
 
@@ -68,7 +67,8 @@ class ExtractConfig:
     batch_size: int = 4  # images claimed and decoded ahead together (the detector takes them one at a time)
     bf16: bool = False  # bf16 network (prepare_bf16: BN folded, channels-last) under autocast; features drift, off
     prefetch: bool = True  # decode + preprocess the next batch in a thread while the detector runs this one
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (lxm.memory; ~9 % faster per image)
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (lxm.memory): each image's res5
+    #   activations reuse pages; process-wide, so `lxm extract` applies it before calling extract(), which does not
     seed: int = 0  # random-weights seed
     shard: int = 0  # this worker's index ...
     num_shards: int = 1  # ... of this many (images split disjointly: sorted list [shard::num_shards])
@@ -244,6 +244,8 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
     Runs into one `cfg.out` may overlap (several `lxm extract` at once, with or without `--shard`): each takes its
     images through the store's claims (`FeatureStoreWriter.claim`), so none is lost or extracted twice, and images
     another live run holds are left to it. failures.jsonl keeps one record per image that failed and is not stored.
+    Nothing process-wide is changed: `cfg.keep_freed_memory` is for the program to apply (`lxm extract` calls
+    `lxm.memory.keep_freed_memory` first on CPU; a script may do the same).
 
     Args:
         on_progress: called as (images handled, images to do, images extracted per second) before the detector is
@@ -275,8 +277,6 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
         raise ImageError(f"{cfg.images}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files in it and "
                          f"its subfolders)")
     paths = every[cfg.shard::cfg.num_shards]
-    if device.type == "cpu" and cfg.keep_freed_memory:
-        keep_freed_memory()  # process-wide, as the CPU trainer does: each image's 200 MB activations reuse pages
     det = cfg.detector_config()
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     prefix = "part" if cfg.num_shards == 1 else f"part-r{cfg.shard:03d}of{cfg.num_shards:03d}"

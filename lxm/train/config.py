@@ -79,13 +79,16 @@ class PretrainConfig:
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     fused_optimizer: bool = False  # the update as one compiled loop per parameter (BertAdam(fused=True), AdamW's
     # fused kernel): 2.6-3.1x faster update on CPU at base size, same state; off: the original's eager arithmetic
+    cpu_kernels: bool | None = None  # None: the CPU kernels of lxm.model.cpu_kernels on for CPU tensors, off
+    # elsewhere; true/false force them; the environment variable LXM_CPU_KERNELS=0|1 overrides this key
     seed: int = 9595  # seeds model init, masking and data order (the original's)
     # --- bookkeeping
     log_every: int = 10  # steps between log lines
     checkpoint_every: int = 1000  # steps between checkpoints (and one at each epoch end)
     keep_last: int = 3  # step checkpoints kept, and epoch checkpoints kept (plus best.pt, a copy of the best epoch)
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (lxm.devices.resolve_device)
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (faster steps; RSS stays at its peak)
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (lxm.memory; faster steps, RSS stays
+    #   at its peak); process-wide, so `lxm pretrain` / `lxm finetune` apply it, not the trainer
 
     def validate(self) -> None:
         if not self.corpus:
@@ -192,10 +195,13 @@ class FinetuneConfig:
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     fused_optimizer: bool = False  # the update as one compiled loop per parameter (BertAdam(fused=True), AdamW's
     # fused kernel): 2.6-3.1x faster update on CPU at base size, same state; off: the original's eager arithmetic
+    cpu_kernels: bool | None = None  # None: the CPU kernels of lxm.model.cpu_kernels on for CPU tensors, off
+    # elsewhere; true/false force them; the environment variable LXM_CPU_KERNELS=0|1 overrides this key
     seed: int = 9595  # seeds the new head's init and the data order (the original's)
     log_every: int = 10  # steps between log lines
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (lxm.devices.resolve_device)
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (faster steps; RSS stays at its peak)
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (lxm.memory; faster steps, RSS stays
+    #   at its peak); process-wide, so `lxm pretrain` / `lxm finetune` apply it, not the trainer
 
     def validate(self) -> None:
         if self.task not in FINETUNE_TASKS:
@@ -496,14 +502,19 @@ def load_finetune_config(task: str, preset_or_path: str | None, overrides: list[
 # total, lxm.train.run._apply_state) and how it runs, not what it computes. Any other difference is refused:
 # a resumed run trains on the recipe its checkpoints were made with.
 RESUMABLE_KEYS = ("epochs", "max_steps", "num_workers", "device", "keep_freed_memory", "log_every", "checkpoint_every",
-                  "keep_last", "eval_batch_size", "micro_batch_size", "compile", "fused_optimizer")
+                  "keep_last", "eval_batch_size", "micro_batch_size", "compile", "fused_optimizer", "cpu_kernels")
+
+
+# keys added after runs were first written whose absence from an older run's config.yaml is not damage: such a run
+# takes the key's default, which computes what the run computed (each is also in RESUMABLE_KEYS)
+ADDED_LATER = ("cpu_kernels",)
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig | FinetuneConfig:
     """The resolved config a run wrote (OUT/config.yaml; a finetuning run's has `task`), then `key=value` overrides.
 
     The file must be whole: a run's config.yaml lists every key, so a missing key means a damaged file (truncated),
-    not a default. Every problem (not UTF-8, not YAML, a missing key, `max_length: twenty`) is a one-line ConfigError
+    not a default (except the `ADDED_LATER` keys, which older runs lack). Every problem (not UTF-8, not YAML, a missing key, `max_length: twenty`) is a one-line ConfigError
     naming the file."""
     path = Path(path)
     try:
@@ -524,7 +535,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> PretrainConf
         base: Any = finetune_paper(task)
     else:
         base = pretrain_base()
-    missing = [f.name for f in dataclasses.fields(base) if f.name not in loaded]
+    missing = [f.name for f in dataclasses.fields(base) if f.name not in loaded and f.name not in ADDED_LATER]
     if missing:
         raise ConfigError(f"{path}: incomplete run config (no {', '.join(missing[:5])}"
                           f"{', ...' if len(missing) > 5 else ''}): the file is damaged (truncated?)")

@@ -5,11 +5,15 @@ Adam moments with beta (0.9, 0.999) and eps 1e-6 added to sqrt(v), NO bias corre
 added to the update for ALL parameters (biases and LayerNorm included), and the schedule applied inside the step:
 `warmup_linear(step / t_total)` with the step read BEFORE its increment (the first update uses lr 0). The original's
 internal gradient clipping is commented out there; clipping happens outside (1.0 pretraining, 5.0 finetuning).
+`BertAdam(fused=True)` is the same arithmetic compiled into one loop per large parameter (an addition). The update
+of fp32 master weights from a bf16 copy's gradients is precision machinery: `lxm.train.precision.step_from_bf16`.
 
 `warmup_linear_lambda` gives the same schedule for a standard optimizer (AdamW) through `LambdaLR`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -23,11 +27,12 @@ def warmup_linear(progress: float, warmup: float) -> float:
     return max((progress - 1.0) / (warmup - 1.0), 0.0) + 0.0  # + 0.0: no "-0.0" at the end
 
 
-def _update(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Tensor, b1: float, b2: float, e: float,
-            weight_decay: float) -> None:
-    """One parameter's BertAdam update in place, `lr` a 0-d tensor: `BertAdam.step`'s arithmetic in the form
-    torch.compile turns into one loop over the parameter (read p, grad, m, v once, write p, m, v once) where the
-    eager step makes nine passes; the compiler may contract multiply-adds, so results agree to rounding, not bits."""
+def bert_adam_update(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Tensor | float, b1: float, b2: float,
+                     e: float, weight_decay: float) -> None:
+    """One parameter's BertAdam update in place: `BertAdam.step`'s arithmetic in the form torch.compile turns into
+    one loop over the parameter (read p, grad, m, v once, write p, m, v once) where the eager step makes nine passes;
+    the compiler may contract multiply-adds, so results agree to rounding, not bits. `lr` is a 0-d tensor when
+    compiled (the schedule's new value each step then compiles nothing new)."""
     m.mul_(b1).add_(grad, alpha=1 - b1)
     v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
     update = m / (v.sqrt() + e)
@@ -36,35 +41,15 @@ def _update(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Tensor, b1: float
     p.sub_(update * lr)
 
 
-def _update_bf16(p: Tensor, grad16: Tensor, m: Tensor, v: Tensor, lr: Tensor, scale: Tensor, p16: Tensor,
-                 b1: float, b2: float, e: float, weight_decay: float) -> None:
-    """`_update` of an fp32 master from its bf16 copy's gradient times `scale` (the clip coefficient), writing the
-    new weight into the copy as well: what `Bf16Replica.accumulate_grads`, clipping and `Bf16Replica.sync` do in
-    three passes of their own, inside the update's one loop. The loop moves as many bytes as the fp32 update
-    (reads a 2-byte gradient instead of 4, writes the 2-byte copy)."""
-    _update(p, grad16.float() * scale, m, v, lr, b1, b2, e, weight_decay)
-    p16.copy_(p)
-
-
-def _fp32_norm(grad: Tensor) -> Tensor:
-    """2-norm of a (bf16) gradient accumulated in fp32; compiled, one pass over the 2-byte values (eager
-    `vector_norm(dtype=float32)` first writes an fp32 copy of the whole tensor)."""
-    return torch.linalg.vector_norm(grad.float(), 2.0)
-
-
-_compiled: dict[str, object] = {}
-# smaller parameters (biases, LayerNorm) stay eager: a compiled call's fixed cost (~20 us on CPU) exceeds their update
+# smaller parameters (biases, LayerNorm) stay eager: a compiled call's fixed cost exceeds their update
 FUSED_MIN_NUMEL = 1 << 16
 
 
-def compiled_kernel(kind: str):
-    """`_update` ("fp32"), `_update_bf16` ("bf16") or `_fp32_norm` ("norm") under torch.compile (inductor), compiled
-    once per process for any parameter size (dynamic shapes; learning rate and clip coefficient are tensors, so the
-    schedule's new value each step compiles nothing new)."""
-    if kind not in _compiled:
-        _compiled[kind] = torch.compile({"fp32": _update, "bf16": _update_bf16, "norm": _fp32_norm}[kind],
-                                        dynamic=True)
-    return _compiled[kind]
+@functools.cache
+def compiled_update():
+    """`bert_adam_update` under torch.compile (inductor), compiled once per process for any parameter size (dynamic
+    shapes; the learning rate is a tensor, so the schedule's new value each step compiles nothing new)."""
+    return torch.compile(bert_adam_update, dynamic=True)
 
 
 class BertAdam(Optimizer):
@@ -78,7 +63,7 @@ class BertAdam(Optimizer):
         b1, b2, e: Adam constants (0.9, 0.999, 1e-6).
         weight_decay: 0.01, applied to all parameters.
         fused: each parameter's update (of those with >= FUSED_MIN_NUMEL elements) as one compiled loop
-            (`compiled_kernel`; needs what torch.compile needs, a C++ compiler on CPU); the same arithmetic up to
+            (`compiled_update`; needs what torch.compile needs, a C++ compiler on CPU); the same arithmetic up to
             rounding, the same state (a checkpoint of either resumes in the other). Off: the eager step, operation
             for operation the original's.
     """
@@ -101,14 +86,27 @@ class BertAdam(Optimizer):
         out = []
         for group in self.param_groups:
             step = next((self.state[p]["step"] for p in group["params"] if p in self.state), 0)
-            out.append(self._scheduled(group, step))
+            out.append(self.scheduled_lr(group, step))
         return out
 
     @staticmethod
-    def _scheduled(group: dict, step: int) -> float:
+    def scheduled_lr(group: dict, step: int) -> float:
+        """The learning rate of a parameter's update number `step` in `group` (counted from 0: the step is read
+        before its increment, as the original)."""
         if group["t_total"] == -1:
             return group["lr"]
         return group["lr"] * warmup_linear(step / group["t_total"], group["warmup"])
+
+    def state_for(self, p: Tensor) -> dict:
+        """`p`'s state, created at its first update: "step" (updates done), "next_m", "next_v" (the original's
+        names); what a checkpoint holds, and what an update from elsewhere (`lxm.train.precision.step_from_bf16`)
+        reads and advances."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["next_m"] = torch.zeros_like(p)
+            state["next_v"] = torch.zeros_like(p)
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -123,61 +121,26 @@ class BertAdam(Optimizer):
                     self._update_one(group, lrs, p, p.grad)
         return loss
 
-    @torch.no_grad()
-    def step_from_bf16(self, pairs, grad_scale: Tensor) -> None:
-        """One update of fp32 master parameters from their bf16 copies (`Bf16Replica.pairs`): each copy's gradient
-        times `grad_scale` (a 0-d fp32 tensor: the clip coefficient, 1 when not clipping) is the master's gradient,
-        and the updated master weight is written back into the copy; the copies' gradients are cleared. Equal, to
-        rounding, to `accumulate_grads`, clipping, `step` and `sync`; the compiled loop (`fused`) does it in one
-        pass over each large parameter. Masters whose copy has no gradient are left alone, as `step` leaves those
-        without one."""
-        if not self.fused:
-            raise RuntimeError("BertAdam.step_from_bf16 needs fused=True (the eager step keeps the moves apart)")
-        copies = {id(p32): p16 for p32, p16 in pairs}
-        for group in self.param_groups:
-            lrs: dict[tuple, Tensor] = {}
-            for p in group["params"]:
-                p16 = copies.get(id(p))
-                if p16 is not None and p16.grad is not None:
-                    self._update_one(group, lrs, p, p16.grad, p16, grad_scale)
-        for _, p16 in pairs:  # also those of parameters this optimizer does not hold, as accumulate_grads does
-            p16.grad = None
-
-    def _update_one(self, group: dict, lrs: dict[tuple, Tensor], p: Tensor, grad: Tensor, p16: Tensor | None = None,
-                    grad_scale: Tensor | None = None) -> None:
-        """Update `p` from `grad` (fp32, or with `p16` its bf16 copy's gradient, scaled, and the copy written)."""
+    def _update_one(self, group: dict, lrs: dict[tuple, Tensor], p: Tensor, grad: Tensor) -> None:
         if grad.is_sparse:
             raise RuntimeError("BertAdam does not support sparse gradients")
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["next_m"] = torch.zeros_like(p)
-            state["next_v"] = torch.zeros_like(p)
+        state = self.state_for(p)
         m, v = state["next_m"], state["next_v"]
-        copy_ok = grad.dtype == p.dtype if p16 is None else p16.is_contiguous()
-        if self.fused and p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous() and grad.is_contiguous() and copy_ok:
+        if (self.fused and p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous() and grad.is_contiguous()
+                and grad.dtype == p.dtype):
             key = (state["step"], p.dtype, p.device)
             if key not in lrs:  # one small tensor per group and step, not per parameter
-                lrs[key] = torch.tensor(self._scheduled(group, state["step"]), dtype=p.dtype, device=p.device)
-            hyper = (group["b1"], group["b2"], group["e"], group["weight_decay"])
-            flat = (p.detach().view(-1), grad.view(-1), m.view(-1), v.view(-1), lrs[key])
-            if p16 is None:
-                compiled_kernel("fp32")(*flat, *hyper)
-            else:
-                compiled_kernel("bf16")(*flat, grad_scale, p16.detach().view(-1), *hyper)
-            state["step"] += 1
-            return
-        if p16 is not None:
-            grad = grad.float() * grad_scale  # what the master's gradient is after accumulate_grads and clipping
-        m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
-        v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
-        update = m / (v.sqrt() + group["e"])
-        if group["weight_decay"] > 0.0:
-            update.add_(p, alpha=group["weight_decay"])
-        p.add_(update, alpha=-self._scheduled(group, state["step"]))
+                lrs[key] = torch.tensor(self.scheduled_lr(group, state["step"]), dtype=p.dtype, device=p.device)
+            compiled_update()(p.detach().view(-1), grad.view(-1), m.view(-1), v.view(-1), lrs[key], group["b1"],
+                              group["b2"], group["e"], group["weight_decay"])
+        else:
+            m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
+            v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
+            update = m / (v.sqrt() + group["e"])
+            if group["weight_decay"] > 0.0:
+                update.add_(p, alpha=group["weight_decay"])
+            p.add_(update, alpha=-self.scheduled_lr(group, state["step"]))
         state["step"] += 1
-        if p16 is not None:
-            p16.copy_(p)
 
 
 def warmup_linear_lambda(t_total: int, warmup: float):
@@ -212,4 +175,4 @@ def make_optimizer(model: torch.nn.Module, kind: str, lr: float, t_total: int, w
     raise ValueError(f"unknown optimizer {kind!r}; 'bert' or 'adamw'")
 
 
-__all__ = ["BertAdam", "warmup_linear", "warmup_linear_lambda", "make_optimizer"]
+__all__ = ["BertAdam", "bert_adam_update", "warmup_linear", "warmup_linear_lambda", "make_optimizer"]

@@ -17,6 +17,13 @@ Why "bf16" is faster than autocast: the activations stay bf16 from layer to laye
 element-wise ops, no cast in front of every matrix product), and the weights are cast once per optimizer step (the
 copy back) instead of once per forward. tests/test_precision.py trains both bf16 modes against fp32.
 
+With one micro-batch and a fused BertAdam (`fused_optimizer=true`), "bf16" skips the two moves: `bf16_clip` computes
+the clip coefficient from the copy's bf16 gradients (norms accumulated in fp32) and `step_from_bf16` updates each
+fp32 master from its copy's gradient times that coefficient and writes the new weight into the copy, in one compiled
+loop per large parameter (BertAdam's arithmetic, `lxm.train.optim.bert_adam_update`). detectron2 keeps mixed
+precision in its own trainer class (`engine/train_loop.py` `AMPTrainer`) the same way: the optimizer reproduces the
+original's, this module owns the master-weight machinery.
+
 Inference (`lxm predict`, `ask`, validation during training) with either bf16 mode runs the fp32 model under
 autocast.
 """
@@ -25,9 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 from torch import Tensor, nn
+
+from lxm.train import optim
 
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 
@@ -96,3 +106,84 @@ class Bf16Replica:
     def train(self, mode: bool = True) -> "Bf16Replica":
         self.module.train(mode)
         return self
+
+
+def _update_from_bf16(p: Tensor, grad16: Tensor, m: Tensor, v: Tensor, lr: Tensor, scale: Tensor, p16: Tensor,
+                      b1: float, b2: float, e: float, weight_decay: float) -> None:
+    """`bert_adam_update` of an fp32 master from its bf16 copy's gradient times `scale` (the clip coefficient),
+    writing the new weight into the copy as well: what `Bf16Replica.accumulate_grads`, clipping and
+    `Bf16Replica.sync` do in three passes of their own, inside the update's one loop when compiled (it moves as many
+    bytes as the fp32 update: reads a 2-byte gradient instead of 4, writes the 2-byte copy)."""
+    optim.bert_adam_update(p, grad16.float() * scale, m, v, lr, b1, b2, e, weight_decay)
+    p16.copy_(p)
+
+
+def _fp32_norm(grad: Tensor) -> Tensor:
+    """2-norm of a (bf16) gradient accumulated in fp32; compiled, one pass over the 2-byte values (eager
+    `vector_norm(dtype=float32)` first writes an fp32 copy of the whole tensor)."""
+    return torch.linalg.vector_norm(grad.float(), 2.0)
+
+
+@functools.cache
+def _compiled(fn):
+    """`fn` under torch.compile (inductor), once per process for any parameter size (dynamic shapes; learning rate
+    and clip coefficient are tensors, so the schedule's new value each step compiles nothing new)."""
+    return torch.compile(fn, dynamic=True)
+
+
+def _large(t: Tensor) -> bool:
+    # as BertAdam(fused=True): smaller tensors (biases, LayerNorm) stay eager, a compiled call costs more than them
+    return t.numel() >= optim.FUSED_MIN_NUMEL and t.is_contiguous()
+
+
+def bf16_clip(replica: Bf16Replica, max_norm: float) -> tuple[Tensor, Tensor]:
+    """(total gradient norm, clip coefficient) of the bf16 copy's gradients, as `clip_grad_norm_` computes them on
+    their fp32 copies: per-tensor norms accumulated in fp32 (compiled for the large ones, as the fused update), the
+    2-norm of those, coefficient max_norm / (norm + 1e-6) capped at 1. `max_norm` <= 0 (no clipping): (0, 1)."""
+    grads = [p16.grad for _, p16 in replica.pairs if p16.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    if max_norm <= 0:  # not clipping: train_step reports no norm, so none is computed
+        return torch.zeros((), device=device), torch.ones((), device=device)
+    norms = [_compiled(_fp32_norm)(g) if _large(g) else torch.linalg.vector_norm(g, 2.0, dtype=torch.float32)
+             for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros((), device=device)
+    return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+@torch.no_grad()
+def step_from_bf16(optimizer: optim.BertAdam, replica: Bf16Replica, grad_scale: Tensor) -> None:
+    """One update of the fp32 masters of `replica` from their bf16 copies: each copy's gradient times `grad_scale`
+    (a 0-d fp32 tensor: the clip coefficient of `bf16_clip`, 1 when not clipping) is the master's gradient, the
+    master moves as `optimizer.step()` would move it, and the new weight is written into the copy; the copies'
+    gradients are cleared. Equal, to rounding, to `accumulate_grads`, clipping, `optimizer.step()` and `sync`, in one
+    compiled pass over each large parameter. Masters whose copy has no gradient are left alone, as `step` leaves those
+    without one. The optimizer's state (moments, step count) is its own, so checkpoints and resume are unchanged.
+
+    Needs `optimizer.fused` (a fused BertAdam: the compiled update is what makes one pass; the eager optimizer keeps
+    the original's operations, with the moves apart)."""
+    if not optimizer.fused:
+        raise RuntimeError("step_from_bf16 needs BertAdam(fused=True) (the eager step keeps the moves apart)")
+    copies = {id(p32): p16 for p32, p16 in replica.pairs}
+    for group in optimizer.param_groups:
+        lrs: dict[tuple, Tensor] = {}  # one small tensor per group and step, not per parameter
+        hyper = (group["b1"], group["b2"], group["e"], group["weight_decay"])
+        for p in group["params"]:
+            p16 = copies.get(id(p))
+            if p16 is None or p16.grad is None:
+                continue
+            if p16.grad.is_sparse:
+                raise RuntimeError("BertAdam does not support sparse gradients")
+            state = optimizer.state_for(p)
+            m, v, step = state["next_m"], state["next_v"], state["step"]
+            if _large(p) and p16.grad.is_contiguous() and p16.is_contiguous():
+                key = (step, p.dtype, p.device)
+                if key not in lrs:
+                    lrs[key] = torch.tensor(optimizer.scheduled_lr(group, step), dtype=p.dtype, device=p.device)
+                _compiled(_update_from_bf16)(p.detach().view(-1), p16.grad.view(-1), m.view(-1), v.view(-1),
+                                             lrs[key], grad_scale, p16.detach().view(-1), *hyper)
+            else:
+                _update_from_bf16(p.detach(), p16.grad, m, v, optimizer.scheduled_lr(group, step), grad_scale,
+                                  p16.detach(), *hyper)
+            state["step"] = step + 1
+    for _, p16 in replica.pairs:  # also those of parameters this optimizer does not hold, as accumulate_grads does
+        p16.grad = None

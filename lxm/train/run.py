@@ -41,7 +41,6 @@ from lxm import atomic
 from lxm.devices import resolve_device
 from lxm.errors import ConfigError, LxmError
 from lxm.integrity import IntegrityError, checksummed_path, sidecar, verify_checksum
-from lxm.memory import keep_freed_memory
 from lxm.model import CheckpointError
 from lxm.train.logs import jsonl_lines
 from lxm.train.optim import BertAdam, make_optimizer
@@ -115,14 +114,13 @@ def pick_device(device: str, dist: DistInfo) -> torch.device:
 
 
 def start_process(cfg) -> tuple[DistInfo, torch.device]:
-    """Join torchrun's group, pick the device, keep freed memory on CPU (`keep_freed_memory`), seed per rank; writes
-    nothing (`open_run_folder` does, once every input is checked). `cfg` has `device`, `keep_freed_memory`, `seed`."""
+    """Join torchrun's group, pick the device, seed per rank; writes nothing (`open_run_folder` does, once every
+    input is checked). `cfg` has `device` and `seed`. Process-wide settings are the program's: `lxm pretrain` /
+    `lxm finetune` apply the config's `keep_freed_memory` (`lxm.memory`) before they build the trainer."""
     # the device first: a bad `device` fails before joining a group, and "auto" on a GPU machine needs nccl
     device_type = resolve_device(cfg.device, what="config: 'device'").type
     dist = init_distributed(device_type)
     device = pick_device(cfg.device, dist)
-    if device.type == "cpu" and cfg.keep_freed_memory:
-        keep_freed_memory()
     torch.manual_seed(cfg.seed + dist.rank)
     return dist, device
 
@@ -464,11 +462,13 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
 def training_modules(model: nn.Module, cfg, info: DistInfo, device: torch.device
                      ) -> tuple[Bf16Replica | None, nn.Module]:
     """(bf16 replica or None, the module the training steps call) for `model` (fp32, on `device`) under `cfg`
-    (precision, compile): DDP around the module that computes (the replica under precision "bf16"), then compile.
+    (cpu_kernels, precision, compile): the CPU-kernel setting on the model (`model.set_cpu_kernels`; the replica,
+    a copy, inherits it), DDP around the module that computes (the replica under precision "bf16"), then compile.
 
     Under DDP with a replica, rank 0's master weights are broadcast first: DDP's own start-up broadcast then
     covers only the replica, and every rank's master must start equal too.
     """
+    model.set_cpu_kernels(cfg.cpu_kernels)
     replica = None
     if cfg.precision == "bf16":
         if info.world_size > 1:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from lxm.train import optim
-from lxm.train.precision import Bf16Replica, training_autocast
+from lxm.train.precision import Bf16Replica, bf16_clip, step_from_bf16, training_autocast
 from lxm.train.run import DistInfo
 
 
@@ -60,20 +60,6 @@ def step_groups(micro_batches: Iterable, per_step: int) -> Iterator[list]:
             group = []
 
 
-def bf16_clip(replica: Bf16Replica, max_norm: float) -> tuple[Tensor, Tensor]:
-    """(total gradient norm, clip coefficient) of the bf16 copy's gradients, as `clip_grad_norm_` computes them on
-    their fp32 copies: per-tensor norms accumulated in fp32 (compiled for the large ones, as the fused update), the
-    2-norm of those, coefficient max_norm / (norm + 1e-6) capped at 1. `max_norm` <= 0 (no clipping): (0, 1)."""
-    grads = [p16.grad for _, p16 in replica.pairs if p16.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
-    if max_norm <= 0:  # not clipping: train_step reports no norm, so none is computed
-        return torch.zeros((), device=device), torch.ones((), device=device)
-    norms = [optim.compiled_kernel("norm")(g) if g.numel() >= optim.FUSED_MIN_NUMEL and g.is_contiguous()
-             else torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.zeros((), device=device)
-    return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
-
-
 def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.Module, object], dict[str, Tensor]],
                optimizer: torch.optim.Optimizer, scheduler=None, *, clip_grad_norm: float = 0.0,
                precision: str = "fp32", device_type: str = "cpu", replica: Bf16Replica | None = None
@@ -86,7 +72,8 @@ def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.
     parameters: each micro-batch's gradients are synchronised (DDP) and added into the fp32 master gradients, since
     accumulating them in bf16 would lose the small ones. With one micro-batch and a fused BertAdam
     (`fused_optimizer=true`) the optimizer itself reads the bf16 gradients and writes the bf16 weights
-    (`BertAdam.step_from_bf16`, clipping by `bf16_clip`): the same update to rounding, without the two moves.
+    (`lxm.train.precision.step_from_bf16`, clipping by `bf16_clip`): the same update to rounding, without the two
+    moves.
     """
     n = len(micro_batches)
     # one micro-batch, bf16 copy, fused BertAdam: the optimizer reads the copy's gradients and writes its weights
@@ -106,7 +93,7 @@ def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.
     if direct:
         norm, scale = bf16_clip(replica, clip_grad_norm)
         grad_norm = float(norm) if clip_grad_norm > 0 else 0.0
-        optimizer.step_from_bf16(replica.pairs, scale)
+        step_from_bf16(optimizer, replica, scale)
     else:
         params = [p for p in (replica.master_params() if replica is not None else model.parameters())
                   if p.grad is not None]
