@@ -26,7 +26,7 @@ from lxm.corpus.build import GQA_SCHEMA, NLVR2_SCHEMA, VQA_SCHEMA
 from lxm.features.store import FeatureStore
 from lxm.infer import ImageRef, Request, answer_requests, load_answerer
 from lxm.infer.detect import Detector, StoredFeatures, detector_config
-from lxm.infer.explain import CrossAttentionCapture, read_names, render_attention
+from lxm.infer.explain import cls_to_boxes, read_names, render_attention
 from lxm.model import LxmertForFinetuning, LxmertForPreTraining, lxmert_tiny, save_hf, save_lxm, save_original
 from lxm.model.weights import read_checkpoint
 from lxm.train.finetune import load_run, predict_top
@@ -223,7 +223,11 @@ def test_questions_jsonl_equals_single_calls_and_detects_each_image_once(world, 
                       tmp_path / "pics"])
     assert result.exit_code == 0, result.output
     printed = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [p["answers"] for p in printed] == [o["answers"] for o in out]
+    # the same answers; asking the model for its attentions writes the attention out (SDPA returns no
+    # probabilities), so the scores may round differently in the last digits
+    assert [[a["answer"] for a in p["answers"]] for p in printed] == [[a["answer"] for a in o["answers"]] for o in out]
+    assert [a["score"] for p in printed for a in p["answers"]] == \
+        pytest.approx([a["score"] for o in out for a in o["answers"]], abs=1e-5)
     assert [Path(p["explain"]).name for p in printed] == [f"{n}.png" for n in range(1, 7)]
     assert all(cv2.imread(p["explain"]) is not None for p in printed)
 
@@ -322,33 +326,58 @@ def _batch(answerer, recs, texts):
     return collate_finetune(examples)
 
 
-def test_attention_equals_a_hand_computation_and_hooks_leave_the_logits(world):
+def test_explain_weights_are_the_models_cls_attention_over_the_boxes(world):
+    """`--explain`'s weights are the model's own attention output (`output_attentions=True`, no hook in the
+    library): per row the [CLS] query's softmax over the boxes in the last cross layer, q_[CLS] . k_n / sqrt(d)
+    through that layer's own query / key projections of its inputs (kept here by a test-only pre-hook), averaged
+    over the heads; each row sums to 1 and a box masked out by visual_attention_mask gets 0."""
     answerer = load_answerer(world["vqa_run"])
     model = answerer.model.eval()
     recs = StoredFeatures([world["root"] / "store"]).records(STEMS[:3])
     batch = _batch(answerer, recs, QUESTIONS)
+    (b, t), n = batch.input_ids.shape, batch.visual_feats.shape[1]
+    boxes = torch.ones(b, n, dtype=torch.long)
+    boxes[1, n - 3:] = 0  # the second example's last three boxes are padding
     layer = model.lxmert.encoder.x_layers[-1]
     seen = {}
     handle = layer.register_forward_pre_hook(lambda _m, args: seen.update(lang=args[0], visn=args[2]))
-    with torch.no_grad():
-        plain = model(**batch.model_inputs()).answer_logits
+    try:
+        with torch.no_grad():
+            out = model(**batch.model_inputs(), visual_attention_mask=boxes, output_attentions=True)
+    finally:
         handle.remove()
-        with CrossAttentionCapture(model) as capture:
-            hooked = model(**batch.model_inputs()).answer_logits
-        weights = capture.cls_to_vision()
-        att = layer.visual_attention.att
-        b, t = batch.input_ids.shape
-        q = att.query(seen["lang"].view(b, t, -1)[:, 0])  # the [CLS] rows of the dense text layout
+    weights = cls_to_boxes(out)
+    att = layer.visual_attention.att
+    with torch.no_grad():
+        q = att.query(seen["lang"].reshape(b, t, -1)[:, 0])  # the [CLS] rows of the dense text layout
         k = att.key(seen["visn"])
-    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
     heads, d = att.num_heads, att.head_dim
-    expected = torch.zeros(b, k.shape[1])
+    expected = torch.zeros(b, n)
     for i in range(b):
         for h in range(heads):
             scores = k[i, :, h * d:(h + 1) * d] @ q[i, h * d:(h + 1) * d] / d ** 0.5
-            expected[i] += torch.softmax(scores, dim=0) / heads
+            expected[i] += torch.softmax(scores.masked_fill(boxes[i] == 0, float("-inf")), dim=0) / heads
     torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(weights.sum(1), torch.ones(b))
+    assert (weights[1, n - 3:] == 0).all() and (weights[1, :n - 3] > 0).all() and (weights[[0, 2]] > 0).all()
+    # what `Answerer.predict(explain=True)` returns (every box real): these weights, per image, and the answers it
+    # gives without them
+    with torch.no_grad():
+        plain = model(**batch.model_inputs(), output_attentions=True)
+    explained = answerer.predict(QUESTIONS, [[r] for r in recs], explain=True)
+    for pred, row in zip(explained, cls_to_boxes(plain)):
+        assert len(pred.attention) == 1
+        np.testing.assert_array_equal(pred.attention[0], row.numpy())
+    assert [p.top[0][0] for p in explained] == [p.top[0][0] for p in answerer.predict(QUESTIONS, [[r] for r in recs])]
+
+
+def test_cls_to_boxes_needs_the_attentions(world):
+    answerer = load_answerer(world["vqa_run"])
+    recs = StoredFeatures([world["root"] / "store"]).records(STEMS[:1])
+    with torch.no_grad():
+        out = answerer.model.eval()(**_batch(answerer, recs, QUESTIONS[:1]).model_inputs())
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        cls_to_boxes(out)
 
 
 def _no_overlap(labels):

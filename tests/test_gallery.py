@@ -14,16 +14,22 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import BERT_VOCAB, SHARED
 from typer.testing import CliRunner
 
 from lxm.cli import app
 from lxm.corpus.build import GQA_SCHEMA, NLVR2_SCHEMA, VQA_SCHEMA
+from lxm.gallery.assets import load_asset
 from lxm.gallery.build import GalleryConfig, load_records
 from lxm.train.config import load_config
+from lxm.train.finetune import load_run
+from lxm.train.finetune_data import collate_finetune
 
 FIXTURE = SHARED / "fixtures" / "butd-coco-sample"
 ANSWERS = ["yes", "no", "2", "3", "red", "blue", "cat"]
@@ -105,27 +111,33 @@ def world(tmp_path_factory):
 
 
 class _Page(HTMLParser):
-    """The examples of a gallery page (or of a DOM dumped by the browser): their attributes and the pictures of
-    their card (one card per image, its pictures before its examples)."""
+    """The examples of a gallery page (or of a DOM dumped by the browser): their attributes and their own pictures
+    (src, alt), grouped in cards (one card per image)."""
 
     def __init__(self, text: str):
         super().__init__()
         self.examples: list[dict] = []
         self.cards: list[dict] = []
+        self.at: dict | None = None  # the example being read
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "section" and a.get("class") == "card":
-            self.cards.append({**a, "imgs": [], "noimg": 0, "examples": []})
+            self.cards.append({**a, "examples": []})
         elif tag == "article" and "ex" in (a.get("class") or "").split():
-            card = self.cards[-1]
-            self.examples.append({**a, "imgs": card["imgs"], "noimg": card["noimg"]})
-            card["examples"].append(self.examples[-1])
-        elif tag == "img" and self.cards:
-            self.cards[-1]["imgs"].append(a["src"])
-        elif tag == "div" and a.get("class") == "noimg" and self.cards:
-            self.cards[-1]["noimg"] += 1
+            self.at = {**a, "imgs": [], "alts": [], "noimg": 0}
+            self.examples.append(self.at)
+            self.cards[-1]["examples"].append(self.at)
+        elif tag == "img" and self.at is not None:
+            self.at["imgs"].append(a["src"])
+            self.at["alts"].append(a["alt"])
+        elif tag == "div" and a.get("class") == "noimg" and self.at is not None:
+            self.at["noimg"] += 1
+
+    def handle_endtag(self, tag):
+        if tag == "article":
+            self.at = None
 
     @property
     def shown(self) -> list[dict]:
@@ -242,9 +254,10 @@ def test_page_is_self_contained_and_escaped(world, tmp_path):
     # the question with markup in it is text, not markup: the only script is the page's own
     assert html.count("<script") == 1 and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp;" in html
     assert not any(s in html for s in ("http://", "https://", "//cdn", "src=\"/", "href=\"/"))
-    srcs = [src for card in page.cards for src in card["imgs"]]  # one card per image, drawn once
-    assert sorted(srcs) == sorted(f"assets/{i}.jpg" for i in world["ids"])  # referenced relatively
-    assert [len(card["examples"]) for card in page.cards] == [len(QUESTIONS)] * 6
+    srcs = [src for e in page.examples for src in e["imgs"]]  # each example its own picture (its attention)
+    assert srcs == [f"assets/{r.id}.jpg" for r in records]  # referenced relatively
+    assert [len(card["examples"]) for card in page.cards] == [len(QUESTIONS)] * 6  # one card per image
+    assert "Boxes: on each example&#x27;s picture, the boxes its [CLS] attended to most" in html
     for src in srcs:
         assert (out / src).stat().st_size > 5000 and (out / src).read_bytes()[:2] == b"\xff\xd8"
     assert sorted(p.name for p in out.iterdir()) == [".lock", ".lxm-gallery.json", "assets", "index.html"]
@@ -270,7 +283,7 @@ def test_only_wrong_limit_and_rerun_replaces(world, tmp_path):
     _gallery(world, "vqa", out, "--limit", "3")
     page = _Page((out / "index.html").read_text())
     assert [e["data-id"] for e in page.examples] == [str(r.id) for r in records[:3]]
-    assert sorted(p.name for p in (out / "assets").iterdir()) == [f"{records[0].images[0]}.jpg"]
+    assert sorted(p.name for p in (out / "assets").iterdir()) == sorted(f"{r.id}.jpg" for r in records[:3])
 
 
 def test_nlvr2_page_shows_both_images(world, tmp_path):
@@ -279,12 +292,60 @@ def test_nlvr2_page_shows_both_images(world, tmp_path):
     html = (out / "index.html").read_text()
     page = _Page(html)
     data = _records(world, "nlvr2", "dev")
-    # one card per image pair, holding every statement about that pair
+    # one card per image pair, holding every statement about that pair, each with its pictures of both images
     assert {e["data-id"]: e["imgs"] for e in page.examples} == \
-        {str(r.id): [f"assets/{i}.jpg" for i in r.images] for r in data.records}
+        {str(r.id): [f"assets/{r.id}-0.jpg", f"assets/{r.id}-1.jpg"] for r in data.records}
+    images = {str(r.id): r.images for r in data.records}
+    assert all(alt.startswith(f"{img}; most attended boxes: ") for e in page.examples
+               for alt, img in zip(e["alts"], images[e["data-id"]], strict=True))
     assert len(page.cards) == len({r.images for r in data.records}) < len(data.records)
     for name, value in data.summary.metrics.items():
         assert f"{value:.2f}".rstrip("0").rstrip(".") in html and f"</b> {name}</span>" in html
+
+
+def test_drawn_boxes_are_the_most_attended(world, tmp_path):
+    """Each example's picture of each of its images outlines the boxes its [CLS] attended to most (issue 28): the
+    record's weights are the model's own last cross layer [CLS] -> boxes attention for that example and image
+    (NLVR2: its two rows), and the boxes drawn (labelled "attribute object weight", listed in the picture's alt
+    text) are the --boxes largest of them, strongest first, their outlines in the picture."""
+    data = _records(world, "nlvr2", "dev")
+    _, _, model = load_run(world["nlvr2"])
+    model.eval()
+    for r in data.records[:3]:  # one example at a time: rows 0 and 1 are its left and right image
+        batch = collate_finetune([data.dataset[data.dataset.ids.index(r.id)]])
+        with torch.no_grad():
+            probs = model(**batch.model_inputs(), output_attentions=True).cross_attentions[-1]
+        assert len(r.attention) == 2
+        for k in range(2):
+            np.testing.assert_allclose(r.attention[k], probs[k, :, 0, :].mean(0).numpy(), rtol=1e-5, atol=1e-7)
+            assert r.attention[k].shape == (10,) and abs(float(r.attention[k].sum()) - 1) < 1e-5
+    out = tmp_path / "g"
+    _gallery(world, "nlvr2", out, "--boxes", "3")
+    page = _Page((out / "index.html").read_text())
+    by_id = {str(r.id): r for r in data.records}
+    assert sorted(e["data-id"] for e in page.examples) == sorted(by_id)
+    for e in page.examples:
+        r = by_id[e["data-id"]]
+        for alt, src, img, weights in zip(e["alts"], e["imgs"], r.images, r.attention):
+            rec = data.dataset.record(img)
+            name, listed = alt.split("; most attended boxes: ")
+            labels = [label.rsplit(" ", 1) for label in listed.split(", ")]
+            top = [int(i) for i in np.argsort(-weights, kind="stable")[:3]]
+            assert name == img and [n for n, _ in labels] == [f"attr{rec.attrs_id[i]} obj{rec.objects_id[i]}"
+                                                              for i in top]
+            digits = len(labels[0][1].split(".")[1])
+            assert [w for _, w in labels] == [f"{weights[i]:.{digits}f}" for i in top]
+            assert min(weights[top]) >= max(np.delete(weights, top))  # no box left out weighs more
+            # the strongest box's outline is drawn: the picture differs from the plain image along it
+            bgr, scaled = load_asset(next((world["images"] / "sub").glob(f"{img}.*")), rec)
+            drawn = cv2.imread(str(out / src)).astype(np.float32)
+            h, w = bgr.shape[:2]
+            x1, y1, x2, y2 = (min(max(round(float(v)), 0), side - 1)
+                              for v, side in zip(scaled.boxes[top[0]], (w, h, w, h)))
+            edge = np.zeros((h, w), bool)
+            edge[y1:y2 + 1, [x1, x2]] = edge[[y1, y2], x1:x2 + 1] = True
+            diff = np.abs(drawn - bgr.astype(np.float32)).mean(-1)
+            assert diff[edge].mean() > 3 * diff.mean() and diff[edge].mean() > 30, (img, src)
 
 
 def test_gqa_structural_types_from_questions(world, tmp_path):

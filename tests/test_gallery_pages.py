@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from lxm.cli import app
 from lxm.features.store import FeatureStoreWriter
+from lxm.gallery.assets import asset_name
 from lxm.gallery.build import GalleryConfig, load_records
 
 RLO = "\u202e"  # RIGHT-TO-LEFT OVERRIDE: reverses the text after it up to the end of its paragraph (or isolate)
@@ -191,11 +192,13 @@ def test_classify_page_has_label_scores_precision_recall_and_one_card_per_image(
     out = tmp_path / "g"
     assert _gallery(world, "classify", out).exit_code == 0
     tree = _Tree((out / "index.html").read_text(encoding="utf-8")).root
-    # one card per image, holding all its examples in dataset order, its picture once
+    # one card per image, holding all its examples in dataset order, each with its own picture (its attention)
     cards = tree.find_all("section", "card")
     assert [[a.attrs["data-id"] for a in c.find_all("article", "ex")] for c in cards] == \
         [[str(r.id) for r in records if r.images == (img,)] for img in world["ids"]]
-    assert [[i.attrs["src"] for i in c.find_all("img")] for c in cards] == [[f"assets/{i}.jpg"] for i in world["ids"]]
+    assert [[i.attrs["src"] for i in a.find_all("img")] for a in tree.find_all("article", "ex")] == \
+        [[f"assets/{asset_name(r.id)}"] for r in records]
+    assert asset_name(f"rlo-{RLO}id").startswith("ex-")  # an id that is no plain file name: a digest
     # labels: a score per prediction (100% for the true label, else 0%) and the example's score
     for a, r in zip(tree.find_all("article", "ex"), records):
         assert [row[-1] for row in _cells(a.find_all("table", "top")[0])] == \
@@ -371,19 +374,21 @@ def test_a_second_gallery_replaces_only_its_own_files(world, tmp_path):
     (out / "data" / "x.csv").write_text("1,2")
     (out / "assets" / "mine.txt").write_text("kept")
     manifest = json.loads((out / ".lxm-gallery.json").read_text())
-    assert manifest["files"] == ["index.html", *(f"assets/{i}.jpg" for i in world["ids"])]
+    assert manifest["files"] == ["index.html", *(f"assets/{row['question_id']}.jpg" for row in world["rows"]["qa"])]
     result = _gallery(world, "classify", out, "--limit", "3")  # the first image's examples only
     assert result.exit_code == 0, result.output
     assert (out / "notes.txt").read_text() == "my notes" and (out / "data" / "x.csv").read_text() == "1,2"
-    assert sorted(p.name for p in (out / "assets").iterdir()) == ["img0.jpg", "mine.txt"]
+    first = [asset_name(row["id"]) for row in world["rows"]["classify"][:3]]
+    assert sorted(p.name for p in (out / "assets").iterdir()) == sorted([*first, "mine.txt"])
     assert "lxm gallery: classify valid" in (out / "index.html").read_text(encoding="utf-8")
-    assert json.loads((out / ".lxm-gallery.json").read_text())["files"] == ["index.html", "assets/img0.jpg"]
+    assert json.loads((out / ".lxm-gallery.json").read_text())["files"] == ["index.html",
+                                                                             *(f"assets/{f}" for f in first)]
     # a gallery written before the manifest: its page's pictures are its files
     assert _gallery(world, "qa", out).exit_code == 0
     (out / ".lxm-gallery.json").unlink()
     shutil.copy(world["images"] / "img1.jpg", out / "assets" / "copy.jpg")  # a user's picture: not on the page
     assert _gallery(world, "qa", out, "--limit", "1").exit_code == 0
-    assert sorted(p.name for p in (out / "assets").iterdir()) == ["copy.jpg", "img0.jpg", "mine.txt"]
+    assert sorted(p.name for p in (out / "assets").iterdir()) == ["copy.jpg", "mine.txt", "q0a.jpg"]
     assert (out / "notes.txt").exists() and (out / "data" / "x.csv").exists()
     assert sorted(p.name for p in out.iterdir()) == [".lock", ".lxm-gallery.json", "assets", "data", "index.html",
                                                      "notes.txt"]
@@ -413,6 +418,9 @@ def test_a_huge_image_is_one_line(world, tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith("warning: 1 images could not be drawn (e.g. img2: ")
     assert str(images / "img2.png") in warnings[0]
     tree = _Tree((out / "index.html").read_text(encoding="utf-8")).root
-    notes = [d.all_text() for d in tree.find_all("div", "noimg")]
-    assert len(notes) == 1 and notes[0].startswith(f"image not drawn: {images / 'img2.png'}: ")
-    assert sorted(p.name for p in (out / "assets").iterdir()) == ["img0.jpg", "img1.jpg", "img3.jpg"]
+    notes = [d.all_text() for d in tree.find_all("div", "noimg")]  # on each example of img2
+    on_img2 = [row["id"] for row in world["rows"]["classify"] if row["img_id"] == "img2"]
+    assert len(notes) == len(on_img2) == 3 and all(n.startswith(f"image not drawn: {images / 'img2.png'}: ")
+                                                   for n in notes)
+    assert sorted(p.name for p in (out / "assets").iterdir()) == sorted(
+        asset_name(row["id"]) for row in world["rows"]["classify"] if row["img_id"] != "img2")

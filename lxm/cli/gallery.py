@@ -24,7 +24,8 @@ def gallery_cmd(
                                                           "split's order."),
     only_wrong: bool = typer.Option(False, "--only-wrong", help="Show only the examples the model gets wrong "
                                                                 "(score 0)."),
-    boxes: int = typer.Option(5, "--boxes", min=1, help="Boxes drawn per image, most confident first."),
+    boxes: int = typer.Option(5, "--boxes", min=1, help="Boxes drawn per image of an example: those its [CLS] "
+                                                        "attended to most in the last cross layer."),
     vocab_dir: Path = typer.Option(None, "--vocab-dir", exists=True, file_okay=False,
                                    help="Folder with objects_vocab.txt and attributes_vocab.txt (BUTD names); "
                                         "without it box labels are ids."),
@@ -38,7 +39,8 @@ def gallery_cmd(
 ) -> None:
     """Write a self-contained HTML page of what a finetuned model gets right and wrong on a split.
 
-    One card per image (NLVR2: per image pair) with its most confident boxes drawn and all its shown examples:
+    One card per image (NLVR2: per image pair) with all its shown examples, each with its own picture: the boxes
+    its [CLS] attended to most in the last cross layer (mean over heads) drawn with their weights, and
     the question or statement, the verdict (right = score 100, partly right = 0 < score < 100, VQA's soft credit,
     wrong = score 0) and the score, the ground truth with scores, the top-5 predictions with probabilities and the
     score each would earn. At the top: the split's scores in percent (the accuracy is the mean score; the right /

@@ -100,7 +100,7 @@ def _overlaps(a, b) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _place(w: int, h: int, box: tuple[int, int, int, int], taken: list, width: int, height: int):
+def place_label(w: int, h: int, box: tuple[int, int, int, int], taken: list, width: int, height: int):
     """The first free (x1, y1, x2, y2) for a w x h label of `box`, and whether it sits away from the box; None if the
     picture has no room left."""
     bx1, by1, bx2, by2 = box
@@ -126,7 +126,7 @@ def _place(w: int, h: int, box: tuple[int, int, int, int], taken: list, width: i
     return None, True
 
 
-def _nearest(rect, x: float, y: float) -> tuple[int, int]:
+def nearest_point(rect, x: float, y: float) -> tuple[int, int]:
     return int(min(max(x, rect[0]), rect[2] - 1)), int(min(max(y, rect[1]), rect[3] - 1))
 
 
@@ -175,7 +175,7 @@ def render(image_bgr: np.ndarray, rec: ImageFeatures, objects: list[str] | None 
             obj = obj[:-1]
             text = f"{att} {obj}... {rec.objects_conf[i]:.2f}"
             (tw, th), base = cv2.getTextSize(text, FONT, fs, thick)
-        rect, away = _place(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
+        rect, away = place_label(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
         if rect is None:
             drawing.unlabelled.append(i)
             continue
@@ -183,8 +183,8 @@ def render(image_bgr: np.ndarray, rec: ImageFeatures, objects: list[str] | None 
         if away:
             bx1, by1, bx2, by2 = boxes[i]
             cx, cy = (rect[0] + rect[2]) / 2, (rect[1] + rect[3]) / 2
-            to = _nearest((bx1, by1, bx2 + 1, by2 + 1), cx, cy)
-            cv2.line(out, _nearest(rect, *to), to, colors[i], thick, cv2.LINE_AA)
+            to = nearest_point((bx1, by1, bx2 + 1, by2 + 1), cx, cy)
+            cv2.line(out, nearest_point(rect, *to), to, colors[i], thick, cv2.LINE_AA)
         cv2.rectangle(out, rect[:2], (rect[2] - 1, rect[3] - 1), colors[i], -1)
         cv2.putText(out, text, (rect[0] + PAD, rect[3] - PAD - base), FONT, fs, (0, 0, 0), thick, cv2.LINE_AA)
         drawing.labels.append(Label(i, text, rect, away))

@@ -7,8 +7,8 @@ Two halves, kept apart so the page can be written (and tested) without torch:
   its score, right/wrong, type fields) and the `Summary` of the whole split, all through the task interface
   (`lxm.train.tasks`), so every task — VQA, GQA, NLVR2 and any task added later — is shown the same way;
 - `page`: those records -> index.html (plain Python, html-escaped, filters in inline plain JavaScript), with
-  `assets` drawing each shown image's top boxes into JPEG files beside it; `build` ties them together and writes
-  the folder atomically.
+  `assets` drawing on each shown example's image(s) the boxes its [CLS] attended to most in the last cross layer
+  into JPEG files beside it; `build` ties them together and writes the folder atomically.
 
 This module imports nothing, so `lxm.gallery.page` imports without torch.
 """

@@ -1,8 +1,9 @@
 """`lxm gallery` end to end: a finetuning run and a labelled split -> OUT/index.html + OUT/assets/.
 
 The run's best model predicts the split as `lxm predict` does (`load_run`, the run's corpus / features / vocab
-unless overridden, `predict_top`: its first prediction is `predict`'s); `records` turns that into typed records and
-the summary, `assets` draws the shown images, `page` writes the page.
+unless overridden, `lxm.infer.explain.predict_explained`: the batches of `predict_top`, its first prediction is
+`predict`'s, with the last cross layer's [CLS] -> boxes attention of every example); `records` turns that into typed
+records and the summary, `assets` draws each shown example's most attended boxes, `page` writes the page.
 
 OUT is an lxm gallery folder: index.html, assets/, and two hidden files of its own: `.lock` (held with `flock` while
 a gallery is written, so a second `lxm gallery` into the same OUT fails at once, naming it) and `.lxm-gallery.json`
@@ -35,7 +36,7 @@ from lxm.extract.images import ImageError
 from lxm.extract.show import detector_classes, fit_names
 from lxm.gallery import page
 from lxm.gallery import records as gallery_records
-from lxm.gallery.assets import asset_name, draw_asset, index_images, read_names
+from lxm.gallery.assets import BOXES_NOTE, asset_name, draw_asset, index_images, load_asset, read_names
 from lxm.gallery.page import GENERATOR, ImageView
 from lxm.gallery.records import GalleryError, GalleryRecord, Summary
 
@@ -57,7 +58,7 @@ class GalleryConfig:
     images: list[str]  # folders searched recursively for the images (img_id = file stem, as lxm extract)
     limit: int | None = 200  # examples shown: the first N (after --only-wrong) in dataset order; None = all
     only_wrong: bool = False  # show only the examples the model gets wrong (score 0)
-    boxes: int = 5  # boxes drawn per image, most confident object first
+    boxes: int = 5  # boxes drawn per image of an example: the most attended (GalleryRecord.attention)
     top_k: int = 5  # predictions listed per example
     vocab_dir: str | None = None  # folder with objects_vocab.txt / attributes_vocab.txt; None = labels are ids
     questions: str | None = None  # GQA only: the split's questions JSON, for the per structural type table
@@ -177,9 +178,11 @@ class GalleryData:
 
 def load_records(run: str | os.PathLike, cfg: GalleryConfig, log: Callable[[str], None] | None = None
                  ) -> GalleryData:
-    """Predict `cfg.split` with the run's best model (as `lxm predict`) and build its records and summary."""
+    """Predict `cfg.split` with the run's best model (as `lxm predict`, its attentions with it) and build its records
+    and summary."""
     from lxm.devices import resolve_device
-    from lxm.train.finetune import load_run, predict_top
+    from lxm.infer.explain import predict_explained
+    from lxm.train.finetune import load_run
     from lxm.train.finetune_data import FinetuneDataset
 
     log = log or _logger.info
@@ -195,14 +198,17 @@ def load_records(run: str | os.PathLike, cfg: GalleryConfig, log: Callable[[str]
     log(f"{task.name} {cfg.split}: predicting {len(data)} examples ({data.dropped} without features dropped)")
     dev = resolve_device(cfg.device)
     model.to(dev)
-    top = predict_top(task, model, data, cfg.top_k, batch_size=cfg.batch_size or run_cfg.eval_batch_size,
-                      device=dev, precision=run_cfg.precision)
+    found = predict_explained(task, model, data, cfg.top_k, batch_size=cfg.batch_size or run_cfg.eval_batch_size,
+                              device=dev, precision=run_cfg.precision)
+    top = {i: best for i, (best, _) in found.items()}
+    attention = {i: weights for i, (_, weights) in found.items()}
     notes = []
     if task.name == "gqa" and structural is None:
         notes.append("No accuracy per structural type: pass --questions with the split's GQA questions JSON "
                      "(e.g. testdev_balanced_questions.json).")
     types = gallery_records.example_types(task, data.info, len(data), structural)
-    records = gallery_records.build_records(task, data.ids, data.texts, data.images, data.targets, top, types)
+    records = gallery_records.build_records(task, data.ids, data.texts, data.images, data.targets, top, types,
+                                            attention)
     return GalleryData(task, data, records, gallery_records.summarize(task, cfg.split, records, data.targets, notes))
 
 
@@ -255,26 +261,42 @@ def _write_gallery(run: str | os.PathLike, out: Path, cfg: GalleryConfig, where:
     old = gallery_files(out) or []
     _remove_stale_temporaries(out)
     todo = [img for img in needed if img in where]
+    # each example's own picture of each of its images (its attention differs); an image is decoded once
+    uses: dict[str, list[tuple[int, int]]] = {}  # img_id -> (shown example, position of the image in it)
+    for n, r in enumerate(shown):
+        for k, img in enumerate(r.images):
+            if img in where:
+                uses.setdefault(img, []).append((n, k))
+    names = {(n, k): asset_name(shown[n].id, k, len(shown[n].images)) for img in todo for n, k in uses[img]}
     # first the manifest of everything this run may write, so a crash leaves no file it does not list
-    _write_manifest(out, list(dict.fromkeys([*old, PAGE, *(f"{ASSETS}/{asset_name(img)}" for img in todo)])))
+    _write_manifest(out, list(dict.fromkeys([*old, PAGE, *(f"{ASSETS}/{name}" for name in names.values())])))
     (out / ASSETS).mkdir(exist_ok=True)
-    drawn: dict[str, ImageView] = {}
+    views: list[list[ImageView | None]] = [[None] * len(r.images) for r in shown]
     failed: dict[str, str] = {}
+    done = 0
     if on_progress:
-        on_progress(0, len(todo))
-    for n, img in enumerate(todo):
-        name = asset_name(img)
+        on_progress(0, len(names))
+    for img in todo:
         try:
-            with atomic_path(out / ASSETS / name) as tmp:
-                draw_asset(where[img], data.record(img), tmp, objects=objects, attributes=attributes,
-                           boxes=cfg.boxes)
-            drawn[img] = ImageView(img, f"{ASSETS}/{name}")
-        except (LxmError, cv2.error, MemoryError) as exc:  # one image's failure: said on its card and at the end
+            bgr, rec = load_asset(where[img], data.record(img))
+        except (LxmError, cv2.error, MemoryError) as exc:  # one image's failure: said on its cards and at the end
             failed[img] = _failure(where[img], exc)
-            drawn[img] = ImageView(img, None, f"image not drawn: {failed[img]}")
-        if on_progress:
-            on_progress(n + 1, len(todo))
-    views = [[drawn.get(img) or ImageView(img, None, "image not found") for img in r.images] for r in shown]
+        for n, k in uses[img]:
+            if img not in failed:
+                try:
+                    with atomic_path(out / ASSETS / names[n, k]) as tmp:
+                        labels = draw_asset(bgr, rec, shown[n].attention[k], tmp, objects=objects,
+                                            attributes=attributes, boxes=cfg.boxes)
+                    views[n][k] = ImageView(img, f"{ASSETS}/{names[n, k]}", labels=tuple(x.text for x in labels))
+                except (LxmError, cv2.error, MemoryError) as exc:  # its later pictures are not tried
+                    failed[img] = _failure(where[img], exc)
+            if img in failed:
+                views[n][k] = ImageView(img, None, f"image not drawn: {failed[img]}")
+            done += 1
+            if on_progress:
+                on_progress(done, len(names))
+    shown_views = [[v or ImageView(img, None, "image not found") for v, img in zip(vs, r.images)]
+                   for vs, r in zip(views, shown)]
 
     which = "wrong examples" if cfg.only_wrong else "examples"
     cards = len(page.group_by_image(shown))
@@ -282,6 +304,7 @@ def _write_gallery(run: str | os.PathLike, out: Path, cfg: GalleryConfig, where:
              f"dropped); shown: the first {len(shown)} {which} in dataset order"
              + (f" (--limit {cfg.limit})" if cfg.limit is not None else "")
              + f", on {cards} cards (one per image{' pair' if len(task.image_columns) > 1 else ''}).",
+             BOXES_NOTE,
              "The summary scores all examples of the split; the filters act on those shown. Right = score 100, "
              + ("partly right = 0 < score < 100 (soft credit: an answer only some annotators gave), "
                 if summary.partial_credit else "")
@@ -294,10 +317,10 @@ def _write_gallery(run: str | os.PathLike, out: Path, cfg: GalleryConfig, where:
     if failed:
         warnings.append(f"{len(failed)} images could not be drawn (shown with the reason).")
     title = f"lxm gallery: {task.name} {cfg.split}"
-    html = page.render_page(summary, shown, views, title=title, lines=lines, warnings=warnings)
+    html = page.render_page(summary, shown, shown_views, title=title, lines=lines, warnings=warnings)
     with atomic_path(out / PAGE) as tmp:
         tmp.write_text(html, encoding="utf-8")
-    new = [PAGE, *(v.src for v in drawn.values() if v.src is not None)]
+    new = [PAGE, *(v.src for vs in shown_views for v in vs if v.src is not None)]
     _write_manifest(out, new)
     for name in old:  # the previous gallery's pictures this one does not show: only now, its page is replaced
         if name not in new:

@@ -5,9 +5,10 @@ beside the page, nothing is fetched from the network (the page holds no http(s) 
 copied anywhere or opened from a cluster's file system.
 
 One card per image (per image pair for NLVR2) holds all the shown examples on it, each an `<article class="ex">`
-with its verdict: right (score 100), partly right (0 < score < 100: VQA's soft credit) or wrong (score 0), its
-score and the score each prediction would get, all in percent as the summary's accuracy (the mean score). The
-layout reflows down to a phone's width (flex-wrap, images at most their box's width).
+with its own picture of the image(s), the boxes it attended to most drawn (`lxm.gallery.assets`; their labels also
+in the picture's alt text), and its verdict: right (score 100), partly right (0 < score < 100: VQA's soft credit) or
+wrong (score 0), its score and the score each prediction would get, all in percent as the summary's accuracy (the
+mean score). The layout reflows down to a phone's width (flex-wrap, images at most their box's width).
 
 Text from the data (questions, answers, labels, ids, type values) is html-escaped and isolated in `<bdi>`, so a
 bidi control character in it (U+202E RIGHT-TO-LEFT OVERRIDE) reorders only itself, never the page around it;
@@ -43,6 +44,7 @@ class ImageView:
     img_id: str
     src: str | None  # path of the asset relative to the page; None = not drawn
     note: str | None = None  # why not ("image not found", the decoding error)
+    labels: tuple[str, ...] = ()  # the labels of the boxes drawn, most attended first ("attribute object weight")
 
 
 def _attr(field: str) -> str:
@@ -122,13 +124,14 @@ def _filters_html(records: Sequence[GalleryRecord], fields: Sequence[str], cards
 
 def _figure_html(v: ImageView) -> str:
     if v.src is not None:
-        inner = f'<a href="{escape(v.src)}"><img src="{escape(v.src)}" alt="{_plain(v.img_id)}" loading="lazy"></a>'
+        alt = f"{v.img_id}; most attended boxes: {', '.join(v.labels)}" if v.labels else v.img_id
+        inner = f'<a href="{escape(v.src)}"><img src="{escape(v.src)}" alt="{_plain(alt)}" loading="lazy"></a>'
     else:
         inner = f'<div class="noimg">{_t(v.note or "image not found")}</div>'
     return f'<figure>{inner}<figcaption>{_t(v.img_id)}</figcaption></figure>'
 
 
-def _example_html(rec: GalleryRecord, order: int) -> str:
+def _example_html(rec: GalleryRecord, order: int, views: Sequence[ImageView]) -> str:
     truth = dict(rec.truth)
     truth_rows = "".join(f'<tr><td>{_t(a)}</td><td class="n">{_pct(100 * s)}</td></tr>' for a, s in rec.truth)
     top_rows = "".join(
@@ -142,13 +145,15 @@ def _example_html(rec: GalleryRecord, order: int) -> str:
                        *(a for a, _ in rec.top), *rec.images]).lower()
     return (f'<article class="ex {rec.bucket}" data-bucket="{rec.bucket}" data-id="{escape(str(rec.id))}" '
             f'data-conf="{rec.confidence:.6f}" data-order="{order}"{data} data-search="{escape(search)}">'
-            f'<p class="text">{_t(rec.text)}</p><p class="verdict"><span class="tag">{BUCKETS[rec.bucket]}</span> · '
+            f'<div class="imgs{" pair" if len(views) > 1 else ""}">{"".join(_figure_html(v) for v in views)}</div>'
+            f'<div class="about"><p class="text">{_t(rec.text)}</p>'
+            f'<p class="verdict"><span class="tag">{BUCKETS[rec.bucket]}</span> · '
             f'id <code>{_t(rec.id)}</code> · score <b class="score">{_pct(rec.score)}</b> · confidence '
             f'<span class="conf">{rec.confidence:.3f}</span>{types}</p><div class="cols"><table class="truth"><caption>'
             f'ground truth</caption><thead><tr><th>answer</th><th class="n">score</th></tr></thead>{truth_rows}'
             f'</table><table class="top"><caption>predictions</caption><thead><tr><th class="n">#</th><th>answer'
             f'</th><th class="n">prob.</th><th></th><th class="n">score</th></tr></thead>{top_rows}</table></div>'
-            f'</article>')
+            f'</div></article>')
 
 
 def group_by_image(records: Sequence[GalleryRecord]) -> list[list[int]]:
@@ -159,11 +164,10 @@ def group_by_image(records: Sequence[GalleryRecord]) -> list[list[int]]:
     return list(cards.values())
 
 
-def _card_html(records: Sequence[GalleryRecord], views: Sequence[ImageView], members: Sequence[int]) -> str:
-    figures = "".join(_figure_html(v) for v in views)
-    examples = "".join(_example_html(records[n], n) for n in members)
-    return (f'<section class="card"><div class="imgs{" pair" if len(views) > 1 else ""}">{figures}</div>'
-            f'<div class="qs">{examples}</div></section>')
+def _card_html(records: Sequence[GalleryRecord], views: Sequence[Sequence[ImageView]],
+               members: Sequence[int]) -> str:
+    examples = "".join(_example_html(records[n], n, views[n]) for n in members)
+    return f'<section class="card"><div class="qs">{examples}</div></section>'
 
 
 _STYLE = """
@@ -206,8 +210,10 @@ figure img { display: block; max-width: 100%; height: auto; }
 figcaption { color: #777; font-size: 12px; }
 .noimg { width: 240px; max-width: 100%; min-height: 120px; display: flex; align-items: center;
          justify-content: center; background: #eee; color: #777; text-align: center; padding: 6px; }
-.qs { flex: 1 1 340px; min-width: 0; display: grid; grid-template-columns: minmax(0, 1fr); gap: 10px; }
-article.ex { border-left: 6px solid var(--right); padding: 2px 0 4px 10px; min-width: 0; }
+.qs { flex: 1 1 100%; min-width: 0; display: grid; grid-template-columns: minmax(0, 1fr); gap: 10px; }
+article.ex { border-left: 6px solid var(--right); padding: 2px 0 4px 10px; min-width: 0; display: flex;
+             flex-wrap: wrap; gap: 6px 16px; align-items: flex-start; }
+.about { flex: 1 1 340px; min-width: 0; }
 article.wrong { border-left-color: var(--wrong); }
 article.partial { border-left-color: var(--partial); }
 .text { font-size: 17px; margin: 0 0 2px; }
@@ -321,14 +327,14 @@ _SCRIPT = """
 
 def render_page(summary: Summary, records: Sequence[GalleryRecord], views: Sequence[Sequence[ImageView]], *,
                 title: str, lines: Sequence[str] = (), warnings: Sequence[str] = ()) -> str:
-    """The page's HTML: `summary` at the top, then one card per image (tuple) of the shown `records`, with the
-    `views` of their images (one list per record, in its image order); `lines` and `warnings` are said under the
-    title."""
+    """The page's HTML: `summary` at the top, then one card per image (tuple) of the shown `records`, each record
+    with the `views` of its images (one list per record, in its image order: its own pictures); `lines` and
+    `warnings` are said under the title."""
     fields = list(records[0].types) if records else list(summary.by_type)
     head = "".join(f'<p class="meta">{_plain(line)}</p>' for line in lines)
     head += "".join(f'<p class="warn">{_plain(w)}</p>' for w in warnings)
     cards = group_by_image(records)
-    body = "\n".join(_card_html(records, views[members[0]], members) for members in cards)
+    body = "\n".join(_card_html(records, views, members) for members in cards)
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="generator" content="{GENERATOR}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_plain(title)}</title>'

@@ -10,7 +10,8 @@ Every score is a percent. An example is *right* with score 100 (full credit), *p
 (a VQA answer only some annotators gave), *wrong* with score 0; the accuracy is the mean score over the split, so
 the three counts and the accuracy agree (all right = 100, all wrong = 0; NLVR2, GQA and classify have no partial
 credit and their accuracy is right / examples). Where every example has one label (classify, NLVR2, a small answer
-set), the summary also holds each label's precision and recall.
+set), the summary also holds each label's precision and recall. A record also holds what the model looked at: per
+image its boxes' attention weights (the boxes the page draws).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from lxm.errors import ConfigError, LxmError
 
@@ -44,6 +47,9 @@ class GalleryRecord:
     top: list[tuple[str, float]]  # the k most probable predictions (string, probability), best first
     score: float  # the task's first metric on this example alone, percent (VQA soft accuracy x 100)
     types: dict[str, str] = field(default_factory=dict)  # type field -> value (answer_type, structural, ...)
+    # per image (the order of `images`) the [N] float32 weights of its N boxes: the last cross layer's [CLS] -> boxes
+    # attention, mean over heads, summing to 1 (`lxm.infer.explain.cls_to_boxes`); the boxes the page draws
+    attention: list[np.ndarray] = field(default_factory=list)
 
     @property
     def prediction(self) -> str:
@@ -153,9 +159,11 @@ def read_structural_types(path: str | os.PathLike, ids: Sequence) -> list[str]:
 
 
 def build_records(task: Any, ids: Sequence, texts: Sequence[str], images: Sequence[tuple[str, ...]],
-                  targets: Sequence, top: Mapping, types: Mapping[str, Sequence[str]]) -> list[GalleryRecord]:
+                  targets: Sequence, top: Mapping, types: Mapping[str, Sequence[str]],
+                  attention: Mapping | None = None) -> list[GalleryRecord]:
     """One record per example, in the given (dataset) order; `top` is id -> [(prediction, probability)] of
-    `lxm.train.finetune.predict_top`, `types` field -> value per example."""
+    `lxm.train.finetune.predict_top`, `types` field -> value per example, `attention` id -> per image [N] weights
+    (`lxm.infer.explain.predict_explained`; None: the records hold none)."""
     if any(t is None for t in targets):
         raise GalleryError(f"{task.name}: {sum(t is None for t in targets)} of {len(targets)} examples have no label "
                            f"(a test split?); the gallery shows right and wrong, it needs a labelled split")
@@ -166,7 +174,8 @@ def build_records(task: Any, ids: Sequence, texts: Sequence[str], images: Sequen
         score = float(task.score([i], [target], {i: best[0][0]})[metric])
         out.append(GalleryRecord(id=i, text=text, images=tuple(imgs), truth=list(task.target_answers(target)),
                                  top=[(str(p), float(q)) for p, q in best], score=score,
-                                 types={f: values[n] for f, values in types.items()}))
+                                 types={f: values[n] for f, values in types.items()},
+                                 attention=list(attention[i]) if attention is not None else []))
     return out
 
 

@@ -7,10 +7,10 @@ directions). Its attention probabilities from the [CLS] query over the N boxes, 
 head, averaged over the heads, are the weights shown ([N], summing to 1). They say where [CLS] looked in that last
 read, not a full attribution: the boxes also reach [CLS] through earlier layers and the self-attention after it.
 
-They are computed from the layer's inputs, kept by a forward pre-hook on the layer: the [CLS] rows of the language
-stream through the query projection and the vision rows through the key projection (`att.query`, `att.key`, the
-modules whose weights `LxmertCrossAttentionLayer.both_ways` applies, fused with the value projection, to the
-stacked sequence [language rows; vision rows]); the hook only reads, so the logits are unchanged.
+They are an output of the model, not recomputed here: a forward with `output_attentions=True` returns each cross
+layer's attention probabilities language -> vision (`LxmertOutput.cross_attentions`, [rows, heads, T, N], as
+transformers' LXMERT `cross_encoder_attentions`), and `cls_to_boxes` takes the last layer's [CLS] row averaged over
+the heads. `predict_explained` predicts a whole dataset that way (the gallery's boxes).
 
 The picture (`render_attention`): the image (upscaled to a long side of at least 800 pixels, as `lxm show`),
 darkened outside the boxes, each box brought back towards full brightness by its weight relative to uniform
@@ -20,6 +20,7 @@ on top), so that near-uniform attention still shows which boxes got more; the to
 (next to the box, else at the nearest free place with a leader line; labels never overlap or leave the picture); a
 title band with the question or statement, the answer with its probability, what the shading is, and per image the
 weights' range and entropy (`weight_summary`: how far from uniform they are). NLVR2's two images stand side by side.
+`label_top_boxes` draws the outlines and labels alone (the gallery's pictures, which are not shaded).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -38,8 +40,12 @@ from torch import Tensor, nn
 
 from lxm.errors import ConfigError
 from lxm.extract.images import ImageError
-from lxm.extract.show import FONT, LONG_SIDE, PAD, _nearest, _place, check_drawable, fit_names, load_vocab
+from lxm.extract.show import FONT, LONG_SIDE, PAD, check_drawable, fit_names, load_vocab, nearest_point, place_label
 from lxm.features.records import ImageFeatures
+
+if TYPE_CHECKING:
+    from lxm.train.finetune_data import FinetuneDataset
+    from lxm.train.tasks import FinetuneTask
 
 _logger = logging.getLogger(__name__)
 
@@ -49,52 +55,54 @@ ATTENTION_NOTE = ("shading: last cross layer, [CLS] -> boxes attention (mean ove
                   "half = uniform 1/N, darkest = min weight")
 
 
-# ---------------------------------------------------------------------------------------------------- capture
+# ---------------------------------------------------------------------------------------------------- weights
 
 
-class CrossAttentionCapture:
-    """Forward hooks on the last cross layer of `model` that keep what `cls_to_vision` needs; a context manager
-    (the hooks are removed on exit)."""
+def cls_to_boxes(out) -> Tensor:
+    """[rows, N] float32: per row of the batch (one image of an example), the [CLS] query's attention over the N
+    boxes in the last cross layer, language -> vision, averaged over the heads.
 
-    def __init__(self, model: nn.Module):
-        self.layer = model.lxmert.encoder.x_layers[-1]
-        self.att = self.layer.visual_attention.att
-        self.inputs: tuple | None = None
-        self._handles: list = []
-
-    def __enter__(self) -> CrossAttentionCapture:
-        def keep_inputs(_module, args):
-            lang, _lang_mask, visn, visn_mask, layout = args[:5]  # then lang_queries (last layer)
-            self.inputs = (lang.detach(), visn.detach(), visn_mask, layout)
-
-        self._handles = [self.layer.register_forward_pre_hook(keep_inputs)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def cls_to_vision(self) -> Tensor:
-        """[rows, N] float32: per batch row (an example's image), the [CLS] query's attention over the boxes,
-        averaged over heads (each row sums to 1)."""
-        if self.inputs is None:
-            raise RuntimeError("CrossAttentionCapture: no forward pass ran inside the context")
-        lang, visn, visn_mask, layout = self.inputs
-        (b, n, _), heads, dim = visn.shape, self.att.num_heads, self.att.head_dim
-        with torch.no_grad():
-            q_cls = self.att.query(layout.padded(lang)[:, 0]).float().view(b, heads, dim)  # [B, heads, d]
-            k = self.att.key(visn).float().view(b, n, heads, dim)  # [B, N, heads, d]
-        return cls_attention(q_cls, k, visn_mask)
+    `out` is the model's output of a forward with `output_attentions=True` (`LxmertOutput.cross_attentions`, one
+    [rows, heads, T, N] tensor of attention probabilities per cross layer); each row sums to 1, and a box that
+    `visual_attention_mask` masks out gets 0 (it is masked in the softmax)."""
+    attentions = getattr(out, "cross_attentions", None)
+    if not attentions:
+        raise ValueError("cls_to_boxes: the output holds no cross attentions; call the model with "
+                         "output_attentions=True")
+    return attentions[-1][:, :, 0, :].float().mean(dim=1)
 
 
-def cls_attention(q_cls: Tensor, k: Tensor, visn_mask: Tensor | None = None) -> Tensor:
-    """q_cls [B, heads, d], k [B, N, heads, d] (projected), optional bool "may attend" mask [B, 1, 1, N] ->
-    softmax(q . k / sqrt(d)) per head, averaged over heads: [B, N]."""
-    scores = torch.einsum("bhd,bnhd->bhn", q_cls, k) / math.sqrt(q_cls.shape[-1])
-    if visn_mask is not None:
-        scores = scores.masked_fill(~visn_mask[:, :, 0, :].to(torch.bool), float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=1)
+def predict_explained(task: FinetuneTask, model: nn.Module, dataset: FinetuneDataset, k: int = 5, *,
+                      batch_size: int = 256, device: torch.device | str = "cpu", precision: str = "fp32"
+                      ) -> dict[Any, tuple[list[tuple[str, float]], list[np.ndarray]]]:
+    """id -> (the k most probable predictions [(prediction string, probability)], best first, as
+    `lxm.train.finetune.predict_top`; per image of the example, in the task's image column order, its [N] float32
+    `cls_to_boxes` weights), for every example of a `FinetuneDataset`.
+
+    The batches, the eval mode, no_grad and autocast are those of `lxm.train.finetune.batch_logits`, so the first
+    prediction is `lxm predict`'s. The model is asked for its attentions (`output_attentions=True`), which it writes
+    out rather than calling SDPA: probabilities may differ from `predict_top`'s in the last digits."""
+    from torch.utils.data import DataLoader
+
+    from lxm.train.finetune_data import collate_finetune
+    from lxm.train.precision import autocast
+
+    model.eval()
+    device = torch.device(device)
+    per = len(task.image_columns)
+    found: dict = {}
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_finetune)
+    with torch.no_grad():
+        for batch in loader:
+            batch = batch.to(device)
+            with autocast(precision, device.type):
+                out = model(**batch.model_inputs(), output_attentions=True)
+                logits = task.logits(out)
+            tops = task.top(logits, k)
+            weights = cls_to_boxes(out).cpu().numpy()  # row = (example, image), as collate_finetune stacks them
+            for n, (i, top) in enumerate(zip(batch.ids, tops)):
+                found[i] = (top, [weights[n * per + j] for j in range(per)])
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------- picture
@@ -214,6 +222,63 @@ def _colour(rank: int) -> tuple[int, int, int]:
     return int(255 * b), int(255 * g), int(255 * r)
 
 
+def box_pixels(rec: ImageFeatures, scale: float, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """`rec`'s boxes (image pixels) on a picture of the image resized by `scale` to width x height: rounded,
+    inside the picture, (x1, y1, x2, y2) inclusive."""
+    out = []
+    for b in rec.boxes:
+        x1, y1, x2, y2 = (round(float(v) * scale) for v in b)
+        out.append((min(max(x1, 0), width - 1), min(max(y1, 0), height - 1),
+                    min(max(x2, 0), width - 1), min(max(y2, 0), height - 1)))
+    return out
+
+
+def label_top_boxes(pic: np.ndarray, rec: ImageFeatures, boxes: list[tuple[int, int, int, int]], weights,
+                    *, top: int = 5, objects: list[str] | None = None, attributes: list[str] | None = None,
+                    font: float = 0.6, thick: int = 1, image: int = 0
+                    ) -> tuple[list[PlacedLabel], list[int], int]:
+    """Outline the `top` boxes of `rec` with the largest `weights` on `pic` (in place; `boxes` are their pixel
+    rectangles on it) and label them "attribute object weight", strongest first, with the label placement of
+    `lxm.extract.show` (labels never overlap or leave the picture).
+
+    Returns (the placed labels, `image` naming the picture, the boxes left without a label for want of room, the
+    decimals of the labels: as many as tell the labelled weights, the range and 1/N apart)."""
+    w = np.asarray(weights, dtype=np.float64)
+    height, width = pic.shape[:2]
+    order = [int(i) for i in np.argsort(-w, kind="stable")[:top]]
+    digits = decimals([w[i] for i in order] + [w.min(), w.max(), 1.0 / w.size])  # the labels tell boxes apart
+    for rank, i in enumerate(order):  # outlines first: no outline is drawn over a label
+        cv2.rectangle(pic, boxes[i][:2], boxes[i][2:], _colour(rank), thick + 1)
+    taken: list = []
+    placed: list[PlacedLabel] = []
+    unlabelled: list[int] = []
+    for rank, i in enumerate(order):
+        obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"
+        att = attributes[rec.attrs_id[i]] if attributes else f"attr{rec.attrs_id[i]}"
+        label, fs = f"{att} {obj} {w[i]:.{digits}f}", font
+        (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+        while tw + 2 * PAD > width and fs > 0.3:  # narrower first, then shortened: never cut by the border
+            fs *= 0.9
+            (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+        while tw + 2 * PAD > width and len(obj) > 1:
+            obj = obj[:-1]
+            label = f"{att} {obj}... {w[i]:.{digits}f}"
+            (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+        rect, away = place_label(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
+        if rect is None:
+            unlabelled.append(i)
+            continue
+        taken.append(rect)
+        if away:
+            bx1, by1, bx2, by2 = boxes[i]
+            to = nearest_point((bx1, by1, bx2 + 1, by2 + 1), (rect[0] + rect[2]) / 2, (rect[1] + rect[3]) / 2)
+            cv2.line(pic, nearest_point(rect, *to), to, _colour(rank), thick, cv2.LINE_AA)
+        cv2.rectangle(pic, rect[:2], (rect[2] - 1, rect[3] - 1), _colour(rank), -1)
+        cv2.putText(pic, label, (rect[0] + PAD, rect[3] - PAD - base), FONT, fs, (0, 0, 0), thick, cv2.LINE_AA)
+        placed.append(PlacedLabel(image, i, label, float(w[i]), rect, away))
+    return placed, unlabelled, digits
+
+
 def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures], weights: list[np.ndarray],
                      text: str, answer: str, *, kind: str = "Q", objects: list[str] | None = None,
                      attributes: list[str] | None = None, top: int = 5, long_side: int = LONG_SIDE
@@ -223,7 +288,7 @@ def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures],
     Args:
         images_bgr: the request's images (one, or NLVR2's two), as decoded from their files.
         records: their features (boxes in image pixels, object / attribute ids).
-        weights: per image the [N] box weights (`CrossAttentionCapture.cls_to_vision`).
+        weights: per image the [N] box weights (`cls_to_boxes`).
         text: the question or statement; `kind` its title prefix ("Q" / "S").
         answer: the answer line, e.g. "frisbee (0.87)".
         objects, attributes: class names (`read_names`); ids ("obj12", "attr3") without them.
@@ -240,43 +305,14 @@ def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures],
     for k, (img, rec, w, scale) in enumerate(zip(images_bgr, records, weights, scales)):
         width = round(rec.img_w * scale)
         pic = cv2.resize(img, (width, height), interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
-        boxes = []
-        for b in rec.boxes:
-            x1, y1, x2, y2 = (round(float(v) * scale) for v in b)
-            boxes.append((min(max(x1, 0), width - 1), min(max(y1, 0), height - 1),
-                          min(max(x2, 0), width - 1), min(max(y2, 0), height - 1)))
+        boxes = box_pixels(rec, scale, width, height)
         w = np.asarray(w, dtype=np.float64)
         pic = _shade(pic, boxes, w)
-        order = [int(i) for i in np.argsort(-w, kind="stable")[:top]]
-        digits = decimals([w[i] for i in order] + [w.min(), w.max(), 1.0 / w.size])  # the labels tell boxes apart
+        labels, missed, digits = label_top_boxes(pic, rec, boxes, w, top=top, objects=objects,
+                                                 attributes=attributes, font=font, thick=thick, image=k)
         summaries.append(weight_summary(w, digits))
-        for rank, i in enumerate(order):  # outlines first: no outline is drawn over a label
-            cv2.rectangle(pic, boxes[i][:2], boxes[i][2:], _colour(rank), thick + 1)
-        taken: list = []
-        for rank, i in enumerate(order):
-            obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"
-            att = attributes[rec.attrs_id[i]] if attributes else f"attr{rec.attrs_id[i]}"
-            label, fs = f"{att} {obj} {w[i]:.{digits}f}", font
-            (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
-            while tw + 2 * PAD > width and fs > 0.3:  # narrower first, then shortened: never cut by the border
-                fs *= 0.9
-                (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
-            while tw + 2 * PAD > width and len(obj) > 1:
-                obj = obj[:-1]
-                label = f"{att} {obj}... {w[i]:.{digits}f}"
-                (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
-            rect, away = _place(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
-            if rect is None:
-                unlabelled.append((k, i))
-                continue
-            taken.append(rect)
-            if away:
-                bx1, by1, bx2, by2 = boxes[i]
-                to = _nearest((bx1, by1, bx2 + 1, by2 + 1), (rect[0] + rect[2]) / 2, (rect[1] + rect[3]) / 2)
-                cv2.line(pic, _nearest(rect, *to), to, _colour(rank), thick, cv2.LINE_AA)
-            cv2.rectangle(pic, rect[:2], (rect[2] - 1, rect[3] - 1), _colour(rank), -1)
-            cv2.putText(pic, label, (rect[0] + PAD, rect[3] - PAD - base), FONT, fs, (0, 0, 0), thick, cv2.LINE_AA)
-            placed.append(PlacedLabel(k, i, label, float(w[i]), rect, away))
+        placed += labels
+        unlabelled += [(k, i) for i in missed]
         panels.append(pic)
     total_w = sum(p.shape[1] for p in panels) + GAP * (len(panels) - 1)
     # the title band: the text and the answer in a larger font, the note on the shading in a smaller grey one

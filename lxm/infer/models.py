@@ -59,7 +59,7 @@ class Prediction:
     """What the model says about one request: its k best predictions, and (when asked for) what it looked at."""
 
     top: list[tuple[str, float]]  # (prediction string, probability), best first (`FinetuneTask.top`)
-    attention: list[np.ndarray] | None = None  # per image [N] weights over its boxes, summing to 1 (lxm.infer.explain)
+    attention: list[np.ndarray] | None = None  # per image [N] weights over its boxes, summing to 1 (cls_to_boxes)
 
 
 @dataclass
@@ -139,24 +139,22 @@ class Answerer:
         """One batch: texts [B] and each text's image records (`num_images` each) -> B predictions.
 
         The inputs are built exactly as the finetuning dataset builds them (`encode_example` + `collate_finetune`),
-        so an image and a question give what `lxm predict` gives for them.
+        so an image and a question give what `lxm predict` gives for them. `explain`: the model is also asked for its
+        attentions (`output_attentions=True`) and each prediction gets its images' `lxm.infer.explain.cls_to_boxes`
+        weights.
         """
-        from lxm.infer.explain import CrossAttentionCapture
+        from lxm.infer.explain import cls_to_boxes
 
         examples = [encode_example(i, text, [(rec, rec.normalized_boxes()) for rec in recs], self.tokenizer)
                     for i, (text, recs) in enumerate(zip(texts, images))]
         batch = collate_finetune(examples).to(self.device)
         self.model.eval()
         with torch.no_grad():
-            if explain:
-                with CrossAttentionCapture(self.model) as capture:
-                    out = self.model(**batch.model_inputs())
-                weights = capture.cls_to_vision().cpu().numpy()  # [rows, N]: row = (example, image)
-            else:
-                out = self.model(**batch.model_inputs())
+            out = self.model(**batch.model_inputs(), output_attentions=explain)
             tops = self.task.top(self.task.logits(out), k)
         preds = [Prediction(top) for top in tops]
         if explain:
+            weights = cls_to_boxes(out).cpu().numpy()  # [rows, N]: row = (example, image), as collated
             per = self.num_images
             for i, p in enumerate(preds):
                 p.attention = [weights[i * per + j] for j in range(per)]
