@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session's figures in one go (issue 15): the base pretraining step (lxm and transformers; fp32 and bf16
-# autocast; lxm also under torch.compile), the whole optimizer step's parts with eager and fused optimizers, the
-# loader next to the trainer at the achieved step rate, and extraction at batch 1/4/8 in fp32 and bf16. Installs
-# nothing beyond the project. Prints one table and writes OUT/gpu.json.
+# autocast; lxm also in its bf16 modes and under torch.compile), the whole optimizer step's parts with eager and
+# fused optimizers, the loader next to the trainer at the achieved step rate, and extraction at batch 1/4/8 in fp32
+# and bf16. Every lxm step mode runs twice (issue 28): on the plain path, the default on CUDA (LXM_CPU_KERNELS=0), and
+# with lxm's CPU kernels forced on (LXM_CPU_KERNELS=1), so the first run shows which is faster on the GPU; the
+# compiled rows run the plain path. Installs nothing beyond the project. Prints one table and writes OUT/gpu.json.
 #
-#   bash benchmarks/gpu.sh [--out DIR]            # on a CUDA machine: about 6-8 minutes on one H200
-#   bash benchmarks/gpu.sh --smoke [--out DIR]    # CPU, toy sizes, about a minute: checks the script runs (a test does)
+#   bash benchmarks/gpu.sh [--out DIR]            # on a CUDA machine (never run on one yet; estimated 8-12 minutes
+#                                                 # on one H200, up from 6-8 before the lxm step modes doubled)
+#   bash benchmarks/gpu.sh --smoke [--out DIR]    # CPU, toy sizes: checks the script runs (a bench-tier test does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +27,7 @@ py=${PYTHON:-python3}
 
 if [ "$smoke" = 1 ]; then
     device=cpu
-    step_args=(--configs tiny --rounds 1 --iters 2 --warmup 1)
+    step_args=(--configs tiny --rounds 1 --iters 2 --warmup 1 --bf16 on)  # every mode, whatever the CPU
     loader_args=(--smoke)
     extract_args=(--detector tiny --batch-sizes 4)
     parts_args=(--config tiny --steps 1)

@@ -1,6 +1,8 @@
 """The table of `benchmarks/gpu.sh`: reads the JSON files its steps wrote into DIR, prints one table, writes
 DIR/gpu.json (everything, one file) and checks the issue's GPU targets (lxm >= 2x transformers samples/s at base
-bf16, MFU >= 0.4, extraction >= 30 img/s), saying which are met.
+bf16, MFU >= 0.4, extraction >= 30 img/s), saying which are met. For each lxm step mode measured both ways it also
+prints the plain path's time (the default on CUDA) beside the forced CPU-kernel path's (`LXM_CPU_KERNELS=1`) and
+which is faster, one line each: `kernels <config> <precision>: plain <ms> ms, cpu kernels <ms> ms -> <faster>`.
 
     python benchmarks/gpu_report.py benchmarks/gpu-results
 """
@@ -20,8 +22,7 @@ def main(folder: str) -> None:
     extract = {k: json.loads((root / f"extract_{k}.json").read_text()) for k in ("fp32", "bf16")}
     rows = [("what", "setting", "figure")]
     for r in step["rows"]:
-        rows.append(("model step", f"{r['config']} batch {r['batch']}, {r['implementation']} {r['precision']}"
-                     + (" compiled" if r["compiled"] else ""),
+        rows.append(("model step", f"{r['config']} batch {r['batch']}, {r['label']}",
                      f"{r['ms']:.1f} ms, {r['samples_per_s']:.0f} samples/s, MFU {r['mfu']:.2f}, "
                      f"{r['peak_step_memory_mb']:.0f} MB"))
     for name, ms in parts["medians_ms"].items():
@@ -49,11 +50,29 @@ def main(folder: str) -> None:
     checks["extraction_img_s"] = (max(r["img_s"] for d in extract.values() for r in d["rows"]), 30.0)
     for name, (value, target) in checks.items():
         print(f"{name}={value:.2f} (target >= {target}: {'met' if value >= target else 'NOT met'})")
+    kernels = kernels_vs_plain(step["rows"])
+    for k in kernels:
+        print(f"kernels {k['config']} {k['precision']}: plain {k['plain_ms']:.1f} ms, cpu kernels "
+              f"{k['cpu_kernels_ms']:.1f} ms -> {k['faster']} ({k['plain_ms'] / k['cpu_kernels_ms']:.2f}x)")
     (root / "gpu.json").write_text(json.dumps({"model_step": step, "train_step_parts": parts, "trainer": trainer,
-                                               "extraction": extract,
+                                               "extraction": extract, "kernels_vs_plain": kernels,
                                                "checks": {k: {"value": v, "target": t}
                                                           for k, (v, t) in checks.items()}}, indent=2) + "\n")
     print(f"wrote {root / 'gpu.json'}")
+
+
+def kernels_vs_plain(step_rows: list[dict]) -> list[dict]:
+    """The lxm step modes measured both with lxm's CPU kernels and on the plain path: both times, and the faster."""
+    by = {(r["config"], r["precision"], r["compiled"], r["cpu_kernels"]): r for r in step_rows
+          if r["implementation"] == "lxm"}
+    out = []
+    for (config, precision, compiled, kernels), r in by.items():
+        plain = by.get((config, precision, compiled, False))
+        if kernels and plain is not None:
+            out.append({"config": config, "precision": precision + (" compiled" if compiled else ""),
+                        "plain_ms": plain["ms"], "cpu_kernels_ms": r["ms"],
+                        "faster": "plain" if plain["ms"] <= r["ms"] else "cpu kernels"})
+    return out
 
 
 if __name__ == "__main__":

@@ -8,8 +8,14 @@ round in reverse order, so that a drift within a round hits both alike); the fig
 steps. The "paired" speedup is the median over rounds of each round's own ratio (best transformers mode / best lxm
 mode, both measured minutes apart), which cancels this VM's slow speed drifts between rounds.
 `--keep-freed-memory` tells glibc in every child, both implementations', to keep freed memory for reuse
-(`lxm.memory.keep_freed_memory`: what lxm's trainer does on CPU); by default malloc is left as it is. Peak memory:
+(`lxm.memory.keep_freed_memory`: what the `lxm` commands do on CPU); by default malloc is left as it is. Peak memory:
 peak RSS during the steps minus RSS before them, per child.
+
+Every lxm mode runs twice: with lxm's CPU kernels ("cpu kernels on": `lxm.model.cpu_kernels`, the cheaper dropout
+draw and the written-out attention with dropout) and without them ("plain": torch.nn modules and
+`F.scaled_dot_product_attention`), each selected the way users select it, by `LXM_CPU_KERNELS=1` / `=0` in the
+child's environment (the child checks that its model resolved the setting asked for). With the variable unset (and
+config `cpu_kernels` null), lxm runs the CPU kernels on CPU tensors and the plain path elsewhere.
 
 Modes: each implementation in fp32 and in bf16 autocast (lxm: `--set precision=bf16-autocast`), and lxm's
 `--set precision=bf16`: a bf16 copy of the model computes, the fp32 master weights are what the optimizer updates
@@ -17,21 +23,27 @@ Modes: each implementation in fp32 and in bf16 autocast (lxm: `--set precision=b
 copied into the fp32 master gradients and the master weights copied back into the bf16 copy (the optimizer update
 itself, the same fp32 work in every mode, is in no row). lxm's "bf16+fused-optimizer" is that mode as `train_step`
 runs it with one micro-batch and `--set fused_optimizer=true`: the fused BertAdam itself reads the bf16 gradients and
-writes the bf16 weights, so the step is forward + backward, plus what the update then costs beyond the same fused
-update on fp32 gradients (measured in the same child after the timed steps, added to each; never below 0).
-`--compile` adds lxm under torch.compile (`--set compile=true`) in fp32 and bf16. Batches: small 64 and base 32
-(`--quick`: the old 8 and 4).
+writes the bf16 weights (`lxm.train.precision.step_from_bf16`), so the step is forward + backward, plus what the
+update then costs beyond the same fused update on fp32 gradients (measured in the same child after the timed steps,
+added to each; never below 0). The bf16 modes run only where the machine computes bf16 products fast (`--bf16
+auto`, the default, decides by capability, never by timing: on CUDA always; on a CPU only when /proc/cpuinfo lists
+avx512_bf16 or amx_bf16: an AVX2-only CPU runs bf16 products at about half its fp32 rate, so fp32 is its best mode);
+`--bf16 on|off` forces. The header names the CPU and the choice. `--compile` adds lxm under torch.compile (`--set
+compile=true`) in fp32 and bf16, on the device's default path (CPU kernels on CPU, plain on CUDA). Batches: small 64
+and base 32 (`--quick`: the old 8 and 4).
 
 MFU = the step's model FLOPs (`lxm.model.flops.pretraining_step_flops`: the matrix products the five losses need,
 from the config and this batch's real token / box / masked counts; printed) / step time / the machine's peak matrix
 product rate in the mode's precision, measured in this run (a child process, same threads) at the model's own GEMM
 shapes — the best rate over them, in the three layouts a training step uses (forward, and the two gradients).
 
-    python benchmarks/model_step.py                 # small 64 and base 32, fp32 and bf16 autocast, 2 threads
-    python benchmarks/model_step.py --quick --configs small --rounds 1 --no-bf16
+    python benchmarks/model_step.py                 # small 64 and base 32, fp32 (+ bf16 where fast), 2 threads
+    python benchmarks/model_step.py --quick --configs small --rounds 1 --bf16 off
 
-The LAST line is `best_speedup_base=<x.xx> mfu_base=<y.yy> speedup_small=<a.aa> speedup_base=<b.bb>`: the best lxm
-mode vs the best transformers mode at base, lxm's best mode's MFU at base, and transformers time / lxm time in fp32.
+The LAST line is `best_speedup_base=<x.xx> mfu_base=<y.yy> speedup_small=<a.aa> speedup_base=<b.bb>
+plain_fp32_speedup_base=<c.cc>`: the best lxm mode vs the best transformers mode at base, lxm's best mode's MFU at
+base, transformers time / lxm time in fp32 on the device's default path (CPU kernels on CPU, plain on CUDA), and
+transformers fp32 time / lxm plain fp32 time at base.
 """
 
 from __future__ import annotations
@@ -54,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lxm.model import (LxmertConfig, LxmertForPreTraining, PretrainLabels, lxmert_base, lxmert_small,  # noqa: E402
                        lxmert_tiny)
+from lxm.model.cpu_kernels import ENV  # noqa: E402  # LXM_CPU_KERNELS: "1" / "0" force lxm's CPU kernels on / off
 from lxm.model.losses import pretraining_step_losses  # noqa: E402
 from lxm.model.flops import pretraining_step_flops  # noqa: E402
 from lxm.model.weights import load_into  # noqa: E402
@@ -138,7 +151,7 @@ def build(name: str, which: str, batch: int, compiled: bool = False, device: str
         """median(bf16_clip + step_from_bf16) - median(clip_grad_norm_ + fused step on the fp32 gradients), each
         after a fresh forward + backward, at least 0; the first call of each compiles and is not counted."""
         from lxm.train.optim import BertAdam
-        from lxm.train.step import bf16_clip
+        from lxm.train.precision import bf16_clip, step_from_bf16
 
         masters = bf16_copy.master_params()
         direct, fp32 = (BertAdam(masters, lr=1e-4, warmup=0.05, t_total=1000, fused=True) for _ in range(2))
@@ -152,7 +165,7 @@ def build(name: str, which: str, batch: int, compiled: bool = False, device: str
                 _sync(device)
                 t0 = time.perf_counter()
                 if kind == "direct":
-                    direct.step_from_bf16(bf16_copy.pairs, bf16_clip(bf16_copy, 1.0)[1])
+                    step_from_bf16(direct, bf16_copy, bf16_clip(bf16_copy, 1.0)[1])
                 else:
                     torch.nn.utils.clip_grad_norm_([p for p in masters if p.grad is not None], 1.0)
                     fp32.step()
@@ -237,14 +250,20 @@ def proc_status_mb(field: str) -> float:
 
 def worker(name: str, which: str, batch: int, threads: int, iters: int, warmup: int, precision: str, malloc: bool,
            compiled: bool, device: str) -> None:
-    """Child process: step times, and peak memory during the steps (CPU: peak RSS minus RSS before them; CUDA: peak
-    allocated device memory minus the memory held before them)."""
+    """Child process: step times, peak memory during the steps (CPU: peak RSS minus RSS before them; CUDA: peak
+    allocated device memory minus the memory held before them), and whether lxm's model runs its CPU kernels (as
+    this process's LXM_CPU_KERNELS and the device resolve them; None for transformers)."""
     if malloc:
         keep_freed_memory()
     torch.set_num_threads(threads)
     model, step, extra = build(name, which, batch, compiled, device, replica=precision in ("bf16", FUSED),
                                moves_in_optimizer=precision == FUSED)
     autocast = precision == "bf16-autocast"
+    kernels = None
+    if which == "lxm":
+        from lxm.model import cpu_kernels
+
+        kernels = cpu_kernels.active(model.cpu_kernels, torch.empty(0, device=device))
     gc.collect()
     cuda = device.startswith("cuda")
     if cuda:
@@ -260,7 +279,7 @@ def worker(name: str, which: str, batch: int, threads: int, iters: int, warmup: 
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else proc_status_mb("VmHWM")
     added = extra() if extra is not None else 0.0
     print(json.dumps({"times_ms": [t + added for t in times], "resident_mb": base, "step_peak_mb": peak - base,
-                      "optimizer_extra_ms": added}))
+                      "optimizer_extra_ms": added, "cpu_kernels": kernels}))
 
 
 def gemm_shapes(cfg: LxmertConfig, batch: int) -> list[tuple[int, int, int]]:
@@ -306,13 +325,18 @@ def peak_rates(name: str, batch: int, dtype_name: str, device: str) -> dict:
     return {"peak_gflops": best, "per_shape": per_shape}
 
 
-def run_child(args, *extra: str) -> dict:
+def run_child(args, *extra: str, kernels: bool | None = None) -> dict:
+    """Run this script as a child with `extra` arguments; `kernels` True / False: LXM_CPU_KERNELS=1 / 0 in its
+    environment, None: unset (transformers, the peak rates)."""
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    if kernels is not None:
+        env[ENV] = "1" if kernels else "0"
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--iters", str(args.iters), "--warmup",
            str(args.warmup), "--device", args.device, *(["--quick"] if args.quick else []),
            *(["--keep-freed-memory"] if args.keep_freed_memory else []), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{ENV}={env.get(ENV, '(unset)')} {' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -324,8 +348,53 @@ def step_flops(name: str, batch: int) -> int:
 
 
 def best_mode(times: dict[tuple, float], which: str) -> tuple:
-    """The fastest (implementation, precision, compiled) mode of `which` ("hf" or "lxm") in `times`."""
+    """The fastest (implementation, precision, compiled, cpu kernels) mode of `which` ("hf" or "lxm") in `times`."""
     return min((m for m in times if m[0] == which), key=times.__getitem__)
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, flags) of this machine's first CPU in /proc/cpuinfo; (platform.processor(), no flags) where
+    there is none."""
+    import platform
+
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine(), flags
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # the CPU features that run bf16 products faster than fp32 ones
+
+
+def bf16_choice(flag: str, device: str) -> tuple[bool, str]:
+    """Whether to run the bf16 modes (`--bf16 auto|on|off`), and why: auto decides by capability, never by timing —
+    always on CUDA; on a CPU only with avx512_bf16 or amx_bf16 (without them, e.g. AVX2 only, bf16 products run at
+    about half the fp32 rate and fp32 is the machine's best mode)."""
+    if flag != "auto":
+        return flag == "on", f"--bf16 {flag}"
+    if device.startswith("cuda"):
+        return True, "auto: CUDA"
+    have = [f for f in BF16_FLAGS if f in cpu_info()[1]]
+    if have:
+        return True, f"auto: the CPU has {' and '.join(have)}"
+    return False, ("auto: the CPU has neither avx512_bf16 nor amx_bf16, so bf16 products run at about half the fp32 "
+                   "rate and fp32 is its best mode")
+
+
+def mode_tag(mode: tuple) -> str:
+    which, prec, compiled, kernels = mode
+    tag = f"{'transformers' if which == 'hf' else 'lxm'} {prec}{' compiled' if compiled else ''}"
+    return tag if kernels is None else tag + (" (cpu kernels on)" if kernels else " (plain)")
 
 
 def main() -> None:
@@ -338,11 +407,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", help="also write every figure to this JSON file")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
+    ap.add_argument("--bf16", default="auto", choices=("auto", "on", "off"),
+                    help="the bf16 modes: auto = where the machine runs bf16 products fast (CUDA; a CPU with "
+                         "avx512_bf16 or amx_bf16), on / off = always / never")
     ap.add_argument("--compile", action="store_true", help="add lxm under torch.compile (inductor; slow to compile)")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="tune glibc malloc in BOTH implementations' processes (lxm.memory.keep_freed_memory, "
-                         "what lxm's trainer does on CPU)")
+                         "what the lxm commands do on CPU)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--peak", help=argparse.SUPPRESS)
     ap.add_argument("--precision-child", default="fp32", help=argparse.SUPPRESS)
@@ -362,20 +433,28 @@ def main() -> None:
 
     import transformers
 
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} threads"
+    cuda = args.device.startswith("cuda")
+    cpu_name, cpu_flags = cpu_info()
+    bf16, why = bf16_choice(args.bf16, args.device)
+    default_kernels = not cuda  # what lxm runs with LXM_CPU_KERNELS unset and config cpu_kernels null
+    where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {args.device} ({where}), "
           f"{platform.machine()}, {os.cpu_count()} cpus; {args.rounds} rounds of one child process per "
           f"implementation and mode ({args.warmup} warm-up + {args.iters} timed steps each); medians over all timed "
           f"steps; glibc malloc " + ("keeps freed memory (both)" if args.keep_freed_memory else "as it is"))
-    dtypes = ("fp32",) if args.no_bf16 else ("fp32", "bf16")  # of the peak GEMM rates
-    modes = [("hf", "fp32", False), ("lxm", "fp32", False)]
-    if not args.no_bf16:
-        modes += [("hf", "bf16-autocast", False), ("lxm", "bf16-autocast", False), ("lxm", "bf16", False),
-                  ("lxm", FUSED, False)]
+    has = ", ".join(f"{f}: {'yes' if f in cpu_flags else 'no'}" for f in BF16_FLAGS)
+    print(f"# CPU: {cpu_name} ({has}); "
+          f"bf16 modes {'on' if bf16 else 'off'} ({why}); lxm runs each mode with {ENV}=1 (cpu kernels on) and "
+          f"=0 (plain), its default here: {'cpu kernels on' if default_kernels else 'plain'}", flush=True)
+    dtypes = ("fp32", "bf16") if bf16 else ("fp32",)  # of the peak GEMM rates
+    both = (True, False)  # lxm's CPU kernels on, off
+    modes = [("hf", "fp32", False, None)] + [("lxm", "fp32", False, k) for k in both]
+    if bf16:
+        modes += [("hf", "bf16-autocast", False, None)]
+        modes += [("lxm", prec, False, k) for prec in ("bf16-autocast", "bf16", FUSED) for k in both]
     if args.compile:
-        modes += [("lxm", prec, True) for prec in ("fp32",) + (() if args.no_bf16 else ("bf16",))]
-    label = {"hf": "transformers", "lxm": "lxm"}
-    speedups, best_speedup, best_mfu, paired = {}, {}, {}, {}
+        modes += [("lxm", prec, True, default_kernels) for prec in ("fp32",) + (("bf16",) if bf16 else ())]
+    speedups, plain_speedups, best_speedup, best_mfu, paired = {}, {}, {}, {}, {}
     rows: list[dict] = []
     for name in args.configs.split(","):
         batch = batches[name]
@@ -392,9 +471,12 @@ def main() -> None:
         for r in range(args.rounds):
             this_round = {}
             for mode in (modes if r % 2 == 0 else modes[::-1]):
-                which, prec, compiled = mode
+                which, prec, compiled, kernels = mode
                 res = run_child(args, "--worker", f"{name}:{which}", "--precision-child", prec,
-                                *(["--compiled-child"] if compiled else []))
+                                *(["--compiled-child"] if compiled else []), kernels=kernels)
+                if res["cpu_kernels"] != kernels:  # the switch did not reach the model: the rows would be mislabelled
+                    raise RuntimeError(f"{mode_tag(mode)}: the child's model resolved cpu kernels "
+                                       f"{res['cpu_kernels']} under {ENV}={'1' if kernels else '0'}")
                 times[mode] += res["times_ms"]
                 peak_mem[mode].append(res["step_peak_mb"])
                 added[mode].append(res["optimizer_extra_ms"])
@@ -402,34 +484,42 @@ def main() -> None:
             round_ratios.append(this_round[best_mode(this_round, "hf")] / this_round[best_mode(this_round, "lxm")])
         med = {m: statistics.median(t) for m, t in times.items()}
         for mode in modes:
-            which, prec, compiled = mode
+            which, prec, compiled, kernels = mode
             mfu = flops / (med[mode] / 1000) / (peaks[prec]["peak_gflops"] * 1e9)
-            tag = f"{label[which]} {prec}{' compiled' if compiled else ''}"
-            print(f"{name:5s} batch {batch} {tag:30s}: {med[mode]:8.1f} ms  {batch / med[mode] * 1000:7.1f} samples/s  "
-                  f"MFU {mfu:.2f}  peak step memory {statistics.median(peak_mem[mode]):6.0f} MB"
+            print(f"{name:5s} batch {batch} {mode_tag(mode):50s}: {med[mode]:8.1f} ms  "
+                  f"{batch / med[mode] * 1000:7.1f} samples/s  MFU {mfu:.2f}  "
+                  f"peak step memory {statistics.median(peak_mem[mode]):6.0f} MB"
                   + (f"  (incl. {statistics.median(added[mode]):+.1f} ms: the update's extra for the moves)"
                      if prec == FUSED else ""), flush=True)
-            rows.append({"config": name, "batch": batch, "implementation": label[which], "precision": prec,
-                         "compiled": compiled, "ms": med[mode], "samples_per_s": batch / med[mode] * 1000,
+            rows.append({"config": name, "batch": batch, "implementation": "transformers" if which == "hf" else "lxm",
+                         "precision": prec, "compiled": compiled, "cpu_kernels": kernels, "label": mode_tag(mode),
+                         "ms": med[mode], "samples_per_s": batch / med[mode] * 1000,
                          "mfu": mfu, "tflop_per_step": flops / 1e12, "peak_gflops": peaks[prec]["peak_gflops"],
                          "peak_step_memory_mb": statistics.median(peak_mem[mode]),
                          "optimizer_extra_ms": statistics.median(added[mode])})
-        speedups[name] = med["hf", "fp32", False] / med["lxm", "fp32", False]
+        hf_fp32 = med["hf", "fp32", False, None]
+        speedups[name] = hf_fp32 / med["lxm", "fp32", False, default_kernels]
+        plain_speedups[name] = hf_fp32 / med["lxm", "fp32", False, False]
         best_lxm_mode = best_mode(med, "lxm")
         best_speedup[name] = med[best_mode(med, "hf")] / med[best_lxm_mode]
         best_mfu[name] = flops / (med[best_lxm_mode] / 1000) / (peaks[best_lxm_mode[1]]["peak_gflops"] * 1e9)
         paired[name] = statistics.median(round_ratios)
-        print(f"{name}: best lxm mode {best_lxm_mode[1]}{' compiled' if best_lxm_mode[2] else ''} vs best "
-              f"transformers mode: {best_speedup[name]:.2f}x, MFU {best_mfu[name]:.2f}; paired (each round's best "
-              f"vs best): {', '.join(f'{x:.2f}' for x in round_ratios)} -> median {paired[name]:.2f}x", flush=True)
+        print(f"{name}: best lxm mode {mode_tag(best_lxm_mode)} vs best transformers mode "
+              f"{mode_tag(best_mode(med, 'hf'))}: {best_speedup[name]:.2f}x, MFU {best_mfu[name]:.2f}; paired (each "
+              f"round's best vs best): {', '.join(f'{x:.2f}' for x in round_ratios)} -> median {paired[name]:.2f}x; "
+              f"fp32: transformers / lxm plain {plain_speedups[name]:.2f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "rows": rows, "best_speedup": best_speedup,
                                                "best_mfu": best_mfu, "speedup_fp32": speedups,
-                                               "paired_best_speedup": paired,
+                                               "plain_speedup_fp32": plain_speedups,
+                                               "paired_best_speedup": paired, "cpu": cpu_name,
+                                               "cpu_bf16_flags": [f for f in BF16_FLAGS if f in cpu_flags],
+                                               "bf16": bf16, "bf16_reason": why,
                                                "keep_freed_memory": args.keep_freed_memory}, indent=2) + "\n")
     # the format stays fixed when base was not run (--configs small): its values are then nan
     print(f"best_speedup_base={best_speedup.get('base', math.nan):.2f} mfu_base={best_mfu.get('base', math.nan):.2f} "
-          f"speedup_small={speedups.get('small', math.nan):.2f} speedup_base={speedups.get('base', math.nan):.2f}")
+          f"speedup_small={speedups.get('small', math.nan):.2f} speedup_base={speedups.get('base', math.nan):.2f} "
+          f"plain_fp32_speedup_base={plain_speedups.get('base', math.nan):.2f}")
 
 
 if __name__ == "__main__":
