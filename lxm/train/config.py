@@ -78,7 +78,7 @@ class PretrainConfig:
     precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     fused_optimizer: bool = False  # the update as one compiled loop per parameter (BertAdam(fused=True), AdamW's
-    # fused kernel): 2.6-3.1x faster update on CPU at base size, same state; off: the original's eager arithmetic
+    # fused kernel): same state, compiled at the first step (needs a C++ compiler); off: the original's eager arithmetic
     cpu_kernels: bool | None = None  # None: the CPU kernels of lxm.model.cpu_kernels on for CPU tensors, off
     # elsewhere; true/false force them; the environment variable LXM_CPU_KERNELS=0|1 overrides this key
     seed: int = 9595  # seeds model init, masking and data order (the original's)
@@ -194,7 +194,7 @@ class FinetuneConfig:
     precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
     fused_optimizer: bool = False  # the update as one compiled loop per parameter (BertAdam(fused=True), AdamW's
-    # fused kernel): 2.6-3.1x faster update on CPU at base size, same state; off: the original's eager arithmetic
+    # fused kernel): same state, compiled at the first step (needs a C++ compiler); off: the original's eager arithmetic
     cpu_kernels: bool | None = None  # None: the CPU kernels of lxm.model.cpu_kernels on for CPU tensors, off
     # elsewhere; true/false force them; the environment variable LXM_CPU_KERNELS=0|1 overrides this key
     seed: int = 9595  # seeds the new head's init and the data order (the original's)
