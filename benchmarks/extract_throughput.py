@@ -72,7 +72,8 @@ def conv_profile(device: str, bf16: bool, threads: int, detector: str) -> None:
     from torch.profiler import profile
 
     from lxm.extract.images import caffe_blob, load_bgr
-    from lxm.extract.pipeline import ExtractConfig, _device, build_detector, detect
+    from lxm.devices import resolve_device
+    from lxm.extract.pipeline import ExtractConfig, build_detector, detect
     from lxm.memory import keep_freed_memory
 
     torch.set_num_threads(threads)
@@ -81,7 +82,7 @@ def conv_profile(device: str, bf16: bool, threads: int, detector: str) -> None:
     if device == "cpu":
         keep_freed_memory()  # as `lxm extract` does on CPU
     model, _ = build_detector(cfg, on_weights=lambda line: None)
-    det, dev = cfg.detector_config(), _device(device)
+    det, dev = cfg.detector_config(), resolve_device(device)
     img = load_bgr(min(IMAGES.glob("*.jpg")))
     blob, scale = caffe_blob(img, det.pixel_mean_bgr, det.min_size, det.max_size)
     blobs = [(blob, scale, img.shape[:2])]

@@ -26,10 +26,11 @@ from lxm.corpus.build import GQA_SCHEMA, NLVR2_SCHEMA, VQA_SCHEMA
 from lxm.features.store import FeatureStore
 from lxm.infer import ImageRef, Request, answer_requests, load_answerer
 from lxm.infer.detect import Detector, StoredFeatures, detector_config
-from lxm.infer.explain import cls_to_boxes, read_names, render_attention
+from lxm.extract.draw import read_names
+from lxm.infer.explain import cls_to_boxes, render_attention
 from lxm.model import LxmertForFinetuning, LxmertForPreTraining, lxmert_tiny, save_hf, save_lxm, save_original
 from lxm.model.weights import read_checkpoint
-from lxm.train.finetune import load_run, predict_top
+from lxm.infer.runs import load_run, predict_top
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune, encode_example
 
 STEMS = ["COCO_train2014_000000084002", "COCO_train2014_000000131486", "COCO_train2014_000000132417",

@@ -28,7 +28,7 @@ from lxm.features.records import ImageFeatures
 from lxm.infer import load_answerer
 from lxm.infer.explain import render_attention, shade_levels, weight_summary
 from lxm.model import LxmertForFinetuning, save_lxm
-from lxm.train.finetune import load_run, predict_run
+from lxm.infer.runs import load_run, predict_run
 
 STEMS = ["COCO_train2014_000000084002", "COCO_train2014_000000131486"]
 ANSWERS = ["red", "blue", "dog", "cat"]

@@ -82,6 +82,10 @@ IMPORT_RULES = {
     "features": ("lxm.train", "lxm.extract", "lxm.cli"),
     "extract": ("lxm.train", "lxm.model", "lxm.corpus", "lxm.eval", "lxm.cli"),
     "eval": ("torch",),
+    # using runs never needs the training recipes (the finetuner imports lxm.infer.runs, not the reverse)
+    "infer": ("lxm.train.finetune", "lxm.train.pretrain", "lxm.train.step", "lxm.train.optim", "lxm.gallery",
+              "lxm.corpus"),
+    "gallery": ("lxm.train.finetune", "lxm.train.pretrain", "lxm.train.step", "lxm.train.optim", "lxm.corpus"),
 }
 
 
@@ -120,3 +124,35 @@ def test_import_rules_hold_in_the_source():
             forbidden.append("lxm.cli")
         broken += [f"{rel}: {name}" for name in _breaks(names, forbidden)]
     assert not broken, broken
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))  # __version__ is public
+
+
+def _private_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of every `from lxm.X import _name` / `import lxm.X._y` in a file (the top or inside functions)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("lxm"):
+            found += [(node.module, a.name) for a in node.names if _private(a.name)]
+            found += [(node.module, part) for part in node.module.split(".") if _private(part)]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, part) for a in node.names if a.name.startswith("lxm.")
+                      for part in a.name.split(".") if _private(part)]
+    return found
+
+
+def test_no_private_name_crosses_packages():
+    """A `_name` is its package's own: another package of lxm, or a benchmark script, that needs it gets a public
+    name in the package that owns it (style §11, "no `_private` names cross packages")."""
+    root = REPO / "lxm"
+    crossing = []
+    for path in sorted(root.rglob("*.py")) + sorted((REPO / "benchmarks").glob("*.py")):
+        rel = path.relative_to(REPO)
+        own = rel.parts[1] if rel.parts[0] == "lxm" and len(rel.parts) > 2 else None
+        for module, name in _private_imports(path):
+            owner = module.split(".")[1] if module.count(".") >= 1 else None
+            if owner != own:
+                crossing.append(f"{rel}: from {module} import {name}")
+    assert not crossing, crossing

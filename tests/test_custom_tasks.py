@@ -17,6 +17,7 @@ from lxm.cli import app
 from lxm.errors import ConfigError
 from lxm.eval import (MetricsInputError, PredictionError, classify_metrics, macro_f1, qa_metrics, read_classify_jsonl,
                       read_qa_jsonl, vqa_question_accuracy)
+from lxm.model import IGNORE_INDEX
 from lxm.train.config import load_finetune_config
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.tasks import ClassifyTask, QaTask, VqaTask, qa_answer_table
@@ -259,7 +260,7 @@ def test_classify_run_predict_and_evaluate_round_trip(world, tmp_path):
         summary["best"], best["macro_f1"])
 
     # the inference interface the other commands use
-    from lxm.train.finetune import load_run, predict_top
+    from lxm.infer.runs import load_run, predict_top
 
     _, task, model = load_run(run, "classify")
     data = FinetuneDataset(task, None, ["valid"], [root / "ft_feats"], BERT_VOCAB)
@@ -276,7 +277,7 @@ def test_a_validation_label_outside_the_training_labels_counts_as_wrong(world, t
         {"id": 1, "img_id": "ft0000", "text": "a", "label": "true"},
         {"id": 2, "img_id": "ft0001", "text": "b", "label": "maybe"}]))})
     data = FinetuneDataset(task, None, ["valid"], [root / "ft_feats"], BERT_VOCAB)
-    assert collate_finetune([data[0], data[1]]).class_labels.tolist() == [2, -100]
+    assert collate_finetune([data[0], data[1]]).class_labels.tolist() == [2, IGNORE_INDEX]
     assert task.score(data.ids, data.targets, {1: "true", 2: "true"}) == {
         "accuracy": 50.0, "macro_f1": round(100 * (2 / 3 + 0) / 2, 2)}
 

@@ -325,7 +325,7 @@ def test_show_draws_the_boxes_with_vocabulary_names(tmp_path, sample_rows):
     assert drawn.shape == (round(orig.shape[0] * 800 / orig.shape[1]), 800, 3)  # upscaled so labels read
     orig = cv2.resize(orig, drawn.shape[1::-1], interpolation=cv2.INTER_CUBIC)
     assert np.abs(drawn.astype(int) - orig.astype(int)).sum(axis=2).astype(bool).mean() > 0.005
-    from lxm.extract.show import load_vocab
+    from lxm.extract.draw import load_vocab
 
     names = load_vocab(SHARED / "fixtures" / "butd-coco-sample" / "vocab" / "objects_vocab.txt")
     assert len(names) == 1600 and "," not in "".join(names)

@@ -28,7 +28,7 @@ from lxm.corpus.build import GQA_SCHEMA, NLVR2_SCHEMA, VQA_SCHEMA
 from lxm.gallery.assets import load_asset
 from lxm.gallery.build import GalleryConfig, load_records
 from lxm.train.config import load_config
-from lxm.train.finetune import load_run
+from lxm.infer.runs import load_run
 from lxm.train.finetune_data import collate_finetune
 
 FIXTURE = SHARED / "fixtures" / "butd-coco-sample"

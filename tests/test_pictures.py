@@ -35,7 +35,8 @@ def _assert_layout(drawing):
 
 
 def test_show_labels_every_released_box_with_vocabulary_names_without_overlap(rows):
-    from lxm.extract.show import load_vocab, render
+    from lxm.extract.draw import load_vocab
+    from lxm.extract.show import render
 
     objects, attributes = load_vocab(SAMPLE / "vocab" / "objects_vocab.txt"), load_vocab(
         SAMPLE / "vocab" / "attributes_vocab.txt")

@@ -12,18 +12,19 @@ import subprocess
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from conftest import BERT_VOCAB
 from lxm.cli import app
 from lxm.model import CheckpointError
-from lxm.train.config import load_finetune_config
-from lxm.train.finetune import Finetuner
+from lxm.train.config import load_finetune_config, pretrain_tiny
+from lxm.train.finetune import Finetuner, resolve_init
 from lxm.train.optim import make_optimizer
 from lxm.train.pretrain import resume_candidates
-from lxm.train.run import (DiskFullError, NonFiniteLossError, RunLock, RunLogger, RunStopped, read_state,
-                           remove_checkpoint, remove_stale_temp_files, restore_newest, restore_state, rewind_logs,
-                           save_state, training_state)
+from lxm.train.run import (DiskFullError, NonFiniteLossError, RunLock, RunLogger, RunStopped, latest_checkpoint,
+                           read_state, remove_checkpoint, remove_stale_temp_files, restore_newest, restore_state,
+                           rewind_logs, save_state, step_checkpoints, training_state)
 from synthetic import make_custom_world
 
 
@@ -253,6 +254,20 @@ def test_epoch_checkpoints_are_resume_candidates(tmp_path):
         (ckpts / name).write_bytes(b"")
     assert [p.name for p in resume_candidates(tmp_path, 4)] == ["epoch-01.pt", "step-4.pt", "epoch-00.pt",
                                                                   "step-3.pt"]
+
+
+def test_one_step_checkpoint_lister_serves_resume_and_init(tmp_path):
+    """`step_checkpoints` (newest first, by number not by name) is what `--resume` and `--init RUN` both read; a
+    stray file that only looks like a checkpoint is not one."""
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name in ("step-9.pt", "step-10.pt", "step-old.pt", "step-2.pt.damaged", "epoch-00.pt"):
+        (ckpts / name).write_bytes(b"")
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step-10.pt", "step-9.pt"]
+    assert latest_checkpoint(tmp_path) == ckpts / "step-10.pt"
+    config = yaml.safe_load(pretrain_tiny().to_yaml()) | {"corpus": "c", "features": ["f"]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))  # a pretraining run that saved no model yet
+    assert resolve_init(str(tmp_path)) == str(ckpts / "step-10.pt")
 
 
 def test_only_lxms_own_temp_files_of_finished_writers_are_removed(tmp_path):

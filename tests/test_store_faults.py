@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import SHARED
 from lxm.cli import app
+from lxm.errors import ConfigError
 from lxm.extract.images import ImageError, caffe_blob, list_images, load_bgr
 from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStore, FeatureStoreWriter, StoreError
@@ -293,7 +294,7 @@ def test_show_refuses_the_vocabulary_of_another_detector(tmp_path):
 
 
 def test_fit_names_warns_and_falls_back_to_ids_where_asked(caplog):
-    from lxm.extract.show import detector_classes, fit_names
+    from lxm.extract.draw import detector_classes, fit_names
 
     objects, attributes = [f"o{i}" for i in range(1600)], [f"a{i}" for i in range(400)]
     manifest = {"extractor": {"detector": {"num_classes": 20, "num_attrs": 8}}}
@@ -305,14 +306,13 @@ def test_fit_names_warns_and_falls_back_to_ids_where_asked(caplog):
     assert os.environ.get("LXM_MAX_IMAGE_PIXELS") is None
 
 
-def test_ask_and_gallery_name_readers_fall_back_to_ids_for_another_detector(caplog):
+def test_the_name_reader_of_ask_and_the_gallery_falls_back_to_ids_for_another_detector(caplog, tmp_path):
     from lxm.extract.detector import detector_tiny, vg_r101
-    from lxm.extract.show import detector_classes
-    from lxm.gallery.assets import read_names as gallery_names
-    from lxm.infer.explain import read_names as explain_names
+    from lxm.extract.draw import detector_classes, read_names
 
-    for read in (gallery_names, explain_names):
-        assert read(VG_VOCAB, detector_classes(detector_tiny())) == (None, None)
-        objects, attributes = read(VG_VOCAB, detector_classes(vg_r101()))
-        assert len(objects) == 1600 and len(attributes) == 400
-    assert caplog.text.count("20 object classes and 8 attributes") == 2
+    assert read_names(VG_VOCAB, detector_classes(detector_tiny())) == (None, None)
+    objects, attributes = read_names(VG_VOCAB, detector_classes(vg_r101()))
+    assert len(objects) == 1600 and len(attributes) == 400
+    assert caplog.text.count("20 object classes and 8 attributes") == 1
+    with pytest.raises(ConfigError, match=r"no objects_vocab.txt"):  # a folder without the names: one line
+        read_names(tmp_path)

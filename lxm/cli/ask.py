@@ -112,8 +112,8 @@ def ask_cmd(
     from lxm.infer import ImageRef, Request, answer_requests, load_answerer, read_requests, reply_json
     from lxm.infer.detect import (Detector, StoredFeatures, check_image_file, detector_config, detectors_for,
                                   feature_dim, read_image)
-    from lxm.extract.show import detector_classes
-    from lxm.infer.explain import read_names, render_attention, write_png
+    from lxm.extract.draw import detector_classes, read_names
+    from lxm.infer.explain import render_attention, write_png
     from lxm.infer.outputs import check_output_dir, check_output_file
 
     single = question is not None or statement is not None

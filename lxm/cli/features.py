@@ -151,7 +151,8 @@ def show_cmd(
     import cv2
 
     from lxm.extract.images import ImageError, load_bgr
-    from lxm.extract.show import detector_classes, draw, fit_names, load_vocab
+    from lxm.extract.draw import detector_classes, fit_names, load_vocab
+    from lxm.extract.show import draw
     from lxm.features.store import FeatureStore
 
     if out.is_dir():  # before any drawing; cv2 would fail on it with a traceback

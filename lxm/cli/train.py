@@ -272,7 +272,7 @@ def predict_cmd(
     """
     from lxm.infer.outputs import check_output_file
     from lxm.train.config import FINETUNE_TASKS
-    from lxm.train.finetune import predict_run
+    from lxm.infer.runs import predict_run
 
     if task not in FINETUNE_TASKS:
         fail(ConfigError(f"unknown task {task!r} ({', '.join(FINETUNE_TASKS)})"))

@@ -88,11 +88,6 @@ class ExtractConfig:
         return cfg
 
 
-def _device(name: str) -> torch.device:
-    # the one rule of every command (lxm.devices): "auto"/"cuda" take cuda:LOCAL_RANK under torchrun, no silent CPU
-    return resolve_device(name)
-
-
 @dataclass(frozen=True)
 class EngineChoice:
     """The engine a run uses, what was asked for, and which detectron2 it runs; recorded in the store's manifest."""
@@ -177,7 +172,9 @@ class _Done:
         return self.value
 
 
-def _record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeatures:
+def image_record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeatures:
+    """The stored record of one image: the detector's output `out` at the selected boxes `sel`, `size` (h, w) of
+    the original image, features cast to `dtype` (what `lxm extract` writes and `lxm ask` computes in memory)."""
     return ImageFeatures(
         img_id=img_id, img_h=size[0], img_w=size[1],
         objects_id=sel.objects_id.cpu().numpy().astype(np.int64),
@@ -206,10 +203,10 @@ def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None 
     if engine.name == "detectron2":
         from lxm.extract.engine_d2 import Detectron2Detector
 
-        d2 = Detectron2Detector(det_cfg, str(_device(cfg.device)))
+        d2 = Detectron2Detector(det_cfg, str(resolve_device(cfg.device)))
         d2.load_from(model)
         model = d2
-    model = model.to(_device(cfg.device))
+    model = model.to(resolve_device(cfg.device))
     if cfg.bf16:  # BN folded, bf16 channels-last convolutions; fp32 keeps the reference network bit for bit
         model = prepare_bf16(model)
     return model, {**engine.manifest(), "weights": report.source,
@@ -270,7 +267,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
         raise ConfigError(f"unknown selection mode {cfg.mode!r}; 'lxmert' or 'maxnms'")
     if cfg.engine not in ENGINES:
         raise ConfigError(f"unknown engine {cfg.engine!r}; one of {', '.join(ENGINES)}")
-    device = _device(cfg.device)  # a wrong --device fails before the folder is listed
+    device = resolve_device(cfg.device)  # a wrong --device fails before the folder is listed
     image_limits()  # a wrong $LXM_MAX_IMAGE_PIXELS / _BYTES too
     every = list_images(cfg.images)
     if not every:
@@ -351,7 +348,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
                         else:
                             sel = select_maxnms(out.proposals, out.pred_boxes, out.cls_prob, out.attr_prob,
                                                 num_boxes=cfg.num_boxes)
-                        writer.add(_record(path.stem, out, sel, out.image_size, np_dtype))
+                        writer.add(image_record(path.stem, out, sel, out.image_size, np_dtype))
                         summary["extracted"] += 1
                     if on_progress is not None:  # per image: the full detector takes many seconds for each
                         on_progress(before + k + 1, total, summary["extracted"] / (time.perf_counter() - t0))

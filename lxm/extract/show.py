@@ -17,25 +17,16 @@ from __future__ import annotations
 
 import colorsys
 import logging
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
-from lxm.errors import ConfigError
-from lxm.extract.images import ImageError
+from lxm.extract.draw import FONT, FONT_SCALE, LONG_SIDE, PAD, check_drawable, nearest_point, place_label
 from lxm.features.records import ImageFeatures
 
 _logger = logging.getLogger(__name__)
 
-LONG_SIDE = 800  # pixels: smaller images are upscaled to this long side, larger ones are kept as they are
-FONT = cv2.FONT_HERSHEY_SIMPLEX
-FONT_SCALE = 0.6  # at LONG_SIDE; scaled with the picture (cap height about 13 px on an 800-px picture)
-PAD = 3  # pixels of label background around the text
 
 
 @dataclass
@@ -52,94 +43,6 @@ class Drawing:
     scale: float  # picture pixels per image pixel
     labels: list[Label] = field(default_factory=list)
     unlabelled: list[int] = field(default_factory=list)  # boxes drawn without a label: no room was left
-
-
-def load_vocab(path: str | os.PathLike) -> list[str]:
-    """BUTD vocabulary file: line i names class i; synonyms after a comma are dropped (spec §3)."""
-    return [line.split(",")[0].strip() for line in Path(path).read_text().splitlines()]
-
-
-def detector_classes(manifest: Mapping[str, Any] | Any | None) -> tuple[int, int] | None:
-    """(object classes, attributes) of the detector that made a store's features, as its manifest records them
-    (`lxm extract` writes the detector's config under "extractor"), or of a `DetectorConfig` (features made in
-    memory, `lxm ask`); None where the manifest does not say (features imported from a TSV or HDF5 file)."""
-    if manifest is not None and not isinstance(manifest, Mapping):
-        return int(manifest.num_classes), int(manifest.num_attrs)
-    det = ((manifest or {}).get("extractor") or {}).get("detector")
-    if isinstance(det, dict):
-        n_obj, n_att = det.get("num_classes"), det.get("num_attrs")
-        if isinstance(n_obj, int) and isinstance(n_att, int):
-            return n_obj, n_att
-    return None
-
-
-def fit_names(objects: list[str] | None, attributes: list[str] | None, classes: tuple[int, int] | None, *,
-              option: str = "--vocab", source: str = "the features", strict: bool = True
-              ) -> tuple[list[str] | None, list[str] | None]:
-    """The class names to label boxes with: `objects` / `attributes` when they are the vocabulary of the detector
-    with `classes` = (object classes, attributes) (`detector_classes`; None: not known, the names are taken and
-    `check_drawable` checks the ids against them).
-
-    Names of another detector would label every box wrongly (the tiny detector's 20 classes named from BUTD's 1600:
-    "red microwave"): `strict` raises a ConfigError naming both sizes; otherwise a warning is logged and (None, None)
-    returned, so the boxes are labelled with their ids.
-    """
-    if objects is None or attributes is None or classes is None:
-        return objects, attributes
-    if (len(objects), len(attributes)) == tuple(classes):
-        return objects, attributes
-    problem = (f"{option} has {len(objects)} object and {len(attributes)} attribute names, but {source} come from "
-               f"a detector with {classes[0]} object classes and {classes[1]} attributes (another detector's names)")
-    if strict:
-        raise ConfigError(f"{problem}; leave out {option} to label the boxes with ids")
-    _logger.warning("%s; the boxes are labelled with ids", problem)
-    return None, None
-
-
-def _overlaps(a, b) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def place_label(w: int, h: int, box: tuple[int, int, int, int], taken: list, width: int, height: int):
-    """The first free (x1, y1, x2, y2) for a w x h label of `box`, and whether it sits away from the box; None if the
-    picture has no room left."""
-    bx1, by1, bx2, by2 = box
-
-    def fit(x, y):
-        x, y = min(max(x, 0), width - w), min(max(y, 0), height - h)
-        rect = (x, y, x + w, y + h)
-        return None if any(_overlaps(rect, t) for t in taken) else rect
-
-    for x in (bx1, bx2 - w):
-        for y in (by1 - h, by1, by2, by2 - h):
-            rect = fit(x, y)
-            if rect:
-                return rect, False
-    # Nothing next to the box is free: the free place nearest to its top-left corner, on a grid of half a label.
-    step_x, step_y = max(1, w // 4), max(1, h // 2)
-    spots = [(x, y) for y in range(0, height - h + 1, step_y) for x in range(0, width - w + 1, step_x)]
-    spots.sort(key=lambda p: (p[0] - bx1) ** 2 + (p[1] - by1) ** 2)
-    for x, y in spots:
-        rect = fit(x, y)
-        if rect:
-            return rect, True
-    return None, True
-
-
-def nearest_point(rect, x: float, y: float) -> tuple[int, int]:
-    return int(min(max(x, rect[0]), rect[2] - 1)), int(min(max(y, rect[1]), rect[3] - 1))
-
-
-def check_drawable(image_bgr: np.ndarray, rec: ImageFeatures, objects: list[str] | None,
-                   attributes: list[str] | None, option: str = "--vocab") -> None:
-    """The image is the one the features were extracted from, and the class names (from `option`) cover its ids."""
-    if image_bgr.shape[:2] != (rec.img_h, rec.img_w):
-        raise ImageError(f"image is {image_bgr.shape[1]}x{image_bgr.shape[0]} but the features of {rec.img_id!r} "
-                         f"were extracted from a {rec.img_w}x{rec.img_h} image")
-    for kind, names, ids in (("object", objects, rec.objects_id), ("attribute", attributes, rec.attrs_id)):
-        if names and int(ids.max(initial=0)) >= len(names):
-            raise ConfigError(f"{option}: {len(names)} {kind} names, but image {rec.img_id!r} has {kind} id "
-                              f"{int(ids.max())} (a vocabulary of another detector?)")
 
 
 def render(image_bgr: np.ndarray, rec: ImageFeatures, objects: list[str] | None = None,

@@ -3,7 +3,7 @@ downscaled and written as JPEGs beside the page.
 
 Which boxes: the example's `GalleryRecord.attention`, the last cross layer's [CLS] -> boxes attention averaged over
 the heads (`lxm.infer.explain.cls_to_boxes`, the weights `lxm ask --explain` shades by); the `boxes` largest are
-outlined and labelled "attribute object weight" (`lxm.infer.explain.label_top_boxes`, the label placement of
+outlined and labelled "attribute object weight" (`lxm.extract.draw.label_top_boxes`, the label placement of
 `lxm show`), without the shading of `--explain`'s picture, so the image stays readable. The weights differ per
 example, so each example gets its own picture of each of its images (`asset_name`).
 
@@ -24,10 +24,9 @@ import cv2
 import numpy as np
 
 from lxm.extract.images import ImageError, list_images, load_bgr
-from lxm.extract.show import FONT_SCALE, check_drawable, fit_names, load_vocab
-from lxm.extract.show import LONG_SIDE as SHOW_LONG_SIDE
+from lxm.extract.draw import FONT_SCALE, PlacedLabel, box_pixels, check_drawable, label_top_boxes
+from lxm.extract.draw import LONG_SIDE as SHOW_LONG_SIDE
 from lxm.features.records import ImageFeatures
-from lxm.infer.explain import PlacedLabel, box_pixels, label_top_boxes
 
 LONG_SIDE = 480  # pixels of an asset's long side (smaller images are enlarged to it, as lxm show does)
 JPEG_QUALITY = 85
@@ -47,18 +46,6 @@ def index_images(folders: Sequence[str | os.PathLike]) -> dict[str, Path]:
                 raise ImageError(f"--images: two images have the img_id {path.stem!r}: {other} and {path}; "
                                  f"pass one of the folders")
     return where
-
-
-def read_names(vocab_dir: str | os.PathLike | None, classes: tuple[int, int] | None = None
-               ) -> tuple[list[str] | None, list[str] | None]:
-    """(object names, attribute names) from a folder with objects_vocab.txt / attributes_vocab.txt; (None, None)
-    without one, or with a logged warning when they are not the vocabulary of the detector with `classes` (labels
-    are ids then; `lxm.extract.show.fit_names`)."""
-    if vocab_dir is None:
-        return None, None
-    folder = Path(vocab_dir)
-    return fit_names(load_vocab(folder / "objects_vocab.txt"), load_vocab(folder / "attributes_vocab.txt"), classes,
-                     option=f"--vocab-dir {folder}", strict=False)
 
 
 def asset_name(example_id: int | str, position: int = 0, images: int = 1) -> str:

@@ -33,10 +33,10 @@ import cv2
 from lxm.atomic import atomic_path
 from lxm.errors import ConfigError, LxmError
 from lxm.extract.images import ImageError
-from lxm.extract.show import detector_classes, fit_names
+from lxm.extract.draw import detector_classes, fit_names, read_names
 from lxm.gallery import page
 from lxm.gallery import records as gallery_records
-from lxm.gallery.assets import BOXES_NOTE, asset_name, draw_asset, index_images, load_asset, read_names
+from lxm.gallery.assets import BOXES_NOTE, asset_name, draw_asset, index_images, load_asset
 from lxm.gallery.page import GENERATOR, ImageView
 from lxm.gallery.records import GalleryError, GalleryRecord, Summary
 
@@ -182,7 +182,7 @@ def load_records(run: str | os.PathLike, cfg: GalleryConfig, log: Callable[[str]
     and summary."""
     from lxm.devices import resolve_device
     from lxm.infer.explain import predict_explained
-    from lxm.train.finetune import load_run
+    from lxm.infer.runs import load_run
     from lxm.train.finetune_data import FinetuneDataset
 
     log = log or _logger.info

@@ -162,7 +162,7 @@ def build_records(task: Any, ids: Sequence, texts: Sequence[str], images: Sequen
                   targets: Sequence, top: Mapping, types: Mapping[str, Sequence[str]],
                   attention: Mapping | None = None) -> list[GalleryRecord]:
     """One record per example, in the given (dataset) order; `top` is id -> [(prediction, probability)] of
-    `lxm.train.finetune.predict_top`, `types` field -> value per example, `attention` id -> per image [N] weights
+    `lxm.infer.runs.predict_top`, `types` field -> value per example, `attention` id -> per image [N] weights
     (`lxm.infer.explain.predict_explained`; None: the records hold none)."""
     if any(t is None for t in targets):
         raise GalleryError(f"{task.name}: {sum(t is None for t in targets)} of {len(targets)} examples have no label "

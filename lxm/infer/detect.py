@@ -2,7 +2,7 @@
 
 `Detector` runs exactly what `lxm extract` runs for one image (`lxm.extract.pipeline`): Caffe decoding and
 preprocessing (`load_bgr`, `caffe_blob`), the Faster R-CNN (`build_detector`, engine "auto" / "torch" /
-"detectron2"), LXMERT's 36-box selection (`select_lxmert`, or "maxnms") and the same record (`_record`), kept in
+"detectron2"), LXMERT's 36-box selection (`select_lxmert`, or "maxnms") and the same record (`image_record`), kept in
 memory in float32 (a float16 store rounds them; with `dtype="float32"` the store holds these very values). Equal-
 size images of one call share a backbone pass, as in `lxm extract`. `StoredFeatures` reads records that `lxm
 extract` (or `lxm convert`) already wrote.
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from lxm.extract.images import ImageError, caffe_blob, load_bgr
-from lxm.extract.pipeline import DETECTORS, ExtractConfig, _record, build_detector, choose_engine, detect
+from lxm.extract.pipeline import (DETECTORS, ExtractConfig, build_detector, choose_engine, detect,
+                                  image_record)
 from lxm.extract.select import select_lxmert, select_maxnms
 from lxm.extract.weights import RANDOM
 from lxm.features.records import ImageFeatures
@@ -118,7 +119,7 @@ class Detector:
                 else:
                     sel = select_maxnms(det.proposals, det.pred_boxes, det.cls_prob, det.attr_prob,
                                         num_boxes=self.cfg.num_boxes)
-                out.append(_record(path.stem, det, sel, det.image_size, np.float32))
+                out.append(image_record(path.stem, det, sel, det.image_size, np.float32))
         return out
 
 

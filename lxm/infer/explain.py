@@ -16,16 +16,15 @@ The picture (`render_attention`): the image (upscaled to a long side of at least
 darkened outside the boxes, each box brought back towards full brightness by its weight relative to uniform
 attention 1/N (`shade_levels`: the strongest box full, a box at 1/N half, the weakest dark; the strongest drawn last,
 on top), so that near-uniform attention still shows which boxes got more; the top boxes outlined and labelled
-"attribute object weight" (with as many decimals as tell them apart) with the label placement of `lxm.extract.show`
+"attribute object weight" (with as many decimals as tell them apart) with the label placement of `lxm.extract.draw`
 (next to the box, else at the nearest free place with a leader line; labels never overlap or leave the picture); a
 title band with the question or statement, the answer with its probability, what the shading is, and per image the
 weights' range and entropy (`weight_summary`: how far from uniform they are). NLVR2's two images stand side by side.
-`label_top_boxes` draws the outlines and labels alone (the gallery's pictures, which are not shaded).
+`lxm.extract.draw.label_top_boxes` draws the outlines and labels alone (the gallery's pictures, which are not shaded).
 """
 
 from __future__ import annotations
 
-import colorsys
 import logging
 import math
 import os
@@ -38,9 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lxm.errors import ConfigError
 from lxm.extract.images import ImageError
-from lxm.extract.show import FONT, LONG_SIDE, PAD, check_drawable, fit_names, load_vocab, nearest_point, place_label
+from lxm.extract.draw import (FONT, LONG_SIDE, PAD, PlacedLabel, box_pixels, check_drawable, decimals,
+                              label_top_boxes)
 from lxm.features.records import ImageFeatures
 
 if TYPE_CHECKING:
@@ -76,10 +75,10 @@ def predict_explained(task: FinetuneTask, model: nn.Module, dataset: FinetuneDat
                       batch_size: int = 256, device: torch.device | str = "cpu", precision: str = "fp32"
                       ) -> dict[Any, tuple[list[tuple[str, float]], list[np.ndarray]]]:
     """id -> (the k most probable predictions [(prediction string, probability)], best first, as
-    `lxm.train.finetune.predict_top`; per image of the example, in the task's image column order, its [N] float32
+    `lxm.infer.runs.predict_top`; per image of the example, in the task's image column order, its [N] float32
     `cls_to_boxes` weights), for every example of a `FinetuneDataset`.
 
-    The batches, the eval mode, no_grad and autocast are those of `lxm.train.finetune.batch_logits`, so the first
+    The batches, the eval mode, no_grad and autocast are those of `lxm.infer.runs.batch_logits`, so the first
     prediction is `lxm predict`'s. The model is asked for its attentions (`output_attentions=True`), which it writes
     out rather than calling SDPA: probabilities may differ from `predict_top`'s in the last digits."""
     from torch.utils.data import DataLoader
@@ -109,16 +108,6 @@ def predict_explained(task: FinetuneTask, model: nn.Module, dataset: FinetuneDat
 
 
 @dataclass
-class PlacedLabel:
-    image: int  # which image of the request (NLVR2: 0 left, 1 right)
-    box: int  # index of the box in that image's record
-    text: str
-    weight: float
-    rect: tuple[int, int, int, int]  # x1, y1, x2, y2 in picture pixels, end exclusive
-    leader: bool  # placed away from its box, with a line to it
-
-
-@dataclass
 class AttentionPicture:
     image: np.ndarray  # [H, W, 3] BGR
     labels: list[PlacedLabel] = field(default_factory=list)
@@ -126,22 +115,6 @@ class AttentionPicture:
     title_height: int = 0  # pixels of the band above the image(s)
     panels: list[tuple[int, int, int, int]] = field(default_factory=list)  # each image's rect in the picture
     unlabelled: list[tuple[int, int]] = field(default_factory=list)  # (image, box) of top boxes left without label
-
-
-def read_names(vocab_dir: str | os.PathLike | None, classes: tuple[int, int] | None = None
-               ) -> tuple[list[str] | None, list[str] | None]:
-    """(object names, attribute names) from a folder with BUTD's objects_vocab.txt / attributes_vocab.txt; (None,
-    None), so ids, with a logged warning when they are not the vocabulary of the detector with `classes` = (object
-    classes, attributes) (`lxm.extract.show.fit_names`)."""
-    if vocab_dir is None:
-        return None, None
-    folder = Path(vocab_dir)
-    names = []
-    for file in ("objects_vocab.txt", "attributes_vocab.txt"):
-        if not (folder / file).is_file():
-            raise ConfigError(f"{folder}: no {file} (the detector's class names, as in BUTD's data/genome/1600-400-20)")
-        names.append(load_vocab(folder / file))
-    return fit_names(names[0], names[1], classes, option=f"--vocab-dir {folder}", strict=False)
 
 
 def _wrap(text: str, width: int, scale: float, thick: int) -> list[str]:
@@ -182,15 +155,6 @@ def shade_levels(weights: np.ndarray) -> np.ndarray:
     return np.clip(np.where(w >= uniform, above, below), 0.0, 1.0)
 
 
-def decimals(values, least: int = 3, most: int = 8) -> int:
-    """The fewest decimals (at least `least`) that print distinct values distinctly (at most `most`)."""
-    values = [float(v) for v in values]
-    for d in range(least, most):
-        if len({f"{v:.{d}f}" for v in values}) == len(set(values)):
-            return d
-    return most
-
-
 def weight_summary(weights: np.ndarray, digits: int | None = None) -> str:
     """The title line of one image's weights: their range, uniform 1/N and the entropy (also as a fraction of
     ln N, the entropy of uniform attention: 1.000 = uniform, near 0 = one box)."""
@@ -216,69 +180,6 @@ def _shade(image: np.ndarray, boxes: list[tuple[int, int, int, int]], weights: n
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _colour(rank: int) -> tuple[int, int, int]:
-    # bright hues a golden-ratio step apart, as lxm show: neighbouring labels differ, black text reads on each
-    r, g, b = colorsys.hsv_to_rgb((rank * 0.618034) % 1.0, 0.55, 1.0)
-    return int(255 * b), int(255 * g), int(255 * r)
-
-
-def box_pixels(rec: ImageFeatures, scale: float, width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """`rec`'s boxes (image pixels) on a picture of the image resized by `scale` to width x height: rounded,
-    inside the picture, (x1, y1, x2, y2) inclusive."""
-    out = []
-    for b in rec.boxes:
-        x1, y1, x2, y2 = (round(float(v) * scale) for v in b)
-        out.append((min(max(x1, 0), width - 1), min(max(y1, 0), height - 1),
-                    min(max(x2, 0), width - 1), min(max(y2, 0), height - 1)))
-    return out
-
-
-def label_top_boxes(pic: np.ndarray, rec: ImageFeatures, boxes: list[tuple[int, int, int, int]], weights,
-                    *, top: int = 5, objects: list[str] | None = None, attributes: list[str] | None = None,
-                    font: float = 0.6, thick: int = 1, image: int = 0
-                    ) -> tuple[list[PlacedLabel], list[int], int]:
-    """Outline the `top` boxes of `rec` with the largest `weights` on `pic` (in place; `boxes` are their pixel
-    rectangles on it) and label them "attribute object weight", strongest first, with the label placement of
-    `lxm.extract.show` (labels never overlap or leave the picture).
-
-    Returns (the placed labels, `image` naming the picture, the boxes left without a label for want of room, the
-    decimals of the labels: as many as tell the labelled weights, the range and 1/N apart)."""
-    w = np.asarray(weights, dtype=np.float64)
-    height, width = pic.shape[:2]
-    order = [int(i) for i in np.argsort(-w, kind="stable")[:top]]
-    digits = decimals([w[i] for i in order] + [w.min(), w.max(), 1.0 / w.size])  # the labels tell boxes apart
-    for rank, i in enumerate(order):  # outlines first: no outline is drawn over a label
-        cv2.rectangle(pic, boxes[i][:2], boxes[i][2:], _colour(rank), thick + 1)
-    taken: list = []
-    placed: list[PlacedLabel] = []
-    unlabelled: list[int] = []
-    for rank, i in enumerate(order):
-        obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"
-        att = attributes[rec.attrs_id[i]] if attributes else f"attr{rec.attrs_id[i]}"
-        label, fs = f"{att} {obj} {w[i]:.{digits}f}", font
-        (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
-        while tw + 2 * PAD > width and fs > 0.3:  # narrower first, then shortened: never cut by the border
-            fs *= 0.9
-            (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
-        while tw + 2 * PAD > width and len(obj) > 1:
-            obj = obj[:-1]
-            label = f"{att} {obj}... {w[i]:.{digits}f}"
-            (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
-        rect, away = place_label(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
-        if rect is None:
-            unlabelled.append(i)
-            continue
-        taken.append(rect)
-        if away:
-            bx1, by1, bx2, by2 = boxes[i]
-            to = nearest_point((bx1, by1, bx2 + 1, by2 + 1), (rect[0] + rect[2]) / 2, (rect[1] + rect[3]) / 2)
-            cv2.line(pic, nearest_point(rect, *to), to, _colour(rank), thick, cv2.LINE_AA)
-        cv2.rectangle(pic, rect[:2], (rect[2] - 1, rect[3] - 1), _colour(rank), -1)
-        cv2.putText(pic, label, (rect[0] + PAD, rect[3] - PAD - base), FONT, fs, (0, 0, 0), thick, cv2.LINE_AA)
-        placed.append(PlacedLabel(image, i, label, float(w[i]), rect, away))
-    return placed, unlabelled, digits
-
-
 def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures], weights: list[np.ndarray],
                      text: str, answer: str, *, kind: str = "Q", objects: list[str] | None = None,
                      attributes: list[str] | None = None, top: int = 5, long_side: int = LONG_SIDE
@@ -291,7 +192,7 @@ def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures],
         weights: per image the [N] box weights (`cls_to_boxes`).
         text: the question or statement; `kind` its title prefix ("Q" / "S").
         answer: the answer line, e.g. "frisbee (0.87)".
-        objects, attributes: class names (`read_names`); ids ("obj12", "attr3") without them.
+        objects, attributes: class names (`lxm.extract.draw.read_names`); ids ("obj12", "attr3") without them.
         top: boxes outlined and labelled per image, by weight.
     """
     for img, rec in zip(images_bgr, records):

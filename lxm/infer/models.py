@@ -2,7 +2,7 @@
 
 Sources (tried in this order):
 
-1. an lxm finetuning run directory (`lxm finetune --out`): `lxm.train.finetune.load_run` gives its task (with the
+1. an lxm finetuning run directory (`lxm finetune --out`): `lxm.infer.runs.load_run` gives its task (with the
    run's answer table), its best model, and the vocabulary and max_length of its config;
 2. an original fine-tuned `BEST.pth` of airsplay/lxmert `src/tasks/{vqa,gqa,nlvr2}.py` ("original-finetuned"
    format: `lxrt_encoder.model.bert.*` + `logit_fc.*`), read by `lxm.model.load_pretrained`; its answer head needs
@@ -17,7 +17,7 @@ source: an answer task (`AnswerTask`) takes a question, any other task (NLVR2, c
 many images as the task has image columns.
 
 What the model was trained with is checked against what it is given, as `lxm predict` checks it
-(`lxm.train.finetune.check_*`): the answer table against the answer head's rows (and for answers named twice), the
+(`lxm.infer.runs.check_*`): the answer table against the answer head's rows (and for answers named twice), the
 vocabulary against the word-embedding rows, the region features' size against the visual encoder's input
 (`Answerer.check_features`, before a detector runs). Any of them wrong gives wrong answers with no error otherwise.
 """
@@ -39,7 +39,7 @@ from lxm.errors import ConfigError, LxmError
 from lxm.features.records import ImageFeatures
 from lxm.model import LxmertForFinetuning, LxmertTokenizer, load_pretrained_with_report
 from lxm.train.data import read_answer_table
-from lxm.train.finetune import check_answer_table, check_feature_dim, check_vocabulary, load_run
+from lxm.infer.runs import check_answer_table, check_feature_dim, check_vocabulary, load_run
 from lxm.train.finetune_data import collate_finetune, encode_example
 from lxm.train.tasks import AnswerTask, FinetuneTask, Nlvr2Task, task_class
 

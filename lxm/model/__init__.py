@@ -6,6 +6,7 @@ losses of `LXRTPretraining`; see each module's docstring. Imports only torch, nu
 
 from lxm.model.config import LxmertConfig, lxmert_base, lxmert_small, lxmert_tiny, preset
 from lxm.model.losses import (
+    IGNORE_INDEX,
     LOSS_NAMES,
     PretrainLabels,
     PretrainLossConfig,
@@ -36,7 +37,7 @@ from lxm.model.weights import (
 __all__ = [
     "LxmertConfig", "lxmert_base", "lxmert_small", "lxmert_tiny", "preset",
     "LxmertForPreTraining", "LxmertForFinetuning", "LxmertModel", "LxmertOutput", "build_lxmert", "is_task_model",
-    "LOSS_NAMES", "PretrainLabels", "PretrainLossConfig", "pretraining_losses", "pretraining_step_losses",
+    "IGNORE_INDEX", "LOSS_NAMES", "PretrainLabels", "PretrainLossConfig", "pretraining_losses", "pretraining_step_losses",
     "masked_lm_loss", "match_loss", "weighted_box_ce", "feat_regression_loss", "qa_loss",
     "soft_answer_loss", "pair_loss",
     "LxmertTokenizer", "Encoding", "TokenizerError",

@@ -27,11 +27,14 @@ if TYPE_CHECKING:  # pragma: no cover
 LOSS_NAMES = ("mlm", "match", "obj", "attr", "feat", "qa")
 
 
+IGNORE_INDEX = -1  # the label meaning "no target" in every lxm loss and batch (the original's; transformers: -100)
+
+
 @dataclass
 class PretrainLossConfig:
     """How the pretraining losses are computed. Defaults reproduce the original code."""
 
-    ignore_index: int = -1  # label meaning "no target" for MLM, QA, obj, attr (original -1; transformers -100)
+    ignore_index: int = IGNORE_INDEX  # label meaning "no target" for MLM, QA, obj, attr (must be what the data writes)
     visual_loss_normalizer: float = 1 / 0.15  # multiplies obj/attr/feat (original 1/0.15; transformers 6.67)
     obj_attr_boxes: Literal["all", "masked"] = "all"  # "all": every box (code); "masked": masked boxes only (paper)
     obj_attr_confidence: bool = True  # weight obj/attr CE by the detector confidence (code; #19: against overfitting)
@@ -68,7 +71,7 @@ def _zero_like_graph(x: Tensor) -> Tensor:
     return x.sum() * 0.0
 
 
-def masked_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -1) -> Tensor:
+def masked_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Cross-entropy over positions whose label is not `ignore_index`, mean over those positions.
 
     Args:
@@ -87,8 +90,8 @@ def match_loss(logits: Tensor, matched: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), matched.reshape(-1))
 
 
-def weighted_box_ce(logits: Tensor, labels: Tensor, weights: Tensor, normalizer: float, ignore_index: int = -1
-                    ) -> Tensor:
+def weighted_box_ce(logits: Tensor, labels: Tensor, weights: Tensor, normalizer: float,
+                    ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Per-box CE times a per-box weight, averaged over ALL boxes, times `normalizer` (obj and attr losses).
 
     A box labelled `ignore_index` contributes 0 but still counts in the mean, as the original's
@@ -128,7 +131,7 @@ def feat_regression_loss(pred: Tensor, target: Tensor, mask: Tensor, normalizer:
     return (per_box * mask.float()).sum() / total * normalizer
 
 
-def qa_loss(logits: Tensor, answers: Tensor, ignore_index: int = -1) -> Tensor:
+def qa_loss(logits: Tensor, answers: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Pretraining QA: CE over the answer table for labelled, matched pairs (mean over those). logits [B, A]."""
     return masked_lm_loss(logits, answers, ignore_index)
 

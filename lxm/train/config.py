@@ -35,11 +35,9 @@ from typing import Any, Literal
 import yaml
 
 from lxm.errors import ConfigError
-from lxm.model.losses import PretrainLossConfig
+from lxm.model.losses import IGNORE_INDEX, PretrainLossConfig
 from lxm.train.precision import PRECISIONS
 
-# The label value lxm.train.data writes for "no target"; the losses must ignore the same one.
-DATA_IGNORE_INDEX = -1
 
 
 @dataclass
@@ -73,7 +71,8 @@ class PretrainConfig:
     optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
     lr: float = 1e-4  # peak learning rate
     warmup: float = 0.05  # share of the steps with a linear warm-up
-    weight_decay: float = 0.01  # decoupled weight decay (not on biases and LayerNorm)
+    weight_decay: float = 0.01  # decoupled weight decay: "bert" on every parameter, as the original's BertAdam;
+    # "adamw" not on biases and LayerNorm
     clip_grad_norm: float = 1.0  # max global gradient norm
     precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
@@ -106,8 +105,8 @@ class PretrainConfig:
                      "micro_batch_size", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
-        if self.losses.ignore_index != DATA_IGNORE_INDEX:
-            raise ConfigError(f"config: 'losses.ignore_index' must be {DATA_IGNORE_INDEX} (the label lxm's data "
+        if self.losses.ignore_index != IGNORE_INDEX:  # the label lxm.train.data writes for "no target"
+            raise ConfigError(f"config: 'losses.ignore_index' must be {IGNORE_INDEX} (the label lxm's data "
                               f"writes for no target), got {self.losses.ignore_index}")
         _check_optimisation(self)
 
@@ -189,7 +188,8 @@ class FinetuneConfig:
     optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
     lr: float  # peak learning rate (recipe: vqa 5e-5, gqa 1e-5, nlvr2 5e-5; qa and classify 5e-5)
     warmup: float = 0.1  # share of the steps with a linear warm-up
-    weight_decay: float = 0.01  # decoupled weight decay (not on biases and LayerNorm)
+    weight_decay: float = 0.01  # decoupled weight decay: "bert" on every parameter, as the original's BertAdam;
+    # "adamw" not on biases and LayerNorm
     clip_grad_norm: float = 5.0  # max global gradient norm
     precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
     compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's

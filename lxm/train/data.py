@@ -33,10 +33,10 @@ from lxm.corpus.answers import convert_ans
 from lxm.corpus.build import CorpusError
 from lxm.errors import ConfigError, LxmError
 from lxm.features.store import FeatureStore, read_normalized, store_index
-from lxm.model.losses import PretrainLabels
+from lxm.model.losses import IGNORE_INDEX, PretrainLabels
 from lxm.model.tokenizer import LxmertTokenizer
 
-IGNORE = -1  # LXMERT's ignore index for MLM and QA labels
+IGNORE = IGNORE_INDEX  # "no target" in the MLM and QA labels (LXMERT's -1)
 
 
 class PretrainDataError(LxmError, ValueError):

@@ -45,7 +45,7 @@ class FinetuneExample:
     visual_boxes: np.ndarray  # [I, N, 4] float32, normalised (x1, y1, x2, y2)
     answer_target: np.ndarray | None = None  # [A] float32 soft scores (answer tasks)
     pair_label: int | None = None  # 0 / 1 (NLVR2)
-    class_label: int | None = None  # label index (classify; -100, cross-entropy's ignore index: not a training label)
+    class_label: int | None = None  # label index (classify; lxm.model.IGNORE_INDEX: not a training label)
 
 
 @dataclass

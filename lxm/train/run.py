@@ -49,6 +49,7 @@ from lxm.train.precision import Bf16Replica
 _logger = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"  # pretraining: OUT/checkpoints/{step,epoch}-N.pt and best.pt
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")  # a step checkpoint's file name, N = steps done
 BEST_DIR = "best"  # finetuning: lxm model directory of the best epoch (what `lxm predict` loads)
 LAST = "last.pt"  # finetuning: model + optimizer + epoch + RNG, what --resume reads
 MODEL_DIR = "model"  # pretraining: the final weights as an lxm model directory (what `lxm finetune --init` reads)
@@ -545,8 +546,9 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 
 
 def step_checkpoints(out: Path) -> list[Path]:
-    """OUT/checkpoints/step-N.pt, newest (largest N) first."""
-    return sorted((out / CKPT_DIR).glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+    """OUT/checkpoints/step-N.pt, newest (largest N) first (other files there, `step-old.pt`, are not checkpoints)."""
+    steps = [(int(m.group(1)), p) for p in (out / CKPT_DIR).glob("step-*.pt") if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(steps, reverse=True)]
 
 
 def latest_checkpoint(out: Path) -> Path | None:

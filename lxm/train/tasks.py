@@ -39,7 +39,7 @@ from lxm.errors import ConfigError
 from lxm.eval import (classify_metrics, nlvr2_metrics, prediction_file_name, qa_metrics, read_classify_jsonl,
                       read_qa_jsonl, write_predictions)
 from lxm.eval.formats import QaRecord
-from lxm.model import LxmertConfig, LxmertForPreTraining, LxmertOutput, pair_loss, soft_answer_loss
+from lxm.model import IGNORE_INDEX, LxmertConfig, LxmertForPreTraining, LxmertOutput, pair_loss, soft_answer_loss
 from lxm.train.data import corpus_file, read_answer_table, read_corpus_table
 from lxm.train.run import BEST_DIR, MODEL_DIR
 
@@ -514,13 +514,13 @@ class ClassifyTask(JsonlTask, FinetuneTask):
         return Counter(t for t in targets if t is not None and t not in self.label2id)
 
     def example_target(self, target):
-        return {"class_label": self.label2id.get(target, -100)}  # -100: cross_entropy's ignore_index
+        return {"class_label": self.label2id.get(target, IGNORE_INDEX)}  # a label unseen in training: no target
 
     def target_answers(self, target):
         return [(target, 1.0)]
 
     def loss(self, out, batch):
-        return {self.name: F.cross_entropy(out.answer_logits.float(), batch.class_labels)}
+        return {self.name: F.cross_entropy(out.answer_logits.float(), batch.class_labels, ignore_index=IGNORE_INDEX)}
 
     def logits(self, out):
         return out.answer_logits
