@@ -33,6 +33,8 @@ from lxm.model.weights import read_checkpoint
 from lxm.infer.runs import load_run, predict_top
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune, encode_example
 
+pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
+
 STEMS = ["COCO_train2014_000000084002", "COCO_train2014_000000131486", "COCO_train2014_000000132417",
          "COCO_train2014_000000201446"]
 ANSWERS = ["red", "blue", "dog", "cat", "two", "yes"]

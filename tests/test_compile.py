@@ -12,6 +12,8 @@ from lxm.cli import app
 from lxm.model import LxmertForPreTraining, PretrainLabels, lxmert_tiny, pretraining_step_losses
 from test_pretrain import _args, _log, data  # noqa: F401  (the module fixture `data`)
 
+pytestmark = pytest.mark.compile
+
 
 def test_the_compiled_step_equals_the_eager_step():
     cfg = lxmert_tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

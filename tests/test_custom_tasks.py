@@ -23,6 +23,8 @@ from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.tasks import ClassifyTask, QaTask, VqaTask, qa_answer_table
 from synthetic import COLORS, OBJECTS, make_custom_world, one_and_two_process_losses
 
+pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

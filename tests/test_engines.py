@@ -168,6 +168,7 @@ def test_engines_agree_bit_for_bit_on_backbone_proposals_features_and_boxes(engi
         _assert_same_selection(a, b, num_boxes=10)
 
 
+@pytest.mark.e2e
 def test_engines_agree_bit_for_bit_on_the_full_size_detector_on_a_real_image(engine_d2):
     """The full ResNet-101 BUTD network (random weights) on a fixture image: one forward pass per engine, its
     backbone map caught on the way. ~35 s on 2 CPU cores, most of it res5 over the 300 proposals."""

@@ -245,6 +245,7 @@ def test_shards_split_the_images_disjointly(tmp_path):
     assert files == ["part-r000of002-00000.arrow", "part-r001of002-00000.arrow"]
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_extraction_then_rerun_stores_each_image_exactly_once(tmp_path):
     imgs = tmp_path / "imgs"
     imgs.mkdir()

@@ -18,6 +18,8 @@ import pytest
 from lxm.features.records import ImageFeatures
 from lxm.features.store import LOCK, FeatureStore, FeatureStoreWriter
 
+pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
+
 N, D = 2, 4
 
 

@@ -141,6 +141,7 @@ def _synthetic_tsv(path, rows: int, dim: int = 16):
             f.write(format_row(rec) + b"\r\n")
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_conversion_then_rerun_stores_each_image_exactly_once(tmp_path):
     src, dst = tmp_path / "big.tsv", tmp_path / "s"
     _synthetic_tsv(src, 20000)

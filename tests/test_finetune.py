@@ -24,6 +24,8 @@ from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.tasks import TASKS, Nlvr2Task, VqaTask
 from synthetic import COLORS, F, VQA_ANSWERS, make_finetune_world, one_and_two_process_losses
 
+pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

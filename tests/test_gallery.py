@@ -31,6 +31,8 @@ from lxm.train.config import load_config
 from lxm.infer.runs import load_run
 from lxm.train.finetune_data import collate_finetune
 
+pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
+
 FIXTURE = SHARED / "fixtures" / "butd-coco-sample"
 ANSWERS = ["yes", "no", "2", "3", "red", "blue", "cat"]
 SCRIPT_QUESTION = "what is <script>alert('x')</script> & \"this\"?"
@@ -434,6 +436,7 @@ def _browse(chromium: str, page: Path, *flags: str, hash: str = "") -> str:
     return done.stdout
 
 
+@pytest.mark.browser
 def test_page_filters_in_a_browser(world, tmp_path):
     chromium = _chromium()
     out = tmp_path / "g"

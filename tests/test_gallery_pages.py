@@ -286,6 +286,7 @@ def _probe(chromium: str, out: Path, width: int, *, hash: str = "", html: str | 
     return json.loads(probe)
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("task", ["qa", "classify"])
 def test_page_reflows_at_a_phone_width(world, tmp_path, task):
     chromium = _chromium()
@@ -298,6 +299,7 @@ def test_page_reflows_at_a_phone_width(world, tmp_path, task):
         assert probe["over"] == [], probe["over"]
 
 
+@pytest.mark.browser
 def test_bidi_overrides_in_user_text_stay_isolated(world, tmp_path):
     """U+202E in an id, a text and a label reorders only itself: every piece of text is in a <bdi>, and in the
     browser the parts of each verdict line (verdict, id, score, confidence) stay left to right."""
@@ -318,6 +320,7 @@ def test_bidi_overrides_in_user_text_stay_isolated(world, tmp_path):
                                                                                                   "classify").records]
 
 
+@pytest.mark.browser
 def test_order_by_confidence(world, tmp_path):
     chromium = _chromium()
     out = tmp_path / "g"

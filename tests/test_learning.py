@@ -7,6 +7,7 @@ stays at chance for ~700 steps here and then rises (validation matching loss 0.6
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -14,6 +15,8 @@ from conftest import BERT_VOCAB
 from lxm.model import load_pretrained
 from lxm.train.data import PretrainDataset, collate
 from synthetic import COLORS, F
+
+pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
 
 
 def test_pretraining_learns_mlm_matching_and_qa(pretrained_world):

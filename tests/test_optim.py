@@ -76,6 +76,7 @@ def _train(params, grads, opt):
         opt.step()
 
 
+@pytest.mark.compile
 def test_fused_bertadam_matches_the_original_update_rule_and_compiles_once():
     """`fused=True` (the update under torch.compile): the original's arithmetic to rounding, on parameters of several
     sizes (the small ones and a non-contiguous one take the eager path), the schedule's new lr each step compiling
@@ -123,6 +124,7 @@ def test_fused_and_eager_bertadam_share_their_state():
         torch.testing.assert_close(runs[False, True][k], runs[False, False][k], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.compile
 def test_fused_optimizer_option_reaches_both_optimizers():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     bert, _ = make_optimizer(model, "bert", lr=1.0, t_total=20, warmup=0.1, fused=True)

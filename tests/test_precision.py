@@ -36,6 +36,7 @@ def _fp32_curve(data, out):  # noqa: F811
     return _FP32[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["bf16", "bf16-autocast"])
 def test_bf16_training_follows_the_fp32_loss_curve(data, tmp_path_factory, precision):  # noqa: F811
     fp32, fp32_terms = _fp32_curve(data, tmp_path_factory.getbasetemp() / "fp32-curve")
@@ -56,6 +57,7 @@ def test_bf16_training_follows_the_fp32_loss_curve(data, tmp_path_factory, preci
         assert np.max(np.abs(y - x)) < 0.1 * np.max(x), name
 
 
+@pytest.mark.e2e
 def test_a_resumed_bf16_run_continues_exactly(data, tmp_path):  # noqa: F811
     # with dropout on: the replica's dropout draws from the restored RNG exactly as the uninterrupted run did
     sets = ("epochs=2", "checkpoint_every=1", "precision=bf16", "valid_split=null", "log_every=1")
@@ -152,6 +154,7 @@ def test_bf16_replica_refuses_a_non_fp32_master():
         Bf16Replica(_tiny_model().to(torch.bfloat16))
 
 
+@pytest.mark.e2e
 def test_two_process_bf16_ddp_matches_one_process_with_accumulation(data, tmp_path):  # noqa: F811
     from synthetic import one_and_two_process_losses
 
@@ -191,6 +194,7 @@ print(before - rss())
     assert freed["0"] > 150 and freed["1"] < 20, freed
 
 
+@pytest.mark.compile
 def test_step_from_bf16_needs_a_fused_bertadam_and_advances_its_state_as_step_does():
     """`lxm.train.precision.step_from_bf16` drives BertAdam's own state (moments, step count: what checkpoints
     hold), so an update from the bf16 copy is the optimizer's next step; the eager optimizer is refused."""
@@ -212,6 +216,7 @@ def test_step_from_bf16_needs_a_fused_bertadam_and_advances_its_state_as_step_do
     assert eager.current_lr() == [0.1]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("compiled", [True, False])  # every parameter through the compiled loop / none (eager)
 @pytest.mark.parametrize("clip", [1e3, 1e-3])  # the norm under the limit (no clipping) / far above it
 def test_a_fused_optimizer_updates_the_masters_from_the_bf16_copy_as_the_separate_moves_do(clip, compiled,

@@ -21,6 +21,8 @@ from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStoreWriter
 from test_corpus import write_raw
 
+pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

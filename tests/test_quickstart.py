@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from lxm.cli import app
 
+pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
+
 PRETRAIN_STEPS = 40  # the shortened run: 2 whole epochs of the world's 17 batches fit
 
 

@@ -27,6 +27,8 @@ from lxm.train.run import (DiskFullError, NonFiniteLossError, RunLock, RunLogger
                            rewind_logs, save_state, step_checkpoints, training_state)
 from synthetic import make_custom_world
 
+pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
