@@ -49,10 +49,16 @@ def pytest_configure(config):
 
 
 def tiny_hf_kwargs(**overrides):
-    """transformers LxmertConfig kwargs equal to lxm's `lxmert_tiny()` preset."""
-    kw = dict(vocab_size=1200, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
-              l_layers=2, x_layers=2, r_layers=1, visual_feat_dim=16, num_object_labels=10, num_attr_labels=6,
-              num_qa_labels=7, initializer_range=0.1)
+    """transformers LxmertConfig kwargs equal to lxm's `lxmert_tiny()` preset: every field of it that transformers'
+    config also has (the same names mean the same thing there), so a change of the preset reaches both sides."""
+    import dataclasses
+
+    import transformers
+
+    from lxm.model import lxmert_tiny
+
+    known = transformers.LxmertConfig().to_dict()
+    kw = {k: v for k, v in dataclasses.asdict(lxmert_tiny()).items() if k in known}
     kw.update(overrides)
     return kw
 
