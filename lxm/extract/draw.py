@@ -131,6 +131,22 @@ def place_label(w: int, h: int, box: tuple[int, int, int, int], taken: list, wid
     return None, True
 
 
+def fit_label(att: str, obj: str, value: str, font: float, thick: int, width: int):
+    """The label "att obj value" for a picture `width` pixels wide: (text, font scale, (w, h), baseline). A label
+    wider than the picture gets a smaller font first, then a shortened object name ("att ob... value"), so that it
+    is never cut by the border."""
+    label, fs = f"{att} {obj} {value}", font
+    (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+    while tw + 2 * PAD > width and fs > 0.3:
+        fs *= 0.9
+        (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+    while tw + 2 * PAD > width and len(obj) > 1:
+        obj = obj[:-1]
+        label = f"{att} {obj}... {value}"
+        (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+    return label, fs, (tw, th), base
+
+
 def nearest_point(rect, x: float, y: float) -> tuple[int, int]:
     return int(min(max(x, rect[0]), rect[2] - 1)), int(min(max(y, rect[1]), rect[3] - 1))
 
@@ -195,15 +211,7 @@ def label_top_boxes(pic: np.ndarray, rec: ImageFeatures, boxes: list[tuple[int, 
     for rank, i in enumerate(order):
         obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"
         att = attributes[rec.attrs_id[i]] if attributes else f"attr{rec.attrs_id[i]}"
-        label, fs = f"{att} {obj} {w[i]:.{digits}f}", font
-        (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
-        while tw + 2 * PAD > width and fs > 0.3:  # narrower first, then shortened: never cut by the border
-            fs *= 0.9
-            (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
-        while tw + 2 * PAD > width and len(obj) > 1:
-            obj = obj[:-1]
-            label = f"{att} {obj}... {w[i]:.{digits}f}"
-            (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
+        label, fs, (tw, th), base = fit_label(att, obj, f"{w[i]:.{digits}f}", font, thick, width)
         rect, away = place_label(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
         if rect is None:
             unlabelled.append(i)

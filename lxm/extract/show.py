@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from lxm.extract.draw import FONT, FONT_SCALE, LONG_SIDE, PAD, check_drawable, nearest_point, place_label
+from lxm.extract.draw import (FONT, FONT_SCALE, LONG_SIDE, PAD, box_pixels, check_drawable, fit_label, nearest_point,
+                              place_label)
 from lxm.features.records import ImageFeatures
 
 _logger = logging.getLogger(__name__)
@@ -58,26 +59,15 @@ def render(image_bgr: np.ndarray, rec: ImageFeatures, objects: list[str] | None 
     # Bright, well-spread hues (golden-ratio steps): neighbouring boxes differ and black text reads on every one.
     colors = {int(i): tuple(int(255 * c) for c in reversed(colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.5, 1.0)))
               for k, i in enumerate(order)}
-    boxes = {}
+    boxes = box_pixels(rec, scale, width, height)
     for i in order:
-        x1, y1, x2, y2 = (round(float(v) * scale) for v in rec.boxes[i])
-        boxes[int(i)] = (min(max(x1, 0), width - 1), min(max(y1, 0), height - 1),
-                         min(max(x2, 0), width - 1), min(max(y2, 0), height - 1))
         cv2.rectangle(out, boxes[int(i)][:2], boxes[int(i)][2:], colors[int(i)], thick + 1)
     drawing = Drawing(out, scale)
     taken: list = []
     for i in (int(k) for k in order):
         obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"
         att = attributes[rec.attrs_id[i]] if attributes else f"attr{rec.attrs_id[i]}"
-        text, fs = f"{att} {obj} {rec.objects_conf[i]:.2f}", font_scale
-        (tw, th), base = cv2.getTextSize(text, FONT, fs, thick)
-        while tw + 2 * PAD > width and fs > 0.3:  # a name wider than a narrow picture: smaller first,
-            fs *= 0.9
-            (tw, th), base = cv2.getTextSize(text, FONT, fs, thick)
-        while tw + 2 * PAD > width and len(obj) > 1:  # then shortened, never cut by the border
-            obj = obj[:-1]
-            text = f"{att} {obj}... {rec.objects_conf[i]:.2f}"
-            (tw, th), base = cv2.getTextSize(text, FONT, fs, thick)
+        text, fs, (tw, th), base = fit_label(att, obj, f"{rec.objects_conf[i]:.2f}", font_scale, thick, width)
         rect, away = place_label(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
         if rect is None:
             drawing.unlabelled.append(i)
