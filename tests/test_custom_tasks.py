@@ -77,8 +77,7 @@ def test_qa_targets_equal_those_of_the_vqa_corpus(tmp_path):
         theirs = sorted(vqa.row_target(row))
         assert [k for k, _ in sorted(mine.targets)] == [k for k, _ in theirs], row["question_id"]
         assert [s for _, s in sorted(mine.targets)] == pytest.approx([s for _, s in theirs]), row["question_id"]
-        assert (qa.example_target(mine)["answer_target"] == vqa.example_target(vqa.row_target(row))["answer_target"]
-                ).all()
+        assert (qa.example_target(mine) == vqa.example_target(vqa.row_target(row))).all()
     # e.g. "ball" x7, "baseball" x2, "a ball" x1, "pitch": ball 1.0, and "a ball" is not the table's "ball"
     ball = qa.row_target({"label": raw[458752000]})
     assert dict(ball.targets) == {answers.index("ball"): 1.0}
@@ -269,8 +268,8 @@ def test_classify_run_predict_and_evaluate_round_trip(world, tmp_path):
     assert task.class_names == ["colour", "object", "true"] and task.target_answers(data.targets[0])[0][1] == 1.0
     top = predict_top(task, model, data, k=5)
     assert all(len(v) == 3 and sum(p for _, p in v) == pytest.approx(1.0) for v in top.values())
-    assert collate_finetune([data[0], data[1]]).class_labels.tolist() == [task.answers.index(t)
-                                                                           for t in data.targets[:2]]
+    assert collate_finetune([data[0], data[1]]).targets.tolist() == [task.answers.index(t)
+                                                                      for t in data.targets[:2]]
 
 
 def test_a_validation_label_outside_the_training_labels_counts_as_wrong(world, tmp_path):
@@ -279,7 +278,7 @@ def test_a_validation_label_outside_the_training_labels_counts_as_wrong(world, t
         {"id": 1, "img_id": "ft0000", "text": "a", "label": "true"},
         {"id": 2, "img_id": "ft0001", "text": "b", "label": "maybe"}]))})
     data = FinetuneDataset(task, None, ["valid"], [root / "ft_feats"], BERT_VOCAB)
-    assert collate_finetune([data[0], data[1]]).class_labels.tolist() == [2, IGNORE_INDEX]
+    assert collate_finetune([data[0], data[1]]).targets.tolist() == [2, IGNORE_INDEX]
     assert task.score(data.ids, data.targets, {1: "true", 2: "true"}) == {
         "accuracy": 50.0, "macro_f1": round(100 * (2 / 3 + 0) / 2, 2)}
 

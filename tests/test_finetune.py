@@ -15,13 +15,12 @@ from typer.testing import CliRunner
 from conftest import BERT_VOCAB
 from lxm.cli import app
 from lxm.errors import ConfigError
-from lxm.eval import write_predictions
 from lxm.model import (CheckpointError, LxmertForFinetuning, LxmertForPreTraining, load_pretrained, lxmert_tiny,
                        pair_loss, save_lxm, soft_answer_loss)
 from lxm.train.config import load_finetune_config
 from lxm.train.finetune import build_task_model
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
-from lxm.train.tasks import TASKS, Nlvr2Task, VqaTask
+from lxm.train.tasks import TASKS, GqaTask, Nlvr2Task, VqaTask
 from synthetic import COLORS, F, VQA_ANSWERS, make_finetune_world, one_and_two_process_losses
 
 pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
@@ -121,8 +120,8 @@ def test_parameters_no_head_depends_on_keep_their_initial_values(tmp_path, task)
     data = FinetuneDataset(_task(task), world / "ft_corpus", ["train"], [world / "ft_feats"], BERT_VOCAB)
     batch = collate_finetune([data[i] for i in range(4)])
     out = model(**batch.model_inputs())
-    (pair_loss(out.pair_logits, batch.pair_labels) if task == "nlvr2"
-     else soft_answer_loss(out.answer_logits, batch.answer_targets)).backward()
+    (pair_loss(out.pair_logits, batch.targets) if task == "nlvr2"
+     else soft_answer_loss(out.answer_logits, batch.targets)).backward()
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
     assert no_grad and all(n.startswith("lxmert.encoder.x_layers.1.visn_") for n in no_grad), no_grad
 
@@ -146,8 +145,8 @@ def test_parameters_no_head_depends_on_keep_their_initial_values(tmp_path, task)
 def test_nlvr2_batches_put_each_pair_on_consecutive_rows(world):
     data = FinetuneDataset(Nlvr2Task(), world / "ft_corpus", ["dev"], [world / "ft_feats"], BERT_VOCAB)
     batch = collate_finetune([data[0], data[1], data[2]])
-    assert batch.input_ids.shape[0] == 6 and batch.pair_labels.tolist() == data.targets[:3]
-    assert batch.answer_targets is None
+    assert batch.input_ids.shape[0] == 6 and batch.targets.tolist() == data.targets[:3]
+    assert batch.targets.dtype == torch.long
     for i in range(3):
         for k in range(2):
             feats = data.record(data.images[i][k]).features.astype(np.float32)
@@ -159,8 +158,8 @@ def test_nlvr2_batches_put_each_pair_on_consecutive_rows(world):
     pooled = out.pooled_output
     assert torch.allclose(out.pair_logits, model.nlvr2_head(pooled))  # the head concatenates rows 2i, 2i+1
     assert torch.allclose(out.pair_logits[1], model.nlvr2_head(pooled[2:4]))
-    assert torch.allclose(pair_loss(out.pair_logits, batch.pair_labels),
-                          torch.nn.functional.cross_entropy(out.pair_logits, batch.pair_labels))
+    assert torch.allclose(pair_loss(out.pair_logits, batch.targets),
+                          torch.nn.functional.cross_entropy(out.pair_logits, batch.targets))
 
 
 def test_soft_answer_loss_is_bce_times_the_number_of_answers():
@@ -170,12 +169,16 @@ def test_soft_answer_loss_is_bce_times_the_number_of_answers():
 
 
 def test_submission_formats(tmp_path):
-    vqa = json.loads(write_predictions("vqa", {5: "yes", 7: "2"}, tmp_path / "v.json").read_text())
-    assert vqa == [{"question_id": 5, "answer": "yes"}, {"question_id": 7, "answer": "2"}]
-    gqa = json.loads(write_predictions("gqa", {"201": "no"}, tmp_path / "g.json").read_text())
-    assert gqa == [{"questionId": "201", "prediction": "no"}]
-    rows = list(csv.reader(write_predictions("nlvr2", {"dev-1-0-0": "True", "dev-1-1-0": "False"},
-                                             tmp_path / "n.csv").open()))
+    # each task writes its own official format, under the name the original gave it
+    vqa, gqa, nlvr2 = VqaTask(), GqaTask(), Nlvr2Task()
+    assert (vqa.prediction_file_name("minival"), nlvr2.prediction_file_name("dev")) == ("minival_predict.json",
+                                                                                        "dev_predict.csv")
+    written = json.loads(vqa.write_predictions({5: "yes", 7: "2"}, tmp_path / "v.json").read_text())
+    assert written == [{"question_id": 5, "answer": "yes"}, {"question_id": 7, "answer": "2"}]
+    written = json.loads(gqa.write_predictions({"201": "no"}, tmp_path / "g.json").read_text())
+    assert written == [{"questionId": "201", "prediction": "no"}]
+    rows = list(csv.reader(nlvr2.write_predictions({"dev-1-0-0": "True", "dev-1-1-0": "False"},
+                                                   tmp_path / "n.csv").open()))
     assert rows == [["dev-1-0-0", "True"], ["dev-1-1-0", "False"]]
 
 
@@ -386,9 +389,9 @@ def test_batches_move_to_a_device_with_every_tensor(world):
     data = FinetuneDataset(_task("vqa"), world / "ft_corpus", ["train"], [world / "ft_feats"], BERT_VOCAB)
     batch = collate_finetune([data[0], data[1]])
     moved = batch.to("meta")
-    assert type(moved) is type(batch) and moved.ids == batch.ids and moved.pair_labels is None
-    assert all(t.is_meta for t in (*moved.model_inputs().values(), moved.answer_targets))
-    assert batch.answer_targets.shape == (2, len(VQA_ANSWERS)) and not batch.answer_targets.is_meta
+    assert type(moved) is type(batch) and moved.ids == batch.ids
+    assert all(t.is_meta for t in (*moved.model_inputs().values(), moved.targets))
+    assert batch.targets.shape == (2, len(VQA_ANSWERS)) and not batch.targets.is_meta
     labels = PretrainLabels(**{name: torch.zeros(2) for name in PretrainLabels.__dataclass_fields__})
     pre = Batch(*batch.model_inputs().values(), labels=labels, uids=["a", "b"]).to("meta")
     assert pre.uids == ["a", "b"] and all(getattr(pre.labels, n).is_meta for n in PretrainLabels.__dataclass_fields__)

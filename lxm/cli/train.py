@@ -118,24 +118,24 @@ def pretrain_cmd(
     err.print(f"done: step {result['step']}, epoch {result['epoch']}; logs and checkpoints in {out}", highlight=False)
 
 
-_CUSTOM = ("qa", "classify")  # the tasks on the user's JSON lines files (lxm.train.config.CUSTOM_TASKS)
-
-
 def _data_overrides(task: str, train: Path | None, valid: Path | None, test: Path | None,
                     min_answer_count: int | None) -> list[str]:
     """--train/--valid/--test/--min-answer-count as overrides (data={...}, valid_split, min_answer_count)."""
-    from lxm.train.config import FINETUNE_TASKS
+    from lxm.train.tasks import TASKS
 
-    if task not in FINETUNE_TASKS:  # before anything else: "foo reads the corpus" would send the user astray
-        raise ConfigError(f"unknown task {task!r} ({', '.join(FINETUNE_TASKS)})")
+    if task not in TASKS:  # before anything else: "foo reads the corpus" would send the user astray
+        raise ConfigError(f"unknown task {task!r} ({', '.join(TASKS)})")
     given = {"train": train, "valid": valid, "test": test}
-    if task not in _CUSTOM:
+    if not TASKS[task].reads_files:
         if any(v is not None for v in given.values()) or min_answer_count is not None:
-            raise ConfigError(f"--train/--valid/--test/--min-answer-count are for lxm finetune qa|classify; {task} "
+            files = "|".join(name for name, cls in TASKS.items() if cls.reads_files)
+            raise ConfigError(f"--train/--valid/--test/--min-answer-count are for lxm finetune {files}; {task} "
                               f"reads the corpus (--corpus)")
         return []
-    if min_answer_count is not None and task != "qa":
-        raise ConfigError("--min-answer-count is for lxm finetune qa (the answer table); classify takes every label")
+    if min_answer_count is not None and not TASKS[task].builds_answer_table:
+        builders = "|".join(name for name, cls in TASKS.items() if cls.builds_answer_table)
+        raise ConfigError(f"--min-answer-count is for lxm finetune {builders} (the answer table); {task} takes every "
+                          f"label")
     out = [f"min_answer_count={min_answer_count}"] if min_answer_count is not None else []
     if train is None:
         if valid is not None or test is not None:
@@ -271,12 +271,12 @@ def predict_cmd(
     Example: lxm predict vqa --checkpoint runs/vqa --split test --features features/test2015 --out test_predict.json
     """
     from lxm.infer.outputs import check_output_file
-    from lxm.train.config import FINETUNE_TASKS
     from lxm.infer.runs import predict_run
+    from lxm.train.tasks import TASKS
 
-    if task not in FINETUNE_TASKS:
-        fail(ConfigError(f"unknown task {task!r} ({', '.join(FINETUNE_TASKS)})"))
-    if (questions or choices) and task != "gqa":
+    if task not in TASKS:
+        fail(ConfigError(f"unknown task {task!r} ({', '.join(TASKS)})"))
+    if (questions or choices) and not TASKS[task].structural_types:
         fail(ConfigError(f"--questions / --choices score GQA predictions; this is {task}"))
     if choices and not questions:
         fail(ConfigError("--choices needs --questions"))

@@ -36,18 +36,15 @@ import pyarrow.parquet as pq
 
 from lxm.corpus.answers import convert_ans, qa_answer_table, vqa_soft_labels, vqa_vocabulary
 from lxm.corpus.jsonstream import iter_json_list, iter_json_object
-from lxm.errors import LxmError
+from lxm.corpus.layout import ANSWER_TABLES, CORPUS_TABLE, FINETUNE_DIR, VOCAB_DIR, CorpusError, answers_name
 
 _logger = logging.getLogger(__name__)
 
 SOURCES = ("mscoco", "vg", "vqa", "gqa", "vgqa")
+QA_SOURCES = ("vqa", "gqa", "vgqa")  # the sources whose sentences are questions with answer labels
 LXMERT_SPLITS = ("train", "nominival", "minival", "vgnococo")
 IMAGE_SPLITS = ("coco_minus_vg", "coco_and_vg", "vg_minus_coco", "all")
 LABELS_TYPE = pa.map_(pa.string(), pa.float32())
-
-
-class CorpusError(LxmError, ValueError):
-    """Bad or missing input; the message names the file, the record and the field."""
 
 
 @dataclass
@@ -544,7 +541,7 @@ def _lxmert_json(rows: _Columns) -> dict[str, list[dict]]:
             split_of[img] = split
             src = names[source]
             rec["sentf"].setdefault(src, []).append(text)
-            if source in ("vqa", "gqa", "vgqa"):
+            if source in QA_SOURCES:
                 rec["labelf"].setdefault(src, []).append(dict(labels or []))
     files = {"train": "mscoco_train", "nominival": "mscoco_nominival", "minival": "mscoco_minival",
              "vgnococo": "vgnococo"}
@@ -571,15 +568,14 @@ def build_corpus(inputs: CorpusInputs) -> dict[str, Any]:
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        (tmp / "finetune").mkdir(parents=True)
-        (tmp / "vocab").mkdir()
-        pq.write_table(result["rows"].table(), tmp / "corpus.parquet")
+        (tmp / FINETUNE_DIR).mkdir(parents=True)
+        (tmp / VOCAB_DIR).mkdir()
+        pq.write_table(result["rows"].table(), tmp / CORPUS_TABLE)
         for name, rows in sorted(builder.finetune.items()):
-            pq.write_table(rows.table(), tmp / "finetune" / f"{name}.parquet")
-        vocab_files = {"vqa": "vqa_answers.json", "gqa": "gqa_answers.json", "qa": "qa_answers.json"}
-        for key, fname in vocab_files.items():
+            pq.write_table(rows.table(), tmp / FINETUNE_DIR / f"{name}.parquet")
+        for key in ANSWER_TABLES:
             if key in builder.vocabs:
-                (tmp / "vocab" / fname).write_text(json.dumps(builder.vocabs[key], indent=1) + "\n")
+                (tmp / answers_name(key)).write_text(json.dumps(builder.vocabs[key], indent=1) + "\n")
         (tmp / "stats.json").write_text(json.dumps(result["stats"], indent=2) + "\n")
         (tmp / "report.json").write_text(json.dumps({"problems": result["report"],
                                                      "dropped_without_features": result["dropped_without_features"]},

@@ -12,15 +12,16 @@ notebook scores a file without the training stack::
 
 from lxm.eval.evaluate import evaluate_classify, evaluate_gqa, evaluate_nlvr2, evaluate_qa, evaluate_vqa
 from lxm.eval.formats import (ClassifyRecord, QaRecord, classify_predictions, gqa_predictions, nlvr2_labels,
-                              nlvr2_predictions, prediction_file_name, qa_predictions, read_classify_jsonl, read_json,
-                              read_qa_jsonl, vqa_inputs, write_predictions)
+                              nlvr2_predictions, qa_predictions, read_classify_jsonl, read_json, read_qa_jsonl,
+                              vqa_inputs, write_classify_predictions, write_gqa_predictions, write_nlvr2_predictions,
+                              write_qa_predictions, write_vqa_predictions)
 from lxm.eval.metrics import (MetricsInputError, PredictionError, classify_metrics, gqa_metrics, macro_f1,
                               nlvr2_metrics, qa_metrics, qa_question_score, vqa_accuracy, vqa_question_accuracy)
 
 __all__ = [
     "evaluate_vqa", "evaluate_gqa", "evaluate_nlvr2", "evaluate_qa", "evaluate_classify",
-    "read_json", "vqa_inputs", "gqa_predictions", "nlvr2_labels", "nlvr2_predictions", "write_predictions",
-    "prediction_file_name", "QaRecord", "ClassifyRecord", "read_qa_jsonl", "read_classify_jsonl", "qa_predictions",
+    "read_json", "vqa_inputs", "gqa_predictions", "nlvr2_labels", "nlvr2_predictions", "write_vqa_predictions",
+    "write_gqa_predictions", "write_nlvr2_predictions", "write_qa_predictions", "write_classify_predictions", "QaRecord", "ClassifyRecord", "read_qa_jsonl", "read_classify_jsonl", "qa_predictions",
     "classify_predictions",
     "MetricsInputError", "PredictionError", "vqa_accuracy", "vqa_question_accuracy", "gqa_metrics", "nlvr2_metrics",
     "qa_metrics", "qa_question_score", "classify_metrics", "macro_f1",

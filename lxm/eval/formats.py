@@ -49,9 +49,6 @@ from pathlib import Path
 from lxm import atomic
 from lxm.eval.metrics import MetricsInputError, PredictionError
 
-TASKS = ("vqa", "gqa", "nlvr2", "qa", "classify")
-
-
 def read_json(path: str | os.PathLike, source: str) -> object:
     """The parsed JSON of the `source` input ("questions", "annotations", "predictions", "choices") at `path`.
 
@@ -367,7 +364,7 @@ _CLASSIFY_HEADER = ["id", "label"]
 
 def classify_predictions(text: str) -> dict[str, str]:
     """Parse a predictions CSV `id,label` (a first line `id,label` is the header; blank lines skipped; labels are
-    compared exactly, so the CSV quoting of `write_predictions` round-trips any label)."""
+    compared exactly, so the CSV quoting of `write_classify_predictions` round-trips any label)."""
     preds: dict[str, str] = {}
     first: dict[str, int] = {}
     rows = csv.reader(io.StringIO(text))
@@ -393,35 +390,44 @@ def classify_predictions(text: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------- writers
 
 
-def prediction_file_name(task: str, split: str) -> str:
-    """`<split>_predict.json` (VQA, GQA, custom QA) or `<split>_predict.csv` (NLVR2, classification), the names the
-    original wrote."""
-    return f"{split}_predict.csv" if task in ("nlvr2", "classify") else f"{split}_predict.json"
-
-
-def write_predictions(task: str, predictions: Mapping, path: str | os.PathLike) -> Path:
-    """The official submission formats: VQA [{"question_id", "answer"}], GQA [{"questionId", "prediction"}],
-    NLVR2 CSV lines `identifier,True|False`; custom QA [{"question_id", "answer"}] with the ids as given,
-    classification CSV `id,label` after that header line. Written atomically.
+def write_vqa_predictions(predictions: Mapping, path: str | os.PathLike) -> Path:
+    """VQA's results file [{"question_id": int, "answer": str}] (src/tasks/vqa.py `dump_result`), atomically.
 
     Args:
-        task: "vqa", "gqa", "nlvr2", "qa" or "classify".
-        predictions: question id / identifier -> predicted answer ("True"/"False" for NLVR2), in file order.
+        predictions: question id -> predicted answer, in file order.
     """
-    if task == "vqa":
-        text = json.dumps([{"question_id": int(q), "answer": a} for q, a in predictions.items()])
-    elif task == "gqa":
-        text = json.dumps([{"questionId": str(q), "prediction": a} for q, a in predictions.items()])
-    elif task == "qa":
-        text = json.dumps([{"question_id": q, "answer": a} for q, a in predictions.items()])
-    elif task in ("nlvr2", "classify"):
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        if task == "classify":
-            writer.writerow(_CLASSIFY_HEADER)
-        writer.writerows(predictions.items())
-        text = buf.getvalue()
-    else:
-        raise ValueError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+    return _write(path, json.dumps([{"question_id": int(q), "answer": a} for q, a in predictions.items()]))
+
+
+def write_gqa_predictions(predictions: Mapping, path: str | os.PathLike) -> Path:
+    """GQA's submission [{"questionId": str, "prediction": str}] (src/tasks/gqa.py `dump_result`), atomically."""
+    return _write(path, json.dumps([{"questionId": str(q), "prediction": a} for q, a in predictions.items()]))
+
+
+def write_qa_predictions(predictions: Mapping, path: str | os.PathLike) -> Path:
+    """Custom QA: VQA's [{"question_id", "answer"}] with the ids as given (a string stays a string), atomically."""
+    return _write(path, json.dumps([{"question_id": q, "answer": a} for q, a in predictions.items()]))
+
+
+def write_nlvr2_predictions(predictions: Mapping, path: str | os.PathLike) -> Path:
+    """NLVR2's CSV lines `identifier,True|False` without a header (src/tasks/nlvr2.py `dump_result`), atomically."""
+    return _write(path, _csv_text(predictions))
+
+
+def write_classify_predictions(predictions: Mapping, path: str | os.PathLike) -> Path:
+    """Classification CSV `id,label` after that header line, atomically."""
+    return _write(path, _csv_text(predictions, _CLASSIFY_HEADER))
+
+
+def _csv_text(predictions: Mapping, header: list[str] | None = None) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    if header is not None:
+        writer.writerow(header)
+    writer.writerows(predictions.items())
+    return buf.getvalue()
+
+
+def _write(path: str | os.PathLike, text: str) -> Path:
     atomic.write_text(path, text)
     return Path(path)

@@ -187,7 +187,7 @@ def load_records(run: str | os.PathLike, cfg: GalleryConfig, log: Callable[[str]
 
     log = log or _logger.info
     run_cfg, task, model = load_run(run)
-    if cfg.questions and task.name != "gqa":
+    if cfg.questions and not task.structural_types:
         raise ConfigError(f"--questions gives GQA's structural types; {run} is a {task.name} run")
     data = FinetuneDataset(task, cfg.corpus or run_cfg.corpus, [cfg.split], cfg.features or run_cfg.features,
                            run_cfg.vocab, max_length=run_cfg.max_length)
@@ -203,7 +203,7 @@ def load_records(run: str | os.PathLike, cfg: GalleryConfig, log: Callable[[str]
     top = {i: best for i, (best, _) in found.items()}
     attention = {i: weights for i, (_, weights) in found.items()}
     notes = []
-    if task.name == "gqa" and structural is None:
+    if task.structural_types and structural is None:
         notes.append("No accuracy per structural type: pass --questions with the split's GQA questions JSON "
                      "(e.g. testdev_balanced_questions.json).")
     types = gallery_records.example_types(task, data.info, len(data), structural)

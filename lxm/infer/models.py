@@ -38,7 +38,7 @@ import yaml
 from lxm.errors import ConfigError, LxmError
 from lxm.features.records import ImageFeatures
 from lxm.model import LxmertForFinetuning, LxmertTokenizer, load_pretrained_with_report
-from lxm.train.data import read_answer_table
+from lxm.corpus.layout import read_answer_table
 from lxm.infer.runs import check_answer_table, check_feature_dim, check_vocabulary, load_run
 from lxm.train.finetune_data import collate_finetune, encode_example
 from lxm.train.tasks import AnswerTask, FinetuneTask, Nlvr2Task, task_class

@@ -79,7 +79,7 @@ def load_run(run: str | os.PathLike, task: str | None = None) -> tuple[FinetuneC
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{run}: no {BEST_DIR}/ model yet (the run has not finished an epoch)")
     task_obj, model = task_class(cfg.task).from_run(run), load_pretrained(model_dir)
-    check_answer_table(getattr(task_obj, "answers", None), model, run / ANSWERS_FILE, str(model_dir))
+    check_answer_table(task_obj.answers if task_obj.answer_table else None, model, run / ANSWERS_FILE, str(model_dir))
     return cfg, task_obj, model
 
 

@@ -149,8 +149,11 @@ def _check_optimisation(cfg: PretrainConfig | FinetuneConfig) -> None:
 # Finetuning
 
 
-FINETUNE_TASKS = ("vqa", "gqa", "nlvr2", "qa", "classify")
-CUSTOM_TASKS = ("qa", "classify")  # trained on the JSON lines files of `data`, not on a corpus
+def _task(name: str, where: str = "config: 'task'"):
+    # the task classes own their recipes and kinds; imported here, not at module level: tasks -> run -> config
+    from lxm.train.tasks import task_class
+
+    return task_class(name, where)
 
 
 @dataclass(kw_only=True)
@@ -161,7 +164,7 @@ class FinetuneConfig:
     (or `finetune_tiny`), never from a default that would be another task's.
     """
 
-    task: str  # vqa, gqa, nlvr2, qa or classify
+    task: str  # a key of lxm.train.tasks.TASKS: vqa, gqa, nlvr2, qa or classify
     corpus: str = ""  # vqa/gqa/nlvr2, required: directory of `lxm build-corpus` (finetune/*.parquet, vocab/)
     # qa/classify only, "train" required: split name -> JSON lines file ("train", "valid", "test": what
     # --train/--valid/--test set); splits below name its keys (or a .jsonl path); empty for vqa/gqa/nlvr2
@@ -204,9 +207,7 @@ class FinetuneConfig:
     #   at its peak); process-wide, so `lxm pretrain` / `lxm finetune` apply it, not the trainer
 
     def validate(self) -> None:
-        if self.task not in FINETUNE_TASKS:
-            raise ConfigError(f"config: 'task' must be one of {FINETUNE_TASKS}, got {self.task!r}")
-        if self.task in CUSTOM_TASKS:
+        if _task(self.task).reads_files:
             if "train" not in self.data:
                 raise ConfigError(f"config: 'data' needs a 'train' file for {self.task} (lxm finetune {self.task} "
                                   f"--train FILE.jsonl)")
@@ -216,7 +217,10 @@ class FinetuneConfig:
                                       f"nor a .jsonl file")
         else:
             if self.data:
-                raise ConfigError(f"config: 'data' is for the custom-dataset tasks {CUSTOM_TASKS}; {self.task} reads "
+                from lxm.train.tasks import TASKS
+
+                custom = tuple(name for name, cls in TASKS.items() if cls.reads_files)
+                raise ConfigError(f"config: 'data' is for the custom-dataset tasks {custom}; {self.task} reads "
                                   f"the corpus")
             if not self.corpus:
                 raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
@@ -246,18 +250,12 @@ class FinetuneConfig:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
-# task -> (train splits, validation split, lr) of run/{task}_finetune.bash
-# (qa, classify: the custom datasets with VQA's / NLVR2's lr; "valid" becomes None when data has no valid file)
-_RECIPES = {"vqa": (["train", "nominival"], "minival", 5e-5), "gqa": (["train", "valid"], "testdev", 1e-5),
-            "nlvr2": (["train"], "dev", 5e-5), "qa": (["train"], "valid", 5e-5), "classify": (["train"], "valid", 5e-5)}
-
-
 def finetune_paper(task: str) -> FinetuneConfig:
-    """The original recipe of `task`: batch 32, 4 epochs, BertAdam, warm-up 10 %, clip 5.0, its splits and lr."""
-    if task not in _RECIPES:  # tested first: a KeyError below would be a bug, not an unknown task
-        raise ConfigError(f"config: 'task' must be one of {FINETUNE_TASKS}, got {task!r}")
-    splits, valid, lr = _RECIPES[task]
-    return FinetuneConfig(task=task, train_splits=list(splits), valid_split=valid, lr=lr)
+    """The original recipe of `task` (run/{task}_finetune.bash): batch 32, BertAdam, warm-up 10 %, clip 5.0, and
+    the task's own splits, lr and epochs (its `recipe`, lxm.train.tasks)."""
+    recipe = _task(task).recipe
+    return FinetuneConfig(task=task, train_splits=list(recipe.train_splits), valid_split=recipe.valid_split,
+                          lr=recipe.lr, epochs=recipe.epochs)
 
 
 def finetune_tiny(task: str) -> FinetuneConfig:
@@ -436,7 +434,7 @@ def _settle_custom_valid(cfg: FinetuneConfig, changes: dict[str, Any]) -> Finetu
 
     cfg = settle_from_init(cfg, changes)
     # the qa/classify recipe validates on data["valid"]; without a valid file (and no valid_split set): nothing
-    if (cfg.task in CUSTOM_TASKS and "valid_split" not in changes and cfg.valid_split == "valid"
+    if (_task(cfg.task).reads_files and "valid_split" not in changes and cfg.valid_split == "valid"
             and "valid" not in cfg.data):
         return dataclasses.replace(cfg, valid_split=None)
     return cfg
@@ -530,8 +528,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> PretrainConf
         raise ConfigError(f"{path}: not a run's config (expected a mapping of config keys): damaged?")
     task = loaded.get("task")
     if "task" in loaded:
-        if task not in FINETUNE_TASKS:
-            raise ConfigError(f"{path}: 'task' must be one of {FINETUNE_TASKS}, got {task!r}")
+        _task(task, f"{path}: 'task'")
         base: Any = finetune_paper(task)
     else:
         base = pretrain_base()

@@ -18,20 +18,17 @@ choice comes from a generator seeded by (seed, epoch, index): an item is the sam
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
 from lxm.corpus.answers import convert_ans
-from lxm.corpus.build import CorpusError
-from lxm.errors import ConfigError, LxmError
+from lxm.corpus.layout import CORPUS_TABLE, corpus_file, read_corpus_table
+from lxm.errors import LxmError
 from lxm.features.store import FeatureStore, read_normalized, store_index
 from lxm.model.losses import IGNORE_INDEX, PretrainLabels
 from lxm.model.tokenizer import LxmertTokenizer
@@ -41,45 +38,6 @@ IGNORE = IGNORE_INDEX  # "no target" in the MLM and QA labels (LXMERT's -1)
 
 class PretrainDataError(LxmError, ValueError):
     """The corpus and the feature stores give no usable sentence; the message names both."""
-
-
-def corpus_file(corpus: str | os.PathLike, name: str) -> Path:
-    """`<corpus>/<name>`, or a CorpusError saying that `corpus` is no directory of `lxm build-corpus` (rather than a
-    bare FileNotFoundError that leaves the user guessing which option was wrong)."""
-    path = Path(corpus) / name
-    if not path.exists():
-        what = "no such directory" if not Path(corpus).is_dir() else f"no {name}"
-        raise CorpusError(f"{corpus}: not an lxm corpus ({what}): run lxm build-corpus first")
-    return path
-
-
-def read_corpus_table(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """A parquet table of `lxm build-corpus`; a damaged file or a missing column is a CorpusError naming it."""
-    try:
-        return pq.read_table(path, columns=columns)
-    except pa.ArrowInvalid as exc:
-        raise CorpusError(f"{path}: not a corpus table of lxm build-corpus ({str(exc).splitlines()[0]})") from None
-
-
-def read_answer_table(path: str | os.PathLike) -> list[str]:
-    """A JSON list of answers (strings, or {"ans": ...} records as LXMERT's all_ans.json) or an {answer: id}
-    mapping (trainval_ans2label.json); id = position."""
-    path = Path(path)
-    try:
-        table = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: answer table not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    if isinstance(table, dict):
-        return [a for a, _ in sorted(table.items(), key=lambda kv: kv[1])]
-    if not isinstance(table, list):
-        raise ConfigError(f"{path}: expected a list of answers")
-    answers = [r.get("ans") if isinstance(r, dict) else r for r in table]
-    bad = next((i for i, a in enumerate(answers) if not isinstance(a, str)), None)
-    if bad is not None:
-        raise ConfigError(f"{path}: record {bad}: expected an answer string or {{'ans': string}}, got {table[bad]!r}")
-    return answers
 
 
 @dataclass
@@ -195,7 +153,7 @@ class PretrainDataset(Dataset):
                  sources=("mscoco", "vg", "vqa", "gqa", "vgqa"), word_mask_rate: float = 0.15,
                  obj_mask_rate: float = 0.15, max_length: int = 20, seed: int = 9595):
         path = Path(corpus)
-        path = corpus_file(path, "corpus.parquet") if path.suffix != ".parquet" else path
+        path = corpus_file(path, CORPUS_TABLE) if path.suffix != ".parquet" else path
         table = read_corpus_table(path, ["uid", "img_id", "source", "split", "text", "labels"])
         self.stores = [FeatureStore(f) for f in features]
         where = store_index(self.stores)

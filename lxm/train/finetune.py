@@ -39,7 +39,7 @@ from lxm.errors import ConfigError
 from lxm.infer.runs import evaluate, predict
 from lxm.model import LxmertForFinetuning, load_pretrained, load_pretrained_with_report, preset, save_lxm
 from lxm.model.weights import load_into
-from lxm.train.config import CUSTOM_TASKS, FinetuneConfig, load_run_config
+from lxm.train.config import FinetuneConfig, load_run_config
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune, steps_per_epoch
 from lxm.train.report import epoch_seconds, unseen_labels_warning, validation_report
 from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, RunStopped, StopSignals, build_optimizer,
@@ -169,7 +169,7 @@ class Finetuner:
                                              max_length=cfg.max_length)
             self.valid_set.require_labels(
                 "validation", "--valid takes a labelled file; predict an unlabelled one with --test"
-                if cfg.task in CUSTOM_TASKS else "--set valid_split=SPLIT names a labelled split, or none")
+                if self.task.reads_files else "--set valid_split=SPLIT names a labelled split, or none")
             unseen = self.task.unseen_labels(self.valid_set.targets)
             if unseen and self.dist.is_main:  # logged: lxm prints warnings; a notebook's logging shows them
                 _logger.warning("%s: %s", self.task.split_source(cfg.corpus, cfg.valid_split),
@@ -206,7 +206,7 @@ class Finetuner:
         # every input read and checked: from here on OUT is written
         if self.dist.is_main:
             open_run_folder(cfg, self.out, overwrite=overwrite)
-            if self.task.answers:
+            if self.task.answer_table:
                 atomic.write_text(self.out / ANSWERS_FILE, json.dumps(self.task.answers) + "\n")
         if resume:  # a crash after the last epoch's logs but before last.pt must not log that epoch twice
             self.logger.resume_at(self.step, self.epoch)
@@ -216,7 +216,7 @@ class Finetuner:
     def plan(self) -> dict[str, Any]:
         """What the run would do (`lxm finetune --dry-run`): data, steps, optimisation, device, head, init, start."""
         cfg = self.cfg
-        labels = getattr(self.task, "answers", None) or []
+        labels = self.task.answers
         return {"task": cfg.task, "out": str(self.out), "train_examples": len(self.train_set),
                 "train_without_features": self.train_set.dropped,
                 "valid_examples": len(self.valid_set) if self.valid_set is not None else 0,

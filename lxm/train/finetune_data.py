@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from lxm.errors import LxmError
 from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStore, read_normalized, store_index
 from lxm.model.tokenizer import LxmertTokenizer
-from lxm.train.data import ModelInputs, corpus_file
+from lxm.train.data import ModelInputs
 from lxm.train.tasks import FinetuneTask
 
 
@@ -36,36 +35,25 @@ class FinetuneDataError(LxmError, ValueError):
 @dataclass
 class FinetuneExample:
     """One question (VQA / GQA) or one statement with its image pair (NLVR2); numpy arrays. T tokens, I images of
-    the example, N boxes, F feature size, A answers. The task fills its own target field; both None = unlabelled."""
+    the example, N boxes, F feature size."""
 
     id: int | str  # question id (VQA int, GQA str) or NLVR2 identifier
     input_ids: np.ndarray  # [T] int64
     attention_mask: np.ndarray  # [T] int64
     visual_feats: np.ndarray  # [I, N, F] float32, or float16 from a float16 store (float32 once on the device)
     visual_boxes: np.ndarray  # [I, N, 4] float32, normalised (x1, y1, x2, y2)
-    answer_target: np.ndarray | None = None  # [A] float32 soft scores (answer tasks)
-    pair_label: int | None = None  # 0 / 1 (NLVR2)
-    class_label: int | None = None  # label index (classify; lxm.model.IGNORE_INDEX: not a training label)
+    target: np.ndarray | None = None  # the task's `example_target`: [A] float32 soft scores over A answers (answer
+    #   tasks), a 0-d int64 class (NLVR2 0/1; classify, lxm.model.IGNORE_INDEX: not a training label); None: unlabelled
 
 
 @dataclass
 class FinetuneBatch(ModelInputs):
     """A collated finetuning batch; inputs as ModelInputs with R rows = B questions (VQA/GQA) or 2P image-sentence
-    rows for P NLVR2 pairs. The target fields are None when the task has none of that kind or the split no labels."""
+    rows for P NLVR2 pairs."""
 
-    answer_targets: torch.Tensor | None = None  # [B, A] float32 soft scores
-    pair_labels: torch.Tensor | None = None  # [P] long 0/1
+    targets: torch.Tensor | None = None  # the examples' targets stacked: [B, A] float32 (answer tasks), [B] long
+    #   (NLVR2: B = P pairs; classify); None when an example has none (an unlabelled split)
     ids: list = field(default_factory=list)  # question ids (VQA int, GQA str) or NLVR2 identifiers, one per example
-    class_labels: torch.Tensor | None = None  # [B] long label indices (classify)
-
-
-def table_path(corpus: str | os.PathLike, task: str, split: str) -> Path:
-    path = corpus_file(corpus, "finetune") / f"{task}_{split}.parquet"
-    if not path.exists():
-        have = sorted(p.stem for p in (Path(corpus) / "finetune").glob(f"{task}_*.parquet"))
-        raise FinetuneDataError(f"{path}: no such table (this corpus has {', '.join(have) or 'no ' + task + ' tables'}"
-                                f"; build it with lxm build-corpus --{task} ...)")
-    return path
 
 
 class FinetuneDataset(Dataset):
@@ -159,31 +147,28 @@ def steps_per_epoch(examples: int, batch_size: int) -> tuple[int, str]:
 
 
 def encode_example(example_id, text: str, images: list[tuple[ImageFeatures, np.ndarray]],
-                   tokenizer: LxmertTokenizer, target: dict | None = None) -> FinetuneExample:
+                   tokenizer: LxmertTokenizer, target: np.ndarray | None = None) -> FinetuneExample:
     """One example from its text and its images' (record, normalised boxes), as the dataset and `lxm ask` build
-    it; `target` is the task's `example_target` fields (None: unlabelled)."""
+    it; `target` is the task's `example_target` (None: unlabelled)."""
     enc = tokenizer.encode(text)
     feats = np.stack([rec.features for rec, _ in images])
     if feats.dtype != np.float16:  # float16 (a float16 store) stays so until the device (ModelInputs.to)
         feats = feats.astype(np.float32)
     boxes = np.stack([b for _, b in images])
-    return FinetuneExample(example_id, enc.input_ids[0], enc.attention_mask[0], feats, boxes, **(target or {}))
+    return FinetuneExample(example_id, enc.input_ids[0], enc.attention_mask[0], feats, boxes, target)
 
 
 def collate_finetune(items: list[FinetuneExample]) -> FinetuneBatch:
-    """Stack examples; an example of I images contributes I rows (its sentence repeated). A target field is set
-    when every example has it (a labelled split), else None."""
+    """Stack examples; an example of I images contributes I rows (its sentence repeated). `targets` stacks the
+    examples' targets (the task chose their shape and dtype) when every example has one (a labelled split), else
+    None."""
     rows = [len(x.visual_feats) for x in items]
     input_ids = torch.from_numpy(np.repeat(np.stack([x.input_ids for x in items]), rows, axis=0))
-    answers = pairs = classes = None
-    if all(x.answer_target is not None for x in items):
-        answers = torch.from_numpy(np.stack([x.answer_target for x in items]))
-    if all(x.pair_label is not None for x in items):
-        pairs = torch.tensor([x.pair_label for x in items], dtype=torch.long)
-    if all(x.class_label is not None for x in items):
-        classes = torch.tensor([x.class_label for x in items], dtype=torch.long)
+    targets = None
+    if all(x.target is not None for x in items):
+        targets = torch.from_numpy(np.stack([x.target for x in items]))
     return FinetuneBatch(input_ids, torch.from_numpy(np.repeat(np.stack([x.attention_mask for x in items]), rows,
                                                                axis=0)),
                          torch.zeros_like(input_ids), torch.from_numpy(np.concatenate([x.visual_feats for x in items])),
-                         torch.from_numpy(np.concatenate([x.visual_boxes for x in items])), answers, pairs,
-                         [x.id for x in items], classes)
+                         torch.from_numpy(np.concatenate([x.visual_boxes for x in items])), targets,
+                         [x.id for x in items])

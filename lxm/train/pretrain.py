@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from lxm.errors import ConfigError
 from lxm.model import LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses, save_lxm
 from lxm.train.config import PretrainConfig
-from lxm.train.data import PretrainDataset, collate, corpus_file, read_answer_table
+from lxm.corpus.layout import answers_name, corpus_file, read_answer_table
+from lxm.train.data import PretrainDataset, collate
 from lxm.train.precision import autocast
 from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, RunStopped, StopSignals, build_optimizer, claim_run_folder,
                            copy_checkpoint, current_lr, loader_workers, mean_across_ranks, micro_batch_size,
@@ -39,7 +40,7 @@ _logger = logging.getLogger(__name__)
 
 
 def _answers(cfg: PretrainConfig) -> list[str]:
-    return read_answer_table(cfg.answers or corpus_file(cfg.corpus, "vocab/qa_answers.json"))
+    return read_answer_table(cfg.answers or corpus_file(cfg.corpus, answers_name("qa")))
 
 
 def detector_label_counts(stores) -> tuple[int, int] | None:

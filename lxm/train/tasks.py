@@ -10,8 +10,10 @@ not the `nn.Module` and does not hold the model; it builds the model config (hea
 initial weights, and gets the model in each call. DDP then wraps the model itself and checkpoints keep the model's
 own keys (every checkpoint format stays as it was).
 
-Adding a task = adding one class and its entry in `TASKS` (a dict, no registry): the abstract methods of
-`FinetuneTask` are what a task decides.
+Adding a task = adding one class and its entry in `TASKS` (a dict, no registry): the abstract methods and class
+attributes of `FinetuneTask` are what a task decides — its recipe (`recipe`: splits, lr, epochs), its data, head,
+targets, loss, decoding, scores and submission file. Every list of task names (the CLI's, the config's) is `TASKS`'s
+keys; nothing outside the task classes compares task names.
 
 Two tasks are lxm's own, for a user's datasets as JSON lines files (`lxm.eval.formats`; no corpus): `QaTask`
 ("qa": VQA's answer head, targets and metric over an answer table built from the training file) and `ClassifyTask`
@@ -25,6 +27,7 @@ import os
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -35,12 +38,14 @@ import yaml
 from torch import Tensor, nn
 
 from lxm.corpus.answers import convert_ans, normalize_vqa_answer, soft_score, vqa_soft_labels
+from lxm.corpus.layout import (answers_name, corpus_file, finetune_name, finetune_table, read_answer_table,
+                               read_corpus_table)
 from lxm.errors import ConfigError
-from lxm.eval import (classify_metrics, nlvr2_metrics, prediction_file_name, qa_metrics, read_classify_jsonl,
-                      read_qa_jsonl, write_predictions)
+from lxm.eval import (classify_metrics, nlvr2_metrics, qa_metrics, read_classify_jsonl, read_qa_jsonl,
+                      write_classify_predictions, write_gqa_predictions, write_nlvr2_predictions, write_qa_predictions,
+                      write_vqa_predictions)
 from lxm.eval.formats import QaRecord
 from lxm.model import IGNORE_INDEX, LxmertConfig, LxmertForPreTraining, LxmertOutput, pair_loss, soft_answer_loss
-from lxm.train.data import corpus_file, read_answer_table, read_corpus_table
 from lxm.train.run import BEST_DIR, MODEL_DIR
 
 if TYPE_CHECKING:
@@ -53,18 +58,37 @@ _logger = logging.getLogger(__name__)
 ANSWERS_FILE = "answers.json"  # a finetuning run's answer table (id = position), what `lxm predict` decodes with
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A task's original finetuning recipe (run/<task>_finetune.bash): what `lxm.train.config.finetune_paper` sets
+    beside the values all tasks share (batch 32, BertAdam, warm-up 10 %, clip 5.0)."""
+
+    train_splits: tuple[str, ...]  # splits trained on
+    valid_split: str | None  # split scored after each epoch; None: none
+    lr: float  # peak learning rate
+    epochs: int = 4  # passes over the training examples
+
+
 class FinetuneTask(ABC):
-    """What one finetuning task decides: its corpus table, head, targets, loss, decoding, scores and files.
+    """What one finetuning task decides: its recipe, corpus table, head, targets, loss, decoding, scores and files.
 
     Args:
         answers: the task's answer table (id = position); empty for a task without one (NLVR2).
     """
 
-    name: ClassVar[str]  # task name: corpus tables finetune/<name>_<split>.parquet, official formats of lxm.eval
+    name: ClassVar[str]  # task name: corpus tables finetune/<name>_<split>.parquet, `lxm finetune <name>`
+    recipe: ClassVar[Recipe]  # the original recipe (lxm.train.config.finetune_paper)
+    submission_suffix: ClassVar[str]  # the submission file's extension: <split>_predict<suffix>
     id_column: ClassVar[str]  # the table's example id column
     image_columns: ClassVar[tuple[str, ...]]  # the table's image id column(s): images per example
     metric_names: ClassVar[tuple[str, ...]]  # the columns of the validation table; the first one selects best/
     info_columns: ClassVar[tuple[str, ...]] = ()  # table columns kept per example for display (`lxm gallery`)
+    answer_table: ClassVar[bool] = False  # `answers` names the answer head's rows (saved as RUN/answers.json); off:
+    #   fixed class names (NLVR2's False/True)
+    reads_files: ClassVar[bool] = False  # splits are the user's JSON lines files (config `data`), not corpus tables
+    builds_answer_table: ClassVar[bool] = False  # the answer table comes from the training file (min_answer_count)
+    structural_types: ClassVar[bool] = False  # its official questions file gives structural types (GQA: `lxm
+    #   predict --questions`, the gallery's accuracy per type)
 
     def __init__(self, answers: Sequence[str] = ()):
         self.answers = list(answers)
@@ -89,14 +113,12 @@ class FinetuneTask(ABC):
     def read_split(self, corpus: str | os.PathLike, split: str) -> dict[str, list]:
         """The columns of one split: the id column, the image column(s), "sent", "label" (None = unlabelled) and
         any `info_columns`; default the corpus table `<corpus>/finetune/<name>_<split>.parquet`."""
-        from lxm.train.finetune_data import table_path
-
-        table = read_corpus_table(table_path(corpus, self.name, split))
+        table = read_corpus_table(finetune_table(corpus, self.name, split))
         return {c: table.column(c).to_pylist() for c in table.column_names}
 
     def split_source(self, corpus: str | os.PathLike, split: str) -> str:
         """The file `read_split` reads for `split` (what an error about the split names)."""
-        return str(corpus_file(corpus, "finetune") / f"{self.name}_{split}.parquet")
+        return str(Path(corpus) / finetune_name(self.name, split))
 
     # ---- model
     @abstractmethod
@@ -123,8 +145,9 @@ class FinetuneTask(ABC):
         return Counter()
 
     @abstractmethod
-    def example_target(self, target: Any) -> dict[str, Any]:
-        """The `FinetuneExample` target field(s) of a kept label (never None)."""
+    def example_target(self, target: Any) -> np.ndarray:
+        """The `FinetuneExample.target` of a kept label (never None): an array the batch stacks into `targets`
+        ([A] float32 soft scores for an answer task, a 0-d int64 class for NLVR2 / classify)."""
 
     @abstractmethod
     def target_answers(self, target: Any) -> list[tuple[str, float]]:
@@ -179,11 +202,13 @@ class FinetuneTask(ABC):
         labels (`row_target`s) of examples `ids`."""
 
     def prediction_file_name(self, split: str) -> str:
-        return prediction_file_name(self.name, split)
+        """`<split>_predict.json` or `.csv`, the names the original wrote."""
+        return f"{split}_predict{self.submission_suffix}"
 
+    @abstractmethod
     def write_predictions(self, predictions: Mapping, path: str | os.PathLike) -> Path:
-        """The official submission file (lxm.eval.formats)."""
-        return write_predictions(self.name, predictions, path)
+        """The official submission file of id -> prediction string, in file order (a writer of lxm.eval.formats),
+        written atomically."""
 
 
 # ---------------------------------------------------------------------------------------------------- answer tasks
@@ -196,6 +221,7 @@ class AnswerTask(FinetuneTask):
     id_column = "question_id"
     image_columns = ("img_id",)
     metric_names = ("accuracy",)
+    answer_table = True
 
     def __init__(self, answers: Sequence[str] = ()):
         super().__init__(answers)
@@ -203,7 +229,7 @@ class AnswerTask(FinetuneTask):
 
     @classmethod
     def from_corpus(cls, corpus: str | os.PathLike) -> FinetuneTask:
-        return cls(read_answer_table(corpus_file(corpus, f"vocab/{cls.name}_answers.json")))
+        return cls(read_answer_table(corpus_file(corpus, answers_name(cls.name))))
 
     @classmethod
     def from_run(cls, run: Path) -> FinetuneTask:
@@ -228,13 +254,13 @@ class AnswerTask(FinetuneTask):
         dense = np.zeros(len(self.answers), dtype=np.float32)
         for k, score in target:
             dense[k] = score
-        return {"answer_target": dense}
+        return dense
 
     def target_answers(self, target):
         return sorted(((self.answers[k], float(score)) for k, score in target), key=lambda kv: -kv[1])
 
     def loss(self, out, batch):
-        return {self.name: soft_answer_loss(out.answer_logits, batch.answer_targets)}
+        return {self.name: soft_answer_loss(out.answer_logits, batch.targets)}
 
     def logits(self, out):
         return out.answer_logits
@@ -256,13 +282,24 @@ class VqaTask(AnswerTask):
     """VQA v2 (src/tasks/vqa.py): 3129 answers, soft scores from the ten annotators."""
 
     name = "vqa"
+    recipe = Recipe(("train", "nominival"), "minival", 5e-5)
+    submission_suffix = ".json"
     info_columns = ("answer_type", "question_type")
+
+    def write_predictions(self, predictions, path):
+        return write_vqa_predictions(predictions, path)
 
 
 class GqaTask(AnswerTask):
     """GQA (src/tasks/gqa.py): 1842 answers, one per question."""
 
     name = "gqa"
+    recipe = Recipe(("train", "valid"), "testdev", 1e-5)
+    submission_suffix = ".json"
+    structural_types = True
+
+    def write_predictions(self, predictions, path):
+        return write_gqa_predictions(predictions, path)
 
 
 # ---------------------------------------------------------------------------------------------------- NLVR2
@@ -273,6 +310,8 @@ class Nlvr2Task(FinetuneTask):
     (img0, sentence), (img1, sentence) (batch rows 2i, 2i+1), 2-way CE; "True"/"False"; accuracy and consistency."""
 
     name = "nlvr2"
+    recipe = Recipe(("train",), "dev", 5e-5)
+    submission_suffix = ".csv"
     id_column = "identifier"
     image_columns = ("img0", "img1")
     metric_names = ("accuracy", "consistency")
@@ -293,13 +332,13 @@ class Nlvr2Task(FinetuneTask):
         return None if label is None or label < 0 else int(label)
 
     def example_target(self, target):
-        return {"pair_label": target}
+        return np.array(target, dtype=np.int64)
 
     def target_answers(self, target):
         return [(self.class_names[target], 1.0)]
 
     def loss(self, out, batch):
-        return {self.name: pair_loss(out.pair_logits, batch.pair_labels)}
+        return {self.name: pair_loss(out.pair_logits, batch.targets)}
 
     def logits(self, out):
         return out.pair_logits
@@ -312,6 +351,9 @@ class Nlvr2Task(FinetuneTask):
         labels = {i: "True" if t == 1 else "False" for i, t in zip(ids, targets)}
         scores = nlvr2_metrics(labels, predictions)  # predictions cover exactly the split: nothing ignored
         return {name: scores[name] for name in self.metric_names}
+
+    def write_predictions(self, predictions, path):
+        return write_nlvr2_predictions(predictions, path)
 
 
 # ---------------------------------------------------------------------------------------------------- custom datasets
@@ -369,6 +411,7 @@ class JsonlTask:
     """
 
     name: ClassVar[str]
+    reads_files = True
 
     def __init__(self, answers: Sequence[str] = (), files: Mapping[str, str] | None = None):
         super().__init__(answers)
@@ -404,6 +447,9 @@ class QaTask(JsonlTask, AnswerTask):
     """
 
     name = "qa"
+    recipe = Recipe(("train",), "valid", 5e-5)  # VQA's lr; "valid" becomes None when `data` has no valid file
+    submission_suffix = ".json"
+    builds_answer_table = True
     info_columns = ("answer_type", "question_type")
 
     @classmethod
@@ -462,6 +508,9 @@ class QaTask(JsonlTask, AnswerTask):
                             {str(i): predictions[i] for i in ids})
         return {"accuracy": scores["accuracy"]}
 
+    def write_predictions(self, predictions, path):
+        return write_qa_predictions(predictions, path)
+
 
 class ClassifyTask(JsonlTask, FinetuneTask):
     """Image-text classification on a user's JSON lines files (`lxm finetune classify`; e.g. visual entailment,
@@ -477,9 +526,12 @@ class ClassifyTask(JsonlTask, FinetuneTask):
     """
 
     name = "classify"
+    recipe = Recipe(("train",), "valid", 5e-5)  # NLVR2's lr; "valid" becomes None when `data` has no valid file
+    submission_suffix = ".csv"
     id_column = "id"
     image_columns = ("img_id",)
     metric_names = ("accuracy", "macro_f1")
+    answer_table = True
 
     def __init__(self, answers: Sequence[str] = (), files: Mapping[str, str] | None = None):
         super().__init__(answers, files)
@@ -514,13 +566,13 @@ class ClassifyTask(JsonlTask, FinetuneTask):
         return Counter(t for t in targets if t is not None and t not in self.label2id)
 
     def example_target(self, target):
-        return {"class_label": self.label2id.get(target, IGNORE_INDEX)}  # a label unseen in training: no target
+        return np.array(self.label2id.get(target, IGNORE_INDEX), dtype=np.int64)  # unseen in training: no target
 
     def target_answers(self, target):
         return [(target, 1.0)]
 
     def loss(self, out, batch):
-        return {self.name: F.cross_entropy(out.answer_logits.float(), batch.class_labels, ignore_index=IGNORE_INDEX)}
+        return {self.name: F.cross_entropy(out.answer_logits.float(), batch.targets, ignore_index=IGNORE_INDEX)}
 
     def logits(self, out):
         return out.answer_logits
@@ -533,14 +585,18 @@ class ClassifyTask(JsonlTask, FinetuneTask):
         scores = classify_metrics({str(i): t for i, t in zip(ids, targets)}, {str(i): predictions[i] for i in ids})
         return {name: scores[name] for name in self.metric_names}
 
+    def write_predictions(self, predictions, path):
+        return write_classify_predictions(predictions, path)
+
 
 TASKS: dict[str, type[FinetuneTask]] = {"vqa": VqaTask, "gqa": GqaTask, "nlvr2": Nlvr2Task, "qa": QaTask,
                                         "classify": ClassifyTask}
 
 
-def task_class(name: str) -> type[FinetuneTask]:
+def task_class(name: str, where: str = "config: 'task'") -> type[FinetuneTask]:
+    """The class of task `name`; an unknown name is a ConfigError saying `where` it came from and listing `TASKS`."""
     if name not in TASKS:
-        raise ConfigError(f"config: 'task' must be one of {tuple(TASKS)}, got {name!r}")
+        raise ConfigError(f"{where} must be one of {tuple(TASKS)}, got {name!r}")
     return TASKS[name]
 
 
@@ -563,9 +619,9 @@ def pretraining_answers(cfg: FinetuneConfig, init_path: str, rows: int) -> tuple
         if run_cfg.get("answers"):
             candidates.append(Path(run_cfg["answers"]))
         elif run_cfg.get("corpus"):
-            candidates.append(Path(run_cfg["corpus"]) / "vocab" / "qa_answers.json")
+            candidates.append(Path(run_cfg["corpus"]) / answers_name("qa"))
     if cfg.corpus:  # the custom tasks have none
-        candidates.append(Path(cfg.corpus) / "vocab" / "qa_answers.json")
+        candidates.append(Path(cfg.corpus) / answers_name("qa"))
     for path in candidates:
         if path.exists():
             table = read_answer_table(path)
@@ -587,7 +643,7 @@ def answer_head_surgery(pre: LxmertForPreTraining, init: str, cfg: FinetuneConfi
         log(f"answer head: copied as is ({rows} answers: a finetuned {task} head)")
         return {**head, "answer_head.logit_fc.3.weight": w, "answer_head.logit_fc.3.bias": b}
     if found is None:
-        corpus = f", {Path(cfg.corpus) / 'vocab' / 'qa_answers.json'}" if cfg.corpus else ""
+        corpus = f", {Path(cfg.corpus) / answers_name('qa')}" if cfg.corpus else ""
         raise ConfigError(f"{init}: its QA head has {rows} rows but no answer table of that size was found (the "
                           f"init run's{corpus}); pass --set init_answers=PATH (LXMERT's all_ans.json)")
     table, where = found
