@@ -103,8 +103,8 @@ def bare_step_rate(ds, cfg, train_cfg, device: torch.device, steps: int) -> tupl
     """(samples/s of the bare step, seconds to write one checkpoint of model + optimizer)."""
     torch.manual_seed(0)
     model = LxmertForPreTraining(cfg).to(device).train()
-    optimizer, scheduler = build_optimizer(model, train_cfg, 1000)
-    replica, step_model = training_modules(model, train_cfg, DistInfo(), device)  # the trainer's bf16 copy, if any
+    optimizer, scheduler = build_optimizer(model, train_cfg.optim, 1000)
+    replica, step_model = training_modules(model, train_cfg.runtime, DistInfo(), device)  # the trainer's bf16 copy, if any
     batches = [b.to(device) for b in itertools.islice(DataLoader(ds, batch_size=BATCH, collate_fn=collate), steps + 2)]
 
     def loss_fn(m, batch):
@@ -115,8 +115,8 @@ def bare_step_rate(ds, cfg, train_cfg, device: torch.device, steps: int) -> tupl
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        train_step(step_model, [b], loss_fn, optimizer, scheduler, clip_grad_norm=train_cfg.clip_grad_norm,
-                   precision=train_cfg.precision, device_type=device.type, replica=replica)
+        train_step(step_model, [b], loss_fn, optimizer, scheduler, clip_grad_norm=train_cfg.optim.clip_grad_norm,
+                   precision=train_cfg.runtime.precision, device_type=device.type, replica=replica)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

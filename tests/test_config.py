@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -35,13 +36,14 @@ def test_presets_are_picked_by_name():
         loaded = load_config(name, REQUIRED)
         assert loaded.corpus == "c" and loaded.features == ["f"]
         assert {**vars(loaded), "corpus": "", "features": []} == vars(preset())
-    assert (pretrain_tiny().model, pretrain_tiny().batch_size, pretrain_base().batch_size) == ("tiny", 8, 256)
+    assert (pretrain_tiny().model, pretrain_tiny().optim.batch_size, pretrain_base().optim.batch_size) == ("tiny", 8,
+                                                                                                       256)
     for task in ("vqa", "gqa", "nlvr2"):
         for name, preset in (("paper", finetune_paper), ("tiny", finetune_tiny), (None, finetune_paper)):
             loaded = load_finetune_config(task, name, [*REQUIRED, "init=x"])
             assert {**vars(loaded), "corpus": "", "features": [], "init": None} == vars(preset(task))
     # tiny keeps the task's recipe splits; only the sizes change
-    assert finetune_tiny("gqa").train_splits == ["train", "valid"] and finetune_tiny("gqa").lr == 1e-3
+    assert finetune_tiny("gqa").train_splits == ["train", "valid"] and finetune_tiny("gqa").optim.lr == 1e-3
     with pytest.raises(ConfigError, match="neither a preset .base, tiny. nor a YAML file"):
         load_config("huge", REQUIRED)
     with pytest.raises(ConfigError, match="neither a preset .paper, tiny. nor a YAML file"):
@@ -55,8 +57,8 @@ def test_presets_are_picked_by_name():
 def test_none_round_trips_through_yaml_and_set(tmp_path):
     cfg = load_config("tiny", [*REQUIRED, "dropout=0.2", "dropout=none", "valid_split=null", "micro_batch_size=4",
                                "max_steps=NULL"])
-    assert (cfg.dropout, cfg.valid_split, cfg.micro_batch_size, cfg.max_steps, cfg.answers) == (None, None, 4, None,
-                                                                                                 None)
+    assert (cfg.dropout, cfg.valid_split, cfg.optim.micro_batch_size, cfg.max_steps, cfg.answers) == (
+        None, None, 4, None, None)
     text = cfg.to_yaml()
     assert "dropout: null" in text and "valid_split: null" in text and "init_bert: null" in text
     path = tmp_path / "config.yaml"
@@ -77,7 +79,7 @@ def test_none_round_trips_through_yaml_and_set(tmp_path):
     path.write_text("corpus: c\nfeatures: [f]\nvalid_split: ''\n")
     with pytest.raises(ConfigError, match=rf"{path}: 'valid_split': empty"):
         load_config(str(path))
-    with pytest.raises(ConfigError, match="'micro_batch_size' must be positive, got 0"):
+    with pytest.raises(ConfigError, match="'optim.micro_batch_size' must be positive, got 0"):
         load_config("tiny", [*REQUIRED, "micro_batch_size=0"])
 
 
@@ -131,28 +133,126 @@ def test_loader_workers_default_to_in_process_on_cpu_and_a_few_with_cuda():
 
     from lxm.train.run import loader_workers
 
-    assert load_config("tiny", REQUIRED).num_workers == 0  # the tiny preset's
-    assert load_config("base", REQUIRED).num_workers is None  # automatic
+    assert load_config("tiny", REQUIRED).runtime.num_workers == 0  # the tiny preset's
+    assert load_config("base", REQUIRED).runtime.num_workers is None  # automatic
     assert loader_workers(None, torch.device("cpu")) == 0  # the step's threads use every core
     assert loader_workers(None, torch.device("cuda")) == max(0, min(4, (os.cpu_count() or 1) - 1))
     assert loader_workers(3, torch.device("cpu")) == 3
-    with pytest.raises(ConfigError, match="'num_workers' must be >= 0"):
+    with pytest.raises(ConfigError, match="'runtime.num_workers' must be >= 0"):
         load_config("base", [*REQUIRED, "num_workers=-1"]).validate()
-    assert load_config("base", [*REQUIRED, "num_workers=null"]).num_workers is None
+    assert load_config("base", [*REQUIRED, "num_workers=null"]).runtime.num_workers is None
 
 
-def test_an_older_runs_config_without_the_later_keys_loads_with_their_defaults(tmp_path):
-    """A run written before `cpu_kernels` existed resumes (the key takes its default); any other missing key is
-    still a damaged file."""
+# a finetuning run's config.yaml as lxm wrote it before the optim / runtime sections (commit f0a3a3d, finetune_tiny
+# of vqa with corpus, features, init and vocab set), and before `cpu_kernels` existed: it must load unchanged
+FLAT_RUN_CONFIG = """\
+task: vqa
+corpus: corpus
+data: {}
+min_answer_count: 1
+features:
+- feats
+vocab: vocab.txt
+init: runs/pre
+from_scratch: false
+model: tiny
+init_answers: null
+train_splits:
+- train
+- nominival
+valid_split: minival
+max_length: 20
+num_workers: 0
+dropout: null
+batch_size: 8
+micro_batch_size: null
+eval_batch_size: 16
+epochs: 1
+optimizer: bert
+lr: 0.001
+warmup: 0.1
+weight_decay: 0.01
+clip_grad_norm: 5.0
+precision: fp32
+compile: false
+fused_optimizer: false
+seed: 9595
+log_every: 1
+device: auto
+keep_freed_memory: true
+"""
+
+
+def test_an_older_runs_flat_config_loads_as_todays_nested_one(tmp_path):
+    """Run folders written before the sections (and before `cpu_kernels`) load: the bare keys land in their
+    sections, the later key takes its default; a key missing from such a file is still damage."""
     from lxm.train.config import ADDED_LATER, load_run_config
 
     path = tmp_path / "config.yaml"
-    written = yaml.safe_load(pretrain_tiny().to_yaml()) | {"corpus": "c", "features": ["f"]}
-    older = {k: v for k, v in written.items() if k not in ADDED_LATER}
-    assert older != written
-    path.write_text(yaml.safe_dump(older))
-    assert load_run_config(path).cpu_kernels is None
-    del older["seed"]
-    path.write_text(yaml.safe_dump(older))
-    with pytest.raises(ConfigError, match="incomplete run config .no seed"):
+    path.write_text(FLAT_RUN_CONFIG)
+    loaded = load_run_config(path)
+    expected = dataclasses.replace(finetune_tiny("vqa"), corpus="corpus", features=["feats"], init="runs/pre",
+                                   vocab="vocab.txt")
+    assert loaded == expected and ADDED_LATER == ("runtime.cpu_kernels",)
+    assert (loaded.optim.lr, loaded.runtime.log_every, loaded.runtime.cpu_kernels) == (1e-3, 1, None)
+    # written back in today's layout, it loads to the same config
+    path.write_text(loaded.to_yaml())
+    assert set(yaml.safe_load(path.read_text())) >= {"optim", "runtime"} and load_run_config(path) == loaded
+    path.write_text(FLAT_RUN_CONFIG.replace("seed: 9595\n", ""))
+    with pytest.raises(ConfigError, match="incomplete run config .no runtime.seed"):
         load_run_config(path)
+    written = yaml.safe_load(pretrain_tiny().to_yaml()) | {"corpus": "c", "features": ["f"]}
+    del written["runtime"]["cpu_kernels"]
+    path.write_text(yaml.safe_dump(written))
+    assert load_run_config(path).runtime.cpu_kernels is None
+    del written["optim"]["lr"]
+    path.write_text(yaml.safe_dump(written))
+    with pytest.raises(ConfigError, match="incomplete run config .no optim.lr"):
+        load_run_config(path)
+
+
+def test_shared_groups_nest_with_bare_keys_literal_choices_and_one_validation(tmp_path):
+    from lxm.train.config import OptimConfig, PretrainConfig, RuntimeConfig
+
+    # the bare key is the dotted one, on the command line and in a YAML file
+    assert load_config("tiny", [*REQUIRED, "lr=2e-5"]) == load_config("tiny", [*REQUIRED, "optim.lr=2e-5"])
+    path = tmp_path / "run.yaml"
+    path.write_text("corpus: c\nfeatures: [f]\nlr: 2e-5\nruntime:\n  precision: bf16\n")
+    cfg = load_config(str(path))
+    assert (cfg.optim.lr, cfg.runtime.precision, cfg.optim.batch_size) == (2e-5, "bf16", 256)
+    path.write_text("corpus: c\nfeatures: [f]\nlr: 2e-5\noptim:\n  lr: 1e-5\n")
+    with pytest.raises(ConfigError, match=rf"{path}: 'lr' is given twice, as 'lr' and as 'optim.lr'"):
+        load_config(str(path))
+    # closed choices are Literal fields: refused on --set, in YAML, and in a config built in Python
+    with pytest.raises(ConfigError, match=r"--set precision=fp16: expected one of 'fp32', 'bf16', 'bf16-autocast'"):
+        load_config("tiny", [*REQUIRED, "precision=fp16"])
+    path.write_text("corpus: c\nfeatures: [f]\noptim: {optimizer: sgd}\n")
+    with pytest.raises(ConfigError, match=rf"{path}: 'optim.optimizer': expected one of 'bert', 'adamw'"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"config: 'runtime.precision' must be one of \('fp32', 'bf16', "):
+        PretrainConfig(corpus="c", features=["f"], runtime=RuntimeConfig(precision="fp16")).validate()
+    # one validation per group, whichever run config holds it
+    for bad, message in ((OptimConfig(warmup=1.5), "'optim.warmup' must be in"),
+                         (OptimConfig(batch_size=0), "'optim.batch_size' must be positive")):
+        with pytest.raises(ConfigError, match=message):
+            PretrainConfig(corpus="c", features=["f"], optim=bad).validate()
+        with pytest.raises(ConfigError, match=message):
+            dataclasses.replace(finetune_paper("vqa"), corpus="c", features=["f"], init="x", optim=bad).validate()
+    with pytest.raises(ConfigError, match=r"--set optim: a section; set its keys \(optim.batch_size, "):
+        load_config("tiny", [*REQUIRED, "optim=1"])
+
+
+def test_every_runs_config_is_read_strictly(tmp_path):
+    """The readers of another run's config.yaml (an --init run's vocabulary and size, a finetuning run's data
+    files) go through the strict loader: an unknown key is named, not dropped."""
+    from lxm.train.inits import init_run_config
+
+    run = tmp_path / "pre"
+    run.mkdir()
+    written = yaml.safe_load(pretrain_tiny().to_yaml()) | {"corpus": "c", "features": ["f"], "vocab": "v.txt"}
+    (run / "config.yaml").write_text(yaml.safe_dump(written))
+    assert init_run_config(str(run)).vocab == "v.txt"
+    assert load_finetune_config("vqa", "paper", [*REQUIRED, f"init={run}"]).vocab == "v.txt"
+    (run / "config.yaml").write_text(yaml.safe_dump({**written, "lrr": 1e-4}))
+    with pytest.raises(ConfigError, match=rf"{run / 'config.yaml'}: unknown config key\(s\): lrr"):
+        load_finetune_config("vqa", "paper", [*REQUIRED, f"init={run}"])

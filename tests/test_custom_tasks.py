@@ -194,7 +194,7 @@ def test_cli_and_config_rules(world, tmp_path):
     result = CliRunner().invoke(app, ["finetune", "classify", "--train", str(bad), *base])
     assert result.exit_code == 1 and f"{bad}:1: field 'label': missing" in result.output.replace("\n", "")
     cfg = load_finetune_config("qa", "paper", ["features=[f]", "init=x", f"data={{train: {paths['qa_train']}}}"])
-    assert (cfg.lr, cfg.train_splits, cfg.valid_split, cfg.corpus) == (5e-5, ["train"], None, "")
+    assert (cfg.optim.lr, cfg.train_splits, cfg.valid_split, cfg.corpus) == (5e-5, ["train"], None, "")
     with pytest.raises(ConfigError, match="'data' is for the custom-dataset tasks"):
         load_finetune_config("nlvr2", "paper", ["corpus=c", "features=[f]", "init=x", "data={train: t.jsonl}"])
 

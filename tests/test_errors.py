@@ -72,20 +72,20 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path, command):
 def test_wrongly_typed_yaml_value_is_checked_like_set(tmp_path, command):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("corpus: c\nfeatures: [f]\nepochs: two\n")
-    _one_line_error(_cli(*command, "--config", cfg, "--out", tmp_path / "out"), str(cfg), "'epochs'",
+    _one_line_error(_cli(*command, "--config", cfg, "--out", tmp_path / "out"), str(cfg), "'optim.epochs'",
                     "expected int", "'two'")
     cfg.write_text("corpus: c\nfeatures: [f]\nbatch_size: null\n")
-    _one_line_error(_cli(*command, "--config", cfg, "--out", tmp_path / "out"), "'batch_size'", "expected int")
+    _one_line_error(_cli(*command, "--config", cfg, "--out", tmp_path / "out"), "'optim.batch_size'", "expected int")
 
 
 def test_yaml_values_are_converted_as_set_converts_them(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("corpus: c\nfeatures: f1,f2\nlr: 1e-4\nwarmup: 0.1\nepochs: 3\nlosses:\n  obj_attr_confidence: off\n")
     loaded = load_config(str(cfg))  # PyYAML reads 1e-4 as a string; --set lr=1e-4 gives the float
-    assert loaded.lr == 1e-4 and isinstance(loaded.lr, float)
-    assert loaded.features == ["f1", "f2"] and loaded.epochs == 3 and loaded.losses.obj_attr_confidence is False
+    assert loaded.optim.lr == 1e-4 and isinstance(loaded.optim.lr, float)
+    assert loaded.features == ["f1", "f2"] and loaded.optim.epochs == 3 and loaded.losses.obj_attr_confidence is False
     cfg.write_text("corpus: c\nfeatures: [f]\nwarmup: 1\n")  # an int for a float field widens
-    with pytest.raises(LxmError, match="'warmup' must be in"):
+    with pytest.raises(LxmError, match="'optim.warmup' must be in"):
         load_config(str(cfg))
 
 

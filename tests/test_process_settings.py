@@ -129,9 +129,9 @@ def test_the_cpu_kernels_key_reaches_the_model_and_its_bf16_copy(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     for setting, expected, built_with in (("null", None, True), ("false", False, None), ("true", True, False)):
         cfg = load_config("tiny", ["corpus=c", "features=[f]", f"cpu_kernels={setting}", "precision=bf16"])
-        assert cfg.cpu_kernels is expected and f"cpu_kernels: {setting}" in cfg.to_yaml()  # OUT/config.yaml
+        assert cfg.runtime.cpu_kernels is expected and f"cpu_kernels: {setting}" in cfg.to_yaml()  # OUT/config.yaml
         model = LxmertForPreTraining(lxmert_tiny(), cpu_kernels=built_with)
-        replica, _ = training_modules(model, cfg, DistInfo(), torch.device("cpu"))
+        replica, _ = training_modules(model, cfg.runtime, DistInfo(), torch.device("cpu"))
         assert model.cpu_kernels is expected and replica.module.cpu_kernels is expected, setting
 
 
@@ -140,5 +140,5 @@ def test_cpu_kernels_may_change_on_resume():  # it changes how dropout and atten
 
     run_cfg = load_config("tiny", ["corpus=c", "features=[f]"])
     changed = load_config("tiny", ["corpus=c", "features=[f]", "cpu_kernels=false"])
-    assert run_cfg.cpu_kernels is None
-    assert resume_changes(run_cfg, changed, "RUN/config.yaml") == {"cpu_kernels": (None, False)}
+    assert run_cfg.runtime.cpu_kernels is None
+    assert resume_changes(run_cfg, changed, "RUN/config.yaml") == {"runtime.cpu_kernels": (None, False)}

@@ -91,7 +91,7 @@ def test_a_failed_command_leaves_the_run_as_it_was_and_resume_alone_continues_on
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     # the schedule spans the 6 steps now: warm-up then decay, never the old end's lr 0 for the new steps
     assert all(r["lr"] > 0 for r in steps[3:5]), [r["lr"] for r in steps]
-    assert any(r.get("resume_changes") == {"epochs": [1, 2]} for r in _log(run))
+    assert any(r.get("resume_changes") == {"optim.epochs": [1, 2]} for r in _log(run))
     now = torch.load(run / "last.pt", weights_only=True)["model"]
     assert any(not torch.equal(now[k], last[k]) for k in now if now[k].is_floating_point())
 

@@ -113,7 +113,7 @@ def test_every_list_of_task_names_is_tasks_keys(monkeypatch):
 
     monkeypatch.setitem(TASKS, "match", MatchTask)
     cfg = finetune_paper("match")
-    assert (cfg.train_splits, cfg.valid_split, cfg.lr, cfg.epochs) == (["train"], "valid", 1e-3, 2)
+    assert (cfg.train_splits, cfg.valid_split, cfg.optim.lr, cfg.optim.epochs) == (["train"], "valid", 1e-3, 2)
     with pytest.raises(Exception, match=r"'task' must be one of \('vqa', 'gqa', 'nlvr2', 'qa', 'classify', "
                                         r"'match'\), got 'nope'"):
         load_finetune_config("nope", "paper")

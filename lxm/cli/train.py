@@ -97,7 +97,7 @@ def pretrain_cmd(
             _print_plan(Pretrainer(cfg, out, resume=resume, overwrite=overwrite, dry_run=True,
                                    log=lambda m: err.print(m, highlight=False)).plan())
             return
-        keep_freed_memory_on_cpu(cfg.keep_freed_memory, cfg.device, "config: 'device'")
+        keep_freed_memory_on_cpu(cfg.runtime.keep_freed_memory, cfg.runtime.device, "config: 'runtime.device'")
         with progress("steps") as bar:
             task = bar.add_task("pretrain", total=None)
 
@@ -202,7 +202,7 @@ def finetune_cmd(
             _print_plan(Finetuner(cfg, out, resume=resume, overwrite=overwrite, dry_run=True,
                                   log=lambda m: err.print(m, highlight=False)).plan())
             return
-        keep_freed_memory_on_cpu(cfg.keep_freed_memory, cfg.device, "config: 'device'")
+        keep_freed_memory_on_cpu(cfg.runtime.keep_freed_memory, cfg.runtime.device, "config: 'runtime.device'")
         with progress("steps") as bar:
             bar_task = bar.add_task(f"finetune {task}", total=None)
 
@@ -217,7 +217,7 @@ def finetune_cmd(
             trainer = Finetuner(cfg, out, resume=resume, overwrite=overwrite,
                                 log=lambda m: err.print(m, highlight=False),
                                 on_record=advance, on_step=lambda step, _: bar.update(bar_task, completed=step))
-            bar.update(bar_task, total=trainer.steps_per_epoch * cfg.epochs, completed=trainer.step)
+            bar.update(bar_task, total=trainer.steps_per_epoch * cfg.optim.epochs, completed=trainer.step)
             result = trainer.run()
     except RunStopped as exc:
         _stopped(exc)

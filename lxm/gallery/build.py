@@ -199,7 +199,7 @@ def load_records(run: str | os.PathLike, cfg: GalleryConfig, log: Callable[[str]
     dev = resolve_device(cfg.device)
     model.to(dev)
     found = predict_explained(task, model, data, cfg.top_k, batch_size=cfg.batch_size or run_cfg.eval_batch_size,
-                              device=dev, precision=run_cfg.precision)
+                              device=dev, precision=run_cfg.runtime.precision)
     top = {i: best for i, (best, _) in found.items()}
     attention = {i: weights for i, (_, weights) in found.items()}
     notes = []

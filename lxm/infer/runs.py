@@ -153,6 +153,6 @@ def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.Pat
     model.to(dev)
     log(f"{cfg.task} {split}: {len(data)} examples ({data.dropped} without features dropped)")
     preds = predict(task_obj, model, data, batch_size=batch_size or cfg.eval_batch_size, device=dev,
-                    precision=cfg.precision)
+                    precision=cfg.runtime.precision)
     path = task_obj.write_predictions(preds, out)
     return path, (evaluate(task_obj, data, preds) if data.labelled else {})

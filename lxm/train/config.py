@@ -1,10 +1,21 @@
 """Run configurations of `lxm pretrain` and `lxm finetune`: a dataclass each, named presets as functions beside
 it, YAML files plus `key=value` overrides, unknown keys rejected.
 
+What both share is one dataclass each, nested as a section (as open_clip's `CLIPVisionCfg` / torchtune's grouped
+YAML): `optim` (`OptimConfig`: batch, epochs, optimizer, lr, warm-up, decay, clip) and `runtime` (`RuntimeConfig`:
+device, precision, compile, CPU kernels, seed, workers, logging); one `validate()` each, which both run configs
+call. Their keys may be written bare as well (`--set lr=1e-5` is `--set optim.lr=1e-5`, `lr:` at the top of a YAML
+file is `optim: {lr: ...}`): each name is unique among a config's keys, and runs written before the sections list
+them so. Closed choices are `Literal` fields, checked on every read and by `validate()`.
+
 `--config NAME` picks a preset function by name (`PRETRAIN_PRESETS`, `FINETUNE_PRESETS`); `--config FILE` starts from
 the default preset (`base`, resp. the task's `paper` recipe) and sets the file's keys; `--set key=value` items come
 last. The loss settings are the nested `losses` section (`lxm.model.losses.PretrainLossConfig`): `losses:` as a
 mapping in YAML, `--set losses.feat_loss=l2` on the command line.
+
+The loader is hand-written rather than OmegaConf's (a dependency of the detectron2 extra only): OmegaConf 2.3
+refuses `Literal` fields ("Unexpected type annotation") and its errors name the key but not the YAML file and line;
+this one reports `file:line:column` for syntax errors and the file and dotted key for every bad value.
 
 A field that may be unset is `X | None` and its comment says what None means (no validation, the model's dropout,
 ...); None is `null` in YAML and `none` or `null` in `--set` (an empty string is refused, not read as None). A YAML
@@ -40,6 +51,68 @@ from lxm.train.precision import PRECISIONS
 
 
 
+Precision = Literal[PRECISIONS]  # "fp32", "bf16", "bf16-autocast" (lxm.train.precision)
+Optimizer = Literal["bert", "adamw"]
+
+
+@dataclass
+class OptimConfig:
+    """How the weights are updated, shared by pretraining and finetuning (`lxm.train.run.build_optimizer`); the
+    defaults are the original pretraining recipe, a finetuning recipe sets its own (`finetune_paper`)."""
+
+    batch_size: int = 256  # global batch (all processes, all accumulation micro-steps)
+    micro_batch_size: int | None = None  # per process per micro-step; None: batch_size / world size (no accumulation)
+    epochs: int = 20  # passes over the training data
+    optimizer: Optimizer = "bert"  # "bert" (BertAdam as the original) or "adamw"
+    lr: float = 1e-4  # peak learning rate
+    warmup: float = 0.05  # share of the steps with a linear warm-up
+    weight_decay: float = 0.01  # decoupled weight decay: "bert" on every parameter, as the original's BertAdam;
+    #   "adamw" not on biases and LayerNorm
+    clip_grad_norm: float = 1.0  # max global gradient norm
+    fused_optimizer: bool = False  # the update as one compiled loop per parameter (BertAdam(fused=True), AdamW's
+    #   fused kernel): same state, compiled at the first step (needs a C++ compiler); off: the original's eager
+    #   arithmetic
+
+    def validate(self) -> None:
+        for name in ("batch_size", "micro_batch_size", "epochs"):
+            _positive(self, name, "optim.")
+        if self.lr < 0:  # BertAdam would reject it later, with a traceback instead of the key's name
+            raise ConfigError(f"config: 'optim.lr' must be >= 0, got {self.lr}")
+        if self.optimizer == "bert" and not 0.0 < self.warmup < 1.0:
+            raise ConfigError(f"config: 'optim.warmup' must be in (0, 1) with optimizer=bert, got {self.warmup}")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how a run computes, shared by pretraining and finetuning: none of it changes what is learnt
+    beyond rounding (precision) and the seed."""
+
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (lxm.devices.resolve_device)
+    precision: Precision = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
+    compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
+    cpu_kernels: bool | None = None  # None: the CPU kernels of lxm.model.cpu_kernels on for CPU tensors, off
+    #   elsewhere; true/false force them; the environment variable LXM_CPU_KERNELS=0|1 overrides this key
+    seed: int = 9595  # seeds model init (a new head's), masking and data order (the original's)
+    num_workers: int | None = None  # DataLoader workers per process; None: 0 on CPU, min(4, cores - 1) with CUDA
+    log_every: int = 10  # steps between log lines
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (lxm.memory; faster steps, RSS stays
+    #   at its peak); process-wide, so `lxm pretrain` / `lxm finetune` apply it, not the trainer
+
+    def validate(self) -> None:
+        # lxm.devices.resolve_device's forms; whether CUDA is there is checked when the run starts
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is None:
+            raise ConfigError(f"config: 'runtime.device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"config: 'runtime.num_workers' must be >= 0 (or null: automatic), got "
+                              f"{self.num_workers}")
+        _positive(self, "log_every", "runtime.")
+
+
+# the groups whose keys may also be written bare (`--set lr=1e-5`, `lr:` in a YAML file or an older run's flat
+# config.yaml): each of their field names is unique among a config's keys
+SHARED_GROUPS = ("optim", "runtime")
+
+
 @dataclass
 class PretrainConfig:
     """One `lxm pretrain` run; the defaults are the original recipe (`pretrain_base`)."""
@@ -55,7 +128,6 @@ class PretrainConfig:
     max_length: int = 20  # tokens incl. [CLS]/[SEP]
     word_mask_rate: float = 0.15  # share of words masked for MLM (BERT's rate)
     obj_mask_rate: float = 0.15  # share of boxes masked for the visual objectives (same rate as the words)
-    num_workers: int | None = None  # DataLoader workers per process; None: 0 on CPU, min(4, cores - 1) with CUDA
     # --- model
     model: str = "base"  # preset (base, small, tiny) or a checkpoint for load_pretrained
     dropout: float | None = None  # hidden and attention dropout; None keeps the model's (0.1)
@@ -63,52 +135,25 @@ class PretrainConfig:
     # --- objectives
     qa_start_epoch: int = 0  # code: QA from the first epoch; paper: 10 (QA only in the last 10 of 20 epochs)
     losses: PretrainLossConfig = field(default_factory=PretrainLossConfig)  # how each loss is computed (code's way)
-    # --- optimisation
-    batch_size: int = 256  # global batch (all processes, all accumulation micro-steps)
-    micro_batch_size: int | None = None  # per process per micro-step; None: batch_size / world size (no accumulation)
-    epochs: int = 20  # passes over the training sentences
+    # --- optimisation and runtime (shared with finetuning)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # batch 256, BertAdam, lr 1e-4, warm-up 5 %, 20 epochs
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device, precision, seed 9595, workers, logging
     max_steps: int | None = None  # stop after this many optimizer steps (for smoke runs); None: all epochs
-    optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
-    lr: float = 1e-4  # peak learning rate
-    warmup: float = 0.05  # share of the steps with a linear warm-up
-    weight_decay: float = 0.01  # decoupled weight decay: "bert" on every parameter, as the original's BertAdam;
-    # "adamw" not on biases and LayerNorm
-    clip_grad_norm: float = 1.0  # max global gradient norm
-    precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
-    compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
-    fused_optimizer: bool = False  # the update as one compiled loop per parameter (BertAdam(fused=True), AdamW's
-    # fused kernel): same state, compiled at the first step (needs a C++ compiler); off: the original's eager arithmetic
-    cpu_kernels: bool | None = None  # None: the CPU kernels of lxm.model.cpu_kernels on for CPU tensors, off
-    # elsewhere; true/false force them; the environment variable LXM_CPU_KERNELS=0|1 overrides this key
-    seed: int = 9595  # seeds model init, masking and data order (the original's)
-    # --- bookkeeping
-    log_every: int = 10  # steps between log lines
+    # --- checkpoints
     checkpoint_every: int = 1000  # steps between checkpoints (and one at each epoch end)
     keep_last: int = 3  # step checkpoints kept, and epoch checkpoints kept (plus best.pt, a copy of the best epoch)
-    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (lxm.devices.resolve_device)
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (lxm.memory; faster steps, RSS stays
-    #   at its peak); process-wide, so `lxm pretrain` / `lxm finetune` apply it, not the trainer
 
     def validate(self) -> None:
         if not self.corpus:
             raise ConfigError("config: 'corpus' is required (a directory written by lxm build-corpus)")
         if not self.features:
             raise ConfigError("config: 'features' needs at least one feature store directory")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"config: 'num_workers' must be >= 0 (or null: automatic), got {self.num_workers}")
-        _check_device(self.device)
-        choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "epochs", "log_every", "checkpoint_every", "keep_last", "max_length",
-                     "micro_batch_size", "max_steps"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "keep_last", "max_length", "max_steps"):
+            _positive(self, name)
         if self.losses.ignore_index != IGNORE_INDEX:  # the label lxm.train.data writes for "no target"
             raise ConfigError(f"config: 'losses.ignore_index' must be {IGNORE_INDEX} (the label lxm's data "
                               f"writes for no target), got {self.losses.ignore_index}")
-        _check_optimisation(self)
+        _validate_shared(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -122,27 +167,39 @@ def pretrain_base() -> PretrainConfig:
 def pretrain_tiny() -> PretrainConfig:
     """Smoke runs and tests: the tiny model, one epoch of small batches, a log line per step, no worker processes;
     a larger lr and warm-up share because a few dozen steps must move the tiny model."""
-    return PretrainConfig(model="tiny", batch_size=8, epochs=1, log_every=1, checkpoint_every=20, num_workers=0,
-                          lr=1e-3, warmup=0.1)
+    return PretrainConfig(model="tiny", optim=OptimConfig(batch_size=8, epochs=1, lr=1e-3, warmup=0.1),
+                          runtime=RuntimeConfig(log_every=1, num_workers=0), checkpoint_every=20)
 
 
 PRETRAIN_PRESETS: dict[str, Callable[[], PretrainConfig]] = {"base": pretrain_base, "tiny": pretrain_tiny}
 
 
-def _check_device(device: str) -> None:
-    # lxm.devices.resolve_device's forms; whether CUDA is there is checked when the run starts
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
-        raise ConfigError(f"config: 'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+def _positive(cfg: Any, name: str, prefix: str = "") -> None:
+    value = getattr(cfg, name)
+    if value is not None and value <= 0:
+        raise ConfigError(f"config: '{prefix}{name}' must be positive, got {value}")
 
 
-def _check_optimisation(cfg: PretrainConfig | FinetuneConfig) -> None:
-    """Ranges that BertAdam and the model would reject later, with a traceback instead of the key's name."""
-    if cfg.lr < 0:
-        raise ConfigError(f"config: 'lr' must be >= 0, got {cfg.lr}")
-    if cfg.optimizer == "bert" and not 0.0 < cfg.warmup < 1.0:
-        raise ConfigError(f"config: 'warmup' must be in (0, 1) with optimizer=bert, got {cfg.warmup}")
+def _validate_shared(cfg: PretrainConfig | FinetuneConfig) -> None:
+    """The checks both run configs share: their groups', the closed choices, the dropout the model would reject
+    later with a traceback instead of the key's name."""
+    cfg.optim.validate()
+    cfg.runtime.validate()
+    _check_choices(cfg)
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"config: 'dropout' must be in [0, 1) (or null: the model's), got {cfg.dropout}")
+
+
+def _check_choices(cfg: Any, prefix: str = "") -> None:
+    """Every `Literal` field of `cfg` and its sections holds one of its values: also a config built in Python,
+    which no loader read."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            raise ConfigError(f"config: '{prefix}{f.name}' must be one of {typing.get_args(hint)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,29 +239,12 @@ class FinetuneConfig:
     valid_split: str | None  # split scored after each epoch (recipe: vqa minival, gqa testdev, nlvr2 dev; qa and
     #   classify valid, None when data has no "valid"); None: none
     max_length: int = 20  # tokens incl. [CLS]/[SEP]
-    num_workers: int | None = None  # DataLoader workers; None: 0 on CPU, min(4, cores - 1) with CUDA
     dropout: float | None = None  # hidden and attention dropout; None keeps the checkpoint's (0.1)
-    batch_size: int = 32  # global training batch (all processes, all accumulation micro-steps)
-    micro_batch_size: int | None = None  # per process per micro-step; None: batch_size / world size (no accumulation)
+    # --- optimisation and runtime (shared with pretraining)
+    optim: OptimConfig  # the recipe's (finetune_paper): batch 32, BertAdam, warm-up 10 %, clip 5.0, 4 epochs, lr
+    #   vqa 5e-5, gqa 1e-5, nlvr2 5e-5, qa and classify 5e-5
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device, precision, seed 9595, workers, logging
     eval_batch_size: int = 256  # batch of the validation and prediction passes
-    epochs: int = 4  # passes over the training examples
-    optimizer: str = "bert"  # "bert" (BertAdam as the original) or "adamw"
-    lr: float  # peak learning rate (recipe: vqa 5e-5, gqa 1e-5, nlvr2 5e-5; qa and classify 5e-5)
-    warmup: float = 0.1  # share of the steps with a linear warm-up
-    weight_decay: float = 0.01  # decoupled weight decay: "bert" on every parameter, as the original's BertAdam;
-    # "adamw" not on biases and LayerNorm
-    clip_grad_norm: float = 5.0  # max global gradient norm
-    precision: str = "fp32"  # "fp32", "bf16" (bf16 copy, fp32 masters), "bf16-autocast"; lxm.train.precision
-    compile: bool = False  # train through torch.compile of the model (inductor); checkpoints stay the plain model's
-    fused_optimizer: bool = False  # the update as one compiled loop per parameter (BertAdam(fused=True), AdamW's
-    # fused kernel): same state, compiled at the first step (needs a C++ compiler); off: the original's eager arithmetic
-    cpu_kernels: bool | None = None  # None: the CPU kernels of lxm.model.cpu_kernels on for CPU tensors, off
-    # elsewhere; true/false force them; the environment variable LXM_CPU_KERNELS=0|1 overrides this key
-    seed: int = 9595  # seeds the new head's init and the data order (the original's)
-    log_every: int = 10  # steps between log lines
-    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (lxm.devices.resolve_device)
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (lxm.memory; faster steps, RSS stays
-    #   at its peak); process-wide, so `lxm pretrain` / `lxm finetune` apply it, not the trainer
 
     def validate(self) -> None:
         if _task(self.task).reads_files:
@@ -233,18 +273,9 @@ class FinetuneConfig:
                               "without them")
         if self.init is not None and self.from_scratch:
             raise ConfigError("config: 'init' and from_scratch=true exclude each other")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"config: 'num_workers' must be >= 0 (or null: automatic), got {self.num_workers}")
-        _check_device(self.device)
-        choices = {"optimizer": ("bert", "adamw"), "precision": PRECISIONS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"config: '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "micro_batch_size", "eval_batch_size", "epochs", "log_every", "max_length",
-                     "min_answer_count"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"config: '{name}' must be positive, got {getattr(self, name)}")
-        _check_optimisation(self)
+        for name in ("eval_batch_size", "max_length", "min_answer_count"):
+            _positive(self, name)
+        _validate_shared(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -255,14 +286,17 @@ def finetune_paper(task: str) -> FinetuneConfig:
     the task's own splits, lr and epochs (its `recipe`, lxm.train.tasks)."""
     recipe = _task(task).recipe
     return FinetuneConfig(task=task, train_splits=list(recipe.train_splits), valid_split=recipe.valid_split,
-                          lr=recipe.lr, epochs=recipe.epochs)
+                          optim=OptimConfig(batch_size=32, epochs=recipe.epochs, lr=recipe.lr, warmup=0.1,
+                                            clip_grad_norm=5.0))
 
 
 def finetune_tiny(task: str) -> FinetuneConfig:
     """Smoke runs and tests: `finetune_paper(task)` with the tiny model (from_scratch), one epoch of small batches,
     a log line per step, no worker processes and a larger lr."""
-    return dataclasses.replace(finetune_paper(task), model="tiny", batch_size=8, eval_batch_size=16, epochs=1,
-                               log_every=1, num_workers=0, lr=1e-3)
+    paper = finetune_paper(task)
+    return dataclasses.replace(paper, model="tiny", eval_batch_size=16,
+                               optim=dataclasses.replace(paper.optim, batch_size=8, epochs=1, lr=1e-3),
+                               runtime=dataclasses.replace(paper.runtime, log_every=1, num_workers=0))
 
 
 FINETUNE_PRESETS: dict[str, Callable[[str], FinetuneConfig]] = {"paper": finetune_paper, "tiny": finetune_tiny}
@@ -369,6 +403,30 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
                         else [prefix + f.name])]
 
 
+def _bare_keys(cls: type) -> dict[str, str]:
+    """bare name -> section of the `SHARED_GROUPS` fields of a run config `cls` (`lr` -> `optim`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: group for group in SHARED_GROUPS if group in hints
+            for f in dataclasses.fields(hints[group])}
+
+
+def _nested(cls: type, values: dict[Any, Any], where: str) -> dict[Any, Any]:
+    """A YAML mapping with the bare keys of the shared groups (`lr:`, as older runs wrote them) moved into their
+    sections (`optim: {lr: ...}`); a key given both ways is a ConfigError."""
+    bare = _bare_keys(cls)
+    out = {k: (dict(v) if k in SHARED_GROUPS and isinstance(v, dict) else v) for k, v in values.items()
+           if k not in bare}
+    for key, value in values.items():
+        if key in bare:
+            section = out.setdefault(bare[key], {})
+            if not isinstance(section, dict):
+                continue  # `optim: 3`: _checked names it
+            if key in section:
+                raise ConfigError(f"{where}: '{key}' is given twice, as '{key}' and as '{bare[key]}.{key}'")
+            section[key] = value
+    return out
+
+
 def _checked(cls: type, values: dict[Any, Any], where: str, prefix: str = "") -> dict[str, Any]:
     """The keys of a YAML mapping, each checked against its field; nested sections as nested dicts."""
     hints = typing.get_type_hints(cls)
@@ -393,6 +451,9 @@ def _override(cls: type, changes: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item}: expected key=value")
     key, text = item.split("=", 1)
+    given = key  # what a message about the value repeats
+    if "." not in key and key in _bare_keys(cls):  # `--set lr=1e-5` is `--set optim.lr=1e-5`
+        key = f"{_bare_keys(cls)[key]}.{key}"
     *sections, last = key.split(".")
     prefix = ""
     for section in sections:
@@ -405,7 +466,7 @@ def _override(cls: type, changes: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set {key}: unknown config key (known: {', '.join(sorted(_keys(cls, prefix)))})")
     if dataclasses.is_dataclass(hints[last]):
         raise ConfigError(f"--set {key}: a section; set its keys ({', '.join(sorted(_keys(hints[last], key + '.')))})")
-    changes[last] = _coerce(key, hints[last], text)
+    changes[last] = _coerce(given, hints[last], text)
 
 
 def _replace(base: Any, changes: dict[str, Any]) -> Any:
@@ -419,7 +480,7 @@ def _resolve(base: Any, values: dict[Any, Any], overrides: list[str], where: str
              settle: Callable[[Any, dict[str, Any]], Any] | None = None) -> Any:
     """`base` (a preset) with the YAML `values`, then the `--set` items, set; `settle(cfg, changes)` may then fill
     what the preset left to the data; validated."""
-    changes = _checked(type(base), values, where)
+    changes = _checked(type(base), _nested(type(base), values, where), where)
     for item in overrides:
         _override(type(base), changes, item)
     cfg = _replace(base, changes)
@@ -499,21 +560,23 @@ def load_finetune_config(task: str, preset_or_path: str | None, overrides: list[
 # Keys a resumed run may give new values: how long it goes on (the learning-rate schedule is rebuilt over the new
 # total, lxm.train.run._apply_state) and how it runs, not what it computes. Any other difference is refused:
 # a resumed run trains on the recipe its checkpoints were made with.
-RESUMABLE_KEYS = ("epochs", "max_steps", "num_workers", "device", "keep_freed_memory", "log_every", "checkpoint_every",
-                  "keep_last", "eval_batch_size", "micro_batch_size", "compile", "fused_optimizer", "cpu_kernels")
+RESUMABLE_KEYS = ("optim.epochs", "max_steps", "runtime.num_workers", "runtime.device", "runtime.keep_freed_memory",
+                  "runtime.log_every", "checkpoint_every", "keep_last", "eval_batch_size", "optim.micro_batch_size",
+                  "runtime.compile", "optim.fused_optimizer", "runtime.cpu_kernels")
 
 
 # keys added after runs were first written whose absence from an older run's config.yaml is not damage: such a run
 # takes the key's default, which computes what the run computed (each is also in RESUMABLE_KEYS)
-ADDED_LATER = ("cpu_kernels",)
+ADDED_LATER = ("runtime.cpu_kernels",)
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig | FinetuneConfig:
     """The resolved config a run wrote (OUT/config.yaml; a finetuning run's has `task`), then `key=value` overrides.
 
     The file must be whole: a run's config.yaml lists every key, so a missing key means a damaged file (truncated),
-    not a default (except the `ADDED_LATER` keys, which older runs lack). Every problem (not UTF-8, not YAML, a missing key, `max_length: twenty`) is a one-line ConfigError
-    naming the file."""
+    not a default (except the `ADDED_LATER` keys, which older runs lack). Runs written before the `optim` /
+    `runtime` sections list those keys bare, and load the same. Every problem (not UTF-8, not YAML, a missing key,
+    `max_length: twenty`) is a one-line ConfigError naming the file."""
     path = Path(path)
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -532,11 +595,27 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> PretrainConf
         base: Any = finetune_paper(task)
     else:
         base = pretrain_base()
-    missing = [f.name for f in dataclasses.fields(base) if f.name not in loaded and f.name not in ADDED_LATER]
+    # today's layout (optim:, runtime: sections) or the flat one of runs written before them: both whole
+    loaded = _nested(type(base), loaded, str(path))
+    present = set()
+    for key, value in loaded.items():
+        if key in SHARED_GROUPS and isinstance(value, dict):
+            present.update(f"{key}.{sub}" for sub in value)
+        else:
+            present.add(key)
+    missing = [key for key in _whole_keys(type(base)) if key not in present and key not in ADDED_LATER]
     if missing:
         raise ConfigError(f"{path}: incomplete run config (no {', '.join(missing[:5])}"
                           f"{', ...' if len(missing) > 5 else ''}): the file is damaged (truncated?)")
     return _resolve(base, loaded, list(overrides), str(path))
+
+
+def _whole_keys(cls: type) -> list[str]:
+    """The keys a run's config.yaml lists: every field, the shared groups' as dotted keys (`losses` is one key:
+    runs written before some of its fields were added lack them)."""
+    hints = typing.get_type_hints(cls)
+    return [f"{f.name}.{sub.name}" if f.name in SHARED_GROUPS else f.name for f in dataclasses.fields(cls)
+            for sub in (dataclasses.fields(hints[f.name]) if f.name in SHARED_GROUPS else [None])]
 
 
 def flat_config(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -141,7 +141,7 @@ class Finetuner:
         self.cfg, self.out, self.log = cfg, Path(out), log or _logger.info
         self.on_step = on_step
         self.dry_run, self.resumed_from = dry_run, None
-        self.dist, self.device = start_process(cfg)
+        self.dist, self.device = start_process(cfg.runtime)
         self._lock, self.changes = claim_run_folder(cfg, self.out, self.dist, resume=resume, overwrite=overwrite,
                                                     dry_run=dry_run)
         try:
@@ -181,7 +181,7 @@ class Finetuner:
         self.log(f"{cfg.task}: {len(self.train_set)} training examples ({'+'.join(cfg.train_splits)}; "
                  f"{self.train_set.dropped} without features dropped)"
                  + (f", {len(self.valid_set)} validation ({cfg.valid_split})" if self.valid_set else ""))
-        self.steps_per_epoch, plan = steps_per_epoch(len(self.train_set), cfg.batch_size)
+        self.steps_per_epoch, plan = steps_per_epoch(len(self.train_set), cfg.optim.batch_size)
         self.log(plan)
         feat_dim = self.train_set.stores[0].feature_dim
         self.model = build_task_model(cfg, self.task, self.train_set.tokenizer.vocab_size, feat_dim,
@@ -191,10 +191,10 @@ class Finetuner:
             self.log(f"{frozen} parameters that no task head depends on (the last cross layer's vision branch) keep "
                      f"their initial values, as in the original")
         self.model.to(self.device)
-        self.replica, self.step_model = training_modules(self.model, cfg, self.dist, self.device)
-        self.workers = loader_workers(cfg.num_workers, self.device)
-        self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.steps_per_epoch)
+        self.replica, self.step_model = training_modules(self.model, cfg.runtime, self.dist, self.device)
+        self.workers = loader_workers(cfg.runtime.num_workers, self.device)
+        self.micro = micro_batch_size(cfg.optim.batch_size, cfg.optim.micro_batch_size, self.dist)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.steps_per_epoch)
         self.epoch, self.step, self.best, self.best_epoch = 0, 0, -1.0, -1
         self.position = 0  # optimizer steps done in the current epoch (a run stopped by a signal resumes there)
         if resume:
@@ -210,7 +210,7 @@ class Finetuner:
                 atomic.write_text(self.out / ANSWERS_FILE, json.dumps(self.task.answers) + "\n")
         if resume:  # a crash after the last epoch's logs but before last.pt must not log that epoch twice
             self.logger.resume_at(self.step, self.epoch)
-        report_resume_changes(self.changes, self.steps_per_epoch * cfg.epochs, self.step, self.epoch, self.log,
+        report_resume_changes(self.changes, self.steps_per_epoch * cfg.optim.epochs, self.step, self.epoch, self.log,
                               self.logger)
 
     def plan(self) -> dict[str, Any]:
@@ -222,10 +222,10 @@ class Finetuner:
                 "valid_examples": len(self.valid_set) if self.valid_set is not None else 0,
                 "valid_split": cfg.valid_split,
                 "test_examples": len(self.test_set) if self.test_set is not None else 0,
-                "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.epochs,
-                "total_steps": self.steps_per_epoch * cfg.epochs, "batch_size": cfg.batch_size,
-                "micro_batch_size": self.micro, "lr": cfg.lr, "warmup": cfg.warmup, "optimizer": cfg.optimizer,
-                "precision": cfg.precision, "device": str(self.device), "processes": self.dist.world_size,
+                "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.optim.epochs,
+                "total_steps": self.steps_per_epoch * cfg.optim.epochs, "batch_size": cfg.optim.batch_size,
+                "micro_batch_size": self.micro, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup, "optimizer": cfg.optim.optimizer,
+                "precision": cfg.runtime.precision, "device": str(self.device), "processes": self.dist.world_size,
                 "init": f"from scratch ({cfg.model} preset)" if cfg.from_scratch else cfg.init,
                 "vocab": cfg.vocab, "answers": len(labels), "first_answers": list(labels[:10]),
                 "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -262,7 +262,7 @@ class Finetuner:
         if self.valid_set is None:
             return {}, {}
         preds = predict(self.task, self.model, self.valid_set, batch_size=self.cfg.eval_batch_size,
-                        device=self.device, precision=self.cfg.precision, num_workers=self.workers)
+                        device=self.device, precision=self.cfg.runtime.precision, num_workers=self.workers)
         self.model.train()
         return (evaluate(self.task, self.valid_set, preds) if self.valid_set.labelled else {}), preds
 
@@ -283,17 +283,17 @@ class Finetuner:
         if self.replica is not None:
             self.replica.train()
         best_preds = None  # the best epoch's validation predictions, for the report
-        while self.epoch < cfg.epochs:
+        while self.epoch < cfg.optim.epochs:
             epoch_start = time.perf_counter()
-            sampler = MicroBatches(len(self.train_set), cfg.batch_size, self.micro, self.epoch, cfg.seed, self.dist,
+            sampler = MicroBatches(len(self.train_set), cfg.optim.batch_size, self.micro, self.epoch, cfg.runtime.seed, self.dist,
                                    start=self.position)
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_finetune,
-                                num_workers=self.workers, generator=torch.Generator().manual_seed(cfg.seed),
+                                num_workers=self.workers, generator=torch.Generator().manual_seed(cfg.runtime.seed),
                                 pin_memory=self.device.type == "cuda")
             t0 = time.perf_counter()
             for group in step_groups(loader, sampler.per_step):
                 last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
-                                  clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision,
+                                  clip_grad_norm=cfg.optim.clip_grad_norm, precision=cfg.runtime.precision,
                                   device_type=self.device.type, replica=self.replica)
                 last = mean_across_ranks(last, self.dist)
                 self.logger.check_finite(last, self.step, ids=[str(i) for b in group for i in b.ids])
@@ -301,11 +301,11 @@ class Finetuner:
                 self.position += 1
                 if self.on_step is not None and self.dist.is_main:
                     self.on_step(self.step, self.epoch)
-                if self.step % cfg.log_every == 0:
+                if self.step % cfg.runtime.log_every == 0:
                     dt = time.perf_counter() - t0
                     self.logger.log({"step": self.step, "epoch": self.epoch,
                                      "lr": current_lr(self.optimizer, self.scheduler),
-                                     "samples_per_s": cfg.batch_size * cfg.log_every / max(dt, 1e-9),
+                                     "samples_per_s": cfg.optim.batch_size * cfg.runtime.log_every / max(dt, 1e-9),
                                      **{k: round(v, 6) for k, v in last.items()}})
                     t0 = time.perf_counter()
                 if (signum := stop.requested()) is not None:
@@ -332,7 +332,7 @@ class Finetuner:
                         self.task.write_predictions(preds, self.out / "predictions" / self.task.prediction_file_name(
                             cfg.valid_split))
                 save_state(self.out / LAST, self._state())  # after best/: a crash never loses the best model
-            if self.epoch < cfg.epochs and (signum := stop.requested()) is not None:  # e.g. during validation
+            if self.epoch < cfg.optim.epochs and (signum := stop.requested()) is not None:  # e.g. during validation
                 raise RunStopped(stop_message(signum, f"after epoch {self.epoch - 1} (step {self.step})",
                                               self.out / LAST, f"lxm finetune {cfg.task} --out {self.out} --resume"),
                                  signum)
@@ -345,7 +345,7 @@ class Finetuner:
                 if not best_preds:  # the best epoch ran before a resume: its model predicts again
                     best_preds = predict(self.task, load_pretrained(self.out / BEST_DIR).to(self.device),
                                          self.valid_set, batch_size=cfg.eval_batch_size, device=self.device,
-                                         precision=cfg.precision, num_workers=self.workers)
+                                         precision=cfg.runtime.precision, num_workers=self.workers)
                 summary["report"] = validation_report(self.task, self.valid_set.ids, self.valid_set.targets,
                                                       best_preds, self.train_set.targets, self.valid_set.info)
         if self.dist.is_main and self.test_set is not None:
@@ -358,7 +358,7 @@ class Finetuner:
         """Write the best model's predictions of the test set (labels optional) to OUT/predictions/."""
         model = load_pretrained(self.out / BEST_DIR).to(self.device)
         preds = predict(self.task, model, self.test_set, batch_size=self.cfg.eval_batch_size, device=self.device,
-                        precision=self.cfg.precision, num_workers=self.workers)
+                        precision=self.cfg.runtime.precision, num_workers=self.workers)
         path = self.task.write_predictions(preds, self.out / "predictions" / self.task.prediction_file_name("test"))
         self.log(f"test: predictions of {len(self.test_set)} examples by the best model ({self.test_set.dropped} "
                  f"without features dropped) in {path}")

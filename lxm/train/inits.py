@@ -15,14 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import yaml
-
-from lxm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from lxm.train.config import FinetuneConfig
+from lxm.train.config import FinetuneConfig, PretrainConfig, load_run_config
 
 # the run layout of lxm.train.run (not imported: lxm.train.config imports this module, and run imports torch)
 _MODEL_DIRS = ("model", "best")  # pretraining's RUN/model, finetuning's RUN/best
@@ -40,21 +35,11 @@ def init_run(init: str) -> Path | None:
     return None
 
 
-def init_run_config(init: str) -> tuple[Path, dict[str, Any]] | None:
-    """(the init run's config.yaml, its mapping), or None when `init` is no lxm run's; a damaged file is a
-    ConfigError naming it."""
+def init_run_config(init: str) -> PretrainConfig | FinetuneConfig | None:
+    """The init run's config (its config.yaml through the strict loader `load_run_config`), or None when `init` is
+    no lxm run's; a damaged file is a ConfigError naming it."""
     run = init_run(init)
-    if run is None:
-        return None
-    path = run / "config.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: the --init run's config is not readable YAML ({str(exc).splitlines()[0]})"
-                          ) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the --init run's config is not a mapping of config keys")
-    return path, raw
+    return None if run is None else load_run_config(run / "config.yaml")
 
 
 def preset_of(model_config: dict[str, Any]) -> str | None:
@@ -89,9 +74,8 @@ def init_model_size(init: str) -> str | None:
     if found is not None:
         from lxm.model.config import PRESETS
 
-        model = found[1].get("model")
-        if isinstance(model, str) and model in PRESETS:
-            return model
+        if found.model in PRESETS:
+            return found.model
     return None
 
 
@@ -104,9 +88,8 @@ def settle_from_init(cfg: FinetuneConfig, changes: dict[str, Any]) -> FinetuneCo
     updates: dict[str, Any] = {}
     if "vocab" not in changes:
         found = init_run_config(cfg.init)
-        vocab = found[1].get("vocab") if found is not None else None
-        if isinstance(vocab, str) and vocab:
-            updates["vocab"] = vocab
+        if found is not None and found.vocab:
+            updates["vocab"] = found.vocab
     if "model" not in changes:
         size = init_model_size(cfg.init)
         if size is not None:

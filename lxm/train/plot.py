@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from lxm.errors import LxmError
+from lxm.errors import ConfigError, LxmError
 from lxm.train.logs import jsonl_lines
 
 _logger = logging.getLogger(__name__)
@@ -48,13 +48,13 @@ class PlotError(LxmError, ValueError):
 
 def _log_every(run: Path) -> str:
     """"every N steps" from RUN/config.yaml, or "every log_every steps" when it cannot be read."""
-    try:
-        import yaml
+    from lxm.train.config import load_run_config
 
-        n = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")).get("log_every")
-    except Exception:  # only for a hint in a message: a missing or damaged config.yaml is reported by other commands
-        n = None
-    return f"every {n} steps" if isinstance(n, int) and not isinstance(n, bool) else "every log_every steps"
+    try:
+        n = load_run_config(run / "config.yaml").runtime.log_every
+    except ConfigError:  # only for a hint in a message: a missing or damaged config.yaml is reported by other commands
+        return "every log_every steps"
+    return f"every {n} steps"
 
 
 def read_log(run: str | os.PathLike) -> tuple[list[dict], list[dict]]:

@@ -108,7 +108,7 @@ class Pretrainer:
         self.on_step = on_step
         self.dry_run = dry_run
         self.resumed_from: Path | None = None
-        self.dist, self.device = start_process(cfg)
+        self.dist, self.device = start_process(cfg.runtime)
         self._lock, self.changes = claim_run_folder(cfg, self.out, self.dist, resume=resume, overwrite=overwrite,
                                                     dry_run=dry_run)
         try:
@@ -129,12 +129,12 @@ class Pretrainer:
         common = dict(word_mask_rate=cfg.word_mask_rate, obj_mask_rate=cfg.obj_mask_rate, max_length=cfg.max_length,
                       sources=cfg.sources)
         self.train_set = PretrainDataset(cfg.corpus, cfg.features, cfg.vocab, answers, splits=cfg.train_splits,
-                                         seed=cfg.seed, **common)
+                                         seed=cfg.runtime.seed, **common)
         self.valid_set = None
         if cfg.valid_split is not None:
             try:
                 self.valid_set = PretrainDataset(cfg.corpus, cfg.features, cfg.vocab, answers,
-                                                 splits=[cfg.valid_split], seed=cfg.seed + 1, **common)
+                                                 splits=[cfg.valid_split], seed=cfg.runtime.seed + 1, **common)
             except ValueError:
                 self.log(f"no {cfg.valid_split} sentences with features: validation skipped")
         feat_dim = self.train_set.stores[0].feature_dim
@@ -146,16 +146,16 @@ class Pretrainer:
 
             main_log(init_from_bert(self.model, cfg.init_bert).summary())
         self.model = self.model.to(self.device)
-        self.replica, self.step_model = training_modules(self.model, cfg, self.dist, self.device)
-        self.workers = loader_workers(cfg.num_workers, self.device)
-        self.micro = micro_batch_size(cfg.batch_size, cfg.micro_batch_size, self.dist)
-        self.steps_per_epoch = len(self.train_set) // cfg.batch_size
+        self.replica, self.step_model = training_modules(self.model, cfg.runtime, self.dist, self.device)
+        self.workers = loader_workers(cfg.runtime.num_workers, self.device)
+        self.micro = micro_batch_size(cfg.optim.batch_size, cfg.optim.micro_batch_size, self.dist)
+        self.steps_per_epoch = len(self.train_set) // cfg.optim.batch_size
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(self.train_set)} training sentences are fewer than one batch of {cfg.batch_size}")
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+            raise ConfigError(f"{len(self.train_set)} training sentences are fewer than one batch of {cfg.optim.batch_size}")
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.steps_per_epoch)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, self.steps_per_epoch)
         self.loss_cfg = cfg.losses
         self.step, self.epoch, self.position, self.best = 0, 0, 0, float("inf")
         self.logger = RunLogger(self.out, self.dist.is_main, self.on_record)
@@ -170,7 +170,7 @@ class Pretrainer:
             open_run_folder(cfg, self.out, CKPT_DIR, overwrite=overwrite)
         if resume:
             self.logger.resume_at(self.step, self.epoch)  # the steps redone from here must not appear twice in the logs
-        report_resume_changes(self.changes, self.steps_per_epoch * cfg.epochs, self.step, self.epoch, self.log,
+        report_resume_changes(self.changes, self.steps_per_epoch * cfg.optim.epochs, self.step, self.epoch, self.log,
                               self.logger)
 
     def plan(self) -> dict[str, Any]:
@@ -178,9 +178,9 @@ class Pretrainer:
         cfg = self.cfg
         return {"out": str(self.out), "sentences": len(self.train_set),
                 "valid_sentences": len(self.valid_set) if self.valid_set is not None else 0,
-                "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.epochs, "total_steps": self.total_steps,
-                "batch_size": cfg.batch_size, "micro_batch_size": self.micro, "lr": cfg.lr, "warmup": cfg.warmup,
-                "optimizer": cfg.optimizer, "precision": cfg.precision, "device": str(self.device),
+                "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.optim.epochs, "total_steps": self.total_steps,
+                "batch_size": cfg.optim.batch_size, "micro_batch_size": self.micro, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup,
+                "optimizer": cfg.optim.optimizer, "precision": cfg.runtime.precision, "device": str(self.device),
                 "processes": self.dist.world_size, "model": cfg.model,
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "answers": self.model.config.num_qa_labels,
@@ -231,7 +231,7 @@ class Pretrainer:
             return {}
         self.model.eval()
         loader = DataLoader(self.valid_set, batch_size=self.micro, collate_fn=collate,
-                            num_workers=self.workers, generator=torch.Generator().manual_seed(self.cfg.seed),
+                            num_workers=self.workers, generator=torch.Generator().manual_seed(self.cfg.runtime.seed),
                             pin_memory=self.device.type == "cuda")
         sums: dict[str, float] = {}
         hits: dict[str, list[int]] = {}  # per QA source: [correct, labelled]
@@ -239,7 +239,7 @@ class Pretrainer:
         with torch.no_grad():
             for batch in loader:
                 batch = batch.to(self.device)
-                with autocast(self.cfg.precision, self.device.type):
+                with autocast(self.cfg.runtime.precision, self.device.type):
                     losses, out = pretraining_step_losses(self.model, batch.labels, self.loss_cfg,
                                                           **batch.model_inputs())
                 for k, v in losses.items():
@@ -275,20 +275,20 @@ class Pretrainer:
         if self.replica is not None:
             self.replica.train()
         last: dict[str, float] = {}
-        while self.step < self.total_steps and self.epoch < cfg.epochs:
+        while self.step < self.total_steps and self.epoch < cfg.optim.epochs:
             self.train_set.set_epoch(self.epoch)
-            sampler = MicroBatches(len(self.train_set), cfg.batch_size, self.micro, self.epoch, cfg.seed, self.dist,
+            sampler = MicroBatches(len(self.train_set), cfg.optim.batch_size, self.micro, self.epoch, cfg.runtime.seed, self.dist,
                                    start=self.position)
             # Own generator: creating the iterator must not draw from the global RNG (dropout), or a resumed run
             # would diverge from the uninterrupted one.
             # pinned host memory lets `non_blocking` copies to the GPU overlap the step
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
-                                num_workers=self.workers, generator=torch.Generator().manual_seed(cfg.seed),
+                                num_workers=self.workers, generator=torch.Generator().manual_seed(cfg.runtime.seed),
                                 pin_memory=self.device.type == "cuda")
             t0 = time.perf_counter()
             for group in step_groups(loader, sampler.per_step):
                 last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
-                                  clip_grad_norm=cfg.clip_grad_norm, precision=cfg.precision,
+                                  clip_grad_norm=cfg.optim.clip_grad_norm, precision=cfg.runtime.precision,
                                   device_type=self.device.type, replica=self.replica)
                 last = mean_across_ranks(last, self.dist)  # the global batch's losses, not this process's share
                 self.logger.check_finite(last, self.step, uids=[u for b in group for u in b.uids])
@@ -296,11 +296,11 @@ class Pretrainer:
                 self.position += 1
                 if self.on_step is not None and self.dist.is_main:
                     self.on_step(self.step, self.epoch)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                if self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
                     dt = time.perf_counter() - t0
                     self.logger.log({"step": self.step, "epoch": self.epoch,
                                      "lr": current_lr(self.optimizer, self.scheduler),
-                               "samples_per_s": cfg.batch_size * cfg.log_every / max(dt, 1e-9),
+                               "samples_per_s": cfg.optim.batch_size * cfg.runtime.log_every / max(dt, 1e-9),
                                **{k: round(v, 6) for k, v in last.items()}})
                     t0 = time.perf_counter()
                 if self.step % cfg.checkpoint_every == 0:
@@ -325,7 +325,7 @@ class Pretrainer:
                     self.best = valid["loss"]
                     copy_checkpoint(self.out / CKPT_DIR / f"epoch-{self.epoch - 1:02d}.pt",
                                     self.out / CKPT_DIR / "best.pt")
-                if self.epoch < cfg.epochs and (signum := stop.requested()) is not None:  # e.g. during validation
+                if self.epoch < cfg.optim.epochs and (signum := stop.requested()) is not None:  # e.g. during validation
                     raise RunStopped(stop_message(signum, f"after epoch {self.epoch - 1} (step {self.step})",
                                                   self.out / CKPT_DIR / f"epoch-{self.epoch - 1:02d}.pt",
                                                   f"lxm pretrain --out {self.out} --resume"), signum)

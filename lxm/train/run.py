@@ -42,6 +42,7 @@ from lxm.devices import resolve_device
 from lxm.errors import ConfigError, LxmError
 from lxm.integrity import IntegrityError, checksummed_path, sidecar, verify_checksum
 from lxm.model import CheckpointError
+from lxm.train.config import OptimConfig, RuntimeConfig
 from lxm.train.logs import jsonl_lines
 from lxm.train.optim import BertAdam, make_optimizer
 from lxm.train.precision import Bf16Replica
@@ -111,18 +112,18 @@ def loader_workers(num_workers: int | None, device: torch.device) -> int:
 def pick_device(device: str, dist: DistInfo) -> torch.device:
     """The config's `device` for this process (`lxm.devices.resolve_device`: "auto" is this rank's GPU when CUDA is
     available, else the CPU; "cuda" without CUDA and anything unknown are errors naming the value)."""
-    return resolve_device(device, local_rank=dist.local_rank, what="config: 'device'")
+    return resolve_device(device, local_rank=dist.local_rank, what="config: 'runtime.device'")
 
 
-def start_process(cfg) -> tuple[DistInfo, torch.device]:
-    """Join torchrun's group, pick the device, seed per rank; writes nothing (`open_run_folder` does, once every
-    input is checked). `cfg` has `device` and `seed`. Process-wide settings are the program's: `lxm pretrain` /
+def start_process(runtime: RuntimeConfig) -> tuple[DistInfo, torch.device]:
+    """Join torchrun's group, pick the device, seed per rank (`runtime`'s device and seed); writes nothing
+    (`open_run_folder` does, once every input is checked). Process-wide settings are the program's: `lxm pretrain` /
     `lxm finetune` apply the config's `keep_freed_memory` (`lxm.memory`) before they build the trainer."""
     # the device first: a bad `device` fails before joining a group, and "auto" on a GPU machine needs nccl
-    device_type = resolve_device(cfg.device, what="config: 'device'").type
+    device_type = resolve_device(runtime.device, what="config: 'runtime.device'").type
     dist = init_distributed(device_type)
-    device = pick_device(cfg.device, dist)
-    torch.manual_seed(cfg.seed + dist.rank)
+    device = pick_device(runtime.device, dist)
+    torch.manual_seed(runtime.seed + dist.rank)
     return dist, device
 
 
@@ -460,24 +461,24 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
                                                      else None)
 
 
-def training_modules(model: nn.Module, cfg, info: DistInfo, device: torch.device
+def training_modules(model: nn.Module, runtime: RuntimeConfig, info: DistInfo, device: torch.device
                      ) -> tuple[Bf16Replica | None, nn.Module]:
-    """(bf16 replica or None, the module the training steps call) for `model` (fp32, on `device`) under `cfg`
+    """(bf16 replica or None, the module the training steps call) for `model` (fp32, on `device`) under `runtime`
     (cpu_kernels, precision, compile): the CPU-kernel setting on the model (`model.set_cpu_kernels`; the replica,
     a copy, inherits it), DDP around the module that computes (the replica under precision "bf16"), then compile.
 
     Under DDP with a replica, rank 0's master weights are broadcast first: DDP's own start-up broadcast then
     covers only the replica, and every rank's master must start equal too.
     """
-    model.set_cpu_kernels(cfg.cpu_kernels)
+    model.set_cpu_kernels(runtime.cpu_kernels)
     replica = None
-    if cfg.precision == "bf16":
+    if runtime.precision == "bf16":
         if info.world_size > 1:
             with torch.no_grad():
                 for tensor in model.state_dict().values():
                     dist.broadcast(tensor, 0)
         replica = Bf16Replica(model)
-    return replica, compiled(wrap_ddp(replica.module if replica else model, info, device), cfg.compile)
+    return replica, compiled(wrap_ddp(replica.module if replica else model, info, device), runtime.compile)
 
 
 def compiled(module: nn.Module, enabled: bool) -> nn.Module:
@@ -498,11 +499,11 @@ def micro_batch_size(batch_size: int, micro: int | None, info: DistInfo) -> int:
     return batch_size // info.world_size if micro is None else micro
 
 
-def build_optimizer(model: nn.Module, cfg, steps_per_epoch: int):
-    """(optimizer, scheduler) of `cfg` (optimizer, lr, warmup, weight_decay, fused_optimizer), the schedule over all
-    epochs."""
-    return make_optimizer(model, cfg.optimizer, cfg.lr, steps_per_epoch * cfg.epochs, cfg.warmup, cfg.weight_decay,
-                          fused=cfg.fused_optimizer)
+def build_optimizer(model: nn.Module, optim: OptimConfig, steps_per_epoch: int):
+    """(optimizer, scheduler) of `optim` (optimizer, lr, warmup, weight_decay, fused_optimizer), the schedule over
+    all epochs."""
+    return make_optimizer(model, optim.optimizer, optim.lr, steps_per_epoch * optim.epochs, optim.warmup,
+                          optim.weight_decay, fused=optim.fused_optimizer)
 
 
 def current_lr(optimizer, scheduler) -> float:

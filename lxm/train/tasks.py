@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from lxm.corpus.answers import convert_ans, normalize_vqa_answer, soft_score, vqa_soft_labels
@@ -361,9 +360,10 @@ class Nlvr2Task(FinetuneTask):
 
 def _run_data(run: Path) -> dict[str, str]:
     """The `data` files of a finetuning run's config.yaml (what `--split valid|test` names)."""
-    raw = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else None
-    data = raw.get("data") if isinstance(raw, dict) else None
-    return dict(data) if isinstance(data, dict) else {}
+    from lxm.train.config import FinetuneConfig, load_run_config
+
+    cfg = load_run_config(run / "config.yaml") if (run / "config.yaml").exists() else None
+    return dict(cfg.data) if isinstance(cfg, FinetuneConfig) else {}
 
 
 def split_file(task: str, files: Mapping[str, str], split: str) -> Path:
@@ -615,11 +615,13 @@ def pretraining_answers(cfg: FinetuneConfig, init_path: str, rows: int) -> tuple
     candidates = []
     run = Path(init_path).parent if Path(init_path).name in (MODEL_DIR, BEST_DIR) else Path(init_path).parent.parent
     if (run / "config.yaml").exists():
-        run_cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        if run_cfg.get("answers"):
-            candidates.append(Path(run_cfg["answers"]))
-        elif run_cfg.get("corpus"):
-            candidates.append(Path(run_cfg["corpus"]) / answers_name("qa"))
+        from lxm.train.config import PretrainConfig, load_run_config
+
+        run_cfg = load_run_config(run / "config.yaml")
+        if isinstance(run_cfg, PretrainConfig) and run_cfg.answers:
+            candidates.append(Path(run_cfg.answers))
+        elif run_cfg.corpus:
+            candidates.append(Path(run_cfg.corpus) / answers_name("qa"))
     if cfg.corpus:  # the custom tasks have none
         candidates.append(Path(cfg.corpus) / answers_name("qa"))
     for path in candidates:
