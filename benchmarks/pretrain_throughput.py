@@ -104,7 +104,8 @@ def bare_step_rate(ds, cfg, train_cfg, device: torch.device, steps: int) -> tupl
     torch.manual_seed(0)
     model = LxmertForPreTraining(cfg).to(device).train()
     optimizer, scheduler = build_optimizer(model, train_cfg.optim, 1000)
-    replica, step_model = training_modules(model, train_cfg.runtime, DistInfo(), device)  # the trainer's bf16 copy, if any
+    # the trainer's bf16 copy, if any
+    replica, step_model = training_modules(model, train_cfg.runtime, DistInfo(), device)
     batches = [b.to(device) for b in itertools.islice(DataLoader(ds, batch_size=BATCH, collate_fn=collate), steps + 2)]
 
     def loss_fn(m, batch):

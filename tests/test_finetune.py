@@ -55,9 +55,8 @@ def test_recipes_are_the_original_ones():
                                     ("gqa", 1e-5, ["train", "valid"], "testdev"), ("nlvr2", 5e-5, ["train"], "dev")):
         cfg = load_finetune_config(task, "paper", ["corpus=c", "features=[f]", "init=x"])
         assert (cfg.optim.lr, cfg.train_splits, cfg.valid_split) == (lr, splits, valid)
-        optim = cfg.optim
-        assert (optim.batch_size, optim.epochs, optim.warmup, optim.clip_grad_norm, optim.optimizer) == (32, 4, 0.1, 5.0,
-                                                                                                       "bert")
+        opt = cfg.optim
+        assert (opt.batch_size, opt.epochs, opt.warmup, opt.clip_grad_norm, opt.optimizer) == (32, 4, 0.1, 5.0, "bert")
     with pytest.raises(ValueError, match="'init' is required"):
         load_finetune_config("vqa", "paper", ["corpus=c", "features=[f]"])
     with pytest.raises(ValueError, match="unknown config key"):

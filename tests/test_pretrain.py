@@ -59,7 +59,7 @@ def test_pretrain_writes_config_logs_and_checkpoints(data, tmp_path):
     result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / "run", "epochs=2", "checkpoint_every=3")])
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert cfg["batch_size"] == 4 and cfg["lr"] == 1e-3 and cfg["optimizer"] == "bert"
+    assert cfg["optim"]["batch_size"] == 4 and cfg["optim"]["lr"] == 1e-3 and cfg["optim"]["optimizer"] == "bert"
     steps = [r for r in _log(tmp_path / "run") if "loss" in r and "step" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))  # 17 training sentences // 4 = 4 steps x 2 epochs
     assert {"mlm", "match", "obj", "attr", "feat", "qa", "lr", "grad_norm"} <= set(steps[0])

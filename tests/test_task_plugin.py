@@ -101,8 +101,8 @@ def test_a_task_defined_in_one_class_finetunes_predicts_and_evaluates(tmp_path, 
     assert rows[0] == ["id", "label"] and {r[1] for r in rows[1:]} <= {"no", "yes"} and len(rows) == 41
 
     gold = tmp_path / "match_valid.jsonl"  # the toy labels as a classify file: lxm evaluate classify scores them
-    gold.write_text("".join(json.dumps({**json.loads(line), "label": "yes" if json.loads(line)["label"] == "true"
-                                        else "no"}) + "\n" for line in paths["classify_valid"].read_text().splitlines()))
+    gold.write_text("".join(json.dumps({**rec, "label": "yes" if rec["label"] == "true" else "no"}) + "\n"
+                            for rec in map(json.loads, paths["classify_valid"].read_text().splitlines())))
     result = CliRunner().invoke(app, ["evaluate", "classify", "--annotations", str(gold), "--predictions", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["accuracy"] == summary["best"]

@@ -21,8 +21,8 @@ from lxm.eval.metrics import (MetricsInputError, PredictionError, classify_metri
 __all__ = [
     "evaluate_vqa", "evaluate_gqa", "evaluate_nlvr2", "evaluate_qa", "evaluate_classify",
     "read_json", "vqa_inputs", "gqa_predictions", "nlvr2_labels", "nlvr2_predictions", "write_vqa_predictions",
-    "write_gqa_predictions", "write_nlvr2_predictions", "write_qa_predictions", "write_classify_predictions", "QaRecord", "ClassifyRecord", "read_qa_jsonl", "read_classify_jsonl", "qa_predictions",
-    "classify_predictions",
+    "write_gqa_predictions", "write_nlvr2_predictions", "write_qa_predictions", "write_classify_predictions",
+    "QaRecord", "ClassifyRecord", "read_qa_jsonl", "read_classify_jsonl", "qa_predictions", "classify_predictions",
     "MetricsInputError", "PredictionError", "vqa_accuracy", "vqa_question_accuracy", "gqa_metrics", "nlvr2_metrics",
     "qa_metrics", "qa_question_score", "classify_metrics", "macro_f1",
 ]

@@ -224,7 +224,8 @@ class Finetuner:
                 "test_examples": len(self.test_set) if self.test_set is not None else 0,
                 "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.optim.epochs,
                 "total_steps": self.steps_per_epoch * cfg.optim.epochs, "batch_size": cfg.optim.batch_size,
-                "micro_batch_size": self.micro, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup, "optimizer": cfg.optim.optimizer,
+                "micro_batch_size": self.micro, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup,
+                "optimizer": cfg.optim.optimizer,
                 "precision": cfg.runtime.precision, "device": str(self.device), "processes": self.dist.world_size,
                 "init": f"from scratch ({cfg.model} preset)" if cfg.from_scratch else cfg.init,
                 "vocab": cfg.vocab, "answers": len(labels), "first_answers": list(labels[:10]),
@@ -285,8 +286,8 @@ class Finetuner:
         best_preds = None  # the best epoch's validation predictions, for the report
         while self.epoch < cfg.optim.epochs:
             epoch_start = time.perf_counter()
-            sampler = MicroBatches(len(self.train_set), cfg.optim.batch_size, self.micro, self.epoch, cfg.runtime.seed, self.dist,
-                                   start=self.position)
+            sampler = MicroBatches(len(self.train_set), cfg.optim.batch_size, self.micro, self.epoch, cfg.runtime.seed,
+                                   self.dist, start=self.position)
             loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_finetune,
                                 num_workers=self.workers, generator=torch.Generator().manual_seed(cfg.runtime.seed),
                                 pin_memory=self.device.type == "cuda")

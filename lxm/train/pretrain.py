@@ -151,7 +151,8 @@ class Pretrainer:
         self.micro = micro_batch_size(cfg.optim.batch_size, cfg.optim.micro_batch_size, self.dist)
         self.steps_per_epoch = len(self.train_set) // cfg.optim.batch_size
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(self.train_set)} training sentences are fewer than one batch of {cfg.optim.batch_size}")
+            raise ConfigError(f"{len(self.train_set)} training sentences are fewer than one batch of "
+                              f"{cfg.optim.batch_size}")
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -179,7 +180,8 @@ class Pretrainer:
         return {"out": str(self.out), "sentences": len(self.train_set),
                 "valid_sentences": len(self.valid_set) if self.valid_set is not None else 0,
                 "steps_per_epoch": self.steps_per_epoch, "epochs": cfg.optim.epochs, "total_steps": self.total_steps,
-                "batch_size": cfg.optim.batch_size, "micro_batch_size": self.micro, "lr": cfg.optim.lr, "warmup": cfg.optim.warmup,
+                "batch_size": cfg.optim.batch_size, "micro_batch_size": self.micro, "lr": cfg.optim.lr,
+                "warmup": cfg.optim.warmup,
                 "optimizer": cfg.optim.optimizer, "precision": cfg.runtime.precision, "device": str(self.device),
                 "processes": self.dist.world_size, "model": cfg.model,
                 "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -277,8 +279,8 @@ class Pretrainer:
         last: dict[str, float] = {}
         while self.step < self.total_steps and self.epoch < cfg.optim.epochs:
             self.train_set.set_epoch(self.epoch)
-            sampler = MicroBatches(len(self.train_set), cfg.optim.batch_size, self.micro, self.epoch, cfg.runtime.seed, self.dist,
-                                   start=self.position)
+            sampler = MicroBatches(len(self.train_set), cfg.optim.batch_size, self.micro, self.epoch, cfg.runtime.seed,
+                                   self.dist, start=self.position)
             # Own generator: creating the iterator must not draw from the global RNG (dropout), or a resumed run
             # would diverge from the uninterrupted one.
             # pinned host memory lets `non_blocking` copies to the GPU overlap the step
