@@ -6,6 +6,13 @@ extrapolation to full scale (targets: < 10 min and < 8 GB on this 2-core machine
 
     python benchmarks/corpus.py                                    # 1M questions + 1M region descriptions
     python benchmarks/corpus.py --questions 200000 --regions 200000  # quicker
+    python benchmarks/corpus.py --parse-only --rounds 5              # only the streaming readers, side by side
+
+At the larger scale it also times the streaming reader of the huge VG / GQA files, `lxm.corpus.jsonstream`, against
+ijson (when installed; its backend is printed: yajl2_c is its C parser) over the same generated files,
+region_descriptions.json (a list) and train_balanced_questions.json (an object, also rewritten with every field of a
+real GQA record), `--rounds` rounds, the order alternating each round, and prints medians and the ratio
+ijson / jsonstream (> 1: jsonstream is faster).
 
 The generated mix follows Table 1's proportions (questions: 21 % VQA, 34 % GQA, 45 % VG-QA; captions 11 % of the
 region descriptions), so the extrapolation scales each source by the same factor.
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import shutil
 import subprocess
 import sys
@@ -91,8 +99,78 @@ def generate(root: Path, questions: int, regions: int, seed: int = 0) -> None:
         (root / "gqa" / f"{name}_balanced_questions.json").write_text(json.dumps(data))
 
 
-def run(questions: int, regions: int) -> tuple[int, float, float]:
-    """Generate, build in a child process; returns (sentences, seconds, peak RSS MB)."""
+def _ijson_readers():
+    """(list reader, object reader) of ijson with its fastest backend, and its backend's name; None without ijson."""
+    try:
+        import ijson
+    except ImportError:
+        return None
+    def items(path: Path):
+        with path.open("rb") as f:  # use_float: floats as json.loads gives them (ijson's default is Decimal)
+            yield from ijson.items(f, "item", use_float=True)
+
+    def kvitems(path: Path):
+        with path.open("rb") as f:
+            yield from ijson.kvitems(f, "", use_float=True)
+
+    return items, kvitems, ijson.backend
+
+
+def full_gqa_records(src: Path, dst: Path) -> None:
+    """`src`'s GQA questions with every field of a real record (semantic program, entailed ids, annotations, ...;
+    the GQA download's layout, ~0.75 KB a question, as in the 1.3 GB train file), for timing the parser on
+    real-sized elements; the builder's files carry only the fields it reads (~0.16 KB)."""
+    from lxm.corpus.jsonstream import iter_json_object
+
+    def full(qid: str, q: dict) -> dict:
+        return {"semantic": [{"operation": "select", "dependencies": [], "argument": "sky (2486325)"},
+                             {"operation": "verify color", "dependencies": [0], "argument": "dark"}],
+                "entailed": [f"{int(qid[-8:]) + k:08d}" for k in range(1, 8)], "equivalent": [qid],
+                "question": q["question"], "imageId": q["imageId"], "isBalanced": True,
+                "groups": {"global": None, "local": "06-sky_dark"}, "answer": q["answer"],
+                "semanticStr": "select: sky (2486325)->verify color: dark [0]",
+                "annotations": {"answer": {}, "question": {"2": "2486325"}, "fullAnswer": {"2": "2486325"}},
+                "types": {"detailed": "verifyAttr", "semantic": "attr", "structural": "verify"},
+                "fullAnswer": f"Yes, the {q['answer']} is dark."}
+
+    dst.write_text(json.dumps({qid: full(qid, q) for qid, q in iter_json_object(src)}))
+
+
+def compare_parsers(raw: Path, rounds: int) -> None:
+    """Seconds to stream every element of the VG list and the GQA object, jsonstream vs ijson, medians of `rounds`."""
+    from lxm.corpus.jsonstream import iter_json_list, iter_json_object
+
+    full_gqa_records(raw / "gqa" / "train_balanced_questions.json", raw / "gqa_full_records.json")
+    files = {"vg region_descriptions.json (list)": (raw / "vg" / "region_descriptions.json", 0),
+             "gqa train_balanced_questions.json (object)": (raw / "gqa" / "train_balanced_questions.json", 1),
+             "gqa, every field of a real record (object)": (raw / "gqa_full_records.json", 1)}
+    ours = (iter_json_list, iter_json_object)
+    other = _ijson_readers()
+    if other is None:
+        print("parsers: ijson is not installed (pip install ijson): jsonstream alone is not a comparison; skipped")
+        return
+    print(f"parsers: jsonstream vs ijson {other[2]} backend, {rounds} rounds, order alternating", flush=True)
+    for name, (path, kind) in files.items():
+        readers = {"jsonstream": ours[kind], "ijson": other[kind]}
+        assert list(readers["jsonstream"](path)) == list(readers["ijson"](path)), f"{name}: the records differ"
+        times: dict[str, list[float]] = {k: [] for k in readers}
+        for r in range(rounds):
+            for label in (list(readers) if r % 2 == 0 else list(readers)[::-1]):
+                t0 = time.perf_counter()
+                count = sum(1 for _ in readers[label](path))
+                times[label].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        mib = path.stat().st_size / 2**20
+        print(f"  {name}: {mib:.0f} MiB, {count:,} elements: jsonstream {med['jsonstream']:.2f} s "
+              f"({mib / med['jsonstream']:.0f} MiB/s), ijson {med['ijson']:.2f} s ({mib / med['ijson']:.0f} MiB/s); "
+              f"ijson / jsonstream = {med['ijson'] / med['jsonstream']:.2f} "
+              f"(rounds: {' '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(times['jsonstream'], times['ijson']))})",
+              flush=True)
+
+
+def run(questions: int, regions: int, parse_rounds: int = 0, build: bool = True) -> tuple[int, float, float]:
+    """Generate, build in a child process; returns (sentences, seconds, peak RSS MB). With `parse_rounds`, first
+    time the streaming readers on the generated files (`compare_parsers`)."""
     work = Path(tempfile.mkdtemp(prefix="lxm-corpus-bench-"))
     try:
         t0 = time.perf_counter()
@@ -100,6 +178,10 @@ def run(questions: int, regions: int) -> tuple[int, float, float]:
         size = sum(p.stat().st_size for p in (work / "raw").rglob("*.json"))
         print(f"generated {size / 2**20:.0f} MiB of raw JSON in {time.perf_counter() - t0:.1f} s", flush=True)
         raw = work / "raw"
+        if parse_rounds:
+            compare_parsers(raw, parse_rounds)
+        if not build:
+            return 0, 0.0, 0.0
         cmd = [sys.executable, "-c",
                "import resource, sys, time; from lxm.cli import main; t = time.perf_counter(); sys.argv = sys.argv[1:];"
                "\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
@@ -124,10 +206,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=1_000_000)
     ap.add_argument("--regions", type=int, default=1_000_000)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the parser comparison (0: none)")
+    ap.add_argument("--parse-only", action="store_true", help="only the parser comparison, at the larger scale")
     args = ap.parse_args()
+    if args.parse_only:
+        run(args.questions, args.regions, parse_rounds=args.rounds, build=False)
+        return
     # Two scales: the fit separates the fixed cost (interpreter, imports) from the per-sentence cost.
     small = run(args.questions // 4, args.regions // 4)
-    large = run(args.questions, args.regions)
+    large = run(args.questions, args.regions, parse_rounds=args.rounds)
     for name, i, target, unit in (("time", 1, 10, "min"), ("peak RSS", 2, 8, "GB")):
         slope = (large[i] - small[i]) / (large[0] - small[0])
         full = large[i] + slope * (FULL_SCALE_SENTENCES - large[0])

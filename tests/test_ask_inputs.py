@@ -183,6 +183,8 @@ def test_a_device_that_cannot_be_used_is_an_error_in_ask_predict_and_gallery(wor
         _one_line_error(_invoke(["ask", "--model", run, *args, "--device", "cuda"]), "CUDA is not available")
         _one_line_error(_invoke(["predict", "vqa", "--checkpoint", run, "--split", "minival", "--out",
                                  tmp_path / "p.json", "--device", "cuda"]), "CUDA is not available")
+        _one_line_error(_invoke(["gallery", run, "--split", "minival", "--images", world["root"] / "images",
+                                 "--out", tmp_path / "gallery", "--device", "cuda"]), "CUDA is not available")
     assert not (tmp_path / "p.json").exists() and not (tmp_path / "gallery" / "index.html").exists()
 
 

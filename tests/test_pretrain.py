@@ -89,6 +89,19 @@ def test_unknown_config_key_is_an_error(data, tmp_path):
     assert result.exit_code == 1 and "unknown config key" in result.output
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_gpu_asked_for_without_cuda_is_a_one_line_error_not_a_cpu_run(data, tmp_path, device):
+    """lxm.devices' rule in `lxm pretrain` as in the other commands: the run and its plan stop before anything is
+    written, rather than train on the CPU."""
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / "r", f"device={device}"), *extra])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"config: 'device' {device}: CUDA is not available" in errors[0], result.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_after_sigkill_gives_the_same_next_step_loss(data, tmp_path):
     cmd = [sys.executable, "-m", "lxm.cli", "pretrain"]
     args = lambda out: _args(data, out, "epochs=4", "checkpoint_every=1")  # noqa: E731

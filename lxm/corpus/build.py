@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from lxm.corpus.answers import convert_ans, qa_answer_table, vqa_soft_labels, vqa_vocabulary
 from lxm.corpus.jsonstream import iter_json_list, iter_json_object
 from lxm.corpus.layout import ANSWER_TABLES, CORPUS_TABLE, FINETUNE_DIR, VOCAB_DIR, CorpusError, answers_name
+from lxm.jsonl import read_json_lines
 
 _logger = logging.getLogger(__name__)
 
@@ -146,15 +147,9 @@ def nlvr2_data_dir(folder: Path) -> Path:
                       f"data folder or a clone of lil-lab/nlvr; NLVR1 under nlvr/ is not read)")
 
 
-def _nlvr2_line(line: str, path: Path, lineno: int, unlabelled_ok: bool) -> tuple[str, int, str]:
+def _nlvr2_record(rec: dict, path: Path, lineno: int, unlabelled_ok: bool) -> tuple[str, int, str]:
     """(identifier, label 1/0 or -1 when unlabelled, sentence) of one JSON line; errors name `file:line: field`."""
     where = f"{path}:{lineno}"
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise CorpusError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(rec, dict):
-        raise CorpusError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for name in ("identifier", "sentence"):
         if name not in rec:
             raise CorpusError(f"{where}: field '{name}' missing")
@@ -444,21 +439,11 @@ class CorpusBuilder:
                     continue
                 raise CorpusError(f"{data}: expected NLVR2 file {split}.json")
             rows = self.ft(f"nlvr2_{split}")
-            with path.open("rb") as f:
-                offset = 0  # of the line in the file
-                for lineno, raw in enumerate(f, start=1):
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise CorpusError(f"{path}:{lineno}: not UTF-8 text at byte {offset + exc.start} "
-                                          f"({exc.reason}); NLVR2 files are UTF-8 JSON lines") from None
-                    offset += len(raw)
-                    if not line.strip():
-                        continue
-                    ident, label, sent = _nlvr2_line(line, path, lineno, unlabelled_ok=split == "test2")
-                    stem = ident.rsplit("-", 1)[0]  # the pair: its images are {stem}-img0 / -img1
-                    rows.add(identifier=ident, img0=f"{stem}-img0", img1=f"{stem}-img1", label=label, sent=sent,
-                             uid=f"nlvr2_{split}_{len(rows)}")
+            for lineno, rec in read_json_lines(path, objects=True, error=CorpusError):
+                ident, label, sent = _nlvr2_record(rec, path, lineno, unlabelled_ok=split == "test2")
+                stem = ident.rsplit("-", 1)[0]  # the pair: its images are {stem}-img0 / -img1
+                rows.add(identifier=ident, img0=f"{stem}-img0", img1=f"{stem}-img1", label=label, sent=sent,
+                         uid=f"nlvr2_{split}_{len(rows)}")
 
     # ---- assembly
     def minival(self) -> set[str]:

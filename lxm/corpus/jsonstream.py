@@ -3,6 +3,12 @@
 `region_descriptions.json` (a list, ~0.7 GB) and `train_balanced_questions.json` (an object keyed by question id,
 ~1.3 GB) become several GB of Python objects with `json.load`. These readers decode one element at a time with
 `json.JSONDecoder.raw_decode` over a sliding text buffer, so memory stays at one element plus the buffer.
+
+Kept rather than ijson (issue 29 item 6: switch only if ijson is at least as fast), because ijson 3.6.0 with its C
+backend (yajl2_c) was slower on these files' shapes: `python benchmarks/corpus.py --parse-only --rounds 5`, medians,
+ijson / jsonstream = 1.80 on the VG region list and 1.61 on GQA questions with every field of a real record; only on
+GQA records slimmed to the builder's fields (~0.16 KB each, where this reader's per-element Python work dominates)
+was ijson faster (0.75). Figures and machine: benchmarks/README.md, `corpus.py`.
 """
 
 from __future__ import annotations

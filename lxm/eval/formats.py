@@ -48,6 +48,7 @@ from pathlib import Path
 
 from lxm import atomic
 from lxm.eval.metrics import MetricsInputError, PredictionError
+from lxm.jsonl import BadLine, read_json_lines
 
 def read_json(path: str | os.PathLike, source: str) -> object:
     """The parsed JSON of the `source` input ("questions", "annotations", "predictions", "choices") at `path`.
@@ -163,16 +164,15 @@ def nlvr2_predictions(text: str) -> dict[str, str]:
     return preds
 
 
+def _bad_annotation(bad: BadLine) -> None:
+    # no path here: evaluate_nlvr2 puts the file in front of the message (naming_files)
+    raise MetricsInputError("annotations", f"line {bad.number}: {bad.reason}")
+
+
 def nlvr2_labels(text: str) -> dict[str, str]:
     """Parse an NLVR2 annotation file (JSON lines with `identifier` and `label`) -> identifier -> label."""
     labels: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MetricsInputError("annotations", f"line {n}: not a JSON object ({exc.msg})") from None
+    for n, rec in read_json_lines("annotations", lines=io.StringIO(text), on_bad=_bad_annotation):
         for key in ("identifier", "label"):
             if not isinstance(rec, Mapping) or not isinstance(rec.get(key), str):
                 raise MetricsInputError("annotations", f"line {n}: no string field {key!r}")
@@ -215,20 +215,8 @@ def _line_error(path: str | os.PathLike, n: int, message: str) -> MetricsInputEr
 
 def _jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, Mapping]]:
     """(line number, JSON object) of every non-blank line."""
-    try:
-        text = Path(path).read_text()
-    except UnicodeDecodeError:
-        raise MetricsInputError("annotations", f"{path}: not UTF-8 text (a JSON lines file?)", path=str(path)) from None
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _line_error(path, n, f"not JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, Mapping):
-            raise _line_error(path, n, f"expected a JSON object, got {type(obj).__name__}")
-        yield n, obj
+    return read_json_lines(path, objects=True,
+                           error=lambda message: MetricsInputError("annotations", message, path=str(path)))
 
 
 class _Checker:

@@ -47,6 +47,7 @@ import pyarrow as pa
 from lxm import atomic, integrity
 from lxm.errors import LxmError
 from lxm.features.records import ImageFeatures, RecordError
+from lxm.jsonl import BadLine, read_json_lines
 
 _logger = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ def store_lock(root: str | os.PathLike, *, shared: bool = False) -> Iterator[Non
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+def _drop_bad_failure(bad: BadLine) -> None:
+    _logger.warning("%s:%d: not a JSON record (cut short by a kill?); dropped", bad.path, bad.number)
 
 
 def _writer_alive(path: Path) -> bool:
@@ -369,12 +374,7 @@ class FeatureStoreWriter:
             self._refresh()
             records: dict[str, dict[str, Any]] = {}
             if path.exists():
-                for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        _logger.warning("%s:%d: not a JSON record (cut short by a kill?); dropped", path, lineno)
-                        continue
+                for _, rec in read_json_lines(path, on_bad=_drop_bad_failure):
                     if isinstance(rec, dict):
                         records[str(rec.get("img_id") or rec.get("image"))] = rec
             records = {k: r for k, r in records.items() if k not in attempted and k not in self.done}

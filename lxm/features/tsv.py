@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lxm.atomic import atomic_path, write_text
+from lxm.atomic import atomic_path, write_bytes
 from lxm.features.records import FIELDS, ImageFeatures, RecordError
 from lxm.features.store import FeatureStoreWriter
+from lxm.jsonl import scan_json_lines
 
 _logger = logging.getLogger(__name__)
 
@@ -144,15 +145,10 @@ def _drop_failures_of(path: Path, source: str) -> None:
     """
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not (isinstance(rec, dict) and str(rec.get("image", "")).rsplit(":", 1)[0] == source):
-            kept.append(line + "\n")
-    write_text(path, "".join(kept))
+    kept = [line.raw + b"\n" for line in scan_json_lines(path)
+            if line.bad is None and not (isinstance(line.value, dict)
+                                         and str(line.value.get("image", "")).rsplit(":", 1)[0] == source)]
+    write_bytes(path, b"".join(kept))
 
 
 def convert_tsv(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "float16",

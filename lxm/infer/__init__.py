@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from lxm.features.records import ImageFeatures
 from lxm.infer.models import Answerer, AskError, Prediction, load_answerer
+from lxm.jsonl import read_json_lines
 
 __all__ = ["AskError", "Answerer", "ImageRef", "Prediction", "Reply", "Request", "answer_requests", "load_answerer",
            "read_requests", "reply_json"]
@@ -134,24 +135,12 @@ def _strings(value: Any, name: str, where: str) -> list[str]:
 def read_requests(path: str | os.PathLike, lines: Iterable[str] | None = None) -> list[Request]:
     """The requests of a JSONL file: per line {"image": path or [left, right], "question" | "statement": text},
     optionally "image_id" (an img_id or a pair, with --features); other fields are echoed in the output. Relative
-    image paths are relative to the file's folder. A bad line is an AskError "FILE:LINE: field ...: ..."."""
+    image paths are relative to the file's folder; `lines` (one str per line) are read instead of the file's.
+    A bad line is an AskError "FILE:LINE: field ...: ..." (or "FILE:LINE: not JSON (...)")."""
     path = Path(path)
-    if lines is None:
-        try:
-            lines = path.read_text().splitlines()
-        except UnicodeDecodeError:
-            raise AskError(f"{path}: not a UTF-8 text file") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for n, rec in read_json_lines(path, lines=lines, objects=True, error=AskError):
         where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AskError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict):
-            raise AskError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         texts = [f for f in ("question", "statement") if f in rec]
         if len(texts) != 1:
             raise AskError(f"{where}: field 'question' (or 'statement'): "

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from lxm.errors import ConfigError, LxmError
-from lxm.train.logs import jsonl_lines
+from lxm.jsonl import NOT_JSON, scan_json_lines
 
 _logger = logging.getLogger(__name__)
 
@@ -66,17 +66,15 @@ def read_log(run: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         raise PlotError(f"{path}: no such file (is {run} an lxm pretrain / finetune run directory?)")
     train, valid = {}, {}
     skipped: dict[str, list[int]] = {}
-    lines = list(jsonl_lines(path))
-    for n, raw, rec, why in lines:
+    lines = list(scan_json_lines(path, objects=True, skip_blank=False))  # line numbers count blank lines
+    for n, raw, rec, bad in lines:
         if not raw.strip():
             continue
-        if why is not None:
-            if why != "not JSON" or n < len(lines):  # a crash can cut the last line; the rest is fine
-                skipped.setdefault(why, []).append(n)
+        if bad is not None:
+            if bad.problem != NOT_JSON or n < len(lines):  # a crash can cut the last line; the rest is fine
+                skipped.setdefault(bad.problem, []).append(n)
             continue
-        if not isinstance(rec, dict):
-            skipped.setdefault("not a JSON object", []).append(n)
-        elif "valid" in rec:
+        if "valid" in rec:
             if isinstance(rec["valid"], dict) and rec["valid"] and _number(rec.get("epoch")):
                 valid[rec["epoch"]] = rec
         elif "loss" in rec and _number(rec.get("step")):  # other records (a non-finite loss's) are not drawn

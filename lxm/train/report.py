@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lxm.train.logs import jsonl_lines
+from lxm.jsonl import read_json_lines
 
 if TYPE_CHECKING:
     from lxm.train.tasks import FinetuneTask
@@ -166,8 +166,8 @@ def epoch_seconds(log_path: str | Path) -> dict[int, float]:
     path = Path(log_path)
     if not path.exists():
         return out
-    for _, _, rec, _ in jsonl_lines(path):
-        if isinstance(rec, dict) and "valid" in rec and isinstance(rec.get("epoch_seconds"), (int, float)):
+    for _, rec in read_json_lines(path, objects=True, on_bad=lambda bad: None):
+        if "valid" in rec and isinstance(rec.get("epoch_seconds"), (int, float)):
             out[int(rec["epoch"])] = float(rec["epoch_seconds"])
     return out
 

@@ -41,9 +41,9 @@ from lxm import atomic
 from lxm.devices import resolve_device
 from lxm.errors import ConfigError, LxmError
 from lxm.integrity import IntegrityError, checksummed_path, sidecar, verify_checksum
+from lxm.jsonl import scan_json_lines
 from lxm.model import CheckpointError
 from lxm.train.config import OptimConfig, RuntimeConfig
-from lxm.train.logs import jsonl_lines
 from lxm.train.optim import BertAdam, make_optimizer
 from lxm.train.precision import Bf16Replica
 
@@ -424,11 +424,11 @@ def rewind_logs(out: Path, step: int, epoch: int) -> None:
         path = out / name
         if not path.exists():
             continue
-        lines = list(jsonl_lines(path))
+        lines = list(scan_json_lines(path, skip_blank=False))  # kept byte for byte, blank lines included
         kept = []
         bad = []
-        for n, line, record, why in lines:
-            if why is not None:
+        for n, line, record, problem in lines:
+            if problem is not None:
                 if n < len(lines):
                     kept.append(line)
                     bad.append(n)
