@@ -163,3 +163,20 @@ def test_no_private_name_crosses_packages():
                 crossing.append(f"{rel}: from {module} import {name}")
     assert not crossing, crossing
 
+
+def test_no_test_module_imports_another():
+    """Shared worlds, fixtures and helpers live in conftest.py and synthetic.py (style §11, "shared worlds live in
+    conftest, not imported from other test modules"): a test module that imports a `test_*` module runs that
+    module's top level and couples the two; pytest would also collect its imported fixtures twice."""
+    tests = REPO / "tests"
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno}: {name}" for name in names if name.split(".")[0].startswith("test_")]
+    assert not found, found

@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from lxm.cli import app
-from test_corpus import _build, write_raw
+from synthetic import build_corpus, write_raw
 
 WIDTH = 100  # a common terminal width; the help is rendered at it
 # typer's rich help pads its text by one column on each side: a line the wrapper ended early left room for the next word
@@ -135,7 +135,7 @@ def _garble(path, text: str) -> int:
 def test_an_annotation_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, name, text):
     write_raw(tmp_path)
     at = _garble(tmp_path / name, text)
-    result = _build(tmp_path)
+    result = build_corpus(tmp_path)
     where = f"{tmp_path / name}:2" if name.endswith("dev.json") else str(tmp_path / name)
     assert result.exit_code == 1 and f"{where}: not UTF-8 text at byte {at}" in result.output, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
