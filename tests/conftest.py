@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to ../shared, a seeded tiny transformers LXMERT (the oracle) and matching inputs."""
+"""Shared fixtures: paths to ../shared, a seeded tiny transformers LXMERT (the oracle) and matching inputs, the tiny
+corpus (`data`) and the pretrained learning world; the worlds themselves are built in `synthetic`."""
 
 from __future__ import annotations
 
@@ -117,6 +118,15 @@ def bert_vocab() -> Path:
     if not BERT_VOCAB.exists():
         pytest.fail(f"shared fixture missing: {BERT_VOCAB}")
     return BERT_VOCAB
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny corpus built by `lxm build-corpus` from small raw files of every source, with random features for
+    its images (`synthetic.make_tiny_corpus`; pass it to `synthetic.pretrain_args`); one per test module."""
+    from synthetic import make_tiny_corpus
+
+    return make_tiny_corpus(tmp_path_factory.mktemp("pt"))
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,22 @@
-"""Synthetic worlds for the learning tests: region features that encode the object and colour the text mentions.
+"""The tests' shared worlds and helpers; test modules import them from here, never from one another.
 
-An image has N boxes of F features; the described object fills the first COPIES boxes (as overlapping detections of
-one object do in BUTD features): feature dim `object` and dim 8 + `colour` are raised by 3, everything else is
-N(0, 0.1) noise. Sentences ("a red dog", "what color is the dog?") therefore need the image to be answered.
+- Raw files (`write_raw`, `build_corpus`): small annotation files of every source in the original formats, with the
+  cases the corpus builder must handle; their VQA records come from the library's synthetic world
+  (`lxm.demo.world.vqa_annotation`), as the quickstart's do.
+- A tiny corpus with random features (`make_tiny_corpus`, conftest's `data` fixture) and the `lxm pretrain`
+  arguments over it (`pretrain_args`), with the run's log (`log_records`).
+- Learning worlds: region features that encode the object and colour the text mentions. An image has N boxes of F
+  features; the described object fills the first COPIES boxes (as overlapping detections of one object do in BUTD
+  features): feature dim `object` and dim 8 + `colour` are raised by 3, everything else is N(0, 0.1) noise.
+  Sentences ("a red dog", "what color is the dog?") therefore need the image to be answered.
+- A static file server with HTTP Range support (`RangeHandler`, `serve_folder`), as weight servers offer.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +27,132 @@ from typer.testing import CliRunner
 from conftest import BERT_VOCAB
 from lxm.cli import app
 from lxm.corpus.build import GQA_SCHEMA, NLVR2_SCHEMA, VQA_SCHEMA
+from lxm.demo.world import vqa_annotation
 from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStoreWriter
+
+# ---------------------------------------------------------------------------------------------------- raw files
+
+
+def write_raw(root: Path) -> None:
+    """Small raw files of every source in the original formats (records modelled on ../shared/reference/datasets.md)
+    under root/{coco,vg,vqa,gqa,nlvr2} and root/minival.json, with the cases the corpus builder must handle: a
+    duplicate caption id, an annotation of an unlisted image, VG images with and without a COCO id, test splits."""
+    (root / "coco").mkdir(parents=True)
+    (root / "coco" / "captions_train2014.json").write_text(json.dumps({
+        "info": {}, "licenses": [], "images": [{"id": 458752, "file_name": "COCO_train2014_000000458752.jpg"},
+                                               {"id": 262146, "file_name": "COCO_train2014_000000262146.jpg"}],
+        "annotations": [{"image_id": 458752, "id": 101, "caption": "A baseball player winds up to pitch behind a net."},
+                        {"image_id": 458752, "id": 102, "caption": "A pitcher in an orange shirt throws a ball "},
+                        {"image_id": 262146, "id": 103, "caption": "Two dogs lying on a couch next to a window."},
+                        {"image_id": 262146, "id": 103, "caption": "duplicate caption id"}]}))
+    (root / "coco" / "captions_val2014.json").write_text(json.dumps({
+        "images": [{"id": 393225}, {"id": 500000}],
+        "annotations": [{"image_id": 393225, "id": 201, "caption": "A bowl of soup."},
+                        {"image_id": 500000, "id": 202, "caption": "A cat on a mat."},
+                        {"image_id": 999, "id": 203, "caption": "An image nobody listed."}]}))
+    (root / "vg").mkdir()
+    (root / "vg" / "image_data.json").write_text(json.dumps([
+        {"image_id": 2379215, "coco_id": 458752, "width": 640, "height": 480},
+        {"image_id": 2400001, "coco_id": None, "width": 800, "height": 600},
+        {"image_id": 2401002, "coco_id": 393225, "width": 500, "height": 375}]))
+    (root / "vg" / "region_descriptions.json").write_text(json.dumps([
+        {"id": 2379215, "regions": [{"region_id": 5001, "image_id": 2379215, "phrase": "man in orange shirt"},
+                                    {"region_id": 5002, "image_id": 2379215, "phrase": "green net in front "}]},
+        {"id": 2400001, "regions": [{"region_id": 5003, "image_id": 2400001, "phrase": "a red bus on the street"}]}]))
+    (root / "vg" / "question_answers.json").write_text(json.dumps([
+        {"id": 2379215, "qas": [{"question": "What color is the shirt?", "answer": "Orange.", "qa_id": 900001}]},
+        {"id": 2400001, "qas": [{"question": "Where is the bus?", "answer": "On the street.", "qa_id": 900002},
+                                {"question": "How many buses are there?", "answer": "One.", "qa_id": 900003}]}]))
+    (root / "vqa").mkdir()
+    qs = {"train2014": [{"image_id": 458752, "question": "What is the man throwing?", "question_id": 458752000},
+                        {"image_id": 458752, "question": "Is the man wearing a hat?", "question_id": 458752001},
+                        {"image_id": 262146, "question": "How many dogs are there?", "question_id": 262146000}],
+          "val2014": [{"image_id": 393225, "question": "What is in the bowl?", "question_id": 393225000},
+                      {"image_id": 500000, "question": "Is this a cat?", "question_id": 500000000}],
+          "test2015": [{"image_id": 1, "question": "What?", "question_id": 1000}],
+          "test-dev2015": [{"image_id": 1, "question": "What?", "question_id": 1000}]}
+    for split, questions in qs.items():
+        (root / "vqa" / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"questions": questions}))
+    anns = {"train2014": [
+        vqa_annotation(458752000, 458752, "ball", "what is", "other",
+                       ["ball", "ball", "baseball", "ball", "ball", "baseball", "ball", "a ball", "pitch", "ball"]),
+        vqa_annotation(458752001, 458752, "no", "is the", "yes/no", ["no"] * 6 + ["yes"] + ["no"] * 3),
+        vqa_annotation(262146000, 262146, "2", "how many", "number",
+                       ["2", "2", "two", "2", "3", "2", "2", "2", "2", "2"])],
+        "val2014": [vqa_annotation(393225000, 393225, "soup", "what is", "other"),
+                    vqa_annotation(500000000, 500000, "yes", "what is", "other")]}
+    for split, a in anns.items():
+        (root / "vqa" / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"annotations": a}))
+    (root / "gqa").mkdir()
+    (root / "gqa" / "train_balanced_questions.json").write_text(json.dumps({
+        "07333408": {"imageId": "2379215", "question": "What color is the shirt?", "answer": "orange",
+                     "isBalanced": True, "types": {"structural": "query"}},
+        "07333409": {"imageId": "2379215", "question": "Is the shirt orange?", "answer": "yes", "isBalanced": True,
+                     "types": {"structural": "verify"}}}))
+    (root / "gqa" / "val_balanced_questions.json").write_text(json.dumps({
+        "1": {"imageId": "2400001", "question": "What vehicle is this?", "answer": "bus", "isBalanced": True}}))
+    (root / "gqa" / "testdev_balanced_questions.json").write_text(json.dumps({
+        "201": {"imageId": "n161313", "question": "Is the sky cloudy?", "answer": "yes", "isBalanced": True},
+        "202": {"imageId": "n161313", "question": "What color is the sky?", "answer": "teal", "isBalanced": True}}))
+    (root / "nlvr2").mkdir()
+    line = {"validation": {"54": "True"}, "sentence": "Each image contains exactly two dogs.", "left_url": "u",
+            "writer": "77", "label": "True", "right_url": "v", "synset": "dog", "query": "two dogs12",
+            "identifier": "dev-1203-0-0", "extra_validations": {}}
+    (root / "nlvr2" / "dev.json").write_text(
+        json.dumps(line) + "\n" + json.dumps({**line, "identifier": "dev-1203-2-0", "label": "False"}) + "\n")
+    (root / "nlvr2" / "train.json").write_text(json.dumps({**line, "identifier": "train-10171-0-0"}) + "\n")
+    (root / "nlvr2" / "test1.json").write_text(json.dumps({**line, "identifier": "test1-5-1-1"}) + "\n")
+    (root / "minival.json").write_text(json.dumps([{"img_id": "COCO_val2014_000000500000", "sentf": {}}]))
+
+
+def build_corpus(root: Path, *extra):
+    """`lxm build-corpus` over the `write_raw` files in root, into root/out; the CliRunner result."""
+    args = ["build-corpus", "--out", str(root / "out"), "--coco", str(root / "coco"), "--vg", str(root / "vg"),
+            "--vqa", str(root / "vqa"), "--gqa", str(root / "gqa"), "--nlvr2", str(root / "nlvr2"),
+            "--minival-ids", str(root / "minival.json"), "--vqa-min-questions", "1", *extra]
+    return CliRunner().invoke(app, args)
+
+
+# ---------------------------------------------------------------------------------------------------- a tiny corpus
+
+
+def make_tiny_corpus(root: Path) -> Path:
+    """root/corpus built by `lxm build-corpus` from the `write_raw` files (no NLVR2), and root/feats: random
+    features (6 boxes of 16) for each of its images. Returns root."""
+    write_raw(root)
+    assert CliRunner().invoke(app, ["build-corpus", "--out", str(root / "corpus"), "--coco", str(root / "coco"),
+                                    "--vg", str(root / "vg"), "--vqa", str(root / "vqa"), "--gqa", str(root / "gqa"),
+                                    "--minival-ids", str(root / "minival.json"), "--vqa-min-questions", "1"]
+                              ).exit_code == 0
+    ids = sorted(set(pq.read_table(root / "corpus" / "corpus.parquet").column("img_id").to_pylist()))
+    rng = np.random.default_rng(0)
+    with FeatureStoreWriter(root / "feats", num_boxes=6, feature_dim=16, dtype="float32") as w:
+        for img_id in ids:
+            xy = rng.uniform(0, 50, (6, 2)).astype(np.float32)
+            w.add(ImageFeatures(img_id, 100, 200, rng.integers(0, 10, 6), rng.random(6, np.float32),
+                                rng.integers(0, 6, 6), rng.random(6, np.float32), np.concatenate([xy, xy + 40], 1),
+                                rng.random((6, 16), np.float32)))
+    return root
+
+
+def pretrain_args(data: Path, out: Path, *sets: str) -> list[str]:
+    """`lxm pretrain` arguments for the tiny model on the `make_tiny_corpus` world in `data`, batch 4, plus
+    `--set` for each of `sets`."""
+    base = ["--config", "tiny", "--corpus", str(data / "corpus"), "--features", str(data / "feats"), "--out", str(out),
+            "--set", f"vocab={BERT_VOCAB}", "--set", "batch_size=4"]
+    for s in sets:
+        base += ["--set", s]
+    return base
+
+
+def log_records(out: Path) -> list[dict]:
+    """Every record of run `out`'s log.jsonl, in order."""
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------- learning worlds
+
 
 OBJECTS = ["dog", "cat", "car", "tree", "ball", "hat", "cup", "bus"]
 COLORS = ["red", "blue", "green", "yellow"]
@@ -194,3 +327,35 @@ def one_and_two_process_losses(args, tmp_path: Path, port: int) -> tuple[dict[in
                 if "loss" in r}
 
     return losses(tmp_path / "one"), losses(tmp_path / "two")
+
+
+# ---------------------------------------------------------------------------------------------------- a file server
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with HTTP Range support (what weight servers offer), for the download and resume tests."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = self.translate_path(self.path)
+        data = open(path, "rb").read()
+        start = 0
+        if "Range" in self.headers:
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+
+def serve_folder(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve `folder` with `RangeHandler` on a free local port, in a daemon thread: (server, its base URL). Call
+    `server.shutdown()` when done."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             lambda *a, **k: RangeHandler(*a, directory=str(folder), **k))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"

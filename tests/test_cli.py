@@ -68,7 +68,10 @@ def test_console_script_entry_point_runs():
     ("lxm.model", ("transformers", "typer", "rich", "lxm.train", "lxm.extract", "lxm.corpus", "lxm.eval", "lxm.cli")),
     ("lxm.features, lxm.features.tsv, lxm.features.h5", ("torch", "lxm.train", "lxm.extract", "lxm.cli")),
     ("lxm.eval", ("torch", "typer", "lxm.train", "lxm.cli")),
-], ids=["model", "features", "eval"])
+    # the synthetic world the quickstart and the tests' worlds build on, and the report that only reads files
+    ("lxm.demo.world", ("torch", "typer", "lxm.train", "lxm.model", "lxm.features", "lxm.corpus", "lxm.cli")),
+    ("lxm.demo.report", ("torch", "typer", "lxm.model", "lxm.extract", "lxm.cli")),
+], ids=["model", "features", "eval", "demo-world", "demo-report"])
 def test_library_imports_without_the_training_stack(modules, absent):
     code = (f"import sys, {modules}; bad = [m for m in {absent!r} if m in sys.modules]; print(bad); "
             "sys.exit(1 if bad else 0)")
@@ -86,6 +89,9 @@ IMPORT_RULES = {
     "infer": ("lxm.train.finetune", "lxm.train.pretrain", "lxm.train.step", "lxm.train.optim", "lxm.gallery",
               "lxm.corpus"),
     "gallery": ("lxm.train.finetune", "lxm.train.pretrain", "lxm.train.step", "lxm.train.optim", "lxm.corpus"),
+    # the quickstart's world and report read and write files: no model, detector or recipe
+    "demo": ("torch", "lxm.model", "lxm.extract", "lxm.corpus", "lxm.infer", "lxm.gallery", "lxm.train.finetune",
+             "lxm.train.pretrain", "lxm.train.step", "lxm.train.optim"),
 }
 
 
@@ -156,3 +162,21 @@ def test_no_private_name_crosses_packages():
             if owner != own:
                 crossing.append(f"{rel}: from {module} import {name}")
     assert not crossing, crossing
+
+
+def test_no_test_module_imports_another():
+    """Shared worlds, fixtures and helpers live in conftest.py and synthetic.py (style §11, "shared worlds live in
+    conftest, not imported from other test modules"): a test module that imports a `test_*` module runs that
+    module's top level and couples the two; pytest would also collect its imported fixtures twice."""
+    tests = REPO / "tests"
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno}: {name}" for name in names if name.split(".")[0].startswith("test_")]
+    assert not found, found

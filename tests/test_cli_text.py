@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from lxm.cli import app
-from test_corpus import _build, write_raw
+from synthetic import build_corpus, write_raw
 
 WIDTH = 100  # a common terminal width; the help is rendered at it
 # typer's rich help pads its text by one column on each side: a line the wrapper ended early left room for the next word
@@ -135,21 +135,29 @@ def _garble(path, text: str) -> int:
 def test_an_annotation_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, name, text):
     write_raw(tmp_path)
     at = _garble(tmp_path / name, text)
-    result = _build(tmp_path)
+    result = build_corpus(tmp_path)
     where = f"{tmp_path / name}:2" if name.endswith("dev.json") else str(tmp_path / name)
     assert result.exit_code == 1 and f"{where}: not UTF-8 text at byte {at}" in result.output, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
 
 
 def test_the_quickstart_report_keeps_small_values_and_one_scale_for_accuracies(tmp_path):
-    from lxm.cli.quickstart import QuickstartConfig, QuickstartResult, write_report
+    from lxm.demo.report import SCORES, write_report
 
-    result = QuickstartResult(tmp_path, metrics={
-        "vqa": {"overall": 41.67, "perAnswerType": {"yes/no": 50.0}}, "nlvr2": {"accuracy": 50.0, "consistency": 0.0},
-        "pretrain_minival": {"loss": 3.25, "obj": 6.85e-06, "qa_acc_vqa": 0.25},
-        "vqa_best": {"best": 41.67, "best_epoch": 3}, "nlvr2_best": {"best": 50.0, "best_epoch": 0}})
+    # the files the commands write in a quickstart folder, which the report reads its numbers from
+    (tmp_path / "predictions").mkdir()
+    for task, scores in (("vqa", {"overall": 41.67, "perAnswerType": {"yes/no": 50.0}}),
+                         ("nlvr2", {"accuracy": 50.0, "consistency": 0.0})):
+        (tmp_path / SCORES.format(task=task)).write_text(json.dumps(scores, indent=2))
+    for run, text in (("pretrain", json.dumps({"step": 4, "epoch": 0, "valid": {"loss": 3.25, "obj": 6.85e-06,
+                                                                                "qa_acc_vqa": 0.25}}) + "\n"),
+                      ("vqa", json.dumps({"best": 41.67, "best_epoch": 3})),
+                      ("nlvr2", json.dumps({"best": 50.0, "best_epoch": 0}))):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / ("log.jsonl" if run == "pretrain" else "summary.json")).write_text(text)
     counts = {"train2014": 4, "val2014": 2, "nlvr2_train": 4, "nlvr2_dev": 1, "nlvr2_test1": 1}
-    report = write_report(result, QuickstartConfig(), counts, "vocab.txt", random_weights=True).read_text()
+    report = write_report(tmp_path, [], counts=counts, vocab="vocab.txt", random_weights=True, detector_vocab=False,
+                          threads=1).read_text()
     assert "| pretraining minival obj loss (last epoch) | 6.85e-06 |" in report and "0.0000" not in report
     assert "| pretraining minival qa_acc_vqa (last epoch, %) | 25 |" in report  # logged as a fraction
     assert "| VQA minival, official accuracy (overall, %) | 41.67 |" in report

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from conftest import make_inputs, randomize_
 from lxm.cli import app
 from lxm.model import LxmertForPreTraining, PretrainLabels, lxmert_tiny, pretraining_step_losses
-from test_pretrain import _args, _log, data  # noqa: F401  (the module fixture `data`)
+from synthetic import log_records, pretrain_args
 
 pytestmark = pytest.mark.compile
 
@@ -36,25 +36,25 @@ def test_the_compiled_step_equals_the_eager_step():
         assert torch.allclose(comp_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_a_resumed_compiled_run_continues_exactly(data, tmp_path):  # noqa: F811
+def test_a_resumed_compiled_run_continues_exactly(data, tmp_path):
     sets = ("epochs=2", "checkpoint_every=1", "dropout=0", "compile=true")
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / "full", *sets)])
+    result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, tmp_path / "full", *sets)])
     assert result.exit_code == 0, result.output
-    reference = {r["step"]: r["loss"] for r in _log(tmp_path / "full") if "loss" in r}
+    reference = {r["step"]: r["loss"] for r in log_records(tmp_path / "full") if "loss" in r}
     cut = tmp_path / "cut"
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, cut, *sets, "max_steps=5")])
+    result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, cut, *sets, "max_steps=5")])
     assert result.exit_code == 0, result.output
-    assert max(r["step"] for r in _log(cut) if "loss" in r) == 5
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, cut, *sets), "--resume"])
+    assert max(r["step"] for r in log_records(cut) if "loss" in r) == 5
+    result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, cut, *sets), "--resume"])
     assert result.exit_code == 0, result.output
-    resumed = {r["step"]: r["loss"] for r in _log(cut) if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in log_records(cut) if "loss" in r}
     assert sorted(resumed) == sorted(reference) == list(range(1, 9))
     for step in reference:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_fused_optimizer_trains_as_the_eager_one_and_resumes_exactly(data, tmp_path, monkeypatch,  # noqa: F811
+def test_the_fused_optimizer_trains_as_the_eager_one_and_resumes_exactly(data, tmp_path, monkeypatch,
                                                                          precision):
     """`--set fused_optimizer=true` (BertAdam's update compiled; in bf16 it also reads the copy's gradients and
     writes its weights): `lxm pretrain` gives the eager optimizer's losses to rounding, and a run cut after
@@ -66,9 +66,9 @@ def test_the_fused_optimizer_trains_as_the_eager_one_and_resumes_exactly(data, t
     sets = ("epochs=2", "checkpoint_every=1", "dropout=0", f"precision={precision}")
     losses = {}
     for name, extra in (("eager", ()), ("fused", ("fused_optimizer=true",))):
-        result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / name, *sets, *extra)])
+        result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, tmp_path / name, *sets, *extra)])
         assert result.exit_code == 0, result.output
-        losses[name] = {r["step"]: r["loss"] for r in _log(tmp_path / name) if "loss" in r}
+        losses[name] = {r["step"]: r["loss"] for r in log_records(tmp_path / name) if "loss" in r}
     assert sorted(losses["fused"]) == sorted(losses["eager"]) == list(range(1, 9))
     assert "fused_optimizer: true" in (tmp_path / "fused" / "config.yaml").read_text()
     # fp32: float32 rounding. bf16: the masters differ by float32 rounding, and where that moves a weight across a
@@ -78,9 +78,10 @@ def test_the_fused_optimizer_trains_as_the_eager_one_and_resumes_exactly(data, t
     for step, loss in losses["eager"].items():
         assert losses["fused"][step] == pytest.approx(loss, rel=rel, abs=1e-6), step
     cut = tmp_path / "cut"
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, cut, *sets, "fused_optimizer=true", "max_steps=5")])
+    result = CliRunner().invoke(app, ["pretrain",
+                                      *pretrain_args(data, cut, *sets, "fused_optimizer=true", "max_steps=5")])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, cut, *sets, "fused_optimizer=true"), "--resume"])
+    result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, cut, *sets, "fused_optimizer=true"), "--resume"])
     assert result.exit_code == 0, result.output
-    resumed = {r["step"]: r["loss"] for r in _log(cut) if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in log_records(cut) if "loss" in r}
     assert resumed == losses["fused"]

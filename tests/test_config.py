@@ -25,7 +25,6 @@ from lxm.train.config import (
     pretrain_base,
     pretrain_tiny,
 )
-from test_pretrain import data  # noqa: F401  (the tiny corpus + feature store fixture)
 
 REQUIRED = ["corpus=c", "features=[f]"]
 
@@ -107,7 +106,7 @@ def test_nested_losses_override(tmp_path):
             load_config(str(path))
 
 
-def test_a_run_writes_and_uses_the_nested_losses(data, tmp_path):  # noqa: F811
+def test_a_run_writes_and_uses_the_nested_losses(data, tmp_path):
     """The losses section reaches the trainer: the same first batch gives a different feature loss with l2, and
     nothing else changes; the run's config.yaml holds the section and null for the unset fields."""
     feat = {}

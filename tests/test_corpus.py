@@ -17,92 +17,13 @@ from lxm.corpus.answers import (
     vqa_soft_labels,
     vqa_vocabulary,
 )
-
-
-def _ann(qid, image_id, mc, answers, qtype="what is", atype="other"):
-    return {"question_type": qtype, "multiple_choice_answer": mc, "image_id": image_id, "answer_type": atype,
-            "question_id": qid, "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                                            for i, a in enumerate(answers)]}
-
-
-def write_raw(root):
-    (root / "coco").mkdir(parents=True)
-    (root / "coco" / "captions_train2014.json").write_text(json.dumps({
-        "info": {}, "licenses": [], "images": [{"id": 458752, "file_name": "COCO_train2014_000000458752.jpg"},
-                                               {"id": 262146, "file_name": "COCO_train2014_000000262146.jpg"}],
-        "annotations": [{"image_id": 458752, "id": 101, "caption": "A baseball player winds up to pitch behind a net."},
-                        {"image_id": 458752, "id": 102, "caption": "A pitcher in an orange shirt throws a ball "},
-                        {"image_id": 262146, "id": 103, "caption": "Two dogs lying on a couch next to a window."},
-                        {"image_id": 262146, "id": 103, "caption": "duplicate caption id"}]}))
-    (root / "coco" / "captions_val2014.json").write_text(json.dumps({
-        "images": [{"id": 393225}, {"id": 500000}],
-        "annotations": [{"image_id": 393225, "id": 201, "caption": "A bowl of soup."},
-                        {"image_id": 500000, "id": 202, "caption": "A cat on a mat."},
-                        {"image_id": 999, "id": 203, "caption": "An image nobody listed."}]}))
-    (root / "vg").mkdir()
-    (root / "vg" / "image_data.json").write_text(json.dumps([
-        {"image_id": 2379215, "coco_id": 458752, "width": 640, "height": 480},
-        {"image_id": 2400001, "coco_id": None, "width": 800, "height": 600},
-        {"image_id": 2401002, "coco_id": 393225, "width": 500, "height": 375}]))
-    (root / "vg" / "region_descriptions.json").write_text(json.dumps([
-        {"id": 2379215, "regions": [{"region_id": 5001, "image_id": 2379215, "phrase": "man in orange shirt"},
-                                    {"region_id": 5002, "image_id": 2379215, "phrase": "green net in front "}]},
-        {"id": 2400001, "regions": [{"region_id": 5003, "image_id": 2400001, "phrase": "a red bus on the street"}]}]))
-    (root / "vg" / "question_answers.json").write_text(json.dumps([
-        {"id": 2379215, "qas": [{"question": "What color is the shirt?", "answer": "Orange.", "qa_id": 900001}]},
-        {"id": 2400001, "qas": [{"question": "Where is the bus?", "answer": "On the street.", "qa_id": 900002},
-                                {"question": "How many buses are there?", "answer": "One.", "qa_id": 900003}]}]))
-    (root / "vqa").mkdir()
-    qs = {"train2014": [{"image_id": 458752, "question": "What is the man throwing?", "question_id": 458752000},
-                        {"image_id": 458752, "question": "Is the man wearing a hat?", "question_id": 458752001},
-                        {"image_id": 262146, "question": "How many dogs are there?", "question_id": 262146000}],
-          "val2014": [{"image_id": 393225, "question": "What is in the bowl?", "question_id": 393225000},
-                      {"image_id": 500000, "question": "Is this a cat?", "question_id": 500000000}],
-          "test2015": [{"image_id": 1, "question": "What?", "question_id": 1000}],
-          "test-dev2015": [{"image_id": 1, "question": "What?", "question_id": 1000}]}
-    for split, questions in qs.items():
-        (root / "vqa" / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"questions": questions}))
-    anns = {"train2014": [
-        _ann(458752000, 458752, "ball", ["ball", "ball", "baseball", "ball", "ball", "baseball", "ball", "a ball",
-                                          "pitch", "ball"]),
-        _ann(458752001, 458752, "no", ["no"] * 6 + ["yes"] + ["no"] * 3, "is the", "yes/no"),
-        _ann(262146000, 262146, "2", ["2", "2", "two", "2", "3", "2", "2", "2", "2", "2"], "how many", "number")],
-        "val2014": [_ann(393225000, 393225, "soup", ["soup"] * 10), _ann(500000000, 500000, "yes", ["yes"] * 10)]}
-    for split, a in anns.items():
-        (root / "vqa" / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"annotations": a}))
-    (root / "gqa").mkdir()
-    (root / "gqa" / "train_balanced_questions.json").write_text(json.dumps({
-        "07333408": {"imageId": "2379215", "question": "What color is the shirt?", "answer": "orange",
-                     "isBalanced": True, "types": {"structural": "query"}},
-        "07333409": {"imageId": "2379215", "question": "Is the shirt orange?", "answer": "yes", "isBalanced": True,
-                     "types": {"structural": "verify"}}}))
-    (root / "gqa" / "val_balanced_questions.json").write_text(json.dumps({
-        "1": {"imageId": "2400001", "question": "What vehicle is this?", "answer": "bus", "isBalanced": True}}))
-    (root / "gqa" / "testdev_balanced_questions.json").write_text(json.dumps({
-        "201": {"imageId": "n161313", "question": "Is the sky cloudy?", "answer": "yes", "isBalanced": True},
-        "202": {"imageId": "n161313", "question": "What color is the sky?", "answer": "teal", "isBalanced": True}}))
-    (root / "nlvr2").mkdir()
-    line = {"validation": {"54": "True"}, "sentence": "Each image contains exactly two dogs.", "left_url": "u",
-            "writer": "77", "label": "True", "right_url": "v", "synset": "dog", "query": "two dogs12",
-            "identifier": "dev-1203-0-0", "extra_validations": {}}
-    (root / "nlvr2" / "dev.json").write_text(json.dumps(line) + "\n" +
-                                             json.dumps({**line, "identifier": "dev-1203-2-0", "label": "False"}) + "\n")
-    (root / "nlvr2" / "train.json").write_text(json.dumps({**line, "identifier": "train-10171-0-0"}) + "\n")
-    (root / "nlvr2" / "test1.json").write_text(json.dumps({**line, "identifier": "test1-5-1-1"}) + "\n")
-    (root / "minival.json").write_text(json.dumps([{"img_id": "COCO_val2014_000000500000", "sentf": {}}]))
-
-
-def _build(root, *extra):
-    args = ["build-corpus", "--out", str(root / "out"), "--coco", str(root / "coco"), "--vg", str(root / "vg"),
-            "--vqa", str(root / "vqa"), "--gqa", str(root / "gqa"), "--nlvr2", str(root / "nlvr2"),
-            "--minival-ids", str(root / "minival.json"), "--vqa-min-questions", "1", *extra]
-    return CliRunner().invoke(app, args)
+from synthetic import build_corpus, write_raw
 
 
 @pytest.fixture()
 def built(tmp_path):
     write_raw(tmp_path)
-    result = _build(tmp_path, "--export-lxmert-json")
+    result = build_corpus(tmp_path, "--export-lxmert-json")
     assert result.exit_code == 0, result.output
     return tmp_path / "out", result
 
@@ -177,7 +98,7 @@ def test_missing_field_names_file_record_and_field_and_writes_nothing(tmp_path):
     data = json.loads(path.read_text())
     del data[1]["qas"][1]["answer"]
     path.write_text(json.dumps(data))
-    result = _build(tmp_path)
+    result = build_corpus(tmp_path)
     assert result.exit_code == 1
     assert "question_answers.json: record 1.qas[1]: field 'answer' missing" in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
@@ -186,16 +107,16 @@ def test_missing_field_names_file_record_and_field_and_writes_nothing(tmp_path):
 def test_malformed_json_and_missing_files_are_named(tmp_path):
     write_raw(tmp_path)
     (tmp_path / "gqa" / "val_balanced_questions.json").write_text("{not json")
-    assert "val_balanced_questions.json: not valid JSON" in _build(tmp_path).output
+    assert "val_balanced_questions.json: not valid JSON" in build_corpus(tmp_path).output
     (tmp_path / "gqa" / "val_balanced_questions.json").unlink()
-    assert "expected file val_balanced_questions.json" in _build(tmp_path).output
+    assert "expected file val_balanced_questions.json" in build_corpus(tmp_path).output
 
 
 def test_existing_output_is_kept_unless_overwrite(built, tmp_path):
     out, _ = built
-    result = _build(tmp_path)
+    result = build_corpus(tmp_path)
     assert result.exit_code == 1 and "--overwrite" in result.output
-    assert _build(tmp_path, "--overwrite").exit_code == 0
+    assert build_corpus(tmp_path, "--overwrite").exit_code == 0
 
 
 def test_features_filter_reports_drops_per_source(tmp_path):
@@ -209,7 +130,7 @@ def test_features_filter_reports_drops_per_source(tmp_path):
         w.add(ImageFeatures("2400001", 10, 10, np.zeros(1, np.int64), np.zeros(1, np.float32),
                             np.zeros(1, np.int64), np.zeros(1, np.float32), np.zeros((1, 4), np.float32),
                             np.zeros((1, 2), np.float32)))
-    result = _build(tmp_path, "--features", str(tmp_path / "feats"))
+    result = build_corpus(tmp_path, "--features", str(tmp_path / "feats"))
     assert result.exit_code == 0, result.output
     rows = pq.read_table(tmp_path / "out" / "corpus.parquet").to_pylist()
     assert {r["img_id"] for r in rows} == {"2400001"} and len(rows) == 4
@@ -359,3 +280,29 @@ def test_nlvr2_hidden_test_lines_may_be_unlabelled(tmp_path):
     assert result.exit_code == 0, result.output
     rows = pq.read_table(tmp_path / "out" / "finetune" / "nlvr2_test2.parquet").to_pylist()
     assert [r["label"] for r in rows] == [-1, -1]
+
+
+def test_the_synthetic_world_is_the_same_for_a_seed_and_read_by_the_builder(tmp_path):
+    """`lxm.demo.world` (the quickstart's world): the same files, byte for byte, for one seed, in the formats `lxm
+    build-corpus` reads: two captions and three VQA questions per image, the first half of val2014 minival."""
+    from lxm.demo.world import make_world
+
+    sizes = dict(train_images=4, val_images=4, nlvr2_pairs=4, image_size=64)
+    counts = make_world(tmp_path / "a", **sizes)
+    make_world(tmp_path / "b", **sizes)
+    assert counts == {"train2014": 4, "val2014": 4, "nlvr2_train": 4, "nlvr2_dev": 4, "nlvr2_test1": 4}
+    files = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert files == {p.relative_to(tmp_path / "b"): p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    assert len([f for f in files if f.parts[0] == "images"]) == 4 + 4 + 2 * 12  # NLVR2: two images a pair
+    raw = tmp_path / "a" / "raw"
+    result = CliRunner().invoke(app, ["build-corpus", "--out", str(tmp_path / "corpus"), "--coco", str(raw / "coco"),
+                                      "--vqa", str(raw / "vqa"), "--nlvr2", str(raw / "nlvr2"),
+                                      "--minival-ids", str(raw / "minival.json"), "--vqa-min-questions", "1"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "corpus" / "stats.json").read_text())
+    assert stats["sources"]["mscoco"] == {"images": 8, "sentences": 16}
+    assert stats["sources"]["vqa"] == {"images": 8, "sentences": 24}
+    assert stats["lxmert_splits"]["minival"] == {"images": 2, "sentences": 10}
+    finetune = tmp_path / "corpus" / "finetune"
+    assert pq.read_table(finetune / "vqa_minival.parquet").num_rows == 6
+    assert [pq.read_table(finetune / f"nlvr2_{s}.parquet").num_rows for s in ("train", "dev", "test1")] == [4, 4, 4]

@@ -21,7 +21,7 @@ from lxm.model import IGNORE_INDEX
 from lxm.train.config import load_finetune_config
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.tasks import ClassifyTask, QaTask, VqaTask, qa_answer_table
-from synthetic import COLORS, OBJECTS, make_custom_world, one_and_two_process_losses
+from synthetic import COLORS, OBJECTS, build_corpus, make_custom_world, one_and_two_process_losses, write_raw
 
 pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
 
@@ -53,10 +53,9 @@ def _run(task, files, out, *extra, init=("--set", "from_scratch=true")):
 def test_qa_targets_equal_those_of_the_vqa_corpus(tmp_path):
     """The same VQA questions as corpus table (lxm build-corpus --vqa) and as JSON lines: the same soft targets."""
     import pyarrow.parquet as pq
-    from test_corpus import _build, write_raw
 
     write_raw(tmp_path)
-    assert _build(tmp_path).exit_code == 0
+    assert build_corpus(tmp_path).exit_code == 0
     corpus = tmp_path / "out"
     answers = json.loads((corpus / "vocab" / "vqa_answers.json").read_text())
     raw = {}

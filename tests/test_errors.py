@@ -20,7 +20,6 @@ from lxm.cli import app
 from lxm.cli.common import fail
 from lxm.errors import LxmError
 from lxm.train.config import load_config
-from test_pretrain import data  # noqa: F401  (the tiny corpus + feature store fixture)
 
 SAMPLE = SHARED / "fixtures" / "butd-coco-sample" / "train2014_obj36.tsv"
 IMAGES = SHARED / "fixtures" / "butd-coco-sample" / "images"
@@ -99,7 +98,7 @@ class _NotATensor:
         self.step = 3
 
 
-def test_resume_from_a_checkpoint_that_needs_unsafe_unpickling(data, tmp_path):  # noqa: F811
+def test_resume_from_a_checkpoint_that_needs_unsafe_unpickling(data, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"model": _NotATensor(), "step": 3}, run / "checkpoints" / "step-3.pt")
@@ -120,7 +119,7 @@ def test_a_corpus_option_that_is_not_a_corpus(store, tmp_path, command):
     _one_line_error(result, str(empty), f"no {name}", "run lxm build-corpus first")
 
 
-def test_predict_on_a_pretraining_run(data, tmp_path):  # noqa: F811
+def test_predict_on_a_pretraining_run(data, tmp_path):
     run = tmp_path / "pre"
     result = _cli("pretrain", "--config", "tiny", "--corpus", data / "corpus", "--features", data / "feats",
                   "--out", run, "--set", f"vocab={BERT_VOCAB}", "--set", "batch_size=4", "--set", "max_steps=1",

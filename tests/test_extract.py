@@ -3,7 +3,6 @@ crash safety, sharding, weight loading and the Caffe preprocessing conventions."
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import pickle
@@ -29,6 +28,7 @@ from lxm.extract.pipeline import ExtractConfig, extract
 from lxm.extract.weights import WeightsError, download, load_detector_weights, save_pickle_weights
 from lxm.integrity import sha256_file
 from lxm.features.store import FeatureStore
+from synthetic import serve_folder
 
 IMAGES = SHARED / "fixtures" / "butd-coco-sample" / "images"
 # --engine torch: the default, auto, would take detectron2 where the tests find it (tests/test_engines.py)
@@ -321,36 +321,14 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
         load_detector_weights(GeneralizedRCNN(detector_tiny()), str(tmp_path / "evil.pkl"))
 
 
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with HTTP Range support (what weight servers offer), for the resume test."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        path = self.translate_path(self.path)
-        data = open(path, "rb").read()
-        start = 0
-        if "Range" in self.headers:
-            start = int(self.headers["Range"].split("=")[1].split("-")[0])
-            self.send_response(206)
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
-
-
 def test_download_resumes_and_checks_sha256(tmp_path):
     served = tmp_path / "srv"
     served.mkdir()
     payload = os.urandom(300_000)
     (served / "w.pkl").write_bytes(payload)
-    handler = lambda *a, **k: _RangeHandler(*a, directory=str(served), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, base = serve_folder(served)
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/w.pkl"
+        url = f"{base}/w.pkl"
         dest = tmp_path / "cache" / "w.pkl"
         dest.parent.mkdir()
         (dest.parent / "w.pkl.part").write_bytes(payload[:100_000])  # an interrupted earlier download

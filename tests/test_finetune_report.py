@@ -26,8 +26,7 @@ from lxm.train.finetune_data import FinetuneDataError, steps_per_epoch
 from lxm.train.report import (confusion_matrix, epoch_seconds, few_answers_warning, histogram, majority_prediction,
                               per_group_scores, per_label_scores, report_lines, validation_report)
 from lxm.train.tasks import ClassifyTask, Nlvr2Task, QaLabel, QaTask, VqaTask
-from synthetic import COLORS, F, OBJECTS, image
-from test_pretrain import _args, data  # noqa: F401  (the module fixture `data`: a corpus and its features)
+from synthetic import COLORS, F, OBJECTS, image, pretrain_args
 
 WORDS = [*COLORS, *OBJECTS, "a", "an", "the", "is", "what", "color", "thing", "?"]
 
@@ -273,8 +272,9 @@ def test_progress_without_a_terminal_prints_lines_that_reach_the_total():
 # ---------------------------------------------------------------------------------------------------- the Hub
 
 
-def test_pretraining_progress_moves_every_step_without_a_terminal(data, tmp_path):  # noqa: F811
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / "run", "max_steps=3", "log_every=10")])
+def test_pretraining_progress_moves_every_step_without_a_terminal(data, tmp_path):
+    result = CliRunner().invoke(app, ["pretrain",
+                                      *pretrain_args(data, tmp_path / "run", "max_steps=3", "log_every=10")])
     assert result.exit_code == 0, result.output
     assert "pretrain: 3/3 steps (100 %)" in result.output  # no log record before the end: each step moved it
 

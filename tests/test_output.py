@@ -3,27 +3,21 @@ output), and `lxm` shows each report once, with or without -v (logging carries t
 
 from __future__ import annotations
 
-import http.server
 import logging
 import subprocess
 import sys
-import threading
 
 import pytest
 from typer.testing import CliRunner
 
+from conftest import FIXTURE
 from lxm.cli import app
 from lxm.extract.detector import GeneralizedRCNN, detector_tiny
 from lxm.extract.weights import load_detector_weights, save_pickle_weights
 from lxm.model import LxmertForPreTraining, lxmert_tiny, save_lxm
-from test_extract import IMAGES, _RangeHandler
+from synthetic import serve_folder
 
-
-def _serve(folder):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             lambda *a, **k: _RangeHandler(*a, directory=str(folder), **k))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+IMAGES = FIXTURE / "images"
 
 
 def _served_weights(tmp_path):
@@ -39,7 +33,7 @@ def _served_weights(tmp_path):
 def test_weights_download_writes_nothing_and_reports_progress(tmp_path, monkeypatch, capfd, caplog):
     src, served, size = _served_weights(tmp_path)
     monkeypatch.setenv("LXM_CACHE", str(tmp_path / "cache"))
-    server, root = _serve(served)
+    server, root = serve_folder(served)
     try:
         url = f"{root}/w.pkl"
         seen: list[tuple[int, int]] = []
@@ -72,7 +66,7 @@ def test_cli_extract_shows_a_url_download_on_its_progress_bar(tmp_path, monkeypa
     for path in sorted(IMAGES.glob("*.jpg"))[:2]:
         (images / path.name).write_bytes(path.read_bytes())
     monkeypatch.setenv("LXM_CACHE", str(tmp_path / "cache"))
-    server, root = _serve(served)
+    server, root = serve_folder(served)
     try:
         result = CliRunner().invoke(app, ["extract", "--images", str(images), "--out", str(tmp_path / "s"),
                                           "--weights", f"{root}/w.pkl", "--detector", "tiny", "--boxes", "10",

@@ -12,17 +12,17 @@ import torch
 from typer.testing import CliRunner
 
 from lxm.cli import app
-from test_pretrain import _args, _log, data  # noqa: F401  (the module fixture `data`)
+from synthetic import log_records, pretrain_args
 
 STEPS = 200  # 4 steps an epoch (the fixture's corpus at batch 4)
 
 
-def _curve(data, out, precision):  # noqa: F811
+def _curve(data, out, precision):
     sets = (f"epochs={STEPS // 4}", "checkpoint_every=1000", "valid_split=null", "log_every=1", "lr=5e-4",
             "warmup=0.05", f"precision={precision}")
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, out, *sets)])
+    result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, out, *sets)])
     assert result.exit_code == 0, result.output
-    log = [r for r in _log(out) if "loss" in r]
+    log = [r for r in log_records(out) if "loss" in r]
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
     return np.array([r["loss"] for r in log]), {k: np.array([r[k] for r in log]) for k in ("mlm", "match", "qa")}
 
@@ -30,7 +30,7 @@ def _curve(data, out, precision):  # noqa: F811
 _FP32: list = []  # the fp32 curve, run once for both bf16 modes
 
 
-def _fp32_curve(data, out):  # noqa: F811
+def _fp32_curve(data, out):
     if not _FP32:
         _FP32.append(_curve(data, out, "fp32"))
     return _FP32[0]
@@ -38,7 +38,7 @@ def _fp32_curve(data, out):  # noqa: F811
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["bf16", "bf16-autocast"])
-def test_bf16_training_follows_the_fp32_loss_curve(data, tmp_path_factory, precision):  # noqa: F811
+def test_bf16_training_follows_the_fp32_loss_curve(data, tmp_path_factory, precision):
     fp32, fp32_terms = _fp32_curve(data, tmp_path_factory.getbasetemp() / "fp32-curve")
     bf16, bf16_terms = _curve(data, tmp_path_factory.mktemp(precision), precision)
 
@@ -58,18 +58,18 @@ def test_bf16_training_follows_the_fp32_loss_curve(data, tmp_path_factory, preci
 
 
 @pytest.mark.e2e
-def test_a_resumed_bf16_run_continues_exactly(data, tmp_path):  # noqa: F811
+def test_a_resumed_bf16_run_continues_exactly(data, tmp_path):
     # with dropout on: the replica's dropout draws from the restored RNG exactly as the uninterrupted run did
     sets = ("epochs=2", "checkpoint_every=1", "precision=bf16", "valid_split=null", "log_every=1")
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / "full", *sets)])
+    result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, tmp_path / "full", *sets)])
     assert result.exit_code == 0, result.output
-    reference = {r["step"]: (r["loss"], r["grad_norm"]) for r in _log(tmp_path / "full") if "loss" in r}
+    reference = {r["step"]: (r["loss"], r["grad_norm"]) for r in log_records(tmp_path / "full") if "loss" in r}
     cut = tmp_path / "cut"
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, cut, *sets, "max_steps=5")])
+    result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, cut, *sets, "max_steps=5")])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, cut, *sets), "--resume"])
+    result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, cut, *sets), "--resume"])
     assert result.exit_code == 0, result.output
-    resumed = {r["step"]: (r["loss"], r["grad_norm"]) for r in _log(cut) if "loss" in r}
+    resumed = {r["step"]: (r["loss"], r["grad_norm"]) for r in log_records(cut) if "loss" in r}
     assert sorted(resumed) == sorted(reference) == list(range(1, 9))
     assert resumed == reference  # bit-exact: the checkpoint holds the fp32 masters, the bf16 copy is derived
     # the saved weights are the fp32 masters, not the bf16 copy
@@ -155,11 +155,12 @@ def test_bf16_replica_refuses_a_non_fp32_master():
 
 
 @pytest.mark.e2e
-def test_two_process_bf16_ddp_matches_one_process_with_accumulation(data, tmp_path):  # noqa: F811
+def test_two_process_bf16_ddp_matches_one_process_with_accumulation(data, tmp_path):
     from synthetic import one_and_two_process_losses
 
     def args(out, micro=()):
-        return ["pretrain", *_args(data, out, "epochs=1", "dropout=0", "valid_split=none", "precision=bf16", *micro)]
+        return ["pretrain", *pretrain_args(data, out, "epochs=1", "dropout=0", "valid_split=none", "precision=bf16",
+                                           *micro)]
 
     def either(out):  # one process accumulates two micro-batches of 2; two processes take 2 each
         return args(out, ("micro_batch_size=2",) if out.name == "one" else ())

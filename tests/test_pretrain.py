@@ -8,62 +8,27 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import BERT_VOCAB
 from lxm.cli import app
-from lxm.features.records import ImageFeatures
-from lxm.features.store import FeatureStoreWriter
-from test_corpus import write_raw
+from synthetic import log_records, pretrain_args
 
 pytestmark = pytest.mark.e2e  # whole recipes through the lxm CLI (README: Tests)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pt")
-    write_raw(root)
-    assert CliRunner().invoke(app, ["build-corpus", "--out", str(root / "corpus"), "--coco", str(root / "coco"),
-                                    "--vg", str(root / "vg"), "--vqa", str(root / "vqa"), "--gqa", str(root / "gqa"),
-                                    "--minival-ids", str(root / "minival.json"), "--vqa-min-questions", "1"]
-                              ).exit_code == 0
-    ids = sorted(set(pq.read_table(root / "corpus" / "corpus.parquet").column("img_id").to_pylist()))
-    rng = np.random.default_rng(0)
-    with FeatureStoreWriter(root / "feats", num_boxes=6, feature_dim=16, dtype="float32") as w:
-        for img_id in ids:
-            xy = rng.uniform(0, 50, (6, 2)).astype(np.float32)
-            w.add(ImageFeatures(img_id, 100, 200, rng.integers(0, 10, 6), rng.random(6, np.float32),
-                                rng.integers(0, 6, 6), rng.random(6, np.float32), np.concatenate([xy, xy + 40], 1),
-                                rng.random((6, 16), np.float32)))
-    return root
-
-
-def _args(data, out, *sets):
-    base = ["--config", "tiny", "--corpus", str(data / "corpus"), "--features", str(data / "feats"), "--out", str(out),
-            "--set", f"vocab={BERT_VOCAB}", "--set", "batch_size=4"]
-    for s in sets:
-        base += ["--set", s]
-    return base
-
-
-def _log(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
 def test_pretrain_writes_config_logs_and_checkpoints(data, tmp_path):
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / "run", "epochs=2", "checkpoint_every=3")])
+    result = CliRunner().invoke(app, ["pretrain",
+                                      *pretrain_args(data, tmp_path / "run", "epochs=2", "checkpoint_every=3")])
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert cfg["optim"]["batch_size"] == 4 and cfg["optim"]["lr"] == 1e-3 and cfg["optim"]["optimizer"] == "bert"
-    steps = [r for r in _log(tmp_path / "run") if "loss" in r and "step" in r]
+    steps = [r for r in log_records(tmp_path / "run") if "loss" in r and "step" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))  # 17 training sentences // 4 = 4 steps x 2 epochs
     assert {"mlm", "match", "obj", "attr", "feat", "qa", "lr", "grad_norm"} <= set(steps[0])
-    assert any("valid" in r for r in _log(tmp_path / "run"))
+    assert any("valid" in r for r in log_records(tmp_path / "run"))
     ckpts = {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
     assert {"epoch-00.pt", "epoch-01.pt", "best.pt", "step-8.pt", "step-6.pt"} <= ckpts
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
@@ -85,7 +50,7 @@ def test_pretrain_writes_config_logs_and_checkpoints(data, tmp_path):
 
 
 def test_unknown_config_key_is_an_error(data, tmp_path):
-    result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / "r", "learning_rate=1")])
+    result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, tmp_path / "r", "learning_rate=1")])
     assert result.exit_code == 1 and "unknown config key" in result.output
 
 
@@ -95,29 +60,30 @@ def test_a_gpu_asked_for_without_cuda_is_a_one_line_error_not_a_cpu_run(data, tm
     """lxm.devices' rule in `lxm pretrain` as in the other commands: the run and its plan stop before anything is
     written, rather than train on the CPU."""
     for extra in ([], ["--dry-run"]):
-        result = CliRunner().invoke(app, ["pretrain", *_args(data, tmp_path / "r", f"device={device}"), *extra])
+        result = CliRunner().invoke(app, ["pretrain", *pretrain_args(data, tmp_path / "r", f"device={device}"),
+                                          *extra])
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and f"config: 'device' {device}: CUDA is not available" in errors[0], result.output
+        assert len(errors) == 1 and f"config: 'runtime.device' {device}: CUDA is not available" in errors[0], result.output
     assert not (tmp_path / "r").exists()
 
 
 def test_resume_after_sigkill_gives_the_same_next_step_loss(data, tmp_path):
     cmd = [sys.executable, "-m", "lxm.cli", "pretrain"]
-    args = lambda out: _args(data, out, "epochs=4", "checkpoint_every=1")  # noqa: E731
+    args = lambda out: pretrain_args(data, out, "epochs=4", "checkpoint_every=1")  # noqa: E731
     subprocess.run(cmd + args(tmp_path / "full"), check=True, capture_output=True)
-    reference = {r["step"]: r["loss"] for r in _log(tmp_path / "full") if "loss" in r and "step" in r}
+    reference = {r["step"]: r["loss"] for r in log_records(tmp_path / "full") if "loss" in r and "step" in r}
     proc = subprocess.Popen(cmd + args(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "cut" / "checkpoints").glob("step-5.pt")):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = [r["step"] for r in _log(tmp_path / "cut") if "loss" in r and "step" in r]
+    before = [r["step"] for r in log_records(tmp_path / "cut") if "loss" in r and "step" in r]
     assert 5 <= max(before) < 16, "the kill should land mid-run"
     subprocess.run(cmd + args(tmp_path / "cut") + ["--resume"], check=True, capture_output=True)
     assert not list((tmp_path / "cut" / "checkpoints").glob(".*.tmp-*"))  # a write the kill cut short is removed
-    log = _log(tmp_path / "cut")
+    log = log_records(tmp_path / "cut")
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 17))  # the redone steps are logged once
     resumed = {r["step"]: r["loss"] for r in log if "loss" in r}
     assert max(resumed) == max(reference) == 16
@@ -127,10 +93,10 @@ def test_resume_after_sigkill_gives_the_same_next_step_loss(data, tmp_path):
 
 def test_resume_skips_a_damaged_checkpoint_removes_stale_temp_files_and_logs_each_step_once(data, tmp_path, caplog):
     run = tmp_path / "run"
-    args = ["pretrain", *_args(data, run, "epochs=1", "checkpoint_every=1", "dropout=0")]
+    args = ["pretrain", *pretrain_args(data, run, "epochs=1", "checkpoint_every=1", "dropout=0")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    before = {r["step"]: r["loss"] for r in _log(run) if "loss" in r}
+    before = {r["step"]: r["loss"] for r in log_records(run) if "loss" in r}
     ckpts = run / "checkpoints"
     newest = ckpts / "step-4.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # as a crash during the write-back leaves
@@ -154,7 +120,7 @@ def test_resume_skips_a_damaged_checkpoint_removes_stale_temp_files_and_logs_eac
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(str(newest) in m and "damaged" in m for m in warnings), warnings
     assert (ckpts / "step-4.pt.damaged").exists() and torch.load(newest, weights_only=True)["step"] == 4
-    log = _log(run)
+    log = log_records(run)
     steps = [r["step"] for r in log if "loss" in r]
     assert steps == [1, 2, 3, 4]  # step 4 was redone: logged once, as the validation of its epoch
     assert [r["epoch"] for r in log if "valid" in r] == [0]
@@ -183,14 +149,14 @@ def test_plot_reads_each_step_once_from_a_log_with_redone_steps(tmp_path):
 
 
 def test_two_process_ddp_matches_one_process_with_accumulation(data, tmp_path):
-    one = _args(data, tmp_path / "one", "epochs=1", "dropout=0", "micro_batch_size=2", "valid_split=none")
+    one = pretrain_args(data, tmp_path / "one", "epochs=1", "dropout=0", "micro_batch_size=2", "valid_split=none")
     subprocess.run([sys.executable, "-m", "lxm.cli", "pretrain", *one], check=True, capture_output=True)
-    two = _args(data, tmp_path / "two", "epochs=1", "dropout=0", "valid_split=none")
+    two = pretrain_args(data, tmp_path / "two", "epochs=1", "dropout=0", "valid_split=none")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29533", "-m", "lxm.cli", "pretrain", *two], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = {r["step"]: r for r in _log(tmp_path / "one") if "loss" in r}
-    b = {r["step"]: r for r in _log(tmp_path / "two") if "loss" in r}
+    a = {r["step"]: r for r in log_records(tmp_path / "one") if "loss" in r}
+    b = {r["step"]: r for r in log_records(tmp_path / "two") if "loss" in r}
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         for key in ("loss", "mlm", "obj", "feat"):

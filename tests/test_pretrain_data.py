@@ -17,7 +17,7 @@ from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStoreWriter
 from lxm.model import LxmertForPreTraining, lxmert_tiny, pretraining_step_losses
 from lxm.train.data import PretrainDataset, collate
-from test_corpus import write_raw
+from synthetic import write_raw
 
 N, F = 6, 8
 
