@@ -151,8 +151,8 @@ def run_quickstart(out: str | os.PathLike, cli: click.Command, cfg: QuickstartCo
 
 
 def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> QuickstartResult:
-    from lxm.demo.report import (PREDICTIONS, REPLY, SCORES, Stage, ask_line, read_answers, read_metrics, scores_line,
-                                 write_report)
+    from lxm.demo.report import (DEMO_TASKS, PREDICTIONS, REPLY, SCORES, Stage, ask_line, read_answers, read_metrics,
+                                 scores_line, write_report)
     from lxm.demo.world import FIRST_VAL_ID, make_world, train_vocab
 
     result = QuickstartResult(root)
@@ -187,7 +187,7 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
                                  "--set", f"epochs={epochs}", "--set", f"max_steps={max_steps}",
                                  "--set", f"batch_size={PRETRAIN_BATCH}", "--set", "checkpoint_every=100000",
                                  "--set", "keep_last=1", "--set", "log_every=5"])]
-    for task in ("vqa", "nlvr2"):
+    for task in DEMO_TASKS:
         stages.append(Stage(f"finetune {task}", ["finetune", task, "--init", f("runs", "pretrain"), "--config", "tiny",
                                                  "--out", f("runs", task), *common,
                                                  "--set", f"epochs={cfg.finetune_epochs}",

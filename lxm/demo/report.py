@@ -23,7 +23,7 @@ from pathlib import Path
 SCORES = "predictions/evaluate_{task}.json"  # stdout of `lxm evaluate TASK`, kept by the quickstart
 REPLY = "predictions/ask_{task}.json"  # stdout of `lxm ask --json`, kept beside the predictions it is compared with
 PREDICTIONS = {"vqa": "predictions/vqa_minival_predict.json", "nlvr2": "predictions/nlvr2_dev_predict.csv"}
-TASKS = ("vqa", "nlvr2")
+DEMO_TASKS = ("vqa", "nlvr2")  # the finetuning tasks the quickstart runs, in its order
 
 
 @dataclass
@@ -44,10 +44,10 @@ def read_metrics(out: str | os.PathLike) -> dict:
     from lxm.train.plot import read_log
 
     out = Path(out)
-    metrics = {task: json.loads((out / SCORES.format(task=task)).read_text()) for task in TASKS}
+    metrics = {task: json.loads((out / SCORES.format(task=task)).read_text()) for task in DEMO_TASKS}
     _, pre_valid = read_log(out / "runs" / "pretrain")
     metrics["pretrain_minival"] = pre_valid[-1]["valid"] if pre_valid else {}
-    for task in TASKS:
+    for task in DEMO_TASKS:
         metrics[f"{task}_best"] = json.loads((out / "runs" / task / "summary.json").read_text())
     return metrics
 
@@ -154,7 +154,7 @@ def write_report(out: str | os.PathLike, stages: list[Stage], *, counts: dict, v
         else:
             lines.append(f"| pretraining minival {'total' if key == 'loss' else key} loss (last epoch) | "
                          f"{num(value)} |")
-    for task in TASKS:
+    for task in DEMO_TASKS:
         best = m[f"{task}_best"]
         lines.append(f"| {task} finetuning: best local validation accuracy (%, epoch) | {num(best.get('best'))} "
                      f"({best.get('best_epoch')}) |")
