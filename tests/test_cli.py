@@ -85,9 +85,10 @@ IMPORT_RULES = {
     "features": ("lxm.train", "lxm.extract", "lxm.cli"),
     "extract": ("lxm.train", "lxm.model", "lxm.corpus", "lxm.eval", "lxm.cli"),
     "eval": ("torch",),
-    # using runs never needs the training recipes (the finetuner imports lxm.infer.runs, not the reverse)
+    # using runs never needs the training recipes (the finetuner imports lxm.infer.runs, not the reverse) nor the
+    # corpus builder; it reads answer tables through the corpus layout's reader (lxm.corpus.layout)
     "infer": ("lxm.train.finetune", "lxm.train.pretrain", "lxm.train.step", "lxm.train.optim", "lxm.gallery",
-              "lxm.corpus"),
+              "lxm.corpus.build", "lxm.corpus.jsonstream", "lxm.corpus.answers"),
     "gallery": ("lxm.train.finetune", "lxm.train.pretrain", "lxm.train.step", "lxm.train.optim", "lxm.corpus"),
     # the quickstart's world and report read and write files: no model, detector or recipe
     "demo": ("torch", "lxm.model", "lxm.extract", "lxm.corpus", "lxm.infer", "lxm.gallery", "lxm.train.finetune",

@@ -56,8 +56,11 @@ def test_every_help_shows_its_text_as_written():
 def _run_log(run, records, extra: bytes = b"", log_every=None):
     run.mkdir(parents=True)
     (run / "log.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in records).encode() + extra)
-    if log_every:
-        (run / "config.yaml").write_text(f"log_every: {log_every}\n")
+    if log_every:  # a run's whole config.yaml, as `lxm pretrain` writes it (the plot reads it strictly)
+        from lxm.train.config import load_config
+
+        cfg = load_config("tiny", ["corpus=c", "features=[f]", f"log_every={log_every}"])
+        (run / "config.yaml").write_text(cfg.to_yaml())
     return run
 
 
