@@ -161,3 +161,26 @@ def test_two_process_ddp_matches_one_process_with_accumulation(data, tmp_path):
     for step in a:
         for key in ("loss", "mlm", "obj", "feat"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
+
+
+def test_a_two_process_resume_continues_each_ranks_dropout_stream(data, tmp_path):
+    """Each rank draws its own dropout masks (seed + rank); a checkpoint keeps every rank's RNG states and a resume
+    restores each rank's own, so the resumed run logs the uninterrupted run's losses (dropout on). Restoring rank
+    0's states on every rank, as before, changes rank 1's masks from the first resumed step."""
+    def torchrun(port, *args):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), "-m", "lxm.cli", "pretrain", *args],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    sets = ("epochs=2", "valid_split=none", "checkpoint_every=100")  # 4 steps an epoch: 17 sentences // 4
+    torchrun(29535, *pretrain_args(data, tmp_path / "full", *sets))
+    torchrun(29536, *pretrain_args(data, tmp_path / "cut", *sets, "max_steps=3"))
+    saved = torch.load(tmp_path / "cut" / "checkpoints" / "step-3.pt", weights_only=False)["rank_rng"]
+    assert len(saved) == 2 and not torch.equal(saved[0]["torch"], saved[1]["torch"])
+    torchrun(29537, "--out", str(tmp_path / "cut"), "--resume", "--set", "max_steps=none")
+    full = {r["step"]: r["loss"] for r in log_records(tmp_path / "full") if "loss" in r}
+    cut = {r["step"]: r["loss"] for r in log_records(tmp_path / "cut") if "loss" in r}
+    assert sorted(full) == sorted(cut) == list(range(1, 9))
+    for step in range(1, 9):
+        assert cut[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step

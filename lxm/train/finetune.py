@@ -44,8 +44,8 @@ from lxm.train.finetune_data import FinetuneDataset, collate_finetune, steps_per
 from lxm.train.report import epoch_seconds, unseen_labels_warning, validation_report
 from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, RunStopped, StopSignals, build_optimizer,
                            claim_run_folder, current_lr, latest_checkpoint, loader_workers, mean_across_ranks,
-                           micro_batch_size, open_run_folder, report_resume_changes, restore_newest, save_state, start_process,
-                           stop_message, training_modules, training_state)
+                           micro_batch_size, open_run_folder, rank_rng_states, report_resume_changes, restore_newest,
+                           save_state, start_process, stop_message, training_modules, training_state)
 from lxm.train.step import MicroBatches, step_groups, train_step
 from lxm.train.tasks import ANSWERS_FILE, FinetuneTask, task_class
 
@@ -234,8 +234,8 @@ class Finetuner:
                           if self.resumed_from else {"from": "fresh", "epoch": 0, "step": 0}),
                 "changes_on_resume": {k: list(v) for k, v in self.changes.items()}}
 
-    def _state(self) -> dict[str, Any]:
-        return training_state(self.model, self.optimizer, self.scheduler, epoch=self.epoch, step=self.step,
+    def _state(self, rank_rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return training_state(self.model, self.optimizer, self.scheduler, rank_rngs, epoch=self.epoch, step=self.step,
                               position=self.position, best=self.best, best_epoch=self.best_epoch)
 
     def _resume(self) -> None:
@@ -245,7 +245,7 @@ class Finetuner:
             return
         # one checkpoint only: a damaged (or checksum-mismatching) last.pt is an error naming it, never a silent
         # fresh start
-        _, state = restore_newest([path], self.model, self.optimizer, self.scheduler)
+        _, state = restore_newest([path], self.model, self.optimizer, self.scheduler, info=self.dist)
         self.epoch, self.step, self.best, self.best_epoch = (state["epoch"], state["step"], state["best"],
                                                               state["best_epoch"])
         self.position = state.get("position", 0)  # last.pt of an older lxm: epoch boundaries only
@@ -296,7 +296,7 @@ class Finetuner:
                 last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.optim.clip_grad_norm, precision=cfg.runtime.precision,
                                   device_type=self.device.type, replica=self.replica)
-                last = mean_across_ranks(last, self.dist)
+                last = mean_across_ranks(last, self.dist, self.device)
                 self.logger.check_finite(last, self.step, ids=[str(i) for b in group for i in b.ids])
                 self.step += 1
                 self.position += 1
@@ -310,14 +310,16 @@ class Finetuner:
                                      **{k: round(v, 6) for k, v in last.items()}})
                     t0 = time.perf_counter()
                 if (signum := stop.requested()) is not None:
+                    rank_rngs = rank_rng_states(self.dist)  # every rank takes part; rank 0 writes
                     if self.dist.is_main:
-                        save_state(self.out / LAST, self._state())
+                        save_state(self.out / LAST, self._state(rank_rngs))
                     raise RunStopped(stop_message(
                         signum, f"at step {self.step} (epoch {self.epoch}, step {self.position} of "
                                 f"{self.steps_per_epoch})", self.out / LAST,
                         f"lxm finetune {cfg.task} --out {self.out} --resume"), signum)
             metrics, preds = self.validate()
             self.epoch, self.position = self.epoch + 1, 0
+            rank_rngs = rank_rng_states(self.dist)  # every rank takes part; rank 0 writes last.pt below
             if self.dist.is_main:
                 self.logger.metrics({"epoch": self.epoch - 1, "step": self.step, "valid_split": cfg.valid_split,
                                      **metrics})
@@ -332,7 +334,7 @@ class Finetuner:
                     if preds:
                         self.task.write_predictions(preds, self.out / "predictions" / self.task.prediction_file_name(
                             cfg.valid_split))
-                save_state(self.out / LAST, self._state())  # after best/: a crash never loses the best model
+                save_state(self.out / LAST, self._state(rank_rngs))  # after best/: a crash never loses the best model
             if self.epoch < cfg.optim.epochs and (signum := stop.requested()) is not None:  # e.g. during validation
                 raise RunStopped(stop_message(signum, f"after epoch {self.epoch - 1} (step {self.step})",
                                               self.out / LAST, f"lxm finetune {cfg.task} --out {self.out} --resume"),

@@ -32,8 +32,8 @@ from lxm.train.data import PretrainDataset, collate
 from lxm.train.precision import autocast
 from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, RunStopped, StopSignals, build_optimizer, claim_run_folder,
                            copy_checkpoint, current_lr, loader_workers, mean_across_ranks, micro_batch_size,
-                           open_run_folder, remove_checkpoint, report_resume_changes, restore_newest, save_state,
-                           start_process, stop_message, training_modules, training_state)
+                           open_run_folder, rank_rng_states, remove_checkpoint, report_resume_changes, restore_newest,
+                           save_state, start_process, stop_message, training_modules, training_state)
 from lxm.train.step import MicroBatches, step_groups, train_step
 
 _logger = logging.getLogger(__name__)
@@ -191,8 +191,8 @@ class Pretrainer:
                 "changes_on_resume": {k: list(v) for k, v in self.changes.items()}}
 
     # ---- checkpoints
-    def _state(self) -> dict[str, Any]:
-        return training_state(self.model, self.optimizer, self.scheduler, step=self.step, epoch=self.epoch,
+    def _state(self, rank_rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return training_state(self.model, self.optimizer, self.scheduler, rank_rngs, step=self.step, epoch=self.epoch,
                               position=self.position, best=self.best,
                               config=json.loads(json.dumps(dataclasses.asdict(self.cfg))))
 
@@ -204,16 +204,17 @@ class Pretrainer:
         # a damaged (or checksum-mismatching) newest checkpoint is set aside (named in a warning), the next older one
         # is used; a dry run only reads
         path, state = restore_newest(candidates, self.model, self.optimizer, self.scheduler,
-                                     set_aside=self.dist.is_main and not self.dry_run)
+                                     set_aside=self.dist.is_main and not self.dry_run, info=self.dist)
         self.step, self.epoch = state["step"], state["epoch"]
         self.position, self.best = state["position"], state["best"]
         self.resumed_from = path
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
 
     def _checkpoint(self, name: str) -> None:
+        rank_rngs = rank_rng_states(self.dist)  # every rank takes part; rank 0 writes
         if not self.dist.is_main:
             return
-        save_state(self.out / CKPT_DIR / name, self._state())
+        save_state(self.out / CKPT_DIR / name, self._state(rank_rngs))
         for kind in ("step", "epoch"):  # keep the last K of each (best.pt is a separate copy)
             found = sorted((p for p in (self.out / CKPT_DIR).glob(f"{kind}-*.pt") if _CKPT_NAME.match(p.name)),
                            key=lambda p: int(p.stem.split("-")[1]))
@@ -292,7 +293,8 @@ class Pretrainer:
                 last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.optim.clip_grad_norm, precision=cfg.runtime.precision,
                                   device_type=self.device.type, replica=self.replica)
-                last = mean_across_ranks(last, self.dist)  # the global batch's losses, not this process's share
+                # the global batch's losses, not this process's share
+                last = mean_across_ranks(last, self.dist, self.device)
                 self.logger.check_finite(last, self.step, uids=[u for b in group for u in b.uids])
                 self.step += 1
                 self.position += 1

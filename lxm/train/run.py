@@ -285,13 +285,30 @@ def remove_stale_temp_files(out: Path) -> list[Path]:
     return removed
 
 
-def training_state(model: nn.Module, optimizer, scheduler, **extra: Any) -> dict[str, Any]:
-    """What a checkpoint needs to continue exactly: weights (+ model config), optimizer, schedule, RNG states."""
+def rank_rng_states(info: DistInfo) -> list[dict[str, Any]] | None:
+    """Every process's RNG states in rank order (its CPU generator and, with CUDA, its own GPU's), gathered to all
+    ranks so that rank 0 saves them with the checkpoint; None for one process. Each rank draws its own dropout
+    masks (seeded by seed + rank): a resume restores each rank's stream, not rank 0's on every rank. A collective:
+    every rank calls it at each checkpoint (the trainers save at the same steps on every rank)."""
+    if info.world_size == 1:
+        return None
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None}
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def training_state(model: nn.Module, optimizer, scheduler, rank_rngs: list[dict[str, Any]] | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """What a checkpoint needs to continue exactly: weights (+ model config), optimizer, schedule, RNG states (this
+    process's as `torch_rng` / `cuda_rng`, and under DDP every rank's, `rank_rng_states`)."""
     config = getattr(model, "config", None)
     return {"model": model.state_dict(), "model_config": config.to_dict() if config is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], **extra}
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            **({"rank_rng": rank_rngs} if rank_rngs is not None else {}), **extra}
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -313,12 +330,13 @@ def read_state(path: Path) -> dict[str, Any]:
                               ) from None
 
 
-def restore_newest(paths: Sequence[Path], model: nn.Module, optimizer, scheduler, *, set_aside: bool = False
-                   ) -> tuple[Path, dict[str, Any]]:
+def restore_newest(paths: Sequence[Path], model: nn.Module, optimizer, scheduler, *, set_aside: bool = False,
+                   info: DistInfo | None = None) -> tuple[Path, dict[str, Any]]:
     """Restore the first readable file of `paths` (newest first) with `restore_state`; returns (path, state).
 
     Each damaged file is logged as a warning and skipped; with `set_aside` it is renamed to NAME.damaged so that it
     is neither resumed from nor counted among the kept checkpoints again (rank 0 only: the others just skip it).
+    `info`: this process's rank, whose own RNG states are restored (`restore_rngs`).
     Raises CheckpointError when none is readable.
     """
     if not paths:
@@ -339,7 +357,7 @@ def restore_newest(paths: Sequence[Path], model: nn.Module, optimizer, scheduler
                 raise CheckpointError(f"{exc}{note}{older}: no intact checkpoint to resume from") from None
             _logger.warning("%s%s; resuming from an older checkpoint", exc, note)
             continue
-        _apply_state(state, model, optimizer, scheduler)
+        _apply_state(state, model, optimizer, scheduler, info or DistInfo())
         return path, state
     raise AssertionError("unreachable")
 
@@ -347,11 +365,11 @@ def restore_newest(paths: Sequence[Path], model: nn.Module, optimizer, scheduler
 def restore_state(path: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
     """Load a `training_state` file into model / optimizer / scheduler and the RNGs; returns the whole state."""
     state = read_state(path)
-    _apply_state(state, model, optimizer, scheduler)
+    _apply_state(state, model, optimizer, scheduler, DistInfo())
     return state
 
 
-def _apply_state(state: dict[str, Any], model: nn.Module, optimizer, scheduler) -> None:
+def _apply_state(state: dict[str, Any], model: nn.Module, optimizer, scheduler, info: DistInfo) -> None:
     """Model, optimizer moments and step counts, schedule position and RNGs from `state`; the schedule's shape (peak
     lr, warm-up, total steps) stays the one `optimizer` / `scheduler` were built with from the resumed config:
     `load_state_dict` would bring back the checkpoint's `t_total`, and a run resumed to more epochs would train at
@@ -367,19 +385,39 @@ def _apply_state(state: dict[str, Any], model: nn.Module, optimizer, scheduler) 
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # the next update's lr, on the fresh schedule
             for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
                 group["lr"] = base * factor(scheduler.last_epoch)
+    restore_rngs(state, info)
+
+
+def restore_rngs(state: dict[str, Any], info: DistInfo) -> None:
+    """This process's RNG states from a checkpoint: its rank's own (`rank_rng`) when the checkpoint was written by
+    as many processes, else the saving process's (a one-process checkpoint, or one of an older lxm; then every rank
+    starts from rank 0's stream, as before, and the dropout masks differ from an uninterrupted run's)."""
+    ranks = state.get("rank_rng")
+    if ranks is not None and len(ranks) == info.world_size:
+        mine = ranks[info.rank]
+        torch.set_rng_state(mine["torch"])
+        if mine["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
+        return
+    if info.world_size > 1:
+        _logger.warning("the checkpoint holds the RNG states of %s, not of these %d: every rank continues from rank "
+                        "0's (dropout masks differ from an uninterrupted run's)",
+                        f"{len(ranks)} processes" if ranks else "one process", info.world_size)
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """The global batch's logged values: the mean over processes of each one's share (a no-op for one process)."""
+def mean_across_ranks(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
+    """The global batch's logged values: the mean over processes of each one's share (a no-op for one process).
+    Reduced on `device`, the training device: an nccl group (CUDA) all-reduces device tensors only, gloo (CPU)
+    host ones."""
     if info.world_size == 1:
         return values
     names = sorted(values)
-    vals = torch.tensor([values[k] for k in names], dtype=torch.float64)
+    vals = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
     dist.all_reduce(vals)
-    return {k: float(v) / info.world_size for k, v in zip(names, vals)}
+    return {k: v / info.world_size for k, v in zip(names, vals.tolist())}
 
 
 def report_resume_changes(changes: dict[str, tuple[Any, Any]], total_steps: int, step: int, epoch: int,
