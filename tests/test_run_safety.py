@@ -358,3 +358,19 @@ def test_lxm_finetune_stopped_by_sigterm_exits_143_with_the_resume_command(world
     assert proc.returncode == 143, stderr
     assert "stopped by SIGTERM at step" in stderr and f"lxm finetune qa --out {run} --resume" in stderr
     assert "Traceback" not in stderr and (run / "last.pt.sha256").exists()
+
+
+def test_each_process_takes_its_own_gpu_and_a_gpu_asked_for_must_exist():
+    """lxm.devices' decision on a machine with a given number of GPUs (tested without one): torchrun's processes take
+    cuda:LOCAL_RANK for `auto` and `cuda`, never all GPU 0; a GPU that is not there is an error, not the CPU."""
+    from lxm.devices import device_for
+    from lxm.errors import ConfigError
+
+    for spec in ("auto", "cuda", None, " CUDA "):
+        assert device_for(spec, gpus=8, local_rank=3) == torch.device("cuda", 3), spec
+    assert device_for("cuda:5", gpus=8, local_rank=3) == torch.device("cuda", 5)
+    assert device_for("auto", gpus=0, local_rank=3) == device_for("cpu", gpus=8, local_rank=3) == torch.device("cpu")
+    for spec, gpus, words in (("cuda", 0, "CUDA is not available"), ("cuda:8", 8, "this machine has 8 GPU.s. .cuda:0..cuda:7."),
+                              ("cuda", 2, "this machine has 2 GPU.s."), ("gpu", 8, "not a device")):
+        with pytest.raises(ConfigError, match=words):
+            device_for(spec, gpus=gpus, local_rank=3 if spec == "cuda" else 0, what="--device")
