@@ -32,7 +32,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-IMAGES = Path(os.environ.get("LXM_SHARED") or ROOT.parent / "shared") / "fixtures" / "butd-coco-sample" / "images"
+import inputs  # noqa: E402  (benchmarks/inputs.py)
+IMAGES_ENV = "LXM_BENCH_IMAGES"  # the folder the children extract, set by main (benchmarks/inputs.py: the fixtures
+#   or their stand-ins)
+
+
+def images_dir() -> Path:
+    return Path(os.environ[IMAGES_ENV])
 
 
 def child(batch: int, device: str, bf16: bool, threads: int, keep: str | None = None, detector: str = "vg-r101"
@@ -52,7 +58,7 @@ def child(batch: int, device: str, bf16: bool, threads: int, keep: str | None = 
     with tempfile.TemporaryDirectory() as tmp:
         out = keep or tmp
         t0 = time.perf_counter()
-        summary = extract(ExtractConfig(images=str(IMAGES), out=out, weights="random", batch_size=batch,
+        summary = extract(ExtractConfig(images=str(images_dir()), out=out, weights="random", batch_size=batch,
                                         device=device, bf16=bf16, engine="torch", dtype="float32",
                                         detector=detector), on_progress=progress)
         dt = time.perf_counter() - t0
@@ -77,13 +83,13 @@ def conv_profile(device: str, bf16: bool, threads: int, detector: str) -> None:
     from lxm.memory import keep_freed_memory
 
     torch.set_num_threads(threads)
-    cfg = ExtractConfig(images=str(IMAGES), out="-", weights="random", device=device, bf16=bf16, engine="torch",
+    cfg = ExtractConfig(images=str(images_dir()), out="-", weights="random", device=device, bf16=bf16, engine="torch",
                         detector=detector)
     if device == "cpu":
         keep_freed_memory()  # as `lxm extract` does on CPU
     model, _ = build_detector(cfg, on_weights=lambda line: None)
     det, dev = cfg.detector_config(), resolve_device(device)
-    img = load_bgr(min(IMAGES.glob("*.jpg")))
+    img = load_bgr(min(images_dir().glob("*.jpg")))
     blob, scale = caffe_blob(img, det.pixel_mean_bgr, det.min_size, det.max_size)
     blobs = [(blob, scale, img.shape[:2])]
     detect(model, blobs, dev, bf16)  # warm
@@ -192,10 +198,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--detector", default="vg-r101", help="network preset (tiny: a seconds-long smoke run)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--images", type=int, help="extract this many images (the fixtures in turn, or generated ones "
+                                               "where ../shared is missing); default: the 10 fixtures")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--keep", help=argparse.SUPPRESS)
     ap.add_argument("--conv-profile", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if IMAGES_ENV not in os.environ:  # main: choose the images once, for every child
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ[IMAGES_ENV] = str(inputs.images(Path(tmp), args.images))
+            try:
+                return run(args)
+            finally:
+                del os.environ[IMAGES_ENV]
+    run(args)
+
+
+def run(args) -> None:
     if args.conv_profile:
         conv_profile(args.device, args.bf16, args.threads, args.detector)
         return

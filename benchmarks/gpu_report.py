@@ -1,6 +1,7 @@
 """The table of `benchmarks/gpu.sh`: reads the JSON files its steps wrote into DIR, prints one table, writes
 DIR/gpu.json (everything, one file) and checks the issue's GPU targets (lxm >= 2x transformers samples/s at base
-bf16, MFU >= 0.4, extraction >= 30 img/s), saying which are met. For each lxm step mode measured both ways it also
+bf16, MFU >= 0.4, extraction >= 50 img/s), saying which are met; a step that wrote no JSON (failed, timed out)
+is listed as missing and the rest is reported. For each lxm step mode measured both ways it also
 prints the plain path's time (the default on CUDA) beside the forced CPU-kernel path's (`LXM_CPU_KERNELS=1`) and
 which is faster, one line each: `kernels <config> <precision>: plain <ms> ms, cpu kernels <ms> ms -> <faster>`.
 
@@ -14,12 +15,27 @@ import sys
 from pathlib import Path
 
 
+FILES = ("model_step", "train_step_parts", "trainer", "extract_fp32", "extract_bf16")  # what gpu.sh's steps write
+
+
+def read_results(root: Path) -> tuple[dict[str, dict], list[str]]:
+    """(name -> the JSON a step wrote, the names whose file is missing or unreadable: that step failed)."""
+    found, missing = {}, []
+    for name in FILES:
+        try:
+            found[name] = json.loads((root / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            missing.append(name)
+    return found, missing
+
+
 def main(folder: str) -> None:
     root = Path(folder)
-    step = json.loads((root / "model_step.json").read_text())
-    trainer = json.loads((root / "trainer.json").read_text())
-    parts = json.loads((root / "train_step_parts.json").read_text())
-    extract = {k: json.loads((root / f"extract_{k}.json").read_text()) for k in ("fp32", "bf16")}
+    found, missing = read_results(root)
+    empty: dict = {"rows": []}
+    step, trainer = found.get("model_step", empty), found.get("trainer")
+    parts = found.get("train_step_parts", {"medians_ms": {}})
+    extract = {k: found[f"extract_{k}"] for k in ("fp32", "bf16") if f"extract_{k}" in found}
     rows = [("what", "setting", "figure")]
     for r in step["rows"]:
         rows.append(("model step", f"{r['config']} batch {r['batch']}, {r['label']}",
@@ -29,11 +45,12 @@ def main(folder: str) -> None:
         rows.append(("optimizer step", f"{parts['config']} batch {parts['batch']} {parts['precision']}, {name}",
                      f"{sum(ms.values()):.1f} ms (optimizer {ms['optimizer']:.1f}, forward + backward "
                      f"{ms['forward_backward']:.1f})"))
-    for w, rate in trainer["loader"].items():
+    for w, rate in (trainer or {"loader": {}})["loader"].items():
         rows.append(("loader", f"{w} workers", f"{rate:.0f} samples/s"))
-    rows.append(("trainer", f"{trainer['model']} {trainer['precision']}",
-                 f"{trainer['trainer']:.1f} samples/s = {100 * trainer['trainer_vs_step']:.0f} % of the bare step "
-                 f"({trainer['step']:.1f})"))
+    if trainer is not None:
+        rows.append(("trainer", f"{trainer['model']} {trainer['precision']}",
+                     f"{trainer['trainer']:.1f} samples/s = {100 * trainer['trainer_vs_step']:.0f} % of the bare "
+                     f"step ({trainer['step']:.1f})"))
     for k, data in extract.items():
         for r in data["rows"]:
             rows.append(("extraction", f"{data['detector']} batch {r['batch']} {k}", f"{r['img_s']:.2f} img/s"))
@@ -47,15 +64,20 @@ def main(folder: str) -> None:
         lx = max(base, key=lambda r: r["samples_per_s"] if r["implementation"] == "lxm" else -1)
         checks["lxm_vs_transformers_base_bf16"] = (lx["samples_per_s"] / hf, 2.0)
         checks["mfu_base_bf16"] = (lx["mfu"], 0.4)
-    checks["extraction_img_s"] = (max(r["img_s"] for d in extract.values() for r in d["rows"]), 30.0)
+    rates = [r["img_s"] for d in extract.values() for r in d["rows"]]
+    if rates:  # the goal per H100-class GPU (bf16): issue 30
+        checks["extraction_img_s"] = (max(rates), 50.0)
     for name, (value, target) in checks.items():
         print(f"{name}={value:.2f} (target >= {target}: {'met' if value >= target else 'NOT met'})")
     kernels = kernels_vs_plain(step["rows"])
     for k in kernels:
         print(f"kernels {k['config']} {k['precision']}: plain {k['plain_ms']:.1f} ms, cpu kernels "
               f"{k['cpu_kernels_ms']:.1f} ms -> {k['faster']} ({k['plain_ms'] / k['cpu_kernels_ms']:.2f}x)")
+    if missing:
+        print(f"missing (the step failed or timed out): {', '.join(f'{m}.json' for m in missing)}")
     (root / "gpu.json").write_text(json.dumps({"model_step": step, "train_step_parts": parts, "trainer": trainer,
                                                "extraction": extract, "kernels_vs_plain": kernels,
+                                               "missing": missing,
                                                "checks": {k: {"value": v, "target": t}
                                                           for k, (v, t) in checks.items()}}, indent=2) + "\n")
     print(f"wrote {root / 'gpu.json'}")

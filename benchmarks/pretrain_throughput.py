@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -40,8 +39,8 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-VOCAB = Path(os.environ.get("LXM_SHARED") or ROOT.parent / "shared") / "vocab" / "bert-base-uncased-vocab.txt"
 
+import inputs  # noqa: E402  (benchmarks/inputs.py: the shared files or their stand-ins)
 from lxm.features.records import ImageFeatures  # noqa: E402
 from lxm.features.store import FeatureStoreWriter  # noqa: E402
 from lxm.model import LxmertForPreTraining, preset, pretraining_step_losses  # noqa: E402
@@ -54,6 +53,7 @@ from lxm.train.step import train_step  # noqa: E402
 
 BATCH = 32
 ANSWERS = ["yes", "no", "2", "red", "dog"]
+WORDS = "a man riding a horse on the beach near two dogs with a red ball".split()  # the synthetic sentences' words
 
 
 def make_world(root: Path, images: int, sentences: int, feature_dim: int, labels: tuple[int, int]) -> None:
@@ -65,7 +65,7 @@ def make_world(root: Path, images: int, sentences: int, feature_dim: int, labels
             w.add(ImageFeatures(img, 480, 640, rng.integers(0, labels[0], 36), rng.random(36, np.float32),
                                 rng.integers(0, labels[1], 36), rng.random(36, np.float32),
                                 np.concatenate([xy, xy + 100], 1), rng.random((36, feature_dim), np.float32)))
-    words = "a man riding a horse on the beach near two dogs with a red ball".split()
+    words = WORDS
     rows: dict[str, list] = {"uid": [], "img_id": [], "source": [], "split": [], "text": [], "labels": []}
     for i in range(sentences):
         rows["uid"].append(f"u{i}")
@@ -133,7 +133,7 @@ def trainer_rate(root: Path, model: str, device: str, precision: str, steps: int
     """(samples/s of Pretrainer.run between its first and last log record, checkpoints written in that span)."""
     stamps: list[tuple[float, int]] = []
     every = max(steps // 2, 1)
-    cfg = load_config("base", [f"corpus={root / 'corpus'}", f"features=[{root / 'feats'}]", f"vocab={VOCAB}",
+    cfg = load_config("base", [f"corpus={root / 'corpus'}", f"features=[{root / 'feats'}]", f"vocab={inputs.vocab(root, WORDS)}",
                                f"model={model}", f"batch_size={BATCH}", f"max_steps={steps}", "log_every=10",
                                f"checkpoint_every={every}", "keep_last=1", "valid_split=null",
                                "train_splits=[train]", f"num_workers={'null' if workers is None else workers}",
@@ -174,7 +174,7 @@ def main() -> None:
         root = Path(tmp)
         cfg = model_config(args.model, feature_dim)
         make_world(root, images, sentences, feature_dim, (cfg.num_object_labels, cfg.num_attr_labels))
-        ds = PretrainDataset(root / "corpus", [root / "feats"], VOCAB, ANSWERS, splits=["train"])
+        ds = PretrainDataset(root / "corpus", [root / "feats"], inputs.vocab(root, WORDS), ANSWERS, splits=["train"])
         loader = {w: loader_rate(ds, w, device, loader_batches) for w in (int(x) for x in args.workers.split(","))}
         for w, r in loader.items():
             print(f"loader, {w} workers: {r:7.0f} samples/s" + (f" ({r / w:.0f} per worker)" if w else " (in process)")

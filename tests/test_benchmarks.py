@@ -22,14 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_script_smoke_mode_runs_every_step_and_writes_one_report(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable}
+    # as on a fresh GPU machine that has only the project: no ../shared (benchmarks/inputs.py stands in for it)
+    env = {**os.environ, "PYTHON": sys.executable, "LXM_SHARED": str(tmp_path / "no-shared")}
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(tmp_path)],
                             capture_output=True, text=True, env=env, timeout=1800, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
+    assert re.search(r"^# torch \S+ CUDA .* GPUs 0$", out, re.MULTILINE)
+    assert "# shared inputs: absent: a synthetic vocabulary / generated images" in out and "missing" not in out
     assert re.search(r"^best_speedup_base=\S+ mfu_base=\S+ speedup_small=\S+ speedup_base=\S+ "
                      r"plain_fp32_speedup_base=\S+$", out, re.MULTILINE)
     report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["missing"] == []
     # every lxm mode twice, by LXM_CPU_KERNELS=1 / =0 in its child (which checked its model resolved that setting);
     # the smoke run forces the bf16 modes (--bf16 on) whatever the CPU
     modes = {(r["implementation"], r["precision"], r["cpu_kernels"]) for r in report["model_step"]["rows"]}
@@ -134,3 +138,19 @@ def test_model_step_runs_the_bf16_modes_by_capability():
     assert ("neither avx512_bf16 nor amx_bf16" in why) is not fast
     assert bf16_choice("auto", "cuda") == (True, "auto: CUDA")
     assert bf16_choice("on", "cpu")[0] is True and bf16_choice("off", "cuda")[0] is False
+
+
+def test_the_gpu_report_shows_what_the_steps_wrote_and_names_the_rest(tmp_path):
+    """A step that failed or timed out wrote no JSON: the report still prints the others and lists it."""
+    (tmp_path / "extract_bf16.json").write_text(json.dumps({"device": "cuda", "detector": "vg-r101", "rows": [
+        {"batch": 8, "bf16": True, "img_s": 61.5}]}))
+    (tmp_path / "model_step.json").write_text("{ cut short")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vg-r101 batch 8 bf16  61.50 img/s" in result.stdout
+    assert "extraction_img_s=61.50 (target >= 50.0: met)" in result.stdout
+    assert ("missing (the step failed or timed out): model_step.json, train_step_parts.json, trainer.json, "
+            "extract_fp32.json") in result.stdout
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["missing"] == ["model_step", "train_step_parts", "trainer", "extract_fp32"]

@@ -361,3 +361,22 @@ def test_weights_report_is_printed_and_recorded(tmp_path):
     assert "detector: loaded" in result.output
     meta = FeatureStore(tmp_path / "s").manifest["extractor"]
     assert meta["weights_sha256"] == sha256_file(tmp_path / "w.pkl") and meta["random_weights"] is False
+
+
+def test_fp32_extraction_on_a_gpu_is_ieee_fp32_not_tf32():
+    """The decision, tested without a GPU: on a CUDA device the detector's block runs with TF32 off for cuDNN and
+    cuBLAS (torch's cuDNN default allows it) and the flags come back after; on the CPU nothing changes."""
+    import torch
+
+    from lxm.extract.pipeline import ieee_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with ieee_fp32(torch.device("cuda", 1)):
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+        with ieee_fp32(torch.device("cpu")):
+            assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

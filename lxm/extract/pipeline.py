@@ -214,6 +214,22 @@ def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None 
                                            "detector": asdict(det_cfg)}
 
 
+@contextlib.contextmanager
+def ieee_fp32(device: torch.device):
+    """fp32 means IEEE fp32 on a GPU too: cuDNN's convolutions and cuBLAS's products without TF32 inside the block
+    (torch lets cuDNN use TF32 by default, which would make GPU fp32 features differ from the reference network's and
+    from CPU stores); the flags are restored after. Nothing to do elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def detect(model: torch.nn.Module, blobs: list[tuple[np.ndarray, float, tuple[int, int]]], device: torch.device,
            bf16: bool = False):
     """Run the detector on preprocessed images, each on its own (a batch of one). Returns outputs in order.
@@ -222,13 +238,12 @@ def detect(model: torch.nn.Module, blobs: list[tuple[np.ndarray, float, tuple[in
     so a shared pass changed the tiny detector's features by an fp16 ulp (the full one's happened to agree). One
     image at a time, an image's rows never depend on --batch-size, on its neighbours, or on how runs split the work.
     """
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     outs = []
     for blob, scale, size in blobs:
         image = torch.from_numpy(blob[None]).to(device)
         if bf16:
             image = image.contiguous(memory_format=torch.channels_last)
-        with ctx:
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else ieee_fp32(device):
             outs.extend(model(image, [tuple(blob.shape[1:])], [scale], [size]))
     return outs
 
@@ -302,7 +317,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
             model, meta = build_detector(cfg, on_weights, engine, on_download)
             writer.metadata = {
                 "mode": cfg.mode, "num_boxes": cfg.num_boxes, "device": str(device),
-                "bf16": cfg.bf16,
+                "bf16": cfg.bf16, "tf32": False,  # fp32 is IEEE fp32 on GPUs too (ieee_fp32)
                 "scale_rule": f"short side {det.min_size}, long side <= {det.max_size} (Caffe, cv2 float resize)",
                 "nms": "per-class 0.3, Caffe cpu_nms (+1, >=)" if cfg.mode == "lxmert" else "class-agnostic maxnms",
                 "images": str(Path(cfg.images).resolve()), **meta,
