@@ -71,6 +71,22 @@ def test_roi_pool_equals_torchvision_value_for_value(size):
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
+def test_the_pooling_is_chosen_by_device_and_both_give_the_same_values():
+    """The range-max tables are the CPU's; elsewhere (CUDA) torchvision's kernel pools, slice by slice as the detector
+    asks: the same values, in float32 and from a bf16 map (run here on CPU tensors)."""
+    from lxm.extract.detector import RangeMaxPool, TorchvisionPool, roi_pooler
+
+    assert roi_pooler("cpu") is RangeMaxPool and roi_pooler("cuda") is TorchvisionPool
+    g = torch.Generator().manual_seed(5)
+    feat = (torch.randn(2, 16, 38, 50, generator=g) * 3).relu()
+    rois = _rois(g)
+    for dtype in (torch.float32, torch.bfloat16):
+        plain, tables = (cls(feat.to(dtype), rois, 14, 1 / 16) for cls in (TorchvisionPool, RangeMaxPool))
+        for start, end in ((0, 7), (7, len(rois))):
+            got, want = plain.pool(start, end), tables.pool(start, end)
+            assert got.dtype == dtype and torch.equal(got, want), (dtype, start)
+
+
 def test_roi_pool_of_no_rois_and_of_one_image():
     feat = torch.randn(1, 8, 6, 9)
     assert roi_pool(feat, torch.zeros(0, 5), 14, 1 / 16).shape == (0, 8, 14, 14)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
+from torchvision.ops import roi_pool as torchvision_roi_pool
 
 
 @dataclass
@@ -364,6 +365,28 @@ class RangeMaxPool:
         return out.permute(0, 3, 1, 2)
 
 
+class TorchvisionPool:
+    """`RangeMaxPool`'s interface over torchvision's own `roi_pool` kernel: on a GPU one launch per slice and no host
+    synchronisation (the range-max tables are the CPU's speed-up: torchvision's CPU kernel is one scalar loop). The
+    same values: the range-max pool equals torchvision's value for value (tests/test_detector_ops.py)."""
+
+    def __init__(self, feat: Tensor, rois: Tensor, size: int, spatial_scale: float):
+        # float32 map and corners (the kernel wants one dtype; bfloat16 corners would be off by pixels): a bf16 map's
+        # maxima come back exact, rounded from the float32 result (the max of bf16 values is one of them)
+        self.dtype, self.map, self.rois = feat.dtype, feat.float(), rois.float()
+        self.size, self.spatial_scale = size, spatial_scale
+
+    def pool(self, start: int, end: int) -> Tensor:
+        """ROIs [start, end) -> [end - start, C, size, size] in the map's dtype."""
+        out = torchvision_roi_pool(self.map, self.rois[start:end], self.size, self.spatial_scale)
+        return out.to(self.dtype)
+
+
+def roi_pooler(device_type: str) -> type[RangeMaxPool] | type[TorchvisionPool]:
+    """The ROI pooling of a map on `device_type`: the range-max tables on the CPU, torchvision's kernel elsewhere."""
+    return RangeMaxPool if device_type == "cpu" else TorchvisionPool
+
+
 def mean_pool(x: Tensor) -> Tensor:
     """[R, C, h, w] res5 output -> [R, C] mean over the grid (Caffe `pool5`, detectron2's `.mean(dim=[2, 3])`).
 
@@ -481,7 +504,7 @@ class GeneralizedRCNN(nn.Module):
                     feat.new_zeros(0, pred.bbox_pred.out_features), feat.new_zeros(0, pred.attr_score.out_features))
         # ROI corners in float32 under --bf16 too (bfloat16 corners would be off by up to 4 px at 1000 px); the pooled
         # maxima are exact in the map's own dtype (`roi_pool`: torchvision's values, the detectron2 engine's pooler).
-        pooler = RangeMaxPool(feat, rois.float(), self.cfg.pooler_resolution, 1.0 / self.cfg.stride)
+        pooler = roi_pooler(feat.device.type)(feat, rois.float(), self.cfg.pooler_resolution, 1.0 / self.cfg.stride)
         pooled, cls, deltas, attrs = [], [], [], []
         for start in range(0, rois.shape[0], self.cfg.roi_chunk):
             x = pooler.pool(start, min(start + self.cfg.roi_chunk, rois.shape[0]))
