@@ -131,3 +131,30 @@ def test_fused_optimizer_option_reaches_both_optimizers():
     adamw, _ = make_optimizer(model, "adamw", lr=1.0, t_total=20, warmup=0.1, fused=True)
     plain, _ = make_optimizer(model, "adamw", lr=1.0, t_total=20, warmup=0.1)
     assert bert.fused and adamw.defaults["fused"] and not plain.defaults["fused"]
+
+
+def test_the_gpu_fused_update_is_the_eager_steps_arithmetic_over_all_parameters():
+    """`BertAdam(fused=True)` on a GPU runs `bert_adam_foreach` (multi-tensor operations over a group); on the CPU the
+    compiled loop. The foreach update is the eager step's operations in its order: equal bit for bit (run here on
+    CPU tensors, where the multi-tensor operations are the same per-tensor kernels)."""
+    from lxm.train.optim import bert_adam_foreach, fused_update
+
+    assert fused_update("cuda") == "foreach" and fused_update("cpu") == "compiled"
+    torch.manual_seed(1)
+    shapes = [(300, 40), (40,), (7, 3, 2)]
+    eager = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in eager]
+    opt = BertAdam(eager, lr=1e-2, warmup=0.25, t_total=10)
+    ms, vs = [torch.zeros_like(p) for p in mine], [torch.zeros_like(p) for p in mine]
+    for step in range(5):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(eager, grads):
+            p.grad = g.clone()
+        opt.step()
+        lr = BertAdam.scheduled_lr(opt.param_groups[0], step)
+        with torch.no_grad():
+            bert_adam_foreach([p.data for p in mine], grads, ms, vs, lr, 0.9, 0.999, 1e-6, 0.01)
+        for a, b in zip(eager, mine):
+            assert torch.equal(a.data, b.data), step
+    for p, m, v in zip(eager, ms, vs):
+        assert torch.equal(opt.state[p]["next_m"], m) and torch.equal(opt.state[p]["next_v"], v)
