@@ -85,6 +85,10 @@ IMPORT_RULES = {
     "features": ("lxm.train", "lxm.extract", "lxm.cli"),
     "extract": ("lxm.train", "lxm.model", "lxm.corpus", "lxm.eval", "lxm.cli"),
     "eval": ("torch",),
+    # the corpus is built and read without torch, the model or any stage that consumes it
+    "corpus": ("torch", "lxm.model", "lxm.train", "lxm.extract", "lxm.eval", "lxm.infer", "lxm.gallery", "lxm.demo"),
+    # the recipes use finished runs through lxm.infer, never the programs built on them
+    "train": ("lxm.extract", "lxm.gallery", "lxm.demo"),
     # using runs never needs the training recipes (the finetuner imports lxm.infer.runs, not the reverse) nor the
     # corpus builder; it reads answer tables through the corpus layout's reader (lxm.corpus.layout)
     "infer": ("lxm.train.finetune", "lxm.train.pretrain", "lxm.train.step", "lxm.train.optim", "lxm.gallery",
