@@ -13,7 +13,7 @@ run measures
   record to its last;
 
 and prints the trainer's rate as a share of the bare step's (target >= 90 %), and where the rest goes (the
-checkpoint writes, timed on their own; the remainder is loader waits, logging and the per-step loss read-back).
+checkpoint writes, timed on their own; the remainder is loader waits, logging and the loss read-backs at log steps).
 
     python benchmarks/pretrain_throughput.py                      # small model, CPU, 2 threads, 200 steps
     python benchmarks/pretrain_throughput.py --device cuda --model base --precision bf16 --steps 300
@@ -198,7 +198,7 @@ def main() -> None:
     print(f"trainer ({args.steps} steps, {shown} loader workers): {trainer:7.1f} samples/s = "
           f"{100 * share:.0f} % of the bare step (target >= 90 %); " + (
               f"of the {gap_s:.1f} s it spends beyond the bare steps, {checkpoints} checkpoint write(s) take "
-              f"~{checkpoints * ckpt_s:.1f} s, the rest is loader waits, logging and the per-step loss read-back"
+              f"~{checkpoints * ckpt_s:.1f} s, the rest is loader waits, logging and the loss read-backs at log steps"
               if gap_s > 0 else "faster than the bare step: the two differ by more than the trainer's overhead "
               "from run to run"), flush=True)
     if args.json:

@@ -250,7 +250,7 @@ def test_a_fused_optimizer_updates_the_masters_from_the_bf16_copy_as_the_separat
         assert (replica._buffers is None) == fused  # fused: no fp32 gradient buffers were ever needed
         for p32, p16 in zip(master.parameters(), replica.module.parameters()):
             assert torch.equal(p16, p32.detach().bfloat16())  # the copy holds the new weights, rounded once
-        results.append((out["grad_norm"], {n: p.detach().clone() for n, p in master.named_parameters()}))
+        results.append((float(out["grad_norm"]), {n: p.detach().clone() for n, p in master.named_parameters()}))
     (norm_sep, sep), (norm_fused, fused_params) = results
     assert norm_fused == pytest.approx(norm_sep, rel=1e-6)
     changed = 0

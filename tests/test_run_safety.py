@@ -374,3 +374,45 @@ def test_each_process_takes_its_own_gpu_and_a_gpu_asked_for_must_exist():
                               ("cuda", 2, "this machine has 2 GPU.s."), ("gpu", 8, "not a device")):
         with pytest.raises(ConfigError, match=words):
             device_for(spec, gpus=gpus, local_rank=3 if spec == "cuda" else 0, what="--device")
+
+
+def test_step_values_are_read_at_once_and_the_first_bad_step_is_named(tmp_path):
+    """`PendingSteps`: the trainers keep each step's values on the device and read them together (one host read)
+    at log steps and before checkpoints; what is read equals the values given, and the non-finite guard sees every
+    step in order, so a bad step is named with its own batch even when later steps followed it."""
+    from lxm.train.run import DistInfo, PendingSteps
+
+    logger = RunLogger(tmp_path, True)
+    pending = PendingSteps(logger, DistInfo())
+    assert pending.settle() is None
+    values = [{"loss": torch.tensor(v, dtype=torch.float64), "mlm": torch.tensor(v / 3, dtype=torch.float64)}
+              for v in (2.5, 1.0 / 3.0)]
+    for step, v in enumerate(values):
+        pending.add(step, v, uids=[f"u{step}"])
+    assert pending.settle() == {"loss": 1.0 / 3.0, "mlm": (1.0 / 3.0) / 3} and pending.settle() is None
+    for step, v in enumerate((1.0, float("nan"), float("inf"))):
+        pending.add(10 + step, {"loss": torch.tensor(v, dtype=torch.float64)}, uids=[f"b{step}"])
+    with pytest.raises(NonFiniteLossError, match=r"at step 12 .*\(b1\)"):
+        pending.settle()
+
+
+def test_a_training_step_returns_its_values_on_the_device_unread():
+    """No host read inside the step (on a GPU each one is a synchronisation): losses and grad norm come back as 0-d
+    float64 tensors, averaged over micro-batches, with 'loss' their sum."""
+    from lxm.train.step import train_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [torch.randn(3, 4), torch.randn(3, 4)]
+
+    def loss_fn(m, x):
+        out = m(x)
+        return {"a": out.pow(2).mean(), "b": out.abs().mean()}
+
+    with torch.no_grad():
+        expected = {k: sum(float(loss_fn(model, x)[k]) / 2 for x in batches) for k in ("a", "b")}
+    out = train_step(model, batches, loss_fn, opt, clip_grad_norm=1.0)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float64 for v in out.values())
+    assert set(out) == {"a", "b", "loss", "grad_norm"} and float(out["grad_norm"]) > 0
+    assert float(out["a"]) == pytest.approx(expected["a"]) and float(out["loss"]) == float(out["a"] + out["b"])

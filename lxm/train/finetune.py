@@ -42,8 +42,8 @@ from lxm.model.weights import load_into
 from lxm.train.config import FinetuneConfig, load_run_config
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune, steps_per_epoch
 from lxm.train.report import epoch_seconds, unseen_labels_warning, validation_report
-from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, RunLogger, RunStopped, StopSignals, build_optimizer,
-                           claim_run_folder, current_lr, latest_checkpoint, loader_workers, mean_across_ranks,
+from lxm.train.run import (BEST_DIR, LAST, MODEL_DIR, PendingSteps, RunLogger, RunStopped, StopSignals,
+                           build_optimizer, claim_run_folder, current_lr, latest_checkpoint, loader_workers,
                            micro_batch_size, open_run_folder, rank_rng_states, report_resume_changes, restore_newest,
                            save_state, start_process, stop_message, training_modules, training_state)
 from lxm.train.step import MicroBatches, step_groups, train_step
@@ -160,6 +160,7 @@ class Finetuner:
                on_record) -> None:
         self.task = task or task_class(cfg.task).from_config(cfg)
         self.logger = RunLogger(self.out, self.dist.is_main, on_record)
+        self.pending = PendingSteps(self.logger, self.dist)  # step values, read at log steps and epoch ends
         self.train_set = FinetuneDataset(self.task, cfg.corpus, cfg.train_splits, cfg.features, cfg.vocab,
                                          max_length=cfg.max_length)
         self.train_set.require_labels("training", "a test split? train on labelled splits")
@@ -293,16 +294,16 @@ class Finetuner:
                                 pin_memory=self.device.type == "cuda")
             t0 = time.perf_counter()
             for group in step_groups(loader, sampler.per_step):
-                last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
+                values = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.optim.clip_grad_norm, precision=cfg.runtime.precision,
                                   device_type=self.device.type, replica=self.replica)
-                last = mean_across_ranks(last, self.dist, self.device)
-                self.logger.check_finite(last, self.step, ids=[str(i) for b in group for i in b.ids])
+                self.pending.add(self.step, values, ids=[str(i) for b in group for i in b.ids])
                 self.step += 1
                 self.position += 1
                 if self.on_step is not None and self.dist.is_main:
                     self.on_step(self.step, self.epoch)
                 if self.step % cfg.runtime.log_every == 0:
+                    last = self.pending.settle()  # the global batch's losses, not this process's share
                     dt = time.perf_counter() - t0
                     self.logger.log({"step": self.step, "epoch": self.epoch,
                                      "lr": current_lr(self.optimizer, self.scheduler),
@@ -310,6 +311,7 @@ class Finetuner:
                                      **{k: round(v, 6) for k, v in last.items()}})
                     t0 = time.perf_counter()
                 if (signum := stop.requested()) is not None:
+                    self.pending.settle()  # no checkpoint of a step the non-finite guard has not seen
                     rank_rngs = rank_rng_states(self.dist)  # every rank takes part; rank 0 writes
                     if self.dist.is_main:
                         save_state(self.out / LAST, self._state(rank_rngs))
@@ -317,6 +319,7 @@ class Finetuner:
                         signum, f"at step {self.step} (epoch {self.epoch}, step {self.position} of "
                                 f"{self.steps_per_epoch})", self.out / LAST,
                         f"lxm finetune {cfg.task} --out {self.out} --resume"), signum)
+            self.pending.settle()  # the epoch's last steps, checked before its model is scored and saved
             metrics, preds = self.validate()
             self.epoch, self.position = self.epoch + 1, 0
             rank_rngs = rank_rng_states(self.dist)  # every rank takes part; rank 0 writes last.pt below

@@ -30,8 +30,8 @@ from lxm.train.config import PretrainConfig
 from lxm.corpus.layout import answers_name, corpus_file, read_answer_table
 from lxm.train.data import PretrainDataset, collate
 from lxm.train.precision import autocast
-from lxm.train.run import (CKPT_DIR, MODEL_DIR, RunLogger, RunStopped, StopSignals, build_optimizer, claim_run_folder,
-                           copy_checkpoint, current_lr, loader_workers, mean_across_ranks, micro_batch_size,
+from lxm.train.run import (CKPT_DIR, MODEL_DIR, PendingSteps, RunLogger, RunStopped, StopSignals, build_optimizer,
+                           claim_run_folder, copy_checkpoint, current_lr, loader_workers, micro_batch_size,
                            open_run_folder, rank_rng_states, remove_checkpoint, report_resume_changes, restore_newest,
                            save_state, start_process, stop_message, training_modules, training_state)
 from lxm.train.step import MicroBatches, step_groups, train_step
@@ -160,6 +160,7 @@ class Pretrainer:
         self.loss_cfg = cfg.losses
         self.step, self.epoch, self.position, self.best = 0, 0, 0, float("inf")
         self.logger = RunLogger(self.out, self.dist.is_main, self.on_record)
+        self.pending = PendingSteps(self.logger, self.dist)  # step values, read at log steps and checkpoints
         if resume:
             self._resume()
             if self.replica is not None:
@@ -211,6 +212,7 @@ class Pretrainer:
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
 
     def _checkpoint(self, name: str) -> None:
+        self.pending.settle()  # no checkpoint of a step the non-finite guard has not seen
         rank_rngs = rank_rng_states(self.dist)  # every rank takes part; rank 0 writes
         if not self.dist.is_main:
             return
@@ -290,17 +292,16 @@ class Pretrainer:
                                 pin_memory=self.device.type == "cuda")
             t0 = time.perf_counter()
             for group in step_groups(loader, sampler.per_step):
-                last = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
+                values = train_step(self.step_model, group, self._loss_fn, self.optimizer, self.scheduler,
                                   clip_grad_norm=cfg.optim.clip_grad_norm, precision=cfg.runtime.precision,
                                   device_type=self.device.type, replica=self.replica)
-                # the global batch's losses, not this process's share
-                last = mean_across_ranks(last, self.dist, self.device)
-                self.logger.check_finite(last, self.step, uids=[u for b in group for u in b.uids])
+                self.pending.add(self.step, values, uids=[u for b in group for u in b.uids])
                 self.step += 1
                 self.position += 1
                 if self.on_step is not None and self.dist.is_main:
                     self.on_step(self.step, self.epoch)
                 if self.step % cfg.runtime.log_every == 0 or self.step == self.total_steps:
+                    last = self.pending.settle()  # the global batch's losses, not this process's share
                     dt = time.perf_counter() - t0
                     self.logger.log({"step": self.step, "epoch": self.epoch,
                                      "lr": current_lr(self.optimizer, self.scheduler),
@@ -320,6 +321,7 @@ class Pretrainer:
                 if self.step >= self.total_steps:
                     break
             if self.position >= self.steps_per_epoch:  # epoch finished
+                self.pending.settle()  # the epoch's last steps, checked before its model is scored and saved
                 valid = self.validate()
                 if valid:
                     self.logger.log({"step": self.step, "epoch": self.epoch, "valid": valid})

@@ -408,16 +408,41 @@ def restore_rngs(state: dict[str, Any], info: DistInfo) -> None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def mean_across_ranks(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
-    """The global batch's logged values: the mean over processes of each one's share (a no-op for one process).
-    Reduced on `device`, the training device: an nccl group (CUDA) all-reduces device tensors only, gloo (CPU)
-    host ones."""
-    if info.world_size == 1:
-        return values
-    names = sorted(values)
-    vals = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
-    dist.all_reduce(vals)
-    return {k: v / info.world_size for k, v in zip(names, vals.tolist())}
+class PendingSteps:
+    """The values of the optimizer steps since they were last read (`train_step`'s 0-d device tensors), read back
+    together at a log step, before a checkpoint, at a stop and at an epoch's end: one host synchronisation and, under
+    DDP, one all-reduce for all of them (on the training device: nccl takes device tensors only), instead of one of
+    each per step, which on a GPU cost more than a small step. Every read step is checked by the non-finite guard
+    (`RunLogger.check_finite`), in order, so the first bad step is the one named, with its batch; a run with a bad
+    step stops at the next read, before anything of it is checkpointed. The values read are the global batch's:
+    the mean over processes of each one's share.
+
+    Every rank must call `settle` at the same steps (the trainers read at step counts and at the all-reduced stop).
+    """
+
+    def __init__(self, logger: RunLogger, info: DistInfo):
+        self.logger, self.info = logger, info
+        self.pending: list[tuple[int, dict[str, torch.Tensor], dict[str, list]]] = []
+
+    def add(self, step: int, values: dict[str, torch.Tensor], **batch: list) -> None:
+        """Step `step`'s values (counted from 0, before its increment) and its batch's ids (e.g. uids=[...])."""
+        self.pending.append((step, values, batch))
+
+    def settle(self) -> dict[str, float] | None:
+        """Read, reduce and check the pending steps; the last one's values (None when nothing was pending)."""
+        if not self.pending:
+            return None
+        names = sorted(self.pending[0][1])
+        table = torch.stack([torch.stack([values[k] for k in names]) for _, values, _ in self.pending])
+        if self.info.world_size > 1:
+            dist.all_reduce(table)
+        rows = table.tolist()  # the one host read
+        last = None
+        for (step, _, batch), row in zip(self.pending, rows):
+            last = {k: v / self.info.world_size if self.info.world_size > 1 else v for k, v in zip(names, row)}
+            self.logger.check_finite(last, step, **batch)
+        self.pending.clear()
+        return last
 
 
 def report_resume_changes(changes: dict[str, tuple[Any, Any]], total_steps: int, step: int, epoch: int,

@@ -63,8 +63,11 @@ def step_groups(micro_batches: Iterable, per_step: int) -> Iterator[list]:
 def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.Module, object], dict[str, Tensor]],
                optimizer: torch.optim.Optimizer, scheduler=None, *, clip_grad_norm: float = 0.0,
                precision: str = "fp32", device_type: str = "cpu", replica: Bf16Replica | None = None
-               ) -> dict[str, float]:
-    """One optimizer step over `micro_batches`; returns the averaged named losses, 'loss' and 'grad_norm'.
+               ) -> dict[str, Tensor]:
+    """One optimizer step over `micro_batches`; returns the averaged named losses, 'loss' and 'grad_norm' as 0-d
+    float64 tensors on the model's device, not read back: a host read is a device synchronisation, which on a GPU
+    costs more than a small step (`lxm.train.run.PendingSteps` reads them at log steps). float64, summed in the
+    order of the float arithmetic this replaced, so the values read are those it gave.
 
     `loss_fn(model, batch)` returns named losses whose plain sum is the objective (each already a batch mean); the
     micro-batch objectives are averaged, so accumulation over k micro-batches equals one batch k times larger.
@@ -78,7 +81,7 @@ def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.
     n = len(micro_batches)
     # one micro-batch, bf16 copy, fused BertAdam: the optimizer reads the copy's gradients and writes its weights
     direct = replica is not None and n == 1 and isinstance(optimizer, optim.BertAdam) and optimizer.fused
-    totals: dict[str, float] = {}
+    totals: dict[str, Tensor] = {}
     for k, batch in enumerate(micro_batches):
         sync = k == n - 1 or not hasattr(model, "no_sync") or replica is not None
         with (contextlib.nullcontext() if sync else model.no_sync()):
@@ -89,21 +92,27 @@ def train_step(model: nn.Module, micro_batches: Sequence, loss_fn: Callable[[nn.
         if replica is not None and not direct:
             replica.accumulate_grads()
         for name, value in losses.items():
-            totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
+            totals[name] = totals.get(name, 0.0) + value.detach().double() / n
     if direct:
         norm, scale = bf16_clip(replica, clip_grad_norm)
-        grad_norm = float(norm) if clip_grad_norm > 0 else 0.0
+        grad_norm = norm.detach().double() if clip_grad_norm > 0 else None
         step_from_bf16(optimizer, replica, scale)
     else:
         params = [p for p in (replica.master_params() if replica is not None else model.parameters())
                   if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)) if clip_grad_norm > 0 else 0.0
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip_grad_norm).detach().double() if clip_grad_norm > 0
+                     else None)
         optimizer.step()
         if replica is not None:
             replica.sync()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    totals["loss"] = sum(v for k, v in totals.items())
-    totals["grad_norm"] = grad_norm
+    loss = 0.0
+    for value in totals.values():
+        loss = loss + value
+    totals["loss"] = loss
+    some = next(iter(totals.values()))
+    totals["grad_norm"] = grad_norm if grad_norm is not None else torch.zeros((), dtype=torch.float64,
+                                                                                device=some.device)
     return totals
