@@ -509,7 +509,8 @@ def main() -> None:
               f"round's best vs best): {', '.join(f'{x:.2f}' for x in round_ratios)} -> median {paired[name]:.2f}x; "
               f"fp32: transformers / lxm plain {plain_speedups[name]:.2f}x", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "rows": rows, "best_speedup": best_speedup,
+        Path(args.json).write_text(json.dumps({"device": args.device, "device_name": where, "rows": rows,
+                                               "best_speedup": best_speedup,
                                                "best_mfu": best_mfu, "speedup_fp32": speedups,
                                                "plain_speedup_fp32": plain_speedups,
                                                "paired_best_speedup": paired, "cpu": cpu_name,

@@ -154,3 +154,27 @@ def test_the_gpu_report_shows_what_the_steps_wrote_and_names_the_rest(tmp_path):
             "extract_fp32.json") in result.stdout
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert report["missing"] == ["model_step", "train_step_parts", "trainer", "extract_fp32"]
+
+
+def test_the_gpu_report_gives_mfu_against_the_datasheet_peak_of_a_known_gpu(tmp_path):
+    """Beside the MFU against the bf16 peak model_step.py timed, the report divides the achieved rate by the GPU's
+    datasheet bf16 dense peak (H100 SXM: 989.4 TFLOP/s): 0.5 TFLOP a step in 1 ms is 500 TFLOP/s, MFU 0.505."""
+    row = {"config": "base", "batch": 32, "precision": "bf16", "compiled": False, "cpu_kernels": False, "ms": 1.0,
+           "samples_per_s": 32000.0, "mfu": 0.6, "tflop_per_step": 0.5, "peak_step_memory_mb": 1.0}
+    rows = [{**row, "implementation": "lxm", "label": "lxm bf16 (plain)"},
+            {**row, "implementation": "transformers", "label": "transformers bf16", "samples_per_s": 12800.0,
+             "cpu_kernels": None}]
+    (tmp_path / "model_step.json").write_text(json.dumps({"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3",
+                                                          "rows": rows}))
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checks = json.loads((tmp_path / "gpu.json").read_text())["checks"]
+    assert checks["mfu_base_bf16_datasheet"]["value"] == pytest.approx(500 / 989.4)
+    assert checks["mfu_base_bf16"]["value"] == 0.6 and checks["lxm_vs_transformers_base_bf16"]["value"] == 2.5
+    assert "mfu_base_bf16_datasheet=0.51 (target >= 0.4: met)" in result.stdout
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_report import datasheet_peak
+
+    assert (datasheet_peak("NVIDIA H100 PCIe"), datasheet_peak("NVIDIA H200"), datasheet_peak("NVIDIA A100-SXM4-80GB"),
+            datasheet_peak("cpu")) == (756.0, 989.4, 312.0, None)
