@@ -7,7 +7,8 @@ lxm's own files; `RunLock`: one process per run folder; a resume keeps the run's
 `lxm.train.config.resume_changes`), removal of lxm's temp files left by killed writes, DDP wrapping and the
 per-process micro-batch size, optimizer construction, checkpoint state save (checksummed) / discovery / restore (a
 damaged or mismatching checkpoint is named and the next older one used; the learning-rate schedule is the resumed
-config's), the non-finite-loss guard, the stop on SIGINT / SIGTERM (`StopSignals`), and the run logger
+config's; every rank's RNG states, `rank_rng_states`), the step values read back together at log steps with the
+non-finite-loss guard (`PendingSteps`), the stop on SIGINT / SIGTERM (`StopSignals`), and the run logger
 (OUT/log.jsonl, OUT/metrics.jsonl, OUT/tensorboard, rewound to the step a resumed run continues from). The original
 (airsplay/lxmert `src/pretrain/lxmert_pretrain.py`, `src/tasks/*.py`) printed to stdout, saved weights only and could
 not resume; none of this has a counterpart there.
