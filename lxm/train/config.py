@@ -452,8 +452,9 @@ def _override(cls: type, changes: dict[str, Any], item: str) -> None:
         raise ConfigError(f"--set {item}: expected key=value")
     key, text = item.split("=", 1)
     given = key  # what a message about the value repeats
-    if "." not in key and key in _bare_keys(cls):  # `--set lr=1e-5` is `--set optim.lr=1e-5`
-        key = f"{_bare_keys(cls)[key]}.{key}"
+    bare = _bare_keys(cls)
+    if "." not in key and key in bare:  # `--set lr=1e-5` is `--set optim.lr=1e-5`
+        key = f"{bare[key]}.{key}"
     *sections, last = key.split(".")
     prefix = ""
     for section in sections:

@@ -440,7 +440,7 @@ class PendingSteps:
         rows = table.tolist()  # the one host read
         last = None
         for (step, _, batch), row in zip(self.pending, rows):
-            last = {k: v / self.info.world_size if self.info.world_size > 1 else v for k, v in zip(names, row)}
+            last = {k: v / self.info.world_size for k, v in zip(names, row)}  # / 1 is exact
             self.logger.check_finite(last, step, **batch)
         self.pending.clear()
         return last
