@@ -24,7 +24,9 @@ from conftest import SHARED
 from lxm.cli import app
 from lxm.extract.detector import GeneralizedRCNN, detector_tiny
 from lxm.extract.images import caffe_blob, caffe_scale
-from lxm.extract.pipeline import ExtractConfig, extract
+from lxm.extract.detector import DetectorOutput
+from lxm.extract.pipeline import ExtractConfig, extract, image_records
+from lxm.extract.select import select_lxmert_batch
 from lxm.extract.weights import WeightsError, download, load_detector_weights, save_pickle_weights
 from lxm.integrity import sha256_file
 from lxm.features.store import FeatureStore
@@ -202,7 +204,7 @@ def test_progress_reports_the_total_and_rate_from_the_start(tmp_path):
     assert result.exit_code == 0 and "img/s" in result.output and "10/10" in result.output
 
 
-def test_images_are_decoded_ahead_in_a_loader_thread_with_the_same_results(tmp_path, monkeypatch):
+def test_images_are_decoded_ahead_and_selected_behind_in_threads_with_the_same_results(tmp_path, monkeypatch):
     import lxm.extract.pipeline as pipeline
 
     folder = tmp_path / "imgs"
@@ -216,24 +218,37 @@ def test_images_are_decoded_ahead_in_a_loader_thread_with_the_same_results(tmp_p
         decoded_in.append(threading.current_thread().name)
         return real_load(path, **limits)
 
+    selected_in = []
+    real_select = pipeline.select_boxes
+
+    def recording_select(outs, mode, num_boxes):  # the real selection, noting its thread and batch size
+        selected_in.append((threading.current_thread().name, len(outs)))
+        return real_select(outs, mode, num_boxes)
+
     monkeypatch.setattr(pipeline, "load_bgr", recording_load)
+    monkeypatch.setattr(pipeline, "select_boxes", recording_select)
+    main = threading.current_thread().name
     stores = {}
-    for prefetch in (True, False):
+    for threaded in (True, False):  # decoding ahead and selection behind the detector (GPU default), or in line
         decoded_in.clear()
-        out = tmp_path / f"prefetch-{prefetch}"
+        selected_in.clear()
+        out = tmp_path / f"threaded-{threaded}"
         summary = extract(ExtractConfig(images=str(folder), out=str(out), weights="random", detector="tiny",
-                                        num_boxes=10, batch_size=3, engine="torch", prefetch=prefetch))
+                                        num_boxes=10, batch_size=3, engine="torch", prefetch=threaded,
+                                        overlap=threaded))
         assert summary["extracted"] + summary["failed"] == summary["images"]
         threads = set(decoded_in)
-        assert threads == ({"lxm-decode_0"} if prefetch else {threading.current_thread().name}), threads
-        stores[prefetch] = (FeatureStore(out), _failure_records(out))
+        assert threads == ({"lxm-decode_0"} if threaded else {main}), threads
+        assert {t for t, _ in selected_in} == ({"lxm-select_0"} if threaded else {main}), selected_in
+        assert sum(n for _, n in selected_in) == summary["extracted"] and max(n for _, n in selected_in) > 1
+        stores[threaded] = (FeatureStore(out), _failure_records(out))
     (on, fail_on), (off, fail_off) = stores[True], stores[False]
     assert sorted(on.ids()) == sorted(off.ids()) and len(on) >= 10
     assert {r["img_id"]: r["reason"] for r in fail_on} == {r["img_id"]: r["reason"] for r in fail_off}
     for img_id in on.ids():
         a, b = on.get(img_id), off.get(img_id)
-        np.testing.assert_array_equal(a.features, b.features)
-        np.testing.assert_array_equal(a.boxes, b.boxes)
+        for field in ("features", "boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
 
 
 def test_shards_split_the_images_disjointly(tmp_path):
@@ -380,3 +395,30 @@ def test_fp32_extraction_on_a_gpu_is_ieee_fp32_not_tf32():
             assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_batch_crosses_to_the_host_in_one_block_with_every_value_exact():
+    # the packed float32 block must give back each field as the per-field copies did: features cast to the store's
+    # dtype from float32 (incl. fp16 subnormals and rounding ties), ids up to 1599, float32 confidences and boxes
+    g = torch.Generator().manual_seed(0)
+    outs = []
+    for r, (h, w) in ((50, (480, 640)), (41, (333, 500))):
+        feats = torch.randn(r, 16, generator=g) * torch.logspace(-8, 4, 16)
+        feats[0, :3] = torch.tensor([65504.0, 2.0 ** -25, 1.0 + 2.0 ** -11])  # fp16: largest, subnormal, tie
+        cls_prob = torch.softmax(torch.randn(r, 1601, generator=g) * 4, 1)
+        attr_prob = torch.softmax(torch.randn(r, 401, generator=g) * 4, 1)
+        xy = torch.rand(r, 2, generator=g) * 300
+        boxes = torch.cat([xy, xy + torch.rand(r, 2, generator=g) * 150 + 1], 1)
+        outs.append(DetectorOutput(boxes, feats, cls_prob, attr_prob, torch.zeros(r, 1600, 4), 1.0, (h, w)))
+    sels = select_lxmert_batch([o.proposals for o in outs], [o.cls_prob for o in outs], [o.attr_prob for o in outs],
+                               num_boxes=10)
+    for dtype in (np.float16, np.float32):
+        for rec, out, sel in zip(image_records(["a", "b"], outs, sels, dtype), outs, sels):
+            assert (rec.img_h, rec.img_w) == out.image_size and rec.features.dtype == dtype
+            np.testing.assert_array_equal(rec.features, out.features[sel.indices].numpy().astype(dtype))
+            np.testing.assert_array_equal(rec.boxes, sel.boxes.numpy())
+            np.testing.assert_array_equal(rec.objects_id, sel.objects_id.numpy())
+            np.testing.assert_array_equal(rec.objects_conf, sel.objects_conf.numpy())
+            np.testing.assert_array_equal(rec.attrs_id, sel.attrs_id.numpy())
+            np.testing.assert_array_equal(rec.attrs_conf, sel.attrs_conf.numpy())
+            assert rec.objects_id.dtype == np.int64 and rec.boxes.dtype == np.float32

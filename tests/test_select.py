@@ -17,8 +17,11 @@ from lxm.extract.select import (
     caffe_descending,
     caffe_iou,
     caffe_nms_reference,
+    nms_max_conf,
+    order_matters,
     per_class_nms_max_conf,
     select_lxmert,
+    select_lxmert_batch,
     select_lxmert_reference,
     select_maxnms,
 )
@@ -291,3 +294,57 @@ def test_equal_max_conf_across_the_cut_is_ranked_as_caffe_ranks_it():
     sel = select_lxmert(torch.from_numpy(boxes), torch.from_numpy(cls_prob), torch.from_numpy(attr_prob),
                         num_boxes=15)
     assert sel.indices.tolist() == keep.tolist()
+
+
+def _twins(seed: int, r: int, pairs: int):
+    """A `_case` with `pairs` twins: proposals a few pixels off another, with its probabilities (ROIPool snapped both
+    to the same cells), so every class has tied scores on overlapping boxes."""
+    boxes, cls_prob, attr_prob = _case(seed, r=r)
+    rng = np.random.default_rng(seed + 100)
+    for twin, of in rng.choice(r, (pairs, 2), replace=False):
+        boxes[twin] = boxes[of] + rng.uniform(-3, 3, 4).astype(np.float32)
+        cls_prob[twin], attr_prob[twin] = cls_prob[of], attr_prob[of]
+    return boxes, cls_prob, attr_prob
+
+
+def test_a_batch_selects_as_each_image_alone():
+    # different proposal counts (padding must neither suppress nor change the original's tie order, which
+    # depends on each image's own length), twins in every class, one image with fewer than 16 proposals
+    cases = [_twins(1, 80, 3), _twins(2, 45, 2), _case(3, r=120), _twins(4, 14, 1)]
+    got = select_lxmert_batch(*[[torch.from_numpy(c[i]) for c in cases] for i in range(3)], num_boxes=12)
+    for case, sel in zip(cases, got):
+        ref, alone = _assert_same(*case, num_boxes=12)
+        for name in ("indices", "boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "score"):
+            assert torch.equal(getattr(sel, name), getattr(alone, name)), name
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coarse_scores_tie_everywhere_and_still_select_as_the_original(seed):
+    # probabilities on a 1/16 grid: long tie groups in every class, some on overlapping boxes (whose order is the
+    # original's) and many on boxes apart (whose order `order_matters` proves irrelevant and leaves to any sort)
+    boxes, cls_prob, attr_prob = _case(seed, r=70, classes=12, peaked=1.0)
+    cls_prob = (np.round(cls_prob * 16) / 16).astype(np.float32)
+    _assert_same(boxes, cls_prob, attr_prob, num_boxes=20)
+
+
+def _ranked(boxes, cls_prob):
+    scores = torch.from_numpy(cls_prob[:, 1:]).t().contiguous()
+    ranked = torch.sort(scores, dim=1, descending=True, stable=True)
+    overlap = (caffe_iou(torch.from_numpy(boxes)) >= 0.3)[None]
+    overlap[0].fill_diagonal_(False)
+    return ranked.values, ranked.indices, overlap, torch.zeros(scores.shape[0], dtype=torch.long)
+
+
+def test_only_ties_between_overlapping_boxes_need_the_original_order():
+    boxes, cls_prob = _two_equal_boxes(20, 3, 8)  # class 0: 3 and 8 overlap (IoU 0.8) and tie at 0.9
+    cls_prob = np.concatenate([cls_prob, cls_prob[:, 1:]], 1)  # class 1: the same scores ...
+    cls_prob[8, 2] = 0.95  # ... but no tie
+    cls_prob = np.concatenate([cls_prob, cls_prob[:, 1:2]], 1)  # class 2: ties between boxes apart
+    cls_prob[[3, 8], 3] = [0.1, 0.5]
+    cls_prob[[4, 12], 3] = 0.8
+    cls_prob = np.concatenate([cls_prob, np.zeros((20, 1), np.float32)], 1)  # class 3: all zero (never visited)
+    assert order_matters(*_ranked(boxes, cls_prob)).tolist() == [True, False, False, False]
+    # and the answer is the original's either way
+    max_conf, _ = _generate_tsv(boxes, cls_prob, 4)
+    got = nms_max_conf(torch.from_numpy(boxes)[None], torch.from_numpy(cls_prob[:, 1:])[None], [20])[0]
+    np.testing.assert_array_equal(got.numpy(), max_conf.astype(np.float32))

@@ -39,6 +39,10 @@ def extract_cmd(
                               "features drift slightly (cosine ~0.99), so keep it off to match the released features."),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch",
                                   help="Decode and preprocess the next batch in a thread while the detector runs."),
+    overlap: bool = typer.Option(None, "--overlap/--no-overlap", show_default=False,
+                                 help="Choose the boxes of a batch in a thread while the detector runs the next one "
+                                      "(default: on for CUDA, off on CPU, where both would share the cores). The "
+                                      "stored rows are the same either way."),
     detector: DetectorPreset = typer.Option(DetectorPreset.vg_r101, help="Network: the BUTD ResNet-101 detector, or "
                                                                          "'tiny' for smoke tests."),
     shard: str = typer.Option(None, "--shard", help="i/n: process the i-th of n disjoint parts of the sorted image "
@@ -74,7 +78,7 @@ def extract_cmd(
     cfg = ExtractConfig(images=str(images), out=str(out), weights=weights, engine=engine.value,
                         detector=detector.value, mode=mode.value,
                         num_boxes=boxes, device=device, dtype=dtype.value, batch_size=batch_size, bf16=bf16,
-                        prefetch=prefetch, seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard,
+                        prefetch=prefetch, overlap=overlap, seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard,
                         max_pixels=max_pixels)
     try:
         keep_freed_memory_on_cpu(cfg.keep_freed_memory, cfg.device, "--device")

@@ -5,8 +5,10 @@ Per image: decode and preprocess as Caffe did (`lxm.extract.images`), run the de
 `choose_engine`), choose the boxes (`lxm.extract.select`, mode "lxmert" by default), and append an
 `ImageFeatures` record to the store (`lxm.features.store`). Each image runs through the detector on its own (see
 `detect`), so a store's rows are bit-identical whatever `--batch-size` and whoever extracted them; a batch is the
-unit of claiming and of decoding ahead. A bad image never stops the run: it is written to failures.jsonl with the
-reason.
+unit of claiming, of decoding ahead (a loader thread), of box selection (all its images in one sweep,
+`select_boxes`) and of the copy to the host (one block, `image_records`). On a GPU the selection of a batch runs on a
+worker thread while the detector runs the next (`overlaps_selection`): its tie sorts and copies wait on the CPU, not
+the GPU. A bad image never stops the run: it is written to failures.jsonl with the reason.
 
 Images are found in the folder and its subfolders (Visual Genome's `VG_100K/`, `VG_100K_2/`); the img_id is the file
 stem. Workers split the sorted list disjointly (`--shard i/n`), and any number of runs may write one store at once:
@@ -38,9 +40,9 @@ import torch
 
 from lxm.devices import resolve_device
 from lxm.errors import ConfigError, MissingDependencyError
-from lxm.extract.detector import DetectorConfig, GeneralizedRCNN, detector_tiny, prepare_bf16, vg_r101
+from lxm.extract.detector import DetectorConfig, DetectorOutput, GeneralizedRCNN, detector_tiny, prepare_bf16, vg_r101
 from lxm.extract.images import IMAGE_SUFFIXES, ImageError, caffe_blob, image_limits, list_images, load_bgr
-from lxm.extract.select import select_lxmert, select_maxnms
+from lxm.extract.select import Selection, select_lxmert_batch, select_maxnms
 from lxm.extract.weights import RANDOM, load_detector_weights
 from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStoreWriter
@@ -64,9 +66,11 @@ class ExtractConfig:
     num_boxes: int = 36  # boxes per image
     device: str = "cpu"  # "auto", "cpu", "cuda" or "cuda:N" (lxm.devices.resolve_device)
     dtype: str = "float16"  # stored feature precision
-    batch_size: int = 4  # images claimed and decoded ahead together (the detector takes them one at a time)
+    batch_size: int = 4  # images claimed, decoded ahead and box-selected together (the detector takes one at a time)
     bf16: bool = False  # bf16 network (prepare_bf16: BN folded, channels-last) under autocast; features drift, off
     prefetch: bool = True  # decode + preprocess the next batch in a thread while the detector runs this one
+    overlap: bool | None = None  # choose the boxes of a batch in a thread while the detector runs the next one;
+    #   None: on CUDA only (`overlaps_selection`). Either way the store's rows are the same bits.
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (lxm.memory): each image's res5
     #   activations reuse pages; process-wide, so `lxm extract` applies it before calling extract(), which does not
     seed: int = 0  # random-weights seed
@@ -172,18 +176,41 @@ class _Done:
         return self.value
 
 
-def image_record(img_id: str, out, sel, size: tuple[int, int], dtype) -> ImageFeatures:
-    """The stored record of one image: the detector's output `out` at the selected boxes `sel`, `size` (h, w) of
-    the original image, features cast to `dtype` (what `lxm extract` writes and `lxm ask` computes in memory)."""
-    return ImageFeatures(
-        img_id=img_id, img_h=size[0], img_w=size[1],
-        objects_id=sel.objects_id.cpu().numpy().astype(np.int64),
-        objects_conf=sel.objects_conf.cpu().numpy().astype(np.float32),
-        attrs_id=sel.attrs_id.cpu().numpy().astype(np.int64),
-        attrs_conf=sel.attrs_conf.cpu().numpy().astype(np.float32),
-        boxes=sel.boxes.cpu().numpy().astype(np.float32),
-        features=out.features[sel.indices].cpu().numpy().astype(dtype),
-    )
+
+def select_boxes(outs: list[DetectorOutput], mode: str, num_boxes: int) -> list[Selection]:
+    """The chosen boxes of each detector output: LXMERT's rule for all images at once (`select_lxmert_batch`), or
+    airsplay's "maxnms" per image."""
+    if mode == "lxmert":
+        return select_lxmert_batch([o.proposals for o in outs], [o.cls_prob for o in outs],
+                                   [o.attr_prob for o in outs], num_boxes=num_boxes)
+    return [select_maxnms(o.proposals, o.pred_boxes, o.cls_prob, o.attr_prob, num_boxes=num_boxes) for o in outs]
+
+
+def image_records(img_ids: list[str], outs: list[DetectorOutput], sels: list[Selection], dtype
+                  ) -> list[ImageFeatures]:
+    """The stored records of a batch: each detector output at its selected boxes, features cast to `dtype` (what
+    `lxm extract` writes and `lxm ask` computes in memory).
+
+    Every field of every image crosses to the host in ONE copy (a [sum K, D + 8] float32 block: features, box, and
+    the ids and confidences, exact in float32: ids < 2^24), instead of six small copies an image, each a sync on a GPU.
+    """
+    if not outs:
+        return []
+    block = torch.cat([
+        torch.cat([o.features[s.indices].float(), s.boxes.float(),
+                   torch.stack([s.objects_id.float(), s.objects_conf.float(), s.attrs_id.float(), s.attrs_conf.float()],
+                               1)], 1)
+        for o, s in zip(outs, sels)]).cpu().numpy()
+    records, start = [], 0
+    for img_id, o, s in zip(img_ids, outs, sels):
+        rows, start = block[start:start + s.indices.shape[0]], start + s.indices.shape[0]
+        d = rows.shape[1] - 8
+        records.append(ImageFeatures(
+            img_id=img_id, img_h=o.image_size[0], img_w=o.image_size[1],
+            objects_id=rows[:, d + 4].astype(np.int64), objects_conf=rows[:, d + 5].copy(),
+            attrs_id=rows[:, d + 6].astype(np.int64), attrs_conf=rows[:, d + 7].copy(),
+            boxes=rows[:, d:d + 4].copy(), features=rows[:, :d].astype(dtype)))
+    return records
 
 
 def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None = None,
@@ -212,6 +239,13 @@ def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None 
     return model, {**engine.manifest(), "weights": report.source,
                                            "weights_sha256": report.sha256, "random_weights": cfg.weights == RANDOM,
                                            "detector": asdict(det_cfg)}
+
+
+def overlaps_selection(cfg: ExtractConfig, device: torch.device) -> bool:
+    """Whether box selection and the host copy run on a worker beside the detector: `cfg.overlap`, or where unset
+    on a GPU (the detector's kernels run there while the worker waits on its copies and sorts the ties on the CPU);
+    on a CPU both would share the same cores, so the work stays in line."""
+    return cfg.overlap if cfg.overlap is not None else device.type == "cuda"
 
 
 @contextlib.contextmanager
@@ -260,8 +294,8 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
     `lxm.memory.keep_freed_memory` first on CPU; a script may do the same).
 
     Args:
-        on_progress: called as (images handled, images to do, images extracted per second) before the detector is
-            built and after each image; "to do" excludes the images stored before this run began.
+        on_progress: called as (images handled, images to do, images through the detector per second) before the
+            detector is built and after each image; "to do" excludes the images stored before this run began.
         on_weights: called with the one-line report of the detector weights once they are loaded (default: logged).
         on_engine: called with the engine's one-line description (`EngineChoice.summary`) once it is chosen, before
             the weights load (default: logged). Neither is called when there is nothing left to extract.
@@ -301,6 +335,8 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
     attempted: set[str] = set()
     failures: list[dict] = []
     merged = (0, 0)  # (failures, images written) when failures.jsonl was last rewritten
+    finishing = None  # the batch being selected on the worker (a Future of its records)
+    detected = 0  # images through the detector (the rate: selection and writing trail it by a batch at most)
     if on_progress is not None:
         on_progress(0, total, 0.0)
     t0 = time.perf_counter()
@@ -344,7 +380,19 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
             attempted.update(ids)
             return len(ids), loader.submit(decode, ids) if loader is not None else _Done(decode(ids))
 
+        def finish(batch: list[tuple[str, DetectorOutput]]) -> list[ImageFeatures]:
+            """Choose the boxes of a detected batch and build its records (on the selection worker when it overlaps)."""
+            outs = [out for _, out in batch]
+            return image_records([i for i, _ in batch], outs, select_boxes(outs, cfg.mode, cfg.num_boxes), np_dtype)
+
+        def store(records) -> None:
+            for rec in records.result():
+                writer.add(rec)
+                summary["extracted"] += 1
+
         loader = ThreadPoolExecutor(1, thread_name_prefix="lxm-decode") if cfg.prefetch and candidates else None
+        selector = (ThreadPoolExecutor(1, thread_name_prefix="lxm-select")
+                    if overlaps_selection(cfg, device) and candidates else None)
         try:
             pending = claim_and_decode()
             while pending is not None:
@@ -352,29 +400,38 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
                 pending = claim_and_decode()  # decodes while the detector runs on `decoded`
                 # handled before this batch: all taken from `candidates` but this batch and the one decoded ahead
                 before = total - len(candidates) - len(decoded) - (pending[0] if pending is not None else 0)
+                batch: list[tuple[str, DetectorOutput]] = []
                 for k, (path, item) in enumerate(decoded):
                     if isinstance(item, str):
                         fail(path, item)
                     elif (out := detect(model, [item], device, cfg.bf16)[0]).proposals.shape[0] < cfg.num_boxes:
                         fail(path, f"only {out.proposals.shape[0]} proposals, fewer than {cfg.num_boxes} boxes")
                     else:
-                        if cfg.mode == "lxmert":
-                            sel = select_lxmert(out.proposals, out.cls_prob, out.attr_prob, num_boxes=cfg.num_boxes)
-                        else:
-                            sel = select_maxnms(out.proposals, out.pred_boxes, out.cls_prob, out.attr_prob,
-                                                num_boxes=cfg.num_boxes)
-                        writer.add(image_record(path.stem, out, sel, out.image_size, np_dtype))
-                        summary["extracted"] += 1
-                    if on_progress is not None:  # per image: the full detector takes many seconds for each
-                        on_progress(before + k + 1, total, summary["extracted"] / (time.perf_counter() - t0))
+                        batch.append((path.stem, out))
+                        detected += 1
+                    if on_progress is not None:  # per image: the full detector takes seconds for each
+                        on_progress(before + k + 1, total, detected / (time.perf_counter() - t0))
+                if finishing is not None:  # the previous batch, selected while this one was detected
+                    done, finishing = finishing, None
+                    store(done)
+                if selector is not None:
+                    finishing = selector.submit(finish, batch)
+                else:
+                    store(_Done(finish(batch)))
                 if len(failures) > merged[0] and writer.written > merged[1]:  # visible during a long run, per shard
                     writer.update_failures(attempted, failures)
                     merged = (len(failures), writer.written)
+            if finishing is not None:
+                done, finishing = finishing, None
+                store(done)
         finally:
-            if loader is not None:
-                loader.shutdown(wait=True, cancel_futures=True)
+            for pool in (loader, selector):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
         failures_path = writer.update_failures(attempted, failures)
     except BaseException:
+        if finishing is not None and not finishing.cancelled() and finishing.exception() is None:
+            store(finishing)  # a batch selected before the stop is kept
         writer.close(finalize=False)
         raise
     manifest = writer.close(finalize=bool(writer.done))

@@ -4,8 +4,9 @@ Mode "lxmert" reproduces the Caffe `generate_tsv` / `get_detections_from_im` log
 `*_obj36.tsv` files (airsplay/lxmert `data/mscoco_imgfeat/extract_coco_image.py`; detector spec §2.1):
 per-class NMS at 0.3 over the UNREGRESSED proposals for each of the 1600 object classes, a proposal's score is its
 best class probability among the classes whose NMS it survives, keep scores >= 0.2, then exactly `num_boxes` by
-score (padding with lower-scored proposals when fewer pass). The 1600 NMS runs are done at once: one IoU matrix,
-then a greedy sweep over score ranks for all classes together (no Python loop over classes).
+score (padding with lower-scored proposals when fewer pass). The 1600 NMS runs of every image of a batch are done at
+once: one IoU matrix per image, then one greedy sweep over score ranks for all classes of all images together (no
+Python loop over classes or images; `nms_max_conf`).
 
 NMS follows py-faster-rcnn's `cpu_nms` (`USE_GPU_NMS: False` in faster_rcnn_end2end_resnet.yml): inclusive-pixel
 areas (+1), float32 arithmetic, suppress when IoU >= thr.
@@ -72,14 +73,111 @@ def caffe_descending(values: np.ndarray) -> np.ndarray:
 
 
 def caffe_iou(boxes: Tensor) -> Tensor:
-    """[R, 4] -> [R, R] IoU with inclusive-pixel areas, in float32 exactly as cpu_nms computes it."""
+    """[..., R, 4] -> [..., R, R] IoU with inclusive-pixel areas, in float32 exactly as cpu_nms computes it."""
     b = boxes.float()
-    x1, y1, x2, y2 = b.unbind(1)
+    x1, y1, x2, y2 = b.unbind(-1)
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    w = (torch.minimum(x2[:, None], x2[None, :]) - torch.maximum(x1[:, None], x1[None, :]) + 1).clamp(min=0)
-    h = (torch.minimum(y2[:, None], y2[None, :]) - torch.maximum(y1[:, None], y1[None, :]) + 1).clamp(min=0)
+    w = (torch.minimum(x2[..., :, None], x2[..., None, :]) - torch.maximum(x1[..., :, None], x1[..., None, :])
+         + 1).clamp(min=0)
+    h = (torch.minimum(y2[..., :, None], y2[..., None, :]) - torch.maximum(y1[..., :, None], y1[..., None, :])
+         + 1).clamp(min=0)
     inter = w * h
-    return inter / (areas[:, None] + areas[None, :] - inter)
+    return inter / (areas[..., :, None] + areas[..., None, :] - inter)
+
+
+def greedy_sweep(order: Tensor, overlap: Tensor, image: Tensor, ranks: int) -> Tensor:
+    """Greedy NMS of many rankings at once: row i ranks the proposals of image `image[i]` in `order[i]`.
+
+    Args:
+        order: [rows, R] long: proposal indices, best first.
+        overlap: [B, R, R] bool: proposal a suppresses b (IoU >= threshold, diagonal and padding False).
+        image: [rows] long: the image of each row.
+        ranks: how many ranks to visit (the later ones cannot change any score, see `nms_max_conf`).
+    Returns:
+        [rows, R] bool: kept[i, p] for proposal p in row i.
+    """
+    rows, r = order.shape
+    row = torch.arange(rows, device=order.device)
+    suppressed = torch.zeros(rows, r, dtype=torch.bool, device=order.device)
+    kept = torch.zeros(rows, r, dtype=torch.bool, device=order.device)
+    for k in range(ranks):
+        idx = order[:, k]  # [rows] the proposal at rank k in each row
+        alive = ~suppressed[row, idx]
+        kept[row, idx] = alive
+        suppressed |= alive[:, None] & overlap[image, idx]
+    return kept
+
+
+def order_matters(values: Tensor, order: Tensor, overlap: Tensor, image: Tensor) -> Tensor:
+    """Which rankings' greedy NMS could change if equal scores came in another order: [rows] bool.
+
+    Equal positive scores form a run of consecutive ranks (a tie group). Swapping two neighbours that do not overlap
+    changes nothing (neither can suppress the other, and what is kept before and after them is the same), so a
+    group none of whose members overlap another gives one result in every order. Rows with a group of two
+    overlapping members (proposals that ROIPool snapped to the same cells: near-identical boxes, equal scores in every
+    class) are returned True and take the original's order (`caffe_descending`); zero scores are never visited.
+
+    Args:
+        values: [rows, R] the scores in `order` (descending).
+        order, overlap, image: as `greedy_sweep`.
+    """
+    rows, r = values.shape
+    matters = torch.zeros(rows, dtype=torch.bool, device=values.device)
+    if rows == 0 or r < 2:
+        return matters
+    equal = (values[:, 1:] == values[:, :-1]) & (values[:, 1:] > 0)  # rank k+1 ties rank k
+    tied = equal.any(1).nonzero().squeeze(1)
+    if tied.numel() == 0:
+        return matters
+    equal, order = equal[tied], order[tied]
+    rank = torch.arange(r, device=values.device)
+    starts = torch.ones(tied.numel(), r, dtype=torch.bool, device=values.device)
+    starts[:, 1:] = ~equal
+    group = torch.cummax(torch.where(starts, rank, 0), dim=1).values  # the first rank of each rank's group
+    longest = int((rank - group).max()) + 1
+    flat, base = overlap.reshape(-1), image[tied][:, None] * (r * r)
+    found = torch.zeros(tied.numel(), dtype=torch.bool, device=values.device)
+    for d in range(1, longest):  # every pair of members: ranks k and k + d of one group
+        same = group[:, d:] == group[:, :-d]
+        pair = flat[base + order[:, :-d] * r + order[:, d:]]  # overlap[image, order[k], order[k + d]]
+        found |= (same & pair).any(1)
+    matters[tied] = found
+    return matters
+
+
+def nms_max_conf(boxes: Tensor, scores: Tensor, counts: list[int], thresh: float = LXMERT_NMS) -> Tensor:
+    """Per-class greedy NMS of several images at once; each proposal's best score among the classes that keep it.
+
+    Args:
+        boxes: [B, R, 4] proposals, image b's first `counts[b]` rows real (the rest padding, ignored).
+        scores: [B, R, C] class probabilities (background column removed).
+        counts: real proposals per image.
+    Returns:
+        [B, R] max_conf (0 where no class keeps a proposal, and for padding).
+    """
+    b, r, c = scores.shape
+    if b == 0 or r == 0:
+        return scores.new_zeros(b, r)
+    device = scores.device
+    valid = torch.arange(r, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]  # [B, R]
+    overlap = (caffe_iou(boxes) >= thresh) & valid[:, :, None] & valid[:, None, :]  # [B, R, R]: a suppresses b
+    overlap.diagonal(dim1=1, dim2=2).fill_(False)
+    per_class = scores.masked_fill(~valid[:, :, None], 0).transpose(1, 2).reshape(b * c, r)  # [B*C, R]
+    image = torch.arange(b, device=device).repeat_interleave(c)
+    ranked = torch.sort(per_class, dim=1, descending=True, stable=True)
+    order, values = ranked.indices, ranked.values
+    # Any sort gives the one order of distinct scores; ties take the original's where their order can matter.
+    redo = order_matters(values, order, overlap, image).nonzero().squeeze(1)
+    for i in range(b):
+        mine = redo[image[redo] == i]
+        if mine.numel():  # the original sorted each image's own R proposals: ties depend on R, not padding
+            n = counts[i]
+            order[mine, :n] = torch.from_numpy(caffe_descending(per_class[mine, :n].float().cpu().numpy())).to(device)
+    # Ranks whose score is 0 in every row keep nothing that could raise max_conf and (sorted last) suppress only
+    # zero-score proposals: stop there. Padding scores 0 and suppresses nothing.
+    ranks = int((values > 0).sum(1).max())
+    kept = greedy_sweep(order, overlap, image, ranks)
+    return (per_class * kept).reshape(b, c, r).max(dim=1).values
 
 
 def per_class_nms_max_conf(boxes: Tensor, scores: Tensor, thresh: float = LXMERT_NMS) -> Tensor:
@@ -91,31 +189,7 @@ def per_class_nms_max_conf(boxes: Tensor, scores: Tensor, thresh: float = LXMERT
     Returns:
         [R] max_conf.
     """
-    r, c = scores.shape
-    if r == 0:
-        return scores.new_zeros(0)
-    overlap = caffe_iou(boxes) >= thresh  # [R, R]: i suppresses j
-    overlap.fill_diagonal_(False)
-    per_class = scores.t()
-    ranked = torch.sort(per_class, dim=1, descending=True, stable=True)
-    order, values = ranked.indices, ranked.values  # [C, R]: the proposal (and its score) at each rank of each class
-    # A class without equal scores has one correct order, any sort's; one with ties takes the original's (on the CPU).
-    tied = (values[:, 1:] == values[:, :-1]).any(dim=1).nonzero().squeeze(1)
-    if tied.numel():
-        order[tied] = torch.from_numpy(caffe_descending(per_class[tied].float().cpu().numpy())).to(order.device)
-        values = per_class.gather(1, order)
-    suppressed = torch.zeros(c, r, dtype=torch.bool, device=scores.device)
-    kept = torch.zeros(c, r, dtype=torch.bool, device=scores.device)
-    cls = torch.arange(c, device=scores.device)
-    # Ranks whose score is 0 in every class keep nothing that could raise max_conf, and (sorted last) suppress only
-    # zero-score proposals: stop there.
-    ranks = int((values > 0).sum(1).max())
-    for k in range(ranks):
-        idx = order[:, k]  # [C] the proposal at rank k in each class
-        alive = ~suppressed[cls, idx]
-        kept[cls, idx] |= alive
-        suppressed |= alive[:, None] & overlap[idx]
-    return (scores.t() * kept).max(dim=0).values
+    return nms_max_conf(boxes[None], scores[None], [scores.shape[0]], thresh)[0]
 
 
 def _labels(cls_prob: Tensor, attr_prob: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -135,19 +209,43 @@ def _caffe_top(score: Tensor, k: int) -> Tensor:
 
 def select_lxmert(boxes: Tensor, cls_prob: Tensor, attr_prob: Tensor, *, num_boxes: int = LXMERT_BOXES,
                   nms_thresh: float = LXMERT_NMS, conf_thresh: float = LXMERT_CONF) -> Selection:
-    """LXMERT's 36-box selection (spec §2.1), vectorised over classes.
+    """LXMERT's 36-box selection (spec §2.1) of one image, vectorised over classes.
 
     Args:
         boxes: [R, 4] unregressed proposals in original-image pixels.
         cls_prob: [R, 1 + num_classes] softmax, background in column 0.
         attr_prob: [R, 1 + num_attrs] softmax, "no attribute" in column 0.
     """
-    max_conf = per_class_nms_max_conf(boxes, cls_prob[:, 1:], nms_thresh)
-    keep = torch.nonzero(max_conf >= conf_thresh).squeeze(1)
-    if keep.numel() != num_boxes:  # too few or too many: the top num_boxes by max_conf, in score order
-        keep = _caffe_top(max_conf, num_boxes)
-    obj_id, obj_conf, attr_id, attr_conf = _labels(cls_prob, attr_prob, keep)
-    return Selection(keep, boxes[keep], obj_id, obj_conf, attr_id, attr_conf, max_conf[keep])
+    return select_lxmert_batch([boxes], [cls_prob], [attr_prob], num_boxes=num_boxes, nms_thresh=nms_thresh,
+                               conf_thresh=conf_thresh)[0]
+
+
+def select_lxmert_batch(boxes: list[Tensor], cls_prob: list[Tensor], attr_prob: list[Tensor], *,
+                        num_boxes: int = LXMERT_BOXES, nms_thresh: float = LXMERT_NMS,
+                        conf_thresh: float = LXMERT_CONF) -> list[Selection]:
+    """`select_lxmert` of several images at once (the NMS of every class of every image in one sweep); each
+    image's selection equals its own `select_lxmert`. Lists hold one tensor per image, shaped as there."""
+    if not boxes:
+        return []
+    counts = [b.shape[0] for b in boxes]
+    r = max(counts)
+
+    def padded(parts: list[Tensor]) -> Tensor:
+        out = parts[0].new_zeros((len(parts), r, *parts[0].shape[1:]))
+        for i, part in enumerate(parts):
+            out[i, :part.shape[0]] = part
+        return out
+
+    max_conf = nms_max_conf(padded(boxes), padded([p[:, 1:] for p in cls_prob]), counts, nms_thresh)
+    out = []
+    for i, n in enumerate(counts):
+        conf = max_conf[i, :n]
+        keep = torch.nonzero(conf >= conf_thresh).squeeze(1)
+        if keep.numel() != num_boxes:  # too few or too many: the top num_boxes by max_conf, in score order
+            keep = _caffe_top(conf, num_boxes)
+        obj_id, obj_conf, attr_id, attr_conf = _labels(cls_prob[i], attr_prob[i], keep)
+        out.append(Selection(keep, boxes[i][keep], obj_id, obj_conf, attr_id, attr_conf, conf[keep]))
+    return out
 
 
 def select_maxnms(boxes: Tensor, pred_boxes: Tensor, cls_prob: Tensor, attr_prob: Tensor, *,

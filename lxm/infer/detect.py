@@ -2,7 +2,7 @@
 
 `Detector` runs exactly what `lxm extract` runs for one image (`lxm.extract.pipeline`): Caffe decoding and
 preprocessing (`load_bgr`, `caffe_blob`), the Faster R-CNN (`build_detector`, engine "auto" / "torch" /
-"detectron2"), LXMERT's 36-box selection (`select_lxmert`, or "maxnms") and the same record (`image_record`), kept in
+"detectron2"), LXMERT's 36-box selection (`select_boxes`: "lxmert", or "maxnms") and the same records (`image_records`), kept in
 memory in float32 (a float16 store rounds them; with `dtype="float32"` the store holds these very values). Equal-
 size images of one call share a backbone pass, as in `lxm extract`. `StoredFeatures` reads records that `lxm
 extract` (or `lxm convert`) already wrote.
@@ -23,8 +23,7 @@ import torch
 
 from lxm.extract.images import ImageError, caffe_blob, load_bgr
 from lxm.extract.pipeline import (DETECTORS, ExtractConfig, build_detector, choose_engine, detect,
-                                  image_record)
-from lxm.extract.select import select_lxmert, select_maxnms
+                                  image_records, select_boxes)
 from lxm.extract.weights import RANDOM
 from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStore, StoreError, store_index
@@ -114,12 +113,8 @@ class Detector:
                 if det.proposals.shape[0] < self.cfg.num_boxes:
                     raise ImageError(f"{path}: only {det.proposals.shape[0]} proposals, fewer than "
                                      f"{self.cfg.num_boxes} boxes")
-                if self.cfg.mode == "lxmert":
-                    sel = select_lxmert(det.proposals, det.cls_prob, det.attr_prob, num_boxes=self.cfg.num_boxes)
-                else:
-                    sel = select_maxnms(det.proposals, det.pred_boxes, det.cls_prob, det.attr_prob,
-                                        num_boxes=self.cfg.num_boxes)
-                out.append(image_record(path.stem, det, sel, det.image_size, np.float32))
+            sels = select_boxes(dets, self.cfg.mode, self.cfg.num_boxes)
+            out.extend(image_records([p.stem for p in chunk], dets, sels, np.float32))
         return out
 
 
