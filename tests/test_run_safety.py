@@ -416,3 +416,39 @@ def test_a_training_step_returns_its_values_on_the_device_unread():
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float64 for v in out.values())
     assert set(out) == {"a", "b", "loss", "grad_norm"} and float(out["grad_norm"]) > 0
     assert float(out["a"]) == pytest.approx(expected["a"]) and float(out["loss"]) == float(out["a"] + out["b"])
+
+
+def _stop_worker(rank: int, port: int, results) -> None:
+    """One of two gloo processes: rank 1 gets SIGTERM after step 3; both ask after each step with every=5."""
+    import torch.distributed as dist
+
+    from lxm.train.run import DistInfo, StopSignals
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        stop = StopSignals(DistInfo(rank, 2, rank), torch.device("cpu"), every=5)
+        seen = []
+        for step in range(1, 11):
+            if rank == 1 and step == 4:
+                stop.signum = signal.SIGTERM  # what the handler records
+            seen.append(stop.requested(step))
+        seen.append(stop.requested())  # a point every process reaches (an epoch's end)
+        results[rank] = seen
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_under_torchrun_a_stop_request_is_combined_every_log_interval_on_every_rank():
+    """The stop flag's all-reduce (a sync on a GPU) runs every `every` steps, not every step; both processes see a
+    SIGTERM that reached one of them at the same step, the next step due (5 after a signal at step 4)."""
+    import torch.multiprocessing as mp
+
+    from lxm.train.run import stop_check_due
+
+    assert [s for s in range(1, 13) if stop_check_due(s, 5, 2)] == [5, 10] and stop_check_due(None, 5, 2)
+    assert all(stop_check_due(s, 5, 1) for s in range(1, 13))  # one process: a flag, read every step
+    results = mp.Manager().dict()
+    mp.spawn(_stop_worker, args=(29541, results), nprocs=2, join=True)
+    term = int(signal.SIGTERM)
+    assert results[0] == results[1] == [None] * 4 + [term] + [None] * 4 + [term, term]

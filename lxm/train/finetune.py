@@ -274,7 +274,7 @@ class Finetuner:
         if self.dry_run:
             raise RuntimeError("Finetuner(dry_run=True) only plans; build it without dry_run to train")
         try:
-            with StopSignals(self.dist, self.device) as stop:
+            with StopSignals(self.dist, self.device, self.cfg.runtime.log_every) as stop:
                 return self._train(stop)
         finally:
             self.close()
@@ -310,7 +310,7 @@ class Finetuner:
                                      "samples_per_s": cfg.optim.batch_size * cfg.runtime.log_every / max(dt, 1e-9),
                                      **{k: round(v, 6) for k, v in last.items()}})
                     t0 = time.perf_counter()
-                if (signum := stop.requested()) is not None:
+                if (signum := stop.requested(self.step)) is not None:
                     self.pending.settle()  # no checkpoint of a step the non-finite guard has not seen
                     rank_rngs = rank_rng_states(self.dist)  # every rank takes part; rank 0 writes
                     if self.dist.is_main:

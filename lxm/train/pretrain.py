@@ -269,7 +269,7 @@ class Pretrainer:
         if self.dry_run:
             raise RuntimeError("Pretrainer(dry_run=True) only plans; build it without dry_run to train")
         try:
-            with StopSignals(self.dist, self.device) as stop:
+            with StopSignals(self.dist, self.device, self.cfg.runtime.log_every) as stop:
                 return self._train(stop)
         finally:
             self.close()
@@ -310,7 +310,7 @@ class Pretrainer:
                     t0 = time.perf_counter()
                 if self.step % cfg.checkpoint_every == 0:
                     self._checkpoint(f"step-{self.step}.pt")
-                if (signum := stop.requested()) is not None:
+                if (signum := stop.requested(self.step)) is not None:
                     if self.step % cfg.checkpoint_every:
                         self._checkpoint(f"step-{self.step}.pt")
                     raise RunStopped(stop_message(

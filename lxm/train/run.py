@@ -637,11 +637,13 @@ class StopSignals:
     """While active (a context manager), SIGINT and SIGTERM ask the training loop to stop after the step in
     progress (`requested`) instead of killing it mid-step: the loop then writes a checkpoint and raises RunStopped.
     A second SIGINT interrupts at once (KeyboardInterrupt). Under torchrun every process stops at the same step:
-    the request is combined across processes each step (a scheduler's SIGTERM may reach them at different times).
+    the request is combined across processes (a scheduler's SIGTERM may reach them at different times) every
+    `every` steps (`stop_check_due`; the loops pass their log interval, where values are read and the device waits
+    anyway), not at each step, where the all-reduce and its read would stall a GPU step of a few ms.
     Signal handlers can be set only in the main thread; elsewhere the signals keep their handlers."""
 
-    def __init__(self, info: DistInfo, device: torch.device):
-        self.info, self.device = info, device
+    def __init__(self, info: DistInfo, device: torch.device, every: int = 1):
+        self.info, self.device, self.every = info, device, every
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
@@ -661,13 +663,22 @@ class StopSignals:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def requested(self) -> int | None:
-        """The signal number that asks to stop (any process's, under torchrun), or None."""
+    def requested(self, step: int | None = None) -> int | None:
+        """The signal number that asks to stop (any process's, under torchrun), or None. `step`: the step just
+        done; None combines the processes' requests now (every process must make the same calls)."""
         if self.info.world_size == 1:
             return self.signum
+        if not stop_check_due(step, self.every, self.info.world_size):
+            return None
         flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
+
+
+def stop_check_due(step: int | None, every: int, world_size: int) -> bool:
+    """Whether a stop request is looked at after `step` (None: at a point every process reaches, e.g. an epoch's
+    end): always in one process (a flag, no cost), every `every` steps under torchrun (a collective and a sync)."""
+    return world_size == 1 or step is None or step % every == 0
 
 
 def stop_message(signum: int, where: str, checkpoint: Path, resume: str) -> str:
