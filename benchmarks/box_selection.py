@@ -7,6 +7,9 @@ logits N(0, 3) with one boosted class per proposal (peaked softmaxes, as a train
 probabilities and every class has tied scores (a real detector's output has such pairs; their order is the
 original's, see lxm.extract.select).
 
+Then all the inputs once more as one batch (`select_lxmert_batch`: one sweep over every class of every image, what
+`lxm extract` runs per batch), per image, checked equal to the images alone.
+
     python benchmarks/box_selection.py            # median of 5 runs each, 2 threads
 """
 
@@ -23,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lxm.extract.select import select_lxmert, select_lxmert_reference  # noqa: E402
+from lxm.extract.select import select_lxmert, select_lxmert_batch, select_lxmert_reference  # noqa: E402
 
 
 def make_inputs(seed: int, proposals: int = 300, classes: int = 1600, attrs: int = 400):
@@ -69,6 +72,13 @@ def main() -> None:
     lo, ve = statistics.median(t_loop), statistics.median(t_vec)
     print(f"median: per-class loop {lo:.1f} ms, vectorised {ve:.1f} ms, speedup {lo / ve:.1f}x "
           f"({args.threads} threads, CPU)")
+    cases = [[torch.from_numpy(a) for a in make_inputs(seed)] for seed in range(args.runs)]
+    t0 = time.perf_counter()
+    batch = select_lxmert_batch(*[[c[i] for c in cases] for i in range(3)])
+    per_image = (time.perf_counter() - t0) * 1000 / len(cases)
+    if any(not torch.equal(b.indices, select_lxmert(*c).indices) for b, c in zip(batch, cases)):
+        raise SystemExit("a batch's selection differs from its images' own")
+    print(f"batch of {len(cases)}: {per_image:.1f} ms an image (same selections as alone)")
 
 
 if __name__ == "__main__":

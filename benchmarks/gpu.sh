@@ -2,7 +2,8 @@
 # One GPU session's figures in one go (issue 15): the base pretraining step (lxm and transformers; fp32 and bf16
 # autocast; lxm also in its bf16 modes and under torch.compile), the whole optimizer step's parts with eager and
 # fused optimizers, the loader next to the trainer at the achieved step rate, and extraction at batch 1 and 8 in fp32
-# and bf16 (96 images: a steady rate). Every lxm step mode runs twice (issue 28): on the plain path, the default on CUDA (LXM_CPU_KERNELS=0), and
+# and bf16 (96 images: a steady rate), and a DDP run of the trainer on 2 GPUs where there are two (nccl; 2 gloo
+# processes on CPU in --smoke). Every lxm step mode runs twice (issue 28): on the plain path, the default on CUDA (LXM_CPU_KERNELS=0), and
 # with lxm's CPU kernels forced on (LXM_CPU_KERNELS=1), so the first run shows which is faster on the GPU; the
 # compiled rows run the plain path. Installs nothing beyond the project and needs nothing beside it: what ../shared
 # would give (BERT's vocabulary, the fixture photos) has stand-ins (benchmarks/inputs.py). Each step has a time limit
@@ -10,7 +11,7 @@
 # says whether every step ran. Prints the machine (torch, CUDA, cuDNN, NCCL, nvidia-smi), one table, OUT/gpu.json.
 #
 #   bash benchmarks/gpu.sh [--out DIR]            # on a CUDA machine (never run on one yet; each step has a time
-#                                                 # limit: 7 minutes at most, plus start-up)
+#                                                 # limit: 7.25 minutes at most, plus start-up)
 #   bash benchmarks/gpu.sh --smoke [--out DIR]    # CPU, toy sizes: checks the script runs (a bench-tier test does)
 set -uo pipefail  # no -e: a failed or timed-out step is reported, the next one runs, the table shows what exists
 cd "$(dirname "$0")/.."
@@ -64,14 +65,14 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,
 
 if [ "$smoke" = 1 ]; then
     device=cpu
-    limits=(600 600 600 600)  # model step, optimizer step, trainer, each extraction
+    limits=(600 600 600 600 600)  # model step, optimizer step, trainer, each extraction, DDP
     step_args=(--configs tiny --rounds 1 --iters 2 --warmup 1 --bf16 on)  # every mode, whatever the CPU
     loader_args=(--smoke)
     extract_args=(--detector tiny --batch-sizes 4)
     parts_args=(--config tiny --steps 1)
 else
     device=cuda
-    limits=(180 60 90 45)  # 7 minutes at most in all (8 with start-up), whatever a step does
+    limits=(165 60 75 45 45)  # 7.25 minutes at most in all (8 with start-up), whatever a step does
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: CUDA is not available (use --smoke on CPU)')" || exit 1
     step_args=(--configs base --rounds 1 --iters 20 --warmup 5 --compile)
     loader_args=(--model base --precision bf16 --steps 300 --workers 0,1,2,4 --trainer-workers 4)
@@ -85,6 +86,20 @@ step "the whole optimizer step, eager and fused optimizers (${device})" "${limit
     "$py" benchmarks/train_step_parts.py --device "$device" "${parts_args[@]}" --json "$out/train_step_parts.json"
 step "loader and trainer (${device})" "${limits[2]}" \
     "$py" benchmarks/pretrain_throughput.py --device "$device" "${loader_args[@]}" --json "$out/trainer.json"
+# DDP through the real trainer (nccl, cuda:LOCAL_RANK): where two GPUs are visible; the smoke run uses 2 gloo CPU
+# processes so the path is exercised without one
+gpus=$("$py" -c "import torch; print(torch.cuda.device_count())" 2> /dev/null || echo 0)
+if [ "$smoke" = 1 ]; then
+    step "DDP trainer, 2 processes (gloo, cpu)" "${limits[4]}" \
+        "$py" -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/ddp_step.py --smoke \
+        --json "$out/ddp.json"
+elif [ "$gpus" -ge 2 ]; then
+    step "DDP trainer, 2 GPUs (nccl)" "${limits[4]}" \
+        "$py" -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/ddp_step.py --device cuda \
+        --model base --precision bf16 --batch 64 --steps 60 --json "$out/ddp.json"
+else
+    echo "== DDP trainer: skipped ($gpus GPU visible; it needs 2)"
+fi
 step "extraction fp32 (${device})" "${limits[3]}" \
     "$py" benchmarks/extract_throughput.py --device "$device" "${extract_args[@]}" --json "$out/extract_fp32.json"
 step "extraction bf16 (${device})" "${limits[3]}" \

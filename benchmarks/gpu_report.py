@@ -27,6 +27,7 @@ def datasheet_peak(device_name: str | None) -> float | None:
 
 
 FILES = ("model_step", "train_step_parts", "trainer", "extract_fp32", "extract_bf16")  # what gpu.sh's steps write
+OPTIONAL = ("ddp",)  # written only where gpu.sh runs that step (DDP: more than one GPU visible, or --smoke)
 
 
 def read_results(root: Path) -> tuple[dict[str, dict], list[str]]:
@@ -37,6 +38,11 @@ def read_results(root: Path) -> tuple[dict[str, dict], list[str]]:
             found[name] = json.loads((root / f"{name}.json").read_text())
         except (OSError, ValueError):
             missing.append(name)
+    for name in OPTIONAL:
+        try:
+            found[name] = json.loads((root / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            pass
     return found, missing
 
 
@@ -62,6 +68,14 @@ def main(folder: str) -> None:
         rows.append(("trainer", f"{trainer['model']} {trainer['precision']}",
                      f"{trainer['trainer']:.1f} samples/s = {100 * trainer['trainer_vs_step']:.0f} % of the bare "
                      f"step ({trainer['step']:.1f})"))
+    ddp = found.get("ddp")
+    if ddp is not None:
+        share = ""
+        if trainer is not None and (trainer["model"], trainer["precision"]) == (ddp["model"], ddp["precision"]):
+            share = (f" = {100 * ddp['samples_per_s'] / (ddp['world_size'] * trainer['trainer']):.0f} % of "
+                     f"{ddp['world_size']} x one process's trainer rate")
+        rows.append(("DDP trainer", f"{ddp['world_size']} processes, {ddp['backend']}, {ddp['model']} "
+                     f"{ddp['precision']} batch {ddp['batch']}", f"{ddp['samples_per_s']:.1f} samples/s{share}"))
     for k, data in extract.items():
         for r in data["rows"]:
             rows.append(("extraction", f"{data['detector']} batch {r['batch']} {k}", f"{r['img_s']:.2f} img/s"))
@@ -90,7 +104,7 @@ def main(folder: str) -> None:
     if missing:
         print(f"missing (the step failed or timed out): {', '.join(f'{m}.json' for m in missing)}")
     (root / "gpu.json").write_text(json.dumps({"model_step": step, "train_step_parts": parts, "trainer": trainer,
-                                               "extraction": extract, "kernels_vs_plain": kernels,
+                                               "ddp": ddp, "extraction": extract, "kernels_vs_plain": kernels,
                                                "missing": missing,
                                                "checks": {k: {"value": v, "target": t}
                                                           for k, (v, t) in checks.items()}}, indent=2) + "\n")
