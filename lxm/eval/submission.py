@@ -179,11 +179,18 @@ def required_ids(task: str, questions: str | os.PathLike) -> list:
             ids[qid] = None
         return list(ids)
     if task == "gqa":
+        shape = "expected GQA questions {questionId: {\"imageId\", \"question\", ...}} (submission_all_questions.json)"
+        ids = {}
         try:
-            return list(dict.fromkeys(qid for qid, _ in _stream(iter_json_object(path), path)))
+            for qid, rec in _stream(iter_json_object(path), path):
+                if not isinstance(rec, Mapping):  # e.g. VQA's {"questions": [...]}
+                    raise SubmissionError(f"{path}: {shape}; question {qid!r} is a {type(rec).__name__}")
+                ids[qid] = None
+        except SubmissionError:
+            raise
         except LxmError as exc:
-            raise SubmissionError(f"{path}: expected GQA questions {{questionId: {{...}}}} "
-                                  f"(submission_all_questions.json) ({exc})") from None
+            raise SubmissionError(f"{path}: {shape} ({exc})") from None
+        return list(ids)
     ids = {}
     for n, rec in read_json_lines(path, objects=True, error=SubmissionError):
         ident = rec.get("identifier")
