@@ -23,7 +23,7 @@ from lxm.model import LxmertForFinetuning, load_pretrained
 from lxm.train.config import FinetuneConfig, load_run_config
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.precision import autocast
-from lxm.train.run import BEST_DIR
+from lxm.train.run import BEST_DIR, MODEL_DIR
 from lxm.train.tasks import ANSWERS_FILE, FinetuneTask, task_class
 
 _logger = logging.getLogger(__name__)
@@ -98,6 +98,20 @@ def open_run(run: str | os.PathLike, task: str | None = None) -> tuple[FinetuneC
 def is_run(path: str | os.PathLike) -> bool:
     """Whether `path` is a run directory of lxm (its config.yaml), rather than a checkpoint."""
     return (Path(path) / "config.yaml").is_file()
+
+
+def run_model(run: str | os.PathLike) -> tuple[Path, list[str] | None]:
+    """(model directory, names of its answer head's rows) of an lxm run: a finetuning run's best/ with its answer
+    table or classification labels (None for NLVR2's pair head), a pretraining run's model/ with None (what `lxm
+    convert-checkpoint RUN` converts)."""
+    run = Path(run)
+    if isinstance(load_run_config(run / "config.yaml"), FinetuneConfig):
+        _, task, model_dir = open_run(run)
+        return model_dir, (task.class_names if task.answer_table else None)
+    model_dir = run / MODEL_DIR
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run}: no {MODEL_DIR}/ model yet (the pretraining run has not finished)")
+    return model_dir, None
 
 
 def check_answer_table(answers: list[str] | None, model: LxmertForFinetuning, file: str | os.PathLike,
