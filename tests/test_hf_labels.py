@@ -50,6 +50,7 @@ def _hf_logits(hf, x):
                   visual_feats=x["visual_feats"], visual_pos=x["visual_boxes"]).question_answering_score
 
 
+@pytest.mark.e2e  # tiny finetuning runs through the lxm CLI
 @pytest.mark.parametrize("task", ["vqa", "classify"])
 def test_a_run_exported_to_hf_names_its_answers_in_transformers(runs, tmp_path, task):
     run = runs[task]
@@ -79,6 +80,7 @@ def test_a_run_exported_to_hf_names_its_answers_in_transformers(runs, tmp_path, 
     assert load_answerer(tmp_path / "hf", vocab=BERT_VOCAB).task.class_names == names
 
 
+@pytest.mark.e2e
 def test_nlvr2_pair_head_is_refused_for_hf_and_written_in_the_other_formats(runs, tmp_path):
     run = runs["nlvr2"]
     result = _invoke("convert-checkpoint", run, tmp_path / "hf", "--to", "hf")

@@ -212,6 +212,7 @@ def vqa_run(tmp_path_factory):
     return root, out
 
 
+@pytest.mark.e2e  # a tiny finetuning run through the lxm CLI
 def test_predict_on_the_test_split_checks_the_file_it_wrote(vqa_run, tmp_path):
     root, run = vqa_run
     out = tmp_path / "test_predict.json"
@@ -240,6 +241,7 @@ def test_predict_on_the_test_split_checks_the_file_it_wrote(vqa_run, tmp_path):
     assert result.exit_code == 0 and "submission" not in result.output
 
 
+@pytest.mark.e2e  # a tiny finetuning run through the lxm CLI
 def test_check_submission_reads_the_answer_table_of_a_run(vqa_run, tmp_path):
     root, run = vqa_run
     out = tmp_path / "p.json"
