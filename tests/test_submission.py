@@ -101,6 +101,10 @@ def test_a_file_that_is_no_submission_is_one_error_naming_it(tmp_path):
         check_submission("vqa", _json(tmp_path / "s.json", {"question_id": 1, "answer": "a"}), q)
     with pytest.raises(SubmissionError, match="q2.json: expected VQA questions"):
         check_submission("vqa", _json(tmp_path / "s2.json", []), _json(tmp_path / "q2.json", [1, 2]))
+    # the server wants all of test2015 for test-dev too: a check against the test-dev questions would pass wrongly
+    dev = _json(tmp_path / "dev.json", {"data_subtype": "test-dev2015", "questions": [{"question_id": 1}]})
+    with pytest.raises(SubmissionError, match="dev.json: the test-dev2015 questions.*test2015_questions.json"):
+        check_submission("vqa", _json(tmp_path / "s3.json", [{"question_id": 1, "answer": "a"}]), dev)
 
 
 # ---------------------------------------------------------------------------------------------------- GQA

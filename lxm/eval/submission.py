@@ -12,7 +12,8 @@ questions it must answer, as each server parses it:
   question (447,793) for test-dev as for test-standard (visualqa.org/challenge.html: the test-dev procedure "is
   identical to the full test set submission procedure"; airsplay/lxmert README: "VQA submission system requires
   submitting whole test data ... 448K instances"), so `--questions` is `v2_OpenEnded_mscoco_test2015_questions.json`
-  (`{"questions": [{"question_id": int, ...}]}`).
+  (`{"questions": [{"question_id": int, ...}]}`); the test-dev2015 questions file (`data_subtype` "test-dev2015")
+  is refused as `--questions`, since a file that passes against it is refused by the server.
 - GQA: the GQA authors' `eval.py` header ("predictions file format: JSON array: [{"questionId": str, "prediction":
   str}]"); GQA 1.2 `questions/readme.txt`: `submission_all_questions.json` is "the union of the questions from val,
   test-dev, test and challenge ... please upload your answers on all questions in that file" (an object keyed by
@@ -66,7 +67,7 @@ class SubmissionError(LxmError, ValueError):
     """A submission or questions file that cannot be read as one at all; the message names the file."""
 
 
-# kind of problem -> what the report says of it, per task where the fields differ; in the order reported
+# the kinds of problem, in the order a report lists them (`_problem_texts` says each one per task)
 _KINDS = ("unreadable", "id_type", "answer_type", "duplicate", "extra", "missing", "outside_table")
 
 
@@ -82,14 +83,14 @@ class Problem:
 
     def line(self) -> str:
         more = ", ..." if self.count > len(self.first) else ""
-        return f"{self.what}: {self.count} (first: {', '.join(self.first)}{more})"
+        return f"{self.what}: {self.count:,} (first: {', '.join(self.first)}{more})"
 
 
 @dataclass(frozen=True)
 class SubmissionReport:
     """What `check_submission` found in one file."""
 
-    task: str  # vqa, gqa or nlvr2
+    task: SubmissionTask  # whose server the file is for
     path: str  # the file checked
     size_bytes: int  # its size on disk
     records: int  # records (NLVR2: lines) read
@@ -124,6 +125,7 @@ class SubmissionReport:
 
 
 def human_size(n: int) -> str:
+    """Bytes as a person reads them (1000-based, as upload pages state their limits)."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
@@ -156,7 +158,7 @@ def _shown(value: object) -> str:
 # ---------------------------------------------------------------------------------------------------- questions
 
 
-def required_ids(task: str, questions: str | os.PathLike) -> list:
+def required_ids(task: SubmissionTask, questions: str | os.PathLike) -> list:
     """The ids a submission for `task` must answer, from the official questions file, in its order (each once),
     typed as the server compares them (VQA int, GQA and NLVR2 str).
 
@@ -171,6 +173,10 @@ def required_ids(task: str, questions: str | os.PathLike) -> list:
         if not isinstance(records, list):
             raise SubmissionError(f"{path}: expected VQA questions {{\"questions\": [{{\"question_id\": int, ...}}]}} "
                                   f"(v2_OpenEnded_mscoco_test2015_questions.json)")
+        if obj.get("data_subtype") == "test-dev2015":  # what a test-dev check would wrongly pass
+            raise SubmissionError(f"{path}: the test-dev2015 questions; the VQA server wants a prediction for every "
+                                  f"test2015 question for test-dev as for test-standard: give "
+                                  f"v2_OpenEnded_mscoco_test2015_questions.json")
         ids = {}
         for n, rec in enumerate(records):
             qid = rec.get("question_id") if isinstance(rec, Mapping) else None
@@ -229,7 +235,7 @@ _JSON_FIELDS = {
 }
 
 
-def check_submission(task: str, path: str | os.PathLike, questions: str | os.PathLike,
+def check_submission(task: SubmissionTask, path: str | os.PathLike, questions: str | os.PathLike,
                      answers: Collection[str] | None = None) -> SubmissionReport:
     """Check the submission file `path` of `task` (vqa, gqa, nlvr2) against the official questions file.
 
@@ -245,7 +251,7 @@ def check_submission(task: str, path: str | os.PathLike, questions: str | os.Pat
     return check_submission_ids(task, path, required_ids(task, questions), answers)
 
 
-def check_submission_ids(task: str, path: str | os.PathLike, required: Iterable,
+def check_submission_ids(task: SubmissionTask, path: str | os.PathLike, required: Iterable,
                          answers: Collection[str] | None = None) -> SubmissionReport:
     """`check_submission` against the ids `required` (typed as the server compares them: VQA int, else str; the
     first missing ones are reported in this order), e.g. the ids of a corpus table built from the questions file
