@@ -31,13 +31,13 @@ def test_help_lists_only_working_commands():
     # Stages land one issue at a time; a command is registered only once it works (no placeholders).
     assert set(root.commands) == {"convert-checkpoint", "convert", "export", "extract", "inspect", "show",
                                   "build-corpus", "pretrain", "finetune", "predict", "plot", "quickstart", "evaluate",
-                                  "ask", "gallery"}
+                                  "check-submission", "ask", "gallery"}
     leaves = set(_leaf_commands(root))
     assert leaves == {("convert-checkpoint",), ("convert", "tsv"), ("convert", "h5"), ("export", "tsv"), ("export", "h5"),
                       ("extract",), ("inspect",), ("show",), ("build-corpus",), ("pretrain",), ("finetune",),
                       ("predict",), ("plot",), ("quickstart",), ("ask",), ("gallery",),
                       ("evaluate", "vqa"), ("evaluate", "gqa"), ("evaluate", "nlvr2"), ("evaluate", "qa"),
-                      ("evaluate", "classify")}
+                      ("evaluate", "classify"), ("check-submission",)}
     for name in root.commands:
         assert name in result.output
     for path in leaves:
@@ -49,7 +49,8 @@ def test_help_lists_the_commands_in_pipeline_order():
     result = CliRunner().invoke(app, ["--help"], terminal_width=120)
     listed = [m.group(1) for m in re.finditer(r"^[│|] ([a-z][a-z0-9-]*) ", result.output, re.MULTILINE)]
     assert listed == ["quickstart", "extract", "convert", "export", "inspect", "show", "build-corpus", "pretrain",
-                      "finetune", "predict", "evaluate", "ask", "gallery", "plot", "convert-checkpoint"], result.output
+                      "finetune", "predict", "evaluate", "check-submission", "ask", "gallery", "plot",
+                      "convert-checkpoint"], result.output
 
 
 def test_convert_checkpoint_help_explains_formats():

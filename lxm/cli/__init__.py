@@ -21,7 +21,7 @@ from lxm.cli import ask, checkpoint, corpus, evaluate, extract, features, galler
 
 # `lxm --help` lists the commands in this order (typer would list every command group after the plain commands)
 COMMANDS = ("quickstart", "extract", "convert", "export", "inspect", "show", "build-corpus", "pretrain", "finetune",
-            "predict", "evaluate", "ask", "gallery", "plot", "convert-checkpoint")
+            "predict", "evaluate", "check-submission", "ask", "gallery", "plot", "convert-checkpoint")
 
 
 def _paragraphs_joined(text: str) -> str:
@@ -87,6 +87,7 @@ app.command("pretrain")(train.pretrain_cmd)
 app.command("finetune")(train.finetune_cmd)
 app.command("predict")(train.predict_cmd)
 app.add_typer(evaluate.evaluate_app, name="evaluate")
+app.command("check-submission")(evaluate.check_submission_cmd)
 app.command("ask")(ask.ask_cmd)
 app.command("gallery")(gallery.gallery_cmd)
 app.command("plot")(train.plot_cmd)

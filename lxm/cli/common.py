@@ -200,3 +200,21 @@ def advancing(items, bar, task):
     for item in items:
         yield item
         bar.advance(task)
+
+
+def report_submission(report, note: str | None = None, *, summary_to_stdout: bool = False) -> None:
+    """Print a submission check (`lxm.eval.submission.SubmissionReport`): a ready file gets its one-line summary
+    (on stdout with `summary_to_stdout`, the result of `lxm check-submission`; else stderr); a file that is not
+    ready gets an error line with the counts, one line per problem with its first offending ids, `note`, and exit 1."""
+    if report.ok:
+        if summary_to_stdout:
+            typer.echo(report.summary())
+        else:
+            err.print(report.summary(), highlight=False)
+        return
+    err.print(Text.assemble(("error:", "red"), " ", report.summary()), highlight=False)
+    for line in report.details():
+        err.print(f"  {line}", highlight=False)
+    if note:
+        err.print(f"  {note}", highlight=False)
+    raise typer.Exit(code=1)

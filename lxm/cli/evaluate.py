@@ -1,18 +1,21 @@
-"""`lxm evaluate vqa|gqa|nlvr2|qa|classify`: the metrics of a predictions file, as JSON on stdout.
+"""`lxm evaluate vqa|gqa|nlvr2|qa|classify`: the metrics of a predictions file, as JSON on stdout; `lxm
+check-submission vqa|gqa|nlvr2`: a submission file checked before upload.
 
 Thin wrappers over `lxm.eval.evaluate_vqa` / `evaluate_gqa` / `evaluate_nlvr2` / `evaluate_qa` /
-`evaluate_classify`, which a notebook calls directly.
+`evaluate_classify` and `lxm.eval.check_submission`, which a notebook calls directly.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 
 import typer
 
-from lxm.cli.common import USER_ERRORS, fail
+from lxm.cli.common import USER_ERRORS, fail, report_submission
+from lxm.errors import ConfigError
 
 evaluate_app = typer.Typer(help="Score predictions with the official VQA / GQA / NLVR2 metrics, or those of your own "
                                 "qa / classify data (JSON to stdout).",
@@ -130,3 +133,55 @@ def evaluate_classify_cmd(
     from lxm.eval import evaluate_classify
 
     _print_scores(evaluate_classify, annotations, predictions)
+
+
+class SubmissionTask(str, Enum):
+    vqa = "vqa"
+    gqa = "gqa"
+    nlvr2 = "nlvr2"
+
+
+def check_submission_cmd(
+    task: SubmissionTask = typer.Argument(..., help="vqa, gqa or nlvr2: whose server the file is for."),
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="The submission file: VQA / GQA JSON, NLVR2 "
+                                                                       "CSV (what lxm predict writes)."),
+    questions: Path = typer.Option(..., "--questions", exists=True, dir_okay=False,
+                                   help="The questions the server scores: VQA v2_OpenEnded_mscoco_test2015_questions"
+                                        ".json (all 447,793, for test-dev as for test-standard), GQA "
+                                        "submission_all_questions.json, NLVR2 test1.json / test2.json."),
+    answers: Path = typer.Option(None, "--answers", exists=True, dir_okay=False,
+                                 help="VQA / GQA: the model's answer table (a JSON list, or {answer: id}); every "
+                                      "answer must be in it."),
+    run: Path = typer.Option(None, "--run", help="VQA / GQA: the finetuning run whose answer table (RUN/answers.json) "
+                                                 "the answers must be in."),
+) -> None:
+    """Check a submission file before upload: every question of --questions answered exactly once, no other ids,
+    the types the server parses (VQA question_id int and answer str; GQA questionId and prediction str; NLVR2 lines
+    identifier,True|False), the file's size, and with --answers or --run whether every answer is in the model's
+    answer table.
+
+    Prints one line and exits 0 when the file is ready; otherwise exits 1 with the count of each problem and its
+    first offending ids. The servers score a missing question as wrong without saying so.
+
+    Example: lxm check-submission vqa test_predict.json --questions v2_OpenEnded_mscoco_test2015_questions.json --run runs/vqa
+    """
+    from lxm.corpus.layout import read_answer_table
+    from lxm.eval.submission import check_submission
+
+    try:
+        if answers is not None and run is not None:
+            raise ConfigError("--answers and --run both name an answer table; give one")
+        table = None
+        if answers is not None:
+            table = read_answer_table(answers)
+        elif run is not None:
+            from lxm.infer.runs import open_run
+
+            _, task_obj, _ = open_run(run)
+            if not task_obj.answer_table:
+                raise ConfigError(f"--run {run}: a {task_obj.name} run has no answer table")
+            table = task_obj.answers
+        report = check_submission(task.value, file, questions, table)
+    except USER_ERRORS as exc:
+        fail(exc)
+    report_submission(report, summary_to_stdout=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from lxm.cli.common import USER_ERRORS, err, fail, keep_freed_memory_on_cpu, progress
+from lxm.cli.common import USER_ERRORS, err, fail, keep_freed_memory_on_cpu, progress, report_submission
 from lxm.errors import ConfigError
 
 
@@ -265,7 +265,11 @@ def predict_cmd(
 
     VQA and qa [{"question_id", "answer"}], GQA [{"questionId", "prediction"}], NLVR2 CSV identifier,True|False,
     classify CSV id,label. When the split has labels, the local score is printed too (use lxm evaluate for the
-    official one). GQA with --questions
+    official one). On a split an evaluation server takes (vqa test: all of test2015, which the server wants for
+    test-dev as for test-standard; gqa submit; nlvr2 test1 / test2) the written file is checked as lxm
+    check-submission does, against every question of the split and the run's answer table; a file that is not
+    ready stays written, the command exits 1 with the counts and first offending ids (e.g. questions whose images
+    have no features). GQA with --questions
     also prints every eval.py number of the written file as JSON, exactly as lxm evaluate gqa.
 
     Example: lxm predict vqa --checkpoint runs/vqa --split test --features features/test2015 --out test_predict.json
@@ -282,13 +286,17 @@ def predict_cmd(
         fail(ConfigError("--choices needs --questions"))
     try:
         check_output_file(out, "--out")  # before the model runs: its predictions would be lost
-        path, scores = predict_run(checkpoint, task, split, out, corpus=str(corpus) if corpus else None,
-                                   features=[str(f) for f in features] if features else None, batch_size=batch_size,
-                                   device=device, log=lambda m: err.print(m, highlight=False))
+        path, scores, submission = predict_run(
+            checkpoint, task, split, out, corpus=str(corpus) if corpus else None,
+            features=[str(f) for f in features] if features else None, batch_size=batch_size, device=device,
+            log=lambda m: err.print(m, highlight=False))
     except USER_ERRORS as exc:
         fail(exc)
     err.print(f"wrote {path}" + (f" (local {split} " + ", ".join(f"{k} {v}" for k, v in scores.items()) + ")"
                                  if scores else ""), highlight=False)
+    if submission is not None:
+        report_submission(submission, f"the file is written; lxm check-submission {task} {path} --questions Q "
+                                      f"checks it again")
     if questions:  # the file just written, scored as lxm evaluate gqa would
         from lxm.eval import evaluate_gqa
 

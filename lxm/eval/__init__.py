@@ -2,7 +2,8 @@
 and the metrics and JSON lines readers of the custom QA / classification datasets of `lxm finetune qa|classify`.
 
 Reproduces GT-Vision-Lab/VQA `vqaEval.py`, the GQA authors' `eval.py` and lil-lab/nlvr `nlvr2/eval/metrics.py`
-(see `metrics` and `formats` for what each computes and every deliberate difference). Imports no torch, so a
+(see `metrics` and `formats` for what each computes and every deliberate difference), and checks submission files
+as the VQA / GQA / NLVR2 servers parse them (`submission`). Imports no torch, so a
 notebook scores a file without the training stack::
 
     from lxm.eval import evaluate_vqa
@@ -17,6 +18,8 @@ from lxm.eval.formats import (ClassifyRecord, QaRecord, classify_predictions, gq
                               write_qa_predictions, write_vqa_predictions)
 from lxm.eval.metrics import (MetricsInputError, PredictionError, classify_metrics, gqa_metrics, macro_f1,
                               nlvr2_metrics, qa_metrics, qa_question_score, vqa_accuracy, vqa_question_accuracy)
+from lxm.eval.submission import (Problem, SubmissionError, SubmissionReport, check_submission,
+                                 check_submission_ids, required_ids)
 
 __all__ = [
     "evaluate_vqa", "evaluate_gqa", "evaluate_nlvr2", "evaluate_qa", "evaluate_classify",
@@ -25,4 +28,5 @@ __all__ = [
     "QaRecord", "ClassifyRecord", "read_qa_jsonl", "read_classify_jsonl", "qa_predictions", "classify_predictions",
     "MetricsInputError", "PredictionError", "vqa_accuracy", "vqa_question_accuracy", "gqa_metrics", "nlvr2_metrics",
     "qa_metrics", "qa_question_score", "classify_metrics", "macro_f1",
+    "check_submission", "check_submission_ids", "required_ids", "SubmissionReport", "Problem", "SubmissionError",
 ]

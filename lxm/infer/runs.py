@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from lxm.errors import ConfigError
+from lxm.eval.submission import SubmissionReport, check_submission_ids
 from lxm.model import LxmertForFinetuning, load_pretrained
 from lxm.train.config import FinetuneConfig, load_run_config
 from lxm.train.finetune_data import FinetuneDataset, collate_finetune
 from lxm.train.precision import autocast
-from lxm.train.run import BEST_DIR
+from lxm.train.run import BEST_DIR, MODEL_DIR
 from lxm.train.tasks import ANSWERS_FILE, FinetuneTask, task_class
 
 _logger = logging.getLogger(__name__)
@@ -61,6 +63,18 @@ def load_run(run: str | os.PathLike, task: str | None = None) -> tuple[FinetuneC
 
     Raises ConfigError / FileNotFoundError naming the run when it is not a finished finetuning run (a pretraining
     run, a run before its first epoch, another task's run)."""
+    cfg, task_obj, model_dir = open_run(run, task)
+    model = load_pretrained(model_dir)
+    check_answer_table(task_obj.answers if task_obj.answer_table else None, model, Path(run) / ANSWERS_FILE,
+                       str(model_dir))
+    return cfg, task_obj, model
+
+
+def open_run(run: str | os.PathLike, task: str | None = None) -> tuple[FinetuneConfig, FinetuneTask, Path]:
+    """(config, task with its answer table, best model directory) of a finished finetuning run, without loading the
+    model: what `load_run` loads, `lxm check-submission --run` and `lxm convert-checkpoint RUN` read.
+
+    Raises ConfigError / FileNotFoundError naming the run, as `load_run`."""
     run = Path(run)
     if not run.exists():
         raise FileNotFoundError(f"{run}: no such directory (expected the --out directory of lxm finetune)")
@@ -78,9 +92,26 @@ def load_run(run: str | os.PathLike, task: str | None = None) -> tuple[FinetuneC
     model_dir = run / BEST_DIR
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{run}: no {BEST_DIR}/ model yet (the run has not finished an epoch)")
-    task_obj, model = task_class(cfg.task).from_run(run), load_pretrained(model_dir)
-    check_answer_table(task_obj.answers if task_obj.answer_table else None, model, run / ANSWERS_FILE, str(model_dir))
-    return cfg, task_obj, model
+    return cfg, task_class(cfg.task).from_run(run), model_dir
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether `path` is a run directory of lxm (its config.yaml), rather than a checkpoint."""
+    return (Path(path) / "config.yaml").is_file()
+
+
+def run_model(run: str | os.PathLike) -> tuple[Path, list[str] | None]:
+    """(model directory, names of its answer head's rows) of an lxm run: a finetuning run's best/ with its answer
+    table or classification labels (None for NLVR2's pair head), a pretraining run's model/ with None (what `lxm
+    convert-checkpoint RUN` converts)."""
+    run = Path(run)
+    if isinstance(load_run_config(run / "config.yaml"), FinetuneConfig):
+        _, task, model_dir = open_run(run)
+        return model_dir, (task.class_names if task.answer_table else None)
+    model_dir = run / MODEL_DIR
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run}: no {MODEL_DIR}/ model yet (the pretraining run has not finished)")
+    return model_dir, None
 
 
 def check_answer_table(answers: list[str] | None, model: LxmertForFinetuning, file: str | os.PathLike,
@@ -129,13 +160,25 @@ def predict_top(task: FinetuneTask, model: LxmertForFinetuning, dataset: Finetun
     return out
 
 
+class Prediction(NamedTuple):
+    """What `predict_run` did."""
+
+    path: Path  # the submission file written
+    scores: dict  # the local scores when the split is labelled, else {}
+    submission: SubmissionReport | None  # the file checked against every id of the split (a split the task's
+    #   server takes, `FinetuneTask.submission_splits`); None: not such a split
+
+
 def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.PathLike, *, corpus: str | None = None,
                 features: list[str] | None = None, batch_size: int | None = None, device: str = "auto",
-                log=None) -> tuple[Path, dict]:
+                log=None) -> Prediction:
     """Load RUN/best (and RUN/config.yaml for corpus, features, vocab, answers), predict `split`, write `out`;
     `log` receives messages (default: logged).
 
-    Returns (path written, scores when the split is labelled else {})."""
+    On a split the task's server takes (VQA test, GQA submit, NLVR2 test1 / test2), the written file is checked as
+    `lxm check-submission` does, against every id of the split's table (built from the official questions file;
+    examples dropped for missing features are missing from the file) and the run's answer table: a file that is not
+    ready is still written, its report says why."""
     from lxm.devices import resolve_device
 
     log = log or _logger.info
@@ -155,4 +198,9 @@ def predict_run(run: str | os.PathLike, task: str, split: str, out: str | os.Pat
     preds = predict(task_obj, model, data, batch_size=batch_size or cfg.eval_batch_size, device=dev,
                     precision=cfg.runtime.precision)
     path = task_obj.write_predictions(preds, out)
-    return path, (evaluate(task_obj, data, preds) if data.labelled else {})
+    report = None
+    if task_obj.submission_format is not None and split in task_obj.submission_splits:
+        ids = task_obj.read_split(corpus or cfg.corpus, split)[task_obj.id_column]
+        report = check_submission_ids(task_obj.submission_format, path, ids,
+                                      task_obj.answers if task_obj.answer_table else None)
+    return Prediction(path, evaluate(task_obj, data, preds) if data.labelled else {}, report)

@@ -27,6 +27,7 @@ import logging
 import os
 import pickle
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -529,10 +530,18 @@ def _lxm_state_dict(model: LxmertForPreTraining) -> dict[str, Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
 
 
-def hf_config_dict(config: LxmertConfig) -> dict:
-    """The transformers `config.json` for `config` (what `LxmertConfig.to_dict()` of transformers holds)."""
+def hf_config_dict(config: LxmertConfig, labels: Sequence[str] | None = None) -> dict:
+    """The transformers `config.json` for `config` (what `LxmertConfig.to_dict()` of transformers holds).
+
+    Args:
+        labels: the name of each row of the answer head (a finetuned model's answer table or classification
+            labels, id = position): written as `id2label` / `label2id`, so that transformers'
+            `LxmertForQuestionAnswering.from_pretrained(DIR).config.id2label[logits.argmax(-1)]` names the answer.
+    """
     if config.task_nlvr2:
-        raise CheckpointError("transformers' LXMERT has no NLVR2 pair head; save this model in lxm format instead")
+        raise CheckpointError("transformers' LXMERT has no NLVR2 pair head (its classes read one pooled output; "
+                              "the pair head reads the two of an image pair): write --to lxm (config.json + "
+                              "model.safetensors with lxm names) or --to original (the original's BEST.pth) instead")
     if config.num_attention_heads * DEFAULT_HEAD_DIM != config.hidden_size:
         _logger.warning("attention heads are not 64-d; readers that infer the head count from shapes will differ")
     if config.layer_norm_eps != 1e-12:
@@ -555,7 +564,26 @@ def hf_config_dict(config: LxmertConfig) -> dict:
     out = {k: getattr(config, k) for k in keys}
     out.update(model_type="lxmert", architectures=[arch], hidden_act="gelu", visual_loss_normalizer=6.67,
                tie_word_embeddings=True)
+    if labels is not None:
+        out.update(_label_maps(config, list(labels)))
     return out
+
+
+def _label_maps(config: LxmertConfig, labels: list[str]) -> dict:
+    """transformers' `id2label` (str(row) -> name, as its JSON holds it) and `label2id` of the answer head's rows."""
+    if not config.task_qa:
+        raise CheckpointError(f"{len(labels)} answer names given, but the model has no answer head to name")
+    if len(labels) != config.num_qa_labels:
+        raise CheckpointError(f"{len(labels)} answer names for an answer head of {config.num_qa_labels} rows (the "
+                              f"answer table the model was trained with is needed)")
+    first: dict[str, int] = {}
+    for i, name in enumerate(labels):
+        if not isinstance(name, str):
+            raise CheckpointError(f"answer name {i} is {name!r}, not a string")
+        if name in first:
+            raise CheckpointError(f"the answer {name!r} names rows {first[name]} and {i} (each row needs its own name)")
+        first[name] = i
+    return {"id2label": {str(i): name for i, name in enumerate(labels)}, "label2id": first}
 
 
 def _atomic_dir_write(out_dir: Path, files: dict[str, bytes | dict[str, Tensor]], metadata: dict | None = None
@@ -589,9 +617,10 @@ def save_lxm(model: LxmertForPreTraining, out_dir: str | os.PathLike) -> Path:
                                       "model": model.config.to_dict()})
 
 
-def save_hf(model: LxmertForPreTraining, out_dir: str | os.PathLike) -> Path:
-    """Write a transformers-loadable directory (`LxmertForPreTraining.from_pretrained(out_dir)` works)."""
-    return _save_dir(model, out_dir, hf_config_dict(model.config))
+def save_hf(model: LxmertForPreTraining, out_dir: str | os.PathLike, labels: Sequence[str] | None = None) -> Path:
+    """Write a transformers-loadable directory (`LxmertForPreTraining.from_pretrained(out_dir)` works; a model with
+    only the answer head: `LxmertForQuestionAnswering`); `labels` name the answer head's rows (`hf_config_dict`)."""
+    return _save_dir(model, out_dir, hf_config_dict(model.config, labels))
 
 
 def save_original(model: LxmertForPreTraining, path: str | os.PathLike) -> Path:
@@ -618,16 +647,25 @@ def save_original(model: LxmertForPreTraining, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> LoadReport:
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
+                       labels: Sequence[str] | None = None) -> LoadReport:
     """Load `src` (any supported format) strictly and write it to `dst` in format `to` (lxm, hf or original).
+
+    Args:
+        labels: with `to="hf"`, the names of the answer head's rows, written as the config's `id2label` /
+            `label2id` (the other formats hold no names: an lxm run keeps them in RUN/answers.json).
 
     Returns the coverage report of the load.
     """
     writers = {"lxm": save_lxm, "hf": save_hf, "original": save_original}
     if to not in writers:
         raise CheckpointError(f"unknown target format {to!r}; one of {', '.join(writers)}")
+    if labels is not None and to != "hf":
+        raise CheckpointError(f"answer names are written into hf configs (id2label) only, not --to {to}")
     model, report = load_pretrained_with_report(src)
     if to == "hf":
-        hf_config_dict(model.config)  # fail before writing anything
-    writers[to](model, dst)
+        hf_config_dict(model.config, labels)  # fail before writing anything
+        save_hf(model, dst, labels)
+    else:
+        writers[to](model, dst)
     return report

@@ -88,6 +88,10 @@ class FinetuneTask(ABC):
     builds_answer_table: ClassVar[bool] = False  # the answer table comes from the training file (min_answer_count)
     structural_types: ClassVar[bool] = False  # its official questions file gives structural types (GQA: `lxm
     #   predict --questions`, the gallery's accuracy per type)
+    submission_format: ClassVar[str | None] = None  # the server format `lxm.eval.submission` checks (vqa, gqa,
+    #   nlvr2); None: no evaluation server (the custom tasks)
+    submission_splits: ClassVar[tuple[str, ...]] = ()  # splits whose predictions go to the server: `lxm predict`
+    #   checks the written file against every id of the split's table
 
     def __init__(self, answers: Sequence[str] = ()):
         self.answers = list(answers)
@@ -283,6 +287,8 @@ class VqaTask(AnswerTask):
     name = "vqa"
     recipe = Recipe(("train", "nominival"), "minival", 5e-5)
     submission_suffix = ".json"
+    submission_format = "vqa"
+    submission_splits = ("test",)  # all of test2015: the server wants it for test-dev as for test-standard
     info_columns = ("answer_type", "question_type")
 
     def write_predictions(self, predictions, path):
@@ -295,6 +301,8 @@ class GqaTask(AnswerTask):
     name = "gqa"
     recipe = Recipe(("train", "valid"), "testdev", 1e-5)
     submission_suffix = ".json"
+    submission_format = "gqa"
+    submission_splits = ("submit",)  # submission_all_questions.json
     structural_types = True
 
     def write_predictions(self, predictions, path):
@@ -311,6 +319,8 @@ class Nlvr2Task(FinetuneTask):
     name = "nlvr2"
     recipe = Recipe(("train",), "dev", 5e-5)
     submission_suffix = ".csv"
+    submission_format = "nlvr2"
+    submission_splits = ("test1", "test2")  # Test-P, and Test-U (labels public since 2022: lxm evaluate scores it)
     id_column = "identifier"
     image_columns = ("img0", "img1")
     metric_names = ("accuracy", "consistency")
