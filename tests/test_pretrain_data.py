@@ -164,3 +164,84 @@ def test_float16_features_stay_float16_until_the_device_and_arrive_unchanged(wor
     assert a.visual_feats.dtype == a.labels.feat_target.dtype == torch.float32
     assert torch.equal(a.visual_feats, b.visual_feats) and torch.equal(a.labels.feat_target, b.labels.feat_target)
     assert (a.labels.feat_mask.sum() > 0) and not torch.equal(a.visual_feats, a.labels.feat_target)
+
+
+def _example(uid: str, boxes: int, rng: np.random.Generator, cfg):
+    from lxm.train.data import PretrainExample
+
+    t, f = 12, cfg.visual_feat_dim
+    ids = rng.integers(5, cfg.vocab_size, t)
+    mlm = np.full(t, -1)
+    mlm[[2, 5]] = ids[[2, 5]]
+    xy = rng.random((boxes, 2), np.float32) * 0.5
+    feats = rng.standard_normal((boxes, f)).astype(np.float32)
+    feat_mask = (rng.random(boxes) < 0.4).astype(np.float32)
+    return PretrainExample(uid, "mscoco", ids, np.ones(t, np.int64), mlm, feats * (1 - feat_mask[:, None]),
+                           np.concatenate([xy, xy + 0.3], 1), feats, feat_mask,
+                           rng.integers(0, cfg.num_object_labels, boxes), rng.random(boxes, np.float32),
+                           rng.integers(0, cfg.num_attr_labels, boxes), rng.random(boxes, np.float32), 1, 2)
+
+
+def test_images_with_fewer_boxes_are_padded_masked_and_change_no_loss():
+    """A batch of images with 7 and 4 boxes (given boxes vary per image): the 4-box image is padded to 7 and masked
+    out of attention and of every visual loss (they average over the 11 real boxes), so the batch's losses follow
+    from each example's own batch of one (no padding, no mask), and a batch whose images all have N boxes carries no
+    mask (LXMERT's fixed 36: the unmasked path, averaged as the original)."""
+    cfg = lxmert_tiny(num_qa_labels=5)
+    rng = np.random.default_rng(0)
+    a, b = _example("a", 7, rng, cfg), _example("b", 4, rng, cfg)
+    both = collate([a, b])
+    assert both.visual_feats.shape[1] == 7 and both.visual_attention_mask.tolist() == [[1] * 7, [1] * 4 + [0] * 3]
+    assert both.labels.obj_labels[1, 4:].tolist() == [-1] * 3 and both.labels.feat_mask[1, 4:].sum() == 0
+    assert collate([a]).visual_attention_mask is None and collate([b, b]).visual_attention_mask is None
+    torch.manual_seed(0)
+    model = LxmertForPreTraining(cfg).eval()
+    with torch.no_grad():
+        pair, _ = pretraining_step_losses(model, both.labels, **both.model_inputs())
+        alone = [pretraining_step_losses(model, x.labels, **x.model_inputs())[0] for x in (collate([a]), collate([b]))]
+    assert set(pair) >= {"mlm", "match", "obj", "attr", "feat", "qa"}
+    for name in ("obj", "attr", "feat"):  # averages over the batch's real boxes: 7 + 4, never the 3 pads
+        torch.testing.assert_close(pair[name], (7 * alone[0][name] + 4 * alone[1][name]) / 11, rtol=1e-5, atol=1e-6)
+    for name in ("mlm", "match", "qa"):
+        torch.testing.assert_close(pair[name], (alone[0][name] + alone[1][name]) / 2, rtol=1e-5, atol=1e-6)
+    # and the model's outputs at real positions are the unpadded ones
+    with torch.no_grad():
+        out_pair = model(**both.model_inputs())
+        out_b = model(**collate([b]).model_inputs())
+    torch.testing.assert_close(out_pair.match_logits[1], out_b.match_logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_pair.obj_logits[1, :4], out_b.obj_logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_finetuning_pair_of_images_with_different_box_counts_is_padded_and_masked():
+    """An NLVR2-style example whose two images have 5 and 3 boxes, batched with a 6-box one: every image row is
+    padded to 6 and masked; the model's answer for each row equals that image alone, unpadded."""
+    from lxm.model import LxmertForFinetuning
+    from lxm.model.tokenizer import LxmertTokenizer
+    from lxm.train.finetune_data import collate_finetune, encode_example
+
+    cfg = lxmert_tiny(num_qa_labels=4, vocab_size=30522, task_mask_lm=False, task_matched=False,
+                      task_obj_predict=False)
+    rng = np.random.default_rng(1)
+
+    def image(img_id: str, k: int):
+        xy = rng.random((k, 2), np.float32) * 50
+        rec = ImageFeatures(img_id, 100, 100, rng.integers(0, 10, k), rng.random(k, np.float32),
+                            rng.integers(0, 6, k), rng.random(k, np.float32), np.concatenate([xy, xy + 40], 1),
+                            rng.standard_normal((k, cfg.visual_feat_dim)).astype(np.float32))
+        return rec, rec.normalized_boxes()
+
+    tok = LxmertTokenizer(str(BERT_VOCAB), max_length=12)
+    five, three, six = image("x", 5), image("y", 3), image("z", 6)
+    pair = encode_example("p", "two dogs", [five, three], tok)
+    assert pair.visual_feats.shape[:2] == (2, 5) and pair.box_counts == [5, 3]
+    batch = collate_finetune([pair, encode_example("q", "a cat", [six], tok)])
+    assert batch.visual_attention_mask.tolist() == [[1] * 5 + [0], [1] * 3 + [0] * 3, [1] * 6]
+    torch.manual_seed(0)
+    model = LxmertForFinetuning(cfg).eval()
+    with torch.no_grad():
+        together = model(**batch.model_inputs()).pooled_output
+        for row, (text, img) in enumerate((("two dogs", five), ("two dogs", three), ("a cat", six))):
+            alone = collate_finetune([encode_example("s", text, [img], tok)])
+            assert alone.visual_attention_mask is None
+            torch.testing.assert_close(together[row], model(**alone.model_inputs()).pooled_output[0], rtol=1e-5,
+                                       atol=1e-5)

@@ -64,6 +64,8 @@ class PretrainLabels:
     feat_target: Tensor | None = None  # [B, N, F] float: the ORIGINAL (unmasked) region features
     feat_mask: Tensor | None = None  # [B, N] float 0/1: 1 where the box was selected for masking
     answers: Tensor | None = None  # [B] long: answer id, ignore_index when unlabelled or mismatched
+    box_mask: Tensor | None = None  # [B, N] 0/1: 1 a real box, 0 padding (images with fewer boxes than N); the
+    #   visual losses average over real boxes. None: all B*N real (LXMERT's fixed 36), averaged as the original
 
 
 def _zero_like_graph(x: Tensor) -> Tensor:
@@ -91,29 +93,35 @@ def match_loss(logits: Tensor, matched: Tensor) -> Tensor:
 
 
 def weighted_box_ce(logits: Tensor, labels: Tensor, weights: Tensor, normalizer: float,
-                    ignore_index: int = IGNORE_INDEX) -> Tensor:
+                    ignore_index: int = IGNORE_INDEX, box_mask: Tensor | None = None) -> Tensor:
     """Per-box CE times a per-box weight, averaged over ALL boxes, times `normalizer` (obj and attr losses).
 
     A box labelled `ignore_index` contributes 0 but still counts in the mean, as the original's
     `CrossEntropyLoss(ignore_index=-1, reduction='none')` followed by `.mean()`. logits [B, N, C], labels [B, N],
-    weights [B, N].
+    weights [B, N]; `box_mask` [B, N] (padding 0): the mean is over the real boxes only.
     """
     per_box = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                               ignore_index=ignore_index, reduction="none")
-    return (per_box * weights.reshape(-1).to(per_box.dtype)).mean() * normalizer
+    weighted = per_box * weights.reshape(-1).to(per_box.dtype)
+    if box_mask is None:
+        return weighted.mean() * normalizer
+    real = box_mask.reshape(-1).to(per_box.dtype)
+    return (weighted * real).sum() / real.sum().clamp(min=1) * normalizer
 
 
 def feat_regression_loss(pred: Tensor, target: Tensor, mask: Tensor, normalizer: float,
-                         kind: Literal["smoothl1", "l2"] = "smoothl1") -> Tensor:
+                         kind: Literal["smoothl1", "l2"] = "smoothl1", box_mask: Tensor | None = None) -> Tensor:
     """Per-box feature regression loss (averaged over features) times the box mask, averaged over ALL boxes.
 
     Args:
         pred: [B, N, F] predictions, or packed [K, F] for exactly the boxes where `mask` is non-zero.
         target: [B, N, F] original features.
         mask: [B, N] 0/1 (or weights).
+        box_mask: [B, N] 1 a real box, 0 padding (never in `mask`): the mean is over real boxes; None: all real.
     """
     mask = mask.to(pred.dtype if pred.is_floating_point() else torch.float32)
-    total = mask.numel()  # the original divides by B*N, not by the number of masked boxes
+    # the original divides by B*N, not by the number of masked boxes; with padding, by the real boxes
+    total = mask.numel() if box_mask is None else box_mask.sum().clamp(min=1)
     if pred.dim() == 2:  # packed: rows are the non-zero mask positions, row-major
         where = mask != 0
         target, mask = target[where], mask[where]
@@ -178,12 +186,13 @@ def pretraining_losses(out: "LxmertOutput", labels: PretrainLabels, cfg: Pretrai
             if labels.feat_mask is None:
                 raise ValueError(f"PretrainLabels.feat_mask is required for {name} loss on masked boxes only")
             weights = weights * labels.feat_mask
-        losses[name] = weighted_box_ce(logits, ids, weights, cfg.visual_loss_normalizer, cfg.ignore_index)
+        losses[name] = weighted_box_ce(logits, ids, weights, cfg.visual_loss_normalizer, cfg.ignore_index,
+                                       labels.box_mask)
     if out.feat_pred is not None and labels.feat_target is not None:
         if labels.feat_mask is None:
             raise ValueError("PretrainLabels.feat_mask is required for the feature regression loss")
         losses["feat"] = feat_regression_loss(out.feat_pred, labels.feat_target, labels.feat_mask,
-                                              cfg.visual_loss_normalizer, cfg.feat_loss)
+                                              cfg.visual_loss_normalizer, cfg.feat_loss, labels.box_mask)
     if labels.answers is not None and out.answer_logits is not None:
         losses["qa"] = qa_loss(out.answer_logits, labels.answers, cfg.ignore_index)
     return losses

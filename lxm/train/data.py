@@ -96,6 +96,8 @@ class ModelInputs:
     token_type_ids: torch.Tensor  # [R, T] long, zeros
     visual_feats: torch.Tensor  # [R, N, F] float32, or float16 until `to(device)` (masked in pretraining)
     visual_boxes: torch.Tensor  # [R, N, 4] float32, normalised (x1, y1, x2, y2)
+    visual_attention_mask: torch.Tensor | None = field(default=None, kw_only=True)  # [R, N] long: 1 a real box, 0
+    #   padding (stores whose images have fewer boxes than others: given boxes); None: every box real (36 regions)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelInputs)}
@@ -119,19 +121,44 @@ class Batch(ModelInputs):
     sources: list[str] = field(default_factory=list)
 
 
-def collate(items: list[PretrainExample]) -> Batch:
-    def stack(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([getattr(x, name) for x in items]))
+def pad_boxes(values: np.ndarray, n: int, axis: int = 0, fill=0) -> np.ndarray:
+    """`values` with its box axis padded to `n` entries of `fill` (itself when it has `n` already)."""
+    short = n - values.shape[axis]
+    if short == 0:
+        return values
+    widths = [(0, 0)] * values.ndim
+    widths[axis] = (0, short)
+    return np.pad(values, widths, constant_values=fill)
 
-    ids = stack("input_ids")
+
+def box_mask(counts: list[int], n: int) -> torch.Tensor | None:
+    """[len(counts), n] long: 1 for each row's first counts[i] boxes; None when every row has `n` (no padding: the
+    model's unmasked path, as LXMERT's fixed 36 boxes)."""
+    if all(c == n for c in counts):
+        return None
+    return (torch.arange(n)[None, :] < torch.tensor(counts)[:, None]).long()
+
+
+def collate(items: list[PretrainExample]) -> Batch:
+    """Stack examples; images with fewer boxes than the batch's most are padded (zero features and boxes, ignored
+    labels, never masked) and masked out of attention (`visual_attention_mask`) and every visual loss."""
+    n = max(len(x.visual_feats) for x in items)
+
+    def stack(name: str, fill=0) -> torch.Tensor:
+        return torch.from_numpy(np.stack([pad_boxes(getattr(x, name), n, fill=fill) for x in items]))
+
+    ids = torch.from_numpy(np.stack([x.input_ids for x in items]))
     labels = PretrainLabels(
-        mlm_labels=stack("mlm_labels"), matched=torch.tensor([x.matched for x in items], dtype=torch.long),
-        obj_labels=stack("obj_labels"), obj_conf=stack("obj_conf"), attr_labels=stack("attr_labels"),
+        mlm_labels=torch.from_numpy(np.stack([x.mlm_labels for x in items])),
+        matched=torch.tensor([x.matched for x in items], dtype=torch.long),
+        obj_labels=stack("obj_labels", IGNORE), obj_conf=stack("obj_conf"), attr_labels=stack("attr_labels", IGNORE),
         attr_conf=stack("attr_conf"), feat_target=stack("feat_target"), feat_mask=stack("feat_mask"),
         answers=torch.tensor([x.answer for x in items], dtype=torch.long),
+        box_mask=box_mask([len(x.visual_feats) for x in items], n),
     )
-    return Batch(ids, stack("attention_mask"), torch.zeros_like(ids), stack("visual_feats"), stack("visual_boxes"),
-                 labels, [x.uid for x in items], [x.source for x in items])
+    return Batch(ids, torch.from_numpy(np.stack([x.attention_mask for x in items])), torch.zeros_like(ids),
+                 stack("visual_feats"), stack("visual_boxes"), labels, [x.uid for x in items],
+                 [x.source for x in items], visual_attention_mask=labels.box_mask)
 
 
 class PretrainDataset(Dataset):

@@ -24,7 +24,7 @@ from lxm.errors import LxmError
 from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStore, read_normalized, store_index
 from lxm.model.tokenizer import LxmertTokenizer
-from lxm.train.data import ModelInputs
+from lxm.train.data import ModelInputs, box_mask, pad_boxes
 from lxm.train.tasks import FinetuneTask
 
 
@@ -44,6 +44,8 @@ class FinetuneExample:
     visual_boxes: np.ndarray  # [I, N, 4] float32, normalised (x1, y1, x2, y2)
     target: np.ndarray | None = None  # the task's `example_target`: [A] float32 soft scores over A answers (answer
     #   tasks), a 0-d int64 class (NLVR2 0/1; classify, lxm.model.IGNORE_INDEX: not a training label); None: unlabelled
+    box_counts: list[int] | None = None  # real boxes of each image when they differ (the rest of N is padding);
+    #   None: all N real
 
 
 @dataclass
@@ -151,11 +153,14 @@ def encode_example(example_id, text: str, images: list[tuple[ImageFeatures, np.n
     """One example from its text and its images' (record, normalised boxes), as the dataset and `lxm ask` build
     it; `target` is the task's `example_target` (None: unlabelled)."""
     enc = tokenizer.encode(text)
-    feats = np.stack([rec.features for rec, _ in images])
+    counts = [len(rec.features) for rec, _ in images]
+    n = max(counts)
+    feats = np.stack([pad_boxes(rec.features, n) for rec, _ in images])
     if feats.dtype != np.float16:  # float16 (a float16 store) stays so until the device (ModelInputs.to)
         feats = feats.astype(np.float32)
-    boxes = np.stack([b for _, b in images])
-    return FinetuneExample(example_id, enc.input_ids[0], enc.attention_mask[0], feats, boxes, target)
+    boxes = np.stack([pad_boxes(b, n) for _, b in images])
+    return FinetuneExample(example_id, enc.input_ids[0], enc.attention_mask[0], feats, boxes, target,
+                           None if all(c == n for c in counts) else counts)
 
 
 def collate_finetune(items: list[FinetuneExample]) -> FinetuneBatch:
@@ -167,8 +172,11 @@ def collate_finetune(items: list[FinetuneExample]) -> FinetuneBatch:
     targets = None
     if all(x.target is not None for x in items):
         targets = torch.from_numpy(np.stack([x.target for x in items]))
+    n = max(x.visual_feats.shape[1] for x in items)  # images with fewer boxes are padded and masked
+    counts = [c for x in items for c in (x.box_counts or [x.visual_feats.shape[1]] * len(x.visual_feats))]
     return FinetuneBatch(input_ids, torch.from_numpy(np.repeat(np.stack([x.attention_mask for x in items]), rows,
                                                                axis=0)),
-                         torch.zeros_like(input_ids), torch.from_numpy(np.concatenate([x.visual_feats for x in items])),
-                         torch.from_numpy(np.concatenate([x.visual_boxes for x in items])), targets,
-                         [x.id for x in items])
+                         torch.zeros_like(input_ids),
+                         torch.from_numpy(np.concatenate([pad_boxes(x.visual_feats, n, axis=1) for x in items])),
+                         torch.from_numpy(np.concatenate([pad_boxes(x.visual_boxes, n, axis=1) for x in items])),
+                         targets, [x.id for x in items], visual_attention_mask=box_mask(counts, n))
