@@ -65,7 +65,7 @@ def main() -> None:
     params = replica.master_params() if replica is not None else [p for p in model.parameters() if p.requires_grad]
     inputs, labels = make_batch(cfg, batch)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
-    labels = PretrainLabels(**{k: v.to(args.device) for k, v in vars(labels).items()})
+    labels = PretrainLabels(**{k: None if v is None else v.to(args.device) for k, v in vars(labels).items()})
 
     def mark() -> float:
         if cuda:
