@@ -47,8 +47,8 @@ class GalleryRecord:
     top: list[tuple[str, float]]  # the k most probable predictions (string, probability), best first
     score: float  # the task's first metric on this example alone, percent (VQA soft accuracy x 100)
     types: dict[str, str] = field(default_factory=dict)  # type field -> value (answer_type, structural, ...)
-    # per image (the order of `images`) the [N] float32 weights of its N boxes: the last cross layer's [CLS] -> boxes
-    # attention, mean over heads, summing to 1 (`lxm.infer.explain.cls_to_boxes`); the boxes the page draws
+    # per image (the order of `images`) the [N] float32 weights of its N boxes, summing to 1: relevance shares or the
+    # last cross layer's [CLS] -> boxes attention (lxm.infer.explain.explain_batch); the boxes the page draws
     attention: list[np.ndarray] = field(default_factory=list)
 
     @property
