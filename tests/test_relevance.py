@@ -176,3 +176,12 @@ def test_word_shares_add_up_a_words_pieces():
     n = len(pieces[2])
     assert got[0][1] == pytest.approx(2 / (2 + n)) and got[2][1] == pytest.approx(n / (2 + n))
     assert got[-1][1] == 0.0 and sum(s for _, s in got) == pytest.approx(1.0)
+
+
+def test_a_model_without_cross_layers_gives_no_box_relevance():
+    """x_layers = 0: the answer reads the language stream alone, so no box is relevant (and nothing fails)."""
+    cfg = lxmert_tiny(x_layers=0, vocab_size=50, task_mask_lm=False, task_matched=False, task_obj_predict=False,
+                      task_qa=True, num_qa_labels=2)
+    torch.manual_seed(0)
+    rel = answer_relevance(build_lxmert(cfg), _inputs(), lambda out: out.answer_logits)
+    assert (rel.boxes == 0).all() and rel.words[0, 1:6].sum() > 0 and (rel.words[0, 6:] == 0).all()

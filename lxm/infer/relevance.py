@@ -65,13 +65,13 @@ def without_self(r: Tensor) -> Tensor:
     return torch.where(sums > 0, hat / sums.clamp(min=torch.finfo(r.dtype).tiny), torch.zeros_like(hat)) + eye
 
 
-def propagate(att, grads: dict[str, list[Tensor | None]]) -> tuple[Tensor, Tensor]:
+def propagate(att, grads: dict[str, list[Tensor | None]], shape: tuple[int, int, int], device: torch.device
+              ) -> tuple[Tensor, Tensor]:
     """(R_tt [B, T, T], R_ti [B, T, N]) of a forward's attentions (`lxm.model.modeling.Attentions`) and the answer
-    logit's gradients with respect to them (`grads`: the same keys, a list per kind, None where no gradient)."""
-    if not att.cross:
-        raise ValueError("relevance needs a model with cross-modality layers (x_layers >= 1)")
-    b, _, t, n = att.cross[0].shape  # language -> vision [B, heads, T, N]
-    dev = att.cross[0].device
+    logit's gradients with respect to them (`grads`: the same keys, a list per kind, None where no gradient);
+    `shape` = (B, T, N). A model without cross layers gives no box any relevance (its answer cannot see them)."""
+    b, t, n = shape
+    dev = device
     r_tt = torch.eye(t, device=dev).repeat(b, 1, 1)
     r_ii = torch.eye(n, device=dev).repeat(b, 1, 1)
     r_ti = torch.zeros(b, t, n, device=dev)
@@ -131,7 +131,8 @@ def answer_relevance(model: nn.Module, inputs: dict[str, Tensor], logits_of: Cal
         grads[kind][i] = g
     with torch.no_grad():
         detached = type(att)(**{kind: tuple(m.detach() for m in getattr(att, kind)) for kind in KINDS})
-        r_tt, r_ti = propagate(detached, grads)
+        shape = (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1], inputs["visual_feats"].shape[1])
+        r_tt, r_ti = propagate(detached, grads, shape, logits.device)
         words = r_tt[:, 0, :].clone()
         words[:, 0] = 0.0  # [CLS] itself, as the reference
         mask = inputs.get("attention_mask")
