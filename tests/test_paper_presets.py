@@ -106,6 +106,9 @@ def test_each_paper_preset_trains_two_steps_on_the_tiny_world(data, tmp_path):
         args[args.index("tiny")] = name  # the preset instead of `tiny`; the tiny sizes come from the --set items
         if PRETRAIN_PRESETS[name]().init_bert:
             args += ["--set", f"init_bert={bert}"]
+        plan = CliRunner().invoke(app, ["pretrain", *args, "--dry-run"])  # what the run will train, said first
+        assert plan.exit_code == 0 and f"objectives: {', '.join(objectives)}" in plan.output, plan.output
+        assert ("qa_schedule: no QA" if "qa" not in objectives else f"from epoch {qa_start}") in plan.output
         result = CliRunner().invoke(app, ["pretrain", *args])
         assert result.exit_code == 0, f"{name}: {result.output}"
         steps = [r for r in log_records(out) if "loss" in r and "step" in r]

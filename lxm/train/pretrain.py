@@ -201,6 +201,10 @@ class Pretrainer:
                 "warmup": cfg.optim.warmup,
                 "optimizer": cfg.optim.optimizer, "precision": cfg.runtime.precision, "device": str(self.device),
                 "processes": self.dist.world_size, "model": cfg.model,
+                "init": f"BERT weights from {cfg.init_bert}" if cfg.init_bert else "random (from scratch)",
+                "objectives": ", ".join(cfg.objectives),
+                "qa_schedule": (f"from epoch {cfg.qa_start_epoch}, weight {cfg.qa_weight:g}" if "qa" in cfg.objectives
+                                else "no QA"),
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "answers": self.model.config.num_qa_labels,
                 "start": ({"from": str(self.resumed_from), "step": self.step, "epoch": self.epoch}
