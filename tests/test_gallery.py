@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from html import escape as html_escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -459,17 +460,29 @@ def test_page_filters_in_a_browser(world, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
 
 
-def test_drawn_boxes_default_to_the_relevance_for_the_predicted_answer(world):
+def test_drawn_boxes_default_to_the_relevance_for_the_predicted_answer(world, tmp_path):
     """Without --explain-method the gallery's box weights are the relevance shares of each example's predicted answer
-    (`lxm.infer.explain.explain_batch`), the example explained alone giving the same as in its batch."""
-    from lxm.infer.explain import explain_batch
+    (`lxm.infer.explain.explain_batch`), the example explained alone giving the same as in its batch, and the page
+    highlights each word of the text by its share (the two images' relevance added up)."""
+    from lxm.infer.explain import explain_batch, word_shares
 
     data = _records(world, "nlvr2", "dev")
     _, task, model = load_run(world["nlvr2"])
     for r in data.records[:3]:
         batch = collate_finetune([data.dataset[data.dataset.ids.index(r.id)]])
         logits, boxes, words = explain_batch(task, model, batch.model_inputs(), "relevance")
-        assert r.top[0][0] == task.top(logits, 1)[0][0][0] and words is not None
+        assert r.top[0][0] == task.top(logits, 1)[0][0][0]
         for k in range(2):  # rows 0 and 1: the left and right image
             np.testing.assert_allclose(r.attention[k], boxes[k].numpy(), rtol=1e-4, atol=1e-6)
             assert abs(float(r.attention[k].sum()) - 1) < 1e-5
+        expected = word_shares(data.dataset.tokenizer, r.text, words.sum(0).numpy())
+        assert [w for w, _ in r.words] == r.text.split() == [w for w, _ in expected]
+        np.testing.assert_allclose([s for _, s in r.words], [s for _, s in expected], rtol=1e-4, atol=1e-6)
+    out = tmp_path / "g"
+    _gallery(world, "nlvr2", out)
+    html = (out / "index.html").read_text()
+    r = data.records[0]
+    top = max(s for _, s in r.words)
+    marks = " ".join(f'<mark style="background:rgba(255,200,0,{s / top:.2f})" title="share {s:.3f}"><bdi>'
+                     f'{html_escape(w)}</bdi></mark>' for w, s in r.words)
+    assert f'<p class="text"><bdi>{marks}</bdi></p>' in html

@@ -135,6 +135,13 @@ def test_relevance_ranks_that_box_and_word_first_where_attention_does_not():
     torch.testing.assert_close(plain.answer_logits, rel.logits)
     assert plain.attentions is None and plain.cross_attentions is None
     assert all(p.grad is None for p in model.parameters())  # only the maps' gradients were taken
+    # a frozen model (every parameter requires_grad False), asked under no_grad, gives the same
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        frozen = answer_relevance(model, inputs, lambda out: out.answer_logits)
+    torch.testing.assert_close((frozen.words, frozen.boxes), (rel.words, rel.boxes))
+    assert not any(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
 
 
 def test_explain_batch_gives_the_box_shares_by_either_method():

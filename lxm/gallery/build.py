@@ -202,15 +202,16 @@ def load_records(run: str | os.PathLike, cfg: GalleryConfig, log: Callable[[str]
     model.to(dev)
     found = predict_explained(task, model, data, cfg.top_k, batch_size=cfg.batch_size or run_cfg.eval_batch_size,
                               device=dev, precision=run_cfg.runtime.precision, method=cfg.explain_method)
-    top = {i: best for i, (best, _) in found.items()}
-    attention = {i: weights for i, (_, weights) in found.items()}
+    top = {i: best for i, (best, _, _) in found.items()}
+    attention = {i: weights for i, (_, weights, _) in found.items()}
+    words = {i: shares for i, (_, _, shares) in found.items() if shares is not None}
     notes = []
     if task.structural_types and structural is None:
         notes.append("No accuracy per structural type: pass --questions with the split's GQA questions JSON "
                      "(e.g. testdev_balanced_questions.json).")
     types = gallery_records.example_types(task, data.info, len(data), structural)
     records = gallery_records.build_records(task, data.ids, data.texts, data.images, data.targets, top, types,
-                                            attention)
+                                            attention, words)
     return GalleryData(task, data, records, gallery_records.summarize(task, cfg.split, records, data.targets, notes))
 
 

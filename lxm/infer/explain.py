@@ -119,10 +119,12 @@ def explain_batch(task: FinetuneTask, model: nn.Module, inputs: dict[str, Tensor
 
 def predict_explained(task: FinetuneTask, model: nn.Module, dataset: FinetuneDataset, k: int = 5, *,
                       batch_size: int = 256, device: torch.device | str = "cpu", precision: str = "fp32",
-                      method: str = "relevance") -> dict[Any, tuple[list[tuple[str, float]], list[np.ndarray]]]:
+                      method: str = "relevance"
+                      ) -> dict[Any, tuple[list[tuple[str, float]], list[np.ndarray], list[tuple[str, float]] | None]]:
     """id -> (the k most probable predictions [(prediction string, probability)], best first, as
     `lxm.infer.runs.predict_top`; per image of the example, in the task's image column order, its [N] float32 box
-    weights by `method` (`explain_batch`)), for every example of a `FinetuneDataset`.
+    weights by `method` (`explain_batch`); "relevance": the words of its text with their shares (`word_shares`),
+    else None), for every example of a `FinetuneDataset`.
 
     The batches, the eval mode and autocast are those of `lxm.infer.runs.batch_logits`, so the first prediction is
     `lxm predict`'s. The model is asked for its attentions (`output_attentions=True`), which it writes out rather
@@ -137,16 +139,21 @@ def predict_explained(task: FinetuneTask, model: nn.Module, dataset: FinetuneDat
     device = torch.device(device)
     per = len(task.image_columns)
     found: dict = {}
+    texts = dict(zip(dataset.ids, dataset.texts))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_finetune)
     for batch in loader:
         batch = batch.to(device)
         with autocast(precision, device.type):
-            logits, boxes, _ = explain_batch(task, model, batch.model_inputs(), method)
+            logits, boxes, positions = explain_batch(task, model, batch.model_inputs(), method)
         with torch.no_grad():
             tops = task.top(logits, k)
         weights = boxes.float().cpu().numpy()  # row = (example, image), as collate_finetune stacks them
         for n, (i, top) in enumerate(zip(batch.ids, tops)):
-            found[i] = (top, [weights[n * per + j] for j in range(per)])
+            words = None
+            if positions is not None:  # an example's rows (NLVR2: one per image) add up
+                words = word_shares(dataset.tokenizer, texts[i],
+                                    positions[n * per:(n + 1) * per].float().sum(0).cpu().numpy())
+            found[i] = (top, [weights[n * per + j] for j in range(per)], words)
     return found
 
 

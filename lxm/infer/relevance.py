@@ -114,18 +114,29 @@ def answer_relevance(model: nn.Module, inputs: dict[str, Tensor], logits_of: Cal
         logits_of: output -> the task's logits [examples, classes] (`FinetuneTask.logits`).
         chosen: [examples] class per example to explain; None: each example's argmax.
 
-    Runs with autograd on whatever the caller's mode (no parameter gradient is kept: only the maps'), fp32.
+    Runs with autograd on whatever the caller's mode (torch.no_grad around it is fine; not torch.inference_mode) and
+    in the model's dtype (a caller's autocast applies); the rule itself computes in fp32. No parameter's `.grad` is
+    touched (only the maps' gradients are taken) and frozen parameters stay frozen.
     """
     model.eval()
-    with torch.enable_grad():
-        out = model(**inputs, output_attentions=True)
-        logits = logits_of(out)
-        if chosen is None:
-            chosen = logits.detach().argmax(dim=-1)
-        target = logits.gather(1, chosen.reshape(-1, 1).to(logits.device)).sum()
-        att = out.attentions
-        maps = [(kind, i, m) for kind in KINDS for i, m in enumerate(getattr(att, kind))]
-        found = torch.autograd.grad(target, [m for *_, m in maps], allow_unused=True)
+    # every map must be a node of the graph: frozen parameters (requires_grad False) are asked for gradients for the
+    # length of the forward, and put back as they were
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = model(**inputs, output_attentions=True)
+            logits = logits_of(out)
+            if chosen is None:
+                chosen = logits.detach().argmax(dim=-1)
+            target = logits.gather(1, chosen.reshape(-1, 1).to(logits.device)).sum()
+            att = out.attentions
+            maps = [(kind, i, m) for kind in KINDS for i, m in enumerate(getattr(att, kind)) if m.requires_grad]
+            found = torch.autograd.grad(target, [m for *_, m in maps], allow_unused=True)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     grads: dict[str, list[Tensor | None]] = {kind: [None] * len(getattr(att, kind)) for kind in KINDS}
     for (kind, i, _), g in zip(maps, found):
         grads[kind][i] = g
