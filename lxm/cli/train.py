@@ -75,9 +75,9 @@ class PretrainCommand(typer.core.TyperCommand):
         if not getattr(self, "_presets_listed", False):
             from lxm.train.config import PRETRAIN_PRESETS, preset_summaries
 
-            lines = "\n".join(f"{name}: {summary}" for name, summary in preset_summaries(PRETRAIN_PRESETS))
-            # \b: the lines stay as written (one preset a line)
-            self.help = f"{self.help}\n\n\b\nPresets of --config (README: Reproduce the paper):\n{escape(lines)}"
+            # one paragraph each (the terminal wraps them; a blank line between presets)
+            lines = "\n\n".join(f"{name}: {summary}" for name, summary in preset_summaries(PRETRAIN_PRESETS))
+            self.help = f"{self.help}\n\nPresets of --config (README: Reproduce the paper):\n\n{escape(lines)}"
             self._presets_listed = True
         super().format_help(ctx, formatter)
 
