@@ -8,7 +8,8 @@ call. Their keys may be written bare as well (`--set lr=1e-5` is `--set optim.lr
 file is `optim: {lr: ...}`): each name is unique among a config's keys, and runs written before the sections list
 them so. Closed choices are `Literal` fields, checked on every read and by `validate()`.
 
-`--config NAME` picks a preset function by name (`PRETRAIN_PRESETS`, `FINETUNE_PRESETS`); `--config FILE` starts from
+`--config NAME` picks a preset function by name (`PRETRAIN_PRESETS`, among them the paper's runs and ablations as
+`paper/...`, Tables 3-5 of arXiv 1908.07490; `FINETUNE_PRESETS`); `--config FILE` starts from
 the default preset (`base`, resp. the task's `paper` recipe) and sets the file's keys; `--set key=value` items come
 last. The loss settings are the nested `losses` section (`lxm.model.losses.PretrainLossConfig`): `losses:` as a
 mapping in YAML, `--set losses.feat_loss=l2` on the command line.
