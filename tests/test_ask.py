@@ -367,7 +367,7 @@ def test_explain_weights_are_the_models_cls_attention_over_the_boxes(world):
     # gives without them
     with torch.no_grad():
         plain = model(**batch.model_inputs(), output_attentions=True)
-    explained = answerer.predict(QUESTIONS, [[r] for r in recs], explain=True)
+    explained = answerer.predict(QUESTIONS, [[r] for r in recs], explain=True, method="attention")
     for pred, row in zip(explained, cls_to_boxes(plain)):
         assert len(pred.attention) == 1
         np.testing.assert_array_equal(pred.attention[0], row.numpy())
@@ -404,8 +404,11 @@ def test_explain_draws_a_readable_attention_picture(world, tmp_path):
                                  Detector(detector_config(None, detector="tiny", engine="torch")), explain=True))
     objects, attributes = read_names(FIXTURE / "vocab")
     answer = f"{got['answers'][0]['answer']} ({got['answers'][0]['score']:.2f})"
+    # the default --explain-method: relevance, its words shaded in the title
+    assert reply.prediction.method == "relevance" and [w for w, _ in reply.prediction.words] == QUESTIONS[0].split()
     drawing = render_attention([cv2.imread(str(image))], [rec], reply.prediction.attention, QUESTIONS[0], answer,
-                               objects=objects, attributes=attributes)
+                               objects=objects, attributes=attributes, method="relevance",
+                               words=reply.prediction.words)
     assert drawing.image.shape == pic.shape
     assert len(drawing.labels) == 5 and not drawing.unlabelled
     h, w = drawing.image.shape[:2]
@@ -425,3 +428,29 @@ def test_explain_draws_a_readable_attention_picture(world, tmp_path):
     assert len(pair.panels) == 2 and pair.panels[0][2] < pair.panels[1][0]
     assert sum(1 for lab in pair.labels if lab.image == 1) == 5 and len(pair.title) >= 3
     _no_overlap(pair.labels)
+
+
+def test_ask_explain_method_relevance_shades_the_boxes_and_the_words(world, tmp_path):
+    """`lxm ask --explain PNG --explain-method relevance` (the default) writes the picture with the question's words
+    on highlights in the title band (the word with the largest share on the full highlight colour); the attention
+    picture of the same request has the same width and no highlight."""
+    from lxm.infer.explain import WORD_COLOUR
+
+    image = _image(world, STEMS[2])
+    pics = {}
+    for method in ("relevance", "attention"):
+        png = tmp_path / f"{method}.png"
+        got = _ask("--model", world["vqa_run"], "--image", image, "--question", QUESTIONS[0], *DETECT,
+                   "--explain", png, "--explain-method", method)
+        pics[method] = cv2.imread(str(png))
+        assert pics[method] is not None and got["answers"]
+    assert pics["relevance"].shape[1] == pics["attention"].shape[1]
+
+    def highlighted(pic):  # pixels of the full highlight in the band's first line (the question)
+        return int((np.abs(pic[:60].astype(int) - np.array(WORD_COLOUR)).sum(-1) == 0).sum())
+
+    assert highlighted(pics["relevance"]) > 100 and highlighted(pics["attention"]) == 0
+    assert not np.array_equal(pics["relevance"], pics["attention"])
+    result = _invoke(["ask", "--model", world["vqa_run"], "--image", image, "--question", QUESTIONS[0], *DETECT,
+                      "--explain", tmp_path / "x.png", "--explain-method", "gradcam"])
+    assert result.exit_code == 2 and "gradcam" in result.output

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from html import escape as html_escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -259,7 +260,7 @@ def test_page_is_self_contained_and_escaped(world, tmp_path):
     srcs = [src for e in page.examples for src in e["imgs"]]  # each example its own picture (its attention)
     assert srcs == [f"assets/{r.id}.jpg" for r in records]  # referenced relatively
     assert [len(card["examples"]) for card in page.cards] == [len(QUESTIONS)] * 6  # one card per image
-    assert "Boxes: on each example&#x27;s picture, the boxes its [CLS] attended to most" in html
+    assert "Boxes: on each example&#x27;s picture, the boxes most relevant to its predicted answer" in html
     for src in srcs:
         assert (out / src).stat().st_size > 5000 and (out / src).read_bytes()[:2] == b"\xff\xd8"
     assert sorted(p.name for p in out.iterdir()) == [".lock", ".lxm-gallery.json", "assets", "index.html"]
@@ -310,7 +311,7 @@ def test_drawn_boxes_are_the_most_attended(world, tmp_path):
     record's weights are the model's own last cross layer [CLS] -> boxes attention for that example and image
     (NLVR2: its two rows), and the boxes drawn (labelled "attribute object weight", listed in the picture's alt
     text) are the --boxes largest of them, strongest first, their outlines in the picture."""
-    data = _records(world, "nlvr2", "dev")
+    data = _records(world, "nlvr2", "dev", explain_method="attention")
     _, _, model = load_run(world["nlvr2"])
     model.eval()
     for r in data.records[:3]:  # one example at a time: rows 0 and 1 are its left and right image
@@ -322,7 +323,7 @@ def test_drawn_boxes_are_the_most_attended(world, tmp_path):
             np.testing.assert_allclose(r.attention[k], probs[k, :, 0, :].mean(0).numpy(), rtol=1e-5, atol=1e-7)
             assert r.attention[k].shape == (10,) and abs(float(r.attention[k].sum()) - 1) < 1e-5
     out = tmp_path / "g"
-    _gallery(world, "nlvr2", out, "--boxes", "3")
+    _gallery(world, "nlvr2", out, "--boxes", "3", "--explain-method", "attention")
     page = _Page((out / "index.html").read_text())
     by_id = {str(r.id): r for r in data.records}
     assert sorted(e["data-id"] for e in page.examples) == sorted(by_id)
@@ -457,3 +458,31 @@ def test_page_filters_in_a_browser(world, tmp_path):
     shot = tmp_path / "gallery.png"
     _browse(chromium, index, f"--screenshot={shot}", "--window-size=1280,2000", hash="#wrong=1")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+def test_drawn_boxes_default_to_the_relevance_for_the_predicted_answer(world, tmp_path):
+    """Without --explain-method the gallery's box weights are the relevance shares of each example's predicted answer
+    (`lxm.infer.explain.explain_batch`), the example explained alone giving the same as in its batch, and the page
+    highlights each word of the text by its share (the two images' relevance added up)."""
+    from lxm.infer.explain import explain_batch, word_shares
+
+    data = _records(world, "nlvr2", "dev")
+    _, task, model = load_run(world["nlvr2"])
+    for r in data.records[:3]:
+        batch = collate_finetune([data.dataset[data.dataset.ids.index(r.id)]])
+        logits, boxes, words = explain_batch(task, model, batch.model_inputs(), "relevance")
+        assert r.top[0][0] == task.top(logits, 1)[0][0][0]
+        for k in range(2):  # rows 0 and 1: the left and right image
+            np.testing.assert_allclose(r.attention[k], boxes[k].numpy(), rtol=1e-4, atol=1e-6)
+            assert abs(float(r.attention[k].sum()) - 1) < 1e-5
+        expected = word_shares(data.dataset.tokenizer, r.text, words.sum(0).numpy())
+        assert [w for w, _ in r.words] == r.text.split() == [w for w, _ in expected]
+        np.testing.assert_allclose([s for _, s in r.words], [s for _, s in expected], rtol=1e-4, atol=1e-6)
+    out = tmp_path / "g"
+    _gallery(world, "nlvr2", out)
+    html = (out / "index.html").read_text()
+    r = data.records[0]
+    top = max(s for _, s in r.words)
+    marks = " ".join(f'<mark style="background:rgba(255,200,0,{s / top:.2f})" title="share {s:.3f}"><bdi>'
+                     f'{html_escape(w)}</bdi></mark>' for w, s in r.words)
+    assert f'<p class="text"><bdi>{marks}</bdi></p>' in html

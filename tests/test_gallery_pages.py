@@ -307,7 +307,8 @@ def test_bidi_overrides_in_user_text_stay_isolated(world, tmp_path):
     out = tmp_path / "g"
     assert _gallery(world, "classify", out).exit_code == 0
     html = (out / "index.html").read_text(encoding="utf-8")
-    for text in (f"rlo-{RLO}id", f"{RLO}a cat on the left of a dog", f"{RLO}maybe"):
+    # (the text's words are highlighted by relevance, each in its own <bdi>, the sentence in one around them)
+    for text in (f"rlo-{RLO}id", f"{RLO}a", f"{RLO}maybe"):
         assert f"<bdi>{text}</bdi>" in html
     # every piece of text holding the override is all of a <bdi> (in attributes it is never laid out)
     nodes = [n for n in _Tree(html).root.find_all("#text") if RLO in n.text]

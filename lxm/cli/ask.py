@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from lxm.cli.common import USER_ERRORS, DetectorPreset, Engine, SelectMode, err, fail, progress
+from lxm.cli.common import (EXPLAIN_METHOD_HELP, USER_ERRORS, DetectorPreset, Engine, ExplainMethod, SelectMode, err,
+                            fail, progress)
 from lxm.errors import ConfigError
 
 
@@ -82,9 +83,12 @@ def ask_cmd(
     device: str = typer.Option("auto", "--device", help="auto (this machine's GPU when CUDA is available, else the "
                                                         "CPU), cpu, cuda or cuda:N (an error without CUDA)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Requests per model call (--questions)."),
-    explain: Path = typer.Option(None, "--explain", help="Write a PNG: the image(s) shaded by the last cross "
-                                                         "layer's [CLS] -> boxes attention (mean over heads), the "
-                                                         "top boxes labelled, the question and answer on top."),
+    explain: Path = typer.Option(None, "--explain", help="Write a PNG: the image(s) shaded by each box's share of "
+                                                         "the relevance for the answer (--explain-method), the top "
+                                                         "boxes labelled, the question (its words shaded the same "
+                                                         "way) and the answer on top."),
+    explain_method: ExplainMethod = typer.Option(ExplainMethod.relevance, "--explain-method",
+                                                 help=EXPLAIN_METHOD_HELP),
     explain_dir: Path = typer.Option(None, "--explain-dir", help="With --questions: one such PNG per line "
                                                                  "(LINE.png; its path added to the line's answer)."),
     vocab_dir: Path = typer.Option(None, "--vocab-dir", help="Folder with objects_vocab.txt and "
@@ -101,9 +105,12 @@ def ask_cmd(
     must give the feature size the model reads (2048: --detector vg-r101; 128: --detector tiny, as the quickstart's
     models with random detector weights); that, the device, the outputs and the images are checked before it runs.
 
-    --explain PNG shows which boxes the answer drew on: the attention of the [CLS] query over the boxes in the last
-    cross-modality layer's language->vision attention (the last place where the state the heads read looks at the
-    image), averaged over the heads; the strongest boxes are outlined and labelled "attribute object weight".
+    --explain PNG shows which boxes and words the answer drew on. By default (--explain-method relevance) the
+    relevance of Chefer et al. (ICCV 2021): the gradient of the answer's logit weights every self- and
+    cross-attention map, and the maps are combined through the layers; each box's and each word's share of it is
+    shown (boxes shaded, words highlighted in the title). --explain-method attention shows the attention of the
+    [CLS] query over the boxes in the last cross-modality layer (mean over heads) instead, boxes only. The strongest
+    boxes are outlined and labelled "attribute object weight".
 
     Example: lxm ask --model runs/vqa --image man.jpg --question "what is he holding?" --detector-weights frcnn.pkl
     """
@@ -206,14 +213,16 @@ def ask_cmd(
             if any(ref.path is None for ref in req.images):
                 raise ConfigError(f"{req.where}: field 'image': missing (--explain-dir draws on the image files)")
             imgs = [read_image(ref.path) for ref in req.images]
-            pic = render_attention(imgs, reply.records, reply.prediction.attention, req.text,
+            pred = reply.prediction
+            pic = render_attention(imgs, reply.records, pred.attention, req.text,
                                    _answer_line(answerer, reply), kind="Q" if req.field == "question" else "S",
-                                   objects=names[0], attributes=names[1], top=explain_boxes)
+                                   objects=names[0], attributes=names[1], top=explain_boxes, method=pred.method,
+                                   words=pred.words)
             return write_png(pic, path)
 
         if single:
             reply = next(answer_requests(answerer, requests, source, stored=bool(features), k=top,
-                                         explain=drawing))
+                                         explain=drawing, explain_method=explain_method.value))
             if explain is not None:
                 written = picture(reply, explain)
                 err.print(f"wrote {written}", highlight=False)
@@ -229,6 +238,7 @@ def ask_cmd(
                 bar_task = bar.add_task(f"ask {questions.name}", total=len(requests))
                 replies = answer_requests(answerer, requests, source, stored=bool(features), k=top,
                                           batch_size=batch_size, explain=drawing,
+                                          explain_method=explain_method.value,
                                           on_progress=lambda done, total: bar.update(bar_task, completed=done))
                 for reply in replies:
                     rec = {**reply.request.fields, **reply_json(answerer, reply)}

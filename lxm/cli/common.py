@@ -41,6 +41,18 @@ class Engine(str, Enum):
     detectron2 = "detectron2"
 
 
+class ExplainMethod(str, Enum):
+    """What `lxm ask --explain` and `lxm gallery` show (`lxm.infer.explain.EXPLAIN_METHODS`)."""
+
+    relevance = "relevance"
+    attention = "attention"
+
+
+EXPLAIN_METHOD_HELP = ("relevance (default): each box's and word's share of the gradient-weighted relevance for the "
+                       "answer through every layer (Chefer et al., ICCV 2021); attention: the last cross layer's "
+                       "[CLS] -> boxes attention (mean over heads), boxes only.")
+
+
 class SelectMode(str, Enum):
     lxmert = "lxmert"
     maxnms = "maxnms"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from lxm.cli.common import USER_ERRORS, err, fail, progress, warn
+from lxm.cli.common import EXPLAIN_METHOD_HELP, USER_ERRORS, ExplainMethod, err, fail, progress, warn
 
 
 def gallery_cmd(
@@ -24,8 +24,10 @@ def gallery_cmd(
                                                           "split's order."),
     only_wrong: bool = typer.Option(False, "--only-wrong", help="Show only the examples the model gets wrong "
                                                                 "(score 0)."),
-    boxes: int = typer.Option(5, "--boxes", min=1, help="Boxes drawn per image of an example: those its [CLS] "
-                                                        "attended to most in the last cross layer."),
+    boxes: int = typer.Option(5, "--boxes", min=1, help="Boxes drawn per image of an example: the largest "
+                                                        "weights of --explain-method."),
+    explain_method: ExplainMethod = typer.Option(ExplainMethod.relevance, "--explain-method",
+                                                 help=EXPLAIN_METHOD_HELP),
     vocab_dir: Path = typer.Option(None, "--vocab-dir", exists=True, file_okay=False,
                                    help="Folder with objects_vocab.txt and attributes_vocab.txt (BUTD names); "
                                         "without it box labels are ids."),
@@ -40,7 +42,8 @@ def gallery_cmd(
     """Write a self-contained HTML page of what a finetuned model gets right and wrong on a split.
 
     One card per image (NLVR2: per image pair) with all its shown examples, each with its own picture: the boxes
-    its [CLS] attended to most in the last cross layer (mean over heads) drawn with their weights, and
+    most relevant to its predicted answer (--explain-method relevance, Chefer et al. 2021; or attention: those its
+    [CLS] attended to most in the last cross layer, mean over heads) drawn with their weights, and
     the question or statement, the verdict (right = score 100, partly right = 0 < score < 100, VQA's soft credit,
     wrong = score 0) and the score, the ground truth with scores, the top-5 predictions with probabilities and the
     score each would earn. At the top: the split's scores in percent (the accuracy is the mean score; the right /
@@ -58,6 +61,7 @@ def gallery_cmd(
     from lxm.gallery.build import GalleryConfig, make_gallery
 
     cfg = GalleryConfig(split=split, images=[str(p) for p in images], limit=limit, only_wrong=only_wrong, boxes=boxes,
+                        explain_method=explain_method.value,
                         vocab_dir=str(vocab_dir) if vocab_dir else None,
                         questions=str(questions) if questions else None, corpus=str(corpus) if corpus else None,
                         features=[str(f) for f in features] if features else None, batch_size=batch_size,

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import typer
+import typer.core
+from rich.markup import escape
 
 from lxm.cli.common import USER_ERRORS, err, fail, keep_freed_memory_on_cpu, progress, report_submission
 from lxm.errors import ConfigError
@@ -65,10 +67,26 @@ _OVERWRITE_HELP = ("Start afresh in an --out that holds a run: its lxm files (co
 _DRY_RUN_HELP = "Read and check every input, print what the run would do, write nothing."
 
 
+class PretrainCommand(typer.core.TyperCommand):
+    """`lxm pretrain`: its help ends with the presets `--config` takes, each with its one-line description, read
+    from `lxm.train.config.PRETRAIN_PRESETS` when the help is shown (so `lxm --help` imports no torch)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        if not getattr(self, "_presets_listed", False):
+            from lxm.train.config import PRETRAIN_PRESETS, preset_summaries
+
+            # one paragraph each (the terminal wraps them; a blank line between presets)
+            lines = "\n\n".join(f"{name}: {summary}" for name, summary in preset_summaries(PRETRAIN_PRESETS))
+            self.help = f"{self.help}\n\nPresets of --config (README: Reproduce the paper):\n\n{escape(lines)}"
+            self._presets_listed = True
+        super().format_help(ctx, formatter)
+
+
 def pretrain_cmd(
     out: Path = typer.Option(..., "--out", help="Run directory: config.yaml, log.jsonl, checkpoints/."),
-    config: str = typer.Option(None, "--config", help="Preset (base = the original recipe, the default; tiny = smoke "
-                                                      "test) or a YAML file of PretrainConfig keys.",
+    config: str = typer.Option(None, "--config", help="Preset (base = the original code's recipe, the default; tiny = "
+                                                      "smoke test; paper/... = the paper's runs, listed below) or a "
+                                                      "YAML file of PretrainConfig keys.",
                                show_default=False),
     corpus: Path = typer.Option(None, "--corpus", help="Corpus directory from lxm build-corpus (overrides config)."),
     features: list[Path] = typer.Option(None, "--features", help="Feature store directories (override config)."),

@@ -109,8 +109,9 @@ def _ask_lines(asked: dict) -> list[str]:
     lines += ["", (f"S: *{nlvr2['statement']}* (pair `{nlvr2['identifier']}`; ground truth **{nlvr2['truth']}**, "
                    f"`lxm predict` **{nlvr2['predict']}**): `lxm ask` says **{reply.get('label')}** with probability "
                    f"{num(reply.get('score', float('nan')))}."), "",
-              ("Where the answer looked (`lxm ask --explain`): each box lit by the last cross layer's [CLS] -> boxes "
-               "attention, the strongest labelled:"), "",
+              ("What the answer drew on (`lxm ask --explain`): each box lit by its share of the relevance for the "
+               "answer (Chefer et al. 2021, `--explain-method relevance`), the strongest labelled, the words "
+               "highlighted by theirs:"), "",
               "![ask explain](pictures/ask_explain.png)", "", "![ask explain nlvr2](pictures/ask_explain_nlvr2.png)"]
     return lines
 

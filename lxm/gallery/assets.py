@@ -1,8 +1,10 @@
 """The gallery's pictures: each shown example's image(s) with the boxes the model attended to most drawn on them,
 downscaled and written as JPEGs beside the page.
 
-Which boxes: the example's `GalleryRecord.attention`, the last cross layer's [CLS] -> boxes attention averaged over
-the heads (`lxm.infer.explain.cls_to_boxes`, the weights `lxm ask --explain` shades by); the `boxes` largest are
+Which boxes: the example's `GalleryRecord.attention`, the box weights `lxm ask --explain` shades by
+(`lxm.infer.explain.explain_batch`): by default each box's share of the relevance for the predicted answer
+(Chefer et al. 2021, `lxm.infer.relevance`), or the last cross layer's [CLS] -> boxes attention averaged over the
+heads (`--explain-method attention`); the `boxes` largest are
 outlined and labelled "attribute object weight" (`lxm.extract.draw.label_top_boxes`, the label placement of
 `lxm show`), without the shading of `--explain`'s picture, so the image stays readable. The weights differ per
 example, so each example gets its own picture of each of its images (`asset_name`).
@@ -33,6 +35,11 @@ JPEG_QUALITY = 85
 BOXES_NOTE = ("Boxes: on each example's picture, the boxes its [CLS] attended to most in the model's last cross "
               "layer (attention over the image's boxes, mean over heads; an image's weights sum to 1), labelled "
               "\"attribute object weight\".")
+RELEVANCE_BOXES_NOTE = ("Boxes: on each example's picture, the boxes most relevant to its predicted answer (Chefer et "
+                        "al. 2021: the answer's gradient weighting every attention map, combined through the layers; "
+                        "shares of the image's total, summing to 1), labelled \"attribute object weight\" with the "
+                        "share as the weight.")
+NOTES = {"relevance": RELEVANCE_BOXES_NOTE, "attention": BOXES_NOTE}  # by --explain-method
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}")
 
 

@@ -2,8 +2,9 @@
 
 The run's best model predicts the split as `lxm predict` does (`load_run`, the run's corpus / features / vocab
 unless overridden, `lxm.infer.explain.predict_explained`: the batches of `predict_top`, its first prediction is
-`predict`'s, with the last cross layer's [CLS] -> boxes attention of every example); `records` turns that into typed
-records and the summary, `assets` draws each shown example's most attended boxes, `page` writes the page.
+`predict`'s, with the box weights of every example: relevance for its predicted answer, or the last cross layer's
+[CLS] -> boxes attention, `GalleryConfig.explain_method`); `records` turns that into typed records and the summary,
+`assets` draws each shown example's strongest boxes, `page` writes the page.
 
 OUT is an lxm gallery folder: index.html, assets/, and two hidden files of its own: `.lock` (held with `flock` while
 a gallery is written, so a second `lxm gallery` into the same OUT fails at once, naming it) and `.lxm-gallery.json`
@@ -36,7 +37,7 @@ from lxm.extract.images import ImageError
 from lxm.extract.draw import detector_classes, fit_names, read_names
 from lxm.gallery import page
 from lxm.gallery import records as gallery_records
-from lxm.gallery.assets import BOXES_NOTE, asset_name, draw_asset, index_images, load_asset
+from lxm.gallery.assets import NOTES, asset_name, draw_asset, index_images, load_asset
 from lxm.gallery.page import GENERATOR, ImageView
 from lxm.gallery.records import GalleryError, GalleryRecord, Summary
 
@@ -58,7 +59,8 @@ class GalleryConfig:
     images: list[str]  # folders searched recursively for the images (img_id = file stem, as lxm extract)
     limit: int | None = 200  # examples shown: the first N (after --only-wrong) in dataset order; None = all
     only_wrong: bool = False  # show only the examples the model gets wrong (score 0)
-    boxes: int = 5  # boxes drawn per image of an example: the most attended (GalleryRecord.attention)
+    boxes: int = 5  # boxes drawn per image of an example: the largest weights (GalleryRecord.attention)
+    explain_method: str = "relevance"  # the boxes' weights: "relevance" (for the predicted answer) or "attention"
     top_k: int = 5  # predictions listed per example
     vocab_dir: str | None = None  # folder with objects_vocab.txt / attributes_vocab.txt; None = labels are ids
     questions: str | None = None  # GQA only: the split's questions JSON, for the per structural type table
@@ -199,16 +201,17 @@ def load_records(run: str | os.PathLike, cfg: GalleryConfig, log: Callable[[str]
     dev = resolve_device(cfg.device)
     model.to(dev)
     found = predict_explained(task, model, data, cfg.top_k, batch_size=cfg.batch_size or run_cfg.eval_batch_size,
-                              device=dev, precision=run_cfg.runtime.precision)
-    top = {i: best for i, (best, _) in found.items()}
-    attention = {i: weights for i, (_, weights) in found.items()}
+                              device=dev, precision=run_cfg.runtime.precision, method=cfg.explain_method)
+    top = {i: best for i, (best, _, _) in found.items()}
+    attention = {i: weights for i, (_, weights, _) in found.items()}
+    words = {i: shares for i, (_, _, shares) in found.items() if shares is not None}
     notes = []
     if task.structural_types and structural is None:
         notes.append("No accuracy per structural type: pass --questions with the split's GQA questions JSON "
                      "(e.g. testdev_balanced_questions.json).")
     types = gallery_records.example_types(task, data.info, len(data), structural)
     records = gallery_records.build_records(task, data.ids, data.texts, data.images, data.targets, top, types,
-                                            attention)
+                                            attention, words)
     return GalleryData(task, data, records, gallery_records.summarize(task, cfg.split, records, data.targets, notes))
 
 
@@ -304,7 +307,7 @@ def _write_gallery(run: str | os.PathLike, out: Path, cfg: GalleryConfig, where:
              f"dropped); shown: the first {len(shown)} {which} in dataset order"
              + (f" (--limit {cfg.limit})" if cfg.limit is not None else "")
              + f", on {cards} cards (one per image{' pair' if len(task.image_columns) > 1 else ''}).",
-             BOXES_NOTE,
+             NOTES[cfg.explain_method],
              "The summary scores all examples of the split; the filters act on those shown. Right = score 100, "
              + ("partly right = 0 < score < 100 (soft credit: an answer only some annotators gave), "
                 if summary.partial_credit else "")

@@ -5,8 +5,9 @@ beside the page, nothing is fetched from the network (the page holds no http(s) 
 copied anywhere or opened from a cluster's file system.
 
 One card per image (per image pair for NLVR2) holds all the shown examples on it, each an `<article class="ex">`
-with its own picture of the image(s), the boxes it attended to most drawn (`lxm.gallery.assets`; their labels also
-in the picture's alt text), and its verdict: right (score 100), partly right (0 < score < 100: VQA's soft credit) or
+with its own picture of the image(s), its strongest boxes drawn (`lxm.gallery.assets`; their labels also in the
+picture's alt text), its text (with relevance, each word highlighted by its share, as `lxm ask --explain`'s title),
+and its verdict: right (score 100), partly right (0 < score < 100: VQA's soft credit) or
 wrong (score 0), its score and the score each prediction would get, all in percent as the summary's accuracy (the
 mean score). The layout reflows down to a phone's width (flex-wrap, images at most their box's width).
 
@@ -146,7 +147,7 @@ def _example_html(rec: GalleryRecord, order: int, views: Sequence[ImageView]) ->
     return (f'<article class="ex {rec.bucket}" data-bucket="{rec.bucket}" data-id="{escape(str(rec.id))}" '
             f'data-conf="{rec.confidence:.6f}" data-order="{order}"{data} data-search="{escape(search)}">'
             f'<div class="imgs{" pair" if len(views) > 1 else ""}">{"".join(_figure_html(v) for v in views)}</div>'
-            f'<div class="about"><p class="text">{_t(rec.text)}</p>'
+            f'<div class="about"><p class="text">{_text_html(rec)}</p>'
             f'<p class="verdict"><span class="tag">{BUCKETS[rec.bucket]}</span> · '
             f'id <code>{_t(rec.id)}</code> · score <b class="score">{_pct(rec.score)}</b> · confidence '
             f'<span class="conf">{rec.confidence:.3f}</span>{types}</p><div class="cols"><table class="truth"><caption>'
@@ -154,6 +155,17 @@ def _example_html(rec: GalleryRecord, order: int, views: Sequence[ImageView]) ->
             f'</table><table class="top"><caption>predictions</caption><thead><tr><th class="n">#</th><th>answer'
             f'</th><th class="n">prob.</th><th></th><th class="n">score</th></tr></thead>{top_rows}</table></div>'
             f'</div></article>')
+
+
+def _text_html(rec: GalleryRecord) -> str:
+    """The example's text; with relevance shares (`rec.words`), each word on a highlight as strong as its share
+    relative to the largest (the colour of `lxm ask --explain`'s title band), its share in the tooltip."""
+    if not rec.words:
+        return _t(rec.text)
+    top = max(share for _, share in rec.words) or 1.0
+    marks = " ".join(f'<mark style="background:rgba(255,200,0,{share / top:.2f})" title="share {share:.3f}">'
+                     f'{_t(word)}</mark>' for word, share in rec.words)
+    return f"<bdi>{marks}</bdi>"  # the sentence keeps its own direction (an Arabic one right to left), as _t gives
 
 
 def group_by_image(records: Sequence[GalleryRecord]) -> list[list[int]]:
@@ -217,6 +229,7 @@ article.ex { border-left: 6px solid var(--right); padding: 2px 0 4px 10px; min-w
 article.wrong { border-left-color: var(--wrong); }
 article.partial { border-left-color: var(--partial); }
 .text { font-size: 17px; margin: 0 0 2px; }
+.text mark { color: inherit; padding: 0 1px; border-radius: 2px; }
 .verdict { margin: 0 0 6px; color: #555; }
 .tag { font-weight: 700; color: var(--right); }
 .wrong .tag { color: var(--wrong); }

@@ -47,9 +47,12 @@ class GalleryRecord:
     top: list[tuple[str, float]]  # the k most probable predictions (string, probability), best first
     score: float  # the task's first metric on this example alone, percent (VQA soft accuracy x 100)
     types: dict[str, str] = field(default_factory=dict)  # type field -> value (answer_type, structural, ...)
-    # per image (the order of `images`) the [N] float32 weights of its N boxes: the last cross layer's [CLS] -> boxes
-    # attention, mean over heads, summing to 1 (`lxm.infer.explain.cls_to_boxes`); the boxes the page draws
+    # per image (the order of `images`) the [N] float32 weights of its N boxes, summing to 1: relevance shares or the
+    # last cross layer's [CLS] -> boxes attention (lxm.infer.explain.explain_batch); the boxes the page draws
     attention: list[np.ndarray] = field(default_factory=list)
+    # relevance: the words of `text` with their shares of the relevance for the prediction (the page highlights them;
+    # lxm.infer.explain.word_shares); empty: plain text
+    words: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def prediction(self) -> str:
@@ -160,10 +163,11 @@ def read_structural_types(path: str | os.PathLike, ids: Sequence) -> list[str]:
 
 def build_records(task: Any, ids: Sequence, texts: Sequence[str], images: Sequence[tuple[str, ...]],
                   targets: Sequence, top: Mapping, types: Mapping[str, Sequence[str]],
-                  attention: Mapping | None = None) -> list[GalleryRecord]:
+                  attention: Mapping | None = None, words: Mapping | None = None) -> list[GalleryRecord]:
     """One record per example, in the given (dataset) order; `top` is id -> [(prediction, probability)] of
     `lxm.infer.runs.predict_top`, `types` field -> value per example, `attention` id -> per image [N] weights
-    (`lxm.infer.explain.predict_explained`; None: the records hold none)."""
+    (`lxm.infer.explain.predict_explained`; None: the records hold none), `words` id -> [(word, share)] (missing:
+    none)."""
     if any(t is None for t in targets):
         raise GalleryError(f"{task.name}: {sum(t is None for t in targets)} of {len(targets)} examples have no label "
                            f"(a test split?); the gallery shows right and wrong, it needs a labelled split")
@@ -175,7 +179,8 @@ def build_records(task: Any, ids: Sequence, texts: Sequence[str], images: Sequen
         out.append(GalleryRecord(id=i, text=text, images=tuple(imgs), truth=list(task.target_answers(target)),
                                  top=[(str(p), float(q)) for p, q in best], score=score,
                                  types={f: values[n] for f, values in types.items()},
-                                 attention=list(attention[i]) if attention is not None else []))
+                                 attention=list(attention[i]) if attention is not None else [],
+                                 words=list((words or {}).get(i, []))))
     return out
 
 

@@ -74,14 +74,15 @@ def _key(ref: ImageRef, stored: bool, where: str) -> str:
 
 
 def answer_requests(answerer: Answerer, requests: Sequence[Request], source: FeatureSource, *, stored: bool = False,
-                    k: int = 5, batch_size: int = 32, explain: bool = False,
+                    k: int = 5, batch_size: int = 32, explain: bool = False, explain_method: str = "relevance",
                     on_progress: Callable[[int, int], None] | None = None) -> Iterator[Reply]:
     """Answer `requests` in order, `batch_size` at a time; the source computes each distinct image once.
 
     Args:
         stored: the source is a feature store (images named by `ImageRef.image_id`), else a detector (by path).
         k: predictions kept per request.
-        explain: also return each request's [CLS] -> vision attention (`Prediction.attention`).
+        explain: also return each request's box weights (`Prediction.attention`) by `explain_method`: "relevance"
+            (with the words' shares, `Prediction.words`) or "attention" (`lxm.infer.explain`).
         on_progress: called as (requests answered, total) after each batch.
     """
     for req in requests:
@@ -96,7 +97,7 @@ def answer_requests(answerer: Answerer, requests: Sequence[Request], source: Fea
         if new:
             cache.update(zip(new, source.records(new)))
         images = [[cache[key] for key in ks] for ks in batch_keys]
-        preds = answerer.predict([r.text for r in batch], images, k, explain=explain)
+        preds = answerer.predict([r.text for r in batch], images, k, explain=explain, method=explain_method)
         for req, ks, recs, pred in zip(batch, batch_keys, images, preds):
             yield Reply(req, pred, recs)
             for key in ks:

@@ -1,4 +1,13 @@
-"""Which boxes an answer drew on: the last cross layer's [CLS] -> vision attention, and a picture of it.
+"""Which boxes (and words) an answer drew on, by one of two methods, and a picture of it.
+
+Methods (`EXPLAIN_METHODS`, `--explain-method`): "relevance" (the default) is the gradient-weighted relevance of
+Chefer et al. (ICCV 2021) through every self- and co-attention layer (`lxm.infer.relevance`): each box's and each
+word's share of the relevance for the chosen answer. "attention" is the raw attention described next, boxes only.
+Relevance is drawn as attention is: each image's box relevance as shares of its total (so that "uniform" 1/N means
+equal relevance), and in the title band each word of the question or statement shaded by its share (a word's
+relevance is the sum of its word pieces'; NLVR2 adds the two images' rows).
+
+The raw attention:
 
 What is shown: in LXMERT every task head reads the pooled output, tanh(W h_[CLS]) of the language stream after the
 last cross-modality layer (`LxmertPooler`); the only place where that [CLS] state reads the image directly in that
@@ -52,6 +61,10 @@ SHADE = 0.3  # brightness of the picture outside every box
 GAP = 16  # pixels between the two images of an NLVR2 pair
 ATTENTION_NOTE = ("shading: last cross layer, [CLS] -> boxes attention (mean over heads); brightest = max weight, "
                   "half = uniform 1/N, darkest = min weight")
+RELEVANCE_NOTE = ("shading: each box's share of the relevance for the answer (Chefer et al. 2021: gradient x "
+                  "attention, all layers); brightest = max, half = equal shares 1/N, darkest = min; words by share")
+EXPLAIN_METHODS = ("relevance", "attention")  # what --explain-method takes; the first is the default
+WORD_COLOUR = (0, 200, 255)  # BGR: the highlight behind a word at its largest share (amber)
 
 
 # ---------------------------------------------------------------------------------------------------- weights
@@ -71,37 +84,96 @@ def cls_to_boxes(out) -> Tensor:
     return attentions[-1][:, :, 0, :].float().mean(dim=1)
 
 
-def predict_explained(task: FinetuneTask, model: nn.Module, dataset: FinetuneDataset, k: int = 5, *,
-                      batch_size: int = 256, device: torch.device | str = "cpu", precision: str = "fp32"
-                      ) -> dict[Any, tuple[list[tuple[str, float]], list[np.ndarray]]]:
-    """id -> (the k most probable predictions [(prediction string, probability)], best first, as
-    `lxm.infer.runs.predict_top`; per image of the example, in the task's image column order, its [N] float32
-    `cls_to_boxes` weights), for every example of a `FinetuneDataset`.
+def check_method(method: str) -> None:
+    if method not in EXPLAIN_METHODS:
+        raise ValueError(f"explain method must be one of {', '.join(EXPLAIN_METHODS)}, got {method!r}")
 
-    The batches, the eval mode, no_grad and autocast are those of `lxm.infer.runs.batch_logits`, so the first
-    prediction is `lxm predict`'s. The model is asked for its attentions (`output_attentions=True`), which it writes
-    out rather than calling SDPA: probabilities may differ from `predict_top`'s in the last digits."""
+
+def shares(weights: Tensor) -> Tensor:
+    """[rows, S] non-negative weights -> each row as shares of its total (a row of zeros: equal shares)."""
+    weights = weights.float()
+    total = weights.sum(dim=-1, keepdim=True)
+    equal = torch.full_like(weights, 1.0 / max(weights.shape[-1], 1))
+    return torch.where(total > 0, weights / total.clamp(min=torch.finfo(weights.dtype).tiny), equal)
+
+
+def explain_batch(task: FinetuneTask, model: nn.Module, inputs: dict[str, Tensor], method: str = "relevance"
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One batch explained: (the task's logits [examples, classes], the boxes' weights [rows, N] summing to 1 per
+    row, the text positions' relevance [rows, T] or None for "attention"). A row is one image of an example.
+
+    "attention": a forward under no_grad with `output_attentions=True`, `cls_to_boxes`. "relevance": a forward with
+    autograd on (the attention maps' gradients only; `lxm.infer.relevance.answer_relevance`) for each example's most
+    probable prediction, boxes as `shares` of each row's relevance."""
+    check_method(method)
+    model.eval()
+    if method == "attention":
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True)
+            return task.logits(out), cls_to_boxes(out), None
+    from lxm.infer.relevance import answer_relevance
+
+    rel = answer_relevance(model, inputs, task.logits)
+    return rel.logits, shares(rel.boxes), rel.words
+
+
+def predict_explained(task: FinetuneTask, model: nn.Module, dataset: FinetuneDataset, k: int = 5, *,
+                      batch_size: int = 256, device: torch.device | str = "cpu", precision: str = "fp32",
+                      method: str = "relevance"
+                      ) -> dict[Any, tuple[list[tuple[str, float]], list[np.ndarray], list[tuple[str, float]] | None]]:
+    """id -> (the k most probable predictions [(prediction string, probability)], best first, as
+    `lxm.infer.runs.predict_top`; per image of the example, in the task's image column order, its [N] float32 box
+    weights by `method` (`explain_batch`); "relevance": the words of its text with their shares (`word_shares`),
+    else None), for every example of a `FinetuneDataset`.
+
+    The batches, the eval mode and autocast are those of `lxm.infer.runs.batch_logits`, so the first prediction is
+    `lxm predict`'s. The model is asked for its attentions (`output_attentions=True`), which it writes out rather
+    than calling SDPA: probabilities may differ from `predict_top`'s in the last digits."""
     from torch.utils.data import DataLoader
 
     from lxm.train.finetune_data import collate_finetune
     from lxm.train.precision import autocast
 
+    check_method(method)
     model.eval()
     device = torch.device(device)
     per = len(task.image_columns)
     found: dict = {}
+    texts = dict(zip(dataset.ids, dataset.texts))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_finetune)
-    with torch.no_grad():
-        for batch in loader:
-            batch = batch.to(device)
-            with autocast(precision, device.type):
-                out = model(**batch.model_inputs(), output_attentions=True)
-                logits = task.logits(out)
+    for batch in loader:
+        batch = batch.to(device)
+        with autocast(precision, device.type):
+            logits, boxes, positions = explain_batch(task, model, batch.model_inputs(), method)
+        with torch.no_grad():
             tops = task.top(logits, k)
-            weights = cls_to_boxes(out).cpu().numpy()  # row = (example, image), as collate_finetune stacks them
-            for n, (i, top) in enumerate(zip(batch.ids, tops)):
-                found[i] = (top, [weights[n * per + j] for j in range(per)])
+        weights = boxes.float().cpu().numpy()  # row = (example, image), as collate_finetune stacks them
+        for n, (i, top) in enumerate(zip(batch.ids, tops)):
+            words = None
+            if positions is not None:  # an example's rows (NLVR2: one per image) add up
+                words = word_shares(dataset.tokenizer, texts[i],
+                                    positions[n * per:(n + 1) * per].float().sum(0).cpu().numpy())
+            found[i] = (top, [weights[n * per + j] for j in range(per)], words)
     return found
+
+
+def word_shares(tokenizer, text: str, positions: np.ndarray) -> list[tuple[str, float]]:
+    """The words of `text` (split at white space, as shown) with their shares of the relevance: a word's relevance
+    is the sum of its word pieces' (`positions` [T]: per text position of the model's input, [CLS] first); words
+    past the model's max_length get 0, as do all when nothing is relevant.
+
+    BERT's tokenizer splits at white space before anything else, so the pieces of the words one by one are the
+    pieces of the text in order."""
+    words = text.split()
+    counts = [len(tokenizer.tokenize(w)) for w in words]
+    keep = tokenizer.max_length - 2  # the pieces between [CLS] and [SEP]
+    values, start = [], 1
+    for c in counts:
+        end = min(start + c, 1 + keep)
+        values.append(float(np.asarray(positions[start:end], dtype=np.float64).sum()) if start < end else 0.0)
+        start += c
+    total = sum(values)
+    return [(w, v / total if total > 0 else 0.0) for w, v in zip(words, values)]
 
 
 # ---------------------------------------------------------------------------------------------------- picture
@@ -180,17 +252,52 @@ def _shade(image: np.ndarray, boxes: list[tuple[int, int, int, int]], weights: n
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def _shaded_lines(prefix: str, words: list[tuple[str, float]], width: int, scale: float, thick: int
+                  ) -> list[list[tuple[str, float | None]]]:
+    """`prefix` then the words, greedily wrapped to `width` pixels: lines of (text, share; None for the prefix)."""
+    space = cv2.getTextSize(" ", FONT, scale, thick)[0][0]
+    lines: list[list[tuple[str, float | None]]] = [[(prefix, None)]]
+    used = cv2.getTextSize(prefix, FONT, scale, thick)[0][0]
+    for word, share in words:
+        w = cv2.getTextSize(word, FONT, scale, thick)[0][0]
+        if used + space + w > width and used > 0:
+            lines.append([])
+            used = 0
+        lines[-1].append((word, share))
+        used += (space if used else 0) + w
+    return lines
+
+
+def _draw_shaded(canvas: np.ndarray, segments: list[tuple[str, float | None]], x: int, baseline: int, scale: float,
+                 thick: int, colour: tuple[int, int, int], top_share: float) -> None:
+    """One title line: each word on a highlight from white to WORD_COLOUR by its share relative to the largest."""
+    space = cv2.getTextSize(" ", FONT, scale, thick)[0][0]
+    for k, (text, share) in enumerate(segments):
+        (w, h), base = cv2.getTextSize(text, FONT, scale, thick)
+        if k:
+            x += space
+        if share is not None and top_share > 0:
+            level = share / top_share
+            fill = tuple(int(round(255 + level * (c - 255))) for c in WORD_COLOUR)
+            cv2.rectangle(canvas, (x - 2, baseline - h - 3), (x + w + 2, baseline + base), fill, -1)
+        cv2.putText(canvas, text, (x, baseline), FONT, scale, colour, thick, cv2.LINE_AA)
+        x += w
+
+
 def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures], weights: list[np.ndarray],
                      text: str, answer: str, *, kind: str = "Q", objects: list[str] | None = None,
-                     attributes: list[str] | None = None, top: int = 5, long_side: int = LONG_SIDE
-                     ) -> AttentionPicture:
+                     attributes: list[str] | None = None, top: int = 5, long_side: int = LONG_SIDE,
+                     method: str = "attention", words: list[tuple[str, float]] | None = None) -> AttentionPicture:
     """The attention picture of one request (see the module docstring).
 
     Args:
         images_bgr: the request's images (one, or NLVR2's two), as decoded from their files.
         records: their features (boxes in image pixels, object / attribute ids).
-        weights: per image the [N] box weights (`cls_to_boxes`).
+        weights: per image the [N] box weights summing to 1 (`explain_batch`).
         text: the question or statement; `kind` its title prefix ("Q" / "S").
+        method: what the weights are ("relevance" / "attention"), said in the title band's note.
+        words: the text's words with their relevance shares (`word_shares`): the question line is drawn word by
+            word, each on a highlight by its share; None: plain text.
         answer: the answer line, e.g. "frisbee (0.87)".
         objects, attributes: class names (`lxm.extract.draw.read_names`); ids ("obj12", "attr3") without them.
         top: boxes outlined and labelled per image, by weight.
@@ -219,24 +326,36 @@ def render_attention(images_bgr: list[np.ndarray], records: list[ImageFeatures],
     # the title band: the text and the answer in a larger font, the note on the shading in a smaller grey one
     title_font, title_thick = 0.85 * max(1.0, size), max(2, round(1.5 * size))
     note_font = 0.55 * max(1.0, size)
-    lines = [(line, title_font, title_thick, (0, 0, 0)) for line in
-             _wrap(f"{kind}: {text}", total_w - 4 * PAD, title_font, title_thick)]
-    lines += [(line, title_font, title_thick, (0, 0, 140)) for line in
+    check_method(method)
+    # (text, font, thickness, colour, the words with their shares when the line is shaded word by word)
+    lines: list[tuple[str, float, int, tuple[int, int, int], list | None]]
+    if words is not None:
+        lines = [(" ".join(t for t, _ in seg), title_font, title_thick, (0, 0, 0), seg) for seg in
+                 _shaded_lines(f"{kind}:", words, total_w - 4 * PAD, title_font, title_thick)]
+    else:
+        lines = [(line, title_font, title_thick, (0, 0, 0), None) for line in
+                 _wrap(f"{kind}: {text}", total_w - 4 * PAD, title_font, title_thick)]
+    lines += [(line, title_font, title_thick, (0, 0, 140), None) for line in
               _wrap(f"A: {answer}", total_w - 4 * PAD, title_font, title_thick)]
-    lines += [(line, note_font, thick, (90, 90, 90)) for line in
-              _wrap(ATTENTION_NOTE, total_w - 4 * PAD, note_font, thick)]
+    note = RELEVANCE_NOTE if method == "relevance" else ATTENTION_NOTE
+    lines += [(line, note_font, thick, (90, 90, 90), None) for line in
+              _wrap(note, total_w - 4 * PAD, note_font, thick)]
     sides = ["left: ", "right: "] if len(summaries) == 2 else [""] * len(summaries)
     for side, summary in zip(sides, summaries):
-        lines += [(line, note_font, thick, (90, 90, 90)) for line in
+        lines += [(line, note_font, thick, (90, 90, 90), None) for line in
                   _wrap(side + summary, total_w - 4 * PAD, note_font, thick)]
     heights = [cv2.getTextSize(t, FONT, f, th)[0][1] + cv2.getTextSize(t, FONT, f, th)[1] + 3 * PAD
-               for t, f, th, _ in lines]
+               for t, f, th, *_ in lines]
     band = sum(heights) + 4 * PAD
     canvas = np.full((band + height, total_w, 3), 255, np.uint8)
+    top_share = max((share for _, share in words or []), default=0.0)
     y = 2 * PAD
-    for (t, f, th, colour), lh in zip(lines, heights):
+    for (t, f, th, colour, segments), lh in zip(lines, heights):
         base = cv2.getTextSize(t, FONT, f, th)[1]
-        cv2.putText(canvas, t, (2 * PAD, y + lh - base - PAD), FONT, f, colour, th, cv2.LINE_AA)
+        if segments is not None:
+            _draw_shaded(canvas, segments, 2 * PAD, y + lh - base - PAD, f, th, colour, top_share)
+        else:
+            cv2.putText(canvas, t, (2 * PAD, y + lh - base - PAD), FONT, f, colour, th, cv2.LINE_AA)
         y += lh
     x, rects = 0, []
     for k, pic in enumerate(panels):

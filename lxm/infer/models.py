@@ -59,7 +59,10 @@ class Prediction:
     """What the model says about one request: its k best predictions, and (when asked for) what it looked at."""
 
     top: list[tuple[str, float]]  # (prediction string, probability), best first (`FinetuneTask.top`)
-    attention: list[np.ndarray] | None = None  # per image [N] weights over its boxes, summing to 1 (cls_to_boxes)
+    # per image [N] weights over its boxes, summing to 1, by `method` (lxm.infer.explain.explain_batch)
+    attention: list[np.ndarray] | None = None
+    method: str | None = None  # how `attention` was found: "relevance" or "attention"; None: not asked
+    words: list[tuple[str, float]] | None = None  # relevance: the text's words with their shares (word_shares)
 
 
 @dataclass
@@ -135,29 +138,34 @@ class Answerer:
         return self
 
     def predict(self, texts: Sequence[str], images: Sequence[Sequence[ImageFeatures]], k: int = 5,
-                explain: bool = False) -> list[Prediction]:
+                explain: bool = False, method: str = "relevance") -> list[Prediction]:
         """One batch: texts [B] and each text's image records (`num_images` each) -> B predictions.
 
         The inputs are built exactly as the finetuning dataset builds them (`encode_example` + `collate_finetune`),
-        so an image and a question give what `lxm predict` gives for them. `explain`: the model is also asked for its
-        attentions (`output_attentions=True`) and each prediction gets its images' `lxm.infer.explain.cls_to_boxes`
-        weights.
+        so an image and a question give what `lxm predict` gives for them. `explain`: each prediction also gets its
+        images' box weights by `method` (`lxm.infer.explain.explain_batch`: "relevance" for the most probable
+        prediction, with the words' shares, or the last cross layer's "attention"); the model then writes its
+        attention out (`output_attentions=True`), so probabilities may differ in the last digits.
         """
-        from lxm.infer.explain import cls_to_boxes
+        from lxm.infer.explain import explain_batch, word_shares
 
         examples = [encode_example(i, text, [(rec, rec.normalized_boxes()) for rec in recs], self.tokenizer)
                     for i, (text, recs) in enumerate(zip(texts, images))]
         batch = collate_finetune(examples).to(self.device)
         self.model.eval()
+        if not explain:
+            with torch.no_grad():
+                out = self.model(**batch.model_inputs())
+                return [Prediction(top) for top in self.task.top(self.task.logits(out), k)]
+        logits, boxes, positions = explain_batch(self.task, self.model, batch.model_inputs(), method)
         with torch.no_grad():
-            out = self.model(**batch.model_inputs(), output_attentions=explain)
-            tops = self.task.top(self.task.logits(out), k)
-        preds = [Prediction(top) for top in tops]
-        if explain:
-            weights = cls_to_boxes(out).cpu().numpy()  # [rows, N]: row = (example, image), as collated
-            per = self.num_images
-            for i, p in enumerate(preds):
-                p.attention = [weights[i * per + j] for j in range(per)]
+            preds = [Prediction(top, method=method) for top in self.task.top(logits, k)]
+        weights = boxes.float().cpu().numpy()  # [rows, N]: row = (example, image), as collated
+        per = self.num_images
+        for i, (p, text) in enumerate(zip(preds, texts)):
+            p.attention = [weights[i * per + j] for j in range(per)]
+            if positions is not None:  # an example's rows (NLVR2: one per image) add up
+                p.words = word_shares(self.tokenizer, text, positions[i * per:(i + 1) * per].sum(0).cpu().numpy())
         return preds
 
 

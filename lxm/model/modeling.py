@@ -244,20 +244,23 @@ class LxmertCrossAttentionLayer(nn.Module):
         self.output = LxmertResidualOutput(hidden_size, hidden_size, dropout, eps)
 
     def both_ways(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None,
-                  layout: TextLayout, output_attentions: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-        """lang rows [R, H] attend to visn [B,N,H] and visn to lang, from the same inputs -> (lang', visn', the
-        language -> vision probabilities [B, heads, T, N] when `output_attentions`, as transformers returns)."""
+                  layout: TextLayout, output_attentions: bool = False
+                  ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """lang rows [R, H] attend to visn [B,N,H] and visn to lang, from the same inputs -> (lang', visn', when
+        `output_attentions` the probabilities language -> vision [B, heads, T, N] (what transformers returns) and
+        vision -> language [B, heads, N, T], else None)."""
         r, shape = lang.shape[0], visn.shape
         sizes = [r, shape[0] * shape[1]]
         both = torch.cat([lang, visn.reshape(-1, shape[-1])], dim=0)
         # split, not two slices: its backward is one concatenation, where each slice's would zero-fill a full-size
         # gradient and the two would then be added
         (q_l, q_v), (k_l, k_v), (v_l, v_v) = (x.split(sizes) for x in self.att.project(both))
-        lang_ctx, probs = self.att.attend(q_l, k_v.view(shape), v_v.view(shape), visn_mask, q_layout=layout,
-                                          output_attentions=output_attentions)
-        visn_ctx, _ = self.att.attend(q_v.view(shape), k_l, v_l, lang_mask, kv_layout=layout)
+        lang_ctx, l2v = self.att.attend(q_l, k_v.view(shape), v_v.view(shape), visn_mask, q_layout=layout,
+                                        output_attentions=output_attentions)
+        visn_ctx, v2l = self.att.attend(q_v.view(shape), k_l, v_l, lang_mask, kv_layout=layout,
+                                        output_attentions=output_attentions)
         out_l, out_v = self.output(torch.cat([lang_ctx, visn_ctx.reshape(-1, shape[-1])], dim=0), both).split(sizes)
-        return out_l, out_v.view(shape), probs
+        return out_l, out_v.view(shape), ((l2v, v2l) if output_attentions else None)
 
 
 class LxmertIntermediate(nn.Module):
@@ -303,16 +306,19 @@ class LxmertXLayer(nn.Module):
         self.visn_output = LxmertResidualOutput(intermediate_size, hidden_size, dropout, eps)
 
     def forward(self, lang: Tensor, lang_mask: Tensor | None, visn: Tensor, visn_mask: Tensor | None,
-                layout: TextLayout, output_attentions: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-        """lang rows [R, H] (see TextLayout), visn [B, N, H] -> (lang rows, visn, the cross-attention's language ->
-        vision probabilities [B, heads, T, N] or None)."""
-        lang, visn, probs = self.visual_attention.both_ways(lang, lang_mask, visn, visn_mask, layout,
+                layout: TextLayout, output_attentions: bool = False
+                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor] | None]:
+        """lang rows [R, H] (see TextLayout), visn [B, N, H] -> (lang rows, visn, with `output_attentions` the
+        layer's four attention probabilities in order of use: cross language -> vision [B, heads, T, N], cross
+        vision -> language [B, heads, N, T], language self [B, heads, T, T], vision self [B, heads, N, N]; else
+        None)."""
+        lang, visn, cross = self.visual_attention.both_ways(lang, lang_mask, visn, visn_mask, layout,
                                                             output_attentions)
-        lang, _ = self.lang_self_att(lang, lang_mask, layout)
-        visn, _ = self.visn_self_att(visn, visn_mask)
+        lang, lang_probs = self.lang_self_att(lang, lang_mask, layout, output_attentions)
+        visn, visn_probs = self.visn_self_att(visn, visn_mask, None, output_attentions)
         lang = self.lang_output(self.lang_inter(lang), lang)
         visn = self.visn_output(self.visn_inter(visn), visn)
-        return lang, visn, probs
+        return lang, visn, ((*cross, lang_probs, visn_probs) if output_attentions else None)
 
 
 class LxmertVisualFeatureEncoder(nn.Module):
@@ -347,6 +353,10 @@ class Attentions:
     language: tuple[Tensor, ...]  # per language layer [B, heads, T, T]
     vision: tuple[Tensor, ...]  # per object-relationship layer [B, heads, N, N]
     cross: tuple[Tensor, ...]  # per cross layer, language -> vision [B, heads, T, N] (queries: text positions)
+    # the cross layers' other attentions, which transformers does not return (relevance maps need every one):
+    cross_vision: tuple[Tensor, ...] = ()  # per cross layer, vision -> language [B, heads, N, T]
+    cross_language_self: tuple[Tensor, ...] = ()  # per cross layer, the language self-attention after it [B,h,T,T]
+    cross_vision_self: tuple[Tensor, ...] = ()  # per cross layer, the vision self-attention after it [B, h, N, N]
 
 
 class LxmertEncoder(nn.Module):
@@ -372,7 +382,8 @@ class LxmertEncoder(nn.Module):
         """lang [B, T, H] embeddings -> (lang [B, T, H], visn [B, N, H], attentions when asked)."""
         visn = self.visn_fc(feats, boxes)
         lang = layout.rows(lang)
-        seen: dict[str, list[Tensor]] = {"language": [], "vision": [], "cross": []}
+        seen: dict[str, list[Tensor]] = {k: [] for k in ("language", "vision", "cross", "cross_vision",
+                                                         "cross_language_self", "cross_vision_self")}
         for layer in self.layer:
             lang, probs = layer(lang, lang_mask, layout, output_attentions)
             seen["language"].append(probs)
@@ -381,7 +392,9 @@ class LxmertEncoder(nn.Module):
             seen["vision"].append(probs)
         for layer in self.x_layers:
             lang, visn, probs = layer(lang, lang_mask, visn, visn_mask, layout, output_attentions)
-            seen["cross"].append(probs)
+            if probs is not None:
+                for key, p in zip(("cross", "cross_vision", "cross_language_self", "cross_vision_self"), probs):
+                    seen[key].append(p)
         attentions = Attentions(**{k: tuple(v) for k, v in seen.items()}) if output_attentions else None
         return layout.padded(lang), visn, attentions
 
@@ -447,6 +460,9 @@ class LxmertOutput:
     vision_attentions: tuple[Tensor, ...] | None = None  # per object layer [B, h, N, N] (vision_attentions)
     # per cross layer, the shared cross-attention language -> vision [B, h, T, N] (cross_encoder_attentions)
     cross_attentions: tuple[Tensor, ...] | None = None
+    # every attention of every layer (the above and the cross layers' other three, `Attentions`); computed in the
+    # graph, so gradients reach them when the forward runs with autograd on (`lxm.infer.relevance`)
+    attentions: Attentions | None = None
 
 
 class LxmertForPreTraining(nn.Module):
@@ -543,7 +559,8 @@ class LxmertForPreTraining(nn.Module):
             pack_text: skip padded text positions inside the encoder (exact for every real position; the padded
                 positions of language_output and dense mlm_logits are then meaningless). Training uses it.
             output_attentions: also return every layer's attention probabilities (`LxmertOutput.*_attentions`,
-                as transformers' LXMERT); their attention is then computed written out instead of by SDPA.
+                as transformers' LXMERT, and with the cross layers' other three in `LxmertOutput.attentions`);
+                attention is then computed written out instead of by SDPA. Without it the forward is unchanged.
         """
         if visual_feats is None or visual_boxes is None:
             raise ValueError("LxmertForPreTraining.forward needs visual_feats [B, N, F] and visual_boxes [B, N, 4]")
@@ -553,7 +570,7 @@ class LxmertForPreTraining(nn.Module):
         out = LxmertOutput(language_output=lang, vision_output=visn, pooled_output=pooled)
         if attentions is not None:
             out.language_attentions, out.vision_attentions = attentions.language, attentions.vision
-            out.cross_attentions = attentions.cross
+            out.cross_attentions, out.attentions = attentions.cross, attentions
         if self.cls.predictions is not None:
             out.mlm_logits = self.cls.predictions(lang if mlm_positions is None else lang[mlm_positions])
         if self.cls.seq_relationship is not None:

@@ -463,7 +463,8 @@ def load_pretrained(
 # BERT initialisation
 
 
-def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike) -> LoadReport:
+def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike,
+                   extra_layers: Literal["refuse", "ignore"] = "refuse") -> LoadReport:
     """Copy a BERT checkpoint into the parts of LXMERT that BERT has (the original's `from_pretrained("bert-base-
     uncased")` before `--fromScratch`): embeddings, the language layers, pooler, MLM head and the matching head
     (BERT's next-sentence classifier). Every BERT tensor must find its place with the right shape; object-relationship
@@ -472,6 +473,9 @@ def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike) -> Lo
     Args:
         source: a transformers BERT directory (config.json + model.safetensors / pytorch_model.bin), such a file, or
             a Hub id such as bert-base-uncased.
+        extra_layers: BERT layers past the model's language layers (BERT-base's 9-11 for LXMERT's 9): "refuse" (a
+            CheckpointError, as any tensor without a place) or "ignore" (left out and listed as ignored, as the
+            original's `from_pretrained`, which loads by name and drops what finds no place).
 
     Returns:
         The coverage report (logged at DEBUG; the caller shows it).
@@ -497,7 +501,10 @@ def init_from_bert(model: LxmertForPreTraining, source: str | os.PathLike) -> Lo
         if key == "cls.predictions.decoder.bias":  # an alias of cls.predictions.bias in some versions
             ignored.append(key)
             continue
-        if key.startswith(("embeddings.", "encoder.layer.", "pooler.")):
+        layer = re.match(r"encoder\.layer\.(\d+)\.", key)
+        if extra_layers == "ignore" and layer is not None and int(layer.group(1)) >= model.config.l_layers:
+            ignored.append(key)
+        elif key.startswith(("embeddings.", "encoder.layer.", "pooler.")):
             renamed["lxmert." + key] = value
         elif key.startswith(("cls.predictions.", "cls.seq_relationship.")):
             renamed[key] = value

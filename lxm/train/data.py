@@ -173,12 +173,14 @@ class PretrainDataset(Dataset):
         word_mask_rate / obj_mask_rate: 0.15 / 0.15 as LXMERT.
         max_length: tokens incl. [CLS] and [SEP] (20).
         seed: base of the per-(epoch, item) random generators (LXMERT: 9595).
+        negatives: swap half the sentences for another image's (the matching task); off, every pair is matched, as
+            the original's data without --taskMatched. The draw is made either way, so masks stay the same.
     """
 
     def __init__(self, corpus: str | os.PathLike, features: list[str | os.PathLike], vocab: str | os.PathLike,
                  answers: list[str], *, splits=("train", "nominival", "vgnococo"),
                  sources=("mscoco", "vg", "vqa", "gqa", "vgqa"), word_mask_rate: float = 0.15,
-                 obj_mask_rate: float = 0.15, max_length: int = 20, seed: int = 9595):
+                 obj_mask_rate: float = 0.15, max_length: int = 20, seed: int = 9595, negatives: bool = True):
         path = Path(corpus)
         path = corpus_file(path, CORPUS_TABLE) if path.suffix != ".parquet" else path
         table = read_corpus_table(path, ["uid", "img_id", "source", "split", "text", "labels"])
@@ -207,7 +209,8 @@ class PretrainDataset(Dataset):
         self.store_of = [where[i] for i in self.img_ids]
         # float16 stores keep their features float16 up to the device (exact: masking copies or zeroes values)
         self.feat_dtype = np.float16 if all(s.dtype == "float16" for s in self.stores) else np.float32
-        self.several_images = len(set(self.img_ids)) > 1  # else no negative exists (a one-image toy corpus)
+        # a one-image toy corpus has no negative to draw
+        self.negatives = negatives and len(set(self.img_ids)) > 1
         self.tokenizer = LxmertTokenizer(vocab, max_length=max_length)
         self.word_mask_rate, self.obj_mask_rate = word_mask_rate, obj_mask_rate
         self.max_length, self.seed, self.epoch = max_length, seed, 0
@@ -234,7 +237,7 @@ class PretrainDataset(Dataset):
     def __getitem__(self, index: int) -> PretrainExample:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         text, matched = self.texts[index], 1
-        if rng.random() < 0.5 and self.several_images:  # matching negative: a sentence of another image
+        if rng.random() < 0.5 and self.negatives:  # matching negative: a sentence of another image
             while True:
                 other = int(rng.integers(len(self)))
                 if self.img_ids[other] != self.img_ids[index]:

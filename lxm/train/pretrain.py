@@ -56,12 +56,26 @@ def detector_label_counts(stores) -> tuple[int, int] | None:
     return counts.pop() if counts else None
 
 
+def objective_heads(objectives: list[str]) -> dict[str, bool]:
+    """The model-config head switches (`LxmertConfig.task_*`, `visual_*_loss`) that the pretraining `objectives`
+    need: the original builds only the heads of its --task* flags and --visualLosses (`LXRTPretraining.__init__`)."""
+    on = set(objectives)
+    return dict(task_mask_lm="mlm" in on, task_matched="match" in on, task_obj_predict=bool(on & {"obj", "attr", "feat"}),
+                visual_obj_loss="obj" in on, visual_attr_loss="attr" in on, visual_feat_loss="feat" in on,
+                task_qa="qa" in on)
+
+
 def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers: int,
                 label_counts: tuple[int, int] | None = None, log=None) -> LxmertForPreTraining:
     """The model of `cfg.model`: a preset built fresh, or a checkpoint loaded (its coverage report goes to `log`)."""
     if Path(cfg.model).exists() or "/" in cfg.model:
         model, report = load_pretrained_with_report(cfg.model)
         (log or _logger.info)(report.summary())
+        heads = objective_heads(cfg.objectives)
+        differ = sorted(k for k, on in heads.items() if getattr(model.config, k) != on)
+        if differ:  # a head without its loss would get no gradient (DDP refuses), a loss without its head no logits
+            raise ConfigError(f"{cfg.model}: its heads ({', '.join(f'{k}={getattr(model.config, k)}' for k in differ)})"
+                              f" do not match 'objectives' {cfg.objectives}")
         if model.config.num_qa_labels != num_answers:
             raise ConfigError(f"{cfg.model}: answer head has {model.config.num_qa_labels} answers, the answer table "
                               f"{num_answers}")
@@ -71,7 +85,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int, feat_dim: int, num_answers
         return model
     labels = {} if label_counts is None else dict(num_object_labels=label_counts[0], num_attr_labels=label_counts[1])
     model_cfg = preset(cfg.model).replace(vocab_size=vocab_size, visual_feat_dim=feat_dim, num_qa_labels=num_answers,
-                                          **labels)
+                                          **labels, **objective_heads(cfg.objectives))
     if cfg.dropout is not None:
         model_cfg = model_cfg.replace(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     return LxmertForPreTraining(model_cfg)
@@ -127,7 +141,7 @@ class Pretrainer:
         has_checkpoint = resume and any(_CKPT_NAME.match(p.name) for p in (self.out / CKPT_DIR).glob("*.pt"))
         answers = _answers(cfg)
         common = dict(word_mask_rate=cfg.word_mask_rate, obj_mask_rate=cfg.obj_mask_rate, max_length=cfg.max_length,
-                      sources=cfg.sources)
+                      sources=cfg.sources, negatives="match" in cfg.objectives)
         self.train_set = PretrainDataset(cfg.corpus, cfg.features, cfg.vocab, answers, splits=cfg.train_splits,
                                          seed=cfg.runtime.seed, **common)
         self.valid_set = None
@@ -144,7 +158,9 @@ class Pretrainer:
         if cfg.init_bert and not has_checkpoint:
             from lxm.model.weights import init_from_bert
 
-            main_log(init_from_bert(self.model, cfg.init_bert).summary())
+            # BERT-base has 12 layers, LXMERT's language encoder 9: the rest are left out, as the original's
+            # from_pretrained("bert-base-uncased") leaves them
+            main_log(init_from_bert(self.model, cfg.init_bert, extra_layers="ignore").summary())
         self.model = self.model.to(self.device)
         self.replica, self.step_model = training_modules(self.model, cfg.runtime, self.dist, self.device)
         self.workers = loader_workers(cfg.runtime.num_workers, self.device)
@@ -185,6 +201,10 @@ class Pretrainer:
                 "warmup": cfg.optim.warmup,
                 "optimizer": cfg.optim.optimizer, "precision": cfg.runtime.precision, "device": str(self.device),
                 "processes": self.dist.world_size, "model": cfg.model,
+                "init": f"BERT weights from {cfg.init_bert}" if cfg.init_bert else "random (from scratch)",
+                "objectives": ", ".join(cfg.objectives),
+                "qa_schedule": (f"from epoch {cfg.qa_start_epoch}, weight {cfg.qa_weight:g}" if "qa" in cfg.objectives
+                                else "no QA"),
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "answers": self.model.config.num_qa_labels,
                 "start": ({"from": str(self.resumed_from), "step": self.step, "epoch": self.epoch}
@@ -229,6 +249,8 @@ class Pretrainer:
         losses, _ = pretraining_step_losses(model, batch.labels, self.loss_cfg, **batch.model_inputs())
         if self.epoch < self.cfg.qa_start_epoch and "qa" in losses:
             losses["qa"] = losses["qa"] * 0.0  # kept in the graph (DDP), contributes nothing: the paper's stage 1
+        elif self.cfg.qa_weight != 1.0 and "qa" in losses:
+            losses["qa"] = losses["qa"] * self.cfg.qa_weight  # the paper's stage 2 counted QA twice
         return losses
 
     def validate(self) -> dict[str, float]:
