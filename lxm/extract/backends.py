@@ -206,17 +206,16 @@ def cell_boxes(map_size: tuple[int, int], g: int, stride: int, resized: tuple[in
     """[g * g, 4] original-image pixel boxes of adaptive_avg_pool2d's cells over a stride-`stride` map.
 
     Cell i along an axis of n map positions averages positions [floor(i n / g), ceil((i + 1) n / g)) (torch's
-    adaptive pooling); a position covers `stride` resized pixels; the extent is clipped to the resized image and
-    divided by the resize factor."""
-    def edges(n: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    adaptive pooling); a position covers `stride` resized pixels; the extent is divided by the resize factor, and
+    an edge at or past the resized image's border is the original's border (the resized size was rounded)."""
+    def edges(n: int, limit: int, original: int) -> tuple[np.ndarray, np.ndarray]:
         i = np.arange(g)
-        lo = (i * n) // g
-        hi = -((-(i + 1) * n) // g)
-        return np.minimum(lo * stride, limit) / scale, np.minimum(hi * stride, limit) / scale
+        lo, hi = (i * n) // g * stride, -((-(i + 1) * n) // g) * stride
+        return (np.where(lo >= limit, original, lo / scale), np.where(hi >= limit, original, hi / scale))
 
     (h, w), (rh, rw), (oh, ow) = map_size, resized, size
-    y1, y2 = edges(h, rh)
-    x1, x2 = edges(w, rw)
+    y1, y2 = edges(h, rh, oh)
+    x1, x2 = edges(w, rw, ow)
     boxes = np.stack([np.repeat(x1[None], g, 0), np.repeat(y1[:, None], g, 1), np.repeat(x2[None], g, 0),
                       np.repeat(y2[:, None], g, 1)], -1).reshape(-1, 4)
     return np.clip(boxes, 0, [ow, oh, ow, oh]).astype(np.float32)

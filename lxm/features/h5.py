@@ -2,7 +2,8 @@
 
 Layout of a file written by `lxm export h5` (and read by `lxm convert h5`), M images, N boxes, D features:
 
-    attrs: format = "lxm-features-h5", version = 1, num_boxes = N, feature_dim = D
+    attrs: format = "lxm-features-h5", version = 1, num_boxes = N, feature_dim = D, and backbone = the store
+           manifest's "backbone" as JSON text when it has one (`lxm.features.backbone`; absent: butd with labels)
     img_id        [M]        utf-8 strings
     img_h, img_w  [M]        int32
     num_boxes     [M]        int32      K <= N real boxes of each image; rows K.. are padding (ids -1, zeros)
@@ -14,6 +15,7 @@ Layout of a file written by `lxm export h5` (and read by `lxm convert h5`), M im
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,13 +32,15 @@ ARRAY_FIELDS = ("img_h", "img_w", "num_boxes", "objects_id", "objects_conf", "at
 
 
 def write_h5(records: Iterable[ImageFeatures], path: str | os.PathLike, *, count: int, num_boxes: int,
-             feature_dim: int, dtype: str) -> int:
+             feature_dim: int, dtype: str, backbone: dict | None = None) -> int:
     """Write `count` records; the file appears under its name only when complete."""
     path = Path(path)
     n, d = num_boxes, feature_dim
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"format": H5_FORMAT, "version": 1, "num_boxes": n, "feature_dim": d})
+            if backbone:
+                f.attrs["backbone"] = json.dumps(backbone)
             ds = {
                 "img_id": f.create_dataset("img_id", (count,), dtype=h5py.string_dtype("utf-8")),
                 "img_h": f.create_dataset("img_h", (count,), "int32"),
@@ -99,6 +103,21 @@ def read_h5(path: str | os.PathLike) -> Iterator[ImageFeatures]:
                 yield rec.validate()
             except RecordError as exc:
                 raise RecordError(f"{path}: row {i}: {exc}") from None
+
+
+def h5_backbone(path: str | os.PathLike) -> dict | None:
+    """The backbone entry a file carries (written from a store's manifest), or None."""
+    with h5py.File(path, "r") as f:
+        text = f.attrs.get("backbone")
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        raise RecordError(f"{path}: attribute 'backbone' is not JSON text") from None
+    if not isinstance(value, dict):
+        raise RecordError(f"{path}: attribute 'backbone' must be a JSON object")
+    return value
 
 
 def h5_info(path: str | os.PathLike) -> tuple[int, int, int, str]:
