@@ -89,7 +89,9 @@ def test_grid_features_are_res5_of_the_res4_map_average_pooled(tmp_path):
     # a second run adds nothing; a run with another grid into the same store is refused
     again = _extract("--out", tmp_path / "s", *DETECTOR, "--backbone", "grid", "--grid", g, "--dtype", "float32")
     assert again.exit_code == 0 and "already in the store" in again.output
-    assert len(FeatureStore(tmp_path / "s")) == len(_paths()) and len(store.manifest["shards"]) == 1
+    after = FeatureStore(tmp_path / "s")
+    assert len(after) == len(_paths()) and len(after.manifest["shards"]) == 1
+    assert store_backbone(after.manifest) == info  # a run that extracted nothing keeps the recorded backbone
     other = _extract("--out", tmp_path / "s", *DETECTOR, "--backbone", "grid", "--grid", 3, "--dtype", "float32")
     assert other.exit_code != 0
 

@@ -147,7 +147,8 @@ class _DetectorBackend(Backend):
                               f"--backbone {self.info.name} runs on the torch engine")
         (on_engine or _logger.info)(engine.summary())
         self.model, meta = build_detector(self.cfg, on_weights, engine, on_download)
-        self.info = replace(self.info, weights=meta["weights"], weights_sha256=meta["weights_sha256"])
+        self.info = replace(self.info, weights=meta["weights"],
+                            weights_sha256=None if meta["random_weights"] else meta["weights_sha256"])
         det = self.det
         return {"backbone": self.info.name, "device": str(self.device), "bf16": self.cfg.bf16, "tf32": False,
                 "scale_rule": f"short side {det.min_size}, long side <= {det.max_size} (Caffe, cv2 float resize)",

@@ -350,7 +350,8 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
                 "nms": "per-class 0.3, Caffe cpu_nms (+1, >=)" if cfg.mode == "lxmert" else "class-agnostic maxnms",
                 "images": str(Path(cfg.images).resolve()), **meta,
             }
-            writer.backbone = replace(info, weights=meta["weights"], weights_sha256=meta["weights_sha256"]).manifest()
+            writer.backbone = replace(info, weights=meta["weights"], weights_sha256=None if meta["random_weights"]
+                                      else meta["weights_sha256"]).manifest()
             t0 = time.perf_counter()  # the rate counts extraction, not loading the weights
 
         def decode(ids: list[str]) -> list[tuple[Path, tuple | str]]:

@@ -492,8 +492,11 @@ def _finalize(root: Path, metadata: dict[str, Any] | None, backbone: dict[str, A
         "extractor": metadata if metadata else old.get("extractor", {}),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if backbone or old.get("backbone"):  # a store written before backends has none: it reads as "butd"
-        manifest["backbone"] = backbone or old["backbone"]
+    # a store written before backends has none (it reads as "butd"); a writer that extracted nothing (no metadata:
+    # it loaded no weights) keeps the recorded one, which names the weights' sha256
+    chosen = backbone if backbone and (metadata or not old.get("backbone")) else old.get("backbone")
+    if chosen:
+        manifest["backbone"] = chosen
     atomic.write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
