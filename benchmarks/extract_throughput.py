@@ -1,4 +1,5 @@
-"""Feature extraction throughput of the torch engine: the 10 fixture images, batch 1 vs 4, on this machine.
+"""Feature extraction throughput of the torch engine: the 10 fixture images, batch 1 vs 4, on this machine; and the
+visual backends side by side (`--backbones`, issue 31).
 
 Runs `lxm.extract.pipeline.extract` (real BUTD ResNet-101 architecture, seeded random weights: the cost is the
 same as with the released weights) in a fresh child process per setting; reports images/s in steady state (from the
@@ -8,6 +9,14 @@ set-up excluded, which a 100K-image run never notices), images/s over the whole 
     python benchmarks/extract_throughput.py                     # CPU, 2 threads, batch 1 and 4
     python benchmarks/extract_throughput.py --device cuda --batch-sizes 1,4,8 [--bf16]
     python benchmarks/extract_throughput.py --compare-bf16 --batch-sizes 4   # bf16 autocast vs fp32, side by side
+    python benchmarks/extract_throughput.py --backbones butd,grid,timm:vit_base_patch16_224 --batch-sizes 1,8 \
+        --images 16                                            # backends side by side, ratios to butd
+
+`--backbones` runs each backend (full-size, seeded random weights: `butd` the VG R101 detector's 36 regions, `grid`
+its res5 over the whole res4 map pooled to 8 x 8, `timm:MODEL` a timm model) at each batch size, in a fresh child
+process each, in turn; it prints images/s and each backend's ratio to butd at the same batch size. The last line is
+`<backbone>_vs_butd=<x.xx> ...` at the largest batch size (names shortened: `timm:vit_base_patch16_224` ->
+`vit_base_patch16_224`). A steady rate needs at least two batches: pass `--images` >= 2 x the largest batch.
 
 `--compare-bf16` runs fp32 and bf16 children alternately (`--rounds`), then compares the two stores: for each fp32
 box the bf16 box of highest IoU (mean IoU over the 36), whether its object and attribute labels are equal, and the
@@ -41,8 +50,8 @@ def images_dir() -> Path:
     return Path(os.environ[IMAGES_ENV])
 
 
-def child(batch: int, device: str, bf16: bool, threads: int, keep: str | None = None, detector: str = "vg-r101"
-          ) -> None:
+def child(batch: int, device: str, bf16: bool, threads: int, keep: str | None = None, detector: str = "vg-r101",
+          backbone: str = "butd") -> None:
     import torch
 
     from lxm.extract.pipeline import ExtractConfig, extract
@@ -58,15 +67,18 @@ def child(batch: int, device: str, bf16: bool, threads: int, keep: str | None = 
     with tempfile.TemporaryDirectory() as tmp:
         out = keep or tmp
         t0 = time.perf_counter()
+        timm = backbone.startswith("timm:")
         summary = extract(ExtractConfig(images=str(images_dir()), out=out, weights="random", batch_size=batch,
                                         device=device, bf16=bf16, engine="torch", dtype="float32",
-                                        detector=detector), on_progress=progress)
+                                        detector=detector, backbone=backbone,
+                                        backbone_weights="random" if timm else None), on_progress=progress)
         dt = time.perf_counter() - t0
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0
-    # steady state: from the end of the first batch (detector built, weights set, kernels warm) to the last
-    batches = [m for m in marks if m[1] > 0]
+    # steady state: from the end of the first batch (detector built, weights set, kernels warm) to the last; a
+    # backend that runs a batch at once reports its images together at the batch's end
+    batches = [m for m in marks if m[1] >= min(batch, summary["extracted"])]
     steady = (batches[-1][1] - batches[0][1], batches[-1][0] - batches[0][0]) if len(batches) > 1 else (0, 0.0)
     print(json.dumps({"images": summary["extracted"], "seconds": dt, "steady_images": steady[0],
                       "steady_seconds": steady[1], "peak_rss_mb": peak, "gpu_mb": gpu}))
@@ -188,6 +200,31 @@ def compare_bf16(args) -> None:
           f"equal_objects={agree['equal_objects']:.3f}")
 
 
+def compare_backbones(args) -> None:
+    names = args.backbones.split(",")
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rates: dict[tuple[str, int], float] = {}
+    rows = []
+    for bs in sizes:
+        for name in names:
+            cmd = [sys.executable, __file__, "--child", str(bs), "--device", args.device, "--threads",
+                   str(args.threads), "--detector", args.detector, "--backbone", name] + (["--bf16"] if args.bf16 else [])
+            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+                             .splitlines()[-1])
+            rates[name, bs] = rate(res)
+            rows.append({"backbone": name, "batch": bs, "img_s": rate(res), **res})
+            ratio = f" = {rate(res) / rates['butd', bs]:.1f}x butd" if ("butd", bs) in rates and name != "butd" else ""
+            print(f"{name:>28} batch {bs}: {rate(res):8.3f} img/s after the first batch{ratio} ({res['images']} "
+                  f"images in {res['seconds']:.1f} s with start-up; peak RSS {res['peak_rss_mb']:.0f} MB)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "detector": args.detector, "threads":
+                                               args.threads, "rows": rows}, indent=2) + "\n")
+    last = sizes[-1]
+    if ("butd", last) in rates:
+        print(" ".join(f"{n.removeprefix('timm:')}_vs_butd={rates[n, last] / rates['butd', last]:.2f}"
+                       for n in names if n != "butd"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-sizes", default="1,4")
@@ -200,6 +237,9 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this JSON file")
     ap.add_argument("--images", type=int, help="extract this many images (the fixtures in turn, or generated ones "
                                                "where ../shared is missing); default: the 10 fixtures")
+    ap.add_argument("--backbones", help="comma-separated backends to run side by side (butd, grid, timm:MODEL); "
+                                        "ratios to butd at each batch size")
+    ap.add_argument("--backbone", default="butd", help=argparse.SUPPRESS)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--keep", help=argparse.SUPPRESS)
     ap.add_argument("--conv-profile", action="store_true", help=argparse.SUPPRESS)
@@ -219,7 +259,10 @@ def run(args) -> None:
         conv_profile(args.device, args.bf16, args.threads, args.detector)
         return
     if args.child:
-        child(args.child, args.device, args.bf16, args.threads, args.keep, args.detector)
+        child(args.child, args.device, args.bf16, args.threads, args.keep, args.detector, args.backbone)
+        return
+    if args.backbones:
+        compare_backbones(args)
         return
     if args.compare_bf16:
         compare_bf16(args)

@@ -86,6 +86,21 @@ def test_extraction_bf16_comparison_reports_speed_agreement_and_the_convolutions
         assert f"one warm image, {precision}:" in result.stdout
 
 
+def test_extraction_backbones_side_by_side_report_rates_and_ratios_to_butd(tmp_path):
+    """`extract_throughput.py --backbones` on the tiny detector and a tiny timm ViT: a rate per backend and batch
+    size, the ratios to butd on the last line (figures not asserted, only measured)."""
+    out = tmp_path / "backbones.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract_throughput.py"), "--backbones",
+                             "butd,grid,timm:test_vit", "--detector", "tiny", "--batch-sizes", "2", "--images", "4",
+                             "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.fullmatch(r"grid_vs_butd=\d+\.\d\d test_vit_vs_butd=\d+\.\d\d", result.stdout.strip().splitlines()[-1])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backbone"] for r in rows] == ["butd", "grid", "timm:test_vit"]
+    assert all(r["images"] == 4 and r["img_s"] > 0 for r in rows)
+
+
 def test_gemm_bound_records_the_steps_matrix_products_and_bounds_mfu(tmp_path):
     """`gemm_bound.py` on the tiny config: the recorded products carry the step's model FLOPs (plus the attention lxm
     runs over padded positions), each is replayed alone, and the bound sits above the step's own MFU."""

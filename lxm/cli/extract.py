@@ -1,9 +1,10 @@
-"""`lxm extract`: a folder of images -> a feature store, with the VG Faster R-CNN (thin wrapper over
-`lxm.extract.pipeline`).
+"""`lxm extract`: a folder of images -> a feature store, with the VG Faster R-CNN or another visual backend (thin
+wrapper over `lxm.extract.pipeline` and `lxm.extract.backends`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -17,7 +18,8 @@ def extract_cmd(
     images: Path = typer.Option(..., "--images", exists=True, file_okay=False,
                                 help="Folder of images (jpg/png/...); img_id = file name without suffix."),
     out: Path = typer.Option(..., "--out", help="Feature store directory (created, or resumed if it exists)."),
-    weights: str = typer.Option(..., "--weights", help="faster_rcnn_from_caffe_attr.pkl or pytorch_model.bin path, "
+    weights: str = typer.Option(None, "--weights", help="Detector weights (butd and grid; required there): "
+                                                        "faster_rcnn_from_caffe_attr.pkl or pytorch_model.bin path, "
                                                        "an http(s) URL, a Hub id (unc-nlp/frcnn-vg-finetuned), or "
                                                        "'random' (seeded random weights: meaningless features)."),
     engine: Engine = typer.Option(Engine.auto, help="auto: detectron2 if it imports, else torch (said in the output "
@@ -27,7 +29,27 @@ def extract_cmd(
     mode: SelectMode = typer.Option(SelectMode.lxmert, help="lxmert: the released TSVs' rule (per-class NMS 0.3 on "
                                                             "proposals, score >= 0.2, exactly N); maxnms: airsplay's "
                                                             "detectron2 demo rule."),
-    boxes: int = typer.Option(36, "--boxes", min=1, help="Boxes per image."),
+    boxes: int = typer.Option(None, "--boxes", min=1, help="Boxes the detector selects per image (default 36; "
+                                                           "butd only: grid and timm: have fixed cells, "
+                                                           "--boxes-file its own counts)."),
+    backbone: str = typer.Option("butd", "--backbone", help="Visual backend: butd (the detector's selected regions, "
+                                 "with labels), grid (the detector's res5 over the whole image, average-pooled to "
+                                 "--grid x --grid cells, no labels), or timm:MODEL (a timm model's patch tokens or last "
+                                 "feature map, e.g. timm:vit_base_patch16_clip_224.openai; no labels). Recorded in "
+                                 "the manifest."),
+    backbone_weights: str = typer.Option(None, "--backbone-weights", help="timm: a state_dict file (.pth / "
+                                         ".safetensors), a Hub id (timm/vit_base_patch16_224.augreg_in21k), or "
+                                         "'random' (meaningless features, for tests); default: the model name's own "
+                                         "Hub weights. grid and butd use --weights."),
+    grid: int = typer.Option(8, "--grid", min=1, help="grid: cells per side (8: 64 cells)."),
+    boxes_file: Path = typer.Option(None, "--boxes-file", exists=True, dir_okay=False,
+                                    help="butd: JSONL lines {\"img_id\": ..., \"boxes\": [[x1, y1, x2, y2], ...]} "
+                                         "in original-image pixels; the detector pools and classifies exactly these "
+                                         "boxes, in order (no NMS, no selection). Images without a line are "
+                                         "failures (failures.jsonl)."),
+    timm_arg: list[str] = typer.Option(None, "--timm-arg", help="timm: KEY=VALUE passed to timm.create_model "
+                                       "(VALUE read as JSON, else a string), repeatable; e.g. --timm-arg depth=2 for "
+                                       "a tiny test model. Recorded in the manifest."),
     device: str = typer.Option("cpu", help="cpu, auto (this process's GPU if CUDA is available, else the CPU), "
                                            "cuda or cuda:N (an error if CUDA is absent; under torchrun, cuda is "
                                            "cuda:LOCAL_RANK)."),
@@ -55,7 +77,8 @@ def extract_cmd(
                                         "100000000; decoding costs ~14 bytes per pixel). Files over "
                                         "$LXM_MAX_IMAGE_BYTES (default 1 GiB) are not read."),
 ) -> None:
-    """Extract 36-box Visual Genome Faster R-CNN region features from a folder of images into a feature store.
+    """Extract 36-box Visual Genome Faster R-CNN region features (or another --backbone's) from a folder of images
+    into a feature store.
 
     Images are found in the folder and its subfolders. Re-running the same command skips images already stored;
     images that cannot be used are listed in failures.jsonl with the reason (one record per image). Several runs
@@ -63,6 +86,8 @@ def extract_cmd(
     non-zero if the folder holds no image, or none of them could be used.
 
     Example: lxm extract --images coco/train2014 --out features/train2014 --weights faster_rcnn_from_caffe_attr.pkl
+
+    Example: lxm extract --images coco/val2014 --out features/val2014-vit --backbone timm:vit_base_patch16_clip_224.openai
     """
     from lxm.extract.images import ImageError
     from lxm.extract.pipeline import ExtractConfig, extract, shard_from_env
@@ -74,12 +99,30 @@ def extract_cmd(
             fail(ConfigError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}"))
     else:
         i, n = shard_from_env()
+    if boxes is not None and (backbone != "butd" or boxes_file is not None):
+        fail(ConfigError(f"--boxes counts the detector's selected regions; --backbone {backbone}"
+                         f"{' --boxes-file' if boxes_file is not None else ''} fixes the boxes itself"))
+    if weights is None and not backbone.startswith("timm:"):
+        fail(ConfigError(f"--weights is required with --backbone {backbone} (the detector's weights, or 'random')"))
+    if weights is not None and backbone.startswith("timm:"):
+        fail(ConfigError("--weights names the detector's weights; a timm: backbone takes --backbone-weights"))
+    timm_args = {}
+    for item in timm_arg or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            fail(ConfigError(f"--timm-arg must look like KEY=VALUE (e.g. depth=2), got {item!r}"))
+        try:
+            timm_args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            timm_args[key] = value
     # --weights random is announced once, by the weights loader's logged warning (it also lands in the manifest)
-    cfg = ExtractConfig(images=str(images), out=str(out), weights=weights, engine=engine.value,
+    cfg = ExtractConfig(images=str(images), out=str(out), weights=weights or "", engine=engine.value,
                         detector=detector.value, mode=mode.value,
-                        num_boxes=boxes, device=device, dtype=dtype.value, batch_size=batch_size, bf16=bf16,
-                        prefetch=prefetch, overlap=overlap, seed=seed, shard=i, num_shards=n, rows_per_shard=rows_per_shard,
-                        max_pixels=max_pixels)
+                        num_boxes=36 if boxes is None else boxes, device=device, dtype=dtype.value,
+                        batch_size=batch_size, bf16=bf16, prefetch=prefetch, overlap=overlap, seed=seed, shard=i,
+                        num_shards=n, rows_per_shard=rows_per_shard, max_pixels=max_pixels, backbone=backbone,
+                        backbone_weights=backbone_weights, grid=grid,
+                        boxes_file=None if boxes_file is None else str(boxes_file), timm_args=timm_args or None)
     try:
         keep_freed_memory_on_cpu(cfg.keep_freed_memory, cfg.device, "--device")
         with progress("images") as bar:

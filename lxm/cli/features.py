@@ -60,13 +60,27 @@ def export_tsv_cmd(
 ) -> None:
     """Write a feature store as LXMERT's 10-column base64 TSV (for the original code).
 
+    Each row holds its image's real boxes (num_boxes per row, as load_obj_tsv reads it): a --boxes-file store gives
+    rows of different lengths, which the original's batching (equal counts per batch) cannot stack. A label-less
+    store (grid, timm:) writes object/attribute ids -1 and confidences 0: the original finetuning reads only boxes
+    and features, its pretraining's label losses cannot use them. Both are said on stderr.
+
     Example: lxm export tsv features/val2014 val2014_obj36.tsv --first-ids mscoco_minival.json
     """
     from lxm.features.store import FeatureStore, StoreError
     from lxm.features.tsv import write_tsv
 
+    from lxm.features.backbone import store_backbone
+
     try:
         store = FeatureStore(src)
+        info = store_backbone(store.manifest)
+        if not info.labels:
+            warn(f"{src}: backbone {info.name} has no labels: the TSV's object/attribute ids are -1 and their "
+                 f"confidences 0 (LXMERT's finetuning reads only boxes and features; its pretraining needs labels)")
+        if info.given_boxes:
+            warn(f"{src}: given boxes: rows hold up to {info.num_boxes} boxes, each its own count (load_obj_tsv "
+                 f"reads them; LXMERT's DataLoader stacks equal counts only)")
         order = store.ids()
         if first_ids is not None:
             head = _read_id_list(first_ids)
@@ -94,13 +108,13 @@ def convert_h5_cmd(
 
     Example: lxm convert h5 features.h5 features/train2014
     """
-    from lxm.features.h5 import h5_info, read_h5
+    from lxm.features.h5 import h5_backbone, h5_info, read_h5
     from lxm.features.store import FeatureStoreWriter
 
     try:
         count, n, d, file_dtype = h5_info(src)
         writer = FeatureStoreWriter(dst, num_boxes=n, feature_dim=d, dtype=(dtype.value if dtype else file_dtype),
-                                    metadata={"source": "h5", "h5": str(src.resolve())})
+                                    metadata={"source": "h5", "h5": str(src.resolve())}, backbone=h5_backbone(src))
         with writer, progress("images") as bar:
             task = bar.add_task(f"convert {src.name}", total=count)
             for rec in advancing(read_h5(src), bar, task):
@@ -128,7 +142,8 @@ def export_h5_cmd(
         with progress("images") as bar:
             task = bar.add_task(f"export {dst.name}", total=len(store))
             count = write_h5(advancing(store, bar, task), dst, count=len(store), num_boxes=store.num_boxes,
-                             feature_dim=store.feature_dim, dtype=store.dtype)
+                             feature_dim=store.feature_dim, dtype=store.dtype,
+                             backbone=store.manifest.get("backbone"))
     except USER_ERRORS as exc:
         fail(exc)
     err.print(f"wrote {count} images to {dst}", highlight=False)
@@ -215,6 +230,7 @@ def inspect_cmd(
 
     from rich.text import Text
 
+    from lxm.features.backbone import store_backbone
     from lxm.features.store import FeatureStore, StoreError, live_writers, rebuild_store
 
     try:
@@ -237,12 +253,14 @@ def inspect_cmd(
                 checked = store.verify_checksums(on_file=lambda name: bar.advance(task))
     except USER_ERRORS as exc:
         fail(exc)
-    typer.echo(f"{src}: {m['num_images']} images x {m['num_boxes']} boxes x {m['feature_dim']} features "
+    upto = "up to " if store_backbone(m).given_boxes else ""
+    typer.echo(f"{src}: {m['num_images']} images x {upto}{m['num_boxes']} boxes x {m['feature_dim']} features "
                f"({m['dtype']}), {len(m['shards'])} shards, {size / 2**20:.1f} MiB")
     if running:
         typer.echo(f"{running} writer{' is' if running == 1 else 's are'} running: this is the store as of their "
                    f"last finished run; it grows until they finish")
     typer.echo(f"lxm version {m.get('lxm_version', '?')}, updated {m.get('updated', '?')}")
+    typer.echo("backbone: " + store_backbone(m).summary())
     typer.echo("extractor: " + json.dumps(m.get("extractor", {}), sort_keys=True))
     if rec is not None:
         typer.echo(f"first image: {rec.img_id} ({rec.img_w}x{rec.img_h}), objects {rec.objects_id[:5].tolist()}..., "

@@ -15,6 +15,10 @@ stem. Workers split the sorted list disjointly (`--shard i/n`), and any number o
 they share the work through the store's claims (`lxm.features.store.FeatureStoreWriter.claim`). The original
 extraction (peteanderson80/bottom-up-attention `tools/generate_tsv.py`) split its image list across GPUs the same
 way (`image_ids[i::len(gpus)]`), but into one TSV per GPU, to be merged afterwards.
+
+`--backbone` picks the visual backend (issue 31): "butd" (this pipeline's detector and selection, the default),
+"butd" with `--boxes-file` (given boxes), "grid" and "timm:MODEL" run through `lxm.extract.backends` in the same
+claim/decode/write loop; the manifest records the backend under "backbone" (`lxm.features.backbone`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -44,6 +48,7 @@ from lxm.extract.detector import DetectorConfig, DetectorOutput, GeneralizedRCNN
 from lxm.extract.images import IMAGE_SUFFIXES, ImageError, caffe_blob, image_limits, list_images, load_bgr
 from lxm.extract.select import Selection, select_lxmert_batch, select_maxnms
 from lxm.extract.weights import RANDOM, load_detector_weights
+from lxm.features.backbone import BackboneInfo
 from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStoreWriter
 
@@ -80,6 +85,11 @@ class ExtractConfig:
     min_size: int | None = None  # override the detector preset's scale rule (short side) ...
     max_size: int | None = None  # ... and long-side cap
     max_pixels: int | None = None  # larger images are failures, refused from their header (None: image_limits())
+    backbone: str = "butd"  # visual backend: "butd" (the detector's regions), "grid", "timm:MODEL" (backends.py)
+    backbone_weights: str | None = None  # timm: .pth/.safetensors file, Hub id or "random"; None: the name's own
+    grid: int = 8  # grid: cells per side
+    boxes_file: str | None = None  # butd: JSONL of given boxes per image (pooled and classified, not selected)
+    timm_args: dict | None = None  # timm: create_model keyword overrides (e.g. {"depth": 2} for tests)
 
     def detector_config(self) -> DetectorConfig:
         if self.detector not in DETECTORS:
@@ -90,6 +100,13 @@ class ExtractConfig:
         if self.max_size is not None:
             cfg.max_size = self.max_size
         return cfg
+
+    def backbone_config(self):
+        """The `lxm.extract.backends.BackboneConfig` of these fields."""
+        from lxm.extract.backends import BackboneConfig
+
+        return BackboneConfig(name=self.backbone, weights=self.backbone_weights, grid=self.grid,
+                              boxes_file=self.boxes_file, model_args=dict(self.timm_args or {})).validate()
 
 
 @dataclass(frozen=True)
@@ -324,10 +341,16 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
                          f"its subfolders)")
     paths = every[cfg.shard::cfg.num_shards]
     det = cfg.detector_config()
+    from lxm.extract.backends import make_backend  # backends imports this module
+
+    backend = make_backend(cfg, cfg.backbone_config())  # None: the detector's own selection (below)
+    info = backend.info if backend is not None else BackboneInfo(
+        name="butd", num_boxes=cfg.num_boxes, feature_dim=det.res2_channels * 8, labels=True, weights=cfg.weights,
+        detector=cfg.detector)
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     prefix = "part" if cfg.num_shards == 1 else f"part-r{cfg.shard:03d}of{cfg.num_shards:03d}"
-    writer = FeatureStoreWriter(cfg.out, num_boxes=cfg.num_boxes, feature_dim=det.res2_channels * 8, dtype=cfg.dtype,
-                                prefix=prefix, rows_per_shard=cfg.rows_per_shard)
+    writer = FeatureStoreWriter(cfg.out, num_boxes=info.num_boxes, feature_dim=info.feature_dim, dtype=cfg.dtype,
+                                prefix=prefix, rows_per_shard=cfg.rows_per_shard, backbone=info.manifest())
     by_id = {p.stem: p for p in paths}
     candidates = deque(p.stem for p in paths if p.stem not in writer)
     total = len(candidates)
@@ -346,7 +369,12 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
         summary["failed"] += 1
 
     try:
-        if candidates:
+        if candidates and backend is not None:
+            writer.metadata = backend.load(on_weights, on_engine, on_download)
+            writer.backbone = backend.info.manifest()  # now with its weights and their sha256
+            summary["engine"] = "timm" if backend.info.name == "timm" else "torch"
+            t0 = time.perf_counter()
+        elif candidates:
             engine = choose_engine(cfg.engine)
             (on_engine or _logger.info)(engine.summary())
             summary["engine"] = engine.name
@@ -358,6 +386,8 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
                 "nms": "per-class 0.3, Caffe cpu_nms (+1, >=)" if cfg.mode == "lxmert" else "class-agnostic maxnms",
                 "images": str(Path(cfg.images).resolve()), **meta,
             }
+            writer.backbone = replace(info, weights=meta["weights"], weights_sha256=None if meta["random_weights"]
+                                      else meta["weights_sha256"]).manifest()
             t0 = time.perf_counter()  # the rate counts extraction, not loading the weights
 
         def decode(ids: list[str]) -> list[tuple[Path, tuple | str]]:
@@ -365,6 +395,9 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
             out: list[tuple[Path, tuple | str]] = []
             for path in (by_id[i] for i in ids):
                 try:
+                    if backend is not None:
+                        out.append((path, backend.prepare(path, cfg.max_pixels)))
+                        continue
                     img = load_bgr(path, max_pixels=cfg.max_pixels)
                     blob, scale = caffe_blob(img, det.pixel_mean_bgr, det.min_size, det.max_size)
                     out.append((path, (blob, scale, img.shape[:2])))
@@ -401,6 +434,16 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
                 # handled before this batch: all taken from `candidates` but this batch and the one decoded ahead
                 before = total - len(candidates) - len(decoded) - (pending[0] if pending is not None else 0)
                 batch: list[tuple[str, DetectorOutput]] = []
+                if backend is not None:  # grid / timm / given boxes: the backend takes the batch (backends.py)
+                    for k, (path, rec) in enumerate(backend.run(decoded, np_dtype)):
+                        if isinstance(rec, str):
+                            fail(path, rec)
+                        else:
+                            writer.add(rec)
+                            summary["extracted"] += 1
+                        if on_progress is not None:
+                            on_progress(before + k + 1, total, summary["extracted"] / (time.perf_counter() - t0))
+                    decoded = []  # nothing left for the detector loop below
                 for k, (path, item) in enumerate(decoded):
                     if isinstance(item, str):
                         fail(path, item)
@@ -414,9 +457,9 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
                 if finishing is not None:  # the previous batch, selected while this one was detected
                     done, finishing = finishing, None
                     store(done)
-                if selector is not None:
+                if batch and selector is not None:
                     finishing = selector.submit(finish, batch)
-                else:
+                elif batch:
                     store(_Done(finish(batch)))
                 if len(failures) > merged[0] and writer.written > merged[1]:  # visible during a long run, per shard
                     writer.update_failures(attempted, failures)

@@ -10,7 +10,9 @@ label at its top-left corner), made readable whatever the image and the number o
   overlap each other and are never cut by the picture's border; a box whose label finds no room at all is still
   drawn and the count of such boxes is logged;
 - labels name the class and attribute when a vocabulary is given, ids ("attr4 obj18") otherwise, and always carry
-  the object confidence (the demo shows names only, and drops the attribute below 0.1 confidence; we always show it).
+  the object confidence (the demo shows names only, and drops the attribute below 0.1 confidence; we always show it);
+- a label-less record (`grid` cells, `timm:` patches: every id NO_LABEL) is drawn as its cells, thin outlines in
+  turning hues, without labels.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from lxm.extract.draw import (FONT, FONT_SCALE, LONG_SIDE, PAD, box_pixels, check_drawable, fit_label, nearest_point,
                               place_label)
-from lxm.features.records import ImageFeatures
+from lxm.features.records import NO_LABEL, ImageFeatures
 
 _logger = logging.getLogger(__name__)
 
@@ -60,9 +62,12 @@ def render(image_bgr: np.ndarray, rec: ImageFeatures, objects: list[str] | None 
     colors = {int(i): tuple(int(255 * c) for c in reversed(colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.5, 1.0)))
               for k, i in enumerate(order)}
     boxes = box_pixels(rec, scale, width, height)
-    for i in order:
-        cv2.rectangle(out, boxes[int(i)][:2], boxes[int(i)][2:], colors[int(i)], thick + 1)
+    labelled = bool((rec.objects_id != NO_LABEL).any())
+    for i in order:  # cells tile the image: thin lines keep it visible
+        cv2.rectangle(out, boxes[int(i)][:2], boxes[int(i)][2:], colors[int(i)], thick + 1 if labelled else 1)
     drawing = Drawing(out, scale)
+    if not labelled:
+        return drawing
     taken: list = []
     for i in (int(k) for k in order):
         obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"

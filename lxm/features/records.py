@@ -16,6 +16,9 @@ from lxm.errors import LxmError
 # Field order of the original TSV rows (and the feature store's column names).
 FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes",
           "features")
+NO_LABEL = -1  # objects_id / attrs_id of a box without a label: padding, and every box of a label-less backend
+#   (grid cells, ViT patches); equals lxm.model.losses.IGNORE_INDEX, so the label losses skip it as it is
+PAD_ID = NO_LABEL  # the ids a shard stores in the rows past a record's num_boxes
 BOX_TOLERANCE = 1e-5  # LXMERT asserts normalised boxes within [0, 1 + 1e-5] (src/tasks/vqa_data.py)
 
 
@@ -25,14 +28,18 @@ class RecordError(LxmError, ValueError):
 
 @dataclass
 class ImageFeatures:
-    """Region features of one image. N boxes, D feature size (2048 for the VG detector)."""
+    """Region features of one image. N boxes, D feature size (2048 for the VG detector).
+
+    Label-less backends (`lxm.features.backbone`: grid cells, ViT patches) store `NO_LABEL` ids and 0.0
+    confidences; a store's records may hold fewer boxes than its N (given boxes), never padding rows.
+    """
 
     img_id: str  # file stem, e.g. "COCO_train2014_000000132417" (LXMERT's key)
     img_h: int  # original image height in pixels
     img_w: int  # original image width in pixels
-    objects_id: np.ndarray  # [N] int64: argmax over the 1600 object classes (background excluded)
+    objects_id: np.ndarray  # [N] int64: argmax over the 1600 object classes (background excluded); NO_LABEL if none
     objects_conf: np.ndarray  # [N] float32: that class's probability in the 1601-way softmax (not renormalised)
-    attrs_id: np.ndarray  # [N] int64: argmax over the 400 attributes ("no attribute" excluded)
+    attrs_id: np.ndarray  # [N] int64: argmax over the 400 attributes ("no attribute" excluded); NO_LABEL if none
     attrs_conf: np.ndarray  # [N] float32: its probability in the 401-way softmax
     boxes: np.ndarray  # [N, 4] float32: x1, y1, x2, y2 in original-image pixels
     features: np.ndarray  # [N, D] float32 or float16: mean-pooled res5 features of each box

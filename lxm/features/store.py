@@ -46,7 +46,8 @@ import pyarrow as pa
 
 from lxm import atomic, integrity
 from lxm.errors import LxmError
-from lxm.features.records import ImageFeatures, RecordError
+from lxm.features.backbone import backbone_clash
+from lxm.features.records import PAD_ID, ImageFeatures, RecordError
 from lxm.jsonl import BadLine, read_json_lines
 
 _logger = logging.getLogger(__name__)
@@ -181,11 +182,14 @@ class FeatureStoreWriter:
         prefix: shard name prefix (only for readable names: writers sharing one are safe).
         rows_per_shard: images per shard file (1024 x 288 KiB ~ 0.3 GB in float32).
         metadata: recorded in manifest.json under "extractor".
+        backbone: the visual backend (`lxm.features.backbone.BackboneInfo.manifest()`), recorded in manifest.json
+            under "backbone"; None keeps what the store's manifest says (a store without it reads as "butd"). A
+            writer whose backbone differs from the store's by name, model or grid is refused (`backbone_clash`).
     """
 
     def __init__(self, root: str | os.PathLike, *, num_boxes: int, feature_dim: int, dtype: str = "float16",
                  prefix: str = "part", rows_per_shard: int = 1024, batch_rows: int = 64,
-                 metadata: dict[str, Any] | None = None):
+                 metadata: dict[str, Any] | None = None, backbone: dict[str, Any] | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if "." in prefix or "/" in prefix:
@@ -195,6 +199,7 @@ class FeatureStoreWriter:
         self.num_boxes, self.feature_dim, self.dtype = num_boxes, feature_dim, dtype
         self.prefix, self.rows_per_shard, self.batch_rows = prefix, rows_per_shard, batch_rows
         self.metadata = dict(metadata or {})
+        self.backbone = dict(backbone) if backbone is not None else None
         self.schema = store_schema(num_boxes, feature_dim, dtype)
         self.id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.done: set[str] = set()  # img_ids in any finished shard (as of the last look) or added here
@@ -225,6 +230,8 @@ class FeatureStoreWriter:
         if clash:
             raise StoreError(f"{path}: existing store has " +
                              ", ".join(f"{k}={a!r} (requested {b!r})" for k, (a, b) in clash.items()))
+        if self.backbone is not None and (why := backbone_clash(old, self.backbone)):
+            raise StoreError(f"{path}: {why}; write into a new directory")
 
     def _refresh(self) -> None:
         """Add the img_ids of shards finished since the last look, by any writer, to `done`."""
@@ -301,10 +308,11 @@ class FeatureStoreWriter:
         return img_id in self.done
 
     def add(self, rec: ImageFeatures) -> None:
+        """Buffer one record of 1..N boxes (fewer than N are padded in the shard; `num_boxes` keeps the count)."""
         rec.validate()
-        if rec.num_boxes != self.num_boxes or rec.features.shape[1] != self.feature_dim:
+        if not 1 <= rec.num_boxes <= self.num_boxes or rec.features.shape[1] != self.feature_dim:
             raise RecordError(f"image {rec.img_id!r}: has {rec.num_boxes} boxes x {rec.features.shape[1]} features; "
-                              f"this store holds exactly {self.num_boxes} x {self.feature_dim}")
+                              f"this store holds 1 to {self.num_boxes} boxes x {self.feature_dim}")
         if rec.img_id in self.done:
             raise RecordError(f"image {rec.img_id!r}: already in the store {self.root}")
         self.done.add(rec.img_id)
@@ -315,17 +323,26 @@ class FeatureStoreWriter:
     def _batch(self, recs: list[ImageFeatures]) -> pa.RecordBatch:
         n, d = self.num_boxes, self.feature_dim
         np_dtype = DTYPES[self.dtype][1]
+
+        def stack(name: str, dtype, fill) -> np.ndarray:
+            """The records' `name` arrays as [len(recs), N, ...]: a record of K < N boxes padded with `fill`."""
+            rows = [np.asarray(getattr(r, name)) for r in recs]
+            out = np.full((len(rows), n, *rows[0].shape[1:]), fill, dtype=dtype)
+            for i, row in enumerate(rows):
+                out[i, :row.shape[0]] = row
+            return out
+
         cols = [
             pa.array([r.img_id for r in recs], pa.string()),
             pa.array([r.img_h for r in recs], pa.int32()),
             pa.array([r.img_w for r in recs], pa.int32()),
-            _fixed(np.stack([r.objects_id for r in recs]).astype(np.int64), n),
-            _fixed(np.stack([r.objects_conf for r in recs]).astype(np.float32), n),
-            _fixed(np.stack([r.attrs_id for r in recs]).astype(np.int64), n),
-            _fixed(np.stack([r.attrs_conf for r in recs]).astype(np.float32), n),
-            pa.array([n] * len(recs), pa.int32()),
-            _fixed(np.stack([r.boxes for r in recs]).astype(np.float32), n, 4),
-            _fixed(np.stack([r.features for r in recs]).astype(np_dtype), n, d),
+            _fixed(stack("objects_id", np.int64, PAD_ID), n),
+            _fixed(stack("objects_conf", np.float32, 0.0), n),
+            _fixed(stack("attrs_id", np.int64, PAD_ID), n),
+            _fixed(stack("attrs_conf", np.float32, 0.0), n),
+            pa.array([r.num_boxes for r in recs], pa.int32()),
+            _fixed(stack("boxes", np.float32, 0.0), n, 4),
+            _fixed(stack("features", np_dtype, 0.0), n, d),
         ]
         return pa.RecordBatch.from_arrays(cols, schema=self.schema)
 
@@ -389,7 +406,7 @@ class FeatureStoreWriter:
             return None
         try:
             self._flush()
-            return finalize_store(self.root, metadata=self.metadata) if finalize else None
+            return finalize_store(self.root, metadata=self.metadata, backbone=self.backbone) if finalize else None
         finally:
             with store_lock(self.root):
                 (self.root / f"{WRITER_FILE}{self.id}").unlink(missing_ok=True)
@@ -404,15 +421,16 @@ class FeatureStoreWriter:
         self.close(finalize=exc_type is None)
 
 
-def finalize_store(root: str | os.PathLike, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+def finalize_store(root: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                   backbone: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build index.arrow and manifest.json from the finished shards (sorted by name: deterministic), under the
     store's LOCK, so concurrent writers never interleave the two files and readers see them as one pair."""
     root = Path(root)
     with store_lock(root):
-        return _finalize(root, metadata)
+        return _finalize(root, metadata, backbone)
 
 
-def _finalize(root: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
+def _finalize(root: Path, metadata: dict[str, Any] | None, backbone: dict[str, Any] | None = None) -> dict[str, Any]:
     shards = finished_shards(root)
     if not shards:
         raise StoreError(f"{root}: no finished shards to index")
@@ -474,6 +492,11 @@ def _finalize(root: Path, metadata: dict[str, Any] | None) -> dict[str, Any]:
         "extractor": metadata if metadata else old.get("extractor", {}),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # a store written before backends has none (it reads as "butd"); a writer that extracted nothing (no metadata:
+    # it loaded no weights) keeps the recorded one, which names the weights' sha256
+    chosen = backbone if backbone and (metadata or not old.get("backbone")) else old.get("backbone")
+    if chosen:
+        manifest["backbone"] = chosen
     atomic.write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
@@ -640,11 +663,12 @@ class FeatureStore:
                 "objects_id": flat("objects_id", n), "objects_conf": flat("objects_conf", n),
                 "attrs_id": flat("attrs_id", n), "attrs_conf": flat("attrs_conf", n),
                 "boxes": flat("boxes", n, 4), "features": flat("features", n, d),
+                "num_boxes": table.column("num_boxes").chunk(chunk).to_numpy(),
             }
         return views[chunk]  # type: ignore[return-value]
 
     def at(self, position: int) -> ImageFeatures:
-        """The record at `position` in index order."""
+        """The record at `position` in index order: its `num_boxes` real boxes (K <= N rows; padding is not read)."""
         self._load_index()
         assert self._shard_of is not None and self._row_of is not None
         shard, row = int(self._shard_of[position]), int(self._row_of[position])
@@ -652,10 +676,15 @@ class FeatureStore:
         chunk = bisect.bisect_right(starts, row) - 1
         v = self._views(shard, chunk)
         i = row - starts[chunk]
+        k = int(v["num_boxes"][i])
+        if not 1 <= k <= self.num_boxes:
+            path = self.root / self.manifest["shards"][shard]["file"]
+            raise StoreError(f"{path}: row {row} (image {v['img_id'][i]!r}): field 'num_boxes' is {k}, outside "
+                             f"1..{self.num_boxes} (damaged)")
         return ImageFeatures(img_id=v["img_id"][i], img_h=int(v["img_h"][i]), img_w=int(v["img_w"][i]),
-                             objects_id=v["objects_id"][i], objects_conf=v["objects_conf"][i],
-                             attrs_id=v["attrs_id"][i], attrs_conf=v["attrs_conf"][i], boxes=v["boxes"][i],
-                             features=v["features"][i])
+                             objects_id=v["objects_id"][i, :k], objects_conf=v["objects_conf"][i, :k],
+                             attrs_id=v["attrs_id"][i, :k], attrs_conf=v["attrs_conf"][i, :k], boxes=v["boxes"][i, :k],
+                             features=v["features"][i, :k])
 
     def get(self, img_id: str) -> ImageFeatures:
         """The record of `img_id`; StoreError (bad input, not a KeyError) when the store does not hold it."""
