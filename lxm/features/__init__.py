@@ -5,9 +5,9 @@ records from `*_obj36.tsv` with `src/utils.py` `load_obj_tsv`). Imports numpy, p
 detector nor torch.
 """
 
-from lxm.features.backbone import BackboneInfo, store_backbone
+from lxm.features.backbone import BackboneInfo, store_backbone, stores_backbone
 from lxm.features.records import FIELDS, NO_LABEL, ImageFeatures, RecordError
 from lxm.features.store import FeatureStore, FeatureStoreWriter, StoreError
 
 __all__ = ["FIELDS", "NO_LABEL", "ImageFeatures", "RecordError", "FeatureStore", "FeatureStoreWriter", "StoreError",
-           "BackboneInfo", "store_backbone"]
+           "BackboneInfo", "store_backbone", "stores_backbone"]

@@ -16,7 +16,7 @@ Backends (issue 31; `lxm.extract.backends` runs them):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 BACKBONES = ("butd", "grid", "timm")
@@ -103,3 +103,21 @@ def backbone_clash(manifest: Mapping[str, Any], backbone: Mapping[str, Any]) -> 
             return (f"the store holds backbone {have.get('name')!r} with {key}={have.get(key)!r}; this run asks for "
                     f"{backbone.get('name')!r} with {key}={backbone.get(key)!r}")
     return None
+
+
+def stores_backbone(stores) -> BackboneInfo:
+    """The one backend of the stores a run reads together (`FeatureStore`s), N the largest of theirs; a ValueError
+    naming two stores whose backends differ (a model cannot read regions from one and patches from another: the
+    features mean different things even where their sizes agree). Given boxes and detected regions of the same
+    detector mix (the same features at other boxes); so do stores of the same backend with other N."""
+    infos = [(str(s.root), store_backbone(s.manifest)) for s in stores]
+    (first_root, first), *rest = infos
+    for root, info in rest:
+        for key in ("name", "detector", "grid", "model", "model_args", "feature_dim", "labels"):
+            a, b = getattr(first, key), getattr(info, key)
+            if key == "detector" and (a is None or b is None):
+                continue  # older butd stores did not record the preset name
+            if a != b:
+                raise ValueError(f"feature stores of different backbones in one run: {first_root} is "
+                                 f"{first.summary()}; {root} is {info.summary()} ({key} {a!r} vs {b!r})")
+    return replace(first, num_boxes=max(info.num_boxes for _, info in infos))

@@ -137,7 +137,8 @@ class PretrainConfig:
     # the losses trained (the original's --taskMaskLM, --taskMatched, --taskObjPredict with --visualLosses
     #   obj,attr,feat, --taskQA): any of mlm, match, obj, attr, feat, qa; the model gets only their heads, and without
     #   "match" no sentence is swapped for a negative (as the original's data without --taskMatched)
-    objectives: list[str] = field(default_factory=lambda: list(LOSS_NAMES))
+    objectives: list[str] | None = None  # None: every one the features allow (all six; no obj/attr from a backbone
+    #   without labels: grid, timm:), resolved at the start and written to the run's config.yaml
     qa_start_epoch: int = 0  # code: QA from the first epoch; paper: 10 (QA only in the last 10 of 20 epochs)
     qa_weight: float = 1.0  # QA loss multiplier from qa_start_epoch on: code 1; the paper's two-stage run 2
     #   (src/lxrt/modeling.py L981-986: "(loss *0) for 6 epochs, (loss *2) for 6 epochs. (Used 10 ... in EMNLP paper)")
@@ -157,8 +158,9 @@ class PretrainConfig:
             raise ConfigError("config: 'features' needs at least one feature store directory")
         for name in ("checkpoint_every", "keep_last", "max_length", "max_steps"):
             _positive(self, name)
-        unknown = [o for o in self.objectives if o not in LOSS_NAMES]
-        if unknown or not self.objectives or len(set(self.objectives)) != len(self.objectives):
+        unknown = [o for o in self.objectives or [] if o not in LOSS_NAMES]
+        if self.objectives is not None and (unknown or not self.objectives
+                                            or len(set(self.objectives)) != len(self.objectives)):
             raise ConfigError(f"config: 'objectives' must name each of {', '.join(LOSS_NAMES)} at most once (at least "
                               f"one), got {self.objectives}")
         if self.qa_start_epoch < 0 or self.qa_weight < 0:
@@ -203,7 +205,7 @@ def paper_lxmert() -> PretrainConfig:
     The GitHub code's recipe (QA from the first epoch, weight 1) is the `base` preset.
     Paper, dev: VQA 69.9, GQA 60.0, NLVR2 74.9 (Table 3 last row = Table 4 row 4 = Table 5 row 4).
     """
-    return PretrainConfig(qa_start_epoch=10, qa_weight=2.0)
+    return PretrainConfig(objectives=list(LOSS_NAMES), qa_start_epoch=10, qa_weight=2.0)  # labels: the VG detector's
 
 
 def paper_table3_pretrain_scratch() -> PretrainConfig:
@@ -761,6 +763,9 @@ def flat_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+RESOLVED_AT_START = ("objectives",)  # None in a command: what the run's data allow (config.yaml: the resolved value)
+
+
 def resume_changes(run_cfg: Any, cfg: Any, where: str | Path) -> dict[str, tuple[Any, Any]]:
     """key -> (run's value, new value) of what `cfg` changes in the run's recipe `run_cfg` (read from `where`).
 
@@ -773,7 +778,9 @@ def resume_changes(run_cfg: Any, cfg: Any, where: str | Path) -> dict[str, tuple
         raise ConfigError(f"{where}: a {run_cfg.task} run, not {cfg.task}; resume it with lxm finetune {run_cfg.task}"
                           f" --out RUN --resume")
     old, new = flat_config(run_cfg), flat_config(cfg)
-    changes = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
+    # a key left unset is resolved at the start as the run resolved it (config.yaml holds the resolved value)
+    changes = {k: (old[k], new[k]) for k in old
+               if old[k] != new[k] and not (k in RESOLVED_AT_START and new[k] is None)}
     refused = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
     if refused:
         shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from lxm.errors import LxmError
 from lxm.features.records import ImageFeatures
+from lxm.features.backbone import stores_backbone
 from lxm.features.store import FeatureStore, read_normalized, store_index
 from lxm.model.tokenizer import LxmertTokenizer
 from lxm.train.data import ModelInputs, box_mask, pad_boxes
@@ -75,6 +76,10 @@ class FinetuneDataset(Dataset):
                  features: list[str | os.PathLike], vocab: str | os.PathLike, *, max_length: int = 20):
         self.task = task
         self.stores = [FeatureStore(f) for f in features]
+        try:
+            self.backbone = stores_backbone(self.stores)  # one backbone: a model reads one kind of feature
+        except ValueError as exc:
+            raise FinetuneDataError(f"--features: {exc}") from None
         where = store_index(self.stores)
         self.ids: list = []
         self.texts: list[str] = []

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lxm.errors import ConfigError
-from lxm.model import LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses, save_lxm
+from lxm.features import stores_backbone
+from lxm.model import LOSS_NAMES, LxmertForPreTraining, load_pretrained_with_report, preset, pretraining_step_losses, save_lxm
 from lxm.train.config import PretrainConfig
 from lxm.corpus.layout import answers_name, corpus_file, read_answer_table
 from lxm.train.data import PretrainDataset, collate
@@ -37,6 +38,8 @@ from lxm.train.run import (CKPT_DIR, MODEL_DIR, PendingSteps, RunLogger, RunStop
 from lxm.train.step import MicroBatches, step_groups, train_step
 
 _logger = logging.getLogger(__name__)
+
+LABEL_LOSSES = ("obj", "attr")  # the objectives that read the detector's object / attribute labels
 
 
 def _answers(cfg: PretrainConfig) -> list[str]:
@@ -54,6 +57,25 @@ def detector_label_counts(stores) -> tuple[int, int] | None:
     if len(counts) > 1:
         raise ConfigError(f"feature stores come from detectors with different label sets: {sorted(counts)}")
     return counts.pop() if counts else None
+
+
+def resolve_objectives(cfg: PretrainConfig, stores) -> PretrainConfig:
+    """`cfg` with its objectives set: unset (None) means all six where the stores' backbone has object/attribute
+    labels (the VG detector's regions), and all but "obj" and "attr" where it has none (grid cells, timm patches:
+    feature regression, masked LM, matching and QA stay). Asking for a label loss on a store without labels, or
+    reading stores of different backbones together, is a ConfigError naming the store(s)."""
+    try:
+        backbone = stores_backbone(stores)
+    except ValueError as exc:
+        raise ConfigError(f"config: 'features': {exc}") from None
+    if cfg.objectives is None:
+        allowed = [o for o in LOSS_NAMES if backbone.labels or o not in LABEL_LOSSES]
+        return dataclasses.replace(cfg, objectives=allowed)
+    asked = [o for o in cfg.objectives if o in LABEL_LOSSES]
+    if asked and not backbone.labels:
+        raise ConfigError(f"config: 'objectives' asks for {' and '.join(asked)} but {stores[0].root} holds "
+                          f"{backbone.summary()}: drop them (the default leaves them out for such stores)")
+    return cfg
 
 
 def objective_heads(objectives: list[str]) -> dict[str, bool]:
@@ -141,9 +163,10 @@ class Pretrainer:
         has_checkpoint = resume and any(_CKPT_NAME.match(p.name) for p in (self.out / CKPT_DIR).glob("*.pt"))
         answers = _answers(cfg)
         common = dict(word_mask_rate=cfg.word_mask_rate, obj_mask_rate=cfg.obj_mask_rate, max_length=cfg.max_length,
-                      sources=cfg.sources, negatives="match" in cfg.objectives)
+                      sources=cfg.sources, negatives=cfg.objectives is None or "match" in cfg.objectives)
         self.train_set = PretrainDataset(cfg.corpus, cfg.features, cfg.vocab, answers, splits=cfg.train_splits,
                                          seed=cfg.runtime.seed, **common)
+        self.cfg = cfg = resolve_objectives(cfg, self.train_set.stores)  # written as resolved to config.yaml
         self.valid_set = None
         if cfg.valid_split is not None:
             try:
