@@ -2,7 +2,7 @@
 # One GPU session's figures in one go (issue 15): the base pretraining step (lxm and transformers; fp32 and bf16
 # autocast; lxm also in its bf16 modes and under torch.compile), the whole optimizer step's parts with eager and
 # fused optimizers, the loader next to the trainer at the achieved step rate, and extraction at batch 1 and 8 in fp32
-# and bf16 (96 images: a steady rate), and a DDP run of the trainer on 2 GPUs where there are two (nccl; 2 gloo
+# and bf16 (96 images: a steady rate), the visual backends side by side (butd, grid, a ViT-B/16), and a DDP run of the trainer on 2 GPUs where there are two (nccl; 2 gloo
 # processes on CPU in --smoke). Every lxm step mode runs twice (issue 28): on the plain path, the default on CUDA (LXM_CPU_KERNELS=0), and
 # with lxm's CPU kernels forced on (LXM_CPU_KERNELS=1), so the first run shows which is faster on the GPU; the
 # compiled rows run the plain path. Installs nothing beyond the project and needs nothing beside it: what ../shared
@@ -11,7 +11,7 @@
 # says whether every step ran. Prints the machine (torch, CUDA, cuDNN, NCCL, nvidia-smi), one table, OUT/gpu.json.
 #
 #   bash benchmarks/gpu.sh [--out DIR]            # on a CUDA machine (never run on one yet; each step has a time
-#                                                 # limit: 7.25 minutes at most, plus start-up)
+#                                                 # limit: 7.75 minutes at most, plus start-up)
 #   bash benchmarks/gpu.sh --smoke [--out DIR]    # CPU, toy sizes: checks the script runs (a bench-tier test does)
 set -uo pipefail  # no -e: a failed or timed-out step is reported, the next one runs, the table shows what exists
 cd "$(dirname "$0")/.."
@@ -65,18 +65,20 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,
 
 if [ "$smoke" = 1 ]; then
     device=cpu
-    limits=(600 600 600 600 600)  # model step, optimizer step, trainer, each extraction, DDP
+    limits=(600 600 600 600 600 600)  # model step, optimizer step, trainer, each extraction, DDP, backbones
     step_args=(--configs tiny --rounds 1 --iters 2 --warmup 1 --bf16 on)  # every mode, whatever the CPU
     loader_args=(--smoke)
     extract_args=(--detector tiny --batch-sizes 4)
+    backbone_args=(--backbones butd,grid,timm:test_vit --detector tiny --batch-sizes 2 --images 4)
     parts_args=(--config tiny --steps 1)
 else
     device=cuda
-    limits=(165 60 75 45 45)  # 7.25 minutes at most in all (8 with start-up), whatever a step does
+    limits=(165 60 70 45 40 40)  # 7.75 minutes at most in all (8 with start-up), whatever a step does
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: CUDA is not available (use --smoke on CPU)')" || exit 1
     step_args=(--configs base --rounds 1 --iters 20 --warmup 5 --compile)
     loader_args=(--model base --precision bf16 --steps 300 --workers 0,1,2,4 --trainer-workers 4)
     extract_args=(--batch-sizes 1,8 --images 96)  # 12 batches of 8 after the first: a steady rate
+    backbone_args=(--backbones butd,grid,timm:vit_base_patch16_224 --batch-sizes 8 --images 96)  # issue 31, fp32
     parts_args=(--config base --precision bf16 --steps 6)
 fi
 
@@ -104,6 +106,8 @@ step "extraction fp32 (${device})" "${limits[3]}" \
     "$py" benchmarks/extract_throughput.py --device "$device" "${extract_args[@]}" --json "$out/extract_fp32.json"
 step "extraction bf16 (${device})" "${limits[3]}" \
     "$py" benchmarks/extract_throughput.py --device "$device" "${extract_args[@]}" --bf16 --json "$out/extract_bf16.json"
+step "extraction backends side by side (${device})" "${limits[5]}" \
+    "$py" benchmarks/extract_throughput.py --device "$device" "${backbone_args[@]}" --json "$out/extract_backbones.json"
 "$py" benchmarks/gpu_report.py "$out"
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'gpu.sh: failed steps: %s\n' "$(IFS='; '; echo "${failed[*]}")" >&2

@@ -27,7 +27,7 @@ def datasheet_peak(device_name: str | None) -> float | None:
 
 
 FILES = ("model_step", "train_step_parts", "trainer", "extract_fp32", "extract_bf16")  # what gpu.sh's steps write
-OPTIONAL = ("ddp",)  # written only where gpu.sh runs that step (DDP: more than one GPU visible, or --smoke)
+OPTIONAL = ("ddp", "extract_backbones")  # written only where gpu.sh runs that step (DDP: more than one GPU visible)
 
 
 def read_results(root: Path) -> tuple[dict[str, dict], list[str]]:
@@ -76,6 +76,9 @@ def main(folder: str) -> None:
                      f"{ddp['world_size']} x one process's trainer rate")
         rows.append(("DDP trainer", f"{ddp['world_size']} processes, {ddp['backend']}, {ddp['model']} "
                      f"{ddp['precision']} batch {ddp['batch']}", f"{ddp['samples_per_s']:.1f} samples/s{share}"))
+    backbones = found.get("extract_backbones")
+    for r in (backbones or {"rows": []})["rows"]:
+        rows.append(("backbone", f"{r['backbone']} batch {r['batch']}", f"{r['img_s']:.2f} img/s"))
     for k, data in extract.items():
         for r in data["rows"]:
             rows.append(("extraction", f"{data['detector']} batch {r['batch']} {k}", f"{r['img_s']:.2f} img/s"))
@@ -104,7 +107,7 @@ def main(folder: str) -> None:
     if missing:
         print(f"missing (the step failed or timed out): {', '.join(f'{m}.json' for m in missing)}")
     (root / "gpu.json").write_text(json.dumps({"model_step": step, "train_step_parts": parts, "trainer": trainer,
-                                               "ddp": ddp, "extraction": extract, "kernels_vs_plain": kernels,
+                                               "ddp": ddp, "extraction": extract, "backbones": backbones, "kernels_vs_plain": kernels,
                                                "missing": missing,
                                                "checks": {k: {"value": v, "target": t}
                                                           for k, (v, t) in checks.items()}}, indent=2) + "\n")

@@ -56,6 +56,7 @@ def test_gpu_script_smoke_mode_runs_every_step_and_writes_one_report(tmp_path):
     ddp = report["ddp"]  # the real trainer under torchrun, 2 processes: one group, each on its device
     assert (ddp["world_size"], ddp["backend"], ddp["devices"]) == (2, "gloo", ["cpu", "cpu"])
     assert ddp["samples_per_s"] > 0 and re.search(r"^DDP trainer +2 processes, gloo, tiny fp32 batch 8 ", out, re.M)
+    assert [r["backbone"] for r in report["backbones"]["rows"]] == ["butd", "grid", "timm:test_vit"]
     trainer = report["trainer"]
     assert trainer["trainer"] > 0 and trainer["step"] > 0 and set(trainer["loader"]) == {"0", "1"}
     assert {r["batch"] for d in report["extraction"].values() for r in d["rows"]} == {4}
