@@ -110,7 +110,8 @@ def build(name: str, which: str, batch: int, compiled: bool = False, device: str
     hf = transformers.LxmertForPreTraining(hf_config(cfg)).train()
     inputs, labels = make_batch(cfg, batch)
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    labels = PretrainLabels(**{f.name: getattr(labels, f.name).to(device) for f in dataclasses.fields(labels)})
+    labels = PretrainLabels(**{f.name: None if getattr(labels, f.name) is None else getattr(labels, f.name).to(device)
+                               for f in dataclasses.fields(labels)})
     if which == "hf":
         hf_labels = {
             "labels": labels.mlm_labels.masked_fill(labels.mlm_labels == -1, -100),

@@ -100,7 +100,9 @@ class ModelInputs:
     #   padding (stores whose images have fewer boxes than others: given boxes); None: every box real (36 regions)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelInputs)}
+        """The model's keyword arguments (a mask that is None, no padding, left out: the model's default)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelInputs)
+                if getattr(self, f.name) is not None}
 
     def pin_memory(self):
         """What DataLoader(pin_memory=True) calls on a custom batch (CUDA only): every tensor pinned."""
