@@ -325,3 +325,29 @@ def test_old_manifests_read_as_butd_and_writers_of_another_backbone_are_refused(
     with pytest.raises(StoreError, match="backbone 'butd'.*'grid'"):
         FeatureStoreWriter(tmp_path / "s", num_boxes=4, feature_dim=8, dtype="float32",
                            backbone={"name": "grid", "grid": 2, "labels": False})
+
+
+def test_lxm_ask_computes_a_timm_backbones_features_in_memory_as_lxm_extract_stores_them(tmp_path):
+    """`lxm ask` on raw images with a run whose stores hold timm patches (issue 31): the in-memory features equal
+    the float32 store's rows, and the backbone is taken from the run's store record unless an option names one."""
+    from lxm.cli.ask import backbone_choice
+    from lxm.infer.detect import Detector, detector_config
+
+    out = tmp_path / "vit"
+    result = _extract("--out", out, "--backbone-weights", "random", "--dtype", "float32", *TINY_VIT[:1],
+                      *TINY_VIT[1:])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore(out)
+    recorded = store_backbone(store.manifest)
+    chosen = backbone_choice(None, None, None, None, recorded, "vg-r101")  # nothing asked: the run's record
+    assert chosen["backbone"] == "timm:vit_tiny_patch16_224" and (chosen["backbone_weights"], chosen["seed"]) == (
+        "random", 0)
+    assert chosen["timm_args"] == {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64}
+    assert backbone_choice("butd", None, None, None, recorded, "vg-r101") == {"backbone": "butd"}
+    source = Detector(detector_config(None, engine="torch", **chosen))
+    assert source.info.feature_dim == store.feature_dim and "RANDOM" in source.describe()
+    for rec in source.records(_paths()):
+        stored = store.get(rec.img_id)
+        np.testing.assert_array_equal(rec.features, stored.features)
+        np.testing.assert_array_equal(rec.boxes, stored.boxes)
+        assert (rec.objects_id == NO_LABEL).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
@@ -95,6 +96,14 @@ def ask_cmd(
                                                              "attributes_vocab.txt, for the box labels of --explain "
                                                              "(default: ids)."),
     explain_boxes: int = typer.Option(5, "--explain-boxes", min=1, help="Boxes labelled per image in --explain."),
+    backbone: str = typer.Option(None, "--backbone", help="Visual backbone, as lxm extract --backbone: butd (the "
+                                                          "detector's regions), grid or timm:MODEL. Default: the one "
+                                                          "recorded in the run's feature stores, else butd."),
+    backbone_weights: str = typer.Option(None, "--backbone-weights", help="timm: weights, as lxm extract "
+                                                                          "(default: the run's stores' record)."),
+    timm_arg: list[str] = typer.Option(None, "--timm-arg", help="timm: KEY=VALUE create_model overrides, as lxm "
+                                                                "extract (default: the run's stores' record)."),
+    grid: int = typer.Option(None, "--grid", min=1, help="grid: cells per side (default: the run's, else 8)."),
 ) -> None:
     """Answer a question (VQA / GQA) or judge a statement (NLVR2) about raw images with a finetuned model.
 
@@ -137,7 +146,8 @@ def ask_cmd(
          "--features reads stored features: no detector runs (leave out --detector-weights / --random-detector)"),
         (detector_weights is not None and random_detector, "give --detector-weights or --random-detector, not both"),
         (bool(image_id) and not features, "--image-id needs --features STORE (it names a record of a feature store)"),
-        (not features and detector_weights is None and not random_detector,
+        (not features and detector_weights is None and not random_detector
+         and not (backbone or "").startswith("timm:"),
          "--detector-weights W is required (the Faster R-CNN weights, as lxm extract --weights), or --features STORE "
          "--image-id ID for stored features, or --random-detector for a smoke test"),
         (single and given is not None and not given.strip(),
@@ -193,13 +203,30 @@ def ask_cmd(
                 answerer.check_features(store.feature_dim, f"--features {root}",
                                         "give a store extracted with the detector the model was trained on")
         else:
-            dim = feature_dim(detector.value)
-            fits = detectors_for(answerer.feature_dim)
-            answerer.check_features(dim, f"--detector {detector.value}",
-                                    f"use --detector {fits[0]}" if fits else
-                                    "no detector preset gives that size; use --features with the model's features")
-            cfg = detector_config(detector_weights, detector=detector.value, engine=engine.value, device=str(dev),
-                                  num_boxes=boxes, mode=mode.value, seed=seed)
+            chosen = backbone_choice(backbone, backbone_weights, grid, timm_arg, answerer.backbone(),
+                                     detector.value)
+            if chosen["backbone"] != "butd":  # grid cells or timm patches, as the run's stores hold them
+                if random_detector and chosen["backbone"].startswith("timm:") and chosen["backbone_weights"] is None:
+                    chosen["backbone_weights"] = "random"
+                if drawing:
+                    fail(ConfigError(f"--explain draws the detector's boxes; --backbone {chosen['backbone']} gives "
+                                     f"cells or patches (not drawn yet: issue 31)"))
+                from lxm.extract.backends import make_backend
+
+                cfg = detector_config(detector_weights, engine="torch", device=str(dev), **{"seed": seed, **chosen})
+                answerer.check_features(make_backend(cfg, cfg.backbone_config()).info.feature_dim,
+                                        f"--backbone {chosen['backbone']}",
+                                        "use the backbone of the model's features (lxm inspect STORE)")
+                err.print(f"backbone: {chosen['backbone']}" + (" (the run's)" if backbone is None else ""),
+                          highlight=False)
+            else:
+                dim = feature_dim(detector.value)
+                fits = detectors_for(answerer.feature_dim)
+                answerer.check_features(dim, f"--detector {detector.value}",
+                                        f"use --detector {fits[0]}" if fits else
+                                        "no detector preset gives that size; use --features with the model's features")
+                cfg = detector_config(detector_weights, detector=detector.value, engine=engine.value,
+                                      device=str(dev), num_boxes=boxes, mode=mode.value, seed=seed)
             source = Detector(cfg, on_weights=lambda line: err.print(line, highlight=False))
         if drawing:  # the names of the detector that made the features, or ids (another detector's: a warning)
             made_by = source.stores[0].manifest if features else cfg.detector_config()
@@ -254,3 +281,34 @@ def ask_cmd(
             err.print(f"wrote {len(requests)} answers to {out}", highlight=False)
     except USER_ERRORS as exc:
         fail(exc)
+
+
+def backbone_choice(backbone: str | None, weights: str | None, grid: int | None, timm_arg: list[str] | None,
+                    recorded, detector: str) -> dict:
+    """`detector_config`'s backbone keywords for `lxm ask`: what the options name, the rest from the backbone
+    `recorded` in the run's stores (a `BackboneInfo`, or None), else butd."""
+    import json
+
+    name = backbone
+    if name is None and recorded is not None and recorded.name != "butd":
+        name = f"timm:{recorded.model}" if recorded.name == "timm" else recorded.name
+    if name is None or name == "butd":
+        return {"backbone": "butd"}
+    from_run = recorded is not None and backbone is None
+    args = dict(recorded.model_args) if from_run and recorded.model_args else {}
+    for item in timm_arg or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise ConfigError(f"--timm-arg must look like KEY=VALUE (e.g. depth=2), got {item!r}")
+        try:
+            args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key] = value
+    seed = {}
+    if weights is None and from_run and name.startswith("timm:"):
+        weights = recorded.weights
+        if weights and (m := re.fullmatch(r"random\(seed=(\d+)\)", weights)):  # seeded random weights, as recorded
+            weights, seed = "random", {"seed": int(m.group(1))}
+    return {**seed, "backbone": name, "backbone_weights": weights, "timm_args": args or None,
+            "grid": grid or (recorded.grid if from_run and recorded.grid else 8),
+            "detector": recorded.detector if from_run and recorded.detector else detector}

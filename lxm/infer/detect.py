@@ -32,11 +32,14 @@ _logger = logging.getLogger(__name__)
 
 
 def detector_config(weights: str | None, *, detector: str = "vg-r101", engine: str = "auto", device: str = "cpu",
-                    num_boxes: int = 36, mode: str = "lxmert", seed: int = 0, batch_size: int = 4) -> ExtractConfig:
-    """The `ExtractConfig` of `lxm extract --weights W --detector D ...` for in-memory use (float32, no store);
-    `weights` None = random weights (seeded by `seed`)."""
+                    num_boxes: int = 36, mode: str = "lxmert", seed: int = 0, batch_size: int = 4,
+                    backbone: str = "butd", backbone_weights: str | None = None, grid: int = 8,
+                    timm_args: dict | None = None) -> ExtractConfig:
+    """The `ExtractConfig` of `lxm extract --weights W --detector D [--backbone B ...]` for in-memory use (float32,
+    no store); `weights` None = random weights (seeded by `seed`)."""
     return ExtractConfig(images="", out="", weights=weights or RANDOM, engine=engine, detector=detector, mode=mode,
-                         num_boxes=num_boxes, device=device, dtype="float32", batch_size=batch_size, seed=seed)
+                         num_boxes=num_boxes, device=device, dtype="float32", batch_size=batch_size, seed=seed,
+                         backbone=backbone, backbone_weights=backbone_weights, grid=grid, timm_args=timm_args)
 
 
 def feature_dim(detector: str) -> int:
@@ -79,23 +82,47 @@ class Detector:
     """
 
     def __init__(self, cfg: ExtractConfig, on_weights: Callable[[str], None] | None = None):
+        from lxm.extract.backends import make_backend  # the visual backends of `lxm extract --backbone`
+
         self.cfg = cfg
         self.det = cfg.detector_config()
+        self.device = torch.device(cfg.device)
+        self.backend = make_backend(cfg, cfg.backbone_config())  # None: the detector's own 36 regions
+        if self.backend is not None:  # grid cells or timm patches, as `lxm extract --backbone` computes them
+            self.meta = self.backend.load(on_weights)
+            self.model, self.engine = None, choose_engine("torch")
+            return
         self.engine = choose_engine(cfg.engine)
         self.model, self.meta = build_detector(cfg, on_weights, self.engine)
-        self.device = torch.device(cfg.device)
+
+    @property
+    def info(self):
+        """The `BackboneInfo` of the records (N, D, labels), as a store of `lxm extract --backbone` records it."""
+        from lxm.features.backbone import BackboneInfo
+
+        if self.backend is not None:
+            return self.backend.info
+        return BackboneInfo(name="butd", num_boxes=self.cfg.num_boxes, feature_dim=self.det.res2_channels * 8,
+                            labels=True, weights=self.meta["weights"], detector=self.cfg.detector)
 
     @property
     def random_weights(self) -> bool:
+        if self.backend is not None:
+            return (self.backend.info.weights or "").startswith(RANDOM)
         return bool(self.meta["random_weights"])
 
     def describe(self) -> str:
+        if self.backend is not None:
+            note = " (RANDOM weights: meaningless features, a smoke test only)" if self.random_weights else ""
+            return f"backbone {self.backend.info.summary()}{note}"
         weights = ("RANDOM weights (meaningless features: a smoke test only)" if self.random_weights
                    else f"weights {self.meta['weights']}")
         return f"{self.cfg.detector} detector ({self.engine.name}), {weights}, {self.cfg.num_boxes} boxes"
 
     def records(self, paths: Sequence[str | os.PathLike]) -> list[ImageFeatures]:
         """The features of each image, in order (`cfg.batch_size` images per detector call)."""
+        if self.backend is not None:
+            return self._backend_records([Path(p) for p in paths])
         out: list[ImageFeatures] = []
         for start in range(0, len(paths), self.cfg.batch_size):
             chunk = [Path(p) for p in paths[start:start + self.cfg.batch_size]]
@@ -115,6 +142,24 @@ class Detector:
                                      f"{self.cfg.num_boxes} boxes")
             sels = select_boxes(dets, self.cfg.mode, self.cfg.num_boxes)
             out.extend(image_records([p.stem for p in chunk], dets, sels, np.float32))
+        return out
+
+    def _backend_records(self, paths: list[Path]) -> list[ImageFeatures]:
+        out: list[ImageFeatures] = []
+        for start in range(0, len(paths), self.cfg.batch_size):
+            batch = []
+            for path in paths[start:start + self.cfg.batch_size]:
+                check_image_file(path)
+                try:
+                    batch.append((path, self.backend.prepare(path, None)))
+                except (ImageError, cv2.error) as exc:
+                    raise ImageError(f"{path}: {str(exc).strip().splitlines()[-1]}") from None
+            with torch.no_grad():
+                done = self.backend.run(batch, np.float32)
+            for path, rec in done:
+                if isinstance(rec, str):
+                    raise ImageError(f"{path}: {rec}")
+                out.append(rec)
         return out
 
 

@@ -79,6 +79,19 @@ class Answerer:
     source: str
     kind: str
     device: torch.device = torch.device("cpu")
+    features: tuple[str, ...] = ()  # an lxm run's feature stores (their manifests record the visual backbone)
+
+    def backbone(self):
+        """The `BackboneInfo` of the run's features (the first of its stores still there), or None (not a run, or
+        its stores are gone): what `lxm ask` runs on a raw image unless told otherwise."""
+        from lxm.features import FeatureStore, StoreError, store_backbone
+
+        for root in self.features:
+            try:
+                return store_backbone(FeatureStore(root).manifest)
+            except (StoreError, OSError, ValueError, KeyError):
+                continue
+        return None
 
     @property
     def text_field(self) -> str:
@@ -272,7 +285,7 @@ def load_answerer(source: str | os.PathLike, answers: str | os.PathLike | None =
                                f"{path / 'answers.json'} is used; leave out --answers)")
         tokenizer = LxmertTokenizer(vocab or cfg.vocab, max_length=max_length or cfg.max_length)
         check_vocabulary(model, tokenizer.vocab_size, tokenizer.vocab_path, text)
-        return Answerer(task_obj, model, tokenizer, text, "lxm run")
+        return Answerer(task_obj, model, tokenizer, text, "lxm run", features=tuple(str(f) for f in cfg.features))
     model, report = load_pretrained_with_report(source)
     if not isinstance(model, LxmertForFinetuning):
         raise _no_head(text)
