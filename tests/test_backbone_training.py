@@ -77,3 +77,45 @@ def test_finetuning_refuses_stores_of_different_backbones_naming_both(data, tmp_
     with pytest.raises(FinetuneDataError, match="different backbones") as err:
         FinetuneDataset(TASKS["vqa"](), data / "corpus", ["train"], [data / "feats", feats], "unused")
     assert str(feats) in str(err.value) and str(data / "feats") in str(err.value)
+
+
+@pytest.mark.e2e  # a tiny finetuning run through the lxm CLI, then lxm ask on a raw image
+def test_ask_runs_the_runs_recorded_timm_backbone_on_a_raw_image_and_shades_its_patches(tmp_path):
+    """A VQA model finetuned on a store of (tiny, random) ViT patches: `lxm ask` on a photo runs that ViT, as the
+    store's manifest records it (no detector weights asked for), answers, and --explain shades the 16 patches."""
+    import cv2
+
+    from conftest import BERT_VOCAB, SHARED
+    from synthetic import make_finetune_world
+
+    make_finetune_world(tmp_path, train=8, valid=4)
+    src = FeatureStore(tmp_path / "ft_feats")
+    info = BackboneInfo(name="timm", num_boxes=16, feature_dim=32, labels=False, weights="random(seed=0)",
+                        model="vit_tiny_patch16_224",
+                        model_args={"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64})
+    rng = np.random.default_rng(0)
+    cells = np.array([[x, y, x + 1, y + 1] for y in range(4) for x in range(4)], np.float32)
+    with FeatureStoreWriter(tmp_path / "vit", num_boxes=16, feature_dim=32, dtype="float32",
+                            backbone=info.manifest()) as writer:
+        for rec in src:
+            scale = np.array([rec.img_w / 4, rec.img_h / 4] * 2, np.float32)
+            writer.add(type(rec)(rec.img_id, rec.img_h, rec.img_w, np.full(16, NO_LABEL, np.int64),
+                                 np.zeros(16, np.float32), np.full(16, NO_LABEL, np.int64), np.zeros(16, np.float32),
+                                 cells * scale, rng.standard_normal((16, 32)).astype(np.float32)))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["finetune", "vqa", "--config", "tiny", "--set", "from_scratch=true",
+                                      "--set", f"vocab={BERT_VOCAB}", "--corpus", str(tmp_path / "ft_corpus"),
+                                      "--features", str(tmp_path / "vit"), "--out", str(run),
+                                      "--set", "train_splits=train", "--set", "valid_split=minival",
+                                      "--set", "batch_size=4", "--set", "epochs=1"])
+    assert result.exit_code == 0, result.output
+    image = sorted((SHARED / "fixtures" / "butd-coco-sample" / "images").glob("*.jpg"))[0]
+    picture = tmp_path / "why.png"
+    result = CliRunner().invoke(app, ["ask", "--model", str(run), "--image", str(image), "--question",
+                                      "what is it?", "--device", "cpu", "--explain", str(picture)])
+    assert result.exit_code == 0, result.output
+    assert "backbone: timm:vit_tiny_patch16_224 (the run's)" in result.output and "RANDOM" in result.output
+    answers = result.output.split("Q: what is it?\n")[1].splitlines()[:5]
+    assert len(answers) == 5 and all(len(a.split()) == 2 for a in answers), result.output
+    drawn = cv2.imread(str(picture))
+    assert drawn is not None and drawn.shape[1] >= 200  # the photo, its 16 patches shaded, the question on top

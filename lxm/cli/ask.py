@@ -147,7 +147,7 @@ def ask_cmd(
         (detector_weights is not None and random_detector, "give --detector-weights or --random-detector, not both"),
         (bool(image_id) and not features, "--image-id needs --features STORE (it names a record of a feature store)"),
         (not features and detector_weights is None and not random_detector
-         and not (backbone or "").startswith("timm:"),
+         and not (backbone or "").startswith("timm:") and not (backbone is None and (Path(model) / "config.yaml").is_file()),
          "--detector-weights W is required (the Faster R-CNN weights, as lxm extract --weights), or --features STORE "
          "--image-id ID for stored features, or --random-detector for a smoke test"),
         (single and given is not None and not given.strip(),
@@ -205,12 +205,14 @@ def ask_cmd(
         else:
             chosen = backbone_choice(backbone, backbone_weights, grid, timm_arg, answerer.backbone(),
                                      detector.value)
+            if (detector_weights is None and not random_detector
+                    and not chosen["backbone"].startswith("timm:")):  # a run whose stores are the detector's
+                fail(ConfigError("--detector-weights W is required (the Faster R-CNN weights, as lxm extract "
+                                 "--weights), or --features STORE --image-id ID for stored features, or "
+                                 "--random-detector for a smoke test"))
             if chosen["backbone"] != "butd":  # grid cells or timm patches, as the run's stores hold them
                 if random_detector and chosen["backbone"].startswith("timm:") and chosen["backbone_weights"] is None:
                     chosen["backbone_weights"] = "random"
-                if drawing:
-                    fail(ConfigError(f"--explain draws the detector's boxes; --backbone {chosen['backbone']} gives "
-                                     f"cells or patches (not drawn yet: issue 31)"))
                 from lxm.extract.backends import make_backend
 
                 cfg = detector_config(detector_weights, engine="torch", device=str(dev), **{"seed": seed, **chosen})

@@ -135,14 +135,14 @@ def fit_label(att: str, obj: str, value: str, font: float, thick: int, width: in
     """The label "att obj value" for a picture `width` pixels wide: (text, font scale, (w, h), baseline). A label
     wider than the picture gets a smaller font first, then a shortened object name ("att ob... value"), so that it
     is never cut by the border."""
-    label, fs = f"{att} {obj} {value}", font
+    label, fs = f"{att} {obj} {value}".lstrip(), font
     (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
     while tw + 2 * PAD > width and fs > 0.3:
         fs *= 0.9
         (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
     while tw + 2 * PAD > width and len(obj) > 1:
         obj = obj[:-1]
-        label = f"{att} {obj}... {value}"
+        label = f"{att} {obj}... {value}".lstrip()
         (tw, th), base = cv2.getTextSize(label, FONT, fs, thick)
     return label, fs, (tw, th), base
 
@@ -209,8 +209,11 @@ def label_top_boxes(pic: np.ndarray, rec: ImageFeatures, boxes: list[tuple[int, 
     placed: list[PlacedLabel] = []
     unlabelled: list[int] = []
     for rank, i in enumerate(order):
-        obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"
-        att = attributes[rec.attrs_id[i]] if attributes else f"attr{rec.attrs_id[i]}"
+        if rec.objects_id[i] < 0:  # a backbone without labels (grid cells, patches): the cell's number
+            att, obj = "", f"#{i}"
+        else:
+            obj = objects[rec.objects_id[i]] if objects else f"obj{rec.objects_id[i]}"
+            att = attributes[rec.attrs_id[i]] if attributes else f"attr{rec.attrs_id[i]}"
         label, fs, (tw, th), base = fit_label(att, obj, f"{w[i]:.{digits}f}", font, thick, width)
         rect, away = place_label(tw + 2 * PAD, th + base + 2 * PAD, boxes[i], taken, width, height)
         if rect is None:
