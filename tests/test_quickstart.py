@@ -225,3 +225,23 @@ def test_galleries_are_linked_from_the_report_and_self_contained(quickstart):
             assert "://" not in ref and not ref.startswith("/") and ".." not in ref, ref
             assert (page.parent / ref).stat().st_size > 1_000, ref
         assert f"| gallery {task} | {examples} {'questions' if task == 'vqa' else 'pairs'} |" in report
+
+
+def test_quickstart_runs_the_whole_chain_over_a_timm_backbone(tmp_path):
+    """`lxm quickstart --backbone timm:MODEL` (issue 31): the extract stages store a ViT's patches (seeded random
+    weights, offline), pretraining leaves out the label losses, and every later stage (finetune, predict, evaluate,
+    ask on the raw images with its picture, gallery, show, plot) follows the stores."""
+    out = tmp_path / "qs"
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--backbone", "timm:vit_tiny_patch16_224",
+                                      "--pretrain-steps", "10", "--finetune-epochs", "1"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "features" / "val2014" / "manifest.json").read_text())
+    assert (manifest["backbone"]["name"], manifest["backbone"]["model"], manifest["num_boxes"]) == (
+        "timm", "vit_tiny_patch16_224", 196)
+    assert "- obj\n" not in (out / "runs" / "pretrain" / "config.yaml").read_text()
+    report = (out / "report.md").read_text()
+    assert "`--backbone timm:vit_tiny_patch16_224` with seeded random weights" in report
+    for stage in ("ask vqa", "gallery nlvr2", "show", "plot vqa"):
+        assert f"| {stage} |" in report, stage
+    assert "backbone: timm:vit_tiny_patch16_224 (the run's)" in result.output
+    assert (out / "pictures" / "ask_explain.png").stat().st_size > 2_000

@@ -71,6 +71,8 @@ class QuickstartConfig:
     # threads (pretraining alone 224 s) and 38 s with 1, with the same results.
     threads: int = 1
     seed: int = 0
+    backbone: str = "butd"  # lxm extract --backbone: butd (the detector's regions), grid, or timm:MODEL (with
+    #   random weights unless `weights` names real ones: its own seeded init, offline)
 
 
 @dataclass
@@ -171,8 +173,12 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
     splits = ("train2014", "val2014", "nlvr2")
     feats = [f("features", s) for s in splits]
     images = {s: len(list((root / "images" / s).iterdir())) for s in splits}
-    stages = [Stage(f"extract {s}", ["extract", "--images", f("images", s), "--out", f("features", s),
-                                     "--weights", cfg.weights, *detector, "--seed", str(cfg.seed)],
+    if cfg.backbone.startswith("timm:"):  # the model's own weights (or seeded random ones), no detector
+        visual = ["--backbone", cfg.backbone, "--backbone-weights", cfg.weights]
+    else:
+        visual = ["--weights", cfg.weights, *detector] + (["--backbone", cfg.backbone] if cfg.backbone != "butd" else [])
+    stages = [Stage(f"extract {s}", ["extract", "--images", f("images", s), "--out", f("features", s), *visual,
+                                     "--seed", str(cfg.seed)],
                     work=f"{images[s]} images") for s in splits]
     stages.append(Stage("build-corpus", ["build-corpus", "--out", f("corpus"), "--coco", f("raw", "coco"),
                                          "--vqa", f("raw", "vqa"), "--nlvr2", f("raw", "nlvr2"),
@@ -245,7 +251,8 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
     if load0 is not None:
         result.load = (load0, os.getloadavg()[0])
     write_report(root, result.stages, counts=counts, vocab=vocab, random_weights=random_weights,
-                 detector_vocab=bool(cfg.detector_vocab), threads=cfg.threads, asked=asked, load=result.load)
+                 detector_vocab=bool(cfg.detector_vocab), threads=cfg.threads, asked=asked, load=result.load,
+                 backbone=cfg.backbone)
     return result
 
 
@@ -281,6 +288,10 @@ def quickstart_cmd(
     finetune_epochs: int = typer.Option(4, "--finetune-epochs", min=1, help="Finetuning epochs per task."),
     detector_vocab: str = typer.Option("", "--detector-vocab", help="Folder with the detector's objects_vocab.txt "
                                                                     "and attributes_vocab.txt: names in boxes.png."),
+    backbone: str = typer.Option("butd", "--backbone", help="Visual backbone of the extract stages, as lxm extract "
+                                                            "--backbone: butd, grid or timm:MODEL (e.g. "
+                                                            "timm:vit_tiny_patch16_224; --weights random: its seeded "
+                                                            "random init). Every later stage follows the stores."),
 ) -> None:
     """Run the whole chain on a small synthetic world, offline: render images of coloured shapes with COCO / VQA /
     NLVR2 annotation files, then extract, build-corpus, pretrain, finetune vqa and nlvr2, predict, evaluate, ask
@@ -291,7 +302,7 @@ def quickstart_cmd(
     Example: lxm quickstart --out /tmp/lxm-quickstart
     """
     cfg = QuickstartConfig(weights=weights, vocab=vocab, pretrain_steps=pretrain_steps, detector_vocab=detector_vocab,
-                           finetune_epochs=finetune_epochs)
+                           finetune_epochs=finetune_epochs, backbone=backbone)
     if weights == "random":
         err.print("quickstart: the detector gets seeded RANDOM weights (no download); the features are meaningless "
                   "and the metrics only show that the chain runs. Pass --weights for real features.",

@@ -118,7 +118,7 @@ def _ask_lines(asked: dict) -> list[str]:
 
 def write_report(out: str | os.PathLike, stages: list[Stage], *, counts: dict, vocab: str, random_weights: bool,
                  detector_vocab: bool, threads: int, asked: dict | None = None,
-                 load: tuple[float, float] | None = None) -> Path:
+                 load: tuple[float, float] | None = None, backbone: str = "butd") -> Path:
     """Write out/report.md for the quickstart folder `out`, whose `stages` have run, and return its path.
 
     Args:
@@ -129,11 +129,17 @@ def write_report(out: str | os.PathLike, stages: list[Stage], *, counts: dict, v
         threads: torch threads of the run.
         asked: task -> what the ask stages asked (`read_answers` adds the replies); None: no such section.
         load: the 1-minute load average at the start and at the end, where the system gives it.
+        backbone: the extract stages' `--backbone` (butd: the detector's regions).
     """
     out = Path(out)
     m = read_metrics(out)
     lines = ["# lxm quickstart report", ""]
-    if random_weights:
+    if random_weights and backbone != "butd":
+        lines += [(f"**The visual features come from `--backbone {backbone}` with seeded random weights** "
+                   "(`--weights random`): they carry little of what the images show, so the numbers below prove that "
+                   "the chain runs end to end over that backbone (cells or patches, no object labels: pretraining "
+                   "leaves out the label losses), not what LXMERT reaches."), ""]
+    elif random_weights:
         lines += [("**The region features come from a detector with seeded random weights** (`--weights random`, the "
                    "tiny detector): they carry little of what the images show, so the numbers below prove that the "
                    "chain runs end to end, not what LXMERT reaches. Pass `--weights` with the BUTD detector "
