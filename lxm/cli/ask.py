@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from lxm.cli.common import (EXPLAIN_METHOD_HELP, USER_ERRORS, DetectorPreset, Engine, ExplainMethod, SelectMode, err,
-                            fail, progress)
+                            fail, parse_timm_args, progress)
 from lxm.errors import ConfigError
 
 
@@ -289,7 +289,6 @@ def backbone_choice(backbone: str | None, weights: str | None, grid: int | None,
                     recorded, detector: str) -> dict:
     """`detector_config`'s backbone keywords for `lxm ask`: what the options name, the rest from the backbone
     `recorded` in the run's stores (a `BackboneInfo`, or None), else butd."""
-    import json
 
     name = backbone
     if name is None and recorded is not None and recorded.name != "butd":
@@ -297,15 +296,7 @@ def backbone_choice(backbone: str | None, weights: str | None, grid: int | None,
     if name is None or name == "butd":
         return {"backbone": "butd"}
     from_run = recorded is not None and backbone is None
-    args = dict(recorded.model_args) if from_run and recorded.model_args else {}
-    for item in timm_arg or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.isidentifier():
-            raise ConfigError(f"--timm-arg must look like KEY=VALUE (e.g. depth=2), got {item!r}")
-        try:
-            args[key] = json.loads(value)
-        except json.JSONDecodeError:
-            args[key] = value
+    args = {**(recorded.model_args if from_run and recorded.model_args else {}), **parse_timm_args(timm_arg)}
     seed = {}
     if weights is None and from_run and name.startswith("timm:"):
         weights = recorded.weights

@@ -7,6 +7,7 @@ The command modules import this module only (never `lxm.cli` itself), so the pac
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from enum import Enum
 from typing import NoReturn
@@ -230,3 +231,20 @@ def report_submission(report, note: str | None = None, *, summary_to_stdout: boo
     if note:
         err.print(f"  {note}", highlight=False)
     raise typer.Exit(code=1)
+
+
+def parse_timm_args(items: list[str] | None) -> dict:
+    """`--timm-arg KEY=VALUE` options as `timm.create_model` keywords (VALUE read as JSON where it is, else a string);
+    a malformed one is a ConfigError."""
+    from lxm.errors import ConfigError
+
+    out: dict = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise ConfigError(f"--timm-arg must look like KEY=VALUE (e.g. depth=2), got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

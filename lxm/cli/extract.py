@@ -4,13 +4,12 @@ wrapper over `lxm.extract.pipeline` and `lxm.extract.backends`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from lxm.cli.common import (USER_ERRORS, DetectorPreset, Engine, FeatureDtype, SelectMode, err, fail,
-                            keep_freed_memory_on_cpu, progress)
+                            keep_freed_memory_on_cpu, parse_timm_args, progress)
 from lxm.errors import ConfigError
 
 
@@ -106,15 +105,10 @@ def extract_cmd(
         fail(ConfigError(f"--weights is required with --backbone {backbone} (the detector's weights, or 'random')"))
     if weights is not None and backbone.startswith("timm:"):
         fail(ConfigError("--weights names the detector's weights; a timm: backbone takes --backbone-weights"))
-    timm_args = {}
-    for item in timm_arg or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.isidentifier():
-            fail(ConfigError(f"--timm-arg must look like KEY=VALUE (e.g. depth=2), got {item!r}"))
-        try:
-            timm_args[key] = json.loads(value)
-        except json.JSONDecodeError:
-            timm_args[key] = value
+    try:
+        timm_args = parse_timm_args(timm_arg)
+    except ConfigError as exc:
+        fail(exc)
     # --weights random is announced once, by the weights loader's logged warning (it also lands in the manifest)
     cfg = ExtractConfig(images=str(images), out=str(out), weights=weights or "", engine=engine.value,
                         detector=detector.value, mode=mode.value,

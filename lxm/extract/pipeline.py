@@ -258,6 +258,12 @@ def build_detector(cfg: ExtractConfig, on_weights: Callable[[str], None] | None 
                                            "detector": asdict(det_cfg)}
 
 
+def detector_backbone(cfg: ExtractConfig) -> BackboneInfo:
+    """The `BackboneInfo` of the detector's own regions ("butd": `cfg.num_boxes` x res5 channels, with labels)."""
+    return BackboneInfo(name="butd", num_boxes=cfg.num_boxes, feature_dim=cfg.detector_config().res2_channels * 8,
+                        labels=True, weights=cfg.weights, detector=cfg.detector)
+
+
 def overlaps_selection(cfg: ExtractConfig, device: torch.device) -> bool:
     """Whether box selection and the host copy run on a worker beside the detector: `cfg.overlap`, or where unset
     on a GPU (the detector's kernels run there while the worker waits on its copies and sorts the ties on the CPU);
@@ -344,9 +350,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
     from lxm.extract.backends import make_backend  # backends imports this module
 
     backend = make_backend(cfg, cfg.backbone_config())  # None: the detector's own selection (below)
-    info = backend.info if backend is not None else BackboneInfo(
-        name="butd", num_boxes=cfg.num_boxes, feature_dim=det.res2_channels * 8, labels=True, weights=cfg.weights,
-        detector=cfg.detector)
+    info = backend.info if backend is not None else detector_backbone(cfg)
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     prefix = "part" if cfg.num_shards == 1 else f"part-r{cfg.shard:03d}of{cfg.num_shards:03d}"
     writer = FeatureStoreWriter(cfg.out, num_boxes=info.num_boxes, feature_dim=info.feature_dim, dtype=cfg.dtype,
@@ -425,7 +429,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[int, int, float], None] |
 
         loader = ThreadPoolExecutor(1, thread_name_prefix="lxm-decode") if cfg.prefetch and candidates else None
         selector = (ThreadPoolExecutor(1, thread_name_prefix="lxm-select")
-                    if overlaps_selection(cfg, device) and candidates else None)
+                    if overlaps_selection(cfg, device) and candidates and backend is None else None)
         try:
             pending = claim_and_decode()
             while pending is not None:

@@ -113,7 +113,7 @@ def stores_backbone(stores) -> BackboneInfo:
     infos = [(str(s.root), store_backbone(s.manifest)) for s in stores]
     (first_root, first), *rest = infos
     for root, info in rest:
-        for key in ("name", "detector", "grid", "model", "model_args", "feature_dim", "labels"):
+        for key in (*(k for k in IDENTITY if k != "boxes_sha256"), "feature_dim", "labels"):
             a, b = getattr(first, key), getattr(info, key)
             if key == "detector" and (a is None or b is None):
                 continue  # older butd stores did not record the preset name

@@ -23,7 +23,7 @@ import torch
 
 from lxm.extract.images import ImageError, caffe_blob, load_bgr
 from lxm.extract.pipeline import (DETECTORS, ExtractConfig, build_detector, choose_engine, detect,
-                                  image_records, select_boxes)
+                                  detector_backbone, image_records, select_boxes)
 from lxm.extract.weights import RANDOM
 from lxm.features.records import ImageFeatures
 from lxm.features.store import FeatureStore, StoreError, store_index
@@ -98,12 +98,7 @@ class Detector:
     @property
     def info(self):
         """The `BackboneInfo` of the records (N, D, labels), as a store of `lxm extract --backbone` records it."""
-        from lxm.features.backbone import BackboneInfo
-
-        if self.backend is not None:
-            return self.backend.info
-        return BackboneInfo(name="butd", num_boxes=self.cfg.num_boxes, feature_dim=self.det.res2_channels * 8,
-                            labels=True, weights=self.meta["weights"], detector=self.cfg.detector)
+        return self.backend.info if self.backend is not None else detector_backbone(self.cfg)
 
     @property
     def random_weights(self) -> bool:
