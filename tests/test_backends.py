@@ -230,6 +230,64 @@ def test_timm_batches_agree_and_a_second_run_adds_nothing(tmp_path):
     assert again.exit_code == 0 and "already in the store" in again.output and len(FeatureStore(tmp_path / "b4")) == 10
 
 
+def _hub_extract(tmp_path, out, *weights):
+    """`lxm extract` in a child process offline (HF_HUB_OFFLINE=1) over the Hugging Face cache `tmp_path/hub`: the
+    real `hf_hub_download` resolves a Hub id from the cache as it does after a download (none can happen here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf")}
+    return subprocess.run([sys.executable, "-m", "lxm.cli", "extract", "--images", str(IMAGES), "--out", str(out),
+                           *TINY_VIT, *weights, "--dtype", "float32"], env=env, capture_output=True, text=True)
+
+
+def _cache_repo(hub, repo: str, state_dict) -> None:
+    """A Hub repository in huggingface_hub's cache layout (models--org--name/{refs/main, snapshots/<commit>/})."""
+    from safetensors.torch import save_file
+
+    folder = hub / ("models--" + repo.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    save_file(state_dict, str(folder / "snapshots" / commit / "model.safetensors"))
+
+
+def test_timm_hub_weights_by_id_and_by_the_models_own_name_from_the_hub_cache(tmp_path):
+    model = _tiny_vit()
+    want = {}
+    # nothing cached: one line naming the repository and what to do offline
+    missing = _hub_extract(tmp_path, tmp_path / "none", "--backbone-weights", "someone/vit-tiny-test")
+    assert missing.returncode == 1
+    assert "could not fetch 'someone/vit-tiny-test' from the Hugging Face Hub" in missing.stderr
+    assert "pass the file with --backbone-weights" in missing.stderr and "Traceback" not in missing.stderr
+    # a Hub id (--backbone-weights org/name), and no --backbone-weights: the model name's own pretrained tag's repo
+    own = model.pretrained_cfg["hf_hub_id"]  # timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k
+    assert own.startswith("timm/vit_tiny_patch16_224")
+    _cache_repo(tmp_path / "hub", "someone/vit-tiny-test", model.state_dict())
+    _cache_repo(tmp_path / "hub", own, model.state_dict())
+    for name, weights in (("by-id", ["--backbone-weights", "someone/vit-tiny-test"]), ("own", [])):
+        result = _hub_extract(tmp_path, tmp_path / name, *weights)
+        assert result.returncode == 0, result.stderr
+        store = FeatureStore(tmp_path / name)
+        info = store_backbone(store.manifest)
+        assert info.weights.endswith("/model.safetensors") and str(tmp_path / "hub") in info.weights
+        assert info.weights_sha256 is not None and len(info.weights_sha256) == 64
+        want[name] = {img_id: store.get(img_id).features for img_id in store.ids()}
+    # the same weights: the same features, equal to those of the local file
+    local = tmp_path / "vit.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(local))
+    assert _extract("--out", tmp_path / "local", *TINY_VIT, "--backbone-weights", local,
+                    "--dtype", "float32").exit_code == 0
+    store = FeatureStore(tmp_path / "local")
+    for img_id in store.ids():
+        np.testing.assert_array_equal(want["by-id"][img_id], store.get(img_id).features)
+        np.testing.assert_array_equal(want["own"][img_id], store.get(img_id).features)
+
+
 def test_timm_convnet_feature_map_cells(tmp_path):
     result = _extract("--out", tmp_path / "s", "--backbone", "timm:resnet18", "--backbone-weights", "random",
                       "--timm-arg", "layers=[1,1,1,1]")

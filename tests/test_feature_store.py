@@ -201,13 +201,14 @@ def _failures(store) -> list[dict]:
 def test_bad_lines_go_to_failures_and_every_other_row_converts(tmp_path, sample_rows):
     lines = _sample_lines()
     r = sample_rows[7]
-    ten = ImageFeatures(r.img_id, r.img_h, r.img_w, r.objects_id[:10], r.objects_conf[:10], r.attrs_id[:10],
-                        r.attrs_conf[:10], r.boxes[:10], r.features[:10])  # a valid row, but 10 boxes, not 36
+    forty = ImageFeatures(r.img_id, r.img_h, r.img_w, *(np.concatenate([a, a[:4]]) for a in (
+        r.objects_id, r.objects_conf, r.attrs_id, r.attrs_conf, r.boxes, r.features)))  # valid, but 40 boxes > 36
     bad = {
         1: (b"\t".join(lines[0].split(b"\t")[:9]), "expected 10 tab-separated fields, found 9"),  # first line
         4: (_set_field(lines[3], "boxes", b"@@not-base64@@"), "field 'boxes': invalid base64"),
         6: (_set_field(lines[5], "num_boxes", b"35"), "field 'objects_id' has 36 values, num_boxes is 35"),
-        8: (format_row(ten), "field 'num_boxes' is 10; this store holds 36 boxes per image"),
+        8: (format_row(forty), "field 'num_boxes' is 40; this store holds up to 36 boxes per image (convert with "
+                               "--max-boxes 40 or more)"),
         11: (lines[2], f"field 'img_id' {sample_rows[2].img_id!r} repeats line 3"),
     }
     src = tmp_path / "bad.tsv"
@@ -240,6 +241,46 @@ def test_bad_lines_go_to_failures_and_every_other_row_converts(tmp_path, sample_
     assert _cli("convert", "tsv", src, dst, "--dtype", "float32").exit_code == 0
     assert sample_rows[3].img_id in FeatureStore(dst)
     assert [f["image"] for f in _failures(dst)[1:]] == [f"{src.resolve()}:{i}" for i in bad if i != 4]
+
+
+def _cut(rec: ImageFeatures, k: int) -> ImageFeatures:
+    return ImageFeatures(rec.img_id, rec.img_h, rec.img_w, rec.objects_id[:k], rec.objects_conf[:k], rec.attrs_id[:k],
+                         rec.attrs_conf[:k], rec.boxes[:k], rec.features[:k])
+
+
+def test_ragged_tsv_converts_to_a_store_of_up_to_n_boxes_and_exports_back_byte_for_byte(tmp_path, sample_rows):
+    # rows of 36, 10, 20 and 36 boxes (bottom-up-attention's adaptive 10-100 box files; lxm's given-box exports)
+    rows = [_cut(sample_rows[0], 36), _cut(sample_rows[1], 10), _cut(sample_rows[2], 20), _cut(sample_rows[3], 36)]
+    src = tmp_path / "ragged.tsv"
+    assert write_tsv(rows, src) == 4
+    result = _cli("convert", "tsv", src, tmp_path / "s", "--dtype", "float32")  # N = the first row's 36
+    assert result.exit_code == 0 and "stored 4 images" in result.output, result.output
+    store = FeatureStore(tmp_path / "s")
+    assert store.num_boxes == 36 and [store.get(r.img_id).num_boxes for r in rows] == [36, 10, 20, 36]
+    for rec in rows:
+        got = store.get(rec.img_id)
+        np.testing.assert_array_equal(got.features, rec.features)
+        np.testing.assert_array_equal(got.boxes, rec.boxes)
+        np.testing.assert_array_equal(got.objects_id, rec.objects_id)
+    assert _cli("export", "tsv", tmp_path / "s", tmp_path / "back.tsv").exit_code == 0
+    assert (tmp_path / "back.tsv").read_bytes() == src.read_bytes()
+
+    # a first row of fewer boxes than a later one: that row fails naming the option; --max-boxes takes it
+    small_first = [rows[1], rows[0], rows[2]]
+    write_tsv(small_first, src)
+    result = _cli("convert", "tsv", src, tmp_path / "t", "--dtype", "float32")
+    assert result.exit_code == 0 and "1 line could not be converted" in result.output
+    (failure,) = _failures(tmp_path / "t")
+    assert failure["img_id"] == rows[0].img_id
+    assert ("ragged.tsv:2: field 'num_boxes' is 36; this store holds up to 10 boxes per image (convert with "
+            "--max-boxes 36 or more)") in failure["reason"]
+    result = _cli("convert", "tsv", src, tmp_path / "u", "--dtype", "float32", "--max-boxes", "36")
+    assert result.exit_code == 0 and "stored 3 images" in result.output and not _failures(tmp_path / "u")
+    assert FeatureStore(tmp_path / "u").num_boxes == 36
+    # a resume without the option keeps the store's N (36), so nothing fails and nothing is added twice
+    result = _cli("convert", "tsv", src, tmp_path / "u", "--dtype", "float32")
+    assert result.exit_code == 0 and "(3 already present)" in result.output, result.output
+    assert len(FeatureStore(tmp_path / "u")) == 3
 
 
 def test_resume_skips_stored_rows_without_decoding_them(tmp_path, sample_rows):

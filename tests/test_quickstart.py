@@ -227,21 +227,31 @@ def test_galleries_are_linked_from_the_report_and_self_contained(quickstart):
         assert f"| gallery {task} | {examples} {'questions' if task == 'vqa' else 'pairs'} |" in report
 
 
-def test_quickstart_runs_the_whole_chain_over_a_timm_backbone(tmp_path):
-    """`lxm quickstart --backbone timm:MODEL` (issue 31): the extract stages store a ViT's patches (seeded random
-    weights, offline), pretraining leaves out the label losses, and every later stage (finetune, predict, evaluate,
-    ask on the raw images with its picture, gallery, show, plot) follows the stores."""
+@pytest.mark.parametrize("backbone, name, cells", [("timm:vit_tiny_patch16_224", "timm", 196), ("grid", "grid", 64)])
+def test_quickstart_runs_the_whole_chain_over_another_backbone(tmp_path, backbone, name, cells):
+    """`lxm quickstart --backbone grid|timm:MODEL` (issue 31): the extract stages store the tiny detector's 8 x 8 grid
+    cells or a ViT's patches (seeded random weights, offline), pretraining leaves out the label losses, and every
+    later stage (finetune, predict, evaluate, ask on the raw images with its picture, gallery, show, plot) follows
+    the stores."""
     out = tmp_path / "qs"
-    result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--backbone", "timm:vit_tiny_patch16_224",
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--backbone", backbone,
                                       "--pretrain-steps", "10", "--finetune-epochs", "1"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "features" / "val2014" / "manifest.json").read_text())
-    assert (manifest["backbone"]["name"], manifest["backbone"]["model"], manifest["num_boxes"]) == (
-        "timm", "vit_tiny_patch16_224", 196)
-    assert "- obj\n" not in (out / "runs" / "pretrain" / "config.yaml").read_text()
+    assert (manifest["backbone"]["name"], manifest["num_boxes"], manifest["backbone"]["labels"]) == (name, cells,
+                                                                                                     False)
+    if name == "timm":
+        assert manifest["backbone"]["model"] == "vit_tiny_patch16_224"
+    else:
+        assert (manifest["backbone"]["grid"], manifest["backbone"]["detector"]) == (8, "tiny")
+    config = (out / "runs" / "pretrain" / "config.yaml").read_text()
+    assert "- obj\n" not in config and "- attr\n" not in config and "- feat\n" in config
     report = (out / "report.md").read_text()
-    assert "`--backbone timm:vit_tiny_patch16_224` with seeded random weights" in report
-    for stage in ("ask vqa", "gallery nlvr2", "show", "plot vqa"):
+    assert f"`--backbone {backbone}` with seeded random weights" in report
+    for stage in ("ask vqa", "ask nlvr2", "gallery nlvr2", "show", "plot vqa"):
         assert f"| {stage} |" in report, stage
-    assert "backbone: timm:vit_tiny_patch16_224 (the run's)" in result.output
+    assert f"backbone: {backbone} (the run's)" in result.output
     assert (out / "pictures" / "ask_explain.png").stat().st_size > 2_000
+    # the gallery's pages draw each image's cells / patches (every record's boxes, as stored)
+    page = (out / "gallery" / "vqa" / "index.html").read_text()
+    assert "<html" in page.lower() and len(page) > 5_000

@@ -24,14 +24,20 @@ def convert_tsv_cmd(
     dtype: FeatureDtype = typer.Option(FeatureDtype.float16, help="Stored feature precision; float32 keeps the TSV "
                                        "values exactly (lxm export tsv then reproduces the file byte for byte)."),
     rows_per_shard: int = typer.Option(1024, min=1, help="Images per Arrow shard."),
+    max_boxes: int | None = typer.Option(None, "--max-boxes", min=1,
+                                         help="The most boxes a row may hold (the store's N); rows of fewer are "
+                                              "stored as they are. Default: the first row's count (a resume: the "
+                                              "store's). Give it for TSVs of varying counts (an "
+                                              "extraction that kept 10-100 boxes by confidence: 100)."),
 ) -> None:
     """Import an original 10-column base64 TSV into a memory-mapped feature store, streaming (constant memory).
 
-    Re-running the same command after a crash skips the images already stored (without decoding them). Lines that
+    Rows may hold different box counts up to N (--max-boxes); each keeps its own. Re-running the same command after a crash skips the images already stored (without decoding them). Lines that
     cannot be used are listed in DST/failures.jsonl with file:line and the field; the other rows convert. The exit
     code is non-zero only if no line can be converted. Rows keep the TSV's order.
 
     Example: lxm convert tsv data/mscoco_imgfeat/train2014_obj36.tsv features/train2014
+    Example: lxm convert tsv val2014_adaptive.tsv features/val2014-adaptive --max-boxes 100
     """
     from lxm.features.tsv import convert_tsv
 
@@ -39,7 +45,7 @@ def convert_tsv_cmd(
         with progress() as bar:
             task = bar.add_task(f"convert {src.name}", total=src.stat().st_size)
             summary = convert_tsv(src, dst, dtype=dtype.value, rows_per_shard=rows_per_shard,
-                                  on_bytes=lambda n: bar.update(task, completed=n))
+                                  on_bytes=lambda n: bar.update(task, completed=n), max_boxes=max_boxes)
     except USER_ERRORS as exc:
         fail(exc)
     err.print(f"stored {summary['stored']} images in {dst} ({summary['already_present']} already present); "

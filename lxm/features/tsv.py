@@ -152,18 +152,27 @@ def _drop_failures_of(path: Path, source: str) -> None:
 
 
 def convert_tsv(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "float16",
-                rows_per_shard: int = 1024, on_bytes: Callable[[int], None] | None = None) -> dict:
+                rows_per_shard: int = 1024, on_bytes: Callable[[int], None] | None = None,
+                max_boxes: int | None = None) -> dict:
     """Import an LXMERT TSV into the feature store `dst` (created or resumed), streaming; returns a summary.
 
-    The store's N boxes and D features are those of the first line that decodes. A line whose img_id the store
+    The store holds up to N boxes per image: `max_boxes`, or (None) the first decodable line's count; D is that
+    line's feature size. Rows of fewer boxes are stored as they are (the store pads them and keeps each row's
+    `num_boxes`), so TSVs of a varying count per image convert (extractions that kept 10-100 boxes by confidence:
+    `max_boxes=100`; lxm's own exports of given-box stores). A line whose img_id the store
     already holds is skipped on that field alone. A line that cannot be used (bad base64, counts that disagree with
-    num_boxes, missing fields, another N or D, an img_id repeated from an earlier line) is written to
+    num_boxes, missing fields, more than N boxes, another D, an img_id repeated from an earlier line) is written to
     `dst/failures.jsonl` as lxm extract writes its failures, `{"image": "<tsv>:<line>", "img_id", "reason"}` with the
     reason naming `file:line: field`, and the other lines convert. Every run rewrites this TSV's records there, so
     each bad line has one record however often the command is re-run.
     """
     src = Path(src).resolve()
-    num_boxes, feature_dim = _store_geometry(src)
+    if max_boxes is not None and max_boxes < 1:
+        raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
+    first_boxes, feature_dim = _store_geometry(src)
+    manifest = Path(dst) / "manifest.json"
+    stored = json.loads(manifest.read_text()).get("num_boxes") if max_boxes is None and manifest.exists() else None
+    num_boxes = max_boxes or stored or first_boxes  # a resume keeps the store's N
     meta = {"source": "tsv", "tsv": str(src), "engine": "caffe (imported)"}
     writer = FeatureStoreWriter(dst, num_boxes=num_boxes, feature_dim=feature_dim, dtype=dtype,
                                 rows_per_shard=rows_per_shard, metadata=meta)
@@ -195,9 +204,10 @@ def convert_tsv(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
                 except RecordError as exc:
                     fail(lineno, img_id, str(exc))
                     continue
-                if rec.num_boxes != num_boxes:
+                if rec.num_boxes > num_boxes:
                     fail(lineno, img_id, f"{src}:{lineno}: field 'num_boxes' is {rec.num_boxes}; this store holds "
-                                         f"{num_boxes} boxes per image")
+                                         f"up to {num_boxes} boxes per image (convert with --max-boxes "
+                                         f"{rec.num_boxes} or more)")
                     continue
                 if rec.features.shape[1] != feature_dim:
                     fail(lineno, img_id, f"{src}:{lineno}: field 'features' has {rec.features.shape[1]} values per "
