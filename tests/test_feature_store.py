@@ -266,14 +266,15 @@ def test_ragged_tsv_converts_to_a_store_of_up_to_n_boxes_and_exports_back_byte_f
     assert (tmp_path / "back.tsv").read_bytes() == src.read_bytes()
 
     # a first row of fewer boxes than a later one: that row fails naming the option; --max-boxes takes it
-    small_first = [rows[1], rows[0], rows[2]]
+    small_first = [rows[2], rows[0], rows[1]]  # 20, 36, 10 boxes
     write_tsv(small_first, src)
     result = _cli("convert", "tsv", src, tmp_path / "t", "--dtype", "float32")
     assert result.exit_code == 0 and "1 line could not be converted" in result.output
     (failure,) = _failures(tmp_path / "t")
     assert failure["img_id"] == rows[0].img_id
-    assert ("ragged.tsv:2: field 'num_boxes' is 36; this store holds up to 10 boxes per image (convert with "
+    assert ("ragged.tsv:2: field 'num_boxes' is 36; this store holds up to 20 boxes per image (convert with "
             "--max-boxes 36 or more)") in failure["reason"]
+    assert [r.num_boxes for r in FeatureStore(tmp_path / "t")] == [20, 10]
     result = _cli("convert", "tsv", src, tmp_path / "u", "--dtype", "float32", "--max-boxes", "36")
     assert result.exit_code == 0 and "stored 3 images" in result.output and not _failures(tmp_path / "u")
     assert FeatureStore(tmp_path / "u").num_boxes == 36
