@@ -119,3 +119,60 @@ def test_ask_runs_the_runs_recorded_timm_backbone_on_a_raw_image_and_shades_its_
     assert len(answers) == 5 and all(len(a.split()) == 2 for a in answers), result.output
     drawn = cv2.imread(str(picture))
     assert drawn is not None and drawn.shape[1] >= 200  # the photo, its 16 patches shaded, the question on top
+
+
+def test_a_given_boxes_store_goes_through_finetune_predict_gallery_show_inspect_and_ask(tmp_path):
+    """`lxm extract --boxes-file` (2 to 6 boxes an image: every batch pads) then the later commands on that store:
+    finetune, predict (one answer per minival question), gallery (pictures), show, inspect; `lxm ask` on a raw image
+    of such a run runs the detector's own regions (given boxes exist only for the file's images; the same detector's
+    regions mean the same features)."""
+    from lxm.demo.world import make_world, train_vocab
+
+    make_world(tmp_path, train_images=12, val_images=8, nlvr2_pairs=4, image_size=96, seed=0)
+    vocab = train_vocab(tmp_path)
+    rng = np.random.default_rng(0)
+    lines, counts = [], {}
+    for split in ("train2014", "val2014"):
+        for path in sorted((tmp_path / "images" / split).glob("*.jpg")):
+            k = int(rng.integers(2, 7))
+            xy = rng.uniform(0, 56, (k, 2))
+            boxes = np.concatenate([xy, xy + rng.uniform(8, 40, (k, 2))], 1).round(1)
+            lines.append(json.dumps({"img_id": path.stem, "boxes": boxes.tolist()}))
+            counts[path.stem] = k
+    (tmp_path / "boxes.jsonl").write_text("\n".join(lines) + "\n")
+
+    def invoke(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    feats = []
+    for split in ("train2014", "val2014"):
+        invoke("extract", "--images", tmp_path / "images" / split, "--out", tmp_path / "feats" / split,
+               "--boxes-file", tmp_path / "boxes.jsonl", "--weights", "random", "--detector", "tiny")
+        feats += ["--features", tmp_path / "feats" / split]
+    store = FeatureStore(tmp_path / "feats" / "val2014")
+    assert store.num_boxes == max(counts[i] for i in store.ids())
+    assert all(store.get(i).num_boxes == counts[i] for i in store.ids())
+    invoke("build-corpus", "--out", tmp_path / "corpus", "--coco", tmp_path / "raw" / "coco", "--vqa",
+           tmp_path / "raw" / "vqa", "--minival-ids", tmp_path / "raw" / "minival.json", "--vqa-min-questions", "1",
+           *feats)
+    run = tmp_path / "run"
+    invoke("finetune", "vqa", "--config", "tiny", "--set", "from_scratch=true", "--set", f"vocab={vocab}",
+           "--corpus", tmp_path / "corpus", *feats, "--out", run, "--set", "train_splits=train",
+           "--set", "batch_size=4", "--set", "epochs=1")
+    invoke("predict", "vqa", "--checkpoint", run, "--split", "minival", "--out", tmp_path / "minival.json")
+    questions = json.loads((tmp_path / "raw" / "vqa" / "minival_questions.json").read_text())["questions"]
+    predicted = json.loads((tmp_path / "minival.json").read_text())
+    assert sorted(p["question_id"] for p in predicted) == sorted(q["question_id"] for q in questions)
+    invoke("gallery", run, "--split", "minival", "--images", tmp_path / "images" / "val2014", "--out",
+           tmp_path / "gallery", "--limit", 4)
+    assert len(list((tmp_path / "gallery").rglob("*.jpg"))) >= 4
+    shown = store.ids()[0]
+    invoke("show", tmp_path / "feats" / "val2014", shown, "--image", tmp_path / "images" / "val2014" / f"{shown}.jpg",
+           "--out", tmp_path / "boxes.png")
+    assert (tmp_path / "boxes.png").stat().st_size > 1_000
+    assert "at given boxes" in invoke("inspect", tmp_path / "feats" / "val2014")
+    output = invoke("ask", "--model", run, "--image", tmp_path / "images" / "val2014" / f"{shown}.jpg",
+                    "--question", "What color is the square?", "--weights", "random", "--detector", "tiny")
+    assert "What color is the square?" in output
