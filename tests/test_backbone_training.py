@@ -174,5 +174,5 @@ def test_a_given_boxes_store_goes_through_finetune_predict_gallery_show_inspect_
     assert (tmp_path / "boxes.png").stat().st_size > 1_000
     assert "at given boxes" in invoke("inspect", tmp_path / "feats" / "val2014")
     output = invoke("ask", "--model", run, "--image", tmp_path / "images" / "val2014" / f"{shown}.jpg",
-                    "--question", "What color is the square?", "--weights", "random", "--detector", "tiny")
-    assert "What color is the square?" in output
+                    "--question", "What color is the square?", "--detector-weights", "random", "--detector", "tiny")
+    assert "What color is the square?" in output and "tiny detector" in output, output

@@ -192,3 +192,36 @@ def test_a_model_without_cross_layers_gives_no_box_relevance():
     torch.manual_seed(0)
     rel = answer_relevance(build_lxmert(cfg), _inputs(), lambda out: out.answer_logits)
     assert (rel.boxes == 0).all() and rel.words[0, 1:6].sum() > 0 and (rel.words[0, 6:] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["relevance", "attention"])
+def test_images_of_fewer_boxes_than_the_batch_get_their_own_weights(method):
+    """Given-box stores hold a varying count per image, so a batch pads: each image's weights come back cut to its
+    own boxes, with padding given no share, and equal those of the image asked alone (no padding)."""
+    from lxm.features import ImageFeatures
+    from lxm.infer import Answerer
+    from lxm.model import LxmertForFinetuning
+    from lxm.train.tasks import VqaTask
+
+    torch.manual_seed(0)
+    task = VqaTask(["red", "blue", "green"])
+    tokenizer = LxmertTokenizer(BERT_VOCAB, max_length=12)
+    model = LxmertForFinetuning(task.model_config(lxmert_tiny(visual_feat_dim=8, vocab_size=tokenizer.vocab_size)))
+    answerer = Answerer(task, model.eval(), tokenizer, "test", "random")
+    rng = np.random.default_rng(0)
+
+    def record(img_id, k):
+        xy = rng.uniform(0, 50, (k, 2)).astype(np.float32)
+        return ImageFeatures(img_id, 100, 100, np.zeros(k, np.int64), np.ones(k, np.float32), np.zeros(k, np.int64),
+                             np.ones(k, np.float32), np.concatenate([xy, xy + 20], 1),
+                             rng.normal(size=(k, 8)).astype(np.float32))
+
+    recs = [record("a", 3), record("b", 5)]
+    texts = ["what color is it?", "is the cup red?"]
+    together = answerer.predict(texts, [[r] for r in recs], 3, explain=True, method=method)
+    for text, rec, pred in zip(texts, recs, together):
+        (alone,) = answerer.predict([text], [[rec]], 3, explain=True, method=method)
+        (weights,) = pred.attention
+        assert weights.shape == (rec.num_boxes,) and weights.sum() == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(weights, alone.attention[0], rtol=1e-4, atol=1e-6)
+        assert [a for a, _ in pred.top] == [a for a, _ in alone.top]

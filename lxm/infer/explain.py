@@ -89,32 +89,51 @@ def check_method(method: str) -> None:
         raise ValueError(f"explain method must be one of {', '.join(EXPLAIN_METHODS)}, got {method!r}")
 
 
-def shares(weights: Tensor) -> Tensor:
-    """[rows, S] non-negative weights -> each row as shares of its total (a row of zeros: equal shares)."""
+def shares(weights: Tensor, mask: Tensor | None = None) -> Tensor:
+    """[rows, S] non-negative weights -> each row as shares of its total (a row of zeros: equal shares). `mask`
+    [rows, S] (1 = a real box, 0 = padding: `visual_attention_mask`): padding gets 0 and no share."""
     weights = weights.float()
+    if mask is not None:
+        keep = mask.to(weights.device, weights.dtype)
+        weights = weights * keep
+    else:
+        keep = torch.ones_like(weights)
     total = weights.sum(dim=-1, keepdim=True)
-    equal = torch.full_like(weights, 1.0 / max(weights.shape[-1], 1))
+    equal = keep / keep.sum(dim=-1, keepdim=True).clamp(min=1.0)
     return torch.where(total > 0, weights / total.clamp(min=torch.finfo(weights.dtype).tiny), equal)
+
+
+def row_weights(boxes: Tensor, mask: Tensor | None) -> list[np.ndarray]:
+    """`explain_batch`'s [rows, N] box weights as one float32 array a row, each cut to its image's real boxes (a
+    batch of images with fewer boxes than its most pads them at the end; `mask` is its `visual_attention_mask`)."""
+    weights = boxes.float().cpu().numpy()
+    if mask is None:
+        return list(weights)
+    counts = mask.sum(dim=-1).long().cpu().tolist()
+    return [w[:k] for w, k in zip(weights, counts)]
 
 
 def explain_batch(task: FinetuneTask, model: nn.Module, inputs: dict[str, Tensor], method: str = "relevance"
                   ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One batch explained: (the task's logits [examples, classes], the boxes' weights [rows, N] summing to 1 per
-    row, the text positions' relevance [rows, T] or None for "attention"). A row is one image of an example.
+    row, the text positions' relevance [rows, T] or None for "attention"). A row is one image of an example; a padded
+    box (`visual_attention_mask` 0) gets 0 (`row_weights` cuts the rows to their real boxes).
 
     "attention": a forward under no_grad with `output_attentions=True`, `cls_to_boxes`. "relevance": a forward with
     autograd on (the attention maps' gradients only; `lxm.infer.relevance.answer_relevance`) for each example's most
     probable prediction, boxes as `shares` of each row's relevance."""
     check_method(method)
     model.eval()
+    mask = inputs.get("visual_attention_mask")  # padded boxes (images of fewer boxes than the batch's most)
     if method == "attention":
         with torch.no_grad():
             out = model(**inputs, output_attentions=True)
-            return task.logits(out), cls_to_boxes(out), None
+            weights = cls_to_boxes(out)  # rows sum to 1; with padding, over the real boxes (masked softmax)
+            return task.logits(out), (weights if mask is None else shares(weights, mask)), None
     from lxm.infer.relevance import answer_relevance
 
     rel = answer_relevance(model, inputs, task.logits)
-    return rel.logits, shares(rel.boxes), rel.words
+    return rel.logits, shares(rel.boxes, mask), rel.words
 
 
 def predict_explained(task: FinetuneTask, model: nn.Module, dataset: FinetuneDataset, k: int = 5, *,
@@ -144,10 +163,11 @@ def predict_explained(task: FinetuneTask, model: nn.Module, dataset: FinetuneDat
     for batch in loader:
         batch = batch.to(device)
         with autocast(precision, device.type):
-            logits, boxes, positions = explain_batch(task, model, batch.model_inputs(), method)
+            inputs = batch.model_inputs()
+            logits, boxes, positions = explain_batch(task, model, inputs, method)
         with torch.no_grad():
             tops = task.top(logits, k)
-        weights = boxes.float().cpu().numpy()  # row = (example, image), as collate_finetune stacks them
+        weights = row_weights(boxes, inputs.get("visual_attention_mask"))  # row = (example, image), as collated
         for n, (i, top) in enumerate(zip(batch.ids, tops)):
             words = None
             if positions is not None:  # an example's rows (NLVR2: one per image) add up

@@ -160,7 +160,7 @@ class Answerer:
         prediction, with the words' shares, or the last cross layer's "attention"); the model then writes its
         attention out (`output_attentions=True`), so probabilities may differ in the last digits.
         """
-        from lxm.infer.explain import explain_batch, word_shares
+        from lxm.infer.explain import explain_batch, row_weights, word_shares
 
         examples = [encode_example(i, text, [(rec, rec.normalized_boxes()) for rec in recs], self.tokenizer)
                     for i, (text, recs) in enumerate(zip(texts, images))]
@@ -170,10 +170,11 @@ class Answerer:
             with torch.no_grad():
                 out = self.model(**batch.model_inputs())
                 return [Prediction(top) for top in self.task.top(self.task.logits(out), k)]
-        logits, boxes, positions = explain_batch(self.task, self.model, batch.model_inputs(), method)
+        inputs = batch.model_inputs()
+        logits, boxes, positions = explain_batch(self.task, self.model, inputs, method)
         with torch.no_grad():
             preds = [Prediction(top, method=method) for top in self.task.top(logits, k)]
-        weights = boxes.float().cpu().numpy()  # [rows, N]: row = (example, image), as collated
+        weights = row_weights(boxes, inputs.get("visual_attention_mask"))  # row = (example, image), as collated
         per = self.num_images
         for i, (p, text) in enumerate(zip(preds, texts)):
             p.attention = [weights[i * per + j] for j in range(per)]
