@@ -117,16 +117,24 @@ def _open_fds(pid: int) -> set[str]:
         return set()
 
 
+BACKBONES = {  # the detector's regions, and a visual backend (issue 31) through the same claims and shards
+    "butd": ["--weights", "random", "--detector", "tiny", "--boxes", "10"],
+    "timm": ["--backbone", "timm:vit_tiny_patch16_224", "--backbone-weights", "random", "--timm-arg", "depth=2",
+             "--timm-arg", "embed_dim=32", "--timm-arg", "num_heads=2", "--timm-arg", "img_size=64"],
+}
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="watches /proc to start both writers together")
-def test_two_extract_processes_into_one_store_lose_and_duplicate_nothing(tmp_path):
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_two_extract_processes_into_one_store_lose_and_duplicate_nothing(tmp_path, backbone):
     imgs, out = tmp_path / "imgs", tmp_path / "s"
     imgs.mkdir()
     rng = np.random.default_rng(0)
     for i in range(20):
         cv2.imwrite(str(imgs / f"img{i:02d}.png"), rng.integers(0, 255, (48 + i, 64, 3), dtype=np.uint8))
     out.mkdir()
-    base = [sys.executable, "-m", "lxm.cli", "extract", "--images", str(imgs), "--out", str(out), "--weights",
-            "random", "--detector", "tiny", "--boxes", "10", "--batch-size", "1", "--rows-per-shard", "2"]
+    base = [sys.executable, "-m", "lxm.cli", "extract", "--images", str(imgs), "--out", str(out),
+            *BACKBONES[backbone], "--batch-size", "1", "--rows-per-shard", "2"]
     # Hold the store's LOCK while both start, so both list the images and see an empty store before either writes:
     # the worst case (unlocked, they wrote the same shard names and lost images). One takes every image, the other
     # (--shard 1/2) only the odd ones: they compete for those.
