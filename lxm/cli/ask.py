@@ -12,6 +12,9 @@ from lxm.cli.common import (EXPLAIN_METHOD_HELP, USER_ERRORS, DetectorPreset, En
                             fail, parse_timm_args, progress)
 from lxm.errors import ConfigError
 
+DETECTOR_WEIGHTS_NEEDED = ("--detector-weights W is required (the Faster R-CNN weights, as lxm extract --weights), or "
+                           "--features STORE --image-id ID for stored features, or --random-detector for a smoke test")
+
 
 def _answer_line(answerer, reply) -> str:
     name, prob = reply.prediction.top[0]
@@ -146,10 +149,11 @@ def ask_cmd(
          "--features reads stored features: no detector runs (leave out --detector-weights / --random-detector)"),
         (detector_weights is not None and random_detector, "give --detector-weights or --random-detector, not both"),
         (bool(image_id) and not features, "--image-id needs --features STORE (it names a record of a feature store)"),
+        # a run's stores may name a timm backbone (no detector weights): that case is checked once it is read
         (not features and detector_weights is None and not random_detector
-         and not (backbone or "").startswith("timm:") and not (backbone is None and (Path(model) / "config.yaml").is_file()),
-         "--detector-weights W is required (the Faster R-CNN weights, as lxm extract --weights), or --features STORE "
-         "--image-id ID for stored features, or --random-detector for a smoke test"),
+         and not (backbone or "").startswith("timm:")
+         and not (backbone is None and (Path(model) / "config.yaml").is_file()),
+         DETECTOR_WEIGHTS_NEEDED),
         (single and given is not None and not given.strip(),
          f"--{'question' if question is not None else 'statement'}: empty text (give the words to ask about)"),
         (single and features and not image_id, "--features needs --image-id (twice for NLVR2)"),
@@ -207,9 +211,7 @@ def ask_cmd(
                                      detector.value)
             if (detector_weights is None and not random_detector
                     and not chosen["backbone"].startswith("timm:")):  # a run whose stores are the detector's
-                fail(ConfigError("--detector-weights W is required (the Faster R-CNN weights, as lxm extract "
-                                 "--weights), or --features STORE --image-id ID for stored features, or "
-                                 "--random-detector for a smoke test"))
+                fail(ConfigError(DETECTOR_WEIGHTS_NEEDED))
             if chosen["backbone"] != "butd":  # grid cells or timm patches, as the run's stores hold them
                 if random_detector and chosen["backbone"].startswith("timm:") and chosen["backbone_weights"] is None:
                     chosen["backbone_weights"] = "random"

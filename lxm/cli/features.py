@@ -32,9 +32,10 @@ def convert_tsv_cmd(
 ) -> None:
     """Import an original 10-column base64 TSV into a memory-mapped feature store, streaming (constant memory).
 
-    Rows may hold different box counts up to N (--max-boxes); each keeps its own. Re-running the same command after a crash skips the images already stored (without decoding them). Lines that
-    cannot be used are listed in DST/failures.jsonl with file:line and the field; the other rows convert. The exit
-    code is non-zero only if no line can be converted. Rows keep the TSV's order.
+    Rows may hold different box counts up to N (--max-boxes); each keeps its own. Re-running the same command after
+    a crash skips the images already stored (without decoding them). Lines that cannot be used are listed in
+    DST/failures.jsonl with file:line and the field; the other rows convert. The exit code is non-zero only if no
+    line can be converted. Rows keep the TSV's order.
 
     Example: lxm convert tsv data/mscoco_imgfeat/train2014_obj36.tsv features/train2014
     Example: lxm convert tsv val2014_adaptive.tsv features/val2014-adaptive --max-boxes 100

@@ -176,7 +176,8 @@ def _run(root: Path, cli: click.Command, cfg: QuickstartConfig, log) -> Quicksta
     if cfg.backbone.startswith("timm:"):  # the model's own weights (or seeded random ones), no detector
         visual = ["--backbone", cfg.backbone, "--backbone-weights", cfg.weights]
     else:
-        visual = ["--weights", cfg.weights, *detector] + (["--backbone", cfg.backbone] if cfg.backbone != "butd" else [])
+        named = ["--backbone", cfg.backbone] if cfg.backbone != "butd" else []
+        visual = ["--weights", cfg.weights, *detector, *named]
     stages = [Stage(f"extract {s}", ["extract", "--images", f("images", s), "--out", f("features", s), *visual,
                                      "--seed", str(cfg.seed)],
                     work=f"{images[s]} images") for s in splits]

@@ -25,7 +25,7 @@ import numpy as np
 
 from lxm.atomic import atomic_path, write_bytes
 from lxm.features.records import FIELDS, ImageFeatures, RecordError
-from lxm.features.store import FeatureStoreWriter
+from lxm.features.store import MANIFEST, FeatureStoreWriter
 from lxm.jsonl import scan_json_lines
 
 _logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def convert_tsv(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     if max_boxes is not None and max_boxes < 1:
         raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
     first_boxes, feature_dim = _store_geometry(src)
-    manifest = Path(dst) / "manifest.json"
+    manifest = Path(dst) / MANIFEST
     stored = json.loads(manifest.read_text()).get("num_boxes") if max_boxes is None and manifest.exists() else None
     num_boxes = max_boxes or stored or first_boxes  # a resume keeps the store's N
     meta = {"source": "tsv", "tsv": str(src), "engine": "caffe (imported)"}
